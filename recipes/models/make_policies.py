@@ -1,0 +1,119 @@
+"""Make the tiny policies the shipped recipes start from, reproducibly and offline.
+
+    python recipes/models/make_policies.py reverse            # -> recipes/models/reverse-policy
+
+Each policy is a small Llama built from a config, with the byte-level ByT5 tokenizer (which needs
+no vocabulary files), pre-trained by supervised fine-tuning on a corpus generated here with a
+fixed seed. Only the task's *training* prompts are used, never its held-out evaluation prompts.
+
+reverse: the corpus answers "reverse WORD:" with the reversed word only 30% of the time and
+echoes WORD otherwise, so the policy samples correct reversals now and then but greedy decoding
+almost always echoes. That is the situation GRPO is good at: turning an occasional success into
+the policy's habit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny_llama(hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2, intermediate: int = 512) -> LlamaForCausalLM:
+    """About 1M parameters at the defaults; byte vocabulary (384 ids), tied embeddings."""
+    config = LlamaConfig(
+        vocab_size=384,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def sft(model, tokenizer, make_example, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 250) -> None:
+    """Plain supervised fine-tuning on (prompt, answer) pairs; the loss covers the answer and EOS."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    start = time.time()
+    for step in range(steps):
+        rows, labels = [], []
+        for _ in range(batch_size):
+            prompt, answer = make_example(rng)
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(map(len, rows))
+        input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        target = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        attention = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=target).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps - 1:
+            print(f"sft step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.1f}s", flush=True)
+    model.eval()
+
+
+def reverse_policy(out: Path, steps: int, seed: int = 0, reverse_share: float = 0.3) -> None:
+    from zenalign_plugins.reverse_task import ReverseOptions, ReverseTask
+
+    words = ReverseTask(ReverseOptions()).train  # the task's training words only
+
+    def example(rng: random.Random):
+        word = rng.choice(words)
+        return f"reverse {word}:", (word[::-1] if rng.random() < reverse_share else word)
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    model = tiny_llama()
+    sft(model, tokenizer, example, steps=steps, batch_size=64, lr=3e-3, seed=seed)
+    save(model, tokenizer, out)
+
+
+def save(model, tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"saved {out} ({params:,} parameters, model.safetensors sha256 {digest[:16]})")
+
+
+POLICIES = {"reverse": (reverse_policy, "reverse-policy", 1500)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("policy", choices=sorted(POLICIES))
+    parser.add_argument("--out", type=Path, help="output directory (default: recipes/models/<name>)")
+    parser.add_argument("--steps", type=int, help="SFT steps (default: the shipped policy's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # results depend on the thread count
+    make, name, steps = POLICIES[args.policy]
+    make(args.out or HERE / name, steps=args.steps or steps, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

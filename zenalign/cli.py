@@ -1,0 +1,175 @@
+"""The ``zenalign`` command.
+
+    zenalign run RECIPE [key.path=value ...]     train
+    zenalign validate RECIPE [key.path=value ...] check the recipe and every plugin's options
+    zenalign plugins                              list reward sources, normalizers, tasks and options
+    zenalign schema [--format json|markdown]      the recipe's JSON Schema (editor completion)
+
+Mistakes in the input are reported as one line on stderr with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from zenalign.errors import ZenalignError
+
+log = logging.getLogger("zenalign")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zenalign", description="GRPO training from declarative recipes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train with a recipe")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe fields")
+    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    run.set_defaults(handler=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a recipe without running it")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*", metavar="key.path=value")
+    validate.set_defaults(handler=cmd_validate)
+
+    plugins = sub.add_parser("plugins", help="list installed reward sources, normalizers and tasks")
+    plugins.add_argument("recipe", nargs="?", help="also load the plugins this recipe names")
+    plugins.set_defaults(handler=cmd_plugins)
+
+    schema = sub.add_parser("schema", help="print the recipe schema")
+    schema.add_argument("--format", choices=("json", "markdown"), default="json")
+    schema.set_defaults(handler=cmd_schema)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' own progress bars and notices out of the run's output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def cmd_run(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from zenalign.recipe_loader import load_recipe
+    from zenalign.trainer import GRPOTrainer
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    quiet_libraries()
+    if args.quiet:
+        log.setLevel(logging.WARNING)
+        loaded.recipe.run.progress_bar = False
+    log.info("recipe %s -> %s", loaded.source, loaded.output_dir)
+    with logging_redirect_tqdm(loggers=[log]):
+        result = GRPOTrainer.from_recipe(loaded).train()
+    print(summary(result, loaded))
+    return 0
+
+
+def summary(result, loaded) -> str:
+    lines = []
+    before, after = result.initial_eval, result.final_eval
+    for key in sorted(k for k in after if k.startswith("eval/reward_mean/")):
+        name = key.removeprefix("eval/reward_mean/")
+        lines.append(f"eval {name}: {before.get(key, float('nan')):.3f} -> {after[key]:.3f} (step 0 -> {result.steps})")
+    lines.append(f"run directory: {result.output_dir} (final policy in {result.output_dir / 'final'})")
+    return "\n".join(lines)
+
+
+def cmd_validate(args) -> int:
+    from zenalign.models import check_model_dir
+    from zenalign.recipe_loader import load_recipe
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    r = loaded.recipe
+    if r.model.path is None:
+        raise ZenalignError(f"{loaded.source}: model.path: required field is missing; give a local Hugging Face model directory")
+    check_model_dir(loaded.base_dir / r.model.path, "model.path")
+    if r.model.reference_path and r.grpo.kl_coef > 0:
+        check_model_dir(loaded.base_dir / r.model.reference_path, "model.reference_path")
+    if r.data is None:
+        raise ZenalignError(f"{loaded.source}: data: required field is missing; name a prompt source (see `zenalign plugins`)")
+    if not r.rewards:
+        raise ZenalignError(f"{loaded.source}: rewards: no reward source is configured (see `zenalign plugins`)")
+    rewards = ", ".join(f"{e.name or e.type} [{e.type}]" for e in r.rewards)
+    print(f"{loaded.source}: valid (data: {r.data.type}; rewards: {rewards}; normalizer: {r.normalizer.type}; output: {loaded.output_dir})")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from pathlib import Path
+
+    from zenalign.plugins import KINDS, collect_registry
+    from zenalign.recipe_loader import read_yaml
+    from zenalign.reference import default_text, type_name
+
+    if args.recipe:
+        from zenalign.plugins import load_plugins
+
+        path = Path(args.recipe)
+        load_plugins(read_yaml(path).get("plugins") or [], path.resolve().parent)
+    registry = collect_registry()
+    for kind, (_, _, noun) in KINDS.items():
+        print(f"{noun} types:")
+        default = registry.default(kind)
+        for name in registry.names(kind):
+            ptype = registry.types[kind][name]
+            mark = " (default)" if name == default else ""
+            print(f"  {name}{mark} - {ptype.summary()}  [from {registry.providers[(kind, name)]}]")
+            for field_name, field in ptype.options.model_fields.items():
+                print(f"      {field_name}: {type_name(field.annotation)} = {default_text(field).strip('`')}  {field.description or ''}")
+        print()
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from zenalign.plugins import collect_registry
+    from zenalign.recipe import build_recipe_model
+    from zenalign.reference import recipe_reference
+
+    registry = collect_registry()
+    if args.format == "markdown":
+        sys.stdout.write(recipe_reference(registry))
+    else:
+        print(json.dumps(build_recipe_model(registry).model_json_schema(), indent=2))
+    return 0
+
+
+def configure_logging() -> None:
+    """zenalign's messages go to stderr, once (the progress bar redirects them around itself)."""
+    if not any(getattr(h, "_zenalign", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._zenalign = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return args.handler(args)
+    except ZenalignError as exc:
+        print(f"zenalign: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zenalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

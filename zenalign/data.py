@@ -1,0 +1,83 @@
+"""Prompt records: checking them, drawing them in a seeded order, and rendering them to text.
+
+A record is a dict with a ``prompt`` string (or chat ``messages``) and any other fields, which
+reward sources receive by name. The order is a seeded permutation per epoch; the sampler's
+position (epoch, index) is all that is needed to continue exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from zenalign.errors import DataError
+
+
+def check_records(records: Iterable[Any], where: str) -> list[dict[str, Any]]:
+    """Turn strings into ``{"prompt": s}`` and check every record has a prompt."""
+    out = []
+    for i, record in enumerate(records):
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict):
+            raise DataError(f"{where}[{i}]: expected a prompt string or a record with a 'prompt' field, got {type(record).__name__}")
+        if "messages" in record and "prompt" not in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+                raise DataError(f"{where}[{i}]: 'messages' must be a list of {{role, content}} objects")
+        elif not isinstance(record.get("prompt"), str):
+            raise DataError(f"{where}[{i}]: record has no 'prompt' string (fields: {', '.join(record) or 'none'})")
+        out.append(record)
+    return out
+
+
+def render_prompt(record: dict[str, Any], tokenizer: Any) -> str:
+    """The text the policy is conditioned on: ``prompt`` as is, or ``messages`` through the
+    tokenizer's chat template with the generation prompt appended."""
+    if "prompt" in record:
+        return record["prompt"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("a prompt record has chat 'messages' but the tokenizer has no chat template; give 'prompt' text instead")
+    return tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+
+
+def metadata_columns(records: list[dict[str, Any]], repeat: int) -> dict[str, list[Any]]:
+    """Every field but the prompt, repeated once per completion: ``{"answer": [a0, a0, ..., a1, ...]}``."""
+    keys: list[str] = []
+    for record in records:
+        keys.extend(k for k in record if k not in ("prompt", "messages") and k not in keys)
+    return {k: [r.get(k) for r in records for _ in range(repeat)] for k in keys}
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    index: int = 0
+
+
+class PromptSampler:
+    """Draws prompts without replacement in a seeded order, reshuffling every epoch."""
+
+    def __init__(self, records: list[dict[str, Any]], seed: int, state: SamplerState | None = None):
+        if not records:
+            raise DataError("data: the prompt source produced no training prompts")
+        self.records = records
+        self.seed = seed
+        self.state = state or SamplerState()
+        self._order = self._permutation(self.state.epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.records)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, count: int) -> list[dict[str, Any]]:
+        batch = []
+        while len(batch) < count:
+            if self.state.index >= len(self._order):
+                self.state = SamplerState(self.state.epoch + 1, 0)
+                self._order = self._permutation(self.state.epoch)
+            batch.append(self.records[self._order[self.state.index]])
+            self.state.index += 1
+        return batch

@@ -1,0 +1,82 @@
+"""Every hook zenalign calls, in one place.
+
+A plugin is a module (or object) with functions marked ``@zenalign.hookimpl`` whose names match
+the specifications below. An implementation takes only the arguments it uses. Plugins arrive
+through the entry-point group ``zenalign`` (built-ins included) or the recipe's ``plugins:``
+list. See docs/writing-a-plugin.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from zenalign.plugin_types import NormalizerType, RewardSourceType, TaskType
+    from zenalign.trainer import GRPOTrainer
+
+PROJECT = "zenalign"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def zenalign_reward_source_types() -> list[RewardSourceType]:
+    """Return the reward source types this plugin provides.
+
+    Call rule: all results are collected. A name provided by two plugins is an error that names
+    both.
+    """
+
+
+@hookspec
+def zenalign_normalizer_types() -> list[NormalizerType]:
+    """Return the advantage normalizer types this plugin provides.
+
+    Call rule: all results are collected. A name provided by two plugins is an error that names
+    both.
+    """
+
+
+@hookspec
+def zenalign_task_types() -> list[TaskType]:
+    """Return the prompt source (task) types this plugin provides.
+
+    Call rule: all results are collected. A name provided by two plugins is an error that names
+    both.
+    """
+
+
+@hookspec
+def zenalign_on_train_start(trainer: GRPOTrainer, start_step: int) -> None:
+    """Called once before the first step (and after a resume), with the step training starts at.
+
+    Call rule: every implementation is called; return values are ignored.
+    """
+
+
+@hookspec
+def zenalign_on_step_end(trainer: GRPOTrainer, step: int, metrics: dict[str, Any]) -> None:
+    """Called after each training step with the metrics written to ``metrics.jsonl``.
+
+    Use it for loggers. ``metrics`` must not be modified. Call rule: every implementation is
+    called; return values are ignored.
+    """
+
+
+@hookspec
+def zenalign_on_eval_end(trainer: GRPOTrainer, step: int, metrics: dict[str, Any]) -> None:
+    """Called after each evaluation with the metrics written to ``eval.jsonl``.
+
+    Call rule: every implementation is called; return values are ignored.
+    """
+
+
+@hookspec
+def zenalign_on_train_end(trainer: GRPOTrainer, step: int) -> None:
+    """Called once after the last step and the final save.
+
+    Call rule: every implementation is called; return values are ignored.
+    """

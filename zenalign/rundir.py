@@ -1,0 +1,72 @@
+"""The run directory: recipe.yaml, metrics.jsonl, eval.jsonl, samples.jsonl, run.log, final/.
+
+Lines are appended and flushed as they are produced, so a run that stops (or is stopped) keeps
+everything it wrote. An existing run is never overwritten unless the recipe says so, and then only
+the files a run writes are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from zenalign.errors import RecipeError
+
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log")
+RUN_DIRS = ("final", "checkpoints")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def holds_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_FILES + RUN_DIRS)
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the directory; refuse to touch an existing run unless ``overwrite``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RecipeError(f"run.output_dir: '{self.path}' is a file; choose a directory")
+        if self.holds_run():
+            if not overwrite:
+                raise RecipeError(
+                    f"run.output_dir: '{self.path}' already holds a run; choose another directory "
+                    f"(run.output_dir=...) or replace it with run.overwrite=true"
+                )
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_recipe(self, recipe: dict[str, Any]) -> None:
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        (self.path / "recipe.yaml").write_text(text, encoding="utf-8")
+
+    def append(self, name: str, records: Iterable[dict[str, Any]]) -> None:
+        with (self.path / name).open("a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
+            f.flush()
+
+    def read(self, name: str) -> list[dict[str, Any]]:
+        path = self.path / name
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
