@@ -7,7 +7,7 @@ computes are those of the distribution the completions were actually drawn from.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -67,6 +67,25 @@ def generation_config(sampling: Any, eos_ids: Sequence[int], pad_id: int, greedy
     )
 
 
+@contextmanager
+def neutral_generation_defaults(model: torch.nn.Module):
+    """Hide the model's own generation_config while we generate.
+
+    transformers fills every attribute our config leaves unset from ``model.generation_config``
+    (a checkpoint's repetition_penalty, top_k, min_new_tokens, ...). Those would silently change
+    the sampled distribution away from the one the loss differentiates, so during sampling the
+    model's defaults are replaced by an empty config.
+    """
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate_groups(
     model: torch.nn.Module,
@@ -86,7 +105,7 @@ def generate_groups(
     config = generation_config(sampling, eos_ids, pad_id, greedy, group_size)
     was_training = model.training
     model.eval()
-    with autocast or nullcontext():
+    with autocast or nullcontext(), neutral_generation_defaults(model):
         sequences = model.generate(
             input_ids=encoded["input_ids"],
             attention_mask=encoded["attention_mask"],
