@@ -11,7 +11,7 @@ Source: Shao et al., DeepSeekMath, arXiv 2402.03300, section 4.1.2 (outcome supe
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.advantages import combine_objectives, group_zscore
+from zenalign.advantages import combine_objectives, standardize_groups
 from zenalign.plugin_types import NormalizerType, Options
 
 
@@ -30,7 +30,7 @@ class GroupZScore:
 
     def __call__(self, rewards, objectives):
         combined = combine_objectives(rewards, objectives.weights)  # (P, G)
-        return group_zscore(combined, self.options.eps, self.options.unbiased_std)
+        return standardize_groups(combined, self.options.eps, self.options.unbiased_std)
 
 
 @hookimpl

@@ -69,7 +69,7 @@ def finish(advantages: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def group_zscore(rewards: torch.Tensor, eps: float, unbiased: bool = True) -> torch.Tensor:
+def standardize_groups(rewards: torch.Tensor, eps: float, unbiased: bool = True) -> torch.Tensor:
     """``A_i = (r_i - mean_G) / (std_G + eps)`` over a ``(P, G)`` tensor; zero-variance groups -> 0."""
     deviation = rewards - nan_mean(rewards)
     advantages = deviation / (nan_std(rewards, unbiased=unbiased) + eps)

@@ -42,11 +42,16 @@ def get_plugin_manager() -> pluggy.PluginManager:
     """
     global _manager
     if _manager is None:
-        pm = pluggy.PluginManager(hookspecs.PROJECT)
-        pm.add_hookspecs(hookspecs)
-        _load_entry_points(pm)
-        _manager = pm
+        _manager = new_plugin_manager()
     return _manager
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager with only the installed (entry-point) plugins, built-ins included."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    _load_entry_points(pm)
+    return pm
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

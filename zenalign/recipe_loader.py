@@ -230,7 +230,8 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         _, parent = _walk(model, tuple(err["loc"])[:-1])
         if isinstance(parent, type) and issubclass(parent, BaseModel):
-            return f"unknown field; accepted here: {', '.join(parent.model_fields)}"
+            names = sorted(parent.model_fields, key=lambda n: n != "type")  # `type` first, then as declared
+            return f"unknown field; accepted here: {', '.join(names)}"
         return "unknown field; see `zenalign schema` for what is accepted"
     if kind == "union_tag_invalid":
         expected = str(ctx.get("expected_tags", "")).replace("'", "")

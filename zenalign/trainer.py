@@ -224,8 +224,8 @@ class GRPOTrainer:
                 bound.append(bind_reward(source, name, type(source).__name__, getattr(source, "weight", 1.0)))
         if not bound:
             raise RecipeError(
-                f"{self.loaded.source}: rewards: no reward source is configured; add one such as "
-                f"{{type: exact_answer}} (installed: {', '.join(self.loaded.registry.names('reward'))})"
+                f"{self.loaded.source}: rewards: no reward source is configured; add at least one "
+                f"{{type: ...}} entry (installed: {', '.join(self.loaded.registry.names('reward'))})"
             )
         return bound
 
@@ -244,8 +244,8 @@ class GRPOTrainer:
             evals = check_records(task.eval_prompts(), f"data ({self.recipe.data.type}) eval")
         else:
             raise RecipeError(
-                f"{self.loaded.source}: data: required field is missing; name a prompt source such as "
-                f"{{type: jsonl, path: prompts.jsonl}} (installed: {', '.join(self.loaded.registry.names('task'))})"
+                f"{self.loaded.source}: data: required field is missing; name a prompt source "
+                f"{{type: ...}} (installed: {', '.join(self.loaded.registry.names('task'))})"
             )
         if not train:
             raise RecipeError(f"{self.loaded.source}: data: the prompt set is empty; give at least one training prompt")

@@ -1,0 +1,142 @@
+"""The recipe schema: defaults, descriptions, overrides, plugin options, shipped recipes, docs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from conftest import REPO, RECIPES
+from zenalign.errors import RecipeError
+from zenalign.plugins import collect_registry, new_plugin_manager
+from zenalign.recipe import ENTRY_BASES, Recipe, build_recipe_model
+from zenalign.recipe_loader import load_recipe, validate_recipe
+from zenalign.reference import recipe_reference
+
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
+
+
+def test_defaults_follow_the_paper():
+    r = Recipe()
+    assert r.grpo.kl_coef == 0.01  # lower than PPO's usual 0.1
+    assert r.grpo.kl_estimator == "k3"
+    assert r.grpo.clip_epsilon == 0.2 and r.grpo.clip_epsilon_high is None
+    assert r.sampling.group_size == 8
+    assert r.grpo.loss_aggregation == "grpo" and r.grpo.num_iterations == 1
+    assert r.model.trust_remote_code is False
+
+
+def section_models():
+    models = []
+    for name, field in Recipe.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            models.append(field.annotation)
+    models += list(ENTRY_BASES.values())
+    registry = collect_registry()
+    for kind in ("reward", "normalizer", "task"):
+        models += [registry.types[kind][n].options for n in registry.names(kind)]
+    return models
+
+
+def test_every_field_has_a_description():
+    missing = [
+        f"{model.__name__}.{name}"
+        for model in [Recipe, *section_models()]
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert missing == []
+
+
+def test_sections_are_exactly_the_documented_ones():
+    assert list(Recipe.model_fields) == ["model", "data", "sampling", "grpo", "rewards", "normalizer", "engine", "run", "plugins"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_recipe_validates(path):
+    loaded = load_recipe(path)
+    assert loaded.recipe.rewards and loaded.recipe.data is not None
+    assert (loaded.base_dir / loaded.recipe.model.path / "config.json").is_file()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_recipe_header_gives_its_command(path):
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"zenalign run recipes/{path.name}" in line for line in header)
+
+
+def test_overrides_are_typed_and_nested():
+    loaded = load_recipe(RECIPES / "quickstart.yaml", [
+        "grpo.kl_coef=0.0", "sampling.group_size=16", "rewards.0.weight=2", "engine.max_grad_norm=null",
+        "run.output_dir=elsewhere", "grpo.adam_betas=[0.8, 0.9]", "run.seed=7",
+    ])
+    r = loaded.recipe
+    assert r.grpo.kl_coef == 0.0 and r.sampling.group_size == 16 and r.rewards[0].weight == 2.0
+    assert r.engine.max_grad_norm is None and r.run.output_dir == "elsewhere" and r.run.seed == 7
+    assert r.grpo.adam_betas == (0.8, 0.9)
+
+
+def test_override_is_validated_and_blamed():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "quickstart.yaml", ["sampling.group_size=1"])
+    assert "override 'sampling.group_size=1'" in str(err.value) and "must be >= 2" in str(err.value)
+    with pytest.raises(RecipeError, match="unknown field; accepted here: .*clip_epsilon"):
+        load_recipe(RECIPES / "quickstart.yaml", ["grpo.clip_epsilonn=0.3"])
+    with pytest.raises(RecipeError, match="index 3 is out of range"):
+        load_recipe(RECIPES / "quickstart.yaml", ["rewards.3.weight=1"])
+
+
+def validate(data):
+    return validate_recipe(data, source="r.yaml", base_dir=Path.cwd(), name="r")
+
+
+def test_plugin_options_are_validated_against_the_plugin():
+    with pytest.raises(RecipeError) as err:
+        validate({"rewards": [{"type": "regex_match"}]})
+    assert str(err.value) == "r.yaml: rewards[0].pattern: required field is missing"
+    with pytest.raises(RecipeError) as err:
+        validate({"rewards": [{"type": "regex_match", "pattern": "(unclosed"}]})
+    assert "rewards[0].pattern" in str(err.value) and "not a valid regular expression" in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        validate({"normalizer": {"type": "batch_zscore", "center": "middle"}})
+    assert "normalizer.center: must be one of 'batch' or 'group'" in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        validate({"rewards": [{"type": "length", "unit": "tokens", "target": 5, "prefered": "shorter"}]})
+    assert "rewards[0].prefered: unknown field; accepted here: type, unit, prefer, target, scale, name, weight" in str(err.value)
+
+
+def test_unknown_plugin_type_lists_installed_ones():
+    with pytest.raises(RecipeError) as err:
+        validate({"normalizer": {"type": "zscore"}})
+    message = str(err.value)
+    assert "normalizer: unknown type 'zscore'" in message
+    for name in collect_registry().names("normalizer"):
+        assert name in message
+
+
+def test_default_normalizer_comes_from_the_plugin_marked_default():
+    loaded = validate({})
+    registry = collect_registry()
+    assert loaded.recipe.normalizer.type == registry.default("normalizer") == "group_zscore"
+    assert loaded.recipe.normalizer.eps == 1e-6  # the plugin's own defaults are filled in
+
+
+def test_resolved_recipe_round_trips():
+    loaded = load_recipe(RECIPES / "quickstart.yaml", ["grpo.kl_coef=0.05"])
+    dumped = yaml.safe_load(yaml.safe_dump(loaded.recipe.model_dump(mode="json")))
+    again = validate(dumped)
+    assert again.recipe.model_dump() == loaded.recipe.model_dump()
+
+
+def test_json_schema_includes_plugin_options():
+    schema = build_recipe_model(collect_registry()).model_json_schema()
+    text = json.dumps(schema)
+    assert '"regex_match"' in text and '"pattern"' in text and '"clip_epsilon"' in text
+    assert schema["additionalProperties"] is False
+
+
+def test_recipe_reference_doc_is_current():
+    doc = (REPO / "docs" / "recipe-reference.md").read_text(encoding="utf-8")
+    installed = collect_registry(new_plugin_manager())  # without plugins loaded by other tests' recipes
+    assert doc == recipe_reference(installed), "regenerate: zenalign schema --format markdown > docs/recipe-reference.md"

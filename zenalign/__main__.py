@@ -1,0 +1,5 @@
+import sys
+
+from zenalign.cli import main
+
+sys.exit(main())
