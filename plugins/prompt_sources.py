@@ -29,7 +29,9 @@ class JsonlOptions(Options):
 
 
 class InlineOptions(Options):
-    prompts: list[Union[str, dict[str, Any]]] = Field(description="Prompt strings or records ({prompt: ..., answer: ...}).")
+    prompts: list[Union[str, dict[str, Any]]] = Field(
+        min_length=1, description="Prompt strings or records ({prompt: ..., answer: ...}); at least one."
+    )
     eval_prompts: list[Union[str, dict[str, Any]]] = Field(default_factory=list, description="Held-out prompts.")
 
 

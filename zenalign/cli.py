@@ -91,6 +91,7 @@ def summary(result, loaded) -> str:
 def cmd_validate(args) -> int:
     from zenalign.models import check_model_dir
     from zenalign.recipe_loader import load_recipe
+    from zenalign.trainer import GRPOTrainer
 
     loaded = load_recipe(args.recipe, args.overrides)
     r = loaded.recipe
@@ -99,10 +100,7 @@ def cmd_validate(args) -> int:
     check_model_dir(loaded.base_dir / r.model.path, "model.path")
     if r.model.reference_path and r.grpo.kl_coef > 0:
         check_model_dir(loaded.base_dir / r.model.reference_path, "model.reference_path")
-    if r.data is None:
-        raise ZenalignError(f"{loaded.source}: data: required field is missing; name a prompt source (see `zenalign plugins`)")
-    if not r.rewards:
-        raise ZenalignError(f"{loaded.source}: rewards: no reward source is configured (see `zenalign plugins`)")
+    GRPOTrainer.from_recipe(loaded).check()  # builds data, rewards and normalizer; loads no policy
     rewards = ", ".join(f"{e.name or e.type} [{e.type}]" for e in r.rewards)
     print(f"{loaded.source}: valid (data: {r.data.type}; rewards: {rewards}; normalizer: {r.normalizer.type}; output: {loaded.output_dir})")
     return 0

@@ -245,6 +245,9 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()), "?")
         return f"must be {_BOUNDS[kind]} {bound} (got {value!r})"
+    if kind == "too_short":
+        need = ctx.get("min_length", 1)
+        return f"needs at least {need} {'entry' if need == 1 else 'entries'} (got {ctx.get('actual_length', 0)})"
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]} (got {value!r})"
     return f"{one_line(err['msg'])} (got {value!r})"

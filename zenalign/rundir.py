@@ -39,16 +39,20 @@ class RunDir:
     def holds_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_FILES + RUN_DIRS)
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create the directory; refuse to touch an existing run unless ``overwrite``."""
+    def check(self, overwrite: bool) -> None:
+        """Refuse a file, or an existing run unless ``overwrite``; changes nothing."""
         if self.path.exists() and not self.path.is_dir():
             raise RecipeError(f"run.output_dir: '{self.path}' is a file; choose a directory")
+        if self.holds_run() and not overwrite:
+            raise RecipeError(
+                f"run.output_dir: '{self.path}' already holds a run; choose another directory "
+                f"(run.output_dir=...) or replace it with run.overwrite=true"
+            )
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the directory; with ``overwrite``, remove only the files a run writes."""
+        self.check(overwrite)
         if self.holds_run():
-            if not overwrite:
-                raise RecipeError(
-                    f"run.output_dir: '{self.path}' already holds a run; choose another directory "
-                    f"(run.output_dir=...) or replace it with run.overwrite=true"
-                )
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
             for name in RUN_DIRS:

@@ -79,26 +79,27 @@ class BoundReward:
     source: Any
     objectives: list[str]
     weights: list[float]
+    where: str = "reward"  # where it was configured: "rewards[0]", "reward_model[1]"
 
     @property
     def label(self) -> str:
-        return f"reward '{self.name}' ({self.type_name})"
+        return f"{self.where} '{self.name}' ({self.type_name})"
 
 
-def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0) -> BoundReward:
+def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0, where: str = "reward") -> BoundReward:
     """Wrap a reward source (or plain callable) with its objective names and weights."""
     if not hasattr(source, "score"):
         if not callable(source):
             raise RewardError(
-                f"reward '{name}' is a {type(source).__name__}; give a reward source (an object with "
+                f"{where} '{name}' is a {type(source).__name__}; give a reward source (an object with "
                 f"score(batch)) or a function(prompts, completions, **fields) -> list of floats"
             )
         source = FunctionReward(source, name=name)
     declared = getattr(source, "objectives", None)
     objectives = list(declared) if declared else [name]
     if len(set(objectives)) != len(objectives):
-        raise RewardError(f"reward '{name}' ({type_name}) declares duplicate objectives: {objectives}")
-    return BoundReward(name, type_name, source, objectives, [float(weight)] * len(objectives))
+        raise RewardError(f"{where} '{name}' ({type_name}) declares duplicate objectives: {objectives}")
+    return BoundReward(name, type_name, source, objectives, [float(weight)] * len(objectives), where)
 
 
 class Scorer:

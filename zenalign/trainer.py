@@ -135,8 +135,18 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
     # setup
 
+    def check(self) -> None:
+        """Build the prompt source, reward sources and normalizer without loading the policy:
+        what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1."""
+        self.context = BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir)
+        self._build_prompts(None, None)
+        Scorer(self._build_rewards())
+        self._build_normalizer()
+
     def setup(self, prompts: Optional[Sequence[Any]] = None, eval_prompts: Optional[Sequence[Any]] = None) -> None:
         r = self.recipe
+        self.run_dir = RunDir(self.loaded.output_dir)
+        self.run_dir.check(overwrite=r.run.overwrite)  # before loading anything: fail fast
         seed_everything(r.run.seed)
         self.device = pick_device(r.engine.device)
         self.tokenizer, model = self._build_policy()
@@ -153,7 +163,6 @@ class GRPOTrainer:
         self.engine = TorchEngine(model, r.grpo, r.engine, total_optimizer_steps, self.device)
         if self.reference is not None:
             self.reference.to(self.device)
-        self.run_dir = RunDir(self.loaded.output_dir)
         self.run_dir.prepare(overwrite=r.run.overwrite)
         self.run_dir.write_recipe(r.model_dump(mode="json"))
         self._log_handler = logging.FileHandler(self.run_dir.path / "run.log", encoding="utf-8")
@@ -204,24 +213,26 @@ class GRPOTrainer:
 
     def _build_plugin(self, kind: str, section: str, entry: Any) -> Any:
         plugin_type = self.loaded.registry.get(kind, entry.type)
+        where = f"{self.loaded.source}: {section} ({entry.type})"
         try:
             return plugin_type.build(entry, self.context)
-        except ZenalignError:
-            raise
+        except ZenalignError as exc:
+            raise type(exc)(f"{where}: {exc}") from exc
         except Exception as exc:
-            raise PluginError(f"{self.loaded.source}: {section} ({entry.type}): could not be built: {type(exc).__name__}: {one_line(exc)}") from exc
+            raise PluginError(f"{where}: could not be built: {type(exc).__name__}: {one_line(exc)}") from exc
 
     def _build_rewards(self):
         bound = []
         for i, entry in enumerate(self.recipe.rewards):
             source = self._build_plugin("reward", f"rewards[{i}]", entry)
-            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight))
+            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]"))
         given = self._rewards_in
         if given is not None:
             for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
                 name = getattr(source, "name", None) or getattr(source, "__name__", None)
                 name = name if name and name != "<lambda>" else f"reward_{i}"
-                bound.append(bind_reward(source, name, type(source).__name__, getattr(source, "weight", 1.0)))
+                weight = getattr(source, "weight", 1.0)
+                bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]"))
         if not bound:
             raise RecipeError(
                 f"{self.loaded.source}: rewards: no reward source is configured; add at least one "

@@ -1,0 +1,83 @@
+"""The Python API: the paper's snippet as written, reward lists, errors, and parity with the CLI."""
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import RECIPES, REVERSE_POLICY, run_cli
+from zenalign import GRPOTrainer, load_recipe
+from zenalign.errors import RecipeError
+
+PROMPTS = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "tree", "sun", "leaf"]]
+
+
+@pytest.mark.slow
+def test_the_papers_snippet_works_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run directory is runs/grpo-<time> under the working directory
+    # The shipped 1M policy ends its answers after a few tokens, so 100 default steps stay quick.
+    model = AutoModelForCausalLM.from_pretrained(REVERSE_POLICY)
+
+    def reward_model(completions, answer):
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    prompts = PROMPTS
+
+    result = GRPOTrainer(model=model, reward_model=reward_model, group_size=12, clip_epsilon=0.15).train(prompts)
+
+    recipe = yaml.safe_load((result.output_dir / "recipe.yaml").read_text())
+    assert recipe["sampling"]["group_size"] == 12 and recipe["grpo"]["clip_epsilon"] == 0.15
+    metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == recipe["run"]["steps"] == 100
+    assert metrics[-1]["samples"] == 100 * 8 * 12  # default 8 prompts per step, 12 completions each
+    assert result.output_dir.parent.name == "runs"
+
+
+def test_a_list_of_rewards_gives_one_objective_each(tmp_path, tiny_model_dir):
+    def exact(completions, answer):
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    def short(completion_ids):
+        return [-float(len(ids)) for ids in completion_ids]
+
+    trainer = GRPOTrainer(
+        model=str(tiny_model_dir), reward_model=[exact, short], steps=1, group_size=2, prompts_per_step=2,
+        max_new_tokens=4, output_dir=str(tmp_path / "run"), progress_bar=False,
+    )
+    trainer.train(PROMPTS)
+    assert trainer.objectives.names == ("exact", "short")
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert {"reward_mean/exact", "reward_mean/short"} <= set(metrics)
+
+
+def test_options_are_recipe_fields_and_typos_are_errors():
+    with pytest.raises(RecipeError, match="GRPOTrainer: unknown option 'group_sise'"):
+        GRPOTrainer(model="unused", reward_model=len, group_sise=4)
+    with pytest.raises(RecipeError, match="sampling.group_size: must be >= 2"):
+        GRPOTrainer(model="unused", reward_model=len, group_size=1)
+    trainer = GRPOTrainer(model="some/dir", reward_model=len, kl_coef=0.0, sampling={"top_p": 0.9}, normalizer="rank")
+    assert trainer.recipe.grpo.kl_coef == 0.0 and trainer.recipe.sampling.top_p == 0.9
+    assert trainer.recipe.model.path == "some/dir" and trainer.recipe.normalizer.type == "rank"
+
+
+@pytest.mark.slow
+def test_api_and_cli_run_the_same_engine(tmp_path):
+    """The same recipe through `zenalign run` (a subprocess) and GRPOTrainer.from_recipe gives
+    the same rewards and losses step by step."""
+    overrides = ["run.steps=4", "run.eval_interval=0", "data.eval_size=16", "run.progress_bar=false"]
+    cli_dir, api_dir = tmp_path / "cli", tmp_path / "api"
+    done = run_cli("run", str(RECIPES / "quickstart.yaml"), *overrides, f"run.output_dir={cli_dir}")
+    assert done.returncode == 0, done.stderr
+    GRPOTrainer.from_recipe(load_recipe(RECIPES / "quickstart.yaml", [*overrides, f"run.output_dir={api_dir}"])).train()
+    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    for via_cli, via_api in zip(read(cli_dir), read(api_dir), strict=True):
+        for key in ("samples", "reward_mean", "reward_std", "zero_std_frac", "completion_len"):
+            assert via_cli[key] == via_api[key], key
+        for key in ("loss", "kl", "grad_norm"):
+            assert via_cli[key] == pytest.approx(via_api[key], rel=1e-5, abs=1e-7), key
+
+
+def test_model_directory_is_used_by_path():
+    trainer = GRPOTrainer(model=str(REVERSE_POLICY), reward_model=len)
+    assert trainer.recipe.model.path == str(REVERSE_POLICY)

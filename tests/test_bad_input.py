@@ -1,0 +1,416 @@
+"""The `zenalign` CLI on bad input: every mistake is one line on stderr, exit code 2, no traceback,
+and the line names the file, field or plugin and says what would be accepted.
+
+Each case writes a recipe (and any helper .py files) into tmp_path and runs the real command there
+in a subprocess. Cases that fail during validation must print nothing but the error line; cases that
+fail during training may print earlier log lines, but the error is the last line and appears once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+ERROR_PREFIX = "zenalign: error:"
+
+
+def base_recipe(model_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """A valid, very small recipe: one step, 2 prompts x 2 completions of 4 tokens."""
+    return {
+        "model": {"path": str(model_dir)},
+        "data": {"type": "inline", "prompts": ["reverse abc:"], "eval_prompts": []},
+        "sampling": {"group_size": 2, "max_new_tokens": 4},
+        "grpo": {"prompts_per_step": 2},
+        "rewards": [{"type": "length"}],
+        "run": {"steps": 1, "progress_bar": False, "output_dir": str(out_dir)},
+    }
+
+
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge of ``patch`` into a copy of ``base``; lists and scalars replace."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+
+def reward_file(body: str) -> str:
+    """A myreward.py whose `fn(completions, step)` runs `body` (which must return the scores)."""
+    return "import math\n\ndef fn(completions, step):\n" + textwrap.indent(textwrap.dedent(body).strip(), "    ") + "\n"
+
+
+PYFN_REWARD = {"rewards": [{"type": "python_function", "function": "myreward.py:fn"}]}
+
+
+@dataclass
+class Case:
+    id: str
+    # A patch merged into base_recipe, raw YAML text written as is, or None (no recipe file).
+    recipe: Union[dict[str, Any], str, None]
+    expect: list[str]  # substrings the error line must contain: the place, and what is accepted
+    files: dict[str, str] = field(default_factory=dict)  # extra files written next to the recipe
+    command: str = "run"
+    overrides: list[str] = field(default_factory=list)
+    # True: the error happens after the run started (earlier log lines may precede it).
+    during_run: bool = False
+    expect_regex: list[str] = field(default_factory=list)
+    recipe_name: str = "recipe.yaml"  # the file passed to the CLI (need not exist)
+    replace: dict[str, Any] = field(default_factory=dict)  # top-level sections replaced whole
+
+
+CASES = [
+    # --- the recipe file itself -------------------------------------------------------------
+    Case(
+        "missing-recipe-file",
+        None,
+        ["does-not-exist.yaml", "does not exist"],
+        recipe_name="does-not-exist.yaml",
+    ),
+    Case(
+        "malformed-yaml-unclosed-bracket",
+        "model:\n  path: m\nsampling:\n  group_size: [2, 4\ngrpo:\n  kl_coef: 0.1\n",
+        ["recipe.yaml:", "invalid YAML"],
+        command="validate",
+        # the parser notices the unclosed flow sequence at the colon after `grpo` (line 5, column 5)
+        expect_regex=[r"recipe\.yaml:5:5: invalid YAML: expected ',' or ']'"],
+    ),
+    Case(
+        "malformed-yaml-bad-indentation",
+        "model:\n  path: m\n   tokenizer_path: t\n",
+        ["recipe.yaml:", "invalid YAML"],
+        command="validate",
+        expect_regex=[r"recipe\.yaml:3:\d+: invalid YAML"],
+    ),
+    Case(
+        "recipe-not-a-mapping",
+        "- model\n- data\n",
+        ["recipe.yaml", "must be a mapping", "model, data, sampling"],
+        command="validate",
+    ),
+    # --- unknown keys -----------------------------------------------------------------------
+    Case(
+        "unknown-top-level-key",
+        {"modle": {"path": "x"}},
+        ["recipe.yaml", "modle", "unknown field", "accepted here:", "model", "sampling", "grpo", "rewards"],
+        command="validate",
+    ),
+    Case(
+        "unknown-key-in-section",
+        {"grpo": {"clip_epsilonn": 0.2}},
+        ["recipe.yaml", "grpo.clip_epsilonn", "unknown field", "accepted here:", "clip_epsilon,", "kl_coef"],
+        command="validate",
+    ),
+    # --- wrong types and bounds -------------------------------------------------------------
+    Case(
+        "kl-coef-not-a-number",
+        {"grpo": {"kl_coef": "abc"}},
+        ["recipe.yaml", "grpo.kl_coef", "expected a number", "'abc'"],
+        command="validate",
+    ),
+    Case(
+        "group-size-not-an-integer",
+        {"sampling": {"group_size": 2.5}},
+        ["recipe.yaml", "sampling.group_size", "expected a whole number", "2.5"],
+        command="validate",
+    ),
+    Case(
+        "group-size-1",
+        {"sampling": {"group_size": 1}},
+        ["recipe.yaml", "sampling.group_size", "must be >= 2", "got 1"],
+    ),
+    Case(
+        "negative-kl-coef",
+        {"grpo": {"kl_coef": -0.5}},
+        ["recipe.yaml", "grpo.kl_coef", "must be >= 0", "-0.5"],
+    ),
+    Case(
+        "bad-literal-kl-estimator",
+        {"grpo": {"kl_estimator": "k4"}},
+        ["recipe.yaml", "grpo.kl_estimator", "must be one of", "k1", "k3", "'k4'"],
+        command="validate",
+    ),
+    # --- plugin types and options -----------------------------------------------------------
+    Case(
+        "unknown-reward-type",
+        {"rewards": [{"type": "no_such_reward"}]},
+        ["recipe.yaml", "rewards[0]", "unknown type 'no_such_reward'", "installed types:",
+         "exact_answer", "regex_match", "python_function", "length"],
+        command="validate",
+    ),
+    Case(
+        "unknown-normalizer-type",
+        {"normalizer": {"type": "zscore_typo"}},
+        ["recipe.yaml", "normalizer", "unknown type 'zscore_typo'", "installed types:", "group_zscore", "rloo", "rank"],
+        command="validate",
+    ),
+    Case(
+        "reward-missing-type",
+        {"rewards": [{"name": "acc"}]},
+        ["recipe.yaml", "rewards[0]", "missing 'type'", "zenalign plugins"],
+        command="validate",
+    ),
+    Case(
+        "unknown-plugin-option",
+        {"rewards": [{"type": "regex_match", "patern": "abc"}]},
+        ["recipe.yaml", "rewards[0].patern", "unknown field", "accepted here:", "pattern", "mode", "match_score"],
+        command="validate",
+    ),
+    Case(
+        "invalid-regex-option",
+        {"rewards": [{"type": "regex_match", "pattern": "(unclosed"}]},
+        ["recipe.yaml", "rewards[0].pattern", "not a valid regular expression"],
+        command="validate",
+    ),
+    # --- plugins: ---------------------------------------------------------------------------
+    Case(
+        "plugin-path-does-not-exist",
+        {"plugins": ["my_plugins/nope.py"]},
+        ["plugins[0]", "nope.py", "does not exist", "looked for"],
+        command="validate",
+    ),
+    Case(
+        "plugin-raises-at-import",
+        {"plugins": ["broken.py"]},
+        ["plugins[0]", "broken.py", "failed to import", "RuntimeError", "plugin exploded"],
+        files={"broken.py": "raise RuntimeError('plugin exploded')\n"},
+        command="validate",
+    ),
+    Case(
+        "plugin-syntax-error",
+        {"plugins": ["broken.py"]},
+        ["plugins[0]", "broken.py", "failed to import", "SyntaxError"],
+        files={"broken.py": "def oops(:\n    pass\n"},
+        command="validate",
+    ),
+    Case(
+        "plugin-module-not-installed",
+        {"plugins": ["no_such_zenalign_plugin_module"]},
+        ["plugins[0]", "no module named 'no_such_zenalign_plugin_module'", "importable module name", ".py file"],
+        command="validate",
+    ),
+    # --- rewards that misbehave during training ---------------------------------------------
+    Case(
+        "reward-raises",
+        PYFN_REWARD,
+        ["rewards[0] 'python_function' (python_function)", "raised ValueError", "reward exploded", "at step 1"],
+        files={"myreward.py": reward_file("raise ValueError('reward exploded')")},
+        during_run=True,
+    ),
+    Case(
+        "reward-wrong-number-of-scores",
+        PYFN_REWARD,
+        ["rewards[0] 'python_function' (python_function)", "returned 1 scores for 4 completions", "one score per completion"],
+        files={"myreward.py": reward_file("return [1.0]")},
+        during_run=True,
+    ),
+    Case(
+        "reward-returns-string",
+        PYFN_REWARD,
+        ["rewards[0] 'python_function' (python_function)", "returned str 'good'", "scores must be numbers", "NaN or None to abstain"],
+        files={"myreward.py": reward_file("return ['good' for _ in completions]")},
+        during_run=True,
+    ),
+    Case(
+        "reward-returns-infinity",
+        PYFN_REWARD,
+        ["rewards[0] 'python_function' (python_function)", "returned inf", "scores must be finite", "NaN or None to abstain"],
+        files={"myreward.py": reward_file("return [math.inf for _ in completions]")},
+        during_run=True,
+    ),
+    Case(
+        "reward-function-missing-attribute",
+        {"rewards": [{"type": "python_function", "function": "myreward.py:nope"}]},
+        ["recipe.yaml", "rewards[0] (python_function)", "myreward.py", "has no attribute 'nope'"],
+        files={"myreward.py": reward_file("return [0.0 for _ in completions]")},
+        command="validate",
+    ),
+    # --- model and data ---------------------------------------------------------------------
+    Case(
+        "model-path-does-not-exist",
+        {"model": {"path": "no-such-model-dir"}},
+        ["model.path", "no-such-model-dir", "does not exist", "local Hugging Face model directory"],
+        during_run=True,
+    ),
+    Case(
+        "validate-model-path-does-not-exist",
+        {"model": {"path": "no-such-model-dir"}},
+        ["model.path", "no-such-model-dir", "does not exist", "local Hugging Face model directory"],
+        command="validate",
+    ),
+    Case(
+        "empty-prompt-set",
+        {"data": {"type": "inline", "prompts": [], "eval_prompts": []}},
+        ["recipe.yaml", "data.prompts", "needs at least 1 entry (got 0)"],
+    ),
+    Case(
+        "empty-prompt-file",
+        {},
+        ["recipe.yaml", "data", "prompt set is empty", "at least one training prompt"],
+        files={"prompts.jsonl": "\n"},
+        command="validate",
+        replace={"data": {"type": "jsonl", "path": "prompts.jsonl"}},
+    ),
+    Case(
+        "prompt-file-bad-json-line",
+        {},
+        ["prompts.jsonl:2", "not valid JSON"],
+        files={"prompts.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n'},
+        command="validate",
+        replace={"data": {"type": "jsonl", "path": "prompts.jsonl"}},
+    ),
+    Case(
+        # `validate` promises to check the recipe; a prompt set that `run` rejects should not be "valid".
+        "validate-empty-prompt-set",
+        {"data": {"type": "inline", "prompts": [], "eval_prompts": []}},
+        ["recipe.yaml", "data.prompts", "needs at least 1 entry (got 0)"],
+        command="validate",
+    ),
+    # --- command-line overrides -------------------------------------------------------------
+    Case(
+        "override-out-of-range",
+        {},
+        ["override 'grpo.kl_coef=-1'", "grpo.kl_coef", "must be >= 0", "got -1"],
+        overrides=["grpo.kl_coef=-1"],
+    ),
+    Case(
+        "override-without-equals",
+        {},
+        ["override 'grpo.kl_coef'", "expected KEY.PATH=VALUE", "grpo.kl_coef=0.02"],
+        overrides=["grpo.kl_coef"],
+    ),
+    Case(
+        "override-unknown-field",
+        {},
+        ["override 'grpo.kl_coeff=0.1'", "grpo.kl_coeff", "unknown field", "accepted here:", "kl_coef"],
+        overrides=["grpo.kl_coeff=0.1"],
+        command="validate",
+    ),
+    Case(
+        "override-index-out-of-range",
+        {},
+        ["override 'rewards.3.weight=2'", "out of range", "1 entries"],
+        overrides=["rewards.3.weight=2"],
+        command="validate",
+    ),
+]
+
+
+def write_case(case: Case, tmp_path: Path, model_dir: Path) -> Path:
+    for name, text in case.files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    recipe_path = tmp_path / case.recipe_name
+    if isinstance(case.recipe, str):
+        recipe_path.write_text(case.recipe, encoding="utf-8")
+    elif isinstance(case.recipe, dict):
+        data = {**merge(base_recipe(model_dir, tmp_path / "run"), case.recipe), **case.replace}
+        recipe_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return recipe_path
+
+
+def error_line(proc, during_run: bool) -> str:
+    """Check the shape of a failed command's output and return its error line."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout, proc.stdout
+    assert proc.returncode == 2, f"exit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, f"expected exactly one error line:\n{proc.stderr}"
+    if during_run:
+        assert lines[-1].startswith(ERROR_PREFIX), f"the error is not the last line:\n{proc.stderr}"
+    else:
+        assert lines == errors, f"expected nothing on stderr but the error line:\n{proc.stderr}"
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe_path = write_case(case, tmp_path, tiny_model_dir)
+    proc = run_cli(case.command, str(recipe_path), *case.overrides, cwd=tmp_path)
+    message = error_line(proc, case.during_run)
+    for text in case.expect:
+        assert text in message, f"{text!r} not in the error line:\n{message}"
+    for pattern in case.expect_regex:
+        assert re.search(pattern, message), f"/{pattern}/ does not match the error line:\n{message}"
+    # a validation error never gets as far as creating the run directory
+    if not case.during_run:
+        assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# What a failed run leaves behind
+
+
+def test_run_failing_midway_keeps_metrics(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A reward that raises at step 2: metrics.jsonl keeps the step-1 line, nothing else; no final/."""
+    (tmp_path / "myreward.py").write_text(
+        reward_file(
+            """
+            if step >= 2:
+                raise RuntimeError('second step went wrong')
+            return [float(len(c)) for c in completions]
+            """
+        ),
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    data = merge(base_recipe(tiny_model_dir, out), {**PYFN_REWARD, "run": {"steps": 2}})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+    proc = run_cli("run", str(recipe_path), cwd=tmp_path)
+    message = error_line(proc, during_run=True)
+    assert "rewards[0] 'python_function'" in message
+    assert "raised RuntimeError: second step went wrong (at step 2)" in message
+
+    text = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    assert text.endswith("\n"), "the last metrics line is incomplete"
+    lines = text.splitlines()
+    assert len(lines) == 1, text
+    record = json.loads(lines[0])
+    assert record["step"] == 1
+    assert not (out / "final").exists()
+    assert not (out / "final.tmp").exists()
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A run directory that already holds a run is refused (exit 2) and left byte-for-byte as it was."""
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    existing = {
+        "recipe.yaml": b"model: {path: earlier}\n",
+        "metrics.jsonl": b'{"step": 1, "reward_mean": 0.5}\n{"step": 2, "reward_mean": 0.75}\n',
+        "run.log": b"an earlier run\n",
+        "notes.txt": b"my own notes\n",
+        "final/model.safetensors": bytes(range(256)),
+    }
+    for name, content in existing.items():
+        (out / name).write_bytes(content)
+    before = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+
+    data = base_recipe(tiny_model_dir, out)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    proc = run_cli("run", str(recipe_path), cwd=tmp_path)
+    message = error_line(proc, during_run=True)
+    assert "run.output_dir" in message and str(out) in message
+    assert "already holds a run" in message
+    assert "run.overwrite=true" in message
+
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*")} == before
+    for name, content in existing.items():
+        assert (out / name).read_bytes() == content, f"{name} changed"

@@ -1,0 +1,150 @@
+"""The training loop with a real tiny Llama: run directory, phases, forward passes, hooks."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import zenalign.trainer as trainer_module
+from zenalign import GRPOTrainer, hookimpl
+
+PROMPTS = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "tree"]]
+EVAL = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["dog", "rain"]]
+
+
+def first_letter_reward(completions, answer):
+    """Dense enough for a random model: 1 if the first letter is right."""
+    return [float(c[:1] == a[:1]) for c, a in zip(completions, answer)]
+
+
+def completion_length(completions):
+    """Varies within every group of a random model, so every step has a gradient."""
+    return [float(len(c)) for c in completions]
+
+
+def make(tmp_path, model_dir, **options):
+    settings = dict(
+        reward_model=first_letter_reward, steps=2, group_size=4, prompts_per_step=2, max_new_tokens=5,
+        learning_rate=1e-3, progress_bar=False, output_dir=str(tmp_path / "run"), seed=0,
+    )
+    settings.update(options)
+    return GRPOTrainer(model=str(model_dir), **settings)
+
+
+REQUIRED_METRICS = {
+    "step", "samples", "reward_mean", "reward_std", "reward_mean/first_letter_reward", "loss", "kl", "clip_frac",
+    "zero_std_frac", "completion_len", "completions_per_s", "time/sample", "time/score", "time/normalize",
+    "time/update", "time/log",
+}
+
+
+def test_run_directory_holds_metrics_evals_samples_and_a_loadable_policy(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    trainer = make(tmp_path, tiny_model_dir, steps=3, log_interval=1)
+    result = trainer.train(PROMPTS, EVAL)
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["samples"] for m in metrics] == [8, 16, 24]  # 2 prompts x 4 completions per step
+    for m in metrics:
+        assert REQUIRED_METRICS <= set(m), REQUIRED_METRICS - set(m)
+        assert "time/reference" in m  # kl_coef 0.01 by default
+        assert all(v is None or not (isinstance(v, float) and math.isnan(v)) for v in m.values())
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 3]
+    assert "eval/reward_mean/first_letter_reward" in evals[0]
+    assert result.initial_eval == evals[0] and result.final_eval == evals[1]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "completion", "rewards", "advantage"} <= set(next(s for s in samples if "advantage" in s))
+    loaded = AutoModelForCausalLM.from_pretrained(run / "final")
+    for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (run / "final" / "model.safetensors").is_file() and (run / "recipe.yaml").is_file()
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(trainer_module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, name, wrapper)
+    return calls
+
+
+def test_reference_is_not_loaded_when_kl_coef_is_zero(tmp_path, tiny_model_dir, monkeypatch):
+    loads = count_calls(monkeypatch, "load_causal_lm")
+    trainer = make(tmp_path, tiny_model_dir, kl_coef=0.0, steps=1)
+    trainer.train(PROMPTS)
+    assert len(loads) == 1 and trainer.reference is None
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert "time/reference" not in metrics and metrics["kl"] == 0.0
+
+
+@pytest.mark.parametrize("iterations, expected", [(1, [True]), (3, [False, True, True, True])])
+def test_old_logprobs_are_computed_once_per_generation(tmp_path, tiny_model_dir, monkeypatch, iterations, expected):
+    forwards = count_calls(monkeypatch, "completion_logprobs")
+    make(tmp_path, tiny_model_dir, reward_model=completion_length, kl_coef=0.0, steps=1, num_iterations=iterations).train(PROMPTS)
+    # mu = 1: one forward with gradient (old = its detached copy). mu = 3: one no-grad forward for
+    # pi_old, then one forward with gradient per pass.
+    assert forwards == expected
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    if iterations == 1:
+        assert metrics["ratio_mean"] == 1.0 and metrics["clip_frac"] == 0.0
+    else:
+        assert metrics["ratio_mean"] != 1.0  # passes 2 and 3 see a policy that has moved
+
+
+def test_micro_batches_give_the_same_update(tmp_path, tiny_model_dir):
+    results = []
+    for micro in (None, 3):
+        trainer = make(tmp_path / str(micro), tiny_model_dir, reward_model=completion_length, steps=1,
+                       micro_batch_size=micro, loss_aggregation="dapo")
+        trainer.train(PROMPTS)
+        results.append((trainer.model.state_dict(), json.loads((tmp_path / str(micro) / "run" / "metrics.jsonl").read_text())))
+    (full, full_metrics), (split, split_metrics) = results
+    assert full_metrics["loss"] == pytest.approx(split_metrics["loss"], abs=1e-6)
+    assert full_metrics["grad_norm"] == pytest.approx(split_metrics["grad_norm"], rel=1e-4)
+    for name in full:
+        assert torch.allclose(full[name], split[name], atol=1e-6), name
+
+
+def test_event_hooks_see_every_step_and_evaluation(tmp_path, tiny_model_dir, register_plugin):
+    seen = []
+
+    class Recorder:
+        @hookimpl
+        def zenalign_on_train_start(self, start_step):
+            seen.append(("start", start_step))
+
+        @hookimpl
+        def zenalign_on_step_end(self, step, metrics):
+            seen.append(("step", step, metrics["reward_mean"]))
+
+        @hookimpl
+        def zenalign_on_eval_end(self, step):
+            seen.append(("eval", step))
+
+        @hookimpl
+        def zenalign_on_train_end(self, trainer, step):
+            seen.append(("end", step, trainer.step))
+
+    register_plugin(Recorder(), name="recorder")
+    make(tmp_path, tiny_model_dir, steps=2).train(PROMPTS, EVAL)
+    kinds = [s[0] for s in seen]
+    assert kinds == ["start", "eval", "step", "step", "eval", "end"]
+    assert seen[-1] == ("end", 2, 2)
+
+
+def test_abstaining_rewards_never_produce_nan(tmp_path, tiny_model_dir):
+    def half_abstain(completions):
+        return [float("nan") if i % 2 else float(len(c)) for i, c in enumerate(completions)]
+
+    make(tmp_path, tiny_model_dir, reward_model=half_abstain, steps=2).train(PROMPTS)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
