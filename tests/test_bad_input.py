@@ -279,6 +279,30 @@ CASES = [
         ["recipe.yaml", "data.prompts", "needs at least 1 entry (got 0)"],
         command="validate",
     ),
+    # --- engine ----------------------------------------------------------------------------
+    Case(
+        "zero3-with-torch-backend",
+        {"engine": {"zero_stage": 3}},
+        ["recipe.yaml", "engine.zero_stage", "needs engine.backend: deepspeed", "got 3"],
+        command="validate",
+    ),
+    Case(
+        "optimizer-offload-with-zero0",
+        {"engine": {"backend": "deepspeed", "offload_optimizer": True}},
+        ["recipe.yaml", "engine.offload_optimizer", "needs engine.zero_stage 1, 2 or 3"],
+    ),
+    Case(
+        "param-offload-without-zero3",
+        {"engine": {"backend": "deepspeed", "zero_stage": 2, "offload_params": True}},
+        ["recipe.yaml", "engine.offload_params", "needs engine.zero_stage 3"],
+        command="validate",
+    ),
+    Case(
+        "unknown-backend",
+        {"engine": {"backend": "megatron"}},
+        ["recipe.yaml", "engine.backend", "must be one of 'torch' or 'deepspeed'", "'megatron'"],
+        command="validate",
+    ),
     # --- command-line overrides -------------------------------------------------------------
     Case(
         "override-out-of-range",

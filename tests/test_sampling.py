@@ -7,6 +7,7 @@ import torch
 from conftest import build_tiny_llama, byte_tokenizer
 from zenalign.loss import completion_logprobs
 from zenalign.recipe import SamplingSection
+from zenalign.gumbel import GumbelSampler, completion_keys, uniform
 from zenalign.sampling import completion_mask_from, generate_groups, generation_config, neutral_generation_defaults
 
 EOS, PAD = 1, 0
@@ -30,9 +31,9 @@ def model():
 
 def test_groups_are_contiguous_and_masked(model):
     tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
     sampling = SamplingSection(group_size=3, max_new_tokens=6)
-    rollout = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=3)
+    keys = completion_keys(seed=0, step=1, first_completion=0, count=9)
+    rollout = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=3, keys=keys)
     n = len(PROMPTS) * 3
     assert rollout.sequences.shape[0] == n and len(rollout.completions) == n
     encoded = tokenizer(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -56,30 +57,36 @@ def test_groups_are_contiguous_and_masked(model):
 
 
 def test_loss_logprobs_equal_the_sampled_distribution(model):
-    """log pi recomputed for the loss == log_softmax(logits / T) that generate sampled from,
-    for left-padded prompts of different lengths (positions must follow the mask)."""
+    """log pi recomputed for the loss == log_softmax(logits / T) of the logits generate sampled
+    from, for left-padded prompts of different lengths (positions must follow the mask)."""
+    from transformers import LogitsProcessorList
+
     tokenizer = byte_tokenizer()
     sampling = SamplingSection(group_size=2, max_new_tokens=5, temperature=0.7)
     encoded = tokenizer(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
-    torch.manual_seed(1)
-    config = generation_config(sampling, [EOS], PAD, greedy=False, num_return_sequences=2)
+    input_ids = encoded["input_ids"].repeat_interleave(2, 0)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(2, 0)
+    keys = completion_keys(seed=0, step=1, first_completion=0, count=input_ids.shape[0])
+    config = generation_config(sampling, [EOS], PAD)
     config.update(output_logits=True, return_dict_in_generate=True)
+    sampler = GumbelSampler(keys, input_ids.shape[1], temperature=0.7)
     with neutral_generation_defaults(model):
-        out = model.generate(**encoded, generation_config=config)
+        out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([sampler]))
     raw = torch.stack(out.logits, dim=1).float() / 0.7  # (N, Tc, V)
-    prompt_length = encoded["input_ids"].shape[1]
+    prompt_length = input_ids.shape[1]
     tokens = out.sequences[:, prompt_length:]
     expected = torch.log_softmax(raw, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     mask, _ = completion_mask_from(tokens, [EOS])
-    attention = torch.cat([encoded["attention_mask"].repeat_interleave(2, 0), mask], dim=1)
+    attention = torch.cat([prompt_mask, mask], dim=1)
     got = completion_logprobs(model, out.sequences, attention, prompt_length, temperature=0.7)
     assert torch.allclose(got[mask.bool()], expected[mask.bool()], atol=1e-5)
 
 
 def test_model_generation_config_does_not_leak_into_sampling():
     """A model whose generation_config asks for top_k=3, repetition_penalty=5 and temperature 0.3
-    must still be sampled from plain softmax(logits / T) with the recipe's settings, or the
-    policy gradient would be computed for a different distribution."""
+    must still be decoded from its plain logits (the Gumbel sampler then adds exactly the
+    recipe's temperature and noise), or the policy gradient would be for another distribution."""
     model = build_tiny_llama(seed=4).eval()
     model.generation_config.top_k = 3
     model.generation_config.repetition_penalty = 5.0
@@ -88,7 +95,7 @@ def test_model_generation_config_does_not_leak_into_sampling():
     tokenizer = byte_tokenizer()
     sampling = SamplingSection(max_new_tokens=4, temperature=1.0)
     encoded = tokenizer(PROMPTS[:1], add_special_tokens=False, return_tensors="pt")
-    config = generation_config(sampling, [EOS], PAD, greedy=False, num_return_sequences=1)
+    config = generation_config(sampling, [EOS], PAD)
     config.update(output_logits=True, output_scores=True, return_dict_in_generate=True)
     with neutral_generation_defaults(model):
         out = model.generate(**encoded, generation_config=config)
@@ -101,7 +108,48 @@ def test_model_generation_config_does_not_leak_into_sampling():
 def test_greedy_is_deterministic(model):
     tokenizer = byte_tokenizer()
     sampling = SamplingSection(max_new_tokens=6)
-    first = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=1, greedy=True)
+    first = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=1)
     torch.manual_seed(123)
-    second = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=1, greedy=True)
+    second = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=1)
     assert first.completions == second.completions
+
+
+# ---------------------------------------------------------------------------------------- Gumbel-max
+
+def test_gumbel_sampler_draws_from_softmax_over_temperature():
+    # 40,000 draws from one row of logits: the frequencies match softmax(logits / T)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
+    for temperature, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
+        keys = completion_keys(seed=3, step=7, first_completion=0, count=40_000)
+        sampler = GumbelSampler(keys, prompt_length=0, temperature=temperature, top_k=top_k)
+        draws = sampler(torch.zeros(40_000, 0, dtype=torch.long), logits.expand(40_000, -1)).argmax(-1)
+        freq = torch.bincount(draws, minlength=5).double() / 40_000
+        scaled = logits[0].double() / temperature
+        if top_k:
+            scaled[scaled < scaled.topk(top_k).values[-1]] = -float("inf")
+        expected = torch.softmax(scaled, -1)
+        assert torch.allclose(freq, expected, atol=0.01), (temperature, top_k, freq, expected)
+
+
+def test_uniform_noise_is_uniform_and_keyed():
+    u = uniform(torch.arange(2000), position=3, vocab_size=50)
+    assert 0.0 < u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert torch.equal(u, uniform(torch.arange(2000), position=3, vocab_size=50))  # a pure function
+    assert not torch.equal(u, uniform(torch.arange(2000), position=4, vocab_size=50))
+
+
+def test_sampling_does_not_depend_on_the_batch(model):
+    """A completion depends on its key only: alone, or in a batch with other (longer) prompts,
+    whatever the global RNG state, it comes out the same. This is what makes a 2-process run
+    sample what a 1-process run samples, and a resumed run what an uninterrupted one would."""
+    tokenizer = byte_tokenizer()
+    sampling = SamplingSection(group_size=2, max_new_tokens=6)
+    keys = completion_keys(seed=0, step=5, first_completion=0, count=6)
+    together = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=2, keys=keys)
+    torch.manual_seed(99)
+    alone = generate_groups(model, tokenizer, PROMPTS[1:2], sampling, [EOS], group_size=2, keys=keys[2:4])
+    assert alone.completions == together.completions[2:4]
+    other = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=2,
+                            keys=completion_keys(seed=1, step=5, first_completion=0, count=6))
+    assert other.completions != together.completions

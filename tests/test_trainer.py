@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import zenalign.components as components
 import zenalign.trainer as trainer_module
 from zenalign import GRPOTrainer, hookimpl
 
@@ -64,20 +65,20 @@ def test_run_directory_holds_metrics_evals_samples_and_a_loadable_policy(tmp_pat
     assert (run / "final" / "model.safetensors").is_file() and (run / "recipe.yaml").is_file()
 
 
-def count_calls(monkeypatch, name):
+def count_calls(monkeypatch, name, module=trainer_module):
     calls = []
-    original = getattr(trainer_module, name)
+    original = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         calls.append(torch.is_grad_enabled())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
 def test_reference_is_not_loaded_when_kl_coef_is_zero(tmp_path, tiny_model_dir, monkeypatch):
-    loads = count_calls(monkeypatch, "load_causal_lm")
+    loads = count_calls(monkeypatch, "load_causal_lm", components)
     trainer = make(tmp_path, tiny_model_dir, kl_coef=0.0, steps=1)
     trainer.train(PROMPTS)
     assert len(loads) == 1 and trainer.reference is None

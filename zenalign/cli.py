@@ -1,9 +1,13 @@
 """The ``zenalign`` command.
 
-    zenalign run RECIPE [key.path=value ...]     train
-    zenalign validate RECIPE [key.path=value ...] check the recipe and every plugin's options
-    zenalign plugins                              list reward sources, normalizers, tasks and options
-    zenalign schema [--format json|markdown]      the recipe's JSON Schema (editor completion)
+    zenalign run RECIPE [key.path=value ...] [--resume auto|PATH]   train (or continue)
+    zenalign validate RECIPE [key.path=value ...]   check the recipe and every plugin's options
+    zenalign plugins [RECIPE]                       list reward sources, normalizers, tasks and options
+    zenalign schema [--format json|markdown]        the recipe's JSON Schema (editor completion)
+    zenalign export CHECKPOINT OUT                  a checkpoint's policy as a plain HF directory
+
+Several processes: start the same command under ``torchrun --nproc_per_node N -m zenalign run ...``
+or ``deepspeed --num_gpus N --module zenalign run ...``.
 
 Mistakes in the input are reported as one line on stderr with exit code 2, no traceback.
 """
@@ -24,12 +28,17 @@ log = logging.getLogger("zenalign")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenalign", description="GRPO training from declarative recipes.")
+    # The deepspeed launcher passes --local_rank=N; the rank is also in the environment (LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train with a recipe")
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe fields")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    run.add_argument("--resume", metavar="auto|PATH",
+                     help="continue from a checkpoint: auto = the newest in run.output_dir (or start fresh if none), "
+                     "or a checkpoint / run directory")
     run.set_defaults(handler=cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe without running it")
@@ -44,11 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the recipe schema")
     schema.add_argument("--format", choices=("json", "markdown"), default="json")
     schema.set_defaults(handler=cmd_schema)
+
+    export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face directory")
+    export.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step-...) or a run directory")
+    export.add_argument("out", help="new directory to write")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
 def quiet_libraries() -> None:
     """Keep transformers' own progress bars and notices out of the run's output."""
+    from zenalign.distributed import prepare_deepspeed_env
+
+    prepare_deepspeed_env()  # transformers may import DeepSpeed; tell it there is no GPU up front
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -71,10 +88,16 @@ def cmd_run(args) -> int:
     if args.quiet:
         log.setLevel(logging.WARNING)
         loaded.recipe.run.progress_bar = False
+    import os
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    if not main_process:
+        log.setLevel(logging.WARNING)  # one voice: rank 0 reports
     log.info("recipe %s -> %s", loaded.source, loaded.output_dir)
     with logging_redirect_tqdm(loggers=[log]):
-        result = GRPOTrainer.from_recipe(loaded).train()
-    print(summary(result, loaded))
+        result = GRPOTrainer.from_recipe(loaded).train(resume=args.resume)
+    if main_process:
+        print(summary(result, loaded))
     return 0
 
 
@@ -156,8 +179,24 @@ def configure_logging() -> None:
     log.propagate = False
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from zenalign.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`run RECIPE -q seed=3`); argparse stops at the option.
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging()
     try:
         return args.handler(args)

@@ -72,6 +72,10 @@ class PromptSampler:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
+    def reorder(self) -> None:
+        """Recompute the order for the current epoch (after restoring ``state``)."""
+        self._order = self._permutation(self.state.epoch)
+
     def next_batch(self, count: int) -> list[dict[str, Any]]:
         batch = []
         while len(batch) < count:

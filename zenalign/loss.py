@@ -48,7 +48,7 @@ def completion_logprobs(
     completion_length = sequences.shape[1] - prompt_length
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     kwargs = {}
-    if _accepts_logits_to_keep(type(model)):
+    if _accepts_logits_to_keep(type(getattr(model, "module", model))):  # DDP and DeepSpeed wrap the model
         kwargs["logits_to_keep"] = completion_length + 1
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs

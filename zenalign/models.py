@@ -61,7 +61,7 @@ def load_tokenizer(path: Path, field: str, trust_remote_code: bool = False) -> A
     from transformers import AutoTokenizer
 
     if not path.is_dir():
-        raise ModelLoadError(f"{field}: tokenizer directory '{path}' does not exist")
+        raise ModelLoadError(f"{field}: '{path}' does not exist; give a local Hugging Face model directory (with its tokenizer files)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
         tokenizer = _declared_class(tokenizer, path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from zenalign.errors import PluginError
 from zenalign.plugins import KINDS, PluginRegistry
@@ -116,14 +116,29 @@ class GRPOSection(Section):
 
 
 class EngineSection(Section):
-    backend: Literal["torch"] = Field("torch", description="What runs the update: plain torch.")
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="What runs the update. torch: plain AdamW (DistributedDataParallel under torchrun). "
+        "deepspeed: DeepSpeed ZeRO, for models that do not fit one device.",
+    )
+    zero_stage: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also gradients, "
+        "3 also parameters. Needs backend deepspeed above 0.",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer states in CPU memory (ZeRO-Offload; DeepSpeed's CPU Adam). Needs zero_stage >= 1."
+    )
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory between uses. Needs zero_stage 3.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the models run. auto picks CUDA when available, else CPU."
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="Compute precision of sampling and the update. bf16 uses autocast; master weights "
-        "and the optimizer stay fp32.",
+        description="Compute precision of sampling and the update. torch: bf16 autocast with fp32 weights. "
+        "deepspeed: bf16 weights with fp32 master weights in the optimizer.",
     )
     max_grad_norm: Optional[float] = Field(
         1.0, gt=0.0, description="Clip the global gradient norm to this value; null disables clipping."
@@ -131,9 +146,40 @@ class EngineSection(Section):
     micro_batch_size: Optional[int] = Field(
         None,
         ge=1,
-        description="Completions per forward/backward pass in the update (gradient accumulation). The "
-        "loss is normalised over the whole batch, so this changes memory, not the result. null = all at once.",
+        description="Completions per forward/backward pass in the update, per process (gradient accumulation). "
+        "The loss is normalised over the whole batch, so this changes memory, not the result. null = all at once.",
     )
+    deepspeed_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "
+        "(for example {zero_optimization: {overlap_comm: true}}).",
+    )
+    consolidate_checkpoints: bool = Field(
+        True,
+        description="Write each checkpoint's policy as a plain Hugging Face directory, gathering ZeRO-3 shards "
+        "onto rank 0. Turn off for models too large to gather; `zenalign export` rebuilds it from the shards.",
+    )
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage_needs_deepspeed(cls, value, info):
+        if value and info.data.get("backend") == "torch":
+            raise ValueError(f"ZeRO stage {value} needs engine.backend: deepspeed (the torch backend is stage 0)")
+        return value
+
+    @field_validator("offload_optimizer")
+    @classmethod
+    def _offload_optimizer_needs_zero(cls, value, info):
+        if value and not info.data.get("zero_stage"):
+            raise ValueError("optimizer offload needs engine.zero_stage 1, 2 or 3 (and backend deepspeed)")
+        return value
+
+    @field_validator("offload_params")
+    @classmethod
+    def _offload_params_needs_zero3(cls, value, info):
+        if value and info.data.get("zero_stage") != 3:
+            raise ValueError("parameter offload needs engine.zero_stage 3 (and backend deepspeed)")
+        return value
 
 
 class RunSection(Section):
@@ -164,6 +210,13 @@ class RunSection(Section):
         2, ge=0, description="Groups of completions written to samples.jsonl at each log step."
     )
     progress_bar: bool = Field(True, description="Show a progress bar with the current reward.")
+    checkpoint_interval: int = Field(
+        0,
+        ge=0,
+        description="Write a checkpoint every this many steps (policy, optimizer, RNG, data position, plugin "
+        "state), and always after the last step; 0 means only then.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
 
 
 class RewardEntry(Section):

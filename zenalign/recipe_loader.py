@@ -250,4 +250,6 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
         return f"needs at least {need} {'entry' if need == 1 else 'entries'} (got {ctx.get('actual_length', 0)})"
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]} (got {value!r})"
+    if kind == "value_error":
+        return one_line(err["msg"]).removeprefix("Value error, ") + f" (got {value!r})"
     return f"{one_line(err['msg'])} (got {value!r})"

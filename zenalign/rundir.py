@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +31,13 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # an unreadable (half-written) line is dropped
 
 
 class RunDir:
@@ -68,6 +76,19 @@ class RunDir:
             for record in records:
                 f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
             f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines of steps after ``step`` (they are about to be recomputed by a resumed run).
+        Each file is rewritten atomically."""
+        for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+            path = self.path / name
+            if not path.exists():
+                continue
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and _step_of(line) <= step]
+            staging = path.with_suffix(".jsonl.tmp")
+            staging.write_text("".join(kept), encoding="utf-8")
+            os.replace(staging, path)
 
     def read(self, name: str) -> list[dict[str, Any]]:
         path = self.path / name

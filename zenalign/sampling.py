@@ -1,8 +1,10 @@
 """Group sampling: k completions per prompt with ``generate`` (KV cache, left padding).
 
-The sampled distribution is set explicitly here (temperature, top-p, top-k and nothing else),
-rather than inherited from the model's generation_config, so that the log-probabilities the loss
-computes are those of the distribution the completions were actually drawn from.
+Sampling is Gumbel-max over greedy decoding (see ``zenalign.gumbel``): each completion is a
+function of its key alone, so it does not depend on batch layout, process count or RNG state.
+The distribution is set explicitly here (temperature, top-k, top-p and nothing else) rather than
+inherited from the model's generation_config, so the log-probabilities the loss computes are
+those of the distribution the completions were actually drawn from.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from zenalign.gumbel import GumbelSampler
 
 
 @dataclass
@@ -51,16 +55,13 @@ def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> tuple[
     return mask, ~has_eos
 
 
-def generation_config(sampling: Any, eos_ids: Sequence[int], pad_id: int, greedy: bool, num_return_sequences: int):
+def generation_config(sampling: Any, eos_ids: Sequence[int], pad_id: int):
+    """Greedy decoding with the KV cache; sampling comes from the Gumbel logits processor."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=not greedy,
-        temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p,
-        top_k=None if greedy else sampling.top_k,
+        do_sample=False,
         max_new_tokens=sampling.max_new_tokens,
-        num_return_sequences=num_return_sequences,
         eos_token_id=list(eos_ids),
         pad_token_id=pad_id,
         use_cache=True,
@@ -94,27 +95,35 @@ def generate_groups(
     sampling: Any,
     eos_ids: Sequence[int],
     group_size: int,
-    greedy: bool = False,
+    keys: torch.Tensor | None = None,
     autocast: Any = None,
     synced_gpus: bool = False,
 ) -> Rollout:
-    """Sample ``group_size`` completions for each prompt (or one greedy completion)."""
+    """Sample ``group_size`` completions per prompt, one per key (rows prompt-major: the keys of
+    prompt p are ``keys[p*G:(p+1)*G]``); without keys, one greedy completion per prompt."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-    pad_id = tokenizer.pad_token_id
-    config = generation_config(sampling, eos_ids, pad_id, greedy, group_size)
+    input_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)  # (N, Tp), prompt-major
+    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
+    processors = LogitsProcessorList()
+    if keys is not None:
+        if keys.numel() != input_ids.shape[0]:
+            raise ValueError(f"{keys.numel()} sampling keys for {len(prompts)} prompts x {group_size} completions")
+        processors.append(GumbelSampler(keys, input_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p))
     was_training = model.training
     model.eval()
     with autocast or nullcontext(), neutral_generation_defaults(model):
         sequences = model.generate(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
-            generation_config=config,
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            generation_config=generation_config(sampling, eos_ids, tokenizer.pad_token_id),
+            logits_processor=processors,
             synced_gpus=synced_gpus,
         )
     model.train(was_training)
-    prompt_length = encoded["input_ids"].shape[1]
-    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)  # (N, Tp)
+    prompt_length = input_ids.shape[1]
     tokens = sequences[:, prompt_length:]
     mask, truncated = completion_mask_from(tokens, eos_ids)
     # Trim columns that are padding in every row (all completions ended early).

@@ -5,40 +5,47 @@
 
 ``setup()`` builds the parts, ``train()`` runs the loop, ``cleanup()`` ends it. The CLI
 (``zenalign run``) and the Python API (``GRPOTrainer(model=..., reward_model=...)``) both end up
-here, with the same recipe object.
+here with the same recipe object.
+
+Several processes (torchrun or the deepspeed launcher): every rank draws the same global batch of
+prompts and samples its own slice of whole groups; rewards are gathered before normalising, so
+group and batch statistics are those of the global batch; each rank's loss uses global token
+counts, so the update equals the single-process one. Rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from zenalign.data import PromptSampler, check_records, metadata_columns, render_prompt
-from zenalign.engine import TorchEngine
-from zenalign.errors import PluginError, RecipeError, ZenalignError, one_line
-from zenalign.loss import completion_logprobs, grpo_token_loss, masked_mean, token_weights
+from zenalign import checkpoint as ckpt
+from zenalign.components import Builder, Inputs, recipe_from_options
+from zenalign.data import PromptSampler, metadata_columns, render_prompt
+from zenalign.distributed import Dist, init_distributed
+from zenalign.engine import create_engine
+from zenalign.errors import PluginError, RecipeError
+from zenalign.gumbel import completion_keys
+from zenalign.loss import completion_logprobs, grpo_token_loss, token_weights
 from zenalign.metrics import PhaseTimer, reward_metrics
-from zenalign.models import eos_token_ids, frozen_copy, load_causal_lm, load_tokenizer, pick_device, prepare_tokenizer
+from zenalign.models import eos_token_ids, pick_device
 from zenalign.plugin_types import BuildContext, ScoreBatch
 from zenalign.plugins import get_plugin_manager
 from zenalign.recipe import Recipe
-from zenalign.recipe_loader import LoadedRecipe, validate_recipe
+from zenalign.recipe_loader import LoadedRecipe
 from zenalign.rundir import RunDir
 from zenalign.sampling import Rollout, generate_groups
-from zenalign.scoring import Scorer, bind_reward
+from zenalign.scoring import Scorer
 
 log = logging.getLogger("zenalign")
-
-# Recipe sections whose fields GRPOTrainer accepts as plain keyword arguments.
-FLAT_SECTIONS = ("model", "sampling", "grpo", "engine", "run")
 
 
 @dataclass
@@ -49,32 +56,6 @@ class TrainResult:
     steps: int
     initial_eval: dict[str, Any] = field(default_factory=dict)
     final_eval: dict[str, Any] = field(default_factory=dict)
-
-
-def _option_sections() -> dict[str, str]:
-    owner: dict[str, str] = {}
-    for section in FLAT_SECTIONS:
-        for name in Recipe.model_fields[section].annotation.model_fields:
-            owner[name] = section
-    return owner
-
-
-def recipe_from_options(options: dict[str, Any], name: str) -> LoadedRecipe:
-    """Build a recipe from keyword arguments: section names (``grpo={...}``) or any field of
-    model/sampling/grpo/engine/run by its own name (``group_size=12``)."""
-    owner = _option_sections()
-    data: dict[str, Any] = {}
-    for key, value in options.items():
-        if key in Recipe.model_fields:
-            data[key] = value
-        elif key in owner:
-            data.setdefault(owner[key], {})[key] = value
-        else:
-            raise RecipeError(
-                f"GRPOTrainer: unknown option '{key}'; options are recipe sections ({', '.join(Recipe.model_fields)}) "
-                f"or fields of {', '.join(FLAT_SECTIONS)} such as group_size, clip_epsilon, kl_coef, learning_rate, steps"
-            )
-    return validate_recipe(data, source="GRPOTrainer(...)", base_dir=Path.cwd(), name=name)
 
 
 def seed_everything(seed: int) -> None:
@@ -108,23 +89,18 @@ class GRPOTrainer:
         if isinstance(model, (str, Path)):
             options.setdefault("path", str(model))
             model = None
-        if isinstance(normalizer, str):
-            options["normalizer"] = {"type": normalizer}
+        if isinstance(normalizer, (str, dict)):
+            options["normalizer"] = {"type": normalizer} if isinstance(normalizer, str) else normalizer
             normalizer = None
-        elif isinstance(normalizer, dict):
-            options["normalizer"], normalizer = normalizer, None
         if recipe is None:
             recipe = recipe_from_options(options, name=time.strftime("grpo-%Y%m%d-%H%M%S"))
         elif options:
             raise RecipeError("GRPOTrainer: give either a recipe or keyword options, not both")
         self.loaded = recipe
         self.recipe: Recipe = recipe.recipe
-        self._model_in = model
-        self._tokenizer_in = tokenizer
-        self._reference_in = reference_model
-        self._rewards_in = reward_model
-        self._normalizer_in = normalizer
+        self.inputs = Inputs(model, tokenizer, reference_model, reward_model, normalizer)
         self.hook = get_plugin_manager().hook
+        self.dist = Dist()
         self.step = 0
         self.samples_seen = 0
 
@@ -138,136 +114,85 @@ class GRPOTrainer:
     def check(self) -> None:
         """Build the prompt source, reward sources and normalizer without loading the policy:
         what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1."""
-        self.context = BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir)
-        self._build_prompts(None, None)
-        Scorer(self._build_rewards())
-        self._build_normalizer()
+        builder = Builder(self.loaded, self.inputs, BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir))
+        builder.prompts(None, None)
+        Scorer(builder.rewards())
+        builder.normalizer()
 
-    def setup(self, prompts: Optional[Sequence[Any]] = None, eval_prompts: Optional[Sequence[Any]] = None) -> None:
+    def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
         r = self.recipe
+        self.dist = init_distributed(r.engine.backend)
+        if r.grpo.prompts_per_step % self.dist.world_size:
+            raise RecipeError(
+                f"{self.loaded.source}: grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
+                f"number of processes ({self.dist.world_size}), so every process samples whole groups"
+            )
         self.run_dir = RunDir(self.loaded.output_dir)
-        self.run_dir.check(overwrite=r.run.overwrite)  # before loading anything: fail fast
+        self.resumed_from = ckpt.find_checkpoint(resume, self.run_dir.path) if resume else None
+        saved = ckpt.verify(self.resumed_from) if self.resumed_from else None
+        if saved is None:
+            self.run_dir.check(overwrite=r.run.overwrite)  # before loading anything: fail fast
+        elif self.dist.is_main:
+            log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
         seed_everything(r.run.seed)
-        self.device = pick_device(r.engine.device)
-        self.tokenizer, model = self._build_policy()
+        device = pick_device(r.engine.device)
+        self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
+        self.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, device=self.device)
+        self.engine = create_engine(r, self.dist, self.device)  # first: ZeRO-3 must see the models load
+        builder = Builder(self.loaded, self.inputs, self.context)
+        self.tokenizer = builder.tokenizer()
         self.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device)
-        self.eos_ids = eos_token_ids(model, self.tokenizer)
-        self.reference = self._build_reference(model) if r.grpo.kl_coef > 0 else None
-        self.scorer = Scorer(self._build_rewards())
+        builder.context = self.context
+        from_checkpoint = self.resumed_from / "policy" if saved and saved.get("consolidated") else None
+        policy = builder.policy(from_checkpoint)
+        self.policy_config_dir = builder.policy_dir
+        self.eos_ids = eos_token_ids(policy, self.tokenizer)
+        reference = builder.reference(policy)
+        self.scorer = Scorer(builder.rewards())
         self.objectives = self.scorer.objectives
-        self.normalizer = self._build_normalizer()
-        train_records, eval_records = self._build_prompts(prompts, eval_prompts)
+        self.normalizer = builder.normalizer()
+        train_records, self.eval_records = builder.prompts(prompts, eval_prompts)
         self.sampler = PromptSampler(train_records, seed=r.run.seed)
-        self.eval_records = eval_records
-        total_optimizer_steps = r.run.steps * r.grpo.num_iterations
-        self.engine = TorchEngine(model, r.grpo, r.engine, total_optimizer_steps, self.device)
-        if self.reference is not None:
-            self.reference.to(self.device)
-        self.run_dir.prepare(overwrite=r.run.overwrite)
-        self.run_dir.write_recipe(r.model_dump(mode="json"))
-        self._log_handler = logging.FileHandler(self.run_dir.path / "run.log", encoding="utf-8")
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self._log_handler)
+        local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
+        micro_batches = -(-local // (r.engine.micro_batch_size or local))
+        self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, micro_batches)
+        self.reference = self.engine.prepare_reference(reference) if reference is not None else None
+        if saved is not None:
+            ckpt.check_compatible(saved["fingerprint"], ckpt.fingerprint(self), self.resumed_from)
+            ckpt.restore(self, self.resumed_from, saved)
+            if self.dist.is_main:
+                self.run_dir.truncate_after(self.step)
+        elif self.dist.is_main:
+            self.run_dir.prepare(overwrite=r.run.overwrite)
+        if self.dist.is_main:
+            self.run_dir.write_recipe(r.model_dump(mode="json"))
+            self._log_handler = logging.FileHandler(self.run_dir.path / "run.log", encoding="utf-8")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(self._log_handler)
+        self.dist.barrier()
 
     @property
     def model(self) -> torch.nn.Module:
-        """The policy being trained."""
+        """The policy being trained (the plain Hugging Face module)."""
         return self.engine.model
 
-    def context_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else self.loaded.base_dir / p
-
-    def _build_policy(self):
-        m = self.recipe.model
-        if self._model_in is not None:
-            model = self._model_in
-            tokenizer = self._tokenizer_in
-            if tokenizer is None:
-                source = m.tokenizer_path or getattr(model, "name_or_path", None)
-                if not source or not Path(self.context_path(source)).is_dir():
-                    raise RecipeError("GRPOTrainer: pass tokenizer=... along with a model object (or model.tokenizer_path)")
-                tokenizer = load_tokenizer(self.context_path(source), "model.tokenizer_path", m.trust_remote_code)
-            return prepare_tokenizer(tokenizer), model
-        if m.path is None:
-            raise RecipeError(f"{self.loaded.source}: model.path: required field is missing; give a local Hugging Face model directory")
-        path = self.context_path(m.path)
-        model = load_causal_lm(path, "model.path", m.trust_remote_code)
-        if self._tokenizer_in is not None:
-            tokenizer = prepare_tokenizer(self._tokenizer_in)
-        else:
-            tokenizer = load_tokenizer(self.context_path(m.tokenizer_path or m.path), "model.tokenizer_path", m.trust_remote_code)
-        return tokenizer, model
-
-    def _build_reference(self, policy: torch.nn.Module) -> torch.nn.Module:
-        m = self.recipe.model
-        if self._reference_in is not None:
-            ref = self._reference_in
-        elif m.reference_path is not None or (self._model_in is None and m.path is not None):
-            ref = load_causal_lm(self.context_path(m.reference_path or m.path), "model.reference_path", m.trust_remote_code)
-        else:
-            ref = frozen_copy(policy)
-        ref.eval()
-        ref.requires_grad_(False)
-        return ref
-
-    def _build_plugin(self, kind: str, section: str, entry: Any) -> Any:
-        plugin_type = self.loaded.registry.get(kind, entry.type)
-        where = f"{self.loaded.source}: {section} ({entry.type})"
-        try:
-            return plugin_type.build(entry, self.context)
-        except ZenalignError as exc:
-            raise type(exc)(f"{where}: {exc}") from exc
-        except Exception as exc:
-            raise PluginError(f"{where}: could not be built: {type(exc).__name__}: {one_line(exc)}") from exc
-
-    def _build_rewards(self):
-        bound = []
-        for i, entry in enumerate(self.recipe.rewards):
-            source = self._build_plugin("reward", f"rewards[{i}]", entry)
-            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]"))
-        given = self._rewards_in
-        if given is not None:
-            for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
-                name = getattr(source, "name", None) or getattr(source, "__name__", None)
-                name = name if name and name != "<lambda>" else f"reward_{i}"
-                weight = getattr(source, "weight", 1.0)
-                bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]"))
-        if not bound:
-            raise RecipeError(
-                f"{self.loaded.source}: rewards: no reward source is configured; add at least one "
-                f"{{type: ...}} entry (installed: {', '.join(self.loaded.registry.names('reward'))})"
-            )
-        return bound
-
-    def _build_normalizer(self) -> Callable:
-        if self._normalizer_in is not None:
-            return self._normalizer_in
-        return self._build_plugin("normalizer", "normalizer", self.recipe.normalizer)
-
-    def _build_prompts(self, prompts, eval_prompts):
-        if prompts is not None:
-            train = check_records(prompts, "prompts")
-            evals = check_records(eval_prompts or [], "eval_prompts")
-        elif self.recipe.data is not None:
-            task = self._build_plugin("task", "data", self.recipe.data)
-            train = check_records(task.train_prompts(), f"data ({self.recipe.data.type})")
-            evals = check_records(task.eval_prompts(), f"data ({self.recipe.data.type}) eval")
-        else:
-            raise RecipeError(
-                f"{self.loaded.source}: data: required field is missing; name a prompt source "
-                f"{{type: ...}} (installed: {', '.join(self.loaded.registry.names('task'))})"
-            )
-        if not train:
-            raise RecipeError(f"{self.loaded.source}: data: the prompt set is empty; give at least one training prompt")
-        return train, evals
+    def stateful_plugins(self) -> dict[str, Any]:
+        """Plugins whose state goes into checkpoints, by slot name."""
+        slots = {"normalizer": self.normalizer}
+        slots.update({f"rewards-{i}": bound.source for i, bound in enumerate(self.scorer.rewards)})
+        return {k: v for k, v in slots.items() if hasattr(v, "state_dict") or hasattr(v, "save_state")}
 
     # ------------------------------------------------------------------------------------------
     # train
 
-    def train(self, prompts: Optional[Sequence[Any]] = None, eval_prompts: Optional[Sequence[Any]] = None) -> TrainResult:
-        """Run ``run.steps`` GRPO steps; evaluate before, every ``run.eval_interval`` steps, and after."""
-        self.setup(prompts, eval_prompts)
+    def train(self, prompts: Optional[Sequence[Any]] = None, eval_prompts: Optional[Sequence[Any]] = None,
+              resume: Optional[str] = None) -> TrainResult:
+        """Run ``run.steps`` GRPO steps; evaluate before, every ``run.eval_interval`` steps, and after.
+
+        ``resume``: ``"auto"`` continues from the newest checkpoint in the run directory (or starts
+        fresh if there is none); a path continues from that checkpoint.
+        """
+        self.setup(prompts, eval_prompts, resume)
         try:
             return self._loop()
         finally:
@@ -275,10 +200,15 @@ class GRPOTrainer:
 
     def _loop(self) -> TrainResult:
         r = self.recipe.run
-        self.hook.zenalign_on_train_start(trainer=self, start_step=self.step)
+        main = self.dist.is_main
+        if main:
+            self.hook.zenalign_on_train_start(trainer=self, start_step=self.step)
         result = TrainResult(self.run_dir.path, r.steps)
-        result.initial_eval = self.evaluate()
-        progress = tqdm(total=r.steps, initial=self.step, desc="GRPO", unit="step", disable=not r.progress_bar, dynamic_ncols=True)
+        evals = self.run_dir.read("eval.jsonl") if self.resumed_from and main else []
+        result.initial_eval = evals[0] if evals else self.evaluate()
+        last_eval = evals[-1]["step"] if evals else 0
+        progress = tqdm(total=r.steps, initial=self.step, desc="GRPO", unit="step", dynamic_ncols=True,
+                        disable=not (r.progress_bar and main))
         with progress:
             while self.step < r.steps:
                 self.step += 1
@@ -287,22 +217,31 @@ class GRPOTrainer:
                 progress.update(1)
                 if r.eval_interval and self.step % r.eval_interval == 0 and self.step < r.steps:
                     self.evaluate()
-        result.final_eval = self.evaluate()
+                    last_eval = self.step
+                if r.checkpoint_interval and self.step % r.checkpoint_interval == 0 and self.step < r.steps:
+                    ckpt.save_checkpoint(self)
+        result.final_eval = self.evaluate() if last_eval != self.step or not evals else evals[-1]
+        ckpt.save_checkpoint(self)
         self.save_final()
-        self.hook.zenalign_on_train_end(trainer=self, step=self.step)
+        if main:
+            self.hook.zenalign_on_train_end(trainer=self, step=self.step)
         return result
 
     def train_step(self) -> dict[str, Any]:
         """One GRPO step: sample -> score -> normalize -> reference -> update -> log."""
-        g = self.recipe.grpo
+        g, group_size = self.recipe.grpo, self.recipe.sampling.group_size
+        per_rank = g.prompts_per_step // self.dist.world_size
         timer = PhaseTimer()
         with timer("sample"):
-            records = self.sampler.next_batch(g.prompts_per_step)
-            rollout = self.sample(records, greedy=False)
+            records = self.sampler.next_batch(g.prompts_per_step)  # the same global batch on every rank
+            records = records[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+            first = self.dist.rank * per_rank * group_size
+            keys = completion_keys(self.recipe.run.seed, self.step, first, per_rank * group_size)
+            rollout = self.sample(records, keys)
         with timer("score"):
-            rewards = self.score(records, rollout, self.recipe.sampling.group_size)  # (N, K)
+            rewards = self.dist.gather_rows(self.score(records, rollout, group_size))  # (N, K), all ranks
         with timer("normalize"):
-            advantages = self.normalize(rewards)  # (N,)
+            advantages = self.normalize(rewards)[first : first + len(rollout)]  # this rank's rows
         ref_logp = None
         if self.reference is not None:
             with timer("reference"):
@@ -310,20 +249,23 @@ class GRPOTrainer:
         with timer("update"):
             update = self.update(rollout, advantages, ref_logp)
         with timer("log"):
-            self.samples_seen += len(rollout)
+            self.samples_seen += len(rollout) * self.dist.world_size
             metrics = self.step_metrics(rollout, rewards, update, timer)
-            self._log_samples(records, rollout, rewards, advantages)
+            if self.dist.is_main:
+                self._log_samples(records, rollout, rewards, advantages)
         metrics["time/log"] = round(timer.seconds["log"], 6)
-        self.run_dir.append("metrics.jsonl", [metrics])
-        self.hook.zenalign_on_step_end(trainer=self, step=self.step, metrics=metrics)
+        if self.dist.is_main:
+            self.run_dir.append("metrics.jsonl", [metrics])
+            self.hook.zenalign_on_step_end(trainer=self, step=self.step, metrics=metrics)
         return metrics
 
-    def sample(self, records: list[dict[str, Any]], greedy: bool) -> Rollout:
+    def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor]) -> Rollout:
+        """``group_size`` sampled completions per prompt (one per key), or one greedy completion."""
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
-        group_size = 1 if greedy else self.recipe.sampling.group_size
+        group_size = self.recipe.sampling.group_size if keys is not None else 1
         return generate_groups(
             self.engine.model, self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
-            greedy=greedy, autocast=self.engine.autocast(),
+            keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
         )
 
     def score(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> torch.Tensor:
@@ -339,16 +281,18 @@ class GRPOTrainer:
         return self.scorer(batch)
 
     def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages for the global batch ``(N,)`` from rewards ``(N, K)``."""
         n, k = rewards.shape
         group_size = self.recipe.sampling.group_size
+        name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
         advantages = self.normalizer(rewards.view(n // group_size, group_size, k), self.objectives)
         if not isinstance(advantages, torch.Tensor) or advantages.numel() != n:
             raise PluginError(
-                f"normalizer '{getattr(self.recipe.normalizer, 'type', type(self.normalizer).__name__)}' returned "
-                f"{getattr(advantages, 'shape', type(advantages).__name__)}; expected one advantage per completion ({n // group_size}, {group_size})"
+                f"normalizer '{name}' returned {getattr(advantages, 'shape', type(advantages).__name__)}; expected one "
+                f"advantage per completion ({n // group_size}, {group_size})"
             )
         if torch.isnan(advantages).any():
-            raise PluginError(f"normalizer '{getattr(self.recipe.normalizer, 'type', '?')}' returned NaN advantages")
+            raise PluginError(f"normalizer '{name}' returned NaN advantages")
         return advantages.reshape(n).to(torch.float32)
 
     @torch.no_grad()
@@ -357,10 +301,8 @@ class GRPOTrainer:
         chunks = []
         for rows in self._micro_batches(len(rollout)):
             with self.engine.autocast():
-                chunks.append(
-                    completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                        rollout.prompt_length, self.recipe.sampling.temperature)
-                )
+                chunks.append(completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
+                                                  rollout.prompt_length, self.recipe.sampling.temperature))
         return torch.cat(chunks)
 
     def _micro_batches(self, n: int) -> list[slice]:
@@ -368,62 +310,68 @@ class GRPOTrainer:
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
-        """mu optimizer steps on this batch of generations, each over all its micro-batches."""
+        """mu optimizer steps on this batch of generations, each over all its micro-batches.
+
+        Returns this rank's sums (loss, and KL/clip/ratio over its tokens) per pass, averaged over
+        passes, for :meth:`step_metrics` to combine across ranks.
+        """
         g = self.recipe.grpo
-        model = self.engine.model
-        model.train()
+        world = self.dist.world_size
+        self.engine.train_model.train()
         mask = rollout.completion_mask
-        weights = token_weights(mask, g.loss_aggregation, self.recipe.sampling.max_new_tokens)
+        local_tokens = float(mask.sum())
+        global_tokens = self.dist.sum([local_tokens])[0]
+        weights = token_weights(mask, g.loss_aggregation, self.recipe.sampling.max_new_tokens,
+                                num_sequences=len(rollout) * world, num_tokens=global_tokens)
         # Old log-probs once per generation; with mu = 1 the policy has not moved yet, so the
         # detached current log-probs are exactly pi_old and that forward pass is skipped.
-        old_logp = self.logprobs(model, rollout) if g.num_iterations > 1 else None
+        old_logp = self.logprobs(self.engine.train_model, rollout) if g.num_iterations > 1 else None
         clip_high = g.clip_epsilon_high if g.clip_epsilon_high is not None else g.clip_epsilon
-        totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
+        batches = self._micro_batches(len(rollout))
         for _ in range(g.num_iterations):
-            for rows in self._micro_batches(len(rollout)):
-                with self.engine.autocast():
-                    logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                               rollout.prompt_length, self.recipe.sampling.temperature)
-                old = old_logp[rows] if old_logp is not None else logp.detach()
-                token = grpo_token_loss(
-                    logp, old, advantages[rows], g.clip_epsilon, clip_high,
-                    ref_logp=ref_logp[rows] if ref_logp is not None else None,
-                    kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
-                )
-                loss = (token.loss * weights[rows]).sum()
-                self.engine.backward(loss)
-                totals["loss"] += float(loss.detach())
-                share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0)
-                totals["clip"] += masked_mean(token.clipped.detach(), mask[rows]) * share
-                totals["ratio"] += masked_mean(token.ratio.detach(), mask[rows]) * share
+            for i, rows in enumerate(batches):
+                with self.engine.micro_batch(last=i == len(batches) - 1):
+                    with self.engine.autocast():
+                        logp = completion_logprobs(self.engine.train_model, rollout.sequences[rows], rollout.attention_mask[rows],
+                                                   rollout.prompt_length, self.recipe.sampling.temperature)
+                    old = old_logp[rows] if old_logp is not None else logp.detach()
+                    token = grpo_token_loss(logp, old, advantages[rows], g.clip_epsilon, clip_high,
+                                            ref_logp=ref_logp[rows] if ref_logp is not None else None,
+                                            kl_coef=g.kl_coef, kl_estimator=g.kl_estimator)
+                    loss = (token.loss * weights[rows]).sum()
+                    # Processes' gradients are averaged; scaling by the world size makes them sum.
+                    self.engine.backward(loss * world)
+                m = mask[rows].to(logp.dtype)
+                sums["loss"] += float(loss.detach())
+                sums["clip"] += float((token.clipped.detach() * m).sum())
+                sums["ratio"] += float((token.ratio.detach() * m).sum())
                 if token.kl is not None:
-                    totals["kl"] += masked_mean(token.kl.detach(), mask[rows]) * share
-            totals["grad_norm"] += self.engine.step()
-        return {key: value / g.num_iterations for key, value in totals.items()}
+                    sums["kl"] += float((token.kl.detach() * m).sum())
+            sums["grad_norm"] += self.engine.optimizer_step()
+        passes = g.num_iterations
+        return {key: value / passes for key, value in sums.items()} | {"tokens": local_tokens}
 
     def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, update: dict[str, float], timer: PhaseTimer) -> dict[str, Any]:
-        mask = rollout.completion_mask.float()
-        step_seconds = timer.elapsed()
+        """The step's metrics over all ranks (every rank computes the same numbers)."""
+        loss, kl, clip, ratio, tokens, lengths, truncated = self.dist.sum([
+            update["loss"], update["kl"], update["clip"], update["ratio"], update["tokens"],
+            float(rollout.completion_mask.sum()), float(rollout.truncated.sum()),
+        ])
+        seconds = dict(zip(timer.seconds, self.dist.max(list(timer.seconds.values()))))
+        n = len(rollout) * self.dist.world_size
+        step_seconds = self.dist.max([timer.elapsed()])[0]
         metrics: dict[str, Any] = {"step": self.step, "samples": self.samples_seen}
         metrics.update(reward_metrics(rewards, self.objectives, self.recipe.sampling.group_size))
         metrics.update(
-            loss=update["loss"],
-            kl=update["kl"],
-            clip_frac=update["clip"],
-            ratio_mean=update["ratio"],
-            grad_norm=update["grad_norm"],
-            lr=self.engine.learning_rate,
-            completion_len=float(mask.sum(1).mean()),
-            truncated_frac=float(rollout.truncated.float().mean()),
-            completions_per_s=len(rollout) / step_seconds if step_seconds > 0 else 0.0,
+            loss=loss, kl=kl / max(tokens, 1.0), clip_frac=clip / max(tokens, 1.0), ratio_mean=ratio / max(tokens, 1.0),
+            grad_norm=update["grad_norm"], lr=self.engine.learning_rate, completion_len=lengths / n,
+            truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
         )
-        metrics.update(timer.as_metrics())
-        if self.step % self.recipe.run.log_interval == 0:
-            log.info(
-                "step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s",
-                self.step, self.recipe.run.steps, metrics["reward_mean"], metrics["kl"], metrics["clip_frac"],
-                metrics["completions_per_s"],
-            )
+        metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
+        if self.dist.is_main and self.step % self.recipe.run.log_interval == 0:
+            log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", self.step, self.recipe.run.steps,
+                     metrics["reward_mean"], metrics["kl"], metrics["clip_frac"], metrics["completions_per_s"])
         return metrics
 
     def _log_samples(self, records, rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor) -> None:
@@ -435,11 +383,8 @@ class GRPOTrainer:
         for p, rec in enumerate(records[: r.log_samples]):
             for i in range(p * group_size, (p + 1) * group_size):
                 lines.append({
-                    "step": self.step,
-                    "prompt": render_prompt(rec, self.tokenizer),
-                    "completion": rollout.completions[i],
-                    "rewards": dict(zip(self.objectives.names, rewards[i].tolist())),
-                    "advantage": float(advantages[i]),
+                    "step": self.step, "prompt": render_prompt(rec, self.tokenizer), "completion": rollout.completions[i],
+                    "rewards": dict(zip(self.objectives.names, rewards[i].tolist())), "advantage": float(advantages[i]),
                 })
         self.run_dir.append("samples.jsonl", lines)
 
@@ -447,36 +392,44 @@ class GRPOTrainer:
     # evaluation, saving, cleanup
 
     def evaluate(self) -> dict[str, Any]:
-        """Greedy completions for every held-out prompt, scored by every reward source."""
+        """Greedy completions for every held-out prompt, scored by every reward source. The
+        prompts are split evenly over ranks (padded so every rank makes the same calls)."""
         if not self.eval_records:
             return {}
+        world, rank = self.dist.world_size, self.dist.rank
+        share = -(-len(self.eval_records) // world)
+        mine = self.eval_records[rank * share : (rank + 1) * share]
+        valid = torch.zeros(share, dtype=torch.bool)
+        valid[: len(mine)] = True
+        mine = mine + [self.eval_records[0]] * (share - len(mine))
         size = self.recipe.run.eval_batch_size
         scores, shown = [], []
-        for start in range(0, len(self.eval_records), size):
-            records = self.eval_records[start : start + size]
-            rollout = self.sample(records, greedy=True)
+        for start in range(0, share, size):
+            records = mine[start : start + size]
+            rollout = self.sample(records, keys=None)
             scores.append(self.score(records, rollout, 1))
-            if start == 0:
+            if start == 0 and self.dist.is_main:
                 shown = [{"step": self.step, "eval": True, "prompt": render_prompt(rec, self.tokenizer), "completion": c}
                          for rec, c in zip(records[:4], rollout.completions)]
-        rewards = torch.cat(scores)
+        rewards = self.dist.gather_rows(torch.cat(scores))[self.dist.gather_rows(valid)]
         metrics = {"step": self.step, "samples": self.samples_seen}
         metrics.update(reward_metrics(rewards, self.objectives, 1, prefix="eval/"))
-        self.run_dir.append("eval.jsonl", [metrics])
-        self.run_dir.append("samples.jsonl", shown)
-        self.hook.zenalign_on_eval_end(trainer=self, step=self.step, metrics=metrics)
-        summary = "  ".join(f"{name} {metrics[f'eval/reward_mean/{name}']:.3f}" for name in self.objectives.names)
-        log.info("eval at step %d: %s", self.step, summary)
+        if self.dist.is_main:
+            self.run_dir.append("eval.jsonl", [metrics])
+            self.run_dir.append("samples.jsonl", shown)
+            self.hook.zenalign_on_eval_end(trainer=self, step=self.step, metrics=metrics)
+            summary = "  ".join(f"{name} {metrics[f'eval/reward_mean/{name}']:.3f}" for name in self.objectives.names)
+            log.info("eval at step %d: %s", self.step, summary)
         return metrics
 
-    def save_final(self) -> Path:
+    def save_final(self) -> Optional[Path]:
         """The trained policy as a save_pretrained directory (safetensors), written atomically."""
-        final = self.run_dir.path / "final"
-        staging = self.run_dir.path / "final.tmp"
-        import shutil
-
+        state = self.engine.policy_state_dict()  # collective at ZeRO-3
+        if not self.dist.is_main:
+            return None
+        final, staging = self.run_dir.path / "final", self.run_dir.path / "final.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        self.engine.model.save_pretrained(staging, safe_serialization=True)
+        self.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
         self.tokenizer.save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)

@@ -1,0 +1,212 @@
+"""Checkpoints and exact resume (torch backend, CPU), in real subprocesses killed with SIGKILL."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import RECIPES, REPO, run_cli
+from zenalign import checkpoint as ckpt
+
+COMMON = ["run.steps=10", "run.checkpoint_interval=2", "run.eval_interval=4", "data.eval_size=16",
+          "run.log_interval=2", "run.progress_bar=false", "run.keep_checkpoints=2"]
+QUICKSTART = str(RECIPES / "quickstart.yaml")
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.startswith("time/") and k != "completions_per_s"} for m in records]
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zenalign", "run", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_after(process: subprocess.Popen, metrics: Path, steps: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(metrics.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_checkpoints_hold_what_resuming_needs(uninterrupted):
+    found = ckpt.list_checkpoints(uninterrupted)
+    assert [p.name for p in found] == ["step-00000008", "step-00000010"]  # keep_checkpoints=2
+    latest = found[-1]
+    state = ckpt.verify(latest)
+    assert state["step"] == 10 and state["samples"] == 640
+    assert state["sampler"] == {"epoch": 0, "index": 80}
+    assert state["fingerprint"]["sampling.group_size"] == 8 and state["fingerprint"]["processes"] == 1
+    for name in ("policy/model.safetensors", "policy/config.json", "engine/optimizer.pt", "rng/rank-00000.json",
+                 "rng/rank-00000.safetensors", "recipe.yaml", "MANIFEST.json"):
+        assert (latest / name).is_file(), name
+    # the checkpoint's policy is a plain Hugging Face directory, equal to the final policy
+    policy = AutoModelForCausalLM.from_pretrained(latest / "policy")
+    final = load_file(str(uninterrupted / "final" / "model.safetensors"))
+    for key, value in policy.state_dict().items():
+        if key in final:
+            assert torch.equal(value, final[key]), key
+    # the optimizer state loads without unpickling code
+    assert "optimizer" in torch.load(latest / "engine" / "optimizer.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    steps_done = kill_after(start(QUICKSTART, *COMMON, f"run.output_dir={out}"), out / "metrics.jsonl", steps=5)
+    assert steps_done < 10
+    assert [p.name for p in ckpt.list_checkpoints(out)][-1] == "step-00000004"
+    done = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+        assert without_timing(read(out / name)) == without_timing(read(uninterrupted / name)), name
+    resumed, reference = load_file(str(out / "final" / "model.safetensors")), load_file(str(uninterrupted / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+KILLER_PLUGIN = '''
+"""A group z-score normalizer with state, that SIGKILLs its own process while the checkpoint of
+step 4 is being written (once: it leaves a marker file)."""
+import os, signal
+from pathlib import Path
+from zenalign import NormalizerType, Options, hookimpl
+from zenalign.advantages import combine_objectives, standardize_groups
+
+MARKER = Path(__file__).with_name("killed-once")
+
+class CountingZScore:
+    def __init__(self):
+        self.calls = 0
+    def __call__(self, rewards, objectives):
+        self.calls += 1
+        return standardize_groups(combine_objectives(rewards, objectives.weights), 1e-6)
+    def state_dict(self):
+        if self.calls == 4 and not MARKER.exists():
+            MARKER.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"calls": self.calls}
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+@hookimpl
+def zenalign_normalizer_types():
+    return [NormalizerType("counting_zscore", Options, CountingZScore)]
+'''
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, uninterrupted):
+    plugin = tmp_path / "killer.py"
+    plugin.write_text(KILLER_PLUGIN)
+    out = tmp_path / "run"
+    args = [*COMMON, f"run.output_dir={out}", f"plugins=[{plugin}]", "normalizer.type=counting_zscore"]
+    done = run_cli("run", QUICKSTART, *args)
+    assert done.returncode == -signal.SIGKILL
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step-00000004", "step-00000002"]
+    assert ckpt.verify(root / "step-00000002")["step"] == 2
+    assert ckpt.find_checkpoint("auto", out) == root / "step-00000002"
+    done = run_cli("run", QUICKSTART, *args, "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    # the same numbers as the run with the built-in normalizer, and the plugin's state carried over
+    assert without_timing(read(out / "metrics.jsonl")) == without_timing(read(uninterrupted / "metrics.jsonl"))
+    assert json.loads((root / "step-00000010" / "plugins" / "normalizer" / "state.json").read_text()) == {"calls": 10}
+    assert not (root / ".tmp-step-00000004").exists()
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def error_of(done) -> str:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("zenalign: error:")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def copy_run(uninterrupted: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    return out
+
+
+def test_resume_from_a_missing_path(tmp_path):
+    message = error_of(run_cli("run", QUICKSTART, f"run.output_dir={tmp_path / 'run'}", "--resume", str(tmp_path / "nope")))
+    assert "--resume" in message and "does not exist" in message and "auto" in message
+
+
+def test_resume_from_a_corrupt_checkpoint_changes_nothing(tmp_path, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path)
+    weights = out / "checkpoints" / "step-00000010" / "policy" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    assert "step-00000010' is corrupt: policy/model.safetensors does not match its manifest" in message
+    assert snapshot(out) == before
+
+
+def test_resume_from_an_incomplete_checkpoint(tmp_path, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path)
+    (out / "checkpoints" / "step-00000010" / "MANIFEST.json").unlink()
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume",
+                               str(out / "checkpoints" / "step-00000010")))
+    assert "incomplete checkpoint" in message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sampling.group_size=4", "sampling.group_size = 8; this run has 4"),
+    ("grpo.prompts_per_step=4", "grpo.prompts_per_step = 8; this run has 4"),
+])
+def test_resume_with_a_different_recipe_is_refused(tmp_path, uninterrupted, override, expected):
+    out = copy_run(uninterrupted, tmp_path)
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, override, f"run.output_dir={out}", "--resume", "auto"))
+    assert expected in message and "start a new run" in message
+    assert snapshot(out) == before
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path, uninterrupted, tiny_model_dir):
+    out = copy_run(uninterrupted, tmp_path)
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"model.path={tiny_model_dir}", "model.reference_path=null",
+                               f"run.output_dir={out}", "--resume", "auto"))
+    assert "the model (config.json)" in message
+    assert snapshot(out) == before
+
+
+def test_export_copies_a_plain_policy(tmp_path, uninterrupted):
+    done = run_cli("export", str(uninterrupted), str(tmp_path / "exported"))
+    assert done.returncode == 0, done.stderr
+    AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    message = error_of(run_cli("export", str(uninterrupted), str(tmp_path / "exported")))
+    assert "already exists and is not empty" in message

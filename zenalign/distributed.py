@@ -1,0 +1,119 @@
+"""Process-group plumbing for runs started by ``torchrun`` or the ``deepspeed`` launcher.
+
+zenalign has no launcher of its own: it reads RANK, WORLD_SIZE and LOCAL_RANK from the
+environment the launcher sets, joins the process group (gloo on CPU, nccl on GPU), and offers the
+few collectives the trainer needs. A plain ``zenalign run`` is a world of one and starts no
+process group unless DeepSpeed asks for one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """DeepSpeed always wants a process group; give a lone process the variables a launcher would."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+
+
+def prepare_deepspeed_env() -> None:
+    """Environment DeepSpeed reads when it is imported: the CPU accelerator when there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zenalign", "torch_extensions"))
+
+
+@dataclass
+class Dist:
+    """This process's place in the run and the collectives the trainer uses."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
+        if not self.active:
+            return tensor
+        device = _collective_device(tensor)
+        parts = [torch.empty_like(tensor, device=device) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.to(device).contiguous())
+        return torch.cat(parts).to(tensor.device)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum a list of floats over ranks."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device(torch.empty(0)))
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def max(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device(torch.empty(0)))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's Python object, on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _collective_device(tensor: torch.Tensor) -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str) -> Dist:
+    """Join the launcher's process group (if any). ``backend`` is the recipe's engine backend."""
+    if backend == "deepspeed":
+        prepare_deepspeed_env()
+        single_process_env()
+        import deepspeed
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    elif launched_world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(rank=rank, world_size=world, local_rank=local)

@@ -1,0 +1,90 @@
+"""Batch-invariant sampling with the Gumbel-max trick.
+
+    argmax_v (logits_v / T + G_v),  G_v = -log(-log U_v),  U_v ~ Uniform(0, 1)
+
+is an exact sample from softmax(logits / T). zenalign draws U from a counter-based hash of
+(seed, step, completion id, position, token id) instead of a stateful generator, so a completion
+depends only on *which* completion it is, never on which process generated it, how the batch was
+padded, or what was sampled before. Consequences:
+
+- a run on 2 processes samples the same completions as on 1 (up to floating-point ties);
+- a resumed run samples exactly what the uninterrupted run would have;
+- micro-batching and batch sizes can change without changing the samples.
+
+Top-k and top-p are applied (with transformers' own warpers) before the noise is added.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 torch stores (two's complement)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniform(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """U in (0, 1), shape ``(N, V)``, a pure function of (key, position, token id)."""
+    device = keys.device
+    row = splitmix64(keys.to(torch.int64) * 1_000_003 + position).unsqueeze(1)  # (N, 1)
+    token = torch.arange(vocab_size, device=device, dtype=torch.int64).unsqueeze(0)  # (1, V)
+    bits = splitmix64(row ^ splitmix64(token))
+    mantissa = _shr(bits, 11).to(torch.float64)  # 53 random bits
+    return (mantissa + 0.5) / float(1 << 53)
+
+
+def completion_keys(seed: int, step: int, first_completion: int, count: int, device=None) -> torch.Tensor:
+    """One key per completion: ``first_completion + i`` is the completion's index in the global batch."""
+    base = splitmix64(torch.tensor([seed * 7_919 + step], dtype=torch.int64))
+    ids = torch.arange(first_completion, first_completion + count, dtype=torch.int64)
+    return splitmix64(base ^ splitmix64(ids)).to(device)
+
+
+class GumbelSampler:
+    """A logits processor that turns greedy decoding into sampling from softmax(logits / T),
+    with top-k/top-p truncation, driven by per-completion keys (see module docstring)."""
+
+    def __init__(self, keys: torch.Tensor, prompt_length: int, temperature: float, top_k: int = 0, top_p: float = 1.0):
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        self.keys = keys
+        self.prompt_length = prompt_length
+        self.temperature = temperature
+        self.warpers: Sequence = []
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        position = input_ids.shape[1] - self.prompt_length  # 0 for the first completion token
+        noise = uniform(self.keys.to(scores.device), position, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(noise)).to(scores.dtype)
+        return scores + gumbel
