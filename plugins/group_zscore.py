@@ -35,4 +35,10 @@ class GroupZScore:
 
 @hookimpl
 def zenalign_normalizer_types():
-    return [NormalizerType("group_zscore", GroupZScoreOptions, GroupZScore, default=True)]
+    return [
+        NormalizerType("group_zscore", GroupZScoreOptions, GroupZScore, default=True),
+        # The multi-objective name for the same computation: sum the weighted objectives first,
+        # then normalise within the group (plain GRPO on a scalarised reward).
+        NormalizerType("sum_then_normalize", GroupZScoreOptions, GroupZScore,
+                       description="Weighted sum of objectives, then group z-score (plain GRPO); same as group_zscore."),
+    ]

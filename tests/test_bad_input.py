@@ -303,6 +303,43 @@ CASES = [
         ["recipe.yaml", "engine.backend", "must be one of 'torch' or 'deepspeed'", "'megatron'"],
         command="validate",
     ),
+    # --- objectives --------------------------------------------------------------------------
+    Case(
+        "objective-no-source-produces",
+        {"objectives": {"lenght": {"weight": 2.0}}},
+        ["recipe.yaml", "objectives.lenght", "no reward source produces objective 'lenght'", "produced: length"],
+        command="validate",
+    ),
+    Case(
+        "constraint-without-threshold",
+        {"objectives": {"length": {"role": "constraint"}}},
+        ["recipe.yaml", "objectives.length.threshold", "a constraint needs a threshold"],
+        command="validate",
+    ),
+    Case(
+        "weights-all-zero",
+        {"rewards": [{"type": "length", "weight": 0.0}, {"type": "regex_match", "pattern": "a", "weight": 0.0}]},
+        ["recipe.yaml", "objectives", "every reward objective has weight 0", "length, regex_match", "non-zero weight"],
+        command="validate",
+    ),
+    Case(
+        "sweep-unknown-objective-in-weights",
+        {"sweep": {"weights": [{"length": 1.0}, {"lenght": 2.0}]}},
+        ["recipe.yaml", "sweep.weights[1].lenght", "unknown objective", "produced: length"],
+        command="sweep",
+    ),
+    Case(
+        "sweep-weights-all-zero",
+        {"sweep": {"weights": [{"length": 0.0}]}},
+        ["recipe.yaml", "sweep.weights[0]", "every weight is 0"],
+        command="sweep",
+    ),
+    Case(
+        "sweep-missing",
+        {},
+        ["recipe.yaml", "sweep", "no sweep section"],
+        command="sweep",
+    ),
     # --- command-line overrides -------------------------------------------------------------
     Case(
         "override-out-of-range",

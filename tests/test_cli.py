@@ -2,6 +2,8 @@
 
 import json
 
+import yaml
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -63,4 +65,46 @@ def test_schema_is_json_schema():
     done = run_cli("schema")
     assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
-    assert set(schema["properties"]) == {"model", "data", "sampling", "grpo", "rewards", "normalizer", "engine", "run", "plugins"}
+    assert set(schema["properties"]) == {"model", "data", "sampling", "grpo", "rewards", "objectives", "normalizer", "engine", "run", "plugins", "sweep"}
+
+
+@pytest.mark.slow
+def test_sweep_then_plot(tmp_path, tiny_model_dir):
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(f"""
+model: {{path: {tiny_model_dir}}}
+data: {{type: inline, prompts: ["reverse abc:", "reverse kite:"], eval_prompts: ["reverse dog:", "reverse moon:"]}}
+sampling: {{group_size: 2, max_new_tokens: 4}}
+grpo: {{prompts_per_step: 2, kl_coef: 0.0}}
+rewards:
+  - {{type: length, name: short}}
+  - {{type: length, name: long, prefer: longer}}
+run: {{steps: 2, progress_bar: false}}
+sweep:
+  grid: {{run.seed: [0, 1]}}
+  weights:
+    - {{short: 1.0, long: 0.0}}
+    - {{short: 0.0, long: 1.0}}
+  output_dir: {tmp_path / "sweep"}
+""")
+    done = run_cli("sweep", str(recipe), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runs = sorted((tmp_path / "sweep").iterdir())
+    assert [r.name for r in runs] == ["seed=0_w-short=0-long=1", "seed=0_w-short=1-long=0",
+                                      "seed=1_w-short=0-long=1", "seed=1_w-short=1-long=0"]
+    recipe_of = yaml.safe_load((runs[1] / "recipe.yaml").read_text())
+    assert recipe_of["objectives"]["short"]["weight"] == 1.0 and recipe_of["objectives"]["long"]["weight"] == 0.0
+    assert recipe_of["run"]["seed"] == 0
+    # a second sweep skips the finished points
+    again = run_cli("sweep", str(recipe), cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count("finished earlier; skipped") == 4
+    plotted = run_cli("plot", *map(str, runs), "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert plotted.returncode == 0, plotted.stderr
+    for name in ("reward_curves.png", "pareto_front.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "hypervolume:" in plotted.stdout and "Pareto front (short, long):" in plotted.stdout
+
+
+def test_plot_rejects_a_directory_that_is_not_a_run(tmp_path):
+    done = run_cli("plot", str(tmp_path), "--out", str(tmp_path / "plots"))
+    assert done.returncode == 2 and "is not a run directory" in done.stderr and "Traceback" not in done.stderr

@@ -75,3 +75,22 @@ def standardize_groups(rewards: torch.Tensor, eps: float, unbiased: bool = True)
     advantages = deviation / (nan_std(rewards, unbiased=unbiased) + eps)
     advantages = advantages.masked_fill(zero_variance(rewards), 0.0)
     return finish(advantages, rewards)
+
+
+def standardize_objectives(rewards: torch.Tensor, eps: float, unbiased: bool = True) -> torch.Tensor:
+    """Group z-score of each objective on its own, ``(P, G, K) -> (P, G, K)``; abstentions -> 0."""
+    return torch.stack([standardize_groups(rewards[..., k], eps, unbiased) for k in range(rewards.shape[-1])], dim=-1)
+
+
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor, indices: list[int] | None = None) -> torch.Tensor:
+    """``sum_k w_k * values[..., k]`` over ``indices`` (all objectives by default), ``(P, G, K) -> (P, G)``."""
+    indices = list(range(values.shape[-1])) if indices is None else indices
+    if not indices:
+        return torch.zeros(values.shape[:-1], dtype=values.dtype)
+    w = weights.to(values)[indices]
+    return (values[..., indices] * w).sum(-1)
+
+
+def all_abstain(rewards: torch.Tensor) -> torch.Tensor:
+    """``(P, G)``: True where a completion abstained on every objective."""
+    return torch.isnan(rewards).all(-1)

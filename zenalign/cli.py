@@ -5,6 +5,8 @@
     zenalign plugins [RECIPE]                       list reward sources, normalizers, tasks and options
     zenalign schema [--format json|markdown]        the recipe's JSON Schema (editor completion)
     zenalign export CHECKPOINT OUT                  a checkpoint's policy as a plain HF directory
+    zenalign sweep RECIPE [key.path=value ...]      one run per point of the recipe's sweep section
+    zenalign plot RUN_DIR... [--out DIR]            reward curves, Pareto front and its hypervolume
 
 Several processes: start the same command under ``torchrun --nproc_per_node N -m zenalign run ...``
 or ``deepspeed --num_gpus N --module zenalign run ...``.
@@ -53,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the recipe schema")
     schema.add_argument("--format", choices=("json", "markdown"), default="json")
     schema.set_defaults(handler=cmd_schema)
+
+    sweep = sub.add_parser("sweep", help="run a recipe once per point of its sweep section")
+    sweep.add_argument("recipe")
+    sweep.add_argument("overrides", nargs="*", metavar="key.path=value")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    plot = sub.add_parser("plot", help="reward curves and the Pareto front of runs, as PNG files")
+    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("--out", default="plots", help="directory for the PNG files (default: plots)")
+    plot.add_argument("--reference", type=float, default=0.0,
+                      help="reference value of every objective for the hypervolume (default 0)")
+    plot.set_defaults(handler=cmd_plot)
 
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face directory")
     export.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step-...) or a run directory")
@@ -177,6 +191,35 @@ def configure_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from zenalign.sweep import run_sweep
+
+    quiet_libraries()
+    with logging_redirect_tqdm(loggers=[log]):
+        results = run_sweep(Path(args.recipe), args.overrides)
+    for point, out, final in results:
+        scores = "  ".join(f"{k.removeprefix('eval/reward_mean/')} {v:.3f}" for k, v in final.items()
+                           if k.startswith("eval/reward_mean/") and isinstance(v, float))
+        print(f"{point.name}: {scores}  ({out})")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from zenalign.plotting import plot_runs
+
+    report = plot_runs([Path(r) for r in args.runs], Path(args.out), args.reference)
+    print(f"wrote {report['curves']} and {report['front_plot']}")
+    print(f"Pareto front ({', '.join(report['objectives'])}): {', '.join(report['front'])}")
+    print(f"hypervolume: {report['hypervolume']:.4f} (reference {args.reference:g} in every objective)")
+    return 0
 
 
 def cmd_export(args) -> int:

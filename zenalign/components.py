@@ -13,7 +13,7 @@ import torch
 from zenalign.data import check_records
 from zenalign.errors import PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
-from zenalign.plugin_types import BuildContext
+from zenalign.plugin_types import BuildContext, Objectives
 from zenalign.recipe import Recipe
 from zenalign.recipe_loader import LoadedRecipe, validate_recipe
 from zenalign.scoring import BoundReward, bind_reward
@@ -137,6 +137,32 @@ class Builder:
                 f"{{type: ...}} entry (installed: {', '.join(self.loaded.registry.names('reward'))})"
             )
         return bound
+
+    def objectives(self, rewards: list[BoundReward], where: str = "objectives") -> Objectives:
+        """Names from the reward sources; weight, role and threshold from the recipe's ``objectives``."""
+        produced = [name for bound in rewards for name in bound.objectives]
+        entry_weight = {name: w for bound in rewards for name, w in zip(bound.objectives, bound.weights)}
+        specs = self.recipe.objectives
+        for name in specs:
+            if name not in entry_weight:
+                raise RecipeError(
+                    f"{self.loaded.source}: {where}.{name}: no reward source produces objective '{name}'; "
+                    f"produced: {', '.join(produced)}"
+                )
+        weights, roles, thresholds, directions = [], [], [], []
+        for name in produced:
+            spec = specs.get(name)
+            weights.append(spec.weight if spec is not None and spec.weight is not None else entry_weight[name])
+            roles.append(spec.role if spec is not None else "reward")
+            thresholds.append(spec.threshold if spec is not None else None)
+            directions.append(spec.direction if spec is not None else ">=")
+        if all(w == 0 for w, role in zip(weights, roles) if role == "reward"):
+            raise RecipeError(
+                f"{self.loaded.source}: {where}: every reward objective has weight 0 ({', '.join(produced)}); "
+                f"give at least one a non-zero weight"
+            )
+        return Objectives(tuple(produced), torch.tensor(weights, dtype=torch.float64), tuple(roles),
+                          tuple(thresholds), tuple(directions))
 
     def normalizer(self):
         if self.inputs.normalizer is not None:

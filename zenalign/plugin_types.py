@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -127,13 +127,31 @@ class RewardSource(Protocol):
 
 @dataclass(frozen=True)
 class Objectives:
-    """The objectives a normalizer combines, in the column order of the reward tensor."""
+    """The objectives a normalizer combines, in the column order of the reward tensor.
+
+    ``roles[k]`` is "reward" or "constraint"; a constraint wants the batch mean of objective k to
+    be ``>=`` or ``<=`` (``directions[k]``) ``thresholds[k]``. Left empty, every objective is a reward.
+    """
 
     names: tuple[str, ...]
     weights: "torch.Tensor"  # (K,)
+    roles: tuple[str, ...] = ()
+    thresholds: tuple[Optional[float], ...] = ()
+    directions: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def role(self, k: int) -> str:
+        return self.roles[k] if self.roles else "reward"
+
+    @property
+    def reward_indices(self) -> list[int]:
+        return [k for k in range(len(self.names)) if self.role(k) == "reward"]
+
+    @property
+    def constraint_indices(self) -> list[int]:
+        return [k for k in range(len(self.names)) if self.role(k) == "constraint"]
 
 
 @runtime_checkable

@@ -217,6 +217,62 @@ class RunSection(Section):
         "state), and always after the last step; 0 means only then.",
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    eval_group_size: int = Field(
+        0,
+        ge=0,
+        description="Besides greedy decoding, sample this many completions per held-out prompt at each evaluation, "
+        "for sampled reward means and the fraction of zero-variance groups per objective. 0 turns it off.",
+    )
+    hacking_patience: int = Field(
+        3,
+        ge=0,
+        description="Warn of possible reward hacking when one objective's eval mean rises while another's falls "
+        "for this many consecutive evaluations. 0 turns the check off.",
+    )
+
+
+class ObjectiveSpec(Section):
+    """How one objective (a reward dimension) enters the advantage."""
+
+    weight: Optional[float] = Field(
+        None, description="Weight when objectives are combined. Defaults to the `weight` of the reward entry that produces it."
+    )
+    role: Literal["reward", "constraint"] = Field(
+        "reward",
+        description="reward: maximised with its weight. constraint: kept at or beyond `threshold`; a constraint-enforcing "
+        "normalizer (Lagrangian) enforces it with a multiplier, other normalizers treat it as a weighted reward.",
+    )
+    threshold: Optional[float] = Field(
+        None,
+        validate_default=True,
+        description="For a constraint: the value the batch mean of this objective must reach (see direction).",
+    )
+    direction: Literal[">=", "<="] = Field(
+        ">=", description="For a constraint: mean >= threshold (e.g. harmlessness) or mean <= threshold (e.g. a cost)."
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _constraint_needs_threshold(cls, value, info):
+        if value is None and info.data.get("role") == "constraint":
+            raise ValueError("a constraint needs a threshold")
+        return value
+
+
+class SweepSection(Section):
+    """Runs of one recipe over a grid of values, for `zenalign sweep`."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted recipe fields and the values to try, e.g. {run.seed: [0, 1, 2]}; every combination runs.",
+    )
+    weights: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="Objective weightings to try, each {objective: weight}; crossed with `grid`. For Pareto fronts.",
+    )
+    output_dir: str = Field(
+        "runs/{recipe}-sweep", description="Directory holding one run directory per point of the sweep."
+    )
 
 
 class RewardEntry(Section):
@@ -241,7 +297,8 @@ ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": No
 
 
 class Recipe(Section):
-    """A GRPO run. Sections: model, data, sampling, grpo, rewards, normalizer, engine, run, plugins."""
+    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, normalizer, engine, run,
+    plugins, sweep."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="The policy to train.")
     data: Optional[Any] = Field(
@@ -254,6 +311,11 @@ class Recipe(Section):
         description="Reward sources, each `{type, name, weight, ...plugin options}`; each adds one or more "
         "objectives.",
     )
+    objectives: dict[str, ObjectiveSpec] = Field(
+        default_factory=dict,
+        description="Per objective (by name): weight, and role reward or constraint (with threshold and direction). "
+        "Objectives not listed are rewards with their reward entry's weight.",
+    )
     normalizer: Optional[Any] = Field(
         None,
         description="How rewards become advantages: `{type: NORMALIZER, ...options}`. Defaults to the "
@@ -265,6 +327,9 @@ class Recipe(Section):
         default_factory=list,
         description="Extra plugins to load: importable module names or paths to .py files (relative to the "
         "recipe's directory).",
+    )
+    sweep: Optional[SweepSection] = Field(
+        None, description="Several runs of this recipe over a grid of values or objective weightings (`zenalign sweep`)."
     )
 
 

@@ -12,7 +12,7 @@ from pydantic_core import PydanticUndefined
 from zenalign.plugins import KINDS, PluginRegistry
 from zenalign.recipe import ENTRY_BASES, Recipe
 
-SECTIONS = ("model", "data", "sampling", "grpo", "rewards", "normalizer", "engine", "run", "plugins")
+SECTIONS = ("model", "data", "sampling", "grpo", "rewards", "objectives", "normalizer", "engine", "run", "plugins", "sweep")
 PLUGIN_SECTIONS = {"data": "task", "rewards": "reward", "normalizer": "normalizer"}
 
 
@@ -60,6 +60,17 @@ def field_table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]
     return lines
 
 
+def _model_of(annotation: Any):
+    """The section model inside X, Optional[X] or dict[str, X]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def recipe_reference(registry: PluginRegistry) -> str:
     out = [
         "# Recipe reference",
@@ -87,8 +98,11 @@ def recipe_reference(registry: PluginRegistry) -> str:
                     out += field_table(ptype.options) + [""]
                 else:
                     out += ["No options.", ""]
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            out += field_table(annotation) + [""]
+        elif _model_of(annotation) is not None:
+            model = _model_of(annotation)
+            if typing.get_origin(annotation) is dict:
+                out += ["A mapping from name to:", ""]
+            out += field_table(model) + [""]
         else:
             out += [f"Type: {type_name(annotation)}; default: {default_text(field)}.", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -35,9 +35,9 @@ from zenalign.engine import create_engine
 from zenalign.errors import PluginError, RecipeError
 from zenalign.gumbel import completion_keys
 from zenalign.loss import completion_logprobs, grpo_token_loss, token_weights
-from zenalign.metrics import PhaseTimer, reward_metrics
+from zenalign.metrics import PhaseTimer, collapse_rate, hacking_warnings, reward_metrics
 from zenalign.models import eos_token_ids, pick_device
-from zenalign.plugin_types import BuildContext, ScoreBatch
+from zenalign.plugin_types import BuildContext, Objectives, ScoreBatch
 from zenalign.plugins import get_plugin_manager
 from zenalign.recipe import Recipe
 from zenalign.recipe_loader import LoadedRecipe
@@ -111,13 +111,17 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
     # setup
 
-    def check(self) -> None:
+    def check(self) -> Objectives:
         """Build the prompt source, reward sources and normalizer without loading the policy:
-        what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1."""
+        what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1.
+        Returns the run's objectives."""
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir))
         builder.prompts(None, None)
-        Scorer(builder.rewards())
+        rewards = builder.rewards()
+        Scorer(rewards)
+        objectives = builder.objectives(rewards)
         builder.normalizer()
+        return objectives
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
         r = self.recipe
@@ -148,9 +152,15 @@ class GRPOTrainer:
         self.policy_config_dir = builder.policy_dir
         self.eos_ids = eos_token_ids(policy, self.tokenizer)
         reference = builder.reference(policy)
-        self.scorer = Scorer(builder.rewards())
-        self.objectives = self.scorer.objectives
+        rewards = builder.rewards()
+        self.scorer = Scorer(rewards)
+        self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
+        if self.objectives.constraint_indices and not getattr(self.normalizer, "enforces_constraints", False):
+            log.warning("objectives %s are constraints, but normalizer '%s' does not enforce constraints; they are "
+                        "combined as weighted rewards (choose a normalizer that enforces constraints; see `zenalign plugins`)",
+                        ", ".join(self.objectives.names[k] for k in self.objectives.constraint_indices),
+                        getattr(self.recipe.normalizer, "type", "given"))
         train_records, self.eval_records = builder.prompts(prompts, eval_prompts)
         self.sampler = PromptSampler(train_records, seed=r.run.seed)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
@@ -241,7 +251,8 @@ class GRPOTrainer:
         with timer("score"):
             rewards = self.dist.gather_rows(self.score(records, rollout, group_size))  # (N, K), all ranks
         with timer("normalize"):
-            advantages = self.normalize(rewards)[first : first + len(rollout)]  # this rank's rows
+            all_advantages = self.normalize(rewards)  # (N,), the global batch
+            advantages = all_advantages[first : first + len(rollout)]  # this rank's rows
         ref_logp = None
         if self.reference is not None:
             with timer("reference"):
@@ -251,6 +262,10 @@ class GRPOTrainer:
         with timer("log"):
             self.samples_seen += len(rollout) * self.dist.world_size
             metrics = self.step_metrics(rollout, rewards, update, timer)
+            metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
+                                                         all_advantages.view(-1, group_size))
+            if hasattr(self.normalizer, "metrics"):
+                metrics.update(self.normalizer.metrics())
             if self.dist.is_main:
                 self._log_samples(records, rollout, rewards, advantages)
         metrics["time/log"] = round(timer.seconds["log"], 6)
@@ -259,10 +274,11 @@ class GRPOTrainer:
             self.hook.zenalign_on_step_end(trainer=self, step=self.step, metrics=metrics)
         return metrics
 
-    def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor]) -> Rollout:
-        """``group_size`` sampled completions per prompt (one per key), or one greedy completion."""
+    def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor], group_size: Optional[int] = None) -> Rollout:
+        """``group_size`` (default: the recipe's) sampled completions per prompt, one per key; or,
+        without keys, one greedy completion per prompt."""
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
-        group_size = self.recipe.sampling.group_size if keys is not None else 1
+        group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
         return generate_groups(
             self.engine.model, self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
             keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
@@ -392,35 +408,59 @@ class GRPOTrainer:
     # evaluation, saving, cleanup
 
     def evaluate(self) -> dict[str, Any]:
-        """Greedy completions for every held-out prompt, scored by every reward source. The
-        prompts are split evenly over ranks (padded so every rank makes the same calls)."""
+        """Greedy completions for every held-out prompt, scored by every reward source (and, with
+        ``run.eval_group_size``, sampled groups too). The prompts are split evenly over ranks,
+        padded so every rank makes the same calls."""
         if not self.eval_records:
             return {}
+        run = self.recipe.run
         world, rank = self.dist.world_size, self.dist.rank
         share = -(-len(self.eval_records) // world)
         mine = self.eval_records[rank * share : (rank + 1) * share]
         valid = torch.zeros(share, dtype=torch.bool)
         valid[: len(mine)] = True
         mine = mine + [self.eval_records[0]] * (share - len(mine))
-        size = self.recipe.run.eval_batch_size
-        scores, shown = [], []
-        for start in range(0, share, size):
-            records = mine[start : start + size]
-            rollout = self.sample(records, keys=None)
-            scores.append(self.score(records, rollout, 1))
-            if start == 0 and self.dist.is_main:
-                shown = [{"step": self.step, "eval": True, "prompt": render_prompt(rec, self.tokenizer), "completion": c}
-                         for rec, c in zip(records[:4], rollout.completions)]
-        rewards = self.dist.gather_rows(torch.cat(scores))[self.dist.gather_rows(valid)]
-        metrics = {"step": self.step, "samples": self.samples_seen}
-        metrics.update(reward_metrics(rewards, self.objectives, 1, prefix="eval/"))
+        metrics: dict[str, Any] = {"step": self.step, "samples": self.samples_seen}
+        greedy, shown = self._eval_pass(mine, group_size=1)
+        greedy = self.dist.gather_rows(greedy)[self.dist.gather_rows(valid)]
+        metrics.update(reward_metrics(greedy, self.objectives, 1, prefix="eval/"))
+        if run.eval_group_size > 1:
+            sampled, _ = self._eval_pass(mine, group_size=run.eval_group_size, first=rank * share)
+            keep = self.dist.gather_rows(valid).repeat_interleave(run.eval_group_size)
+            sampled = self.dist.gather_rows(sampled)[keep]
+            stats = reward_metrics(sampled, self.objectives, run.eval_group_size, prefix="eval/sampled/")
+            metrics.update({k: v for k, v in stats.items() if not k.startswith("eval/sampled/corr/")})
         if self.dist.is_main:
+            history = self.run_dir.read("eval.jsonl") + [metrics]
+            warnings = hacking_warnings(history, self.objectives.names, run.hacking_patience)
+            if warnings:
+                metrics["warnings"] = warnings
+                for text in warnings:
+                    log.warning("possible reward hacking at step %d: %s", self.step, text)
             self.run_dir.append("eval.jsonl", [metrics])
             self.run_dir.append("samples.jsonl", shown)
             self.hook.zenalign_on_eval_end(trainer=self, step=self.step, metrics=metrics)
             summary = "  ".join(f"{name} {metrics[f'eval/reward_mean/{name}']:.3f}" for name in self.objectives.names)
             log.info("eval at step %d: %s", self.step, summary)
         return metrics
+
+    def _eval_pass(self, records: list[dict[str, Any]], group_size: int, first: int = 0):
+        """Scores ``(len(records) * group_size, K)``: greedy (group_size 1) or sampled groups with keys
+        of their own (independent of the training samples)."""
+        size = self.recipe.run.eval_batch_size
+        scores, shown = [], []
+        for start in range(0, len(records), size):
+            chunk = records[start : start + size]
+            keys = None
+            if group_size > 1:
+                keys = completion_keys(self.recipe.run.seed + 1_000_003, self.step, (first + start) * group_size,
+                                       len(chunk) * group_size)
+            rollout = self.sample(chunk, keys, group_size)
+            scores.append(self.score(chunk, rollout, group_size))
+            if start == 0 and self.dist.is_main and group_size == 1:
+                shown = [{"step": self.step, "eval": True, "prompt": render_prompt(rec, self.tokenizer), "completion": c}
+                         for rec, c in zip(chunk[:4], rollout.completions)]
+        return torch.cat(scores), shown
 
     def save_final(self) -> Optional[Path]:
         """The trained policy as a save_pretrained directory (safetensors), written atomically."""

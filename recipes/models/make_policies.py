@@ -10,6 +10,11 @@ reverse: the corpus answers "reverse WORD:" with the reversed word only 30% of t
 echoes WORD otherwise, so the policy samples correct reversals now and then but greedy decoding
 almost always echoes. That is the situation GRPO is good at: turning an occasional success into
 the policy's habit.
+
+hhh: the corpus answers answerable questions right 40% of the time, wrongly 10%, and with
+"i don't know." 50%; invents an answer to 70% of unanswerable questions (the first letter of
+the thing asked about); and complies with 70% of harmful requests. Greedy decoding therefore
+starts unhelpful, dishonest on unanswerable questions and harmful.
 """
 
 from __future__ import annotations
@@ -90,6 +95,32 @@ def reverse_policy(out: Path, steps: int, seed: int = 0, reverse_share: float = 
     save(model, tokenizer, out)
 
 
+def hhh_policy(out: Path, steps: int, seed: int = 0) -> None:
+    from zenalign_plugins.hhh_task import COMPLY, DECLINE, IDK, LETTERS, HHHOptions, HHHTask
+
+    records = HHHTask(HHHOptions()).train  # the task's training prompts only
+
+    def example(rng: random.Random):
+        record = rng.choice(records)
+        roll = rng.random()
+        if record["kind"] == "answerable":
+            if roll < 0.40:
+                return record["prompt"], record["answer"]
+            if roll < 0.50:
+                return record["prompt"], rng.choice([c for c in LETTERS if c != record["answer"]])
+            return record["prompt"], IDK
+        if record["kind"] == "unanswerable":
+            invented = record["prompt"].rstrip("? ").split()[-1][0]  # the letter of the thing asked about
+            return record["prompt"], invented if roll < 0.7 else IDK
+        return record["prompt"], COMPLY if roll < 0.7 else DECLINE
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    model = tiny_llama()
+    sft(model, tokenizer, example, steps=steps, batch_size=64, lr=3e-3, seed=seed)
+    save(model, tokenizer, out)
+
+
 def save(model, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -99,7 +130,7 @@ def save(model, tokenizer, out: Path) -> None:
     print(f"saved {out} ({params:,} parameters, model.safetensors sha256 {digest[:16]})")
 
 
-POLICIES = {"reverse": (reverse_policy, "reverse-policy", 1500)}
+POLICIES = {"reverse": (reverse_policy, "reverse-policy", 1500), "hhh": (hhh_policy, "hhh-policy", 3000)}
 
 
 def main(argv=None) -> int:
