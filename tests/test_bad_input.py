@@ -340,6 +340,31 @@ CASES = [
         ["recipe.yaml", "sweep", "no sweep section"],
         command="sweep",
     ),
+    # --- reward models and judges -----------------------------------------------------------
+    Case(
+        "rm-directory-missing",
+        {"rewards": [{"type": "learned_rm", "path": "no-such-rm"}]},
+        ["recipe.yaml", "rewards[0] (learned_rm)", "no-such-rm", "does not exist", "Hugging Face model directory"],
+        command="validate",
+    ),
+    Case(
+        "rm-not-a-sequence-classifier",
+        {"rewards": [{"type": "learned_rm", "path": "@MODEL@"}]},
+        ["rewards[0] (learned_rm)", "is not a sequence classifier (architectures: LlamaForCausalLM)", "train-rm"],
+        command="validate",
+    ),
+    Case(
+        "judge-yes-not-one-token",
+        {"rewards": [{"type": "constitution", "judge": "@MODEL@", "yes": "yes", "no": "n", "principles": ["be kind"]}]},
+        ["rewards[0] (constitution)", "constitution.yes: 'yes' is 3 tokens", "must be exactly one"],
+        command="validate",
+    ),
+    Case(
+        "constitution-empty-principles",
+        {"rewards": [{"type": "constitution", "judge": "@MODEL@", "yes": "y", "no": "n", "principles": []}]},
+        ["rewards[0] (constitution)", "constitution.principles: the list is empty", "at least one principle"],
+        command="validate",
+    ),
     # --- command-line overrides -------------------------------------------------------------
     Case(
         "override-out-of-range",
@@ -378,7 +403,8 @@ def write_case(case: Case, tmp_path: Path, model_dir: Path) -> Path:
         recipe_path.write_text(case.recipe, encoding="utf-8")
     elif isinstance(case.recipe, dict):
         data = {**merge(base_recipe(model_dir, tmp_path / "run"), case.recipe), **case.replace}
-        recipe_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        text = yaml.safe_dump(data, sort_keys=False).replace("'@MODEL@'", str(model_dir)).replace("@MODEL@", str(model_dir))
+        recipe_path.write_text(text, encoding="utf-8")
     return recipe_path
 
 

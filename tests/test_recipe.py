@@ -140,3 +140,39 @@ def test_recipe_reference_doc_is_current():
     doc = (REPO / "docs" / "recipe-reference.md").read_text(encoding="utf-8")
     installed = collect_registry(new_plugin_manager())  # without plugins loaded by other tests' recipes
     assert doc == recipe_reference(installed), "regenerate: zenalign schema --format markdown > docs/recipe-reference.md"
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_follow_the_schema(path):
+    if path.name == "constitution.yaml":  # a principles file, not a recipe
+        from zenalign.principles import load_principles
+
+        assert len(load_principles([], path.name, path.parent)) == 3
+        return
+    load_recipe(path)  # schema only: the models they name are downloaded by the user
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "train-rm").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_reward_model_recipes_validate(path):
+    from zenalign.rm_train import load_rm_recipe
+
+    recipe = load_rm_recipe(path)
+    assert (path.parent / recipe.data.path).is_file() and (path.parent / recipe.model.path / "config.json").is_file()
+    assert f"zenalign train-rm recipes/train-rm/{path.name}" in path.read_text()
+
+
+def test_shipped_critique_revise_recipe_validates():
+    from zenalign.critique import load_critique_recipe
+
+    path = RECIPES / "critique-revise" / "hhh.yaml"
+    recipe, _ = load_critique_recipe(path)
+    assert recipe.data.type == "hhh" and "zenalign critique-revise recipes/critique-revise/hhh.yaml" in path.read_text()
+
+
+def test_yaml_booleans_are_yaml_1_2(tmp_path):
+    """Only true/false are booleans: the constitution's `yes:`/`no:` keys and y/n answers stay strings."""
+    from zenalign.recipe_loader import load_yaml_text, parse_override
+
+    assert load_yaml_text("yes: y\nno: n\non: off\na: true\nb: False") == {"yes": "y", "no": "n", "on": "off", "a": True, "b": False}
+    assert parse_override("run.overwrite=true") == (["run", "overwrite"], True)
+    assert parse_override("rewards.0.yes=yes") == (["rewards", "0", "yes"], "yes")

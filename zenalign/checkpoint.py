@@ -5,6 +5,7 @@
       engine/               optimizer + schedule (torch) or DeepSpeed's ZeRO state
       rng/rank-00000.*      python, numpy and torch RNG states of every rank (JSON + safetensors)
       plugins/<slot>/       state of stateful plugins (normalizer, rewards-<i>)
+      reference.safetensors the KL reference, only once it was reset to the policy
       trainer_state.json    step, samples seen, data position, world size, what must not change
       recipe.yaml           the recipe that wrote it
       MANIFEST.json         size and sha256 of every file above, written last
@@ -230,6 +231,9 @@ def save_checkpoint(trainer: "GRPOTrainer") -> Path | None:
         trainer.engine.model.config.save_pretrained(staging / "policy")
     if dist.is_main:
         trainer.tokenizer.save_pretrained(staging / "policy")
+        if trainer.reference_was_reset:  # the reference no longer equals model.path: keep it
+            save_file({k: v.detach().cpu().clone() for k, v in trainer.reference.state_dict().items()},  # clone: tied weights
+                      str(staging / "reference.safetensors"))
     trainer.engine.save_state(staging / "engine")
     plain, tensors = _rng_state()
     _write_json(staging / "rng" / f"rank-{dist.rank:05d}.json", plain)
@@ -286,3 +290,6 @@ def restore(trainer: "GRPOTrainer", directory: Path, state: dict[str, Any]) -> N
     for slot, obj in trainer.stateful_plugins().items():
         if slot in state.get("plugins", []):
             load_plugin_state(obj, directory / "plugins" / slot)
+    if (directory / "reference.safetensors").is_file() and trainer.reference is not None:
+        trainer.reference.load_state_dict(load_file(str(directory / "reference.safetensors")), strict=False)
+        trainer.reference_was_reset = True

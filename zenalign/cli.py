@@ -6,6 +6,8 @@
     zenalign schema [--format json|markdown]        the recipe's JSON Schema (editor completion)
     zenalign export CHECKPOINT OUT                  a checkpoint's policy as a plain HF directory
     zenalign sweep RECIPE [key.path=value ...]      one run per point of the recipe's sweep section
+    zenalign train-rm RECIPE [key.path=value ...]   a Bradley-Terry reward model from preference pairs
+    zenalign critique-revise RECIPE                 Constitutional AI's critique-and-revise data
     zenalign plot RUN_DIR... [--out DIR]            reward curves, Pareto front and its hypervolume
 
 Several processes: start the same command under ``torchrun --nproc_per_node N -m zenalign run ...``
@@ -68,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reference value of every objective for the hypervolume (default 0)")
     plot.set_defaults(handler=cmd_plot)
 
+    train_rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from preference pairs")
+    train_rm.add_argument("recipe")
+    train_rm.add_argument("overrides", nargs="*", metavar="key.path=value")
+    train_rm.set_defaults(handler=cmd_train_rm)
+
+    critique = sub.add_parser("critique-revise", help="Constitutional AI's supervised phase: critique and revise responses")
+    critique.add_argument("recipe")
+    critique.add_argument("overrides", nargs="*", metavar="key.path=value")
+    critique.set_defaults(handler=cmd_critique_revise)
+
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face directory")
     export.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step-...) or a run directory")
     export.add_argument("out", help="new directory to write")
@@ -98,7 +110,6 @@ def cmd_run(args) -> int:
     from zenalign.trainer import GRPOTrainer
 
     loaded = load_recipe(args.recipe, args.overrides)
-    quiet_libraries()
     if args.quiet:
         log.setLevel(logging.WARNING)
         loaded.recipe.run.progress_bar = False
@@ -200,7 +211,6 @@ def cmd_sweep(args) -> int:
 
     from zenalign.sweep import run_sweep
 
-    quiet_libraries()
     with logging_redirect_tqdm(loggers=[log]):
         results = run_sweep(Path(args.recipe), args.overrides)
     for point, out, final in results:
@@ -219,6 +229,30 @@ def cmd_plot(args) -> int:
     print(f"wrote {report['curves']} and {report['front_plot']}")
     print(f"Pareto front ({', '.join(report['objectives'])}): {', '.join(report['front'])}")
     print(f"hypervolume: {report['hypervolume']:.4f} (reference {args.reference:g} in every objective)")
+    return 0
+
+
+def cmd_train_rm(args) -> int:
+    from pathlib import Path
+
+    from zenalign.rm_train import train_rm
+
+    report = train_rm(Path(args.recipe), args.overrides)
+    print(f"held-out pairwise accuracy: {report['eval_accuracy_before']:.3f} -> {report['eval_accuracy']:.3f} "
+          f"({report['eval_pairs']} pairs; trained on {report['train_pairs']})")
+    print(f"reward model: {report['output_dir']} (load it with a learned_rm reward source)")
+    return 0
+
+
+def cmd_critique_revise(args) -> int:
+    from pathlib import Path
+
+    from zenalign.critique import critique_revise
+
+    report = critique_revise(Path(args.recipe), args.overrides)
+    out = report["output_dir"]
+    print(f"{report['prompts']} prompts critiqued and revised: {out}/sft.jsonl; "
+          f"{report['preference_pairs']} preference pairs (revised over original): {out}/preferences.jsonl")
     return 0
 
 
@@ -241,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging()
+    quiet_libraries()
     try:
         return args.handler(args)
     except ZenalignError as exc:

@@ -126,7 +126,12 @@ class Builder:
             bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]"))
         given = self.inputs.rewards
         if given is not None:
+            from zenalign.plugins import get_plugin_manager
+
             for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
+                adapted = get_plugin_manager().hook.zenalign_reward_from_object(obj=source, context=self.context)
+                if adapted is not None:
+                    source = adapted
                 name = getattr(source, "name", None) or getattr(source, "__name__", None)
                 name = name if name and name != "<lambda>" else f"reward_{i}"
                 weight = getattr(source, "weight", 1.0)

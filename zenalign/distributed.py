@@ -85,6 +85,14 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def gather_objects(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank."""
+        if not self.active:
+            return list(items)
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, list(items))
+        return [item for part in parts for item in part]
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's Python object, on every rank."""
         if not self.active:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from zenalign.plugin_types import NormalizerType, RewardSourceType, TaskType
+    from zenalign.plugin_types import BuildContext, NormalizerType, RewardSource, RewardSourceType, TaskType
     from zenalign.trainer import GRPOTrainer
 
 PROJECT = "zenalign"
@@ -46,6 +46,16 @@ def zenalign_task_types() -> list[TaskType]:
 
     Call rule: all results are collected. A name provided by two plugins is an error that names
     both.
+    """
+
+
+@hookspec(firstresult=True)
+def zenalign_reward_from_object(obj: Any, context: BuildContext) -> RewardSource | None:
+    """Turn an object handed to ``GRPOTrainer(reward_model=...)`` into a reward source, if this
+    plugin recognises it (for example a sequence-classification model, or the path of one).
+
+    Call rule: the first non-None result wins; with none, a plain callable is used as a reward
+    function.
     """
 
 

@@ -25,7 +25,7 @@ import torch
 
 
 @lru_cache(maxsize=None)
-def _accepts_logits_to_keep(forward_type: type) -> bool:
+def accepts_logits_to_keep(forward_type: type) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
     except (TypeError, ValueError):
@@ -48,7 +48,7 @@ def completion_logprobs(
     completion_length = sequences.shape[1] - prompt_length
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     kwargs = {}
-    if _accepts_logits_to_keep(type(getattr(model, "module", model))):  # DDP and DeepSpeed wrap the model
+    if accepts_logits_to_keep(type(getattr(model, "module", model))):  # DDP and DeepSpeed wrap the model
         kwargs["logits_to_keep"] = completion_length + 1
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs

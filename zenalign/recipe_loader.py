@@ -4,6 +4,7 @@ turning pydantic's errors into one line that names the file or override and the 
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,26 @@ from pydantic import BaseModel, ValidationError
 from zenalign.errors import RecipeError, one_line
 from zenalign.plugins import PluginRegistry, collect_registry, load_plugins
 from zenalign.recipe import Recipe, build_recipe_model
+
+
+class RecipeYAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false (any case) are booleans.
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which silently turns the constitution
+    source's ``yes: " yes"`` into ``True: " yes"`` and ``y``/``n`` answers into bools."""
+
+
+RecipeYAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeYAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeYAMLLoader)
 
 
 @dataclass
@@ -43,7 +64,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot be read: {one_line(exc)}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -64,7 +85,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override '{text}': expected KEY.PATH=VALUE, for example grpo.kl_coef=0.02")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"override '{text}': the value is not valid YAML: {one_line(exc)}") from exc
     return key.split("."), value

@@ -103,6 +103,7 @@ class GRPOTrainer:
         self.dist = Dist()
         self.step = 0
         self.samples_seen = 0
+        self.reference_was_reset = False
 
     @classmethod
     def from_recipe(cls, loaded: LoadedRecipe) -> "GRPOTrainer":
@@ -186,6 +187,17 @@ class GRPOTrainer:
         """The policy being trained (the plain Hugging Face module)."""
         return self.engine.model
 
+    def reset_reference_to_policy(self) -> None:
+        """Make the KL reference a copy of the current policy (online preference learning may ask
+        for it at each reward-model refresh). Checkpoints then carry the reference weights."""
+        if self.reference is None:
+            return
+        if self.recipe.engine.zero_stage == 3:
+            raise RecipeError("resetting the reference policy is not supported at ZeRO stage 3; use stage 0-2")
+        state = {k: v.detach() for k, v in self.engine.model.state_dict().items()}
+        self.reference.load_state_dict(state)
+        self.reference_was_reset = True
+
     def stateful_plugins(self) -> dict[str, Any]:
         """Plugins whose state goes into checkpoints, by slot name."""
         slots = {"normalizer": self.normalizer}
@@ -249,7 +261,12 @@ class GRPOTrainer:
             keys = completion_keys(self.recipe.run.seed, self.step, first, per_rank * group_size)
             rollout = self.sample(records, keys)
         with timer("score"):
-            rewards = self.dist.gather_rows(self.score(records, rollout, group_size))  # (N, K), all ranks
+            batch = self.score_batch(records, rollout, group_size)
+            local_rewards = self.scorer(batch)  # (N_local, K)
+            for bound in self.scorer.rewards:
+                if hasattr(bound.source, "on_scored"):  # e.g. a reward model refreshed online
+                    bound.source.on_scored(batch, local_rewards, self.objectives, self)
+            rewards = self.dist.gather_rows(local_rewards)  # (N, K), all ranks
         with timer("normalize"):
             all_advantages = self.normalize(rewards)  # (N,), the global batch
             advantages = all_advantages[first : first + len(rollout)]  # this rank's rows
@@ -266,6 +283,9 @@ class GRPOTrainer:
                                                          all_advantages.view(-1, group_size))
             if hasattr(self.normalizer, "metrics"):
                 metrics.update(self.normalizer.metrics())
+            for bound in self.scorer.rewards:
+                if hasattr(bound.source, "metrics"):
+                    metrics.update({f"{bound.name}/{k}": v for k, v in bound.source.metrics().items()})
             if self.dist.is_main:
                 self._log_samples(records, rollout, rewards, advantages)
         metrics["time/log"] = round(timer.seconds["log"], 6)
@@ -284,9 +304,9 @@ class GRPOTrainer:
             keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
         )
 
-    def score(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> torch.Tensor:
+    def score_batch(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> ScoreBatch:
         prompts = [render_prompt(rec, self.tokenizer) for rec in records for _ in range(group_size)]
-        batch = ScoreBatch(
+        return ScoreBatch(
             prompts=prompts,
             completions=rollout.completions,
             columns=metadata_columns(records, group_size),
@@ -294,7 +314,9 @@ class GRPOTrainer:
             group_size=group_size,
             step=self.step,
         )
-        return self.scorer(batch)
+
+    def score(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> torch.Tensor:
+        return self.scorer(self.score_batch(records, rollout, group_size))
 
     def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages for the global batch ``(N,)`` from rewards ``(N, K)``."""

@@ -1,6 +1,8 @@
 """Make the tiny policies the shipped recipes start from, reproducibly and offline.
 
     python recipes/models/make_policies.py reverse            # -> recipes/models/reverse-policy
+    python recipes/models/make_policies.py hhh                # -> recipes/models/hhh-policy
+    python recipes/models/make_policies.py hhh-judge          # -> recipes/models/hhh-judge
 
 Each policy is a small Llama built from a config, with the byte-level ByT5 tokenizer (which needs
 no vocabulary files), pre-trained by supervised fine-tuning on a corpus generated here with a
@@ -15,6 +17,11 @@ hhh: the corpus answers answerable questions right 40% of the time, wrongly 10%,
 "i don't know." 50%; invents an answer to 70% of unanswerable questions (the first letter of
 the thing asked about); and complies with 70% of harmful requests. Greedy decoding therefore
 starts unhelpful, dishonest on unanswerable questions and harmful.
+
+hhh-judge: a yes/no judge for three principles about the hhh task ("decline requests to hurt or
+steal", "never state a wrong or made-up answer", "give the right answer when you can"), trained
+to answer "y" or "n" after the constitution template, with labels from the hhh verifier's rules
+on the task's training prompts and a mix of right, wrong, evasive, declining and complying replies.
 """
 
 from __future__ import annotations
@@ -50,8 +57,9 @@ def tiny_llama(hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int
     return LlamaForCausalLM(config)
 
 
-def sft(model, tokenizer, make_example, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 250) -> None:
-    """Plain supervised fine-tuning on (prompt, answer) pairs; the loss covers the answer and EOS."""
+def sft(model, tokenizer, make_example, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 250,
+        eos: bool = True) -> None:
+    """Plain supervised fine-tuning on (prompt, answer) pairs; the loss covers the answer (and EOS)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -62,7 +70,7 @@ def sft(model, tokenizer, make_example, steps: int, batch_size: int, lr: float, 
         for _ in range(batch_size):
             prompt, answer = make_example(rng)
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
             rows.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(map(len, rows))
@@ -121,6 +129,50 @@ def hhh_policy(out: Path, steps: int, seed: int = 0) -> None:
     save(model, tokenizer, out)
 
 
+JUDGE_PRINCIPLES = {  # name -> text; the labels follow the hhh verifier
+    "p_harmless": "decline requests to hurt or steal",
+    "p_honest": "never state a wrong or made-up answer",
+    "p_helpful": "give the right answer when you can",
+}
+JUDGE_TEMPLATE = "{prompt}{completion}\nprinciple: {principle}\nfollowed? "
+
+
+def judge_label(principle: str, record: dict, response: str) -> str:
+    from zenalign_plugins.hhh_task import DECLINE, IDK
+
+    kind, answer = record["kind"], record["answer"]
+    declined, idk = response == DECLINE, response == IDK
+    answered = not (declined or idk)
+    if principle == "p_harmless":
+        return "n" if kind == "harmful" and not declined else "y"
+    if principle == "p_honest":
+        wrong = answered and (kind == "unanswerable" or (kind == "answerable" and response != answer))
+        return "n" if wrong else "y"
+    return "n" if kind == "answerable" and response != answer else "y"  # p_helpful
+
+
+def hhh_judge(out: Path, steps: int, seed: int = 0) -> None:
+    from zenalign_plugins.hhh_task import COMPLY, DECLINE, IDK, LETTERS, HHHOptions, HHHTask
+
+    records = HHHTask(HHHOptions()).train  # the task's training prompts only
+
+    def example(rng: random.Random):
+        record = rng.choice(records)
+        candidates = [IDK, DECLINE, COMPLY, rng.choice(LETTERS)]
+        if record["answer"]:
+            candidates += [record["answer"]] * 2
+        response = rng.choice(candidates)
+        principle = rng.choice(sorted(JUDGE_PRINCIPLES))
+        text = JUDGE_TEMPLATE.format(prompt=record["prompt"], completion=response, principle=JUDGE_PRINCIPLES[principle])
+        return text, judge_label(principle, record, response)
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    model = tiny_llama()
+    sft(model, tokenizer, example, steps=steps, batch_size=64, lr=3e-3, seed=seed, eos=False)
+    save(model, tokenizer, out)
+
+
 def save(model, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -130,7 +182,11 @@ def save(model, tokenizer, out: Path) -> None:
     print(f"saved {out} ({params:,} parameters, model.safetensors sha256 {digest[:16]})")
 
 
-POLICIES = {"reverse": (reverse_policy, "reverse-policy", 1500), "hhh": (hhh_policy, "hhh-policy", 3000)}
+POLICIES = {
+    "reverse": (reverse_policy, "reverse-policy", 1500),
+    "hhh": (hhh_policy, "hhh-policy", 3000),
+    "hhh-judge": (hhh_judge, "hhh-judge", 2000),
+}
 
 
 def main(argv=None) -> int:
