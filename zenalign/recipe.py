@@ -63,6 +63,12 @@ class SamplingSection(Section):
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1.0 turns it off.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 turns it off.")
+    decoder: Literal["lean", "generate"] = Field(
+        "lean",
+        description="lean: zenalign's own KV-cache decoding loop (no per-token work beyond the forward pass "
+        "and the sampler; falls back to generate for models without a cache API and at ZeRO stage 3). "
+        "generate: transformers' generate. Both sample the same tokens.",
+    )
 
 
 class GRPOSection(Section):

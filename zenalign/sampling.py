@@ -87,7 +87,68 @@ def neutral_generation_defaults(model: torch.nn.Module):
         model.generation_config = saved
 
 
-@torch.no_grad()
+def cache_argument(model: torch.nn.Module) -> str | None:
+    """The name under which the model's forward takes a KV cache (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before), or None if it takes neither."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def lean_decode(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    processors: Any,
+) -> torch.Tensor:
+    """Greedy decoding over processed scores with a KV cache: what ``generate`` does for this
+    configuration, with nothing else per token.
+
+    Each step runs one forward pass over the newest token (the LM head on that position only),
+    applies the logits processors (the Gumbel sampler) and takes the argmax. Rows that have
+    emitted an EOS continue with padding; the loop stops when every row has finished. Position
+    ids follow the attention mask, as in ``generate``. Returns ``(N, Tp + T)`` token ids.
+    """
+    from transformers import DynamicCache
+
+    cache_name = cache_argument(model)
+    device = input_ids.device
+    eos = torch.tensor(list(eos_ids), device=device)
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    mask = prompt_mask.clone()
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    tokens = input_ids
+    step_ids, step_positions = input_ids, positions
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
+                    logits_to_keep=1, **{cache_name: cache})
+        scores = out.logits[:, -1, :].float()
+        next_tokens = processors(tokens, scores).argmax(dim=-1)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        unfinished &= ~torch.isin(next_tokens, eos)
+        if not bool(unfinished.any()):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        step_positions = step_positions[:, -1:] + 1
+        step_ids = next_tokens[:, None]
+    return tokens
+
+
 def generate_groups(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -114,14 +175,22 @@ def generate_groups(
         processors.append(GumbelSampler(keys, input_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p))
     was_training = model.training
     model.eval()
-    with autocast or nullcontext(), neutral_generation_defaults(model):
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=prompt_mask,
-            generation_config=generation_config(sampling, eos_ids, tokenizer.pad_token_id),
-            logits_processor=processors,
-            synced_gpus=synced_gpus,
-        )
+    lean = getattr(sampling, "decoder", "generate") == "lean" and not synced_gpus and cache_argument(model) is not None
+    with autocast or nullcontext():
+        if lean:
+            with torch.inference_mode():
+                sequences = lean_decode(model, input_ids, prompt_mask, sampling.max_new_tokens, eos_ids,
+                                        tokenizer.pad_token_id, processors)
+            sequences = sequences.clone()  # a normal tensor again: the update differentiates through it
+        else:
+            with neutral_generation_defaults(model):
+                sequences = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=prompt_mask,
+                    generation_config=generation_config(sampling, eos_ids, tokenizer.pad_token_id),
+                    logits_processor=processors,
+                    synced_gpus=synced_gpus,
+                )
     model.train(was_training)
     prompt_length = input_ids.shape[1]
     tokens = sequences[:, prompt_length:]

@@ -364,23 +364,15 @@ class GRPOTrainer:
         # Old log-probs once per generation; with mu = 1 the policy has not moved yet, so the
         # detached current log-probs are exactly pi_old and that forward pass is skipped.
         old_logp = self.logprobs(self.engine.train_model, rollout) if g.num_iterations > 1 else None
-        clip_high = g.clip_epsilon_high if g.clip_epsilon_high is not None else g.clip_epsilon
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
         batches = self._micro_batches(len(rollout))
         for _ in range(g.num_iterations):
             for i, rows in enumerate(batches):
                 with self.engine.micro_batch(last=i == len(batches) - 1):
-                    with self.engine.autocast():
-                        logp = completion_logprobs(self.engine.train_model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                                   rollout.prompt_length, self.recipe.sampling.temperature)
-                    old = old_logp[rows] if old_logp is not None else logp.detach()
-                    token = grpo_token_loss(logp, old, advantages[rows], g.clip_epsilon, clip_high,
-                                            ref_logp=ref_logp[rows] if ref_logp is not None else None,
-                                            kl_coef=g.kl_coef, kl_estimator=g.kl_estimator)
-                    loss = (token.loss * weights[rows]).sum()
+                    loss, token = self.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
                     # Processes' gradients are averaged; scaling by the world size makes them sum.
                     self.engine.backward(loss * world)
-                m = mask[rows].to(logp.dtype)
+                m = mask[rows].to(token.loss.dtype)
                 sums["loss"] += float(loss.detach())
                 sums["clip"] += float((token.clipped.detach() * m).sum())
                 sums["ratio"] += float((token.ratio.detach() * m).sum())
@@ -389,6 +381,21 @@ class GRPOTrainer:
             sums["grad_norm"] += self.engine.optimizer_step()
         passes = g.num_iterations
         return {key: value / passes for key, value in sums.items()} | {"tokens": local_tokens}
+
+    def policy_loss(self, rollout: Rollout, rows: slice, advantages: torch.Tensor, weights: torch.Tensor,
+                    old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor]):
+        """This micro-batch's share of the batch loss, ``sum(w * per-token loss)``, with gradient,
+        and the per-token terms. ``old_logp=None`` means pi_old is the current policy (mu = 1)."""
+        g = self.recipe.grpo
+        clip_high = g.clip_epsilon_high if g.clip_epsilon_high is not None else g.clip_epsilon
+        with self.engine.autocast():
+            logp = completion_logprobs(self.engine.train_model, rollout.sequences[rows], rollout.attention_mask[rows],
+                                       rollout.prompt_length, self.recipe.sampling.temperature)
+        old = old_logp[rows] if old_logp is not None else logp.detach()
+        token = grpo_token_loss(logp, old, advantages[rows], g.clip_epsilon, clip_high,
+                                ref_logp=ref_logp[rows] if ref_logp is not None else None,
+                                kl_coef=g.kl_coef, kl_estimator=g.kl_estimator)
+        return (token.loss * weights[rows]).sum(), token
 
     def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, update: dict[str, float], timer: PhaseTimer) -> dict[str, Any]:
         """The step's metrics over all ranks (every rank computes the same numbers)."""

@@ -1,0 +1,93 @@
+"""Build the tiny benchmark models: Qwen2ForCausalLM over the ByT5 byte vocabulary.
+
+Both zenalign and TRL load the same saved directory, so the two halves of the benchmark train the
+very same weights. Sizes (parameters, tied embeddings):
+
+    1m   hidden 128, 4 layers, intermediate  512, 4 heads, 2 kv heads  -> 1,034,368
+    10m  hidden 256, 10 layers, intermediate 1024, 4 heads, 2 kv heads -> 9,939,200
+
+Usage:  python bench/make_bench_models.py OUT_ROOT [1m 10m]   (writes OUT_ROOT/qwen2-1m, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+# name -> keyword arguments of build_qwen2
+SIZES: dict[str, dict[str, int]] = {
+    "1m": dict(hidden=128, layers=4, intermediate=512, heads=4, kv_heads=2),
+    "10m": dict(hidden=256, layers=10, intermediate=1024, heads=4, kv_heads=2),
+}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (the tied embedding / LM head counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_qwen2(
+    out_dir: str | Path,
+    hidden: int,
+    layers: int,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    *,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> int:
+    """Build a randomly initialised Qwen2ForCausalLM on the 384-id ByT5 vocabulary, save it
+    (safetensors) with a ByT5Tokenizer into ``out_dir``, and return its parameter count."""
+    from transformers import ByT5Tokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden ({hidden}) must divide by heads ({heads}), heads by kv_heads ({kv_heads})")
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=384,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        use_sliding_window=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer = ByT5Tokenizer()
+    tokenizer.padding_side = "left"  # ByT5 already has <pad> (id 0) and </s> (id 1)
+    tokenizer.save_pretrained(out)
+    return count_parameters(model)
+
+
+def build_size(name: str, out_dir: str | Path, seed: int = 0) -> int:
+    return build_qwen2(out_dir, **SIZES[name], seed=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_root")
+    parser.add_argument("sizes", nargs="*", help=f"any of {list(SIZES)}; default: all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    unknown = [s for s in args.sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+    for name in args.sizes or list(SIZES):
+        path = Path(args.out_root) / f"qwen2-{name}"
+        n = build_size(name, path, seed=args.seed)
+        print(f"{name}: {n:,} parameters ({n / 1e6:.2f}M) -> {path}  {SIZES[name]}")
+
+
+if __name__ == "__main__":
+    main()

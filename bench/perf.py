@@ -1,0 +1,351 @@
+"""zenalign against Hugging Face TRL's GRPOTrainer, side by side, on identical work.
+
+    pip install torch==2.13.0 && pip install -e ".[bench]"    # TRL is needed by this benchmark only
+    python bench/perf.py                         # 1M and 10M Qwen2, both frameworks, then learning per sample
+    python bench/perf.py --sizes 1m --steps 6 --no-learning     # a quick look
+
+Both frameworks load the same saved Qwen2 (built from config over the 384-id ByT5 byte vocabulary),
+get the same prompts ("reverse WORD:"), the same exact-answer reward, 8 prompts x 8 completions per
+step, up to 16 new tokens at temperature 1, beta = 0 (no reference model), one optimizer step per
+generation (mu = 1), the per-completion token mean ("grpo" aggregation), AdamW, fp32 weights.
+
+Every (framework, model) pair runs in its own child process, so each peak RSS is that run's alone.
+Before timing anything the zenalign child checks that its loss on a fixed batch matches a plain
+per-sequence reference computation (bench/reference_loss.py), with and without clipping.
+
+Printed: completions/s and s/step (median over the timed steps, after warm-up steps), zenalign's
+per-phase times, peak RSS, model-FLOP utilisation (the useful FLOPs of a step, counted the same way
+for both, over the fp32 matmul peak measured by the same process), and the zenalign/TRL ratios.
+``--learning`` (on by default) then trains the quickstart task with both frameworks and the same
+hyperparameters and compares reward against completions seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS = 8, 8, 16
+
+
+# ------------------------------------------------------------------------------------------------ work
+
+
+def reverse_prompts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))) for _ in range(n)]
+    return [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in words]
+
+
+def exact_reverse(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion is the reversed word (the same function for both frameworks)."""
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def quickstart_records(n: int) -> tuple[list[dict], list[dict]]:
+    """The quickstart task's training and held-out prompts, from zenalign's reverse task."""
+    from zenalign_plugins.reverse_task import ReverseOptions, ReverseTask
+
+    task = ReverseTask(ReverseOptions())
+    return list(task.train_prompts())[:n], list(task.eval_prompts())
+
+
+# --------------------------------------------------------------------------------------------- measure
+
+
+def matmul_peak(dtype_name: str = "float32", n: int = 1024, repeats: int = 8) -> float:
+    """Best observed GFLOP/s of an n x n x n matmul with this process's torch threads."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def model_shape(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    block = layers * (hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter)
+    return {"block_matmul_params": block, "head_params": config["vocab_size"] * hidden, "layers": layers,
+            "attn_width": heads * head_dim}
+
+
+def step_flops(shape: dict, completions: int, prompt_len: float, completion_len: float, reference: bool = False) -> float:
+    """Useful model FLOPs of one GRPO step (the same count for every framework).
+
+    Sampling: the prompt's prefill and one decode per completion token (the LM head once per
+    generated token). Update: forward over prompt + completion with the LM head on completion
+    positions, and a backward pass of twice that. A reference pass, when there is one, is one more
+    forward. Attention scores count 4 * width * context per token per layer (QK^T and AV)."""
+    nb, nh, L, w = shape["block_matmul_params"], shape["head_params"], shape["layers"], shape["attn_width"]
+    tp, tc = prompt_len, completion_len
+    total = tp + tc
+    attention_full = 2 * L * w * total * total  # causal: about half of 4 * w * T^2 per layer
+    prefill = 2 * nb * tp + 2 * L * w * tp * tp
+    decode = tc * (2 * nb + 2 * nh) + sum(4 * L * w * (tp + t) for t in range(int(round(tc))))
+    forward = 2 * nb * total + 2 * nh * tc + attention_full
+    per_completion = prefill + decode + 3 * forward + (forward if reference else 0)
+    return completions * per_completion
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / 1024 if sys.platform == "darwin" else kb / 1024
+
+
+def warmup_count(steps: int) -> int:
+    return max(0, min(2 if steps >= 5 else 1, steps - 1))
+
+
+# -------------------------------------------------------------------------------------------- zenalign
+
+
+def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, learning_rate: float, kl_coef: float,
+                     max_new_tokens: int, seed: int = 0, eval_interval: int = 0):
+    from zenalign import GRPOTrainer
+
+    return GRPOTrainer(
+        model=str(model_dir), reward_model=exact_reverse, group_size=GROUP_SIZE, prompts_per_step=PROMPTS_PER_STEP,
+        max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, clip_epsilon=0.2, kl_coef=kl_coef,
+        loss_aggregation="grpo", num_iterations=1, learning_rate=learning_rate, max_grad_norm=1.0,
+        precision=precision, steps=steps, seed=seed, output_dir=str(out), overwrite=True, eval_interval=eval_interval,
+        log_samples=0, checkpoint_interval=0, progress_bar=False,
+    )
+
+
+def worker_zenalign(args) -> dict:
+    import torch
+
+    from reference_loss import check_loss
+
+    peak = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
+    prompts = reverse_prompts(256, args.seed)
+    with tempfile.TemporaryDirectory(prefix="zenalign-bench-") as tmp:
+        trainer = zenalign_trainer(Path(args.model_dir), Path(tmp) / "run", steps=args.steps, precision=args.precision,
+                                   learning_rate=1e-6, kl_coef=0.0, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed)
+        trainer.setup(prompts, prompts[:8])
+        check = check_loss(trainer, prompts[:PROMPTS_PER_STEP])  # raises before any timing if it disagrees
+        walls, phases, lengths, rewards = [], [], [], []
+        for _ in range(args.steps):
+            trainer.step += 1
+            start = time.perf_counter()
+            metrics = trainer.train_step()
+            walls.append(time.perf_counter() - start)
+            phases.append({k[5:]: v for k, v in metrics.items() if k.startswith("time/")})
+            lengths.append(metrics["completion_len"])
+            rewards.append(metrics["reward_mean"])
+        prompt_len = statistics.fmean(len(trainer.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+        trainer.cleanup()
+    skip = warmup_count(args.steps)
+    timed = phases[skip:]
+    return {
+        "framework": "zenalign", "torch_threads": torch.get_num_threads(), "precision": args.precision,
+        "seconds_per_step": statistics.median(walls[skip:]), "per_step_seconds": walls, "warmup_steps_skipped": skip,
+        "phases": {name: statistics.median(p.get(name, 0.0) for p in timed) for name in timed[0]},
+        "completion_len": statistics.fmean(lengths[skip:]), "prompt_len": prompt_len,
+        "reward_mean_per_step": rewards, "peak_rss_mb": peak_rss_mb(), "matmul_peak_gflops": peak, "loss_check": check,
+    }
+
+
+def worker_trl(args) -> dict:
+    import trl_runner  # sets the offline environment first
+
+    peak = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
+    prompts = reverse_prompts(256, args.seed)
+    with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
+        result = trl_runner.run_trl(args.model_dir, prompts, exact_reverse, steps=args.steps, max_new_tokens=MAX_NEW_TOKENS,
+                                    learning_rate=1e-6, beta=0.0, seed=args.seed, output_dir=tmp,
+                                    bf16=args.precision == "bf16")
+    tokenizer = trl_runner._load_tokenizer(args.model_dir, add_special_tokens=False)
+    result["prompt_len"] = statistics.fmean(len(tokenizer(p["prompt"])["input_ids"]) for p in prompts)
+    lengths = [x for x in result["completion_mean_length_per_step"][result["warmup_steps_skipped"]:] if x is not None]
+    result["completion_len"] = statistics.fmean(lengths) if lengths else float(MAX_NEW_TOKENS)
+    result["matmul_peak_gflops"] = peak
+    return result
+
+
+def worker_learning(args) -> dict:
+    """The quickstart task with the quickstart's hyperparameters, in either framework."""
+    train, held_out = quickstart_records(4000)
+    model_dir = REPO / "recipes" / "models" / "reverse-policy"
+    lr, kl, new = 1e-3, 0.01, 8
+    with tempfile.TemporaryDirectory(prefix="learn-") as tmp:
+        if args.worker == "learn-zenalign":
+            trainer = zenalign_trainer(model_dir, Path(tmp) / "run", steps=args.steps, precision="fp32", learning_rate=lr,
+                                       kl_coef=kl, max_new_tokens=new, seed=args.seed)
+            start = time.perf_counter()
+            trainer.train(train, held_out)
+            seconds = time.perf_counter() - start
+            metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            rewards = [m["reward_mean"] for m in metrics]
+        else:
+            import trl_runner
+
+            result = trl_runner.run_trl(str(model_dir), train, exact_reverse, steps=args.steps, max_new_tokens=new,
+                                        learning_rate=lr, beta=kl, seed=args.seed, output_dir=tmp)
+            rewards, seconds = result["reward_mean_per_step"], result["train_seconds"]
+    return {"framework": args.worker[6:], "reward_mean_per_step": rewards, "train_seconds": seconds,
+            "completions_per_step": PROMPTS_PER_STEP * GROUP_SIZE}
+
+
+# ------------------------------------------------------------------------------------------ orchestrate
+
+
+def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str, seed: int, threads: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--steps", str(steps),
+               "--precision", precision, "--seed", str(seed), "--json", str(out)]
+    if model_dir is not None:
+        command += ["--model-dir", str(model_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    print(f"  running {worker}{' on ' + model_dir.name if model_dir else ''} ...", flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench/perf.py: the {worker} child failed:\n{done.stderr[-4000:]}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def mfu(result: dict, shape: dict, precision: str) -> float:
+    """Useful FLOPs per second over the matmul peak of the run's compute precision."""
+    flops = step_flops(shape, PROMPTS_PER_STEP * GROUP_SIZE, result["prompt_len"], result["completion_len"])
+    peak = result["matmul_peak_gflops"]["bfloat16" if precision == "bf16" else "float32"]
+    return flops / result["seconds_per_step"] / (peak * 1e9)
+
+
+def report(results: dict, shapes: dict, params: dict, precision: str) -> list[str]:
+    lines = [f"| model | framework | s/step | completions/s | MFU ({precision} peak) | peak RSS MB | zenalign/TRL |", "|---|---|---|---|---|---|---|"]
+    for size, pair in results.items():
+        z, t = pair.get("zenalign"), pair.get("trl")
+        for name, r in (("TRL", t), ("zenalign", z)):
+            if r is None:
+                continue
+            cps = PROMPTS_PER_STEP * GROUP_SIZE / r["seconds_per_step"]
+            ratio = f"**{t['seconds_per_step'] / z['seconds_per_step']:.2f}x**" if name == "zenalign" and t else ""
+            lines.append(f"| {size} ({params[size] / 1e6:.2f}M) | {name} | {r['seconds_per_step']:.3f} | {cps:.0f} | "
+                         f"{100 * mfu(r, shapes[size], precision):.1f}% | {r['peak_rss_mb']:.0f} | {ratio} |")
+    lines += ["", "zenalign per-phase medians (s):", ""]
+    phases = sorted({p for pair in results.values() if "zenalign" in pair for p in pair["zenalign"]["phases"]})
+    lines += ["| model | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    for size, pair in results.items():
+        if "zenalign" in pair:
+            lines.append(f"| {size} | " + " | ".join(f"{pair['zenalign']['phases'].get(p, 0.0):.4f}" for p in phases) + " |")
+    peaks = [r["matmul_peak_gflops"] for pair in results.values() for r in pair.values()]
+    lines += ["", "matmul peak measured in the runs (GFLOP/s, 1024^3): fp32 " + ", ".join(f"{p['float32']:.0f}" for p in peaks)
+              + "; bf16 " + ", ".join(f"{p['bfloat16']:.0f}" for p in peaks)]
+    checks = [pair["zenalign"]["loss_check"] for pair in results.values() if "zenalign" in pair]
+    for size, check in zip(results, checks):
+        lines.append(f"loss check ({size}): zenalign {check['zenalign']:.6f} vs reference {check['reference']:.6f} "
+                     f"(clipped batch: {check['zenalign_clipped']:.6f} vs {check['reference_clipped']:.6f}); "
+                     f"largest per-token log-prob difference {check['max_logp_diff']:.1e}; passed")
+    return lines
+
+
+def learning_report(runs: dict) -> list[str]:
+    """Training reward (sampled at T = 1) by stretches of the run: mean over steps, then mean ± std over seeds."""
+    lines = ["| framework | seeds | reward, steps 1-20 | 21-40 | 41-60 | whole run | completions | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, seeds in runs.items():
+        def cell(a, b):
+            values = [statistics.fmean([x for x in r["reward_mean_per_step"][a:b] if x is not None]) for r in seeds]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+        steps = len(seeds[0]["reward_mean_per_step"])
+        seconds = statistics.fmean(r["train_seconds"] for r in seeds)
+        lines.append(f"| {name} | {len(seeds)} | {cell(0, 20)} | {cell(20, 40)} | {cell(40, 60)} | {cell(0, None)} | "
+                     f"{steps * seeds[0]['completions_per_step']} | {seconds:.1f} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1m,10m", help="comma-separated: 1m, 10m")
+    parser.add_argument("--frameworks", default="trl,zenalign")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per run (the first 2 are warm-up)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="compute precision of both frameworks (bf16: autocast over fp32 weights in each)")
+    parser.add_argument("--learning", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--learning-steps", type=int, default=60)
+    parser.add_argument("--learning-seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write all results as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        workers = {"zenalign": worker_zenalign, "trl": worker_trl, "learn-zenalign": worker_learning, "learn-trl": worker_learning}
+        result = workers[args.worker](args)
+        result["peak_rss_mb"] = max(result.get("peak_rss_mb", 0.0), peak_rss_mb())
+        Path(args.json).write_text(json.dumps(result))
+        return 0
+
+    from make_bench_models import build_size
+
+    import torch
+    import transformers
+
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        if "trl" in args.frameworks:
+            sys.exit('bench/perf.py: TRL is not installed; pip install -e ".[bench]" (or --frameworks zenalign)')
+        trl_version = "-"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, "
+          f"{args.threads} threads, precision {args.precision} (both frameworks)", flush=True)
+    results, shapes, params, everything = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        for size in args.sizes.split(","):
+            model_dir = Path(tmp) / f"qwen2-{size}"
+            params[size] = build_size(size, model_dir, seed=args.seed)
+            shapes[size] = model_shape(model_dir)
+            print(f"{size}: {params[size]:,} parameters", flush=True)
+            results[size] = {fw: run_child(fw, model_dir=model_dir, steps=args.steps, precision=args.precision, seed=args.seed,
+                                           threads=args.threads) for fw in args.frameworks.split(",")}
+    lines = report(results, shapes, params, args.precision)
+    everything["throughput"] = results
+    print("\n".join(lines), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(everything, indent=1))
+    if args.learning:
+        print("learning per sample (quickstart task, same hyperparameters) ...", flush=True)
+        runs = {fw: [run_child(f"learn-{fw}", model_dir=None, steps=args.learning_steps, precision="fp32", seed=seed,
+                               threads=args.threads) for seed in range(args.learning_seeds)] for fw in args.frameworks.split(",")}
+        everything["learning"] = runs
+        print("\nLearning per sample: the quickstart task (reverse-policy, lr 1e-3, beta 0.01, 8x8, 8 new tokens):\n")
+        lines = learning_report(runs)
+        print("\n".join(lines))
+    if args.out:
+        args.out.write_text(json.dumps(everything, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

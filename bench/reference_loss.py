@@ -1,0 +1,91 @@
+"""The GRPO loss computed the plain way, one unpadded sequence at a time, to check zenalign's
+batched path before the benchmark times it.
+
+For completion i with tokens o_i (up to and including EOS), advantage A_i and sampled-token
+log-probs under the policy (logp) and the sampling policy (old):
+
+    loss = 1/B sum_i 1/|o_i| sum_t -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i),  rho_t = exp(logp_t - old_t)
+
+(beta = 0 in the benchmark, so no KL term.) No padding, no position-id arithmetic, no
+logits_to_keep, no autocast: a full fp32 forward pass of each prompt + completion on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zenalign.gumbel import completion_keys
+from zenalign.loss import token_weights
+
+
+def sequences_of(rollout) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids without padding, completion ids up to and including EOS) per row."""
+    tp = rollout.prompt_length
+    out = []
+    for row, mask, cmask in zip(rollout.sequences, rollout.attention_mask, rollout.completion_mask):
+        prompt = row[:tp][mask[:tp].bool()].tolist()
+        completion = row[tp:][cmask.bool()].tolist()
+        out.append((prompt, completion))
+    return out
+
+
+@torch.no_grad()
+def plain_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+    logits = model(input_ids=ids).logits[0].float()
+    logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion, device=ids.device).unsqueeze(-1)).squeeze(-1)
+
+
+def plain_loss(logps: list[torch.Tensor], olds: list[torch.Tensor], advantages: torch.Tensor, eps: float) -> float:
+    total = 0.0
+    for logp, old, adv in zip(logps, olds, advantages.tolist()):
+        ratio = torch.exp(logp - old)
+        per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+        total += float(per_token.mean())
+    return total / len(logps)
+
+
+def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
+    """Compare ``trainer.policy_loss`` on one sampled batch with :func:`plain_loss`: once with
+    pi_old = pi (mu = 1, the benchmark's setting) and once with pi_old shifted so that clipping is
+    active on both sides. Raises AssertionError when they differ beyond the tolerance (1e-4
+    relative in fp32; 3e-2 under bf16 autocast, whose log-probs carry bf16 rounding)."""
+    recipe = trainer.recipe
+    if rtol is None:
+        rtol = 3e-2 if recipe.engine.precision == "bf16" else 1e-4
+    eps = recipe.grpo.clip_epsilon
+    group = recipe.sampling.group_size
+    keys = completion_keys(recipe.run.seed + 1, 0, 0, len(records) * group)
+    rollout = trainer.sample(records, keys)
+    n = len(rollout)
+    advantages = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    weights = token_weights(rollout.completion_mask, "grpo", recipe.sampling.max_new_tokens)
+    model = trainer.engine.model
+    pairs = sequences_of(rollout)
+    logps = [plain_logprobs(model, p, c, recipe.sampling.temperature) for p, c in pairs]
+    rows = slice(0, n)
+
+    zen, _ = trainer.policy_loss(rollout, rows, advantages, weights, None, None)
+    ref = plain_loss(logps, logps, advantages, eps)
+
+    shift = torch.Generator().manual_seed(1)
+    olds = [lp + 0.6 * (torch.rand(lp.shape, generator=shift) - 0.5) for lp in logps]
+    old_padded = torch.zeros_like(rollout.completion_mask, dtype=torch.float32)
+    for i, old in enumerate(olds):
+        old_padded[i, : len(old)] = old
+    zen_clipped, token = trainer.policy_loss(rollout, rows, advantages, weights, old_padded, None)
+    ref_clipped = plain_loss(logps, olds, advantages, eps)
+    clip_frac = float((token.clipped * rollout.completion_mask).sum() / rollout.completion_mask.sum())
+
+    ref_padded = torch.zeros_like(old_padded)
+    for i, lp in enumerate(logps):
+        ref_padded[i, : len(lp)] = lp
+    _, same = trainer.policy_loss(rollout, rows, advantages, weights, ref_padded, None)  # ratio = exp(zen - plain)
+    logp_diff = float((torch.log(same.ratio.detach()).abs() * rollout.completion_mask).max())
+    zen, zen_clipped = float(zen.detach()), float(zen_clipped.detach())
+    for name, a, b in (("mu=1", zen, ref), ("clipped", zen_clipped, ref_clipped)):
+        assert abs(a - b) <= rtol * max(abs(b), 1e-3), f"loss check ({name}): zenalign {a:.8f} vs plain reference {b:.8f}"
+    assert clip_frac > 0.05, f"the clipped check clipped only {clip_frac:.1%} of tokens"
+    return {"zenalign": float(zen), "reference": ref, "zenalign_clipped": float(zen_clipped), "reference_clipped": ref_clipped,
+            "clip_frac": clip_frac, "rtol": rtol, "rows": n, "max_logp_diff": logp_diff}

@@ -1,0 +1,72 @@
+"""The benchmark's own correctness gate: zenalign's batched loss against the plain per-sequence
+reference (bench/reference_loss.py), which bench/perf.py asserts before timing anything."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+from reference_loss import check_loss, plain_loss  # noqa: E402
+
+
+def trainer_for(model_dir, tmp_path, **options):
+    from zenalign import GRPOTrainer
+
+    trainer = GRPOTrainer(model=str(model_dir), reward_model=lambda prompts, completions, **_: [0.0] * len(prompts),
+                          group_size=4, prompts_per_step=3, max_new_tokens=10, kl_coef=0.0, steps=1,
+                          output_dir=str(tmp_path / "run"), progress_bar=False, **options)
+    records = [{"prompt": p} for p in ("reverse abc:", "hi", "reverse kite:")]
+    trainer.setup(records, records)
+    return trainer, records
+
+
+def test_plain_loss_by_hand():
+    # one completion, two tokens, A = 1, eps = 0.2: ratios e^0.5 (clipped to 1.2) and e^-0.1
+    logp = [torch.tensor([0.0, -0.1])]
+    old = [torch.tensor([-0.5, 0.0])]
+    expected = -(min(1.2, 2.718281828 ** 0.5) + 2.718281828 ** -0.1) / 2
+    assert plain_loss(logp, old, torch.tensor([1.0]), 0.2) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zenalign_loss_matches_the_plain_reference(tiny_model_dir, tmp_path, precision):
+    trainer, records = trainer_for(tiny_model_dir, tmp_path, precision=precision)
+    result = check_loss(trainer, records)
+    assert result["rows"] == 12 and result["clip_frac"] > 0.05
+    if precision == "fp32":
+        assert result["zenalign"] == pytest.approx(result["reference"], rel=1e-5)
+
+
+def test_the_check_catches_a_wrong_loss(tiny_model_dir, tmp_path):
+    """A batched path that forgets to average over completions (sums the per-completion means)
+    must fail the check."""
+    trainer, records = trainer_for(tiny_model_dir, tmp_path)
+    original = trainer.policy_loss
+
+    def wrong(rollout, rows, advantages, weights, old, ref):
+        mask = rollout.completion_mask.float()
+        return original(rollout, rows, advantages, mask / mask.sum(dim=1, keepdim=True), old, ref)
+
+    trainer.policy_loss = wrong
+    with pytest.raises(AssertionError, match="loss check"):
+        check_loss(trainer, records)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_zenalign_side(tmp_path):
+    """bench/perf.py end to end without TRL: builds the 1M model, checks the loss, times 3 steps."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "perf.py"), "--sizes", "1m", "--frameworks", "zenalign",
+                           "--steps", "3", "--no-learning", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 1m (1.03M) | zenalign |" in done.stdout and "loss check (1m)" in done.stdout
+    import json
+
+    result = json.loads(out.read_text())["throughput"]["1m"]["zenalign"]
+    assert set(result["phases"]) >= {"sample", "score", "normalize", "update", "log"}
+    assert result["loss_check"]["clip_frac"] > 0.05 and result["seconds_per_step"] > 0
