@@ -46,6 +46,7 @@ def plain_loss(logps: list[torch.Tensor], olds: list[torch.Tensor], advantages: 
     return total / len(logps)
 
 
+@torch.no_grad()  # values only: a graph kept alive here would also inflate the benchmark's peak RSS
 def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
     """Compare ``trainer.policy_loss`` on one sampled batch with :func:`plain_loss`: once with
     pi_old = pi (mu = 1, the benchmark's setting) and once with pi_old shifted so that clipping is
