@@ -8,7 +8,6 @@ Held-out evaluation prompts come from ``eval_path``/``eval_prompts``, or from ``
 records split off the training set with a fixed seed.
 """
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -16,6 +15,7 @@ from typing import Any, Optional, Union
 from pydantic import Field
 
 from zenalign import hookimpl
+from zenalign.data import jsonl_objects
 from zenalign.errors import DataError
 from zenalign.plugin_types import Options, TaskType
 
@@ -36,24 +36,13 @@ class InlineOptions(Options):
 
 
 def read_jsonl(path: Path, prompt_field: str) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"data.path: prompt file '{path}' does not exist")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            if prompt_field != "prompt" and prompt_field in record:
-                record["prompt"] = record.pop(prompt_field)
-            if "prompt" not in record and "messages" not in record:
-                raise DataError(f"{path}:{line_no}: record has no '{prompt_field}' field (or chat 'messages')")
-            records.append(record)
+    for line_no, record in jsonl_objects(path, f"data.path: prompt file '{path}' does not exist"):
+        if prompt_field != "prompt" and prompt_field in record:
+            record["prompt"] = record.pop(prompt_field)
+        if "prompt" not in record and "messages" not in record:
+            raise DataError(f"{path}:{line_no}: record has no '{prompt_field}' field (or chat 'messages')")
+        records.append(record)
     return records
 
 

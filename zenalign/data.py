@@ -7,11 +7,32 @@ position (epoch, index) is all that is needed to continue exactly where a run st
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from zenalign.errors import DataError
+
+
+def jsonl_objects(path: Path, missing: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a missing file, a line that
+    is not JSON, or one that is not an object is a DataError naming the file and line.
+    ``missing``: the error message when the file does not exist."""
+    if not path.is_file():
+        raise DataError(missing)
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: not valid JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
 
 
 def check_records(records: Iterable[Any], where: str) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from zenalign.data import jsonl_objects
 from zenalign.errors import DataError, ModelLoadError, one_line
 from zenalign.models import check_model_dir, load_tokenizer
 
@@ -156,26 +157,15 @@ class Pair:
 
 def read_preferences(path: Path) -> list[Pair]:
     """JSONL of ``{prompt, chosen, rejected, margin?}``; errors give the line number."""
-    if not path.is_file():
-        raise DataError(f"preference file '{path}' does not exist")
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object with prompt, chosen and rejected")
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
-            if missing:
-                raise DataError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}; each line needs prompt, chosen, rejected (strings) and optionally margin")
-            margin = record.get("margin", 0.0)
-            if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-                raise DataError(f"{path}:{line_no}: margin must be a number (got {margin!r})")
-            pairs.append(Pair(record["prompt"], record["chosen"], record["rejected"], float(margin)))
+    for line_no, record in jsonl_objects(path, f"preference file '{path}' does not exist"):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
+        if missing:
+            raise DataError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}; each line needs prompt, chosen, rejected (strings) and optionally margin")
+        margin = record.get("margin", 0.0)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+            raise DataError(f"{path}:{line_no}: margin must be a number (got {margin!r})")
+        pairs.append(Pair(record["prompt"], record["chosen"], record["rejected"], float(margin)))
     if not pairs:
         raise DataError(f"preference file '{path}' holds no pairs")
     return pairs
