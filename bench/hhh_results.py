@@ -64,22 +64,19 @@ def step_variance(metrics: list[dict], key: str) -> float:
     return statistics.pvariance([b - a for a, b in zip(values, values[1:])])
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
+def fmt(values: list[float], spec: str = ".3f") -> str:
+    """mean ± std of the finite values in ``spec`` format, noting runs that never got there."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "not reached"
-    text = f"{statistics.fmean(finite):.{digits}f} ± {statistics.pstdev(finite):.{digits}f}"
+    text = f"{statistics.fmean(finite):{spec}} ± {statistics.pstdev(finite):{spec}}"
     missed = len(values) - len(finite)
     return text + (f" ({missed} of {len(values)} never)" if missed else "")
 
 
-def fmt_samples(values: list[float]) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "not reached"
-    text = f"{statistics.fmean(finite):,.0f} ± {statistics.pstdev(finite):,.0f}"
-    missed = len(values) - len(finite)
-    return text + (f" ({missed} of {len(values)} never)" if missed else "")
+def train_seconds(metrics: list[dict]) -> float:
+    """A run's training time from its own step timings (so cached runs report it too)."""
+    return sum(v for m in metrics for k, v in m.items() if k.startswith("time/"))
 
 
 def main(argv=None) -> int:
@@ -99,20 +96,20 @@ def main(argv=None) -> int:
     factors = [float(f) for f in args.lr_factors.split(",")]
     common = [f"run.steps={args.steps}", f"run.eval_interval={args.eval_interval}"]
     started = time.time()
-    rows, lr_rows = [], []
+    rows, lr_rows, compute = [], [], []
     for method, overrides in METHODS.items():
         slug = "".join(c if c.isalnum() else "-" for c in method.lower())[:40]
         t0 = time.time()
         runs = [run_one([*overrides, *common, f"run.seed={seed}"], args.runs / f"{slug}-seed{seed}") for seed in range(args.seeds)]
-        seconds = (time.time() - t0) / len(runs)
+        compute.extend(train_seconds(r["metrics"]) for r in runs)
         finals = [r["evals"][-1] for r in runs]
         rows.append({
             "method": method,
             **{o: fmt([f[f"eval/reward_mean/{o}"] for f in finals]) for o in OBJECTIVES},
-            "samples": fmt_samples([samples_to(args.threshold, r["evals"]) for r in runs]),
-            "loss_var": fmt([step_variance(r["metrics"], "loss") for r in runs], 5),
-            "reward_var": fmt([step_variance(r["metrics"], "reward_mean") for r in runs], 4),
-            "seconds": seconds,
+            "samples": fmt([samples_to(args.threshold, r["evals"]) for r in runs], ",.0f"),
+            "loss_var": fmt([step_variance(r["metrics"], "loss") for r in runs], ".1e"),
+            "reward_var": fmt([step_variance(r["metrics"], "reward_mean") for r in runs], ".4f"),
+            "seconds": statistics.fmean(train_seconds(r["metrics"]) for r in runs),
         })
         scores = []
         for factor in factors:
@@ -122,19 +119,21 @@ def main(argv=None) -> int:
             run = run_one([*overrides, *common, "run.seed=0", f"grpo.learning_rate={base_lr * factor}"],
                           args.runs / f"{slug}-seed0-lr{factor:g}")
             scores.append(mean_score(run["evals"][-1]))
+            compute.append(train_seconds(run["metrics"]))
         lr_rows.append((method, scores))
         print(f"{method}: done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     wall = time.time() - started
-    table = render(rows, lr_rows, factors, base_lr, args, wall)
+    table = render(rows, lr_rows, factors, base_lr, args, wall, sum(compute))
     write(args.out, table)
     print(table)
     return 0
 
 
-def render(rows, lr_rows, factors, base_lr, args, wall) -> str:
+def render(rows, lr_rows, factors, base_lr, args, wall, compute) -> str:
     command = "python bench/hhh_results.py" + ("" if (args.seeds, args.steps) == (3, 80) else f" --seeds {args.seeds} --steps {args.steps}")
     lines = [
-        f"Command: `{command}` — wall time {wall / 60:.1f} min on this machine (2 CPU cores), "
+        f"Command: `{command}` — {compute / 60:.1f} min of training summed over the runs on this machine (2 CPU cores; "
+        f"this invocation took {wall / 60:.1f} min, reusing finished runs in runs/results), "
         f"{args.seeds} seeds x {len(rows)} methods, plus {len(factors) - 1} extra learning rates x {len(rows)} methods.",
         f"Each run: {args.steps} steps x 96 completions; held-out greedy evaluation every {args.eval_interval} steps. "
         f"Scores are final held-out means, mean ± std over seeds.",
@@ -145,7 +144,7 @@ def render(rows, lr_rows, factors, base_lr, args, wall) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['helpful']} | {r['harmless']} | {r['honest']} | {r['samples']} |")
     lines += ["", "Step-to-step variance (variance of the change between consecutive steps), mean ± std over seeds:", "",
-              "| Method | loss | training reward | seconds per run |", "|---|---|---|---|"]
+              "| Method | loss | training reward | training seconds per run |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['loss_var']} | {r['reward_var']} | {r['seconds']:.0f} |")
     header = " | ".join(f"lr = {base_lr * f:.1e}" for f in factors)

@@ -9,13 +9,16 @@ those of the distribution the completions were actually drawn from.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from zenalign.gumbel import GumbelSampler
+from zenalign.loss import accepts_logits_to_keep
 
 
 @dataclass
@@ -87,19 +90,15 @@ def neutral_generation_defaults(model: torch.nn.Module):
         model.generation_config = saved
 
 
-def cache_argument(model: torch.nn.Module) -> str | None:
-    """The name under which the model's forward takes a KV cache (``cache`` in transformers >= 5.x,
-    ``past_key_values`` before), or None if it takes neither."""
-    import inspect
-
+@lru_cache(maxsize=None)
+def cache_argument(forward_type: type) -> str | None:
+    """The name under which a model class's forward takes a KV cache (``cache`` in transformers
+    >= 5.x, ``past_key_values`` before), or None if it takes neither."""
     try:
-        params = inspect.signature(type(model).forward).parameters
+        params = inspect.signature(forward_type.forward).parameters
     except (TypeError, ValueError):
         return None
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def lean_decode(
@@ -121,7 +120,8 @@ def lean_decode(
     """
     from transformers import DynamicCache
 
-    cache_name = cache_argument(model)
+    cache_name = cache_argument(type(model))
+    head = {"logits_to_keep": 1} if accepts_logits_to_keep(type(model)) else {}  # LM head on the last position only
     device = input_ids.device
     eos = torch.tensor(list(eos_ids), device=device)
     try:
@@ -129,13 +129,12 @@ def lean_decode(
     except TypeError:  # older transformers
         cache = DynamicCache()
     mask = prompt_mask.clone()
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    tokens = input_ids
-    step_ids, step_positions = input_ids, positions
+    tokens = step_ids = input_ids
+    step_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
-                    logits_to_keep=1, **{cache_name: cache})
+                    **head, **{cache_name: cache})
         scores = out.logits[:, -1, :].float()
         next_tokens = processors(tokens, scores).argmax(dim=-1)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
@@ -175,7 +174,7 @@ def generate_groups(
         processors.append(GumbelSampler(keys, input_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p))
     was_training = model.training
     model.eval()
-    lean = getattr(sampling, "decoder", "generate") == "lean" and not synced_gpus and cache_argument(model) is not None
+    lean = getattr(sampling, "decoder", "generate") == "lean" and not synced_gpus and cache_argument(type(model)) is not None
     with autocast or nullcontext():
         if lean:
             with torch.inference_mode():
