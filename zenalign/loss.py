@@ -32,19 +32,72 @@ def accepts_logits_to_keep(forward_type: type) -> bool:
         return False
 
 
+@lru_cache(maxsize=None)
+def cache_argument(forward_type: type) -> Optional[str]:
+    """The name under which a model class's forward takes a KV cache (``cache`` in newer
+    transformers, ``past_key_values`` before), or None if it takes neither (e.g. a DDP or
+    DeepSpeed wrapper, whose forward is ``*args, **kwargs``)."""
+    try:
+        params = inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def new_cache(model: torch.nn.Module):
+    """An empty transformers ``DynamicCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def prompt_groups(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int):
+    """Rows whose prompt (tokens and mask) equals the previous row's share that prompt.
+
+    Returns ``(leaders, owner)``: the first row of each run of equal prompts, and for every row
+    the index (into ``leaders``) of its run. GRPO rollouts are prompt-major, so a run is a group.
+    """
+    prompts, masks = sequences[:, :prompt_length], attention_mask[:, :prompt_length]
+    same = (prompts[1:] == prompts[:-1]).all(dim=1) & (masks[1:] == masks[:-1]).all(dim=1)
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     sequences: torch.Tensor,
     attention_mask: torch.Tensor,
     prompt_length: int,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """log pi(token | prefix) for every completion token, ``(N, Tc)``.
 
     Position ids follow the attention mask (left padding does not shift positions), matching
     what ``generate`` used. The LM head runs only on the positions that predict completion
     tokens when the model supports ``logits_to_keep``.
+
+    With ``share_prompts`` (and a model that takes a KV cache directly, not through a DDP or
+    DeepSpeed wrapper), rows that repeat the previous row's prompt, the ``k`` completions of a
+    GRPO group, run that prompt once: one forward pass over the distinct prompts fills a KV
+    cache, the cache is gathered out to every row, and a second pass runs the completion tokens
+    on top of it. Attention is causal, so a prompt's keys and values do not depend on the
+    completion that follows; the result and its gradient (which flows back through the
+    gathered cache into the prompt pass) are those of the plain pass, with the prompt's share
+    of the work divided by the group size. ``tests/test_loss.py`` pins both paths together.
     """
+    if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
+        cache_name = cache_argument(type(model))
+        if cache_name is not None and accepts_logits_to_keep(type(model)):
+            leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
+            if len(leaders) < sequences.shape[0]:
+                shared = _shared_prompt_logprobs(model, cache_name, sequences, attention_mask, prompt_length,
+                                                 leaders, owner)
+                if shared is not None:
+                    return _token_logprobs(shared, sequences[:, prompt_length:], temperature)
     completion_length = sequences.shape[1] - prompt_length
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     kwargs = {}
@@ -53,11 +106,35 @@ def completion_logprobs(
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
     ).logits
-    logits = logits[:, -(completion_length + 1) : -1, :].float()  # (N, Tc, V): predicts each completion token
+    logits = logits[:, -(completion_length + 1) : -1, :]  # (N, Tc, V): predicts each completion token
+    return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = sequences[:, prompt_length:].unsqueeze(-1)  # (N, Tc, 1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _shared_prompt_logprobs(model, cache_name, sequences, attention_mask, prompt_length, leaders, owner):
+    """The ``(N, Tc, V)`` logits predicting each completion token, with each distinct prompt run
+    once (see :func:`completion_logprobs`); None when the model's cache cannot be gathered."""
+    cache = new_cache(model)
+    prompt_mask = attention_mask[leaders, :prompt_length]
+    prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    first = model(input_ids=sequences[leaders, :prompt_length], attention_mask=prompt_mask,
+                  position_ids=prompt_positions, use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None  # sliding-window, linear-attention or older caches: the plain pass is used
+    cache.batch_select_indices(owner)  # out-of-place indexing: gradients flow back to the prompt pass
+    # The last completion token is never an input whose output is needed, so it is left out.
+    mask = attention_mask[:, :-1]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_length:]
+    rest = model(input_ids=sequences[:, prompt_length:-1], attention_mask=mask, position_ids=positions,
+                 use_cache=True, logits_to_keep=0, **{cache_name: cache}).logits
+    return torch.cat([first[owner], rest], dim=1)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

@@ -155,6 +155,13 @@ class EngineSection(Section):
         description="Completions per forward/backward pass in the update, per process (gradient accumulation). "
         "The loss is normalised over the whole batch, so this changes memory, not the result. null = all at once.",
     )
+    shared_prompts: bool = Field(
+        True,
+        description="Run each prompt once per group when computing log-probs (update, old and reference passes) "
+        "and share its KV cache across the group's k completions: the same result and gradient, with the "
+        "prompt's share of the work divided by k. Applies to unwrapped models (single-process torch backend); "
+        "false runs every completion's prompt again.",
+    )
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "

@@ -9,16 +9,14 @@ those of the distribution the completions were actually drawn from.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from zenalign.gumbel import GumbelSampler
-from zenalign.loss import accepts_logits_to_keep
+from zenalign.loss import accepts_logits_to_keep, cache_argument, new_cache
 
 
 @dataclass
@@ -90,62 +88,85 @@ def neutral_generation_defaults(model: torch.nn.Module):
         model.generation_config = saved
 
 
-@lru_cache(maxsize=None)
-def cache_argument(forward_type: type) -> str | None:
-    """The name under which a model class's forward takes a KV cache (``cache`` in transformers
-    >= 5.x, ``past_key_values`` before), or None if it takes neither."""
-    try:
-        params = inspect.signature(forward_type.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
 def lean_decode(
     model: torch.nn.Module,
-    input_ids: torch.Tensor,
+    prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
+    group_size: int,
     max_new_tokens: int,
     eos_ids: Sequence[int],
     pad_id: int,
     processors: Any,
+    static_cache: bool = True,
 ) -> torch.Tensor:
     """Greedy decoding over processed scores with a KV cache: what ``generate`` does for this
     configuration, with nothing else per token.
 
-    Each step runs one forward pass over the newest token (the LM head on that position only),
-    applies the logits processors (the Gumbel sampler) and takes the argmax. Rows that have
-    emitted an EOS continue with padding; the loop stops when every row has finished. Position
-    ids follow the attention mask, as in ``generate``. Returns ``(N, Tp + T)`` token ids.
-    """
-    from transformers import DynamicCache
+    ``prompt_ids`` holds each distinct prompt once, ``(P, Tp)``; every prompt gets ``group_size``
+    rows, prompt-major. The prompts are prefilled once and their KV cache (and the logits of
+    their last position) repeated out to the group, so a group of k costs one prefill, not k.
+    Each step then runs one forward pass over the newest token (the LM head on that position
+    only), applies the logits processors (the Gumbel sampler) and takes the argmax. Rows that
+    have emitted an EOS continue with padding; the loop stops when every row has finished.
+    Position ids follow the attention mask, as in ``generate``. Returns ``(P*k, Tp + T)`` ids.
 
+    The decoding cache is preallocated (``static_cache``, see :func:`grouped_cache`) where the
+    model's cache allows it, so a step writes one column instead of copying the whole cache.
+    """
     cache_name = cache_argument(type(model))
     head = {"logits_to_keep": 1} if accepts_logits_to_keep(type(model)) else {}  # LM head on the last position only
-    device = input_ids.device
+    device = prompt_ids.device
     eos = torch.tensor(list(eos_ids), device=device)
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        cache = DynamicCache()
-    mask = prompt_mask.clone()
-    tokens = step_ids = input_ids
-    step_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
-                    **head, **{cache_name: cache})
-        scores = out.logits[:, -1, :].float()
-        next_tokens = processors(tokens, scores).argmax(dim=-1)
+    cache = new_cache(model)
+    positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                **head, **{cache_name: cache})
+    logits = out.logits[:, -1, :].repeat_interleave(group_size, dim=0)
+    tokens = prompt_ids.repeat_interleave(group_size, dim=0)
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    cache, static = grouped_cache(model, cache, group_size, prompt_ids.shape[1] + max_new_tokens, static_cache)
+    if static:  # columns past the current token are never attended (causal): the mask can be 1 from the start
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
+    step_positions = positions[:, -1:].repeat_interleave(group_size, dim=0)
+    unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
+    step_ids = next_tokens = None
+    for step in range(max_new_tokens):
+        if step:
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
+                        **head, **{cache_name: cache})
+            logits = out.logits[:, -1, :]
+        next_tokens = processors(tokens, logits.float()).argmax(dim=-1)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         unfinished &= ~torch.isin(next_tokens, eos)
         if not bool(unfinished.any()):
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        step_positions = step_positions[:, -1:] + 1
+        if not static:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        step_positions = step_positions + 1
         step_ids = next_tokens[:, None]
     return tokens
+
+
+def grouped_cache(model, cache, group_size: int, max_length: int, static: bool = True):
+    """The prefilled cache with each row repeated ``group_size`` times, and whether it is static.
+
+    Static: a transformers ``StaticCache`` of ``max_length`` columns, filled with the prompts'
+    keys and values. Caches with other than plain full-attention layers (sliding windows, linear
+    attention) keep their dynamic form, repeated in place.
+    """
+    layers = getattr(cache, "layers", None)
+    if static and layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        from transformers import StaticCache
+
+        grouped = StaticCache(config=model.config, max_cache_len=max_length)
+        if len(grouped.layers) == len(layers):
+            for source, target in zip(layers, grouped.layers):
+                target.update(source.keys.repeat_interleave(group_size, dim=0),
+                              source.values.repeat_interleave(group_size, dim=0))
+            return grouped, True
+    cache.batch_repeat_interleave(group_size)
+    return cache, False
 
 
 def generate_groups(
@@ -178,8 +199,8 @@ def generate_groups(
     with autocast or nullcontext():
         if lean:
             with torch.inference_mode():
-                sequences = lean_decode(model, input_ids, prompt_mask, sampling.max_new_tokens, eos_ids,
-                                        tokenizer.pad_token_id, processors)
+                sequences = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], group_size,
+                                        sampling.max_new_tokens, eos_ids, tokenizer.pad_token_id, processors)
             sequences = sequences.clone()  # a normal tensor again: the update differentiates through it
         else:
             with neutral_generation_defaults(model):

@@ -340,7 +340,8 @@ class GRPOTrainer:
         for rows in self._micro_batches(len(rollout)):
             with self.engine.autocast():
                 chunks.append(completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                                  rollout.prompt_length, self.recipe.sampling.temperature))
+                                                  rollout.prompt_length, self.recipe.sampling.temperature,
+                                                  share_prompts=self.recipe.engine.shared_prompts))
         return torch.cat(chunks)
 
     def _micro_batches(self, n: int) -> list[slice]:
@@ -390,7 +391,8 @@ class GRPOTrainer:
         clip_high = g.clip_epsilon_high if g.clip_epsilon_high is not None else g.clip_epsilon
         with self.engine.autocast():
             logp = completion_logprobs(self.engine.train_model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                       rollout.prompt_length, self.recipe.sampling.temperature)
+                                       rollout.prompt_length, self.recipe.sampling.temperature,
+                                       share_prompts=self.recipe.engine.shared_prompts)
         old = old_logp[rows] if old_logp is not None else logp.detach()
         token = grpo_token_loss(logp, old, advantages[rows], g.clip_epsilon, clip_high,
                                 ref_logp=ref_logp[rows] if ref_logp is not None else None,

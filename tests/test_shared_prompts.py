@@ -1,0 +1,180 @@
+"""Prompt sharing: each GRPO group's prompt runs once (sampling prefill, and every log-prob pass),
+and the results and gradients equal the plain pass that runs the prompt once per completion."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama, byte_tokenizer
+from zenalign.gumbel import completion_keys
+from zenalign.loss import completion_logprobs, prompt_groups
+from zenalign.recipe import SamplingSection
+from zenalign.sampling import generate_groups
+
+EOS = 1
+PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]  # left padding of 0, 25 and 33 columns
+
+
+def build_tiny_qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return build_tiny_llama(seed=5) if request.param == "llama" else build_tiny_qwen2(seed=5)
+
+
+@pytest.fixture(scope="module")
+def rollout(model):
+    """4 completions for each of 3 left-padded prompts, with early EOS and truncation."""
+    keys = completion_keys(seed=0, step=1, first_completion=0, count=len(PROMPTS) * 4)
+    rollout = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=10), [EOS],
+                              group_size=4, keys=keys)
+    # A random model rarely samples EOS: end a few completions early by hand (EOS, then padding).
+    tp = rollout.prompt_length
+    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
+        rollout.sequences[row, tp + length - 1] = EOS
+        rollout.sequences[row, tp + length:] = 0
+        rollout.completion_mask[row, length:] = 0
+        rollout.attention_mask[row, tp + length:] = 0
+        rollout.truncated[row] = False
+    return rollout
+
+
+def logprobs_and_grads(model, rollout, rows, share, temperature=0.7):
+    model.zero_grad(set_to_none=True)
+    logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
+                               temperature, share_prompts=share)
+    mask = rollout.completion_mask[rows]
+    # a loss that weighs every token differently, so any misplaced log-prob shows in the gradient
+    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask
+    (logp * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logp.detach() * mask, grads
+
+
+def test_prompt_groups_finds_runs_of_equal_prompts():
+    sequences = torch.tensor([[0, 7, 8, 1], [0, 7, 8, 2], [5, 7, 8, 3], [5, 7, 8, 3], [5, 7, 8, 4], [0, 7, 8, 5]])
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    leaders, owner = prompt_groups(sequences, mask, prompt_length=3)
+    # row 5 has row 0's tokens but a different mask (token 0 is real there): its own prompt
+    assert leaders.tolist() == [0, 2, 5]
+    assert owner.tolist() == [0, 0, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("rows", [slice(0, 12), slice(3, 10)], ids=["whole-batch", "micro-batch-across-groups"])
+def test_shared_prompts_give_the_plain_log_probs_and_gradients(model, rollout, rows):
+    assert rollout.truncated.any() and not rollout.truncated.all()  # ragged completions
+    plain_logp, plain_grads = logprobs_and_grads(model, rollout, rows, share=False)
+    shared_logp, shared_grads = logprobs_and_grads(model, rollout, rows, share=True)
+    torch.testing.assert_close(shared_logp, plain_logp, rtol=0, atol=2e-5)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) == len(list(model.parameters()))
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-4 * float(grad.abs().max()), msg=lambda m, name=name: f"{name}: {m}")
+
+
+def record_base_inputs(model):
+    """Shapes of the input ids every forward pass of the decoder stack receives."""
+    shapes = []
+    handle = model.model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                                   with_kwargs=True)
+    return shapes, handle
+
+
+def test_each_prompt_runs_once_per_group(model, rollout):
+    n, total = rollout.sequences.shape
+    tp = rollout.prompt_length
+    shapes, handle = record_base_inputs(model)
+    try:
+        with torch.no_grad():
+            completion_logprobs(model, rollout.sequences, rollout.attention_mask, tp)
+            completion_logprobs(model, rollout.sequences, rollout.attention_mask, tp, share_prompts=False)
+    finally:
+        handle.remove()
+    # shared: the 3 distinct prompts, then the completions without their last token; plain: everything
+    assert shapes == [(3, tp), (n, total - tp - 1), (n, total)]
+
+
+def test_distinct_prompts_take_the_plain_pass(model):
+    """Nothing to share (group size 1, as in greedy evaluation): one ordinary forward pass."""
+    greedy = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=6), [EOS], group_size=1)
+    shapes, handle = record_base_inputs(model)
+    try:
+        with torch.no_grad():
+            completion_logprobs(model, greedy.sequences, greedy.attention_mask, greedy.prompt_length)
+    finally:
+        handle.remove()
+    assert shapes == [tuple(greedy.sequences.shape)]
+
+
+def test_lean_decoder_prefills_each_prompt_once(model):
+    shapes, handle = record_base_inputs(model)
+    try:
+        out = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=4, decoder="lean"), [EOS],
+                              group_size=4, keys=completion_keys(seed=1, step=1, first_completion=0, count=12))
+    finally:
+        handle.remove()
+    assert shapes[0] == (3, out.prompt_length)  # one prefill per distinct prompt
+    assert all(shape == (12, 1) for shape in shapes[1:]) and 1 <= len(shapes) - 1 <= 3  # then one token per step
+
+
+def test_the_trainer_passes_give_the_same_log_probs_and_gradients(tmp_path, tiny_model_dir):
+    """Through the trainer: the reference and old-policy passes and the micro-batched update
+    (micro-batches of 3 cut across groups of 4) with and without sharing."""
+    from zenalign import GRPOTrainer
+
+    prompts = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite"]]
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=completion_length, steps=1, group_size=4,
+                          prompts_per_step=3, max_new_tokens=8, kl_coef=0.1, num_iterations=2, micro_batch_size=3,
+                          progress_bar=False, output_dir=str(tmp_path / "run"), seed=0)
+    trainer.setup(prompts, prompts[:1])
+    rollout = trainer.sample(prompts[:3], completion_keys(seed=0, step=1, first_completion=0, count=12))
+    advantages = torch.linspace(-1.5, 1.5, 12)
+    weights = rollout.completion_mask / rollout.completion_mask.sum(dim=1, keepdim=True) / 12
+    results = {}
+    for shared in (True, False):
+        trainer.recipe.engine.shared_prompts = shared
+        ref_logp = trainer.logprobs(trainer.reference, rollout)
+        old_logp = trainer.logprobs(trainer.model, rollout) + 0.05  # off pi_theta, so the ratio is not 1
+        trainer.model.zero_grad(set_to_none=True)
+        for rows in trainer._micro_batches(len(rollout)):
+            loss, _ = trainer.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
+            loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+        results[shared] = (ref_logp * rollout.completion_mask, old_logp * rollout.completion_mask, grads)
+    trainer.cleanup()
+    (ref_s, old_s, grads_s), (ref_p, old_p, grads_p) = results[True], results[False]
+    torch.testing.assert_close(ref_s, ref_p, rtol=0, atol=2e-5)
+    torch.testing.assert_close(old_s, old_p, rtol=0, atol=2e-5)
+    assert max(float(g.abs().max()) for g in grads_p.values()) > 0
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_s[name], grad, rtol=1e-3, atol=1e-4 * float(grad.abs().max()), msg=lambda m, name=name: f"{name}: {m}")
+
+
+def completion_length(completions):
+    return [float(len(c)) for c in completions]
+
+
+def test_static_and_dynamic_decoding_caches_sample_the_same_tokens(model):
+    """The preallocated cache (the default) against the growing one that models with other cache
+    layouts fall back to; both are pinned to `generate` through tests/test_sampling.py's check."""
+    from transformers import LogitsProcessorList
+
+    from zenalign.gumbel import GumbelSampler
+    from zenalign.sampling import lean_decode
+
+    encoded = byte_tokenizer()(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    keys = completion_keys(seed=2, step=1, first_completion=0, count=12)
+    out = {}
+    for static in (True, False):
+        processors = LogitsProcessorList([GumbelSampler(keys, encoded["input_ids"].shape[1], 1.0, 0, 1.0)])
+        with torch.inference_mode():
+            out[static] = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0, processors,
+                                      static_cache=static)
+    assert out[True].shape == (12, encoded["input_ids"].shape[1] + 9)
+    assert torch.equal(out[True], out[False])
