@@ -89,4 +89,5 @@ def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
         assert abs(a - b) <= rtol * max(abs(b), 1e-3), f"loss check ({name}): zenalign {a:.8f} vs plain reference {b:.8f}"
     assert clip_frac > 0.05, f"the clipped check clipped only {clip_frac:.1%} of tokens"
     return {"zenalign": float(zen), "reference": ref, "zenalign_clipped": float(zen_clipped), "reference_clipped": ref_clipped,
-            "clip_frac": clip_frac, "rtol": rtol, "rows": n, "max_logp_diff": logp_diff}
+            "clip_frac": clip_frac, "rtol": rtol, "rows": n, "max_logp_diff": logp_diff,
+            "shared_prompts": recipe.engine.shared_prompts}
