@@ -3,7 +3,10 @@ deepspeed launcher, against the torch backend on one process.
 
 Tolerance: sampling is batch-invariant (zenalign.gumbel), so every configuration samples the same
 completions and must give *identical* rewards; losses, KL and gradient norms may differ only by
-floating-point reduction order: 1e-5 relative (plus 1e-7 absolute).
+floating-point operation order: 1e-4 relative (plus 1e-7 absolute). The orders do differ: the
+single-process torch run uses torch's fused AdamW and runs each group's prompt once
+(engine.shared_prompts), while DeepSpeed steps its own AdamW and wrapped models run the plain
+pass; over four steps that moves the KL by about 1e-5 relative.
 """
 
 import json
@@ -48,7 +51,7 @@ def assert_same_run(got: list[dict], want: list[dict]) -> None:
         for key in ("reward_mean", "reward_std", "zero_std_frac", "completion_len"):
             assert g[key] == w[key], (g["step"], key)
         for key in ("loss", "kl", "grad_norm"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-7), (g["step"], key)
 
 
 @pytest.fixture(scope="module")
