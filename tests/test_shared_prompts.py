@@ -178,3 +178,54 @@ def test_static_and_dynamic_decoding_caches_sample_the_same_tokens(model):
                                       static_cache=static)
     assert out[True].shape == (12, encoded["input_ids"].shape[1] + 9)
     assert torch.equal(out[True], out[False])
+
+
+DDP_SCRIPT = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, "tests")
+from conftest import build_tiny_llama
+from zenalign.loss import completion_logprobs
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+torch.manual_seed(0)
+prompts = torch.randint(3, 300, (3, 7))
+sequences = torch.cat([prompts.repeat_interleave(4, 0), torch.randint(3, 300, (12, 6))], dim=1)
+mask = torch.ones_like(sequences)
+mask[4:8, :2] = 0  # the second prompt is left-padded
+grads, shapes = {}, []
+for share in (True, False):
+    model = build_tiny_llama(seed=4)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    handle = model.model.register_forward_pre_hook(lambda m, a, k: shapes.append([share, list(k["input_ids"].shape)]),
+                                                   with_kwargs=True)
+    logp = completion_logprobs(ddp, sequences, mask, 7, share_prompts=share)
+    (logp * torch.linspace(0.5, 2.0, logp.numel()).reshape(logp.shape)).sum().backward()
+    handle.remove()
+    grads[share] = {n: p.grad for n, p in model.named_parameters()}
+diff = max(float((grads[True][n] - grads[False][n]).abs().max() / grads[False][n].abs().max().clamp(min=1e-12))
+           for n in grads[False])
+print(json.dumps({"shapes": shapes, "max_relative_grad_diff": diff}))
+dist.destroy_process_group()
+"""
+
+
+def test_shared_prompts_under_distributed_data_parallel():
+    """DDP (one gloo process): the prompt pass runs on the wrapped module, the completions through
+    the wrapper, and the all-reduced gradients equal the plain pass's."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run([sys.executable, "-c", DDP_SCRIPT, port], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == [[True, [3, 7]], [True, [12, 5]], [False, [12, 13]]]
+    assert result["max_relative_grad_diff"] < 1e-4

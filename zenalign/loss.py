@@ -80,21 +80,25 @@ def completion_logprobs(
     what ``generate`` used. The LM head runs only on the positions that predict completion
     tokens when the model supports ``logits_to_keep``.
 
-    With ``share_prompts`` (and a model that takes a KV cache directly, not through a DDP or
-    DeepSpeed wrapper), rows that repeat the previous row's prompt, the ``k`` completions of a
+    With ``share_prompts`` (and a model that takes a KV cache: a plain transformers model, or
+    one under DistributedDataParallel; not a DeepSpeed engine), rows that repeat the previous row's prompt, the ``k`` completions of a
     GRPO group, run that prompt once: one forward pass over the distinct prompts fills a KV
     cache, the cache is gathered out to every row, and a second pass runs the completion tokens
     on top of it. Attention is causal, so a prompt's keys and values do not depend on the
     completion that follows; the result and its gradient (which flows back through the
     gathered cache into the prompt pass) are those of the plain pass, with the prompt's share
-    of the work divided by the group size. ``tests/test_loss.py`` pins both paths together.
+    of the work divided by the group size. ``tests/test_shared_prompts.py`` pins both paths
+    together. Under DDP the prompt pass calls the wrapped module and the completion pass the
+    wrapper: autograd sums each parameter's gradient over both passes before DDP's per-parameter
+    hook fires, so the all-reduce sees one complete gradient, as with one forward pass.
     """
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
-        cache_name = cache_argument(type(model))
-        if cache_name is not None and accepts_logits_to_keep(type(model)):
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        cache_name = cache_argument(type(inner))
+        if cache_name is not None and accepts_logits_to_keep(type(inner)):
             leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
             if len(leaders) < sequences.shape[0]:
-                shared = _shared_prompt_logprobs(model, cache_name, sequences, attention_mask, prompt_length,
+                shared = _shared_prompt_logprobs(model, inner, cache_name, sequences, attention_mask, prompt_length,
                                                  leaders, owner)
                 if shared is not None:
                     return _token_logprobs(shared, sequences[:, prompt_length:], temperature)
@@ -117,13 +121,14 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _shared_prompt_logprobs(model, cache_name, sequences, attention_mask, prompt_length, leaders, owner):
+def _shared_prompt_logprobs(model, inner, cache_name, sequences, attention_mask, prompt_length, leaders, owner):
     """The ``(N, Tc, V)`` logits predicting each completion token, with each distinct prompt run
-    once (see :func:`completion_logprobs`); None when the model's cache cannot be gathered."""
-    cache = new_cache(model)
+    once (see :func:`completion_logprobs`) through ``inner`` (the model, or the module a DDP
+    wrapper holds) and the completions through ``model``; None when the cache cannot be gathered."""
+    cache = new_cache(inner)
     prompt_mask = attention_mask[leaders, :prompt_length]
     prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    first = model(input_ids=sequences[leaders, :prompt_length], attention_mask=prompt_mask,
+    first = inner(input_ids=sequences[leaders, :prompt_length], attention_mask=prompt_mask,
                   position_ids=prompt_positions, use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
     layers = getattr(cache, "layers", None)
     if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):

@@ -159,8 +159,8 @@ class EngineSection(Section):
         True,
         description="Run each prompt once per group when computing log-probs (update, old and reference passes) "
         "and share its KV cache across the group's k completions: the same result and gradient, with the "
-        "prompt's share of the work divided by k. Applies to unwrapped models (single-process torch backend); "
-        "false runs every completion's prompt again.",
+        "prompt's share of the work divided by k. Applies to the torch backend (one process or DDP); DeepSpeed "
+        "engines run the plain pass. false runs every completion's prompt again.",
     )
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
