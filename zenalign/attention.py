@@ -4,11 +4,8 @@ torch's CPU flash-attention kernel is slow in bf16, above all its backward: on t
 1M Qwen2 the attention backward took 46 ms of a 120 ms update in bf16 and 4 ms in fp32. So when
 the torch engine runs bf16 autocast on a CPU, a model using ``sdpa`` attention is switched to
 :func:`sdpa_in_float32`: query, key and value go to float32 for the attention product (and the
-softmax, which then also runs at full precision) and the result returns to bf16, in passes that
-will be differentiated (the update). Passes without a backward (sampling, the reference and
-old-policy log-probs) keep the bf16 kernel: its forward is fine, and upcasting a decoding step's
-whole KV cache every step made 10M-model sampling 0.34 s instead of 0.27 s. Linear
-layers, where the FLOPs are, stay in bf16. GPUs keep their bf16 kernels.
+softmax, which then also runs at full precision) and the result returns to bf16. Linear layers,
+where the FLOPs are, stay in bf16. GPUs keep their bf16 kernels.
 
 The switch goes through transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``, so the
 padding mask is the one sdpa gets); it is not written to saved configs.
@@ -25,10 +22,6 @@ def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    if not (torch.is_grad_enabled() and query.requires_grad) or dtype == torch.float32:
-        # No backward to pay for (sampling, reference and old-policy passes): the bf16 forward
-        # kernel is fine, and upcasting a decoding step's whole KV cache every step is not.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
