@@ -62,7 +62,8 @@ def test_benchmark_runs_zenalign_side(tmp_path):
     """bench/perf.py end to end without TRL: builds the 1M model, checks the loss, times 3 steps."""
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "perf.py"), "--sizes", "1m", "--frameworks", "zenalign",
-                           "--steps", "3", "--no-learning", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+                           "--steps", "3", "--repeats", "2", "--no-learning", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 1m (1.03M) | zenalign |" in done.stdout and "loss check (1m)" in done.stdout
     import json
@@ -70,3 +71,18 @@ def test_benchmark_runs_zenalign_side(tmp_path):
     result = json.loads(out.read_text())["throughput"]["1m"]["zenalign"]
     assert set(result["phases"]) >= {"sample", "score", "normalize", "update", "log"}
     assert result["loss_check"]["clip_frac"] > 0.05 and result["seconds_per_step"] > 0
+    assert len(result["rounds_seconds_per_step"]) == 2
+    assert result["seconds_per_step"] == min(result["rounds_seconds_per_step"])  # the lower median of two
+
+
+def test_median_round_takes_each_frameworks_median_run_and_keeps_every_ratio():
+    sys.path.insert(0, str(REPO / "bench"))
+    from perf import median_round
+
+    trl, zen = [1.0, 1.2, 0.9], [0.5, 0.7, 0.6]
+    rounds = [{"trl": {"seconds_per_step": t, "id": f"t{i}"}, "zenalign": {"seconds_per_step": z, "id": f"z{i}"}}
+              for i, (t, z) in enumerate(zip(trl, zen))]
+    pair = median_round(rounds)
+    assert pair["trl"]["id"] == "t0" and pair["zenalign"]["id"] == "z2"  # medians 1.0 and 0.6
+    assert pair["trl"]["rounds_seconds_per_step"] == trl
+    assert pair["zenalign"]["round_ratios"] == pytest.approx([2.0, 1.2 / 0.7, 1.5])
