@@ -65,9 +65,10 @@ class SamplingSection(Section):
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 turns it off.")
     decoder: Literal["lean", "generate"] = Field(
         "lean",
-        description="lean: zenalign's own KV-cache decoding loop (no per-token work beyond the forward pass "
-        "and the sampler; falls back to generate for models without a cache API and at ZeRO stage 3). "
-        "generate: transformers' generate. Both sample the same tokens.",
+        description="lean: zenalign's own KV-cache decoding loop (each distinct prompt prefilled once per group, "
+        "a preallocated cache, no per-token work beyond the forward pass and the sampler; falls back to generate "
+        "for models without a cache API and for ZeRO-3 across processes). generate: transformers' generate. "
+        "Both sample the same tokens.",
     )
 
 
