@@ -229,3 +229,22 @@ def test_shared_prompts_under_distributed_data_parallel():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["shapes"] == [[True, [3, 7]], [True, [12, 5]], [False, [12, 13]]]
     assert result["max_relative_grad_diff"] < 1e-4
+
+
+def test_a_sliding_window_model_takes_the_plain_pass_without_a_prompt_pass():
+    """Caches that cannot be gathered are recognised from the model's config, before any work."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    model = Qwen2ForCausalLM(config)
+    sequences = torch.cat([torch.randint(3, 300, (2, 6)).repeat_interleave(3, 0), torch.randint(3, 300, (6, 5))], dim=1)
+    mask = torch.ones_like(sequences)
+    shapes, handle = record_base_inputs(model)
+    try:
+        with torch.no_grad():
+            completion_logprobs(model, sequences, mask, 6)
+    finally:
+        handle.remove()
+    assert shapes == [(6, 11)]

@@ -54,6 +54,20 @@ def new_cache(model: torch.nn.Module):
         return DynamicCache()
 
 
+def full_attention_only(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention ``DynamicLayer`` (known before
+    any forward pass when the cache was built from the model's config): the layout whose rows
+    can be gathered, repeated or copied into a ``StaticCache``. Sliding-window, linear-attention
+    and lazily built caches are not."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow an attention mask: left padding does not shift positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def prompt_groups(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int):
     """Rows whose prompt (tokens and mask) equals the previous row's share that prompt.
 
@@ -81,8 +95,9 @@ def completion_logprobs(
     tokens when the model supports ``logits_to_keep``.
 
     With ``share_prompts`` (and a model that takes a KV cache: a plain transformers model, or
-    one under DistributedDataParallel; not a DeepSpeed engine), rows that repeat the previous row's prompt, the ``k`` completions of a
-    GRPO group, run that prompt once: one forward pass over the distinct prompts fills a KV
+    one under DistributedDataParallel; not a DeepSpeed engine, and a plain full-attention
+    cache), rows that repeat the previous row's prompt, the ``k`` completions of a GRPO group,
+    run that prompt once: one forward pass over the distinct prompts fills a KV
     cache, the cache is gathered out to every row, and a second pass runs the completion tokens
     on top of it. Attention is causal, so a prompt's keys and values do not depend on the
     completion that follows; the result and its gradient (which flows back through the
@@ -96,14 +111,14 @@ def completion_logprobs(
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         cache_name = cache_argument(type(inner))
         if cache_name is not None and accepts_logits_to_keep(type(inner)):
+            cache = new_cache(inner)
             leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
-            if len(leaders) < sequences.shape[0]:
-                shared = _shared_prompt_logprobs(model, inner, cache_name, sequences, attention_mask, prompt_length,
-                                                 leaders, owner)
-                if shared is not None:
-                    return _token_logprobs(shared, sequences[:, prompt_length:], temperature)
+            if len(leaders) < sequences.shape[0] and full_attention_only(cache):
+                logits = _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask,
+                                               prompt_length, leaders, owner)
+                return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
     completion_length = sequences.shape[1] - prompt_length
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = mask_positions(attention_mask)
     kwargs = {}
     if accepts_logits_to_keep(type(getattr(model, "module", model))):  # DDP and DeepSpeed wrap the model
         kwargs["logits_to_keep"] = completion_length + 1
@@ -121,24 +136,20 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _shared_prompt_logprobs(model, inner, cache_name, sequences, attention_mask, prompt_length, leaders, owner):
+def _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask, prompt_length, leaders, owner):
     """The ``(N, Tc, V)`` logits predicting each completion token, with each distinct prompt run
-    once (see :func:`completion_logprobs`) through ``inner`` (the model, or the module a DDP
-    wrapper holds) and the completions through ``model``; None when the cache cannot be gathered."""
-    cache = new_cache(inner)
+    once into ``cache`` (see :func:`completion_logprobs`) through ``inner`` (the model, or the
+    module a DDP wrapper holds) and the completions through ``model``."""
     prompt_mask = attention_mask[leaders, :prompt_length]
-    prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     first = inner(input_ids=sequences[leaders, :prompt_length], attention_mask=prompt_mask,
-                  position_ids=prompt_positions, use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
-    layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        return None  # sliding-window, linear-attention or older caches: the plain pass is used
+                  position_ids=mask_positions(prompt_mask), use_cache=True, logits_to_keep=1,
+                  **{cache_name: cache}).logits
     cache.batch_select_indices(owner)  # out-of-place indexing: gradients flow back to the prompt pass
     # The last completion token is never an input whose output is needed, so it is left out.
     mask = attention_mask[:, :-1]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_length:]
-    rest = model(input_ids=sequences[:, prompt_length:-1], attention_mask=mask, position_ids=positions,
-                 use_cache=True, logits_to_keep=0, **{cache_name: cache}).logits
+    rest = model(input_ids=sequences[:, prompt_length:-1], attention_mask=mask,
+                 position_ids=mask_positions(mask)[:, prompt_length:], use_cache=True, logits_to_keep=0,
+                 **{cache_name: cache}).logits
     return torch.cat([first[owner], rest], dim=1)
 
 

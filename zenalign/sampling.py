@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from zenalign.gumbel import GumbelSampler
-from zenalign.loss import accepts_logits_to_keep, cache_argument, new_cache
+from zenalign.loss import accepts_logits_to_keep, cache_argument, full_attention_only, new_cache
 
 
 @dataclass
@@ -155,13 +155,12 @@ def grouped_cache(model, cache, group_size: int, max_length: int, static: bool =
     keys and values. Caches with other than plain full-attention layers (sliding windows, linear
     attention) keep their dynamic form, repeated in place.
     """
-    layers = getattr(cache, "layers", None)
-    if static and layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+    if static and full_attention_only(cache):
         from transformers import StaticCache
 
         grouped = StaticCache(config=model.config, max_cache_len=max_length)
-        if len(grouped.layers) == len(layers):
-            for source, target in zip(layers, grouped.layers):
+        if len(grouped.layers) == len(cache.layers):
+            for source, target in zip(cache.layers, grouped.layers):
                 target.update(source.keys.repeat_interleave(group_size, dim=0),
                               source.values.repeat_interleave(group_size, dim=0))
             return grouped, True
