@@ -1,5 +1,9 @@
 """Prompt sharing: each GRPO group's prompt runs once (sampling prefill, and every log-prob pass),
-and the results and gradients equal the plain pass that runs the prompt once per completion."""
+and the results and gradients equal the plain pass that runs the prompt once per completion.
+
+These tests pin the path on transformers' own forward (``lean=False``), which DDP-wrapped models
+and models the lean forward does not cover take; tests/test_fastpath.py pins the lean forward,
+which shares prompts in a single pass, against the same plain pass."""
 
 import pytest
 import torch
@@ -48,7 +52,7 @@ def rollout(model):
 def logprobs_and_grads(model, rollout, rows, share, temperature=0.7):
     model.zero_grad(set_to_none=True)
     logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
-                               temperature, share_prompts=share)
+                               temperature, share_prompts=share, lean=False)
     mask = rollout.completion_mask[rows]
     # a loss that weighs every token differently, so any misplaced log-prob shows in the gradient
     weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask
@@ -92,8 +96,8 @@ def test_each_prompt_runs_once_per_group(model, rollout):
     shapes, handle = record_base_inputs(model)
     try:
         with torch.no_grad():
-            completion_logprobs(model, rollout.sequences, rollout.attention_mask, tp)
-            completion_logprobs(model, rollout.sequences, rollout.attention_mask, tp, share_prompts=False)
+            completion_logprobs(model, rollout.sequences, rollout.attention_mask, tp, lean=False)
+            completion_logprobs(model, rollout.sequences, rollout.attention_mask, tp, share_prompts=False, lean=False)
     finally:
         handle.remove()
     # shared: the 3 distinct prompts, then the completions without their last token; plain: everything
@@ -106,7 +110,7 @@ def test_distinct_prompts_take_the_plain_pass(model):
     shapes, handle = record_base_inputs(model)
     try:
         with torch.no_grad():
-            completion_logprobs(model, greedy.sequences, greedy.attention_mask, greedy.prompt_length)
+            completion_logprobs(model, greedy.sequences, greedy.attention_mask, greedy.prompt_length, lean=False)
     finally:
         handle.remove()
     assert shapes == [tuple(greedy.sequences.shape)]
@@ -116,7 +120,8 @@ def test_lean_decoder_prefills_each_prompt_once(model):
     shapes, handle = record_base_inputs(model)
     try:
         out = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=4, decoder="lean"), [EOS],
-                              group_size=4, keys=completion_keys(seed=1, step=1, first_completion=0, count=12))
+                              group_size=4, keys=completion_keys(seed=1, step=1, first_completion=0, count=12),
+                              lean_forward=False)
     finally:
         handle.remove()
     assert shapes[0] == (3, out.prompt_length)  # one prefill per distinct prompt
@@ -131,7 +136,7 @@ def test_the_trainer_passes_give_the_same_log_probs_and_gradients(tmp_path, tiny
     prompts = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite"]]
     trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=completion_length, steps=1, group_size=4,
                           prompts_per_step=3, max_new_tokens=8, kl_coef=0.1, num_iterations=2, micro_batch_size=3,
-                          progress_bar=False, output_dir=str(tmp_path / "run"), seed=0)
+                          progress_bar=False, output_dir=str(tmp_path / "run"), seed=0, lean_forward=False)
     trainer.setup(prompts, prompts[:1])
     rollout = trainer.sample(prompts[:3], completion_keys(seed=0, step=1, first_completion=0, count=12))
     advantages = torch.linspace(-1.5, 1.5, 12)
@@ -175,7 +180,7 @@ def test_static_and_dynamic_decoding_caches_sample_the_same_tokens(model):
         processors = LogitsProcessorList([GumbelSampler(keys, encoded["input_ids"].shape[1], 1.0, 0, 1.0)])
         with torch.inference_mode():
             out[static] = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0, processors,
-                                      static_cache=static)
+                                      static_cache=static, lean=False)
     assert out[True].shape == (12, encoded["input_ids"].shape[1] + 9)
     assert torch.equal(out[True], out[False])
 

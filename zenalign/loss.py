@@ -87,6 +87,7 @@ def completion_logprobs(
     prompt_length: int,
     temperature: float = 1.0,
     share_prompts: bool = True,
+    lean: bool = True,
 ) -> torch.Tensor:
     """log pi(token | prefix) for every completion token, ``(N, Tc)``.
 
@@ -106,7 +107,21 @@ def completion_logprobs(
     together. Under DDP the prompt pass calls the wrapped module and the completion pass the
     wrapper: autograd sums each parameter's gradient over both passes before DDP's per-parameter
     hook fires, so the all-reduce sees one complete gradient, as with one forward pass.
+
+    With ``lean`` and an eligible plain model (see :mod:`zenalign.fastpath`), the same pass,
+    prompts and completions together, runs on the lean forward.
     """
+    if lean and sequences.shape[1] > prompt_length + 1:
+        from zenalign.fastpath import lean_model
+
+        fast = lean_model(model)
+        if fast is not None:
+            if share_prompts:
+                leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
+            else:
+                leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
+            logits = fast.group_logits(sequences, attention_mask, prompt_length, leaders, owner)
+            return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         cache_name = cache_argument(type(inner))

@@ -163,6 +163,14 @@ class EngineSection(Section):
         "prompt's share of the work divided by k. Applies to the torch backend (one process or DDP); DeepSpeed "
         "engines run the plain pass. false runs every completion's prompt again.",
     )
+    lean_forward: bool = Field(
+        True,
+        description="Run Llama, Mistral, Qwen2 and Qwen3 policies on zenalign's lean forward (sampling, and the "
+        "log-prob passes of the torch backend on one process): the model's own weights and arithmetic with "
+        "fused q/k/v and gate/up products and masks built once per pass, instead of transformers' general "
+        "module forward. Other models, adapters and sliding-window attention use transformers' forward. "
+        "false uses transformers' forward everywhere.",
+    )
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "

@@ -98,6 +98,7 @@ def lean_decode(
     pad_id: int,
     processors: Any,
     static_cache: bool = True,
+    lean: bool = True,
 ) -> torch.Tensor:
     """Greedy decoding over processed scores with a KV cache: what ``generate`` does for this
     configuration, with nothing else per token.
@@ -112,11 +113,17 @@ def lean_decode(
 
     The decoding cache is preallocated (``static_cache``, see :func:`grouped_cache`) where the
     model's cache allows it, so a step writes one column instead of copying the whole cache.
+    With ``lean`` and an eligible model, the same loop runs on :mod:`zenalign.fastpath`.
     """
-    cache_name = cache_argument(type(model))
-    head = {"logits_to_keep": 1} if accepts_logits_to_keep(type(model)) else {}  # LM head on the last position only
+    from zenalign.fastpath import lean_model
+
     device = prompt_ids.device
     eos = torch.tensor(list(eos_ids), device=device)
+    fast = lean_model(model) if lean else None
+    if fast is not None:
+        return fast.decode(prompt_ids, prompt_mask, group_size, max_new_tokens, eos, pad_id, processors)
+    cache_name = cache_argument(type(model))
+    head = {"logits_to_keep": 1} if accepts_logits_to_keep(type(model)) else {}  # LM head on the last position only
     cache = new_cache(model)
     positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
@@ -178,6 +185,7 @@ def generate_groups(
     keys: torch.Tensor | None = None,
     autocast: Any = None,
     synced_gpus: bool = False,
+    lean_forward: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt, one per key (rows prompt-major: the keys of
     prompt p are ``keys[p*G:(p+1)*G]``); without keys, one greedy completion per prompt."""
@@ -199,7 +207,8 @@ def generate_groups(
         if lean:
             with torch.inference_mode():
                 sequences = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], group_size,
-                                        sampling.max_new_tokens, eos_ids, tokenizer.pad_token_id, processors)
+                                        sampling.max_new_tokens, eos_ids, tokenizer.pad_token_id, processors,
+                                        lean=lean_forward)
             sequences = sequences.clone()  # a normal tensor again: the update differentiates through it
         else:
             with neutral_generation_defaults(model):

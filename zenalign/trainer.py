@@ -302,6 +302,7 @@ class GRPOTrainer:
         return generate_groups(
             self.engine.model, self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
             keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
+            lean_forward=self.recipe.engine.lean_forward,
         )
 
     def score_batch(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> ScoreBatch:
@@ -341,7 +342,8 @@ class GRPOTrainer:
             with self.engine.autocast():
                 chunks.append(completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
                                                   rollout.prompt_length, self.recipe.sampling.temperature,
-                                                  share_prompts=self.recipe.engine.shared_prompts))
+                                                  share_prompts=self.recipe.engine.shared_prompts,
+                                                  lean=self.recipe.engine.lean_forward))
         return torch.cat(chunks)
 
     def _micro_batches(self, n: int) -> list[slice]:
@@ -392,7 +394,8 @@ class GRPOTrainer:
         with self.engine.autocast():
             logp = completion_logprobs(self.engine.train_model, rollout.sequences[rows], rollout.attention_mask[rows],
                                        rollout.prompt_length, self.recipe.sampling.temperature,
-                                       share_prompts=self.recipe.engine.shared_prompts)
+                                       share_prompts=self.recipe.engine.shared_prompts,
+                                       lean=self.recipe.engine.lean_forward)
         old = old_logp[rows] if old_logp is not None else logp.detach()
         token = grpo_token_loss(logp, old, advantages[rows], g.clip_epsilon, clip_high,
                                 ref_logp=ref_logp[rows] if ref_logp is not None else None,

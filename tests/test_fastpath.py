@@ -1,0 +1,189 @@
+"""The lean forward (zenalign.fastpath) against transformers' own forward and generate, for every
+architecture it covers: the same log-probs, the same gradient for every parameter, the same
+sampled tokens; and the models it must leave to transformers."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama, byte_tokenizer
+from zenalign.fastpath import lean_model, why_not_lean
+from zenalign.gumbel import GumbelSampler, completion_keys
+from zenalign.loss import completion_logprobs
+from zenalign.recipe import SamplingSection
+from zenalign.sampling import generate_groups, lean_decode
+
+EOS = 1
+PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]  # left padding of 0, 25 and 33 columns
+SMALL = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def build(arch: str, seed: int = 3, **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return build_tiny_llama(seed=seed, **overrides)
+    if arch == "llama-biased-rope-scaled":  # biases on every projection, llama3 rope scaling
+        return build_tiny_llama(seed=seed, attention_bias=True, mlp_bias=True,
+                                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 16})
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[arch]
+    config = getattr(transformers, f"{name}Config")(**{**SMALL, **overrides})
+    if arch == "mistral":
+        config.sliding_window = None
+    return getattr(transformers, f"{name}ForCausalLM")(config)
+
+
+ARCHS = ["llama", "llama-biased-rope-scaled", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    model = build(request.param)
+    assert lean_model(model) is not None, why_not_lean(model)
+    return model
+
+
+def sample(model, lean: bool, max_new_tokens: int = 10, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    keys = completion_keys(seed=0, step=1, first_completion=0, count=len(PROMPTS) * 4)
+    sampling = SamplingSection(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    return generate_groups(model, byte_tokenizer(), PROMPTS, sampling, [EOS], group_size=4, keys=keys, lean_forward=lean)
+
+
+@pytest.fixture(scope="module")
+def rollout(model):
+    """4 completions for each of 3 left-padded prompts, ending early (EOS) and truncated."""
+    rollout = sample(model, lean=False)
+    tp = rollout.prompt_length
+    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
+        rollout.sequences[row, tp + length - 1] = EOS
+        rollout.sequences[row, tp + length:] = 0
+        rollout.completion_mask[row, length:] = 0
+        rollout.attention_mask[row, tp + length:] = 0
+        rollout.truncated[row] = False
+    return rollout
+
+
+def logprobs_and_grads(model, rollout, rows, lean, share=True, temperature=0.7, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
+                                   temperature, share_prompts=share, lean=lean)
+    mask = rollout.completion_mask[rows]
+    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask  # every token counts differently
+    (logp * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logp.detach() * mask, grads
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "prompt-per-row"])
+@pytest.mark.parametrize("rows", [slice(0, 12), slice(3, 10)], ids=["whole-batch", "micro-batch-across-groups"])
+def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, share):
+    assert rollout.truncated.any() and not rollout.truncated.all()
+    plain_logp, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
+    lean_logp, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, share=share)
+    torch.testing.assert_close(lean_logp, plain_logp, rtol=0, atol=2e-5)
+    assert lean_grads.keys() == plain_grads.keys() and len(plain_grads) == len(list(model.parameters()))
+    for name, grad in plain_grads.items():
+        assert float(grad.abs().max()) > 0, name
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-3, atol=1e-4 * float(grad.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_lean_bf16_autocast_is_as_close_to_float32_as_transformers_bf16(model, rollout):
+    """Under bf16 autocast neither path equals float32; the lean one must not be further off."""
+    rows = slice(0, 12)
+    exact, exact_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
+    plain, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False, autocast=True)
+    lean, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, autocast=True)
+    plain_err, lean_err = float((plain - exact).abs().max()), float((lean - exact).abs().max())
+    assert lean_err <= 2 * plain_err + 1e-3, (lean_err, plain_err)
+
+    def grad_err(grads):
+        return max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_grads.items())
+
+    assert grad_err(lean_grads) <= 2 * grad_err(plain_grads) + 1e-3, (grad_err(lean_grads), grad_err(plain_grads))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_lean_decoding_samples_what_transformers_samples(model, temperature, top_k, top_p):
+    plain = sample(model, lean=False, temperature=temperature, top_k=top_k, top_p=top_p)
+    lean = sample(model, lean=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.equal(lean.sequences, plain.sequences) and lean.completions == plain.completions
+    assert lean.completion_mask.shape[1] == 10  # something ran the whole length
+
+
+def test_lean_decoding_stops_when_every_row_has_ended(model):
+    """EOS made certain after two tokens (a logits processor): the loop ends there, with padding
+    after each row's EOS, exactly as transformers' loop does."""
+    encoded = byte_tokenizer()(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    tp = encoded["input_ids"].shape[1]
+
+    def eos_at_third(tokens, scores):
+        if tokens.shape[1] - tp == 2:
+            scores = torch.full_like(scores, -1e9)
+            scores[:, EOS] = 0.0
+        return scores
+
+    keys = completion_keys(seed=3, step=1, first_completion=0, count=12)
+    out = {}
+    for lean in (True, False):
+        processors = [GumbelSampler(keys, tp, 1.0), eos_at_third]
+        with torch.inference_mode():
+            out[lean] = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0,
+                                    lambda t, s, p=processors: p[1](t, p[0](t, s)), lean=lean)
+    assert out[True].shape == (12, tp + 3) and torch.equal(out[True], out[False])
+    assert (out[True][:, -1] == EOS).all()
+
+
+def test_models_the_lean_forward_leaves_to_transformers():
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    sliding = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    assert "sliding" in why_not_lean(sliding)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2))
+    assert "GPT2LMHeadModel is not one of" in why_not_lean(gpt2)
+    assert "activation" in why_not_lean(build("llama", hidden_act="gelu"))
+
+    class Adapter(torch.nn.Linear):  # what LoRA or a quantised layer looks like from outside
+        pass
+
+    adapted = build("qwen2")
+    old = adapted.model.layers[1].self_attn.v_proj
+    adapted.model.layers[1].self_attn.v_proj = Adapter(old.in_features, old.out_features)
+    assert "adapters" in why_not_lean(adapted) and lean_model(adapted) is None
+    ddp_like = torch.nn.Sequential(build("llama"))  # any wrapper: its own class is not covered
+    assert lean_model(ddp_like) is None
+
+
+def test_lean_forward_is_kept_out_of_the_state_dict():
+    model = build("llama")
+    before = set(model.state_dict())
+    assert lean_model(model) is lean_model(model)  # built once per model
+    assert set(model.state_dict()) == before
+
+
+@pytest.mark.slow
+def test_training_runs_the_same_with_and_without_the_lean_forward(tmp_path, tiny_model_dir):
+    """Two GRPO steps through the trainer (sampling, KL to a reference, mu = 2, micro-batches that
+    cut across groups): the same samples, rewards and losses with either forward."""
+    import json
+
+    from zenalign import GRPOTrainer
+
+    prompts = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "sun"]]
+    metrics = {}
+    for lean in (True, False):
+        out = tmp_path / f"lean-{lean}"
+        GRPOTrainer(model=str(tiny_model_dir), reward_model=lambda completions, **_: [float(len(c)) for c in completions],
+                    steps=2, group_size=4, prompts_per_step=3, max_new_tokens=8, kl_coef=0.1, num_iterations=2,
+                    micro_batch_size=5, progress_bar=False, output_dir=str(out), seed=0, lean_forward=lean,
+                    eval_interval=0).train(prompts, prompts[:2])
+        metrics[lean] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for fast, plain in zip(metrics[True], metrics[False]):
+        assert fast["reward_mean"] == plain["reward_mean"] and fast["completion_len"] == plain["completion_len"]
+        for key in ("loss", "kl", "grad_norm", "ratio_mean"):
+            assert fast[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key

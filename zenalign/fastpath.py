@@ -1,0 +1,343 @@
+"""A lean forward pass for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+transformers' module forward is written for every use at once: it builds attention masks layer by
+layer from a 2D padding mask, dispatches attention by name, updates cache objects, and runs
+through decorators and keyword plumbing on every call. On small models that bookkeeping costs
+more than the arithmetic (a 1M-parameter decoding step spent two thirds of its time outside
+matrix products). GRPO calls the model in two fixed shapes, so this module runs those two shapes
+directly on the model's own weights:
+
+- :meth:`LeanLM.decode`: prefill each distinct prompt once, then one token per step for all
+  ``P * k`` rows, with a preallocated key/value cache held as plain tensors;
+- :meth:`LeanLM.group_logits`: the update's log-prob pass with each group's prompt run once,
+  in the *same* pass as its completions: every linear layer sees all tokens of the batch as one
+  matrix, and only attention is laid out per sequence (the prompts attend causally among
+  themselves; each completion attends to its group's prompt and causally to itself).
+
+Per layer there is one matrix product for q, k and v (their weights concatenated) and one for
+the MLP's gate and up projections, the rotary embedding is applied to queries and keys together,
+and masks and rotary tables are built once per pass, not once per layer. The arithmetic is the
+model's own: its RMSNorm in float32, its rotary embedding module, its attention scaling, SiLU
+MLP, tied or untied LM head. Autograd runs through it unchanged, so the update differentiates
+the same function. ``tests/test_fastpath.py`` pins log-probs, every parameter's gradient and the
+sampled tokens to transformers' own forward and ``generate``.
+
+A model is eligible when it is one of those classes with plain ``nn.Linear`` projections (no
+LoRA or quantised layers), full attention in every layer (no sliding window), SiLU, no tensor
+parallel slicing, and no attention dropout while training; anything else uses transformers'
+forward (:func:`lean_model` returns None and says why in :func:`why_not_lean`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def why_not_lean(model: torch.nn.Module) -> Optional[str]:
+    """Why ``model`` cannot take the lean path, or None if it can."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the lean path implements silu)"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    if getattr(config, "sliding_window", None) and name == "MistralForCausalLM":
+        return "sliding-window attention"
+    if (getattr(config, "pretraining_tp", 1) or 1) != 1:
+        return "pretraining_tp > 1"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "embed_tokens"):
+        return "an unexpected module layout"
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            return "projections that are not plain nn.Linear (adapters or quantised layers)"
+    if type(model.lm_head) is not torch.nn.Linear:
+        return "an LM head that is not a plain nn.Linear"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "DeepSpeed ZeRO-3 partitions its parameters (they are gathered by module hooks)"
+    return None
+
+
+def lean_model(model: torch.nn.Module) -> Optional["LeanLM"]:
+    """The lean forward for ``model`` (cached on the model), or None if it is not eligible."""
+    cached = getattr(model, "_zenalign_lean", None)
+    if cached is not None:
+        return cached or None
+    lean = LeanLM(model) if why_not_lean(model) is None else False
+    try:
+        object.__setattr__(model, "_zenalign_lean", lean)  # not a submodule: kept out of state_dict
+    except AttributeError:
+        pass
+    return lean or None
+
+
+@dataclass
+class _Weights:
+    """One layer's weights for a pass: q/k/v and gate/up concatenated, q and k rows laid out for
+    the complex-number rotary embedding (see :meth:`LeanLM.weights`)."""
+
+    qkv: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    o: torch.Tensor
+    o_bias: Optional[torch.Tensor]
+    gate_up: torch.Tensor
+    gate_up_bias: Optional[torch.Tensor]
+    down: torch.Tensor
+    down_bias: Optional[torch.Tensor]
+    q_norm: Optional[torch.Tensor] = None
+    k_norm: Optional[torch.Tensor] = None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm: normalise in float32, cast back, scale (one fused
+    kernel when everything is float32 already, as the residual stream is under autocast)."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + a @ weight.T (+ bias)``, the residual add fused into the product where that keeps
+    the dtypes (not under autocast, where the residual stays float32 and the product does not)."""
+    if bias is None and not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype:
+        return torch.addmm(x, a, weight.t())
+    return x + F.linear(a, weight, bias)
+
+
+def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, T, T)`` boolean attention mask for left-padded rows: each real token sees the real
+    tokens up to itself; a padding position sees only itself (its output is never used, and a
+    query that sees nothing would turn into NaN)."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal & mask.bool()[:, None, :]
+    return (allowed | torch.eye(length, dtype=torch.bool, device=mask.device))[:, None]
+
+
+class LeanLM:
+    """The lean forward of one eligible model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        config = model.config
+        self.body = model.model
+        attn = self.body.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.eps = self.body.norm.variance_epsilon
+        self.qk_norm = hasattr(attn, "q_norm")
+
+    # ------------------------------------------------------------------------------------- parts
+
+    def weights(self, dtype: Optional[torch.dtype] = None) -> list[_Weights]:
+        """Every layer's weights for one pass (differentiable: gradients reach the parameters).
+        ``dtype`` casts the matrices once, for passes that run many steps under autocast."""
+        # transformers rotates dimension j with j + D/2; with q and k rows reordered to
+        # (0, D/2, 1, D/2 + 1, ...) the pairs sit side by side and the rotation is one complex
+        # product. Queries and keys share the order, so their dot products are unchanged.
+        half = torch.arange(self.head_dim // 2, device=self.body.embed_tokens.weight.device)
+        pairs = torch.stack([half, half + self.head_dim // 2], dim=1).reshape(-1)
+
+        def qk_rows(t: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            return t.view(heads, self.head_dim, *t.shape[1:])[:, pairs].reshape(t.shape)
+
+        def matrix(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if dtype is not None else t
+
+        out = []
+        for layer in self.body.layers:
+            a, m = layer.self_attn, layer.mlp
+            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+            qkv_bias = None
+            if any(b is not None for b in biases):
+                zeros = [lin.weight.new_zeros(lin.out_features) for lin in (a.q_proj, a.k_proj, a.v_proj)]
+                q_b, k_b, v_b = (b if b is not None else z for b, z in zip(biases, zeros))
+                qkv_bias = torch.cat([qk_rows(q_b, self.heads), qk_rows(k_b, self.kv_heads), v_b])
+            gate_up_bias = None
+            if m.gate_proj.bias is not None or m.up_proj.bias is not None:
+                gate_up_bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                          for lin in (m.gate_proj, m.up_proj)])
+            out.append(_Weights(
+                qkv=matrix(torch.cat([qk_rows(a.q_proj.weight, self.heads), qk_rows(a.k_proj.weight, self.kv_heads),
+                                      a.v_proj.weight])),
+                qkv_bias=qkv_bias,
+                o=matrix(a.o_proj.weight), o_bias=a.o_proj.bias,
+                gate_up=matrix(torch.cat([m.gate_proj.weight, m.up_proj.weight])), gate_up_bias=gate_up_bias,
+                down=matrix(m.down_proj.weight), down_bias=m.down_proj.bias,
+                q_norm=a.q_norm.weight[pairs] if self.qk_norm else None,
+                k_norm=a.k_norm.weight[pairs] if self.qk_norm else None,
+            ))
+        return out
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The rotation for flat ``positions`` ``(T,)`` as complex numbers ``(T, 1, D/2)``,
+        from the model's own rotary module (so scaled and extended variants come out right)."""
+        cos, sin = self.body.rotary_emb(x, positions[None])
+        half = self.head_dim // 2
+        return torch.complex(cos[0, :, None, :half].float(), sin[0, :, None, :half].float())
+
+    def qkv(self, i: int, w: _Weights, x: torch.Tensor, rotation: torch.Tensor):
+        """Flat hidden ``(T, hidden)`` -> queries ``(T, H, D)``, keys and values ``(T, KV, D)``,
+        queries and keys rotated (in float32, as transformers does under autocast)."""
+        layer = self.body.layers[i]
+        h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
+        qkv = F.linear(h, w.qkv, w.qkv_bias).view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
+        qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads :]
+        if self.qk_norm:
+            attn = layer.self_attn
+            qk = torch.cat([_rms_norm(qk[:, : self.heads], w.q_norm, attn.q_norm.variance_epsilon),
+                            _rms_norm(qk[:, self.heads :], w.k_norm, attn.k_norm.variance_epsilon)], dim=1)
+        dtype = torch.promote_types(qk.dtype, x.dtype)  # transformers rotates in the residual's dtype
+        qk = torch.view_as_real(torch.view_as_complex(qk.float().reshape(*qk.shape[:-1], -1, 2)) * rotation)
+        qk = qk.reshape(*qk.shape[:-2], self.head_dim).to(dtype)
+        return qk[:, : self.heads], qk[:, self.heads :], v
+
+    def finish(self, i: int, w: _Weights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``."""
+        layer = self.body.layers[i]
+        x = _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias)
+        h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return _add_linear(x, F.silu(gate) * up, w.down, w.down_bias)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over ``(B, heads, T, D)`` queries and ``(B, kv_heads, S, D)``
+        keys/values with a boolean ``(B, 1, T, S)`` mask. On a CPU under autocast it runs in
+        float32 (torch's bf16 CPU attention kernels are slow, above all backward)."""
+        gqa = self.kv_heads != self.heads
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                     scale=self.scaling, enable_gqa=gqa)
+            return out.to(torch.get_autocast_dtype("cpu"))
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scaling,
+                                              enable_gqa=gqa)
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention of one new token per row, written out: ``(N, H, D)`` queries over
+        ``(N, KV, S, D)`` cached keys/values with an additive ``(N, 1, 1, S)`` mask (0 or -inf).
+        Query heads are grouped under their key/value head, so nothing is repeated. On a CPU this
+        beats the fused kernel at one query per row; elsewhere the fused kernel runs."""
+        if q.device.type != "cpu":
+            return self.attend(q[:, :, None], k, v, bias == 0).squeeze(2)
+        n, s = q.shape[0], k.shape[2]
+        q = q.float().view(n, self.kv_heads, -1, self.head_dim)  # (N, KV, H/KV, D)
+        scores = torch.baddbmm(bias.expand(n, self.kv_heads, q.shape[2], s).reshape(-1, q.shape[2], s),
+                               q.reshape(-1, q.shape[2], self.head_dim), k.float().reshape(-1, s, self.head_dim).transpose(1, 2),
+                               alpha=self.scaling)
+        out = torch.bmm(scores.softmax(dim=-1), v.float().reshape(-1, s, self.head_dim))
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+        return out.view(n, self.heads, self.head_dim).to(dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = _rms_norm(h, self.body.norm.weight, self.eps)
+        return self.model.lm_head(h)
+
+    # ------------------------------------------------------------------------------------ passes
+
+    def group_logits(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                     leaders: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """The ``(N, Tc, V)`` logits predicting each completion token of ``sequences`` (prompt
+        left-padded to ``prompt_length``, then the completion), with each group's prompt run once.
+
+        ``leaders`` are the first rows of each group, ``owner`` maps every row to its group (see
+        :func:`zenalign.loss.prompt_groups`). The last completion token is never an input whose
+        output is needed, so it is left out.
+        """
+        tp = prompt_length
+        prompts, prompt_mask = sequences[leaders, :tp], attention_mask[leaders, :tp]
+        inputs, mask = sequences[:, tp:-1], attention_mask[:, :-1]
+        g, n, tc = prompts.shape[0], inputs.shape[0], inputs.shape[1]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        flat_positions = torch.cat([(prompt_mask.long().cumsum(-1) - 1).clamp(min=0).reshape(-1),
+                                    positions[:, tp:].reshape(-1)])
+        x = self.body.embed_tokens(torch.cat([prompts.reshape(-1), inputs.reshape(-1)]))
+        rotation = self.rotary(x, flat_positions)
+        prompt_attn = padded_causal_mask(prompt_mask)
+        # A completion token sees its prompt's real tokens and its own completion up to itself.
+        causal = torch.ones(tc, tc, dtype=torch.bool, device=x.device).tril()
+        completion_attn = torch.cat([prompt_mask.bool()[owner][:, None, :].expand(n, tc, tp),
+                                     causal.expand(n, tc, tc)], dim=2)[:, None]
+        split = g * tp
+        for i, w in enumerate(self.weights()):
+            q, k, v = self.qkv(i, w, x, rotation)
+            qp, kp, vp = (t[:split].view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            qc, kc, vc = (t[split:].view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            out_p = self.attend(qp, kp, vp, prompt_attn)
+            out_c = self.attend(qc, torch.cat([kp[owner], kc], dim=2), torch.cat([vp[owner], vc], dim=2), completion_attn)
+            attended = torch.cat([out_p.transpose(1, 2).reshape(split, -1), out_c.transpose(1, 2).reshape(n * tc, -1)])
+            x = self.finish(i, w, x, attended)
+        last = x[:split].view(g, tp, -1)[:, -1]  # each prompt's last position predicts the first token
+        hidden = torch.cat([last[owner][:, None], x[split:].view(n, tc, -1)], dim=1)
+        return self.head(hidden)
+
+    @torch.inference_mode()
+    def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int,
+               eos: torch.Tensor, pad_id: int, processors: Any) -> torch.Tensor:
+        """What :func:`zenalign.sampling.lean_decode` does, on the lean forward: ``(P*k, Tp + T)`` ids."""
+        p, tp = prompt_ids.shape
+        n = p * group_size
+        device = prompt_ids.device
+        autocast = torch.is_autocast_enabled(device.type)
+        weights = self.weights(torch.get_autocast_dtype(device.type) if autocast else None)  # cast once, not per token
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.body.embed_tokens(prompt_ids.reshape(-1))
+        rotation = self.rotary(x, positions.reshape(-1))
+        prompt_attn = padded_causal_mask(prompt_mask)
+        total = tp + max_new_tokens
+        caches = []
+        for i, w in enumerate(weights):
+            q, k, v = self.qkv(i, w, x, rotation)
+            q, k, v = (t.view(p, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            out = self.attend(q, k, v, prompt_attn)
+            # The group's rows start from the same prompt cache; preallocated for every new token.
+            cache = k.new_zeros(2, n, self.kv_heads, total, self.head_dim)
+            cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
+            cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
+            caches.append(cache)
+            x = self.finish(i, w, x, out.transpose(1, 2).reshape(p * tp, -1))
+        logits = self.head(x.view(p, tp, -1)[:, -1]).repeat_interleave(group_size, dim=0)
+        tokens = prompt_ids.repeat_interleave(group_size, dim=0)
+        # Additive mask over the cache: the prompts' padding is never seen; generated columns are
+        # filled in order, and a step reads only the columns written so far.
+        bias = torch.zeros(n, 1, 1, total, device=device)
+        bias[:, 0, 0, :tp].masked_fill_(~prompt_mask.bool().repeat_interleave(group_size, dim=0), float("-inf"))
+        step_positions = positions[:, -1].repeat_interleave(group_size) + 1
+        unfinished = torch.ones(n, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            if step:
+                column = tp + step - 1  # where the previous token's keys and values go
+                x = self.body.embed_tokens(next_tokens)
+                rotation = self.rotary(x, step_positions)
+                for i, w in enumerate(weights):
+                    q, k, v = self.qkv(i, w, x, rotation)
+                    caches[i][0, :, :, column] = k
+                    caches[i][1, :, :, column] = v
+                    out = self.attend_one(q, caches[i][0, :, :, : column + 1], caches[i][1, :, :, : column + 1],
+                                          bias[..., : column + 1])
+                    x = self.finish(i, w, x, out)
+                logits = self.head(x)
+                step_positions = step_positions + 1
+            next_tokens = processors(tokens, logits.float()).argmax(dim=-1)
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+            unfinished &= ~torch.isin(next_tokens, eos)
+            if not bool(unfinished.any()):
+                break
+        return tokens
