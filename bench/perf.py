@@ -291,7 +291,8 @@ def report(results: dict, shapes: dict, params: dict, precision: str) -> list[st
         lines.append(f"loss check ({size}): zenalign {check['zenalign']:.6f} vs reference {check['reference']:.6f} "
                      f"(clipped batch: {check['zenalign_clipped']:.6f} vs {check['reference_clipped']:.6f}); "
                      f"largest per-token log-prob difference {check['max_logp_diff']:.1e}; "
-                     f"shared prompts {'on' if check.get('shared_prompts') else 'off'}; passed")
+                     f"shared prompts {'on' if check.get('shared_prompts') else 'off'}; "
+                     f"lean forward {'on' if check.get('lean_forward') else 'off'}; passed")
     return lines
 
 

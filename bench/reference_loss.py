@@ -90,4 +90,4 @@ def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
     assert clip_frac > 0.05, f"the clipped check clipped only {clip_frac:.1%} of tokens"
     return {"zenalign": float(zen), "reference": ref, "zenalign_clipped": float(zen_clipped), "reference_clipped": ref_clipped,
             "clip_frac": clip_frac, "rtol": rtol, "rows": n, "max_logp_diff": logp_diff,
-            "shared_prompts": recipe.engine.shared_prompts}
+            "shared_prompts": recipe.engine.shared_prompts, "lean_forward": recipe.engine.lean_forward}
