@@ -116,6 +116,36 @@ def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Op
     return x + F.linear(a, weight, bias)
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` from the fused ``(T, 2I)`` gate/up product, whose gradient is written
+    into one ``(T, 2I)`` tensor (autograd's own would build the two halves and then concatenate
+    them, a copy of the largest activation in the layer). Saves the product alone and recomputes
+    ``silu(gate)`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
     """``(B, 1, T, T)`` boolean attention mask for left-padded rows: each real token sees the real
     tokens up to itself; a padding position sees only itself (its output is never used, and a
@@ -155,7 +185,7 @@ class LeanLM:
         def qk_rows(t: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor]:
             if t is None:
                 return None
-            return t.view(heads, self.head_dim, *t.shape[1:])[:, pairs].reshape(t.shape)
+            return t.view(heads, self.head_dim, *t.shape[1:]).index_select(1, pairs).reshape(t.shape)
 
         def matrix(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None else t
@@ -180,8 +210,8 @@ class LeanLM:
                 o=matrix(a.o_proj.weight), o_bias=a.o_proj.bias,
                 gate_up=matrix(torch.cat([m.gate_proj.weight, m.up_proj.weight])), gate_up_bias=gate_up_bias,
                 down=matrix(m.down_proj.weight), down_bias=m.down_proj.bias,
-                q_norm=a.q_norm.weight[pairs] if self.qk_norm else None,
-                k_norm=a.k_norm.weight[pairs] if self.qk_norm else None,
+                q_norm=a.q_norm.weight.index_select(0, pairs) if self.qk_norm else None,
+                k_norm=a.k_norm.weight.index_select(0, pairs) if self.qk_norm else None,
             ))
         return out
 
@@ -213,8 +243,7 @@ class LeanLM:
         layer = self.body.layers[i]
         x = _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias)
         h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return _add_linear(x, F.silu(gate) * up, w.down, w.down_bias)
+        return _add_linear(x, _swiglu(F.linear(h, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled dot-product attention over ``(B, heads, T, D)`` queries and ``(B, kv_heads, S, D)``
@@ -280,11 +309,12 @@ class LeanLM:
             qp, kp, vp = (t[:split].view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             qc, kc, vc = (t[split:].view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             out_p = self.attend(qp, kp, vp, prompt_attn)
-            out_c = self.attend(qc, torch.cat([kp[owner], kc], dim=2), torch.cat([vp[owner], vc], dim=2), completion_attn)
+            out_c = self.attend(qc, torch.cat([kp.index_select(0, owner), kc], dim=2),
+                                torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn)
             attended = torch.cat([out_p.transpose(1, 2).reshape(split, -1), out_c.transpose(1, 2).reshape(n * tc, -1)])
             x = self.finish(i, w, x, attended)
         last = x[:split].view(g, tp, -1)[:, -1]  # each prompt's last position predicts the first token
-        hidden = torch.cat([last[owner][:, None], x[split:].view(n, tc, -1)], dim=1)
+        hidden = torch.cat([last.index_select(0, owner)[:, None], x[split:].view(n, tc, -1)], dim=1)
         return self.head(hidden)
 
     @torch.inference_mode()
