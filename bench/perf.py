@@ -292,7 +292,8 @@ def report(results: dict, shapes: dict, params: dict, precision: str) -> list[st
                      f"(clipped batch: {check['zenalign_clipped']:.6f} vs {check['reference_clipped']:.6f}); "
                      f"largest per-token log-prob difference {check['max_logp_diff']:.1e}; "
                      f"shared prompts {'on' if check.get('shared_prompts') else 'off'}; "
-                     f"lean forward {'on' if check.get('lean_forward') else 'off'}; passed")
+                     f"lean forward {'on' if check.get('lean_forward') else 'off'}; gradient relative difference "
+                     f"{check.get('grad_rel_diff_mu1', float('nan')):.1e} (clipped {check.get('grad_rel_diff_clipped', float('nan')):.1e}); passed")
     return lines
 
 

@@ -29,7 +29,6 @@ def sequences_of(rollout) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-@torch.no_grad()
 def plain_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
     ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
     logits = model(input_ids=ids).logits[0].float()
@@ -46,12 +45,41 @@ def plain_loss(logps: list[torch.Tensor], olds: list[torch.Tensor], advantages: 
     return total / len(logps)
 
 
-@torch.no_grad()  # values only: a graph kept alive here would also inflate the benchmark's peak RSS
+def flat_grad(model) -> torch.Tensor:
+    """Every parameter's gradient in one vector (zeros where there is none), and clear them."""
+    grads = [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return torch.cat(grads).float()
+
+
+def plain_gradient(model, pairs, olds, advantages: torch.Tensor, eps: float, temperature: float) -> torch.Tensor:
+    """The gradient of :func:`plain_loss`, one sequence's forward and backward at a time (so no
+    graph for the whole batch is ever held). ``olds=None`` means pi_old = pi (mu = 1)."""
+    model.zero_grad(set_to_none=True)
+    for i, ((prompt, completion), adv) in enumerate(zip(pairs, advantages.tolist())):
+        logp = plain_logprobs(model, prompt, completion, temperature)
+        old = logp.detach() if olds is None else olds[i]
+        ratio = torch.exp(logp - old)
+        per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+        (per_token.mean() / len(pairs)).backward()
+    return flat_grad(model)
+
+
 def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
     """Compare ``trainer.policy_loss`` on one sampled batch with :func:`plain_loss`: once with
     pi_old = pi (mu = 1, the benchmark's setting) and once with pi_old shifted so that clipping is
-    active on both sides. Raises AssertionError when they differ beyond the tolerance (1e-4
-    relative in fp32; 3e-2 under bf16 autocast, whose log-probs carry bf16 rounding)."""
+    active on both sides; the loss values, the log-probs, and the loss's gradient with respect to
+    every parameter (at pi_old = pi the loss's value is the same whatever the log-probs are, its
+    gradient is not). Raises AssertionError when they differ beyond the tolerance (1e-4 relative
+    in fp32; 3e-2 under bf16 autocast, whose log-probs carry bf16 rounding; the gradient 2e-3
+    and 1e-1)."""
+    with torch.no_grad():  # values only: a graph kept alive here would also inflate the benchmark's peak RSS
+        values = _check_values(trainer, records, rtol)
+    values.update(_check_gradients(trainer, values.pop("batch")))
+    return values
+
+
+def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     recipe = trainer.recipe
     if rtol is None:
         rtol = 3e-2 if recipe.engine.precision == "bf16" else 1e-4
@@ -88,6 +116,31 @@ def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
     for name, a, b in (("mu=1", zen, ref), ("clipped", zen_clipped, ref_clipped)):
         assert abs(a - b) <= rtol * max(abs(b), 1e-3), f"loss check ({name}): zenalign {a:.8f} vs plain reference {b:.8f}"
     assert clip_frac > 0.05, f"the clipped check clipped only {clip_frac:.1%} of tokens"
+    assert logp_diff <= 1e3 * rtol, f"loss check: a per-token log-prob differs from the plain reference by {logp_diff:.2e}"
     return {"zenalign": float(zen), "reference": ref, "zenalign_clipped": float(zen_clipped), "reference_clipped": ref_clipped,
             "clip_frac": clip_frac, "rtol": rtol, "rows": n, "max_logp_diff": logp_diff,
-            "shared_prompts": recipe.engine.shared_prompts, "lean_forward": recipe.engine.lean_forward}
+            "shared_prompts": recipe.engine.shared_prompts, "lean_forward": recipe.engine.lean_forward,
+            "batch": (rollout, advantages, weights, pairs, olds, old_padded)}
+
+
+def _check_gradients(trainer, batch) -> dict:
+    """The gradient of ``trainer.policy_loss`` against :func:`plain_gradient`, at pi_old = pi and
+    with the shifted pi_old; relative difference of the whole gradient vector."""
+    rollout, advantages, weights, pairs, olds, old_padded = batch
+    recipe = trainer.recipe
+    model = trainer.engine.model
+    tolerance = 1e-1 if recipe.engine.precision == "bf16" else 2e-3
+    rows = slice(0, len(rollout))
+    out = {}
+    for name, old, old_list in (("mu=1", None, None), ("clipped", old_padded, olds)):
+        model.zero_grad(set_to_none=True)
+        loss, _ = trainer.policy_loss(rollout, rows, advantages, weights, old, None)
+        loss.backward()
+        del loss
+        zen = flat_grad(model)
+        ref = plain_gradient(model, pairs, old_list, advantages, recipe.grpo.clip_epsilon, recipe.sampling.temperature)
+        diff = float((zen - ref).norm() / ref.norm().clamp(min=1e-12))
+        assert float(ref.norm()) > 0, "gradient check: the reference gradient is zero"
+        assert diff <= tolerance, f"gradient check ({name}): zenalign's gradient is {diff:.2e} (relative) from the plain reference's"
+        out[f"grad_rel_diff_{'mu1' if old is None else 'clipped'}"] = diff
+    return out

@@ -40,6 +40,7 @@ def test_zenalign_loss_matches_the_plain_reference(tiny_model_dir, tmp_path, pre
     assert result["rows"] == 12 and result["clip_frac"] > 0.05
     if precision == "fp32":
         assert result["zenalign"] == pytest.approx(result["reference"], rel=1e-5)
+        assert result["grad_rel_diff_mu1"] < 1e-5 and result["grad_rel_diff_clipped"] < 1e-5
 
 
 def test_the_check_catches_a_wrong_loss(tiny_model_dir, tmp_path):
@@ -54,6 +55,25 @@ def test_the_check_catches_a_wrong_loss(tiny_model_dir, tmp_path):
 
     trainer.policy_loss = wrong
     with pytest.raises(AssertionError, match="loss check"):
+        check_loss(trainer, records)
+
+
+def test_the_check_catches_a_gradient_that_does_not_reach_every_row(tiny_model_dir, tmp_path, monkeypatch):
+    """Log-probs whose values are right but whose gradient is cut for some rows (a gathered cache
+    without a backward path, say): every value agrees, so only the gradient check can fail."""
+    import zenalign.trainer
+
+    trainer, records = trainer_for(tiny_model_dir, tmp_path)
+    assert check_loss(trainer, records)["grad_rel_diff_mu1"] < 1e-4  # the real path passes
+    original = zenalign.trainer.completion_logprobs
+
+    def half_detached(*args, **kwargs):
+        logp = original(*args, **kwargs)
+        keep = torch.arange(logp.shape[0])[:, None] < logp.shape[0] // 2
+        return torch.where(keep, logp, logp.detach())
+
+    monkeypatch.setattr(zenalign.trainer, "completion_logprobs", half_detached)
+    with pytest.raises(AssertionError, match=r"gradient check \(mu=1\)"):
         check_loss(trainer, records)
 
 
