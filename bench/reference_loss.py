@@ -116,7 +116,8 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     for name, a, b in (("mu=1", zen, ref), ("clipped", zen_clipped, ref_clipped)):
         assert abs(a - b) <= rtol * max(abs(b), 1e-3), f"loss check ({name}): zenalign {a:.8f} vs plain reference {b:.8f}"
     assert clip_frac > 0.05, f"the clipped check clipped only {clip_frac:.1%} of tokens"
-    assert logp_diff <= 1e3 * rtol, f"loss check: a per-token log-prob differs from the plain reference by {logp_diff:.2e}"
+    logp_limit = 1e-1 if recipe.engine.precision == "bf16" else 1e-3
+    assert logp_diff <= logp_limit, f"loss check: a per-token log-prob differs from the plain reference by {logp_diff:.2e}"
     return {"zenalign": float(zen), "reference": ref, "zenalign_clipped": float(zen_clipped), "reference_clipped": ref_clipped,
             "clip_frac": clip_frac, "rtol": rtol, "rows": n, "max_logp_diff": logp_diff,
             "shared_prompts": recipe.engine.shared_prompts, "lean_forward": recipe.engine.lean_forward,
