@@ -28,6 +28,19 @@ def build_tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, **overrid
     return LlamaForCausalLM(config)
 
 
+def end_some_completions_early(rollout, eos: int = 1):
+    """A random model rarely samples EOS: end four of a 12-row rollout's completions early by
+    hand (EOS, then padding), so batches hold ragged completions next to truncated ones."""
+    tp = rollout.prompt_length
+    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
+        rollout.sequences[row, tp + length - 1] = eos
+        rollout.sequences[row, tp + length:] = 0
+        rollout.completion_mask[row, length:] = 0
+        rollout.attention_mask[row, tp + length:] = 0
+        rollout.truncated[row] = False
+    return rollout
+
+
 def byte_tokenizer():
     from transformers import ByT5Tokenizer
 

@@ -5,7 +5,7 @@ sampled tokens; and the models it must leave to transformers."""
 import pytest
 import torch
 
-from conftest import build_tiny_llama, byte_tokenizer
+from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
 from zenalign.fastpath import lean_model, why_not_lean
 from zenalign.gumbel import GumbelSampler, completion_keys
 from zenalign.loss import completion_logprobs
@@ -55,15 +55,7 @@ def sample(model, lean: bool, max_new_tokens: int = 10, temperature: float = 1.0
 @pytest.fixture(scope="module")
 def rollout(model):
     """4 completions for each of 3 left-padded prompts, ending early (EOS) and truncated."""
-    rollout = sample(model, lean=False)
-    tp = rollout.prompt_length
-    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
-        rollout.sequences[row, tp + length - 1] = EOS
-        rollout.sequences[row, tp + length:] = 0
-        rollout.completion_mask[row, length:] = 0
-        rollout.attention_mask[row, tp + length:] = 0
-        rollout.truncated[row] = False
-    return rollout
+    return end_some_completions_early(sample(model, lean=False), EOS)
 
 
 def logprobs_and_grads(model, rollout, rows, lean, share=True, temperature=0.7, autocast=False):

@@ -8,7 +8,7 @@ which shares prompts in a single pass, against the same plain pass."""
 import pytest
 import torch
 
-from conftest import build_tiny_llama, byte_tokenizer
+from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
 from zenalign.gumbel import completion_keys
 from zenalign.loss import completion_logprobs, prompt_groups
 from zenalign.recipe import SamplingSection
@@ -38,15 +38,7 @@ def rollout(model):
     keys = completion_keys(seed=0, step=1, first_completion=0, count=len(PROMPTS) * 4)
     rollout = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=10), [EOS],
                               group_size=4, keys=keys)
-    # A random model rarely samples EOS: end a few completions early by hand (EOS, then padding).
-    tp = rollout.prompt_length
-    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
-        rollout.sequences[row, tp + length - 1] = EOS
-        rollout.sequences[row, tp + length:] = 0
-        rollout.completion_mask[row, length:] = 0
-        rollout.attention_mask[row, tp + length:] = 0
-        rollout.truncated[row] = False
-    return rollout
+    return end_some_completions_early(rollout, EOS)
 
 
 def logprobs_and_grads(model, rollout, rows, share, temperature=0.7):

@@ -36,6 +36,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from zenalign.sampling import sample_loop
+
+_SDPA_GQA = torch.__version__ >= (2, 5)  # scaled_dot_product_attention(enable_gqa=...)
+
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -250,13 +254,16 @@ class LeanLM:
         keys/values with a boolean ``(B, 1, T, S)`` mask. On a CPU under autocast it runs in
         float32 (torch's bf16 CPU attention kernels are slow, above all backward)."""
         gqa = self.kv_heads != self.heads
+        if gqa and not _SDPA_GQA:  # torch < 2.5: repeat each key/value head for its query heads
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+            gqa = False
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                     scale=self.scaling, enable_gqa=gqa)
+                                                     scale=self.scaling, **({"enable_gqa": gqa} if gqa else {}))
             return out.to(torch.get_autocast_dtype("cpu"))
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scaling,
-                                              enable_gqa=gqa)
+                                              **({"enable_gqa": gqa} if gqa else {}))
 
     def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Attention of one new token per row, written out: ``(N, H, D)`` queries over
@@ -348,26 +355,21 @@ class LeanLM:
         # filled in order, and a step reads only the columns written so far.
         bias = torch.zeros(n, 1, 1, total, device=device)
         bias[:, 0, 0, :tp].masked_fill_(~prompt_mask.bool().repeat_interleave(group_size, dim=0), float("-inf"))
-        step_positions = positions[:, -1].repeat_interleave(group_size) + 1
-        unfinished = torch.ones(n, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            if step:
-                column = tp + step - 1  # where the previous token's keys and values go
-                x = self.body.embed_tokens(next_tokens)
-                rotation = self.rotary(x, step_positions)
-                for i, w in enumerate(weights):
-                    q, k, v = self.qkv(i, w, x, rotation)
-                    caches[i][0, :, :, column] = k
-                    caches[i][1, :, :, column] = v
-                    out = self.attend_one(q, caches[i][0, :, :, : column + 1], caches[i][1, :, :, : column + 1],
-                                          bias[..., : column + 1])
-                    x = self.finish(i, w, x, out)
-                logits = self.head(x)
-                step_positions = step_positions + 1
-            next_tokens = processors(tokens, logits.float()).argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-            unfinished &= ~torch.isin(next_tokens, eos)
-            if not bool(unfinished.any()):
-                break
-        return tokens
+        state = {"positions": positions[:, -1].repeat_interleave(group_size), "column": tp}
+
+        def step_logits(previous: torch.Tensor) -> torch.Tensor:
+            column = state["column"]  # where the previous token's keys and values go
+            state["positions"] = state["positions"] + 1
+            state["column"] = column + 1
+            x = self.body.embed_tokens(previous)
+            rotation = self.rotary(x, state["positions"])
+            for i, w in enumerate(weights):
+                q, k, v = self.qkv(i, w, x, rotation)
+                caches[i][0, :, :, column] = k
+                caches[i][1, :, :, column] = v
+                out = self.attend_one(q, caches[i][0, :, :, : column + 1], caches[i][1, :, :, : column + 1],
+                                      bias[..., : column + 1])
+                x = self.finish(i, w, x, out)
+            return self.head(x)
+
+        return sample_loop(tokens, logits, step_logits, max_new_tokens, eos, pad_id, processors)

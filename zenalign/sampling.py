@@ -134,24 +134,34 @@ def lean_decode(
     cache, static = grouped_cache(model, cache, group_size, prompt_ids.shape[1] + max_new_tokens, static_cache)
     if static:  # columns past the current token are never attended (causal): the mask can be 1 from the start
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
-    step_positions = positions[:, -1:].repeat_interleave(group_size, dim=0)
-    unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
-    step_ids = next_tokens = None
+    state = {"mask": mask, "positions": positions[:, -1:].repeat_interleave(group_size, dim=0)}
+
+    def step_logits(previous: torch.Tensor) -> torch.Tensor:
+        if not static:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], dim=1)
+        state["positions"] = state["positions"] + 1
+        out = model(input_ids=previous[:, None], attention_mask=state["mask"], position_ids=state["positions"],
+                    use_cache=True, **head, **{cache_name: cache})
+        return out.logits[:, -1, :]
+
+    return sample_loop(tokens, logits, step_logits, max_new_tokens, eos, pad_id, processors)
+
+
+def sample_loop(tokens: torch.Tensor, logits: torch.Tensor, step_logits: Any, max_new_tokens: int, eos: torch.Tensor,
+                pad_id: int, processors: Any) -> torch.Tensor:
+    """The token loop every decoder shares: from the prompts' last logits, pick each row's next
+    token through the logits processors and an argmax, pad rows that have emitted an EOS, and stop
+    when every row has ended; ``step_logits(tokens_just_chosen)`` runs the model one step."""
+    unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     for step in range(max_new_tokens):
         if step:
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
-                        **head, **{cache_name: cache})
-            logits = out.logits[:, -1, :]
+            logits = step_logits(next_tokens)
         next_tokens = processors(tokens, logits.float()).argmax(dim=-1)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         unfinished &= ~torch.isin(next_tokens, eos)
         if not bool(unfinished.any()):
             break
-        if not static:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        step_positions = step_positions + 1
-        step_ids = next_tokens[:, None]
     return tokens
 
 
