@@ -179,3 +179,33 @@ def test_training_runs_the_same_with_and_without_the_lean_forward(tmp_path, tiny
         assert fast["reward_mean"] == plain["reward_mean"] and fast["completion_len"] == plain["completion_len"]
         for key in ("loss", "kl", "grad_norm", "ratio_mean"):
             assert fast[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_lean_forward_that_disagrees_with_transformers_is_not_used(rollout, caplog, monkeypatch):
+    """The first use checks the lean forward against transformers' on the prompts at hand; a model
+    variant the eligibility rules missed (here: a head that scales the logits) falls back, with a
+    warning that says why, and the log-probs are transformers' own."""
+    import logging
+
+    from zenalign.fastpath import LeanLM
+
+    model = build("qwen2", seed=9)
+    original = LeanLM.head
+    monkeypatch.setattr(LeanLM, "head", lambda self, h: original(self, h) * 1.5)
+    with caplog.at_level(logging.WARNING, logger="zenalign"), torch.no_grad():
+        got = completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    assert "the lean forward disagrees with transformers' forward for Qwen2ForCausalLM" in caplog.text
+    assert lean_model(model) is None  # for the rest of the run
+    with torch.no_grad():
+        plain = completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, lean=False)
+    assert torch.equal(got, plain)
+
+
+def test_the_check_runs_once_and_passes_for_a_faithful_model(rollout, caplog):
+    import logging
+
+    model = build("llama", seed=9)
+    with caplog.at_level(logging.WARNING, logger="zenalign"), torch.no_grad():
+        completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    fast = lean_model(model)
+    assert fast is not None and fast.checked and "disagrees" not in caplog.text

@@ -25,11 +25,14 @@ sampled tokens to transformers' own forward and ``generate``.
 A model is eligible when it is one of those classes with plain ``nn.Linear`` projections (no
 LoRA or quantised layers), full attention in every layer (no sliding window), SiLU, no tensor
 parallel slicing, and no attention dropout while training; anything else uses transformers'
-forward (:func:`lean_model` returns None and says why in :func:`why_not_lean`).
+forward (:func:`lean_model` returns None and says why in :func:`why_not_lean`). On its first use
+with a model, the lean forward is checked against transformers' on the prompts at hand
+(:func:`checked_lean_model`); if they disagree, the run warns and keeps transformers' forward.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -37,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from zenalign.sampling import sample_loop
+
+log = logging.getLogger("zenalign")
 
 _SDPA_GQA = torch.__version__ >= (2, 5)  # scaled_dot_product_attention(enable_gqa=...)
 
@@ -80,11 +85,32 @@ def lean_model(model: torch.nn.Module) -> Optional["LeanLM"]:
     if cached is not None:
         return cached or None
     lean = LeanLM(model) if why_not_lean(model) is None else False
+    _remember(model, lean)
+    return lean or None
+
+
+def checked_lean_model(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional["LeanLM"]:
+    """:func:`lean_model`, checked once against transformers' forward on the first prompts it
+    sees (:meth:`LeanLM.agrees_with_transformers`); a model that fails the check uses
+    transformers' forward from then on, with a warning that says why."""
+    lean = lean_model(model)
+    if lean is None or lean.checked:
+        return lean
+    problem = lean.agrees_with_transformers(prompt_ids, prompt_mask)
+    lean.checked = True
+    if problem is None:
+        return lean
+    log.warning("the lean forward disagrees with transformers' forward for %s (%s); using transformers' forward "
+                "(set engine.lean_forward: false to skip the check)", type(model).__name__, problem)
+    _remember(model, False)
+    return None
+
+
+def _remember(model: torch.nn.Module, lean) -> None:
     try:
         object.__setattr__(model, "_zenalign_lean", lean)  # not a submodule: kept out of state_dict
     except AttributeError:
         pass
-    return lean or None
 
 
 @dataclass
@@ -174,6 +200,7 @@ class LeanLM:
         self.scaling = attn.scaling
         self.eps = self.body.norm.variance_epsilon
         self.qk_norm = hasattr(attn, "q_norm")
+        self.checked = False  # against transformers' forward, see checked_lean_model
 
     # ------------------------------------------------------------------------------------- parts
 
@@ -324,6 +351,37 @@ class LeanLM:
         hidden = torch.cat([last.index_select(0, owner)[:, None], x[split:].view(n, tc, -1)], dim=1)
         return self.head(hidden)
 
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, weights: list[_Weights]):
+        """Left-padded prompts ``(P, Tp)`` through every layer: the last position's hidden state
+        ``(P, hidden)`` and each layer's keys and values ``(P, KV, Tp, D)``."""
+        p, tp = prompt_ids.shape
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x = self.body.embed_tokens(prompt_ids.reshape(-1))
+        rotation = self.rotary(x, positions.reshape(-1))
+        prompt_attn = padded_causal_mask(prompt_mask)
+        kv = []
+        for i, w in enumerate(weights):
+            q, k, v = self.qkv(i, w, x, rotation)
+            q, k, v = (t.view(p, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            kv.append((k, v))
+            x = self.finish(i, w, x, self.attend(q, k, v, prompt_attn).transpose(1, 2).reshape(p * tp, -1))
+        return x.view(p, tp, -1)[:, -1], kv
+
+    @torch.no_grad()
+    def agrees_with_transformers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[str]:
+        """Run a few prompts through both forwards; None if the next-token log-probabilities agree
+        (1e-3, or 5e-2 under autocast), else what differed. :func:`checked_lean_model` calls this
+        once per model, so a variant of these architectures that the eligibility rules miss falls
+        back to transformers' forward instead of training on other numbers."""
+        ids, mask = prompt_ids[:4], prompt_mask[:4]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        plain = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        last, _ = self.prefill(ids, mask, self.weights())
+        lean = self.head(last)
+        diff = float((torch.log_softmax(lean.float(), -1) - torch.log_softmax(plain.float(), -1)).abs().max())
+        limit = 5e-2 if torch.is_autocast_enabled(ids.device.type) else 1e-3
+        return None if diff <= limit else f"next-token log-probs differ by {diff:.2e} (limit {limit:.0e})"
+
     @torch.inference_mode()
     def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int,
                eos: torch.Tensor, pad_id: int, processors: Any) -> torch.Tensor:
@@ -333,23 +391,16 @@ class LeanLM:
         device = prompt_ids.device
         autocast = torch.is_autocast_enabled(device.type)
         weights = self.weights(torch.get_autocast_dtype(device.type) if autocast else None)  # cast once, not per token
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-        x = self.body.embed_tokens(prompt_ids.reshape(-1))
-        rotation = self.rotary(x, positions.reshape(-1))
-        prompt_attn = padded_causal_mask(prompt_mask)
+        last, prompt_kv = self.prefill(prompt_ids, prompt_mask, weights)
         total = tp + max_new_tokens
         caches = []
-        for i, w in enumerate(weights):
-            q, k, v = self.qkv(i, w, x, rotation)
-            q, k, v = (t.view(p, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            out = self.attend(q, k, v, prompt_attn)
-            # The group's rows start from the same prompt cache; preallocated for every new token.
+        for k, v in prompt_kv:  # the group's rows start from the same prompt cache, preallocated for every new token
             cache = k.new_zeros(2, n, self.kv_heads, total, self.head_dim)
             cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
             cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
             caches.append(cache)
-            x = self.finish(i, w, x, out.transpose(1, 2).reshape(p * tp, -1))
-        logits = self.head(x.view(p, tp, -1)[:, -1]).repeat_interleave(group_size, dim=0)
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.head(last).repeat_interleave(group_size, dim=0)
         tokens = prompt_ids.repeat_interleave(group_size, dim=0)
         # Additive mask over the cache: the prompts' padding is never seen; generated columns are
         # filled in order, and a step reads only the columns written so far.

@@ -112,9 +112,9 @@ def completion_logprobs(
     prompts and completions together, runs on the lean forward.
     """
     if lean and sequences.shape[1] > prompt_length + 1:
-        from zenalign.fastpath import lean_model
+        from zenalign.fastpath import checked_lean_model
 
-        fast = lean_model(model)
+        fast = checked_lean_model(model, sequences[:, :prompt_length], attention_mask[:, :prompt_length])
         if fast is not None:
             if share_prompts:
                 leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)

@@ -168,7 +168,8 @@ class EngineSection(Section):
         description="Run Llama, Mistral, Qwen2 and Qwen3 policies on zenalign's lean forward (sampling, and the "
         "log-prob passes of the torch backend on one process): the model's own weights and arithmetic with "
         "fused q/k/v and gate/up products and masks built once per pass, instead of transformers' general "
-        "module forward. Other models, adapters and sliding-window attention use transformers' forward. "
+        "module forward. Other models, adapters and sliding-window attention use transformers' forward, and so "
+        "does a model whose first prompts the lean forward does not reproduce (checked once, with a warning). "
         "false uses transformers' forward everywhere.",
     )
     deepspeed_config: dict[str, Any] = Field(

@@ -115,11 +115,11 @@ def lean_decode(
     model's cache allows it, so a step writes one column instead of copying the whole cache.
     With ``lean`` and an eligible model, the same loop runs on :mod:`zenalign.fastpath`.
     """
-    from zenalign.fastpath import lean_model
+    from zenalign.fastpath import checked_lean_model
 
     device = prompt_ids.device
     eos = torch.tensor(list(eos_ids), device=device)
-    fast = lean_model(model) if lean else None
+    fast = checked_lean_model(model, prompt_ids, prompt_mask) if lean else None
     if fast is not None:
         return fast.decode(prompt_ids, prompt_mask, group_size, max_new_tokens, eos, pad_id, processors)
     cache_name = cache_argument(type(model))
