@@ -209,3 +209,17 @@ def test_the_check_runs_once_and_passes_for_a_faithful_model(rollout, caplog):
         completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
     fast = lean_model(model)
     assert fast is not None and fast.checked and "disagrees" not in caplog.text
+
+
+def test_a_model_with_bf16_weights_passes_the_check_and_stays_close(rollout, caplog):
+    """DeepSpeed's bf16 mode hands over bf16 weights (no autocast): both forwards then round
+    differently, within the check's low-precision limit."""
+    import logging
+
+    model = build("qwen2", seed=9).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="zenalign"), torch.no_grad():
+        lean = completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+        plain = completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, lean=False)
+    assert "disagrees" not in caplog.text and lean_model(model) is not None
+    mask = rollout.completion_mask.bool()
+    assert float((lean - plain)[mask].abs().max()) < 0.1

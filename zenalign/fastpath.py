@@ -370,7 +370,7 @@ class LeanLM:
     @torch.no_grad()
     def agrees_with_transformers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[str]:
         """Run a few prompts through both forwards; None if the next-token log-probabilities agree
-        (1e-3, or 5e-2 under autocast), else what differed. :func:`checked_lean_model` calls this
+        (1e-3, or 5e-2 under autocast or with bf16/fp16 weights), else what differed. :func:`checked_lean_model` calls this
         once per model, so a variant of these architectures that the eligibility rules miss falls
         back to transformers' forward instead of training on other numbers."""
         ids, mask = prompt_ids[:4], prompt_mask[:4]
@@ -379,7 +379,8 @@ class LeanLM:
         last, _ = self.prefill(ids, mask, self.weights())
         lean = self.head(last)
         diff = float((torch.log_softmax(lean.float(), -1) - torch.log_softmax(plain.float(), -1)).abs().max())
-        limit = 5e-2 if torch.is_autocast_enabled(ids.device.type) else 1e-3
+        low_precision = torch.is_autocast_enabled(ids.device.type) or self.body.embed_tokens.weight.dtype != torch.float32
+        limit = 5e-2 if low_precision else 1e-3
         return None if diff <= limit else f"next-token log-probs differ by {diff:.2e} (limit {limit:.0e})"
 
     @torch.inference_mode()
