@@ -223,3 +223,23 @@ def test_a_model_with_bf16_weights_passes_the_check_and_stays_close(rollout, cap
     assert "disagrees" not in caplog.text and lean_model(model) is not None
     mask = rollout.completion_mask.bool()
     assert float((lean - plain)[mask].abs().max()) < 0.1
+
+
+def test_a_lean_forward_that_raises_on_first_use_falls_back_instead_of_stopping_the_run(caplog, monkeypatch):
+    """A module layout the eligibility rules did not foresee: the first-use check reports what the
+    lean forward raised, and sampling goes on with transformers' decoding (same tokens)."""
+    import logging
+
+    from zenalign.fastpath import LeanLM
+
+    model = build("llama", seed=11)
+    expected = sample(model, lean=False)
+
+    def broken(self, *args):
+        raise AttributeError("'LlamaAttention' object has no attribute 'q_proj'")
+
+    monkeypatch.setattr(LeanLM, "prefill", broken)
+    with caplog.at_level(logging.WARNING, logger="zenalign"):
+        got = sample(model, lean=True)
+    assert "disagrees with transformers' forward for LlamaForCausalLM (AttributeError:" in caplog.text
+    assert torch.equal(got.sequences, expected.sequences) and lean_model(model) is None

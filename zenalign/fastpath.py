@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from zenalign.loss import mask_positions
 from zenalign.sampling import sample_loop
 
 log = logging.getLogger("zenalign")
@@ -327,8 +328,8 @@ class LeanLM:
         prompts, prompt_mask = sequences[leaders, :tp], attention_mask[leaders, :tp]
         inputs, mask = sequences[:, tp:-1], attention_mask[:, :-1]
         g, n, tc = prompts.shape[0], inputs.shape[0], inputs.shape[1]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        flat_positions = torch.cat([(prompt_mask.long().cumsum(-1) - 1).clamp(min=0).reshape(-1),
+        positions = mask_positions(mask)
+        flat_positions = torch.cat([mask_positions(prompt_mask).reshape(-1),
                                     positions[:, tp:].reshape(-1)])
         x = self.body.embed_tokens(torch.cat([prompts.reshape(-1), inputs.reshape(-1)]))
         rotation = self.rotary(x, flat_positions)
@@ -355,7 +356,7 @@ class LeanLM:
         """Left-padded prompts ``(P, Tp)`` through every layer: the last position's hidden state
         ``(P, hidden)`` and each layer's keys and values ``(P, KV, Tp, D)``."""
         p, tp = prompt_ids.shape
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = mask_positions(prompt_mask)
         x = self.body.embed_tokens(prompt_ids.reshape(-1))
         rotation = self.rotary(x, positions.reshape(-1))
         prompt_attn = padded_causal_mask(prompt_mask)
@@ -369,15 +370,18 @@ class LeanLM:
 
     @torch.no_grad()
     def agrees_with_transformers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[str]:
-        """Run a few prompts through both forwards; None if the next-token log-probabilities agree
-        (1e-3, or 5e-2 under autocast or with bf16/fp16 weights), else what differed. :func:`checked_lean_model` calls this
-        once per model, so a variant of these architectures that the eligibility rules miss falls
-        back to transformers' forward instead of training on other numbers."""
+        """Run up to four prompts through both forwards; None if the next-token log-probabilities
+        agree (1e-3, or 5e-2 under autocast or with bf16/fp16 weights), else what differed (or what
+        the lean forward raised). :func:`checked_lean_model` calls this once per model, so a
+        variant of these architectures that the eligibility rules miss falls back to transformers'
+        forward instead of training on other numbers or stopping the run."""
         ids, mask = prompt_ids[:4], prompt_mask[:4]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        plain = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
-        last, _ = self.prefill(ids, mask, self.weights())
-        lean = self.head(last)
+        plain = self.model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask),
+                           use_cache=False).logits[:, -1]
+        try:
+            lean = self.head(self.prefill(ids, mask, self.weights())[0])
+        except (RuntimeError, AttributeError, TypeError, ValueError) as error:  # a layout the rules did not foresee
+            return f"{type(error).__name__}: {error}"
         diff = float((torch.log_softmax(lean.float(), -1) - torch.log_softmax(plain.float(), -1)).abs().max())
         low_precision = torch.is_autocast_enabled(ids.device.type) or self.body.embed_tokens.weight.dtype != torch.float32
         limit = 5e-2 if low_precision else 1e-3
@@ -400,7 +404,7 @@ class LeanLM:
             cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
             cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
             caches.append(cache)
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = mask_positions(prompt_mask)
         logits = self.head(last).repeat_interleave(group_size, dim=0)
         tokens = prompt_ids.repeat_interleave(group_size, dim=0)
         # Additive mask over the cache: the prompts' padding is never seen; generated columns are

@@ -114,11 +114,11 @@ def completion_logprobs(
     if lean and sequences.shape[1] > prompt_length + 1:
         from zenalign.fastpath import checked_lean_model
 
-        fast = checked_lean_model(model, sequences[:, :prompt_length], attention_mask[:, :prompt_length])
+        leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
+        # checked on distinct prompts: the rows of a group would repeat one
+        fast = checked_lean_model(model, sequences[leaders, :prompt_length], attention_mask[leaders, :prompt_length])
         if fast is not None:
-            if share_prompts:
-                leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
-            else:
+            if not share_prompts:
                 leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
             logits = fast.group_logits(sequences, attention_mask, prompt_length, leaders, owner)
             return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
