@@ -108,6 +108,28 @@ def test_lean_decoding_samples_what_transformers_samples(model, temperature, top
     assert lean.completion_mask.shape[1] == 10  # something ran the whole length
 
 
+def test_single_query_attention_runs_in_float32_under_autocast(model):
+    """Decoding attention under bf16 autocast: float32 products over the float32 cache, rounded to
+    bf16 once at the end (autocast would otherwise run both products in bf16 and cast the whole
+    cache every step)."""
+    lean = lean_model(model)
+    torch.manual_seed(0)
+    n, s = 6, 9
+    q = torch.randn(n, lean.heads, lean.head_dim)
+    k, v = torch.randn(2, n, lean.kv_heads, s, lean.head_dim)
+    bias = torch.zeros(n, 1, 1, s)
+    bias[:, :, :, :2] = float("-inf")  # two padding columns
+    repeat = lean.heads // lean.kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), attn_mask=bias == 0,
+        scale=lean.scaling).squeeze(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lean.attend_one(q, k, v, bias)
+    assert got.dtype == torch.bfloat16
+    # one bf16 rounding of the float32 result (relative 2^-8), nothing more
+    assert ((got.float() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-6).all()
+
+
 def test_lean_decoding_stops_when_every_row_has_ended(model):
     """EOS made certain after two tokens (a logits processor): the loop ends there, with padding
     after each row's EOS, exactly as transformers' loop does."""

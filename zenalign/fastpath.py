@@ -301,12 +301,13 @@ class LeanLM:
         if q.device.type != "cpu":
             return self.attend(q[:, :, None], k, v, bias == 0).squeeze(2)
         n, s = q.shape[0], k.shape[2]
-        q = q.float().view(n, self.kv_heads, -1, self.head_dim)  # (N, KV, H/KV, D)
-        scores = torch.baddbmm(bias.expand(n, self.kv_heads, q.shape[2], s).reshape(-1, q.shape[2], s),
-                               q.reshape(-1, q.shape[2], self.head_dim), k.float().reshape(-1, s, self.head_dim).transpose(1, 2),
-                               alpha=self.scaling)
-        out = torch.bmm(scores.softmax(dim=-1), v.float().reshape(-1, s, self.head_dim))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+        with torch.autocast("cpu", enabled=False):  # float32 products: autocast would cast the whole cache per step
+            q = q.float().view(n, self.kv_heads, -1, self.head_dim)  # (N, KV, H/KV, D)
+            scores = torch.baddbmm(bias.expand(n, self.kv_heads, q.shape[2], s).reshape(-1, q.shape[2], s),
+                                   q.reshape(-1, q.shape[2], self.head_dim),
+                                   k.float().reshape(-1, s, self.head_dim).transpose(1, 2), alpha=self.scaling)
+            out = torch.bmm(scores.softmax(dim=-1), v.float().reshape(-1, s, self.head_dim))
         return out.view(n, self.heads, self.head_dim).to(dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
