@@ -1,6 +1,8 @@
 """Group sampling with a real (tiny) Llama: layout, EOS/pad masking, and log-prob consistency
 between generation and the loss's forward pass under left padding."""
 
+import math
+
 import pytest
 import torch
 
@@ -137,6 +139,31 @@ def test_uniform_noise_is_uniform_and_keyed():
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
     assert torch.equal(u, uniform(torch.arange(2000), position=3, vocab_size=50))  # a pure function
     assert not torch.equal(u, uniform(torch.arange(2000), position=4, vocab_size=50))
+
+
+def test_uniform_noise_is_the_splitmix64_hash_written_out():
+    """Bit for bit what the module docstring says, computed with Python integers: a sampler that
+    keeps the token hashes between steps, and the in-place hash, draw the same numbers."""
+    mask = (1 << 64) - 1
+
+    def mix(x):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    keys = completion_keys(seed=2, step=9, first_completion=5, count=3)
+    sampler = GumbelSampler(keys, prompt_length=4, temperature=1.0)
+    scores = torch.zeros(3, 40)
+    for position in (0, 3):
+        u = uniform(keys, position, 40)
+        gumbel = sampler(torch.zeros(3, 4 + position, dtype=torch.long), scores)  # the hashes kept after the first call
+        for row, key in enumerate(keys.tolist()):
+            for token in (0, 17, 39):
+                bits = mix((mix(((key & mask) * 1_000_003 + position) & mask) ^ mix(token)) & mask)
+                expected = ((bits >> 11) + 0.5) / 2.0 ** 53
+                assert u[row, token].item() == expected
+                assert gumbel[row, token].item() == pytest.approx(-math.log(-math.log(expected)), rel=1e-6)
 
 
 def test_sampling_does_not_depend_on_the_batch(model):

@@ -47,14 +47,29 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def uniform(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
-    """U in (0, 1), shape ``(N, V)``, a pure function of (key, position, token id)."""
-    device = keys.device
+def token_hashes(vocab_size: int, device=None) -> torch.Tensor:
+    """``splitmix64(token id)`` for every id, ``(1, V)``: the part of :func:`uniform` that depends
+    on the token alone, which a sampler computes once instead of once per step."""
+    return splitmix64(torch.arange(vocab_size, device=device, dtype=torch.int64).unsqueeze(0))
+
+
+def uniform(keys: torch.Tensor, position: int, vocab_size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """U in (0, 1), shape ``(N, V)``, a pure function of (key, position, token id). ``tokens`` is
+    :func:`token_hashes` for this vocabulary and device, if the caller keeps it."""
     row = splitmix64(keys.to(torch.int64) * 1_000_003 + position).unsqueeze(1)  # (N, 1)
-    token = torch.arange(vocab_size, device=device, dtype=torch.int64).unsqueeze(0)  # (1, V)
-    bits = splitmix64(row ^ splitmix64(token))
+    tokens = token_hashes(vocab_size, keys.device) if tokens is None else tokens
+    bits = _splitmix64_inplace(row ^ tokens)
     mantissa = _shr(bits, 11).to(torch.float64)  # 53 random bits
-    return (mantissa + 0.5) / float(1 << 53)
+    return mantissa.add_(0.5).div_(float(1 << 53))
+
+
+def _splitmix64_inplace(x: torch.Tensor) -> torch.Tensor:
+    """:func:`splitmix64` overwriting ``x`` (a fresh tensor the caller owns): the same bits with
+    no new tensor per operation, for the ``(N, V)`` hash a sampler computes every step."""
+    x.add_(_GOLDEN)
+    x.bitwise_xor_(_shr(x, 30)).mul_(_MIX1)
+    x.bitwise_xor_(_shr(x, 27)).mul_(_MIX2)
+    return x.bitwise_xor_(_shr(x, 31))
 
 
 def completion_keys(seed: int, step: int, first_completion: int, count: int, device=None) -> torch.Tensor:
@@ -75,6 +90,7 @@ class GumbelSampler:
         self.prompt_length = prompt_length
         self.temperature = temperature
         self.warpers: Sequence = []
+        self._tokens: torch.Tensor | None = None  # token_hashes, once per vocabulary and device
         if top_k:
             self.warpers.append(TopKLogitsWarper(top_k=top_k))
         if top_p < 1.0:
@@ -85,6 +101,9 @@ class GumbelSampler:
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         position = input_ids.shape[1] - self.prompt_length  # 0 for the first completion token
-        noise = uniform(self.keys.to(scores.device), position, scores.shape[-1])
-        gumbel = -torch.log(-torch.log(noise)).to(scores.dtype)
-        return scores + gumbel
+        vocab, device = scores.shape[-1], scores.device
+        if self._tokens is None or self._tokens.shape[-1] != vocab or self._tokens.device != device:
+            self._tokens = token_hashes(vocab, device)
+        noise = uniform(self.keys.to(device), position, vocab, self._tokens)
+        gumbel = noise.log_().neg_().log_().neg_()  # -log(-log U)
+        return scores + gumbel.to(scores.dtype)
