@@ -140,6 +140,10 @@ def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, 
         loss_aggregation="grpo", num_iterations=1, learning_rate=learning_rate, max_grad_norm=1.0,
         precision=precision, steps=steps, seed=seed, output_dir=str(out), overwrite=True, eval_interval=eval_interval,
         log_samples=0, checkpoint_interval=0, progress_bar=False,
+        # A random model earns no reward here, so every advantage is 0 and, at beta = 0, zenalign's
+        # default would leave every completion but one per micro-batch out of the update. TRL runs
+        # them all; so does this benchmark, to time the same work.
+        skip_zero_advantage=False,
     )
 
 

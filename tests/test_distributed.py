@@ -91,6 +91,22 @@ def test_two_processes_match_one(tmp_path, torch_run, launcher, engine):
     assert done.stdout.count("run directory:") == 1  # rank 0 alone reports
 
 
+def test_two_processes_leaving_out_zero_advantage_rows_match_one_running_every_row(tmp_path):
+    """beta = 0: each rank leaves its zero-advantage completions out of the update (keeping one
+    row per micro-batch, so both ranks run every backward pass and DDP's all-reduce pairs up);
+    the run equals a single process that runs every row."""
+    beta0 = ["grpo.kl_coef=0", "engine.micro_batch_size=8"]
+    want_out, got_out = tmp_path / "one", tmp_path / "two"
+    done = run_cli("run", QUICKSTART, *COMMON, *beta0, "engine.skip_zero_advantage=false", f"run.output_dir={want_out}")
+    assert done.returncode == 0, done.stderr
+    done = launch(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                  "-m", "zenalign", "run", QUICKSTART, *COMMON, *beta0, f"run.output_dir={got_out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = metrics(want_out)
+    assert_same_run(metrics(got_out), want)
+    assert any(m["zero_std_frac"] > 0 for m in want)  # there were rows to leave out
+
+
 def test_zero3_checkpoint_is_a_plain_policy_and_exports_from_shards(tmp_path):
     out = tmp_path / "run"
     done = run_cli("run", QUICKSTART, *COMMON, "run.steps=2", "engine.backend=deepspeed", "engine.zero_stage=3",

@@ -114,6 +114,93 @@ def test_micro_batches_give_the_same_update(tmp_path, tiny_model_dir):
         assert torch.allclose(full[name], split[name], atol=1e-6), name
 
 
+def test_rows_that_move_leaves_out_zero_advantage_rows_but_never_a_whole_micro_batch():
+    advantages = torch.tensor([0.0, 0.7, 0.0, -0.7, 0.0, 0.0, 0.0, 0.0, 1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0],
+                         [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]])
+    kept, skipped = trainer_module.rows_that_move([slice(0, 4), slice(4, 8), slice(8, 10)], advantages, mask)
+    # first batch: row 0 stays (the first row), row 2 goes; second: all zero, row 4 stays alone;
+    # third: nothing to leave out, the slice itself
+    assert [k.tolist() for k in kept[:2]] == [[0, 1, 3], [4]] and kept[2] == slice(8, 10)
+    assert skipped == 1 + 3 + 1 + 4  # the tokens of rows 2, 5, 6 and 7
+
+
+def same_for_some_prompts(prompts, completions):
+    """Every completion of a prompt ending in 'e' or 'c' scores 1 (an all-zero advantage group);
+    the others score their length (advantages that differ)."""
+    return [1.0 if p.rstrip(":")[-1] in "ec" else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+@pytest.mark.parametrize("micro, aggregation", [(None, "grpo"), (3, "dapo")])
+def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_result(tmp_path, tiny_model_dir, monkeypatch,
+                                                                             micro, aggregation):
+    """beta = 0, mu = 1: completions with advantage 0 carry no loss and no gradient, so leaving
+    them out changes no parameter and no metric (weight decay still applies: every parameter
+    still gets a gradient)."""
+    seen = {}
+    original = trainer_module.completion_logprobs
+
+    def spy(model, sequences, *args, **kwargs):
+        seen.setdefault(skip, []).append(sequences.shape[0])
+        return original(model, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "completion_logprobs", spy)
+    results = {}
+    for skip in (False, True):
+        out = tmp_path / str(skip)
+        trainer = make(out, tiny_model_dir, reward_model=same_for_some_prompts, kl_coef=0.0, steps=3, prompts_per_step=3,
+                       micro_batch_size=micro, loss_aggregation=aggregation, weight_decay=0.1, skip_zero_advantage=skip)
+        trainer.train(PROMPTS)
+        results[skip] = (trainer.model.state_dict(),
+                         [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()])
+    (full, full_metrics), (lean, lean_metrics) = results[False], results[True]
+    assert sum(seen[True]) < sum(seen[False]) == 3 * 12  # rows left out of the forward pass
+    assert any(m["zero_std_frac"] > 0 for m in full_metrics)
+    for a, b in zip(full_metrics, lean_metrics):
+        assert a["reward_mean"] == b["reward_mean"]  # the same samples
+        for key in ("loss", "grad_norm", "ratio_mean", "clip_frac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for name in full:
+        assert torch.allclose(full[name], lean[name], atol=1e-6), name
+
+
+def test_a_step_where_every_advantage_is_zero_still_steps_the_optimizer(tmp_path, tiny_model_dir):
+    """Nothing to learn from (one reward for all): one row still runs, so weight decay and the
+    optimizer's step count move exactly as when every row runs."""
+    states = []
+    for skip in (False, True):
+        trainer = make(tmp_path / str(skip), tiny_model_dir, reward_model=lambda completions: [1.0] * len(completions),
+                       kl_coef=0.0, steps=1, weight_decay=0.5, skip_zero_advantage=skip)
+        trainer.train(PROMPTS)
+        states.append((trainer.model.state_dict(), trainer.engine.optimizer.state_dict()["state"]))
+    (full, full_opt), (lean, lean_opt) = states
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    decayed = [n for n in full if not torch.equal(full[n], start[n])]
+    assert decayed  # weight decay moved the weights
+    for name in full:
+        assert torch.equal(full[name], lean[name]), name
+    assert [float(s["step"]) for s in full_opt.values()] == [float(s["step"]) for s in lean_opt.values()] == [1.0] * len(full_opt)
+
+
+@pytest.mark.parametrize("options", [{"kl_coef": 0.01}, {"kl_coef": 0.0, "num_iterations": 2}])
+def test_zero_advantage_rows_stay_in_the_update_with_a_kl_term_or_several_iterations(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, options):
+    """A KL term has a gradient at advantage 0, and at mu > 1 the ratio metric of a row that
+    moved is not 1: every row runs."""
+    rows = []
+    original = trainer_module.completion_logprobs
+
+    def spy(model, sequences, *args, **kwargs):
+        rows.append(sequences.shape[0])
+        return original(model, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "completion_logprobs", spy)
+    make(tmp_path, tiny_model_dir, reward_model=same_for_some_prompts, steps=1, prompts_per_step=3, **options).train(PROMPTS)
+    assert rows and all(n == 12 for n in rows)
+
+
 def test_event_hooks_see_every_step_and_evaluation(tmp_path, tiny_model_dir, register_plugin):
     seen = []
 

@@ -172,6 +172,13 @@ class EngineSection(Section):
         "does a model whose first prompts the lean forward does not reproduce (checked once, with a warning). "
         "false uses transformers' forward everywhere.",
     )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="With no KL term (kl_coef 0) and one optimizer step per generation (num_iterations 1), leave "
+        "completions whose advantage is exactly zero (every completion of a group earning the same reward) out of "
+        "the update's forward and backward pass: their loss and gradient are exactly zero, so the step is the "
+        "same, with less work. false runs them anyway.",
+    )
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "

@@ -64,6 +64,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rows_that_move(batches: list[slice], advantages: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[list[slice | torch.Tensor], float]:
+    """The micro-batches with the completions whose advantage is exactly zero left out, and how
+    many completion tokens those held.
+
+    Without a KL term and with pi_old the current policy (mu = 1), such a completion's per-token
+    loss is ``-min(1 * 0, clip(1) * 0) = 0`` with a zero gradient: leaving it out of the forward
+    and backward pass changes neither the loss nor the gradient (the token weights are computed
+    from the whole batch first). A group whose completions all earned the same reward is all
+    zeros under the group normalizers. Each micro-batch keeps at least its first row, so every
+    micro-batch still runs a backward pass: ranks under DDP or DeepSpeed stay in step, and every
+    parameter gets a gradient (zero where nothing moved), so the optimizer step is the same too.
+    """
+    kept, skipped_tokens = [], 0.0
+    for rows in batches:
+        moving = advantages[rows] != 0
+        if bool(moving.all()):
+            kept.append(rows)
+            continue
+        moving[0] = True
+        index = torch.arange(rows.start, rows.stop, device=advantages.device)[moving]
+        skipped_tokens += float(mask[rows][~moving].sum())
+        kept.append(index)
+    return kept, skipped_tokens
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization.
 
@@ -369,6 +395,9 @@ class GRPOTrainer:
         old_logp = self.logprobs(self.engine.train_model, rollout) if g.num_iterations > 1 else None
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
         batches = self._micro_batches(len(rollout))
+        if self.recipe.engine.skip_zero_advantage and old_logp is None and ref_logp is None:
+            batches, skipped_tokens = rows_that_move(batches, advantages, mask)
+            sums["ratio"] += skipped_tokens  # pi = pi_old on every skipped token: a ratio of exactly 1, never clipped
         for _ in range(g.num_iterations):
             for i, rows in enumerate(batches):
                 with self.engine.micro_batch(last=i == len(batches) - 1):
@@ -385,7 +414,7 @@ class GRPOTrainer:
         passes = g.num_iterations
         return {key: value / passes for key, value in sums.items()} | {"tokens": local_tokens}
 
-    def policy_loss(self, rollout: Rollout, rows: slice, advantages: torch.Tensor, weights: torch.Tensor,
+    def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
                     old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor]):
         """This micro-batch's share of the batch loss, ``sum(w * per-token loss)``, with gradient,
         and the per-token terms. ``old_logp=None`` means pi_old is the current policy (mu = 1)."""
