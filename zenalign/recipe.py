@@ -179,6 +179,13 @@ class EngineSection(Section):
         "the update's forward and backward pass: their loss and gradient are exactly zero, so the step is the "
         "same, with less work. false runs them anyway.",
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="On a CPU under Linux (glibc), keep the memory a step frees for the next step instead of "
+        "returning it to the operating system and faulting it in again (glibc's mmap and trim thresholds, "
+        "as jemalloc/tcmalloc behave): thousands of page faults per step fewer. The process's resident "
+        "memory stays at its peak between steps. false leaves the allocator as it is.",
+    )
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "

@@ -36,6 +36,7 @@ from zenalign.errors import PluginError, RecipeError
 from zenalign.gumbel import completion_keys
 from zenalign.loss import completion_logprobs, grpo_token_loss, token_weights
 from zenalign.metrics import PhaseTimer, collapse_rate, hacking_warnings, reward_metrics
+from zenalign.memory import keep_freed_memory
 from zenalign.models import eos_token_ids, pick_device
 from zenalign.plugin_types import BuildContext, Objectives, ScoreBatch
 from zenalign.plugins import get_plugin_manager
@@ -168,6 +169,8 @@ class GRPOTrainer:
         seed_everything(r.run.seed)
         device = pick_device(r.engine.device)
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
+        if self.device.type == "cpu" and r.engine.keep_freed_memory:
+            keep_freed_memory()
         self.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, device=self.device)
         self.engine = create_engine(r, self.dist, self.device)  # first: ZeRO-3 must see the models load
         builder = Builder(self.loaded, self.inputs, self.context)
