@@ -401,7 +401,7 @@ class LeanLM:
         total = tp + max_new_tokens
         caches = []
         for k, v in prompt_kv:  # the group's rows start from the same prompt cache, preallocated for every new token
-            cache = k.new_zeros(2, n, self.kv_heads, total, self.head_dim)
+            cache = k.new_empty(2, n, self.kv_heads, total, self.head_dim)  # every column is written before it is read
             cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
             cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
             caches.append(cache)
