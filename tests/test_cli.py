@@ -24,10 +24,15 @@ def test_quickstart_learns(tmp_path):
     assert f"eval accuracy: {before:.3f} -> {after:.3f} (step 0 -> 60)" in done.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 60
-    # training reward rises too: the last 10 steps beat the first 10 by a wide margin
-    first = sum(m["reward_mean"] for m in metrics[:10]) / 10
-    last = sum(m["reward_mean"] for m in metrics[-10:]) / 10
-    assert last >= first + 0.15, (first, last)
+    # training reward rises too. Step means at temperature 1 scatter by about 0.13 (prompts differ
+    # in difficulty), so thirds of the run are compared: the last 20 steps must beat the first 20
+    # by 0.10, 2.4 standard errors of that difference (a run that does not learn passes with
+    # probability under 1%). Observed: 0.23 here; 0.14-0.38 over the 8 seeds of bench/perf.py's
+    # learning runs of this task. The last-10-versus-first-10 test it replaces (threshold 0.15,
+    # standard error 0.06) failed on a run with other sampling draws at +0.13.
+    first = sum(m["reward_mean"] for m in metrics[:20]) / 20
+    last = sum(m["reward_mean"] for m in metrics[-20:]) / 20
+    assert last >= first + 0.10, (first, last)
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 

