@@ -30,8 +30,9 @@ _done = False
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds for this process (once); False where the C library
-    is not glibc (macOS, Windows, musl) or refuses, and nothing is changed."""
+    """Set glibc's mmap and trim thresholds for this process (once). False, with nothing changed,
+    where the C library is not glibc (macOS, Windows, musl); False too if glibc refuses a value
+    (it accepts both on every 64-bit build: 32 MiB is its own ceiling for the mmap threshold)."""
     global _done
     if _done:
         return True

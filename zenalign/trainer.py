@@ -389,6 +389,7 @@ class GRPOTrainer:
         world = self.dist.world_size
         self.engine.train_model.train()
         mask = rollout.completion_mask
+        advantages = advantages.to(mask.device)  # rewards are scored on the CPU; the loss runs where the model does
         local_tokens = float(mask.sum())
         global_tokens = self.dist.sum([local_tokens])[0]
         weights = token_weights(mask, g.loss_aggregation, self.recipe.sampling.max_new_tokens,
