@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
-from zenalign.fastpath import lean_model, why_not_lean
+from zenalign import fastpath
+from zenalign.fastpath import attention_products, lean_model, why_not_lean
 from zenalign.gumbel import GumbelSampler, completion_keys
 from zenalign.loss import completion_logprobs
 from zenalign.recipe import SamplingSection
@@ -71,10 +72,15 @@ def logprobs_and_grads(model, rollout, rows, lean, share=True, temperature=0.7, 
     return logp.detach() * mask, grads
 
 
+@pytest.mark.parametrize("attention", ["products", "fused"])
 @pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "prompt-per-row"])
 @pytest.mark.parametrize("rows", [slice(0, 12), slice(3, 10)], ids=["whole-batch", "micro-batch-across-groups"])
-def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, share):
+def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, share, attention, monkeypatch):
+    """Both of the lean pass's attention kernels: products (what these small shapes use) and the
+    fused one (what shapes above fastpath.SMALL_ATTENTION use)."""
     assert rollout.truncated.any() and not rollout.truncated.all()
+    if attention == "fused":
+        monkeypatch.setattr(fastpath, "SMALL_ATTENTION", 0)
     plain_logp, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
     lean_logp, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, share=share)
     torch.testing.assert_close(lean_logp, plain_logp, rtol=0, atol=2e-5)
@@ -106,6 +112,51 @@ def test_lean_decoding_samples_what_transformers_samples(model, temperature, top
     lean = sample(model, lean=True, temperature=temperature, top_k=top_k, top_p=top_p)
     assert torch.equal(lean.sequences, plain.sequences) and lean.completions == plain.completions
     assert lean.completion_mask.shape[1] == 10  # something ran the whole length
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])
+def test_attention_products_equal_the_fused_kernel_with_gradients(heads, kv_heads):
+    """The written-out attention against torch's kernel with every key/value head repeated for its
+    query heads: outputs and the gradients of queries, keys and values, with left padding and a
+    causal block in the mask, on the transposed layouts the lean pass hands it."""
+    torch.manual_seed(0)
+    b, t, s, d = 3, 5, 8, 16
+    q = torch.randn(b, t, heads, d).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(b, s, kv_heads, d).transpose(1, 2).requires_grad_() for _ in range(2))
+    mask = torch.ones(b, 1, t, s, dtype=torch.bool)
+    mask[1, :, :, :2] = False  # a row with two padding columns
+    mask[:, :, :, s - t:] = torch.ones(t, t, dtype=torch.bool).tril()  # the last t keys: causal
+    out = attention_products(q, k, v, mask, 0.3)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), attn_mask=mask, scale=0.3)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_lean_attention_switches_to_the_fused_kernel_above_the_size_limit(model, monkeypatch):
+    """A pass whose scores number more than SMALL_ATTENTION goes to the fused kernel (whose
+    memory does not grow with them); one at or below it to the products; the two agree."""
+    lean = lean_model(model)
+    calls = []
+    monkeypatch.setattr(fastpath, "attention_products", lambda *a: calls.append(a) or attention_products(*a))
+    torch.manual_seed(1)
+    b, t, s = 2, 3, 7
+    q = torch.randn(b, lean.heads, t, lean.head_dim)
+    k, v = torch.randn(2, b, lean.kv_heads, s, lean.head_dim)
+    mask = torch.rand(b, 1, t, s) > 0.3
+    mask[..., 0] = True
+    monkeypatch.setattr(fastpath, "SMALL_ATTENTION", b * lean.heads * t * s)
+    products = lean.attend(q, k, v, mask)
+    assert len(calls) == 1
+    monkeypatch.setattr(fastpath, "SMALL_ATTENTION", b * lean.heads * t * s - 1)
+    fused = lean.attend(q, k, v, mask)
+    assert len(calls) == 1
+    torch.testing.assert_close(products, fused, rtol=0, atol=1e-5)
 
 
 def test_single_query_attention_runs_in_float32_under_autocast(model):
