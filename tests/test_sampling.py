@@ -10,7 +10,8 @@ from conftest import build_tiny_llama, byte_tokenizer
 from zenalign.loss import completion_logprobs
 from zenalign.recipe import SamplingSection
 from zenalign.gumbel import GumbelSampler, completion_keys, uniform
-from zenalign.sampling import completion_mask_from, generate_groups, generation_config, neutral_generation_defaults
+from zenalign.sampling import (completion_mask_from, decode_without_special_tokens, generate_groups, generation_config,
+                               neutral_generation_defaults)
 
 EOS, PAD = 1, 0
 PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]
@@ -164,6 +165,61 @@ def test_uniform_noise_is_the_splitmix64_hash_written_out():
                 expected = ((bits >> 11) + 0.5) / 2.0 ** 53
                 assert u[row, token].item() == expected
                 assert gumbel[row, token].item() == pytest.approx(-math.log(-math.log(expected)), rel=1e-6)
+
+
+def _rows_with_special_ids(tokenizer):
+    """Completions as the sampler returns them, with special ids among the text: padding, EOS,
+    unknown and extra ids, in front of, inside and after UTF-8 text (some of it multi-byte)."""
+    special = sorted(tokenizer.all_special_ids)
+    texts = ["olleh", "déjà vu", "日本", "", "a b  c"]
+    rows = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        middle = len(ids) // 2
+        rows.append([special[i % len(special)]] + ids[:middle] + [special[-1 - i]] + ids[middle:] + [EOS, PAD])
+    return rows
+
+
+def test_decoding_completions_equals_batch_decode_skipping_special_tokens():
+    """The byte tokenizer (a transformers Python tokenizer) takes the path that drops the special
+    ids once; what it returns is what batch_decode(skip_special_tokens=True) returns."""
+    from zenalign.sampling import _skips_special_ids_by_filtering
+
+    tokenizer = byte_tokenizer()
+    rows = _rows_with_special_ids(tokenizer)
+    assert _skips_special_ids_by_filtering(type(tokenizer))
+    expected = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    assert expected[1] == "déjà vu" and expected[2] == "日本"  # the special ids really were in the way
+    assert decode_without_special_tokens(tokenizer, rows) == expected
+    assert decode_without_special_tokens(tokenizer, rows) != tokenizer.batch_decode(rows)
+
+
+def test_tokenizers_that_decode_their_own_way_are_called_as_usual():
+    """A Python tokenizer class that overrides its decoding, and a Rust-backed tokenizer, get
+    batch_decode(skip_special_tokens=True) itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
+
+    from zenalign.sampling import _skips_special_ids_by_filtering
+
+    class Shouting(ByT5Tokenizer):
+        def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return super()._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+    assert not _skips_special_ids_by_filtering(Shouting)
+    shouting = Shouting()
+    rows = _rows_with_special_ids(shouting)
+    assert decode_without_special_tokens(shouting, rows) == shouting.batch_decode(rows, skip_special_tokens=True)
+    assert decode_without_special_tokens(shouting, rows)[0] == "OLLEH"
+
+    vocab = {"<pad>": 0, "</s>": 1, "hello": 2, "world": 3, "<extra>": 4}
+    rust = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=rust, pad_token="<pad>", eos_token="</s>",
+                                   additional_special_tokens=["<extra>"])
+    assert not _skips_special_ids_by_filtering(type(fast))
+    rows = [[4, 2, 1, 0], [3, 4, 2]]
+    assert decode_without_special_tokens(fast, rows) == fast.batch_decode(rows, skip_special_tokens=True)
 
 
 def test_sampling_does_not_depend_on_the_batch(model):
