@@ -114,6 +114,29 @@ def test_lean_decoding_samples_what_transformers_samples(model, temperature, top
     assert lean.completion_mask.shape[1] == 10  # something ran the whole length
 
 
+def test_decoding_indexes_a_rotary_table_equal_to_the_models_rotation(model):
+    """Decoding looks each token's rotation up in a table built once; every row of the table is
+    bit for bit the rotation the model's rotary module gives that position."""
+    lean = lean_model(model)
+    x = torch.zeros(3, model.config.hidden_size)
+    table = lean.rotary_table(x, 40)
+    positions = torch.tensor([0, 7, 39])
+    assert table.shape[0] == 40 and torch.equal(table.index_select(0, positions), lean.rotary(x, positions))
+
+
+def test_rotary_scaling_that_depends_on_the_positions_is_recomputed_every_token():
+    """Dynamic NTK scaling changes its frequencies once positions pass the trained length, so
+    decoding calls the model's rotary module each token, and samples what transformers samples
+    beyond that length."""
+    model = build("qwen2", max_position_embeddings=16,
+                  rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    lean = lean_model(model)
+    assert lean.rotary_table(torch.zeros(1, model.config.hidden_size), 40) is None
+    plain, fast = sample(model, lean=False), sample(model, lean=True)
+    assert plain.sequences.shape[1] > 16 + 5
+    assert torch.equal(fast.sequences, plain.sequences)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])
 def test_attention_products_equal_the_fused_kernel_with_gradients(heads, kv_heads):
     """The written-out attention against torch's kernel with every key/value head repeated for its

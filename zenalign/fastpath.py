@@ -277,6 +277,15 @@ class LeanLM:
         half = self.head_dim // 2
         return torch.complex(cos[0, :, None, :half].float(), sin[0, :, None, :half].float())
 
+    def rotary_table(self, x: torch.Tensor, length: int) -> Optional[torch.Tensor]:
+        """:meth:`rotary` for every position below ``length``, for decoding to index instead of
+        recomputing each token; None where the model's rotary embedding depends on the positions
+        it is called with (dynamic and longrope scaling update their frequencies from them)."""
+        rope_type = getattr(self.body.rotary_emb, "rope_type", "default")
+        if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+            return None
+        return self.rotary(x, torch.arange(length, device=x.device))
+
     def qkv(self, i: int, w: _Weights, x: torch.Tensor, rotation: torch.Tensor):
         """Flat hidden ``(T, hidden)`` -> queries ``(T, H, D)``, keys and values ``(T, KV, D)``,
         queries and keys rotated (in float32, as transformers does under autocast)."""
@@ -444,13 +453,15 @@ class LeanLM:
         bias = torch.zeros(n, 1, 1, total, device=device)
         bias[:, 0, 0, :tp].masked_fill_(~prompt_mask.bool().repeat_interleave(group_size, dim=0), float("-inf"))
         state = {"positions": positions[:, -1].repeat_interleave(group_size), "column": tp}
+        table = self.rotary_table(last, int(positions[:, -1].max()) + max_new_tokens + 1)
 
         def step_logits(previous: torch.Tensor) -> torch.Tensor:
             column = state["column"]  # where the previous token's keys and values go
             state["positions"] = state["positions"] + 1
             state["column"] = column + 1
             x = self.body.embed_tokens(previous)
-            rotation = self.rotary(x, state["positions"])
+            positions = state["positions"]
+            rotation = self.rotary(x, positions) if table is None else table.index_select(0, positions)
             for i, w in enumerate(weights):
                 q, k, v = self.qkv(i, w, x, rotation)
                 caches[i][0, :, :, column] = k
