@@ -137,6 +137,29 @@ def test_rotary_scaling_that_depends_on_the_positions_is_recomputed_every_token(
     assert torch.equal(fast.sequences, plain.sequences)
 
 
+@pytest.mark.parametrize("fused_forward", [True, False], ids=["fused-forward", "torch-without-it"])
+@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16)])
+def test_rms_norm_with_written_out_gradient_equals_torchs(shape, fused_forward, monkeypatch):
+    """The lean pass's float32 RMSNorm: the same output bit for bit as F.rms_norm, and the
+    gradients of input and weight that autograd takes through F.rms_norm (also without the
+    fused forward that returns the reciprocal RMS, as on torch < 2.8)."""
+    if not fused_forward:
+        monkeypatch.setattr(fastpath, "_FUSED_RMS_NORM", None)
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).requires_grad_()
+    weight = torch.randn(shape[-1]).requires_grad_()
+    grad_out = torch.randn(shape)
+    out = fastpath._rms_norm(x, weight, 1e-5)
+    expected = torch.nn.functional.rms_norm(x, (shape[-1],), weight, 1e-5)
+    assert torch.equal(out, expected) if fused_forward else torch.allclose(out, expected, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(out, (x, weight), grad_out)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, weight), grad_out)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    frozen = weight.detach()
+    (grad_x,) = torch.autograd.grad(fastpath._rms_norm(x, frozen, 1e-5), (x,), grad_out)
+    torch.testing.assert_close(grad_x, grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])
 def test_attention_products_equal_the_fused_kernel_with_gradients(heads, kv_heads):
     """The written-out attention against torch's kernel with every key/value head repeated for its

@@ -135,8 +135,42 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     """transformers' Llama-family RMSNorm: normalise in float32, cast back, scale (one fused
     kernel when everything is float32 already, as the residual stream is under autocast)."""
     if x.dtype == weight.dtype == torch.float32:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _RMSNorm.apply(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # (output, 1 / rms); torch >= 2.8
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``F.rms_norm(x, weight)`` over the last dimension, float32, with the gradient written out.
+    torch's CPU backward for it is a chain of a dozen generic operations (forward + backward of a
+    1080 x 128 activation: 207 us, 158 us here; 1080 x 256: 373 vs 236 us). With ``r`` the
+    reciprocal RMS of a row and ``xh = x * r``: ``dw = sum over rows of g * xh`` and
+    ``dx = r * (g*w - xh * mean(g*w * xh))``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if _FUSED_RMS_NORM is not None:
+            out, rstd = _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
+        else:
+            out = F.rms_norm(x, (x.shape[-1],), weight, eps)
+            rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad * weight
+            grad_x = grad_normed.sub_(normed * (grad_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
+        return grad_x, grad_weight, None
 
 
 def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
