@@ -9,7 +9,7 @@ import torch
 from conftest import build_tiny_llama, byte_tokenizer
 from zenalign.loss import completion_logprobs
 from zenalign.recipe import SamplingSection
-from zenalign.gumbel import GumbelSampler, completion_keys, uniform
+from zenalign.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
 from zenalign.sampling import (completion_mask_from, decode_without_special_tokens, generate_groups, generation_config,
                                neutral_generation_defaults)
 
@@ -144,7 +144,7 @@ def test_uniform_noise_is_uniform_and_keyed():
 
 def test_uniform_noise_is_the_splitmix64_hash_written_out():
     """Bit for bit what the module docstring says, computed with Python integers: a sampler that
-    keeps the token hashes between steps, and the in-place hash, draw the same numbers."""
+    keeps the token and row hashes between steps, and the in-place hash, draw the same numbers."""
     mask = (1 << 64) - 1
 
     def mix(x):
@@ -156,7 +156,7 @@ def test_uniform_noise_is_the_splitmix64_hash_written_out():
     keys = completion_keys(seed=2, step=9, first_completion=5, count=3)
     sampler = GumbelSampler(keys, prompt_length=4, temperature=1.0)
     scores = torch.zeros(3, 40)
-    for position in (0, 3):
+    for position in (0, 3, ROW_BLOCK + 6, 1):  # past the first block of row hashes, and back
         u = uniform(keys, position, 40)
         gumbel = sampler(torch.zeros(3, 4 + position, dtype=torch.long), scores)  # the hashes kept after the first call
         for row, key in enumerate(keys.tolist()):

@@ -56,8 +56,19 @@ def token_hashes(vocab_size: int, device=None) -> torch.Tensor:
 def uniform(keys: torch.Tensor, position: int, vocab_size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """U in (0, 1), shape ``(N, V)``, a pure function of (key, position, token id). ``tokens`` is
     :func:`token_hashes` for this vocabulary and device, if the caller keeps it."""
-    row = splitmix64(keys.to(torch.int64) * 1_000_003 + position).unsqueeze(1)  # (N, 1)
     tokens = token_hashes(vocab_size, keys.device) if tokens is None else tokens
+    return _uniform(row_hashes(keys, position, position + 1), tokens)
+
+
+def row_hashes(keys: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """The part of :func:`uniform` that depends on (key, position) alone, ``(N, end - first)``
+    for positions ``first, ..., end - 1``: a sampler computes a run of positions at once."""
+    positions = torch.arange(first, end, device=keys.device, dtype=torch.int64)
+    return splitmix64(keys.to(torch.int64)[:, None] * 1_000_003 + positions)
+
+
+def _uniform(row: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """U from one position's ``(N, 1)`` row hashes and the ``(1, V)`` token hashes."""
     bits = _splitmix64_inplace(row ^ tokens)
     mantissa = _shr(bits, 11).to(torch.float64)  # 53 random bits
     return mantissa.add_(0.5).div_(float(1 << 53))
@@ -91,19 +102,27 @@ class GumbelSampler:
         self.temperature = temperature
         self.warpers: Sequence = []
         self._tokens: torch.Tensor | None = None  # token_hashes, once per vocabulary and device
+        self._rows: torch.Tensor | None = None  # row_hashes for positions 0 .. ROW_BLOCK * n - 1
         if top_k:
             self.warpers.append(TopKLogitsWarper(top_k=top_k))
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p=top_p))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         position = input_ids.shape[1] - self.prompt_length  # 0 for the first completion token
         vocab, device = scores.shape[-1], scores.device
         if self._tokens is None or self._tokens.shape[-1] != vocab or self._tokens.device != device:
             self._tokens = token_hashes(vocab, device)
-        noise = uniform(self.keys.to(device), position, vocab, self._tokens)
-        gumbel = noise.log_().neg_().log_().neg_()  # -log(-log U)
-        return scores + gumbel.to(scores.dtype)
+        if self._rows is None or self._rows.device != device or position >= self._rows.shape[1]:
+            end = (position // ROW_BLOCK + 1) * ROW_BLOCK
+            self._rows = row_hashes(self.keys.to(device), 0, end)
+        noise = _uniform(self._rows[:, position : position + 1], self._tokens)
+        return scores - noise.log_().neg_().log_().to(scores.dtype)  # + G, G = -log(-log U)
+
+
+ROW_BLOCK = 64  # positions whose row hashes a sampler computes at once
