@@ -285,8 +285,8 @@ class LeanLM:
             biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
             qkv_bias = None
             if any(b is not None for b in biases):
-                zeros = [lin.weight.new_zeros(lin.out_features) for lin in (a.q_proj, a.k_proj, a.v_proj)]
-                q_b, k_b, v_b = (b if b is not None else z for b, z in zip(biases, zeros))
+                q_b, k_b, v_b = (b if b is not None else lin.weight.new_zeros(lin.out_features)
+                                 for b, lin in zip(biases, (a.q_proj, a.k_proj, a.v_proj)))
                 qkv_bias = torch.cat([qk_rows(q_b, self.heads), qk_rows(k_b, self.kv_heads), v_b])
             gate_up_bias = None
             if m.gate_proj.bias is not None or m.up_proj.bias is not None:
