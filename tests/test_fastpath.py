@@ -222,6 +222,8 @@ def test_single_query_attention_runs_in_float32_under_autocast(model):
         scale=lean.scaling).squeeze(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lean.attend_one(q, k, v, bias)
+        assert torch.is_autocast_enabled("cpu") and torch.mm(q[0], q[0].T).dtype == torch.bfloat16  # back on after it
+    assert not torch.is_autocast_enabled("cpu")
     assert got.dtype == torch.bfloat16
     # one bf16 rounding of the float32 result (relative 2^-8), nothing more
     assert ((got.float() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-6).all()
