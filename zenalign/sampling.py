@@ -153,16 +153,29 @@ def sample_loop(tokens: torch.Tensor, logits: torch.Tensor, step_logits: Any, ma
     token through the logits processors and an argmax, pad rows that have emitted an EOS, and stop
     when every row has ended; ``step_logits(tokens_just_chosen)`` runs the model one step."""
     unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    process = _each_in_turn(processors) if isinstance(processors, list) else processors
     for step in range(max_new_tokens):
         if step:
             logits = step_logits(next_tokens)
-        next_tokens = processors(tokens, logits.float()).argmax(dim=-1)
+        next_tokens = process(tokens, logits.float()).argmax(dim=-1)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         unfinished &= ~torch.isin(next_tokens, eos)
         if not bool(unfinished.any()):
             break
     return tokens
+
+
+def _each_in_turn(processors: list) -> Any:
+    """A list of logits processors (a ``LogitsProcessorList``) applied as that list applies them
+    when given no extra arguments, without inspecting each one's signature on every token."""
+
+    def process(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for processor in processors:
+            scores = processor(input_ids, scores)
+        return scores
+
+    return process
 
 
 def grouped_cache(model, cache, group_size: int, max_length: int, static: bool = True):
