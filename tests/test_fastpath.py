@@ -137,6 +137,43 @@ def test_rotary_scaling_that_depends_on_the_positions_is_recomputed_every_token(
     assert torch.equal(fast.sequences, plain.sequences)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weights_first_products_equal_linear(dtype, bias):
+    """``(W @ x.T).T`` is ``F.linear(x, W, b)``, and the residual form adds it to ``x``."""
+    torch.manual_seed(0)
+    x, a = torch.randn(48, 32, dtype=dtype), torch.randn(48, 96, dtype=dtype)
+    weight, down = torch.randn(96, 32, dtype=dtype), torch.randn(32, 96, dtype=dtype)
+    b = torch.randn(96, dtype=dtype) if bias else None
+    tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0.05)
+    torch.testing.assert_close(fastpath._linear_weights_first(x, weight, b), torch.nn.functional.linear(x, weight, b), **tol)
+    got = fastpath._add_linear_weights_first(x, a, down, b[:32] if bias else None)
+    torch.testing.assert_close(got, x + torch.nn.functional.linear(a, down, b[:32] if bias else None), **tol)
+    assert got.is_contiguous()  # the residual keeps its layout
+
+
+def test_weights_first_products_are_for_cpu_inference_at_32_rows_or_more():
+    with torch.no_grad():
+        assert fastpath._weights_first(torch.zeros(32, 8)) and not fastpath._weights_first(torch.zeros(31, 8))
+    assert not fastpath._weights_first(torch.zeros(64, 8))  # autograd on: the update keeps x @ W.T
+    with torch.inference_mode():
+        assert fastpath._weights_first(torch.zeros(64, 8))
+
+
+def test_lean_decoding_with_weights_first_products_samples_what_transformers_samples(model, monkeypatch):
+    """36 rows (3 prompts x 12): the MLP's products run weights-first in every decoding step, and
+    the tokens are still transformers' own."""
+    calls = []
+    monkeypatch.setattr(fastpath, "_linear_weights_first",
+                        lambda *a, f=fastpath._linear_weights_first: calls.append(a[0].shape[0]) or f(*a))
+    keys = completion_keys(seed=1, step=2, first_completion=0, count=len(PROMPTS) * 12)
+    sampling = SamplingSection(max_new_tokens=8, temperature=1.0)
+    out = {lean: generate_groups(model, byte_tokenizer(), PROMPTS, sampling, [EOS], group_size=12, keys=keys,
+                                 lean_forward=lean) for lean in (True, False)}
+    assert calls.count(36) >= 2 * 7  # two products per layer and token after the first
+    assert torch.equal(out[True].sequences, out[False].sequences)
+
+
 @pytest.mark.parametrize("fused_forward", [True, False], ids=["fused-forward", "torch-without-it"])
 @pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16)])
 def test_rms_norm_with_written_out_gradient_equals_torchs(shape, fused_forward, monkeypatch):

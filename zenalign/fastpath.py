@@ -155,9 +155,9 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if _FUSED_RMS_NORM is not None:
+        try:
             out, rstd = _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
-        else:
+        except (TypeError, RuntimeError):  # no such operator in this torch, or none for this device
             out = F.rms_norm(x, (x.shape[-1],), weight, eps)
             rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -181,6 +181,31 @@ def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Op
     if bias is None and not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype:
         return torch.addmm(x, a, weight.t())
     return x + F.linear(a, weight, bias)
+
+
+def _weights_first(x: torch.Tensor) -> bool:
+    """Whether the MLP's products run as ``(weight @ x.T).T`` instead of ``x @ weight.T``: on a CPU,
+    without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels run a product whose
+    short side is the batch faster with the weight as the left operand (gate/up at 64 rows:
+    fp32 1M 149 -> 90 us, 10M 521 -> 341 us; bf16 10M 131 -> 98 us); the MLP's output product
+    then takes the activations in the layout this leaves them in. Decoding at 64 rows, 16
+    tokens (alternating A/B pairs): fp32 10M 245 -> 208 ms; bf16 10M 124 -> 114 ms, 1M 29.2 ->
+    28.5 ms; the same tokens. Below 32 rows the libraries switch kernels (and rounding); with autograd the update keeps
+    the plain form."""
+    return x.device.type == "cpu" and x.shape[0] >= 32 and not torch.is_grad_enabled()
+
+
+def _linear_weights_first(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``(weight @ x.T).T`` (see :func:`_weights_first`)."""
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t()
+
+
+def _add_linear_weights_first(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + a @ weight.T (+ bias)`` with the product as ``(weight @ a.T).T``; the residual is
+    added separately so that it keeps its row-major layout for the next layer."""
+    return x + _linear_weights_first(a, weight, bias)
 
 
 class _CpuAutocastOff:
@@ -361,6 +386,9 @@ class LeanLM:
         """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``."""
         x = _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias)
         h = _rms_norm(x, w.post_norm, self.eps)
+        if _weights_first(h):
+            gate_up = _linear_weights_first(h, w.gate_up, w.gate_up_bias)
+            return _add_linear_weights_first(x, _swiglu(gate_up), w.down, w.down_bias)
         return _add_linear(x, _swiglu(F.linear(h, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
