@@ -3,6 +3,7 @@
     pip install torch==2.13.0 && pip install -e ".[bench]"    # TRL is needed by this benchmark only
     python bench/perf.py                         # 1M and 10M Qwen2, both frameworks, then learning per sample
     python bench/perf.py --sizes 1m --steps 6 --no-learning     # a quick look
+    python bench/perf.py --sizes "" --learning-seeds 16        # learning per sample only
 
 Both frameworks load the same saved Qwen2 (built from config over the 384-id ByT5 byte vocabulary),
 get the same prompts ("reverse WORD:"), the same exact-answer reward, 8 prompts x 8 completions per
@@ -319,7 +320,7 @@ def learning_report(runs: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1m,10m", help="comma-separated: 1m, 10m")
+    parser.add_argument("--sizes", default="1m,10m", help='comma-separated: 1m, 10m ("" for learning per sample only)')
     parser.add_argument("--frameworks", default="trl,zenalign")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run (the first 2 are warm-up)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -359,7 +360,7 @@ def main() -> int:
           f"{args.threads} threads, precision {args.precision} (both frameworks)", flush=True)
     results, shapes, params, everything = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
-        for size in args.sizes.split(","):
+        for size in [s for s in args.sizes.split(",") if s]:  # --sizes "": learning per sample only
             model_dir = Path(tmp) / f"qwen2-{size}"
             params[size] = build_size(size, model_dir, seed=args.seed)
             shapes[size] = model_shape(model_dir)
@@ -368,9 +369,9 @@ def main() -> int:
                                      threads=args.threads) for fw in args.frameworks.split(",")}
                       for _ in range(args.repeats)]
             results[size] = median_round(rounds)
-    lines = report(results, shapes, params, args.precision)
     everything["throughput"] = results
-    print("\n".join(lines), flush=True)
+    if results:
+        print("\n".join(report(results, shapes, params, args.precision)), flush=True)
     if args.out:
         args.out.write_text(json.dumps(everything, indent=1))
     if args.learning:

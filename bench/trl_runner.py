@@ -123,7 +123,12 @@ def trl_config(
     from trl import GRPOConfig
 
     batch = prompts_per_step * group_size
+    # zenalign's KL term is the plain k3 estimator of DeepSeekMath (eq. 4). TRL (1.x) by default
+    # multiplies it by the importance ratio (use_bias_correction_kl), which at mu = 1 equals 1 but
+    # adds kl * grad(log pi) to the gradient; turned off here so both differentiate the same loss.
+    same_kl = {"use_bias_correction_kl": False} if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__ else {}
     return GRPOConfig(
+        **same_kl,
         output_dir=output_dir,
         # --- steps <-> generation batches: one optimizer step == one generation batch
         max_steps=steps,
