@@ -146,6 +146,17 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 _FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # (output, 1 / rms); torch >= 2.8
 
 
+def _rms_norm_and_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.rms_norm(x, weight)`` and each row's reciprocal RMS: from torch's fused kernel, which
+    returns both, where this torch has one for the device; else computed apart."""
+    if _FUSED_RMS_NORM is not None:
+        try:
+            return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
+        except RuntimeError:  # no kernel for this device (NotImplementedError is a RuntimeError)
+            pass
+    return F.rms_norm(x, (x.shape[-1],), weight, eps), torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+
+
 class _RMSNorm(torch.autograd.Function):
     """``F.rms_norm(x, weight)`` over the last dimension, float32, with the gradient written out.
     torch's CPU backward for it is a chain of a dozen generic operations (forward + backward of a
@@ -155,11 +166,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        try:
-            out, rstd = _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
-        except (TypeError, RuntimeError):  # no such operator in this torch, or none for this device
-            out = F.rms_norm(x, (x.shape[-1],), weight, eps)
-            rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        out, rstd = _rms_norm_and_rstd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -397,23 +404,26 @@ class LeanLM:
         float32 (torch's bf16 CPU attention kernels are slow, above all backward); on a CPU with
         at most :data:`SMALL_ATTENTION` scores it is written out as two batched products
         (:func:`attention_products`)."""
-        cpu = q.device.type == "cpu"
-        autocast = cpu and torch.is_autocast_enabled("cpu")
-        if cpu and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_ATTENTION:
-            with _CpuAutocastOff():
-                out = attention_products(q.float(), k.float(), v.float(), mask, self.scaling)
-            return out.to(torch.get_autocast_dtype("cpu")) if autocast else out.to(q.dtype)
         gqa = self.kv_heads != self.heads
         if gqa and not _SDPA_GQA:  # torch < 2.5: repeat each key/value head for its query heads
             k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
             gqa = False
-        if autocast:
-            with _CpuAutocastOff():
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                     scale=self.scaling, **({"enable_gqa": gqa} if gqa else {}))
-            return out.to(torch.get_autocast_dtype("cpu"))
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scaling,
-                                              **({"enable_gqa": gqa} if gqa else {}))
+
+        def fused(q, k, v):
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scaling,
+                                                  **({"enable_gqa": gqa} if gqa else {}))
+
+        if q.device.type != "cpu":
+            return fused(q, k, v)
+        autocast = torch.is_autocast_enabled("cpu")
+        small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_ATTENTION
+        if not (small or autocast):
+            return fused(q, k, v)
+        dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
+        with _CpuAutocastOff():  # in float32
+            out = (attention_products(q.float(), k.float(), v.float(), mask, self.scaling) if small
+                   else fused(q.float(), k, v))
+        return out.to(dtype)
 
     def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Attention of one new token per row, written out: ``(N, H, D)`` queries over
