@@ -36,8 +36,8 @@ METHODS = {
 
 
 def run_one(overrides: list[str], out: Path) -> dict:
-    from zenalign.recipe_loader import load_recipe
-    from zenalign.trainer import GRPOTrainer
+    from zenalign.recipe.loader import load_recipe
+    from zenalign.train.trainer import GRPOTrainer
 
     if not (out / "final").is_dir():
         loaded = load_recipe(RECIPE, [*overrides, f"run.output_dir={out}", "run.overwrite=true", "run.progress_bar=false",
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = parser.parse_args(argv)
 
-    from zenalign.recipe_loader import load_recipe
+    from zenalign.recipe.loader import load_recipe
 
     base_lr = load_recipe(RECIPE).recipe.grpo.learning_rate
     factors = [float(f) for f in args.lr_factors.split(",")]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from zenalign.gumbel import completion_keys
-from zenalign.loss import token_weights
+from zenalign.grpo.gumbel import completion_keys
+from zenalign.grpo.loss import token_weights
 
 
 def sequences_of(rollout) -> list[tuple[list[int], list[int]]]:

@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.advantages import combine_objectives, finish, nan_mean, nan_std, zero_variance
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import combine_objectives, finish, nan_mean, nan_std, zero_variance
+from zenalign.plugins import NormalizerType, Options
 
 
 class BatchZScoreOptions(Options):

@@ -27,9 +27,9 @@ from pydantic import Field
 
 from zenalign import Options, RewardSourceType, hookimpl
 from zenalign.errors import RecipeError
-from zenalign.loss import accepts_logits_to_keep
-from zenalign.models import load_causal_lm, load_tokenizer
-from zenalign.principles import Principle, load_principles
+from zenalign.models.primitives import accepts_logits_to_keep
+from zenalign.models.loading import load_causal_lm, load_tokenizer
+from zenalign.recipe.principles import Principle, load_principles
 
 
 class ConstitutionOptions(Options):

@@ -8,8 +8,8 @@ length bias. Source: "Understanding R1-Zero-Like Training: A Critical Perspectiv
 """
 
 from zenalign import hookimpl
-from zenalign.advantages import combine_objectives, finish, nan_mean
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import combine_objectives, finish, nan_mean
+from zenalign.plugins import NormalizerType, Options
 
 
 class MeanOnly:

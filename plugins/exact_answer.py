@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from zenalign import hookimpl
 from zenalign.errors import RewardError
-from zenalign.plugin_types import Options, RewardSourceType
+from zenalign.plugins import Options, RewardSourceType
 
 
 class ExactAnswerOptions(Options):

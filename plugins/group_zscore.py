@@ -11,8 +11,8 @@ Source: Shao et al., DeepSeekMath, arXiv 2402.03300, section 4.1.2 (outcome supe
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.advantages import combine_objectives, standardize_groups
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import combine_objectives, standardize_groups
+from zenalign.plugins import NormalizerType, Options
 
 
 class GroupZScoreOptions(Options):

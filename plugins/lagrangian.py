@@ -25,8 +25,8 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.advantages import all_abstain, standardize_objectives
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import all_abstain, standardize_objectives
+from zenalign.plugins import NormalizerType, Options
 
 
 class LagrangianOptions(Options):

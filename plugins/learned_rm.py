@@ -30,10 +30,7 @@ from pydantic import Field
 
 from zenalign import Options, RewardSourceType, hookimpl
 from zenalign.errors import RecipeError
-from zenalign.reward_model import (
-    Pair, RMFormat, load_reward_model, pairwise_accuracy, read_preferences, score_texts, train_bradley_terry,
-    write_preferences, label_names,
-)
+from zenalign.models.reward_model import Pair, RMFormat, load_reward_model, pairwise_accuracy, read_preferences, score_texts, train_bradley_terry, write_preferences, label_names
 
 
 class OnlineOptions(Options):
@@ -125,7 +122,7 @@ class LearnedRM:
 
     # -- online refresh ------------------------------------------------------------------------
 
-    def on_scored(self, batch, rewards, objectives, trainer) -> None:
+    def on_scored(self, batch, rewards, objectives, context) -> None:
         """After each training step's scoring: collect best/worst pairs; refresh every interval."""
         online = self.options.online
         if online is None:
@@ -148,12 +145,12 @@ class LearnedRM:
             if scores[best] > scores[worst]:
                 self.pending.append(Pair(batch.prompts[start], batch.completions[start + best], batch.completions[start + worst]))
         self.last_metrics = {}
-        if trainer.step % online.interval == 0:
-            self._refresh(trainer)
+        if context.step % online.interval == 0:
+            self._refresh(context)
 
-    def _refresh(self, trainer) -> None:
+    def _refresh(self, context) -> None:
         online = self.options.online
-        fresh = trainer.dist.gather_objects(self.pending)  # every rank trains on the same pairs
+        fresh = context.gather_objects(self.pending)  # every rank trains on the same pairs
         self.pending = []
         if not fresh:
             return
@@ -161,11 +158,11 @@ class LearnedRM:
         if not online.update:
             self.last_metrics = {"fresh_accuracy": accuracy, "refresh_pairs": float(len(fresh))}
             return
-        rng = random.Random(trainer.recipe.run.seed * 7_919 + trainer.step)
+        rng = random.Random(context.seed * 7_919 + context.step)
         replay = rng.sample(self.buffer, min(len(self.buffer), round(online.replay_fraction * len(fresh))))
         losses = train_bradley_terry(self.model, self.tokenizer, self.format, fresh + replay, epochs=online.epochs,
                                      learning_rate=online.learning_rate, batch_size=online.batch_size,
-                                     seed=trainer.recipe.run.seed + trainer.step)
+                                     seed=context.seed + context.step)
         self.buffer = (self.buffer + fresh)[-online.buffer_size:]
         self.last_metrics = {
             "fresh_accuracy": accuracy,
@@ -174,7 +171,7 @@ class LearnedRM:
             "refresh_loss": sum(losses) / len(losses),
         }
         if online.reset_reference:
-            trainer.reset_reference_to_policy()
+            context.reset_reference_to_policy()
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last_metrics)
@@ -221,8 +218,8 @@ def zenalign_reward_from_object(obj, context):
     from transformers import PreTrainedModel
 
     if isinstance(obj, PreTrainedModel) and type(obj).__name__.endswith("ForSequenceClassification"):
-        from zenalign.models import load_tokenizer
-        from zenalign.reward_model import prepare_for_scoring
+        from zenalign.models.loading import load_tokenizer
+        from zenalign.models.reward_model import prepare_for_scoring
 
         source = getattr(obj, "name_or_path", None)
         if not source or not Path(source).is_dir():

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.plugin_types import Options, RewardSourceType
+from zenalign.plugins import Options, RewardSourceType
 
 
 class LengthOptions(Options):

@@ -11,8 +11,8 @@ Hacking of Group Relative Policy Optimization on Multi-Objective Problems", arXi
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.advantages import all_abstain, standardize_objectives, weighted_sum
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import all_abstain, standardize_objectives, weighted_sum
+from zenalign.plugins import NormalizerType, Options
 
 
 class MOGRPOOptions(Options):

@@ -18,8 +18,8 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.advantages import all_abstain, finish, nan_std, standardize_objectives, weighted_sum, zero_variance
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import all_abstain, finish, nan_std, standardize_objectives, weighted_sum, zero_variance
+from zenalign.plugins import NormalizerType, Options
 
 
 class NormalizeThenSumOptions(Options):

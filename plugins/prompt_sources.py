@@ -17,7 +17,7 @@ from pydantic import Field
 from zenalign import hookimpl
 from zenalign.data import jsonl_objects
 from zenalign.errors import DataError
-from zenalign.plugin_types import Options, TaskType
+from zenalign.plugins import Options, TaskType
 
 
 class JsonlOptions(Options):

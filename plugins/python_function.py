@@ -20,8 +20,8 @@ from pydantic import Field, field_validator
 
 from zenalign import hookimpl
 from zenalign.errors import RecipeError, one_line
-from zenalign.plugin_types import Options, RewardSourceType
-from zenalign.scoring import FunctionReward
+from zenalign.plugins import Options, RewardSourceType
+from zenalign.grpo.scoring import FunctionReward
 
 
 class PythonFunctionOptions(Options):

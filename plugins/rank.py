@@ -11,8 +11,8 @@ cannot dominate. Abstaining completions (NaN) are not ranked and get 0.
 import torch
 
 from zenalign import hookimpl
-from zenalign.advantages import combine_objectives, finish, valid_count
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import combine_objectives, finish, valid_count
+from zenalign.plugins import NormalizerType, Options
 
 
 class Rank:

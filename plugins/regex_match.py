@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from zenalign import hookimpl
-from zenalign.plugin_types import Options, RewardSourceType
+from zenalign.plugins import Options, RewardSourceType
 
 FLAGS = {"IGNORECASE": re.IGNORECASE, "MULTILINE": re.MULTILINE, "DOTALL": re.DOTALL}
 

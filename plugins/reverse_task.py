@@ -14,7 +14,7 @@ import random
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.plugin_types import Options, TaskType
+from zenalign.plugins import Options, TaskType
 
 
 class ReverseOptions(Options):

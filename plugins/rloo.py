@@ -10,8 +10,8 @@ REINFORCE Style Optimization for Learning from Human Feedback", arXiv 2402.14740
 import torch
 
 from zenalign import hookimpl
-from zenalign.advantages import combine_objectives, finish, valid_count
-from zenalign.plugin_types import NormalizerType, Options
+from zenalign.grpo.advantages import combine_objectives, finish, valid_count
+from zenalign.plugins import NormalizerType, Options
 
 
 class LeaveOneOut:

@@ -44,7 +44,7 @@ def end_some_completions_early(rollout, eos: int = 1):
 def byte_tokenizer():
     from transformers import ByT5Tokenizer
 
-    from zenalign.models import prepare_tokenizer
+    from zenalign.models.loading import prepare_tokenizer
 
     return prepare_tokenizer(ByT5Tokenizer())
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from zenalign.advantages import combine_objectives, nan_std, zero_variance
-from zenalign.plugin_types import Objectives
+from zenalign.grpo.advantages import combine_objectives, nan_std, zero_variance
+from zenalign.plugins import Objectives
 from zenalign.plugins import collect_registry
 
 NAN = float("nan")

@@ -5,8 +5,8 @@ import json
 import torch
 
 from conftest import build_tiny_llama
-from zenalign.attention import NAME, float32_attention_on_cpu, sdpa_in_float32
-from zenalign.loss import completion_logprobs
+from zenalign.models.attention import NAME, float32_attention_on_cpu, sdpa_in_float32
+from zenalign.grpo.logprobs import completion_logprobs
 
 
 def batch():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import RECIPES, REPO, run_cli
-from zenalign import checkpoint as ckpt
+from zenalign.train import checkpoint as ckpt
 
 COMMON = ["run.steps=10", "run.checkpoint_interval=2", "run.eval_interval=4", "data.eval_size=16",
           "run.log_interval=2", "run.progress_bar=false", "run.keep_checkpoints=2"]
@@ -94,7 +94,7 @@ step 4 is being written (once: it leaves a marker file)."""
 import os, signal
 from pathlib import Path
 from zenalign import NormalizerType, Options, hookimpl
-from zenalign.advantages import combine_objectives, standardize_groups
+from zenalign.grpo.advantages import combine_objectives, standardize_groups
 
 MARKER = Path(__file__).with_name("killed-once")
 

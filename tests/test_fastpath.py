@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
-from zenalign import fastpath
-from zenalign.fastpath import attention_products, lean_model, why_not_lean
-from zenalign.gumbel import GumbelSampler, completion_keys
-from zenalign.loss import completion_logprobs
-from zenalign.recipe import SamplingSection
-from zenalign.sampling import generate_groups, lean_decode
+from zenalign.models import lean as fastpath
+from zenalign.models.lean import attention_products, lean_model, why_not_lean
+from zenalign.grpo.gumbel import GumbelSampler, completion_keys
+from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.recipe.schema import SamplingSection
+from zenalign.grpo.rollout import generate_groups, decode_groups
 
 EOS = 1
 PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]  # left padding of 0, 25 and 33 columns
@@ -283,7 +283,7 @@ def test_lean_decoding_stops_when_every_row_has_ended(model):
     for lean in (True, False):
         processors = [GumbelSampler(keys, tp, 1.0), eos_at_third]
         with torch.inference_mode():
-            out[lean] = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0,
+            out[lean] = decode_groups(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0,
                                     lambda t, s, p=processors: p[1](t, p[0](t, s)), lean=lean)
     assert out[True].shape == (12, tp + 3) and torch.equal(out[True], out[False])
     assert (out[True][:, -1] == EOS).all()
@@ -345,7 +345,7 @@ def test_a_lean_forward_that_disagrees_with_transformers_is_not_used(rollout, ca
     warning that says why, and the log-probs are transformers' own."""
     import logging
 
-    from zenalign.fastpath import LeanLM
+    from zenalign.models.lean import LeanLM
 
     model = build("qwen2", seed=9)
     original = LeanLM.head
@@ -388,7 +388,7 @@ def test_a_lean_forward_that_raises_on_first_use_falls_back_instead_of_stopping_
     lean forward raised, and sampling goes on with transformers' decoding (same tokens)."""
     import logging
 
-    from zenalign.fastpath import LeanLM
+    from zenalign.models.lean import LeanLM
 
     model = build("llama", seed=11)
     expected = sample(model, lean=False)

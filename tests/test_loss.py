@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from zenalign.loss import grpo_token_loss, kl_estimate, token_weights
+from zenalign.grpo.loss import grpo_token_loss, kl_estimate, token_weights
 
 
 def one_token(ratio, advantage, clip_low=0.2, clip_high=0.2):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import zenalign.trainer as trainer_module
+import zenalign.train.trainer as trainer_module
 from zenalign import GRPOTrainer
 
 # A 24 MiB block (above glibc's starting mmap threshold of 128 KiB, below the 32 MiB set here),
@@ -14,7 +14,7 @@ from zenalign import GRPOTrainer
 # and freed together.
 CHECK = """
 import ctypes, resource, sys, torch
-from zenalign.memory import keep_freed_memory
+from zenalign.train.memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):

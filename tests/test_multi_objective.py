@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from zenalign.metrics import collapse_rate, correlation, hacking_warnings, reward_metrics
-from zenalign.pareto import hypervolume, pareto_front
-from zenalign.plugin_types import Objectives
+from zenalign.grpo.metrics import collapse_rate, correlation, hacking_warnings, reward_metrics
+from zenalign.commands.pareto import hypervolume, pareto_front
+from zenalign.plugins import Objectives
 from zenalign.plugins import collect_registry
 
 NAN = float("nan")

@@ -11,8 +11,9 @@ import torch
 from conftest import REPO
 from zenalign import NormalizerType, Options, RewardSourceType, ScoreBatch, hookimpl, hookspecs
 from zenalign.errors import PluginError
-from zenalign.plugins import collect_registry, get_plugin_manager
-from zenalign.recipe_loader import validate_recipe
+from zenalign.plugins import collect_registry
+from zenalign.plugins import get_plugin_manager
+from zenalign.recipe.loader import validate_recipe
 
 BUILTIN_MODULES = {
     "exact_answer", "regex_match", "length", "python_function", "group_zscore", "rank", "dr_grpo", "rloo",
@@ -93,7 +94,7 @@ def test_a_hook_returning_the_wrong_thing_is_blamed(register_plugin):
 PLUGIN_FILE = '''
 """Negated rewards as advantages: a deliberately odd normalizer for the test."""
 from zenalign import hookimpl, NormalizerType, Options
-from zenalign.advantages import combine_objectives, finish
+from zenalign.grpo.advantages import combine_objectives, finish
 
 class Negate:
     def __call__(self, rewards, objectives):
@@ -113,7 +114,7 @@ def test_recipe_loads_a_plugin_from_a_py_path(tmp_path):
     loaded = validate({"plugins": ["my_plugins/negate.py"], "normalizer": {"type": "negate_path"}}, base_dir=tmp_path)
     normalizer = loaded.registry.get("normalizer", "negate_path").build(loaded.recipe.normalizer)
     rewards = torch.tensor([[[1.0], [3.0]]], dtype=torch.float64)
-    from zenalign.plugin_types import Objectives
+    from zenalign.plugins import Objectives
 
     assert normalizer(rewards, Objectives(("r",), torch.ones(1, dtype=torch.float64))).tolist() == [[-1.0, -3.0]]
     # loading the same recipe twice registers the file once

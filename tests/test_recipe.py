@@ -9,10 +9,11 @@ from pydantic import BaseModel
 
 from conftest import REPO, RECIPES
 from zenalign.errors import RecipeError
-from zenalign.plugins import collect_registry, new_plugin_manager
-from zenalign.recipe import ENTRY_BASES, Recipe, build_recipe_model
-from zenalign.recipe_loader import load_recipe, validate_recipe
-from zenalign.reference import recipe_reference
+from zenalign.plugins import collect_registry
+from zenalign.plugins import new_plugin_manager
+from zenalign.recipe.schema import ENTRY_BASES, Recipe, build_recipe_model
+from zenalign.recipe.loader import load_recipe, validate_recipe
+from zenalign.recipe.docs import recipe_reference
 
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 
@@ -28,7 +29,7 @@ def test_defaults_follow_the_paper():
 
 
 def section_models():
-    from zenalign.reference import _model_of
+    from zenalign.recipe.docs import _model_of
 
     models = [m for m in (_model_of(f.annotation) for f in Recipe.model_fields.values()) if m is not None]
     assert {m.__name__ for m in models} >= {"ObjectiveSpec", "SweepSection", "GRPOSection", "EngineSection"}
@@ -145,7 +146,7 @@ def test_recipe_reference_doc_is_current():
 @pytest.mark.parametrize("path", sorted((RECIPES / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_recipes_follow_the_schema(path):
     if path.name == "constitution.yaml":  # a principles file, not a recipe
-        from zenalign.principles import load_principles
+        from zenalign.recipe.principles import load_principles
 
         assert len(load_principles([], path.name, path.parent)) == 3
         return
@@ -154,7 +155,7 @@ def test_example_recipes_follow_the_schema(path):
 
 @pytest.mark.parametrize("path", sorted((RECIPES / "train-rm").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_reward_model_recipes_validate(path):
-    from zenalign.rm_train import load_rm_recipe
+    from zenalign.commands.train_rm import load_rm_recipe
 
     recipe = load_rm_recipe(path)
     assert (path.parent / recipe.data.path).is_file() and (path.parent / recipe.model.path / "config.json").is_file()
@@ -162,7 +163,7 @@ def test_shipped_reward_model_recipes_validate(path):
 
 
 def test_shipped_critique_revise_recipe_validates():
-    from zenalign.critique import load_critique_recipe
+    from zenalign.commands.critique_revise import load_critique_recipe
 
     path = RECIPES / "critique-revise" / "hhh.yaml"
     recipe, _ = load_critique_recipe(path)
@@ -171,7 +172,7 @@ def test_shipped_critique_revise_recipe_validates():
 
 def test_yaml_booleans_are_yaml_1_2(tmp_path):
     """Only true/false are booleans: the constitution's `yes:`/`no:` keys and y/n answers stay strings."""
-    from zenalign.recipe_loader import load_yaml_text, parse_override
+    from zenalign.recipe.loader import load_yaml_text, parse_override
 
     assert load_yaml_text("yes: y\nno: n\non: off\na: true\nb: False") == {"yes": "y", "no": "n", "on": "off", "a": True, "b": False}
     assert parse_override("run.overwrite=true") == (["run", "overwrite"], True)

@@ -10,10 +10,10 @@ import torch
 
 from conftest import RECIPES, REPO, byte_tokenizer, run_cli
 from zenalign.errors import DataError, ModelLoadError, RecipeError
-from zenalign.plugin_types import BuildContext, ScoreBatch
+from zenalign.plugins import BuildContext, ScoreBatch
 from zenalign.plugins import collect_registry
-from zenalign.recipe import Recipe
-from zenalign.reward_model import read_preferences
+from zenalign.recipe.schema import Recipe
+from zenalign.models.reward_model import read_preferences
 
 
 def tiny_classifier(tmp_path: Path, num_labels: int = 1, seed: int = 0, labels=None) -> Path:
@@ -120,7 +120,7 @@ def test_preference_file_errors_give_the_line(tmp_path):
 
 
 def test_bradley_terry_loss_by_hand():
-    from zenalign.reward_model import bradley_terry_loss
+    from zenalign.models.reward_model import bradley_terry_loss
 
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
     # -mean(log sigmoid(1 - 0.5), log sigmoid(0 - 0))

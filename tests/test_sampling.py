@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, byte_tokenizer
-from zenalign.loss import completion_logprobs
-from zenalign.recipe import SamplingSection
-from zenalign.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
-from zenalign.sampling import (completion_mask_from, decode_without_special_tokens, generate_groups, generation_config,
-                               neutral_generation_defaults)
+from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.recipe.schema import SamplingSection
+from zenalign.grpo.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
+from zenalign.grpo.rollout import completion_mask_from, decode_without_special_tokens, generate_groups, generation_config, neutral_generation_defaults
 
 EOS, PAD = 1, 0
 PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]
@@ -183,7 +182,7 @@ def _rows_with_special_ids(tokenizer):
 def test_decoding_completions_equals_batch_decode_skipping_special_tokens():
     """The byte tokenizer (a transformers Python tokenizer) takes the path that drops the special
     ids once; what it returns is what batch_decode(skip_special_tokens=True) returns."""
-    from zenalign.sampling import _skips_special_ids_by_filtering
+    from zenalign.grpo.rollout import _skips_special_ids_by_filtering
 
     tokenizer = byte_tokenizer()
     rows = _rows_with_special_ids(tokenizer)
@@ -200,7 +199,7 @@ def test_tokenizers_that_decode_their_own_way_are_called_as_usual():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-    from zenalign.sampling import _skips_special_ids_by_filtering
+    from zenalign.grpo.rollout import _skips_special_ids_by_filtering
 
     class Shouting(ByT5Tokenizer):
         def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
@@ -239,7 +238,7 @@ def test_sampling_does_not_depend_on_the_batch(model):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (1e-6, 0, 1.0)])
-def test_lean_decoder_samples_exactly_what_generate_samples(model, temperature, top_k, top_p):
+def test_decode_groupsr_samples_exactly_what_generate_samples(model, temperature, top_k, top_p):
     """The lean KV-cache loop is a rewrite of `generate` for this configuration: same tokens,
     same masks, on left-padded prompts of different lengths, with early EOS and truncation."""
     tokenizer = byte_tokenizer()
@@ -259,7 +258,7 @@ def test_lean_decoder_samples_exactly_what_generate_samples(model, temperature, 
     assert torch.equal(greedy["lean"].sequences, greedy["generate"].sequences)
 
 
-def test_lean_decoder_output_can_be_differentiated_through(model):
+def test_decode_groupsr_output_can_be_differentiated_through(model):
     """Sampling runs under inference_mode; the rollout it returns must still feed a backward pass."""
     tokenizer = byte_tokenizer()
     rollout = generate_groups(model, tokenizer, PROMPTS, SamplingSection(max_new_tokens=5), [EOS], group_size=2,

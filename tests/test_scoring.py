@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from zenalign.errors import RewardError
-from zenalign.plugin_types import ScoreBatch
+from zenalign.plugins import ScoreBatch
 from zenalign.plugins import collect_registry
-from zenalign.scoring import FunctionReward, Scorer, bind_reward
+from zenalign.grpo.scoring import FunctionReward, Scorer, bind_reward
 
 NAN = float("nan")
 
@@ -154,8 +154,8 @@ def test_length():
 
 def test_python_function_by_file_path(tmp_path):
     (tmp_path / "my_rewards.py").write_text("def shout(completions):\n    return [float(c.isupper()) for c in completions]\n")
-    from zenalign.plugin_types import BuildContext
-    from zenalign.recipe import Recipe
+    from zenalign.plugins import BuildContext
+    from zenalign.recipe.schema import Recipe
 
     plugin_type = collect_registry().get("reward", "python_function")
     options = plugin_type.options(function="my_rewards.py:shout")

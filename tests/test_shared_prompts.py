@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
-from zenalign.gumbel import completion_keys
-from zenalign.loss import completion_logprobs, prompt_groups
-from zenalign.recipe import SamplingSection
-from zenalign.sampling import generate_groups
+from zenalign.grpo.gumbel import completion_keys
+from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.models.primitives import prompt_groups
+from zenalign.recipe.schema import SamplingSection
+from zenalign.grpo.rollout import generate_groups
 
 EOS = 1
 PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]  # left padding of 0, 25 and 33 columns
@@ -108,7 +109,7 @@ def test_distinct_prompts_take_the_plain_pass(model):
     assert shapes == [tuple(greedy.sequences.shape)]
 
 
-def test_lean_decoder_prefills_each_prompt_once(model):
+def test_decode_groupsr_prefills_each_prompt_once(model):
     shapes, handle = record_base_inputs(model)
     try:
         out = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=4, decoder="lean"), [EOS],
@@ -162,8 +163,8 @@ def test_static_and_dynamic_decoding_caches_sample_the_same_tokens(model):
     layouts fall back to; both are pinned to `generate` through tests/test_sampling.py's check."""
     from transformers import LogitsProcessorList
 
-    from zenalign.gumbel import GumbelSampler
-    from zenalign.sampling import lean_decode
+    from zenalign.grpo.gumbel import GumbelSampler
+    from zenalign.grpo.rollout import decode_groups
 
     encoded = byte_tokenizer()(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
     keys = completion_keys(seed=2, step=1, first_completion=0, count=12)
@@ -171,7 +172,7 @@ def test_static_and_dynamic_decoding_caches_sample_the_same_tokens(model):
     for static in (True, False):
         processors = LogitsProcessorList([GumbelSampler(keys, encoded["input_ids"].shape[1], 1.0, 0, 1.0)])
         with torch.inference_mode():
-            out[static] = lean_decode(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0, processors,
+            out[static] = decode_groups(model, encoded["input_ids"], encoded["attention_mask"], 4, 9, [EOS], 0, processors,
                                       static_cache=static, lean=False)
     assert out[True].shape == (12, encoded["input_ids"].shape[1] + 9)
     assert torch.equal(out[True], out[False])
@@ -183,7 +184,7 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, "tests")
 from conftest import build_tiny_llama
-from zenalign.loss import completion_logprobs
+from zenalign.grpo.logprobs import completion_logprobs
 
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
 torch.manual_seed(0)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import zenalign.components as components
-import zenalign.trainer as trainer_module
+import zenalign.train.build as components
+import zenalign.train.trainer as trainer_module
 from zenalign import GRPOTrainer, hookimpl
 
 PROMPTS = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "tree"]]

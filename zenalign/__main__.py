@@ -1,5 +1,5 @@
 import sys
 
-from zenalign.cli import main
+from zenalign.commands.cli import main
 
 sys.exit(main())

@@ -101,7 +101,7 @@ class PromptSampler:
         batch = []
         while len(batch) < count:
             if self.state.index >= len(self._order):
-                self.state = SamplerState(self.state.epoch + 1, 0)
+                self.state.epoch, self.state.index = self.state.epoch + 1, 0  # in place: a TrainState shares it
                 self._order = self._permutation(self.state.epoch)
             batch.append(self.records[self._order[self.state.index]])
             self.state.index += 1

@@ -1,0 +1,101 @@
+"""Token log-probabilities of sampled completions under a model: the update's, the old policy's and
+the reference's passes.
+
+Log-probabilities divide the logits by the sampling temperature, so the gradient is that of the
+distribution the completions were drawn from (a departure from the paper, which samples at T = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zenalign.models.lean import checked_lean_model
+from zenalign.models.primitives import (accepts_logits_to_keep, cache_argument, full_attention_only, mask_positions,
+                                        new_cache, prompt_groups)
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    temperature: float = 1.0,
+    share_prompts: bool = True,
+    lean: bool = True,
+) -> torch.Tensor:
+    """log pi(token | prefix) for every completion token, ``(N, Tc)``.
+
+    Position ids follow the attention mask (left padding does not shift positions), matching
+    what ``generate`` used. The LM head runs only on the positions that predict completion
+    tokens when the model supports ``logits_to_keep``.
+
+    With ``share_prompts`` (and a model that takes a KV cache: a plain transformers model, or
+    one under DistributedDataParallel; not a DeepSpeed engine, and a plain full-attention
+    cache), rows that repeat the previous row's prompt, the ``k`` completions of a GRPO group,
+    run that prompt once: one forward pass over the distinct prompts fills a KV
+    cache, the cache is gathered out to every row, and a second pass runs the completion tokens
+    on top of it. Attention is causal, so a prompt's keys and values do not depend on the
+    completion that follows; the result and its gradient (which flows back through the
+    gathered cache into the prompt pass) are those of the plain pass, with the prompt's share
+    of the work divided by the group size. ``tests/test_shared_prompts.py`` pins both paths
+    together. Under DDP the prompt pass calls the wrapped module and the completion pass the
+    wrapper: autograd sums each parameter's gradient over both passes before DDP's per-parameter
+    hook fires, so the all-reduce sees one complete gradient, as with one forward pass.
+
+    With ``lean`` and an eligible plain model (see :mod:`zenalign.models.lean`), the same pass,
+    prompts and completions together, runs on the lean forward.
+    """
+    if lean and sequences.shape[1] > prompt_length + 1:
+        leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
+        # checked on distinct prompts: the rows of a group would repeat one
+        fast = checked_lean_model(model, sequences[leaders, :prompt_length], attention_mask[leaders, :prompt_length])
+        if fast is not None:
+            if not share_prompts:
+                leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
+            logits = fast.group_logits(sequences, attention_mask, prompt_length, leaders, owner)
+            return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+    if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        cache_name = cache_argument(type(inner))
+        if cache_name is not None and accepts_logits_to_keep(type(inner)):
+            cache = new_cache(inner)
+            leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
+            if len(leaders) < sequences.shape[0] and full_attention_only(cache):
+                logits = _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask,
+                                               prompt_length, leaders, owner)
+                return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+    completion_length = sequences.shape[1] - prompt_length
+    position_ids = mask_positions(attention_mask)
+    kwargs = {}
+    if accepts_logits_to_keep(type(getattr(model, "module", model))):  # DDP and DeepSpeed wrap the model
+        kwargs["logits_to_keep"] = completion_length + 1
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    ).logits
+    logits = logits[:, -(completion_length + 1) : -1, :]  # (N, Tc, V): predicts each completion token
+    return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log_softmax's fused kernels: forward and backward a third of logsumexp's written-out ops
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask, prompt_length, leaders, owner):
+    """The ``(N, Tc, V)`` logits predicting each completion token, with each distinct prompt run
+    once into ``cache`` (see :func:`completion_logprobs`) through ``inner`` (the model, or the
+    module a DDP wrapper holds) and the completions through ``model``."""
+    prompt_mask = attention_mask[leaders, :prompt_length]
+    first = inner(input_ids=sequences[leaders, :prompt_length], attention_mask=prompt_mask,
+                  position_ids=mask_positions(prompt_mask), use_cache=True, logits_to_keep=1,
+                  **{cache_name: cache}).logits
+    cache.batch_select_indices(owner)  # out-of-place indexing: gradients flow back to the prompt pass
+    # The last completion token is never an input whose output is needed, so it is left out.
+    mask = attention_mask[:, :-1]
+    rest = model(input_ids=sequences[:, prompt_length:-1], attention_mask=mask,
+                 position_ids=mask_positions(mask)[:, prompt_length:], use_cache=True, logits_to_keep=0,
+                 **{cache_name: cache}).logits
+    return torch.cat([first[owner], rest], dim=1)

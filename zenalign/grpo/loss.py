@@ -1,0 +1,132 @@
+"""The GRPO policy loss: the clipped surrogate, the KL penalty to the reference, and how per-token
+losses are aggregated into one number.
+
+For completion i and token t, with ratio rho = pi_theta / pi_old and advantage A_i:
+
+    loss_{i,t} = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_{i,t}
+
+KL_{i,t} defaults to the k3 estimator pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (GRPO paper,
+eq. 4). Per-token losses become one number through *token weights* computed once for the whole
+batch (see :func:`token_weights`), so splitting the batch into micro-batches changes memory use,
+never the loss or its gradient.
+
+:class:`GRPOLoss` holds the hyperparameters, set once from the recipe's ``grpo`` section; the
+training loop never reads the loss fields of the recipe again.
+
+Where this departs from the paper:
+1. the ``dr_grpo`` and ``dapo`` aggregations are offered besides the paper's per-sequence mean;
+2. the upper clip range may differ from the lower one (DAPO's clip-higher);
+3. the log-probabilities this loss receives are taken at the sampling temperature
+   (:mod:`zenalign.grpo.logprobs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate from the sampled token's log-probs.
+
+    With x = log pi_ref - log pi_theta: k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1.
+    """
+    x = ref_logp - logp
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "k3":
+        return torch.exp(x) - x - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+@dataclass
+class TokenLoss:
+    """Per-token loss and the per-token quantities that metrics are made of, all ``(N, Tc)``."""
+
+    loss: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor  # 1.0 where clipping removed the gradient
+    kl: Optional[torch.Tensor]
+
+
+class GRPOLoss:
+    """The clipped GRPO surrogate plus the KL penalty, aggregated with batch-wide token weights.
+
+    ``GRPOLoss.from_recipe(recipe)`` builds it from the ``grpo`` section (and ``max_new_tokens``,
+    which Dr. GRPO's constant normaliser needs). Calling it on a micro-batch returns that
+    micro-batch's share of the batch loss, ``sum(weights * per-token loss)``, and the per-token terms.
+    """
+
+    def __init__(self, clip_epsilon: float, clip_epsilon_high: float, kl_coef: float = 0.0,
+                 kl_estimator: str = "k3", aggregation: str = "grpo", max_new_tokens: int = 1):
+        self.clip_low = clip_epsilon
+        self.clip_high = clip_epsilon_high
+        self.kl_coef = kl_coef
+        self.kl_estimator = kl_estimator
+        self.aggregation = aggregation
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> "GRPOLoss":
+        g = recipe.grpo
+        return cls(g.clip_epsilon, g.upper_clip_epsilon, g.kl_coef, g.kl_estimator, g.loss_aggregation,
+                   recipe.sampling.max_new_tokens)
+
+    def token_weights(self, mask: torch.Tensor, num_sequences: Optional[int] = None,
+                      num_tokens: Optional[float] = None) -> torch.Tensor:
+        """``(N, Tc)`` weights of this loss's aggregation; see :func:`token_weights`."""
+        return token_weights(mask, self.aggregation, self.max_new_tokens, num_sequences, num_tokens)
+
+    def per_token(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  ref_logp: Optional[torch.Tensor] = None) -> TokenLoss:
+        """The loss of every token before aggregation. ``ref_logp=None``: no KL term."""
+        ratio = torch.exp(logp - old_logp)                                    # (N, Tc) pi / pi_old
+        adv = advantages.to(logp.dtype).unsqueeze(1)                          # (N, 1) one per completion
+        unclipped = ratio * adv                                               # (N, Tc)
+        clipped = torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high) * adv  # (N, Tc)
+        loss = -torch.minimum(unclipped, clipped)                             # (N, Tc) pessimistic bound
+        is_clipped = (((ratio < 1.0 - self.clip_low) & (adv < 0))             # (N, Tc) where clipping
+                      | ((ratio > 1.0 + self.clip_high) & (adv > 0)))         #   removed the gradient
+        kl = None
+        if ref_logp is not None:
+            kl = kl_estimate(logp, ref_logp, self.kl_estimator)               # (N, Tc)
+            if self.kl_coef:
+                loss = loss + self.kl_coef * kl                               # (N, Tc)
+        return TokenLoss(loss=loss, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl)
+
+    def __call__(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+                 ref_logp: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, TokenLoss]:
+        token = self.per_token(logp, old_logp, advantages, ref_logp)         # (N, Tc) each
+        return (token.loss * weights).sum(), token                            # () this micro-batch's share
+
+
+def token_weights(
+    mask: torch.Tensor,
+    aggregation: str,
+    max_new_tokens: int,
+    num_sequences: Optional[int] = None,
+    num_tokens: Optional[float] = None,
+) -> torch.Tensor:
+    """Weights w such that the batch loss is ``sum(w * per_token_loss)``, ``(N, Tc)``.
+
+    - grpo:    w = 1 / (|o_i| * B)          mean over tokens, then over completions
+    - dapo:    w = 1 / sum_i |o_i|          one mean over all tokens of the batch
+    - dr_grpo: w = 1 / (B * max_new_tokens) a constant, so no length bias
+
+    ``num_sequences`` (B) and ``num_tokens`` default to this batch's rows and tokens; pass the
+    global counts when rows are spread over several processes.
+    """
+    mask = mask.to(torch.float32)
+    rows = num_sequences if num_sequences is not None else mask.shape[0]
+    tokens = float(num_tokens) if num_tokens is not None else float(mask.sum())
+    if aggregation == "grpo":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / rows
+    if aggregation == "dapo":
+        return mask / max(tokens, 1.0)
+    if aggregation == "dr_grpo":
+        return mask / float(rows * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use grpo, dapo or dr_grpo")

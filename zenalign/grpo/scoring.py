@@ -1,0 +1,230 @@
+"""Scoring: run every reward source on a batch and assemble the reward matrix ``(N, K)``.
+
+Each reward source adds one objective (named after its recipe entry) or several (named by its
+``objectives`` attribute). NaN (or None) is an abstention. Anything else a source might do wrong
+(raise, return the wrong number of scores, return text or infinity) becomes a one-line
+:class:`RewardError` naming the source.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from zenalign.data import metadata_columns
+from zenalign.errors import RewardError, one_line
+from zenalign.plugins import Objectives, ObservesScores, ReportsMetrics, RewardSource, RunContext, ScoreBatch
+
+BATCH_FIELDS = ("prompts", "completions", "completion_ids", "group_size", "step")
+
+
+class FunctionReward:
+    """Adapts a plain function into a reward source.
+
+    The function receives, by parameter name, any of ``prompts``, ``completions``,
+    ``completion_ids``, ``group_size``, ``step`` and the prompt records' other fields (for
+    example ``answer``), each a list with one entry per completion; a ``**kwargs`` parameter
+    receives them all. It returns one score per completion (or ``{objective: scores}``).
+    This is the convention of TRL's reward functions, so those work unchanged.
+    """
+
+    def __init__(self, function: Callable[..., Any], extra_kwargs: Mapping[str, Any] | None = None, name: str | None = None):
+        self.function = function
+        self.extra_kwargs = dict(extra_kwargs or {})
+        self.name = name or getattr(function, "__name__", type(function).__name__)
+        try:
+            self._params = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            self._params = {}
+        self._takes_all = any(p.kind is p.VAR_KEYWORD for p in self._params.values())
+        objectives = getattr(function, "objectives", None)
+        if objectives is not None:
+            self.objectives = list(objectives)
+
+    def score(self, batch: ScoreBatch) -> Any:
+        available: dict[str, Any] = {
+            "prompts": batch.prompts,
+            "completions": batch.completions,
+            "completion_ids": batch.completion_ids,
+            "group_size": batch.group_size,
+            "step": batch.step,
+            **batch.columns,
+            **self.extra_kwargs,
+        }
+        if self._takes_all:
+            return self.function(**available)
+        kwargs = {}
+        for pname, param in self._params.items():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if pname in available:
+                kwargs[pname] = available[pname]
+            elif param.default is param.empty:
+                raise RewardError(
+                    f"reward function '{self.name}' asks for '{pname}', which the batch does not have; "
+                    f"available: {', '.join(available)}"
+                )
+        return self.function(**kwargs)
+
+
+@dataclass
+class BoundReward:
+    """A reward source as configured in a run: its entry name, type, objectives and weights."""
+
+    name: str
+    type_name: str
+    source: Any
+    objectives: list[str]
+    weights: list[float]
+    where: str = "reward"  # where it was configured: "rewards[0]", "reward_model[1]"
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} '{self.name}' ({self.type_name})"
+
+
+def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0, where: str = "reward") -> BoundReward:
+    """Wrap a reward source (or plain callable) with its objective names and weights."""
+    if not isinstance(source, RewardSource):
+        if not callable(source):
+            raise RewardError(
+                f"{where} '{name}' is a {type(source).__name__}; give a reward source (an object with "
+                f"score(batch)) or a function(prompts, completions, **fields) -> list of floats"
+            )
+        source = FunctionReward(source, name=name)
+    declared = getattr(source, "objectives", None)
+    objectives = list(declared) if declared else [name]
+    if len(set(objectives)) != len(objectives):
+        raise RewardError(f"{where} '{name}' ({type_name}) declares duplicate objectives: {objectives}")
+    return BoundReward(name, type_name, source, objectives, [float(weight)] * len(objectives), where)
+
+
+class Scorer:
+    """Runs reward sources and stacks their scores into a ``(N, K)`` float tensor."""
+
+    def __init__(self, rewards: Sequence[BoundReward]):
+        if not rewards:
+            raise RewardError("rewards: no reward source is configured; add at least one (see `zenalign plugins`)")
+        seen: dict[str, str] = {}
+        for bound in rewards:
+            for objective in bound.objectives:
+                if objective in seen:
+                    raise RewardError(
+                        f"objective '{objective}' is produced by both {seen[objective]} and {bound.label}; "
+                        f"give the entries different `name`s"
+                    )
+                seen[objective] = bound.label
+        self.rewards = list(rewards)
+
+    def __call__(self, batch: ScoreBatch) -> torch.Tensor:
+        columns = [self._score_one(bound, batch) for bound in self.rewards]
+        return torch.cat(columns, dim=1)  # (N, K)
+
+    def _score_one(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
+        try:
+            raw = bound.source.score(batch)
+        except RewardError:
+            raise
+        except Exception as exc:
+            raise RewardError(
+                f"{bound.label} raised {type(exc).__name__}: {one_line(exc)} (at step {batch.step})"
+            ) from exc
+        return to_matrix(raw, bound, len(batch))
+
+    def observe(self, batch: ScoreBatch, rewards: torch.Tensor, objectives: Objectives, context: RunContext) -> None:
+        """Hand this process's scored batch and its ``(N_local, K)`` rewards to every reward source
+        that observes scored batches (:class:`~zenalign.plugins.ObservesScores`)."""
+        for bound in self.rewards:
+            if isinstance(bound.source, ObservesScores):
+                bound.source.on_scored(batch, rewards, objectives, context)
+
+    def metrics(self) -> dict[str, float]:
+        """What reward sources that report metrics (:class:`~zenalign.plugins.ReportsMetrics`) report,
+        each key prefixed with the source's name."""
+        out: dict[str, float] = {}
+        for bound in self.rewards:
+            if isinstance(bound.source, ReportsMetrics):
+                out.update({f"{bound.name}/{key}": value for key, value in bound.source.metrics().items()})
+        return out
+
+
+def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],
+               completion_ids: list[list[int]], group_size: int, step: int) -> ScoreBatch:
+    """The :class:`ScoreBatch` for ``group_size`` completions of each record, prompt-major:
+    ``prompts`` holds each record's rendered prompt text once."""
+    return ScoreBatch(
+        prompts=[text for text in prompts for _ in range(group_size)],
+        completions=completions,
+        columns=metadata_columns(records, group_size),
+        completion_ids=completion_ids,
+        group_size=group_size,
+        step=step,
+    )
+
+
+def to_matrix(raw: Any, bound: BoundReward, n: int) -> torch.Tensor:
+    """Check a source's return value and turn it into an ``(n, len(objectives))`` float64 tensor."""
+    k = len(bound.objectives)
+    if isinstance(raw, Mapping):
+        missing = [o for o in bound.objectives if o not in raw]
+        extra = [key for key in raw if key not in bound.objectives]
+        if missing or extra:
+            raise RewardError(
+                f"{bound.label} returned objectives {sorted(raw)}; expected exactly {bound.objectives}"
+            )
+        return torch.stack([_column(raw[o], bound, n, o) for o in bound.objectives], dim=1)
+    if isinstance(raw, torch.Tensor) and raw.dim() == 2:
+        if tuple(raw.shape) != (n, k):
+            raise RewardError(
+                f"{bound.label} returned a tensor of shape {tuple(raw.shape)}; expected ({n}, {k}): one row per "
+                f"completion, one column per objective"
+            )
+        return torch.stack([_column(raw[:, j], bound, n, o) for j, o in enumerate(bound.objectives)], dim=1)
+    if k != 1:
+        raise RewardError(
+            f"{bound.label} declares objectives {bound.objectives} but returned a flat list; return "
+            f"{{objective: scores}} or an ({n}, {k}) tensor"
+        )
+    return _column(raw, bound, n, bound.objectives[0]).unsqueeze(1)
+
+
+def _column(values: Any, bound: BoundReward, n: int, objective: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    elif hasattr(values, "tolist") and not isinstance(values, (str, bytes)):
+        values = values.tolist()  # numpy arrays
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise RewardError(
+            f"{bound.label} returned a {type(values).__name__}; it must return one score per completion "
+            f"(a list of {n} numbers)"
+        )
+    if len(values) != n:
+        raise RewardError(
+            f"{bound.label} returned {len(values)} scores for {n} completions; it must return one score per completion"
+        )
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(math.nan)
+            continue
+        if isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, (int, float)):
+            try:
+                v = float(v)  # numpy scalars, 0-d tensors
+            except (TypeError, ValueError):
+                raise RewardError(
+                    f"{bound.label} returned {type(v).__name__} {v!r} for completion {i} of objective "
+                    f"'{objective}'; scores must be numbers (NaN or None to abstain)"
+                ) from None
+        if math.isinf(v):
+            raise RewardError(
+                f"{bound.label} returned {v} for completion {i} of objective '{objective}'; scores must be "
+                f"finite (NaN or None to abstain)"
+            )
+        out.append(float(v))
+    return torch.tensor(out, dtype=torch.float64)

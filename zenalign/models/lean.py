@@ -1,0 +1,565 @@
+"""A lean forward pass for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+transformers' module forward is written for every use at once: it builds attention masks layer by
+layer from a 2D padding mask, dispatches attention by name, updates cache objects, and runs
+through decorators and keyword plumbing on every call. On small models that bookkeeping costs
+more than the arithmetic (a 1M-parameter decoding step spent two thirds of its time outside
+matrix products). GRPO calls the model in two fixed shapes, so this module runs those two shapes
+directly on the model's own weights:
+
+- :meth:`LeanLM.decode`: prefill each distinct prompt once, then one token per step for all
+  ``P * k`` rows, with a preallocated key/value cache held as plain tensors;
+- :meth:`LeanLM.group_logits`: the update's log-prob pass with each group's prompt run once,
+  in the *same* pass as its completions: every linear layer sees all tokens of the batch as one
+  matrix, and only attention is laid out per sequence (the prompts attend causally among
+  themselves; each completion attends to its group's prompt and causally to itself).
+
+Per layer there is one matrix product for q, k and v (their weights concatenated) and one for
+the MLP's gate and up projections, the rotary embedding is applied to queries and keys together,
+and masks and rotary tables are built once per pass, not once per layer. The arithmetic is the
+model's own: its RMSNorm in float32, its rotary embedding module, its attention scaling, SiLU
+MLP, tied or untied LM head. Autograd runs through it unchanged, so the update differentiates
+the same function. ``tests/test_fastpath.py`` pins log-probs, every parameter's gradient and the
+sampled tokens to transformers' own forward and ``generate``.
+
+A model is eligible when it is one of those classes with plain ``nn.Linear`` projections (no
+LoRA or quantised layers), full attention in every layer (no sliding window), SiLU, no tensor
+parallel slicing, and no attention dropout while training; anything else uses transformers'
+forward (:func:`lean_model` returns None and says why in :func:`why_not_lean`). On its first use
+with a model, the lean forward is checked against transformers' on the prompts at hand
+(:func:`checked_lean_model`); if they disagree, the run warns and keeps transformers' forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from zenalign.models.primitives import mask_positions, sample_loop
+
+log = logging.getLogger("zenalign")
+
+_SDPA_GQA = torch.__version__ >= (2, 5)  # scaled_dot_product_attention(enable_gqa=...)
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def why_not_lean(model: torch.nn.Module) -> Optional[str]:
+    """Why ``model`` cannot take the lean path, or None if it can."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the lean path implements silu)"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    if getattr(config, "sliding_window", None) and name == "MistralForCausalLM":
+        return "sliding-window attention"
+    if (getattr(config, "pretraining_tp", 1) or 1) != 1:
+        return "pretraining_tp > 1"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "embed_tokens"):
+        return "an unexpected module layout"
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            return "projections that are not plain nn.Linear (adapters or quantised layers)"
+    if type(model.lm_head) is not torch.nn.Linear:
+        return "an LM head that is not a plain nn.Linear"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "DeepSpeed ZeRO-3 partitions its parameters (they are gathered by module hooks)"
+    return None
+
+
+def lean_model(model: torch.nn.Module) -> Optional["LeanLM"]:
+    """The lean forward for ``model`` (cached on the model), or None if it is not eligible."""
+    cached = getattr(model, "_zenalign_lean", None)
+    if cached is not None:
+        return cached or None
+    lean = LeanLM(model) if why_not_lean(model) is None else False
+    _remember(model, lean)
+    return lean or None
+
+
+def checked_lean_model(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional["LeanLM"]:
+    """:func:`lean_model`, checked once against transformers' forward on the first prompts it
+    sees (:meth:`LeanLM.agrees_with_transformers`); a model that fails the check uses
+    transformers' forward from then on, with a warning that says why."""
+    lean = lean_model(model)
+    if lean is None or lean.checked:
+        return lean
+    problem = lean.agrees_with_transformers(prompt_ids, prompt_mask)
+    lean.checked = True
+    if problem is None:
+        return lean
+    log.warning("the lean forward disagrees with transformers' forward for %s (%s); using transformers' forward "
+                "(set engine.lean_forward: false to skip the check)", type(model).__name__, problem)
+    _remember(model, False)
+    return None
+
+
+def _remember(model: torch.nn.Module, lean) -> None:
+    try:
+        object.__setattr__(model, "_zenalign_lean", lean)  # not a submodule: kept out of state_dict
+    except AttributeError:
+        pass
+
+
+@dataclass
+class _Weights:
+    """One layer's weights for a pass: q/k/v and gate/up concatenated, q and k rows laid out for
+    the complex-number rotary embedding (see :meth:`LeanLM.weights`)."""
+
+    qkv: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    o: torch.Tensor
+    o_bias: Optional[torch.Tensor]
+    gate_up: torch.Tensor
+    gate_up_bias: Optional[torch.Tensor]
+    down: torch.Tensor
+    down_bias: Optional[torch.Tensor]
+    input_norm: torch.Tensor  # the layer's two RMSNorm weights, as they are
+    post_norm: torch.Tensor
+    q_norm: Optional[torch.Tensor] = None
+    k_norm: Optional[torch.Tensor] = None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm: normalise in float32, cast back, scale (one fused
+    kernel when everything is float32 already, as the residual stream is under autocast)."""
+    if x.dtype == weight.dtype == torch.float32:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _RMSNorm.apply(x, weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # (output, 1 / rms); torch >= 2.8
+
+
+def _rms_norm_and_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.rms_norm(x, weight)`` and each row's reciprocal RMS: from torch's fused kernel, which
+    returns both, where this torch has one for the device; else computed apart."""
+    if _FUSED_RMS_NORM is not None:
+        try:
+            return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
+        except RuntimeError:  # no kernel for this device (NotImplementedError is a RuntimeError)
+            pass
+    return F.rms_norm(x, (x.shape[-1],), weight, eps), torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``F.rms_norm(x, weight)`` over the last dimension, float32, with the gradient written out.
+    torch's CPU backward for it is a chain of a dozen generic operations (forward + backward of a
+    1080 x 128 activation: 207 us, 158 us here; 1080 x 256: 373 vs 236 us). With ``r`` the
+    reciprocal RMS of a row and ``xh = x * r``: ``dw = sum over rows of g * xh`` and
+    ``dx = r * (g*w - xh * mean(g*w * xh))``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out, rstd = _rms_norm_and_rstd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad * weight
+            grad_x = grad_normed.sub_(normed * (grad_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
+        return grad_x, grad_weight, None
+
+
+def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + a @ weight.T (+ bias)``, the residual add fused into the product where that keeps
+    the dtypes (not under autocast, where the residual stays float32 and the product does not)."""
+    if bias is None and not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype:
+        return torch.addmm(x, a, weight.t())
+    return x + F.linear(a, weight, bias)
+
+
+def _weights_first(x: torch.Tensor) -> bool:
+    """Whether the MLP's products run as ``(weight @ x.T).T`` instead of ``x @ weight.T``: on a CPU,
+    without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels run a product whose
+    short side is the batch faster with the weight as the left operand (gate/up at 64 rows:
+    fp32 1M 149 -> 90 us, 10M 521 -> 341 us; bf16 10M 131 -> 98 us); the MLP's output product
+    then takes the activations in the layout this leaves them in. Decoding at 64 rows, 16
+    tokens (alternating A/B pairs): fp32 10M 245 -> 208 ms; bf16 10M 124 -> 114 ms, 1M 29.2 ->
+    28.5 ms; the same tokens. Below 32 rows the libraries switch kernels (and rounding); with autograd the update keeps
+    the plain form."""
+    return x.device.type == "cpu" and x.shape[0] >= 32 and not torch.is_grad_enabled()
+
+
+def _linear_weights_first(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``(weight @ x.T).T`` (see :func:`_weights_first`)."""
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t()
+
+
+def _add_linear_weights_first(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + a @ weight.T (+ bias)`` with the product as ``(weight @ a.T).T``; the residual is
+    added separately so that it keeps its row-major layout for the next layer."""
+    return x + _linear_weights_first(a, weight, bias)
+
+
+class _CpuAutocastOff:
+    """``torch.autocast("cpu", enabled=False)`` for the per-layer, per-token hot path: it only
+    switches CPU autocast off and back on. Building a ``torch.autocast`` object costs about 18 us
+    (argument checks in Python), which at 4 layers x 16 tokens was 1.2 ms of a 24 ms decode; its
+    other work (nesting count, cache clearing at the outermost exit) has nothing to do inside an
+    enclosing autocast region, the only place this is used."""
+
+    __slots__ = ("enabled",)
+
+    def __enter__(self) -> None:
+        self.enabled = torch.is_autocast_enabled("cpu")
+        if self.enabled:
+            torch.set_autocast_enabled("cpu", False)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            torch.set_autocast_enabled("cpu", True)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` from the fused ``(T, 2I)`` gate/up product, whose gradient is written
+    into one ``(T, 2I)`` tensor (autograd's own would build the two halves and then concatenate
+    them, a copy of the largest activation in the layer). Saves the product alone and recomputes
+    ``silu(gate)`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, T, T)`` boolean attention mask for left-padded rows: each real token sees the real
+    tokens up to itself; a padding position sees only itself (its output is never used, and a
+    query that sees nothing would turn into NaN)."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal & mask.bool()[:, None, :]
+    return (allowed | torch.eye(length, dtype=torch.bool, device=mask.device))[:, None]
+
+
+# Above this many attention scores per call (B * heads * T * S; 16 MiB in float32) a CPU pass
+# uses torch's fused attention kernel. Below it, two batched products and a softmax are faster:
+# the fused kernel's blocking costs more than the arithmetic on GRPO's short sequences (64 rows,
+# 4 heads, 15 x 32 scores: forward + backward 0.69 vs 1.60 ms on two cores), while from about
+# 32 MiB of scores up it is the faster one and does not keep the scores for its backward pass.
+SMALL_ATTENTION = 1 << 22
+
+
+def attention_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale, masked) v`` as batched products: ``(B, H, T, D)`` queries over
+    ``(B, KV, S, D)`` keys and values, a boolean ``(B, 1, T, S)`` mask in which every query sees
+    at least one key. Query heads are grouped under their key/value head (head ``h`` uses
+    ``h // (H / KV)``, as in transformers), so keys and values are not repeated."""
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    scores = torch.bmm(q.reshape(b * kv, g * t, d), k.reshape(b * kv, s, d).transpose(1, 2))
+    scores = scores.view(b, kv, g, t, s).mul_(scale).masked_fill_(~mask[:, :, None], float("-inf"))
+    probs = scores.view(b * kv, g * t, s).softmax(dim=-1)
+    return torch.bmm(probs, v.reshape(b * kv, s, d)).view(b, h, t, d)
+
+
+class LeanLM:
+    """The lean forward of one eligible model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        config = model.config
+        self.body = model.model
+        attn = self.body.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.eps = self.body.norm.variance_epsilon
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.checked = False  # against transformers' forward, see checked_lean_model
+
+    # ------------------------------------------------------------------------------------- parts
+
+    def weights(self, dtype: Optional[torch.dtype] = None) -> list[_Weights]:
+        """Every layer's weights for one pass (differentiable: gradients reach the parameters).
+        ``dtype`` casts the matrices once, for passes that run many steps under autocast."""
+        # transformers rotates dimension j with j + D/2; with q and k rows reordered to
+        # (0, D/2, 1, D/2 + 1, ...) the pairs sit side by side and the rotation is one complex
+        # product. Queries and keys share the order, so their dot products are unchanged.
+        half = torch.arange(self.head_dim // 2, device=self.body.embed_tokens.weight.device)
+        pairs = torch.stack([half, half + self.head_dim // 2], dim=1).reshape(-1)
+
+        def qk_rows(t: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            return t.view(heads, self.head_dim, *t.shape[1:]).index_select(1, pairs).reshape(t.shape)
+
+        def matrix(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if dtype is not None else t
+
+        out = []
+        for layer in self.body.layers:
+            a, m = layer.self_attn, layer.mlp
+            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+            qkv_bias = None
+            if any(b is not None for b in biases):
+                q_b, k_b, v_b = (b if b is not None else lin.weight.new_zeros(lin.out_features)
+                                 for b, lin in zip(biases, (a.q_proj, a.k_proj, a.v_proj)))
+                qkv_bias = torch.cat([qk_rows(q_b, self.heads), qk_rows(k_b, self.kv_heads), v_b])
+            gate_up_bias = None
+            if m.gate_proj.bias is not None or m.up_proj.bias is not None:
+                gate_up_bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                          for lin in (m.gate_proj, m.up_proj)])
+            out.append(_Weights(
+                qkv=matrix(torch.cat([qk_rows(a.q_proj.weight, self.heads), qk_rows(a.k_proj.weight, self.kv_heads),
+                                      a.v_proj.weight])),
+                qkv_bias=qkv_bias,
+                o=matrix(a.o_proj.weight), o_bias=a.o_proj.bias,
+                gate_up=matrix(torch.cat([m.gate_proj.weight, m.up_proj.weight])), gate_up_bias=gate_up_bias,
+                down=matrix(m.down_proj.weight), down_bias=m.down_proj.bias,
+                input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                q_norm=a.q_norm.weight.index_select(0, pairs) if self.qk_norm else None,
+                k_norm=a.k_norm.weight.index_select(0, pairs) if self.qk_norm else None,
+            ))
+        return out
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The rotation for flat ``positions`` ``(T,)`` as complex numbers ``(T, 1, D/2)``,
+        from the model's own rotary module (so scaled and extended variants come out right)."""
+        cos, sin = self.body.rotary_emb(x, positions[None])
+        half = self.head_dim // 2
+        return torch.complex(cos[0, :, None, :half].float(), sin[0, :, None, :half].float())
+
+    def rotary_table(self, x: torch.Tensor, length: int) -> Optional[torch.Tensor]:
+        """:meth:`rotary` for every position below ``length``, for decoding to index instead of
+        recomputing each token; None where the model's rotary embedding depends on the positions
+        it is called with (dynamic and longrope scaling update their frequencies from them)."""
+        rope_type = getattr(self.body.rotary_emb, "rope_type", "default")
+        if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+            return None
+        return self.rotary(x, torch.arange(length, device=x.device))
+
+    def qkv(self, i: int, w: _Weights, x: torch.Tensor, rotation: torch.Tensor):
+        """Flat hidden ``(T, hidden)`` -> queries ``(T, H, D)``, keys and values ``(T, KV, D)``,
+        queries and keys rotated (in float32, as transformers does under autocast)."""
+        h = _rms_norm(x, w.input_norm, self.eps)
+        qkv = F.linear(h, w.qkv, w.qkv_bias).view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
+        qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads :]
+        if self.qk_norm:
+            attn = self.body.layers[i].self_attn
+            qk = torch.cat([_rms_norm(qk[:, : self.heads], w.q_norm, attn.q_norm.variance_epsilon),
+                            _rms_norm(qk[:, self.heads :], w.k_norm, attn.k_norm.variance_epsilon)], dim=1)
+        dtype = torch.promote_types(qk.dtype, x.dtype)  # transformers rotates in the residual's dtype
+        qk = torch.view_as_real(torch.view_as_complex(qk.float().reshape(*qk.shape[:-1], -1, 2)) * rotation)
+        qk = qk.reshape(*qk.shape[:-2], self.head_dim).to(dtype)
+        return qk[:, : self.heads], qk[:, self.heads :], v
+
+    def finish(self, i: int, w: _Weights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``."""
+        x = _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias)
+        h = _rms_norm(x, w.post_norm, self.eps)
+        if _weights_first(h):
+            gate_up = _linear_weights_first(h, w.gate_up, w.gate_up_bias)
+            return _add_linear_weights_first(x, _swiglu(gate_up), w.down, w.down_bias)
+        return _add_linear(x, _swiglu(F.linear(h, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over ``(B, heads, T, D)`` queries and ``(B, kv_heads, S, D)``
+        keys/values with a boolean ``(B, 1, T, S)`` mask. On a CPU under autocast it runs in
+        float32 (torch's bf16 CPU attention kernels are slow, above all backward); on a CPU with
+        at most :data:`SMALL_ATTENTION` scores it is written out as two batched products
+        (:func:`attention_products`)."""
+        gqa = self.kv_heads != self.heads
+        if gqa and not _SDPA_GQA:  # torch < 2.5: repeat each key/value head for its query heads
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+            gqa = False
+
+        def fused(q, k, v):
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scaling,
+                                                  **({"enable_gqa": gqa} if gqa else {}))
+
+        if q.device.type != "cpu":
+            return fused(q, k, v)
+        autocast = torch.is_autocast_enabled("cpu")
+        small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_ATTENTION
+        if not (small or autocast):
+            return fused(q, k, v)
+        dtype = torch.get_autocast_dtype("cpu") if autocast else q.dtype
+        with _CpuAutocastOff():  # in float32
+            out = (attention_products(q.float(), k.float(), v.float(), mask, self.scaling) if small
+                   else fused(q.float(), k, v))
+        return out.to(dtype)
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention of one new token per row, written out: ``(N, H, D)`` queries over
+        ``(N, KV, S, D)`` cached keys/values with an additive ``(N, 1, 1, S)`` mask (0 or -inf).
+        Query heads are grouped under their key/value head, so nothing is repeated. On a CPU this
+        beats the fused kernel at one query per row; elsewhere the fused kernel runs."""
+        if q.device.type != "cpu":
+            return self.attend(q[:, :, None], k, v, bias == 0).squeeze(2)
+        n, s = q.shape[0], k.shape[2]
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+        with _CpuAutocastOff():  # float32 products: autocast would cast the whole cache per step
+            q = q.float().view(n, self.kv_heads, -1, self.head_dim)  # (N, KV, H/KV, D)
+            scores = torch.baddbmm(bias.expand(n, self.kv_heads, q.shape[2], s).reshape(-1, q.shape[2], s),
+                                   q.reshape(-1, q.shape[2], self.head_dim),
+                                   k.float().reshape(-1, s, self.head_dim).transpose(1, 2), alpha=self.scaling)
+            out = torch.bmm(scores.softmax(dim=-1), v.float().reshape(-1, s, self.head_dim))
+        return out.view(n, self.heads, self.head_dim).to(dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = _rms_norm(h, self.body.norm.weight, self.eps)
+        return self.model.lm_head(h)
+
+    # ------------------------------------------------------------------------------------ passes
+
+    def group_logits(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                     leaders: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """The ``(N, Tc, V)`` logits predicting each completion token of ``sequences`` (prompt
+        left-padded to ``prompt_length``, then the completion), with each group's prompt run once.
+
+        ``leaders`` are the first rows of each group, ``owner`` maps every row to its group (see
+        :func:`zenalign.models.primitives.prompt_groups`). The last completion token is never an input whose
+        output is needed, so it is left out.
+        """
+        tp = prompt_length
+        prompts, prompt_mask = sequences[leaders, :tp], attention_mask[leaders, :tp]
+        inputs, mask = sequences[:, tp:-1], attention_mask[:, :-1]
+        g, n, tc = prompts.shape[0], inputs.shape[0], inputs.shape[1]
+        positions = mask_positions(mask)
+        flat_positions = torch.cat([mask_positions(prompt_mask).reshape(-1),
+                                    positions[:, tp:].reshape(-1)])
+        x = self.body.embed_tokens(torch.cat([prompts.reshape(-1), inputs.reshape(-1)]))
+        rotation = self.rotary(x, flat_positions)
+        prompt_attn = padded_causal_mask(prompt_mask)
+        # A completion token sees its prompt's real tokens and its own completion up to itself.
+        causal = torch.ones(tc, tc, dtype=torch.bool, device=x.device).tril()
+        completion_attn = torch.cat([prompt_mask.bool()[owner][:, None, :].expand(n, tc, tp),
+                                     causal.expand(n, tc, tc)], dim=2)[:, None]
+        split = g * tp
+        for i, w in enumerate(self.weights()):
+            q, k, v = self.qkv(i, w, x, rotation)
+            qp, kp, vp = (t[:split].view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            qc, kc, vc = (t[split:].view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            out_p = self.attend(qp, kp, vp, prompt_attn)
+            out_c = self.attend(qc, torch.cat([kp.index_select(0, owner), kc], dim=2),
+                                torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn)
+            attended = torch.cat([out_p.transpose(1, 2).reshape(split, -1), out_c.transpose(1, 2).reshape(n * tc, -1)])
+            x = self.finish(i, w, x, attended)
+        last = x[:split].view(g, tp, -1)[:, -1]  # each prompt's last position predicts the first token
+        hidden = torch.cat([last.index_select(0, owner)[:, None], x[split:].view(n, tc, -1)], dim=1)
+        return self.head(hidden)
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, weights: list[_Weights]):
+        """Left-padded prompts ``(P, Tp)`` through every layer: the last position's hidden state
+        ``(P, hidden)`` and each layer's keys and values ``(P, KV, Tp, D)``."""
+        p, tp = prompt_ids.shape
+        positions = mask_positions(prompt_mask)
+        x = self.body.embed_tokens(prompt_ids.reshape(-1))
+        rotation = self.rotary(x, positions.reshape(-1))
+        prompt_attn = padded_causal_mask(prompt_mask)
+        kv = []
+        for i, w in enumerate(weights):
+            q, k, v = self.qkv(i, w, x, rotation)
+            q, k, v = (t.view(p, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            kv.append((k, v))
+            x = self.finish(i, w, x, self.attend(q, k, v, prompt_attn).transpose(1, 2).reshape(p * tp, -1))
+        return x.view(p, tp, -1)[:, -1], kv
+
+    @torch.no_grad()
+    def agrees_with_transformers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[str]:
+        """Run up to four prompts through both forwards; None if the next-token log-probabilities
+        agree (1e-3, or 5e-2 under autocast or with bf16/fp16 weights), else what differed (or what
+        the lean forward raised). :func:`checked_lean_model` calls this once per model, so a
+        variant of these architectures that the eligibility rules miss falls back to transformers'
+        forward instead of training on other numbers or stopping the run."""
+        ids, mask = prompt_ids[:4], prompt_mask[:4]
+        plain = self.model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask),
+                           use_cache=False).logits[:, -1]
+        try:
+            lean = self.head(self.prefill(ids, mask, self.weights())[0])
+        except (RuntimeError, AttributeError, TypeError, ValueError) as error:  # a layout the rules did not foresee
+            return f"{type(error).__name__}: {error}"
+        diff = float((torch.log_softmax(lean.float(), -1) - torch.log_softmax(plain.float(), -1)).abs().max())
+        low_precision = torch.is_autocast_enabled(ids.device.type) or self.body.embed_tokens.weight.dtype != torch.float32
+        limit = 5e-2 if low_precision else 1e-3
+        return None if diff <= limit else f"next-token log-probs differ by {diff:.2e} (limit {limit:.0e})"
+
+    @torch.inference_mode()
+    def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int,
+               eos: torch.Tensor, pad_id: int, processors: Any) -> torch.Tensor:
+        """What :func:`zenalign.grpo.rollout.decode_groups` does, on the lean forward: ``(P*k, Tp + T)`` ids."""
+        p, tp = prompt_ids.shape
+        n = p * group_size
+        device = prompt_ids.device
+        autocast = torch.is_autocast_enabled(device.type)
+        weights = self.weights(torch.get_autocast_dtype(device.type) if autocast else None)  # cast once, not per token
+        last, prompt_kv = self.prefill(prompt_ids, prompt_mask, weights)
+        total = tp + max_new_tokens
+        caches = []
+        for k, v in prompt_kv:  # the group's rows start from the same prompt cache, preallocated for every new token
+            cache = k.new_empty(2, n, self.kv_heads, total, self.head_dim)  # every column is written before it is read
+            cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
+            cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
+            caches.append(cache)
+        positions = mask_positions(prompt_mask)
+        logits = self.head(last).repeat_interleave(group_size, dim=0)
+        tokens = prompt_ids.repeat_interleave(group_size, dim=0)
+        # Additive mask over the cache: the prompts' padding is never seen; generated columns are
+        # filled in order, and a step reads only the columns written so far.
+        bias = torch.zeros(n, 1, 1, total, device=device)
+        bias[:, 0, 0, :tp].masked_fill_(~prompt_mask.bool().repeat_interleave(group_size, dim=0), float("-inf"))
+        state = {"positions": positions[:, -1].repeat_interleave(group_size), "column": tp}
+        table = self.rotary_table(last, int(positions[:, -1].max()) + max_new_tokens + 1)
+
+        def step_logits(previous: torch.Tensor) -> torch.Tensor:
+            column = state["column"]  # where the previous token's keys and values go
+            state["positions"] = state["positions"] + 1
+            state["column"] = column + 1
+            x = self.body.embed_tokens(previous)
+            positions = state["positions"]
+            rotation = self.rotary(x, positions) if table is None else table.index_select(0, positions)
+            for i, w in enumerate(weights):
+                q, k, v = self.qkv(i, w, x, rotation)
+                caches[i][0, :, :, column] = k
+                caches[i][1, :, :, column] = v
+                out = self.attend_one(q, caches[i][0, :, :, : column + 1], caches[i][1, :, :, : column + 1],
+                                      bias[..., : column + 1])
+                x = self.finish(i, w, x, out)
+            return self.head(x)
+
+        return sample_loop(tokens, logits, step_logits, max_new_tokens, eos, pad_id, processors)

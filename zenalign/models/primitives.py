@@ -1,0 +1,101 @@
+"""What every model path shares: what a transformers forward accepts, KV caches, position ids
+that follow an attention mask, the prompt groups of a GRPO batch, and the token loop every decoder
+runs. Nothing here knows GRPO; the lean forward (:mod:`zenalign.models.lean`), the rollout and the
+log-prob passes all build on it."""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any, Optional
+
+import torch
+
+
+@lru_cache(maxsize=None)
+def accepts_logits_to_keep(forward_type: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@lru_cache(maxsize=None)
+def cache_argument(forward_type: type) -> Optional[str]:
+    """The name under which a model class's forward takes a KV cache (``cache`` in newer
+    transformers, ``past_key_values`` before), or None if it takes neither (e.g. a DDP or
+    DeepSpeed wrapper, whose forward is ``*args, **kwargs``)."""
+    try:
+        params = inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def new_cache(model: torch.nn.Module):
+    """An empty transformers ``DynamicCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def full_attention_only(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention ``DynamicLayer`` (known before
+    any forward pass when the cache was built from the model's config): the layout whose rows
+    can be gathered, repeated or copied into a ``StaticCache``. Sliding-window, linear-attention
+    and lazily built caches are not."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow an attention mask: left padding does not shift positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_groups(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int):
+    """Rows whose prompt (tokens and mask) equals the previous row's share that prompt.
+
+    Returns ``(leaders, owner)``: the first row of each run of equal prompts, and for every row
+    the index (into ``leaders``) of its run. GRPO rollouts are prompt-major, so a run is a group.
+    """
+    prompts, masks = sequences[:, :prompt_length], attention_mask[:, :prompt_length]
+    same = (prompts[1:] == prompts[:-1]).all(dim=1) & (masks[1:] == masks[:-1]).all(dim=1)
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+
+
+def sample_loop(tokens: torch.Tensor, logits: torch.Tensor, step_logits: Any, max_new_tokens: int, eos: torch.Tensor,
+                pad_id: int, processors: Any) -> torch.Tensor:
+    """The token loop every decoder shares: from the prompts' last logits, pick each row's next
+    token through the logits processors and an argmax, pad rows that have emitted an EOS, and stop
+    when every row has ended; ``step_logits(tokens_just_chosen)`` runs the model one step."""
+    unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    process = _each_in_turn(processors) if isinstance(processors, list) else processors
+    for step in range(max_new_tokens):
+        if step:
+            logits = step_logits(next_tokens)
+        next_tokens = process(tokens, logits.float()).argmax(dim=-1)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        unfinished &= ~torch.isin(next_tokens, eos)
+        if not bool(unfinished.any()):
+            break
+    return tokens
+
+
+def _each_in_turn(processors: list) -> Any:
+    """A list of logits processors (a ``LogitsProcessorList``) applied as that list applies them
+    when given no extra arguments, without inspecting each one's signature on every token."""
+
+    def process(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for processor in processors:
+            scores = processor(input_ids, scores)
+        return scores
+
+    return process

@@ -1,0 +1,42 @@
+"""Everything a plugin author imports: the API types and capability protocols, ``hookimpl``, the
+run context plugins receive, and the plugin manager and registry.
+
+    from zenalign.plugins import hookimpl, Options, RewardSourceType
+
+See docs/writing-a-plugin.md. The built-in plugins live outside this package, in the top-level
+``plugins/`` directory (importable as ``zenalign_plugins``), and register through the same
+entry-point group as third-party ones.
+"""
+
+from zenalign.plugins.api import (
+    CAPABILITIES,
+    AdvantageNormalizer,
+    BuildContext,
+    EnforcesConstraints,
+    NormalizerType,
+    Objectives,
+    ObservesScores,
+    Options,
+    PluginType,
+    ReportsMetrics,
+    RewardSource,
+    RewardSourceType,
+    RunContext,
+    ScoreBatch,
+    Stateful,
+    StatefulDirectory,
+    Task,
+    TaskType,
+    enforces_constraints,
+)
+from zenalign.plugins.hookspecs import hookimpl, hookspec
+from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugin_manager, register
+from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
+
+__all__ = [
+    "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "EnforcesConstraints", "NormalizerType",
+    "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "ReportsMetrics", "RewardSource",
+    "RewardSourceType", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory", "Task", "TaskType",
+    "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl", "hookspec", "load_plugins",
+    "new_plugin_manager", "register",
+]

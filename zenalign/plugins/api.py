@@ -1,0 +1,265 @@
+"""The plugin API: what a plugin hands to zenalign (reward source, normalizer and task *types*),
+the protocols their instances follow, the optional capabilities the engine looks for, and the run
+context plugins receive instead of the trainer.
+
+A type is a name, a pydantic options model and a factory. A recipe entry such as
+``{type: regex_match, name: format, pattern: "^\\d+$"}`` is validated against the type's
+options model (merged with the common fields of its section), then the factory builds the
+instance. Factories take only the arguments they name, out of ``options`` and ``context``,
+the same rule pluggy applies to hook implementations.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class Options(BaseModel):
+    """Base for plugin option models: unknown keys are errors, as everywhere in a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a factory may need besides its options.
+
+    ``recipe`` is the validated recipe (a ``zenalign.recipe.schema.Recipe``); ``base_dir`` is the
+    directory relative paths in the recipe are resolved against (the recipe file's directory, or
+    the working directory for the Python API).
+    """
+
+    recipe: Any
+    base_dir: Path
+    tokenizer: Any = None
+    device: Any = None
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """Resolve a path from the recipe relative to the recipe's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+@dataclass(frozen=True)
+class PluginType:
+    """A named, configurable kind of plugin object."""
+
+    name: str
+    options: type[BaseModel]
+    factory: Callable[..., Any]
+    description: str = ""
+    default: bool = False  # the type a recipe gets when it leaves the section out (one per kind)
+
+    def summary(self) -> str:
+        """The description, or the first line of the factory's docstring."""
+        if self.description:
+            return self.description
+        doc = inspect.getdoc(self.factory) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def build(self, options: BaseModel, context: BuildContext | None = None) -> Any:
+        """Call the factory with the arguments it names (``options`` and/or ``context``)."""
+        available = {"options": options, "context": context}
+        try:
+            params = inspect.signature(self.factory).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            return self.factory(options)
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return self.factory(**available)
+        wanted = {k: v for k, v in available.items() if k in params}
+        return self.factory(**wanted)
+
+
+class RewardSourceType(PluginType):
+    """A reward source kind, named in a recipe's ``rewards: [{type: NAME, ...}]``."""
+
+
+class NormalizerType(PluginType):
+    """An advantage normalizer kind, named in a recipe's ``normalizer: {type: NAME, ...}``."""
+
+
+class TaskType(PluginType):
+    """A prompt source kind, named in a recipe's ``data: {type: NAME, ...}``."""
+
+
+@dataclass
+class ScoreBatch:
+    """The completions a reward source scores, ``N = prompts_per_step * group_size`` of them.
+
+    Completions are laid out group by group: rows ``g*G .. g*G+G-1`` answer the same prompt.
+    ``columns`` holds, for every completion, the other fields of its prompt record
+    (for example ``answer``), so ``columns["answer"][i]`` belongs to ``completions[i]``.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    group_size: int = 1
+    step: int = 0
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Scores completions. NaN or None means "abstain" for that completion.
+
+    ``score`` returns one score per completion, or, for a source that produces several named
+    objectives, a mapping ``{objective: scores}`` (or an ``(N, K)`` tensor in the order of the
+    optional ``objectives`` attribute).
+    """
+
+    def score(self, batch: ScoreBatch) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The objectives a normalizer combines, in the column order of the reward tensor.
+
+    ``roles[k]`` is "reward" or "constraint"; a constraint wants the batch mean of objective k to
+    be ``>=`` or ``<=`` (``directions[k]``) ``thresholds[k]``. Left empty, every objective is a reward.
+    """
+
+    names: tuple[str, ...]
+    weights: "torch.Tensor"  # (K,)
+    roles: tuple[str, ...] = ()
+    thresholds: tuple[Optional[float], ...] = ()
+    directions: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def role(self, k: int) -> str:
+        return self.roles[k] if self.roles else "reward"
+
+    @property
+    def reward_indices(self) -> list[int]:
+        return [k for k in range(len(self.names)) if self.role(k) == "reward"]
+
+    @property
+    def constraint_indices(self) -> list[int]:
+        return [k for k in range(len(self.names)) if self.role(k) == "constraint"]
+
+
+@runtime_checkable
+class AdvantageNormalizer(Protocol):
+    """Turns rewards ``(P, G, K)`` (prompts × group × objectives, NaN = abstain) into
+    advantages ``(P, G)``. It must never return NaN."""
+
+    def __call__(self, rewards: "torch.Tensor", objectives: Objectives) -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A source of prompt records: dicts with a ``prompt`` string and any other fields."""
+
+    def train_prompts(self) -> list[dict[str, Any]]: ...
+
+    def eval_prompts(self) -> list[dict[str, Any]]: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The run context: what a plugin may know about and do to the run (never the trainer itself)
+
+
+@runtime_checkable
+class RunContext(Protocol):
+    """What a running training step offers plugins (``ObservesScores.on_scored`` and the event
+    hooks): where the run is, this process's place in it, the collectives to agree across
+    processes, and the one action a plugin may take on the run.
+
+    ``step`` is the current training step (0 before the first); ``seed`` the recipe's
+    ``run.seed``; ``rank`` and ``world_size`` this process's place (0 and 1 on one process);
+    ``is_main`` whether this process writes the run directory; ``output_dir`` the run directory.
+    """
+
+    step: int
+    seed: int
+    rank: int
+    world_size: int
+    is_main: bool
+    output_dir: Path
+
+    def gather_objects(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank (every rank must call it)."""
+        ...
+
+    def gather_rows(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """Equal-shaped tensors from every rank, concatenated along dim 0 in rank order."""
+        ...
+
+    def reset_reference_to_policy(self) -> None:
+        """Make the KL reference a copy of the current policy (a no-op without a KL term);
+        checkpoints then carry the reference weights."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional capabilities: a reward source or normalizer has one by defining its methods. The
+# engine tests for them with isinstance, never hasattr.
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Kept in checkpoints as JSON + safetensors: ``state_dict()`` returns plain values and tensors
+    (tensors go to safetensors, the rest to JSON); ``load_state_dict(state)`` restores them on resume."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class StatefulDirectory(Protocol):
+    """Kept in checkpoints as files of its own (a model, a replay buffer): ``save_state(directory)``
+    writes into an empty directory, ``load_state(directory)`` reads it back on resume. Takes
+    precedence over :class:`Stateful` when an object has both."""
+
+    def save_state(self, directory: Path) -> None: ...
+
+    def load_state(self, directory: Path) -> None: ...
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    """``metrics()`` returns numbers added to each step's metrics.jsonl line: a normalizer's as they
+    are, a reward source's prefixed with its objective name (``<name>/<key>``)."""
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class ObservesScores(Protocol):
+    """A reward source told of every training batch it scored, on every process:
+    ``on_scored(batch, rewards, objectives, context)`` with this process's ``(N_local, K)`` rewards
+    and the run's :class:`RunContext` (e.g. a reward model refreshed online from the policy's samples)."""
+
+    def on_scored(self, batch: ScoreBatch, rewards: "torch.Tensor", objectives: Objectives,
+                  context: RunContext) -> None: ...
+
+
+@runtime_checkable
+class EnforcesConstraints(Protocol):
+    """A normalizer that enforces the recipe's ``role: constraint`` objectives itself (e.g. with
+    Lagrange multipliers) sets ``enforces_constraints = True``. Without one, constraint objectives
+    are combined as weighted rewards, with a warning at the start of the run."""
+
+    enforces_constraints: bool
+
+
+def enforces_constraints(normalizer: Any) -> bool:
+    """Whether ``normalizer`` declares :class:`EnforcesConstraints` and has it switched on."""
+    return isinstance(normalizer, EnforcesConstraints) and bool(normalizer.enforces_constraints)
+
+
+CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints)

@@ -1,0 +1,437 @@
+"""The recipe schema: every option of a run, its default, and what it means.
+
+This module is the single source of truth for options. ``Field(description=...)`` is the
+documentation (docs/recipe-reference.md is generated from it), the defaults here are the only
+defaults, and ``extra="forbid"`` turns a typo into an error that names the field.
+
+Plugin sections (``rewards``, ``normalizer``, ``data``) are validated against the options model of
+the plugin type they name: :func:`build_recipe_model` makes a tagged union of every installed
+type, so a single validation pass checks the whole recipe.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from zenalign.errors import PluginError
+from zenalign.plugins import KINDS, PluginRegistry
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: Optional[str] = Field(
+        None,
+        description="Local Hugging Face directory of the policy (config.json + safetensors weights). "
+        "Required when running a recipe file; relative paths are resolved against the recipe's directory.",
+    )
+    reference_path: Optional[str] = Field(
+        None,
+        description="Directory of the frozen reference policy for the KL penalty. Defaults to `path`. "
+        "Not loaded at all when `grpo.kl_coef` is 0.",
+    )
+    tokenizer_path: Optional[str] = Field(
+        None, description="Directory of the tokenizer. Defaults to `path`."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow model code shipped inside the model directory to run. Off by default: "
+        "turn it on only for directories you trust.",
+    )
+
+
+class SamplingSection(Section):
+    group_size: int = Field(
+        8,
+        ge=2,
+        description="Completions sampled per prompt (k). Advantages are relative to this group, so it "
+        "needs at least 2; the GRPO paper uses 8-16.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="Sampling temperature. Log-probabilities in the loss use the same temperature, so the "
+        "gradient is that of the distribution actually sampled.",
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1.0 turns it off.")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 turns it off.")
+    decoder: Literal["zenalign", "generate"] = Field(
+        "zenalign",
+        description="zenalign: zenalign's own KV-cache decoding loop (each distinct prompt prefilled once per group, "
+        "a preallocated cache, no per-token work beyond the forward pass and the sampler; falls back to generate "
+        "for models without a cache API and for ZeRO-3 across processes). generate: transformers' generate. "
+        "Both sample the same tokens. (Before 0.2 the first was called `lean`; that name still works, with a warning.)",
+    )
+
+    @field_validator("decoder", mode="before")
+    @classmethod
+    def _old_decoder_name(cls, value):
+        if value == "lean":
+            warnings.warn("sampling.decoder: 'lean' is now called 'zenalign' ('lean' names engine.lean_forward); "
+                          "the old name goes in the next release", FutureWarning, stacklevel=2)
+            return "zenalign"
+        return value
+
+
+class GRPOSection(Section):
+    clip_epsilon: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Lower clip range: the ratio pi/pi_old is clipped to [1 - clip_epsilon, ...]. The "
+        "GRPO paper uses 0.1-0.2.",
+    )
+    clip_epsilon_high: Optional[float] = Field(
+        None,
+        ge=0.0,
+        description="Upper clip range [..., 1 + clip_epsilon_high]. Defaults to `clip_epsilon`; DAPO's "
+        "clip-higher uses 0.28 to keep exploring low-probability tokens.",
+    )
+    kl_coef: float = Field(
+        0.01,
+        ge=0.0,
+        description="Weight beta of the KL penalty to the frozen reference policy. 0.01 as in the GRPO "
+        "paper (lower than PPO's usual 0.1); 0 disables the penalty and skips loading the reference.",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3",
+        description="Per-token KL estimator (Schulman's naming). k3 = pi_ref/pi - log(pi_ref/pi) - 1 is "
+        "unbiased and never negative; the GRPO paper uses it.",
+    )
+    loss_aggregation: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="How per-token losses become one number. grpo: mean over each completion's tokens, "
+        "then over completions (the paper). dapo: sum over all tokens / total tokens (token-level; long "
+        "completions weigh more). dr_grpo: sum over all tokens / (completions * max_new_tokens), which "
+        "removes the length bias of grpo (Dr. GRPO, arXiv 2503.20783).",
+    )
+    num_iterations: int = Field(
+        1,
+        ge=1,
+        description="mu: policy updates per batch of generations. Old log-probs are computed once per "
+        "generation; with 1, the ratio is exactly 1 and that forward pass is skipped.",
+    )
+    prompts_per_step: int = Field(
+        8, ge=1, description="Prompts sampled per step; each yields `sampling.group_size` completions."
+    )
+    learning_rate: float = Field(1e-6, gt=0.0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Learning-rate schedule after warm-up, over `run.steps` optimizer steps."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `learning_rate`.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
+
+    @property
+    def upper_clip_epsilon(self) -> float:
+        """The upper clip range in force: `clip_epsilon_high`, or `clip_epsilon` when it is left out."""
+        return self.clip_epsilon if self.clip_epsilon_high is None else self.clip_epsilon_high
+
+
+class EngineSection(Section):
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="What runs the update. torch: plain AdamW (DistributedDataParallel under torchrun). "
+        "deepspeed: DeepSpeed ZeRO, for models that do not fit one device.",
+    )
+    zero_stage: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also gradients, "
+        "3 also parameters. Needs backend deepspeed above 0.",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer states in CPU memory (ZeRO-Offload; DeepSpeed's CPU Adam). Needs zero_stage >= 1."
+    )
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory between uses. Needs zero_stage 3.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the models run. auto picks CUDA when available, else CPU."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Compute precision of sampling and the update. torch: bf16 autocast with fp32 weights. "
+        "deepspeed: bf16 weights with fp32 master weights in the optimizer.",
+    )
+    max_grad_norm: Optional[float] = Field(
+        1.0, gt=0.0, description="Clip the global gradient norm to this value; null disables clipping."
+    )
+    micro_batch_size: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Completions per forward/backward pass in the update, per process (gradient accumulation). "
+        "The loss is normalised over the whole batch, so this changes memory, not the result. null = all at once.",
+    )
+    shared_prompts: bool = Field(
+        True,
+        description="Run each prompt once per group when computing log-probs (update, old and reference passes) "
+        "and share its KV cache across the group's k completions: the same result and gradient, with the "
+        "prompt's share of the work divided by k. Applies to the torch backend (one process or DDP); DeepSpeed "
+        "engines run the plain pass. false runs every completion's prompt again.",
+    )
+    lean_forward: bool = Field(
+        True,
+        description="Run Llama, Mistral, Qwen2 and Qwen3 policies on zenalign's lean forward (sampling, and the "
+        "log-prob passes of the torch backend on one process): the model's own weights and arithmetic with "
+        "fused q/k/v and gate/up products and masks built once per pass, instead of transformers' general "
+        "module forward. Other models, adapters and sliding-window attention use transformers' forward, and so "
+        "does a model whose first prompts the lean forward does not reproduce (checked once, with a warning). "
+        "false uses transformers' forward everywhere.",
+    )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="With no KL term (kl_coef 0) and one optimizer step per generation (num_iterations 1), leave "
+        "completions whose advantage is exactly zero (every completion of a group earning the same reward) out of "
+        "the update's forward and backward pass: their loss and gradient are exactly zero, so the step is the "
+        "same, with less work. false runs them anyway.",
+    )
+    keep_freed_memory: bool = Field(
+        True,
+        description="On a CPU under Linux (glibc), keep the memory a step frees for the next step instead of "
+        "returning it to the operating system and faulting it in again (glibc's mmap and trim thresholds, "
+        "as jemalloc/tcmalloc behave): thousands of page faults per step fewer. The process's resident "
+        "memory stays at its peak between steps. false leaves the allocator as it is.",
+    )
+    deepspeed_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "
+        "(for example {zero_optimization: {overlap_comm: true}}).",
+    )
+    consolidate_checkpoints: bool = Field(
+        True,
+        description="Write each checkpoint's policy as a plain Hugging Face directory, gathering ZeRO-3 shards "
+        "onto rank 0. Turn off for models too large to gather; `zenalign export` rebuilds it from the shards.",
+    )
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage_needs_deepspeed(cls, value, info):
+        if value and info.data.get("backend") == "torch":
+            raise ValueError(f"ZeRO stage {value} needs engine.backend: deepspeed (the torch backend is stage 0)")
+        return value
+
+    @field_validator("offload_optimizer")
+    @classmethod
+    def _offload_optimizer_needs_zero(cls, value, info):
+        if value and not info.data.get("zero_stage"):
+            raise ValueError("optimizer offload needs engine.zero_stage 1, 2 or 3 (and backend deepspeed)")
+        return value
+
+    @field_validator("offload_params")
+    @classmethod
+    def _offload_params_needs_zero3(cls, value, info):
+        if value and info.data.get("zero_stage") != 3:
+            raise ValueError("parameter offload needs engine.zero_stage 3 (and backend deepspeed)")
+        return value
+
+
+class RunSection(Section):
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    steps: int = Field(100, ge=1, description="Training steps (one batch of generations each).")
+    output_dir: str = Field(
+        "runs/{recipe}",
+        description="Run directory (metrics.jsonl, eval.jsonl, samples.jsonl, final/). `{recipe}` is the "
+        "recipe file's name without extension. Relative to the working directory.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace an existing run in `output_dir`. Off, an existing run is an error."
+    )
+    eval_interval: int = Field(
+        0,
+        ge=0,
+        description="Evaluate every this many steps (greedy decoding on held-out prompts). Evaluation "
+        "also runs before the first step and after the last; 0 means only then.",
+    )
+    eval_batch_size: int = Field(64, ge=1, description="Prompts per batch during evaluation.")
+    log_interval: int = Field(
+        10,
+        ge=1,
+        description="Every this many steps, write sample completions to samples.jsonl and a summary line "
+        "to the log. metrics.jsonl gets every step regardless.",
+    )
+    log_samples: int = Field(
+        2, ge=0, description="Groups of completions written to samples.jsonl at each log step."
+    )
+    progress_bar: bool = Field(True, description="Show a progress bar with the current reward.")
+    checkpoint_interval: int = Field(
+        0,
+        ge=0,
+        description="Write a checkpoint every this many steps (policy, optimizer, RNG, data position, plugin "
+        "state), and always after the last step; 0 means only then.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    eval_group_size: int = Field(
+        0,
+        ge=0,
+        description="Besides greedy decoding, sample this many completions per held-out prompt at each evaluation, "
+        "for sampled reward means and the fraction of zero-variance groups per objective. 0 turns it off.",
+    )
+    hacking_patience: int = Field(
+        3,
+        ge=0,
+        description="Warn of possible reward hacking when one objective's eval mean rises while another's falls "
+        "for this many consecutive evaluations. 0 turns the check off.",
+    )
+
+
+class ObjectiveSpec(Section):
+    """How one objective (a reward dimension) enters the advantage."""
+
+    weight: Optional[float] = Field(
+        None, description="Weight when objectives are combined. Defaults to the `weight` of the reward entry that produces it."
+    )
+    role: Literal["reward", "constraint"] = Field(
+        "reward",
+        description="reward: maximised with its weight. constraint: kept at or beyond `threshold`; a constraint-enforcing "
+        "normalizer (Lagrangian) enforces it with a multiplier, other normalizers treat it as a weighted reward.",
+    )
+    threshold: Optional[float] = Field(
+        None,
+        validate_default=True,
+        description="For a constraint: the value the batch mean of this objective must reach (see direction).",
+    )
+    direction: Literal[">=", "<="] = Field(
+        ">=", description="For a constraint: mean >= threshold (e.g. harmlessness) or mean <= threshold (e.g. a cost)."
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _constraint_needs_threshold(cls, value, info):
+        if value is None and info.data.get("role") == "constraint":
+            raise ValueError("a constraint needs a threshold")
+        return value
+
+
+class SweepSection(Section):
+    """Runs of one recipe over a grid of values, for `zenalign sweep`."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted recipe fields and the values to try, e.g. {run.seed: [0, 1, 2]}; every combination runs.",
+    )
+    weights: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="Objective weightings to try, each {objective: weight}; crossed with `grid`. For Pareto fronts.",
+    )
+    output_dir: str = Field(
+        "runs/{recipe}-sweep", description="Directory holding one run directory per point of the sweep."
+    )
+
+
+class RewardEntry(Section):
+    """Fields every reward source entry has, besides its plugin's own options."""
+
+    name: Optional[str] = Field(
+        None,
+        description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
+    )
+    weight: float = Field(1.0, description="Weight of this objective when objectives are combined.")
+
+
+class NormalizerEntry(Section):
+    """Fields every normalizer entry has, besides its plugin's own options."""
+
+
+class TaskEntry(Section):
+    """Fields every data entry has, besides its plugin's own options."""
+
+
+ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry}
+
+
+class Recipe(Section):
+    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, normalizer, engine, run,
+    plugins, sweep."""
+
+    model: ModelSection = Field(default_factory=ModelSection, description="The policy to train.")
+    data: Optional[Any] = Field(
+        None, description="Where prompts come from: `{type: TASK, ...task options}`. See `zenalign plugins`."
+    )
+    sampling: SamplingSection = Field(default_factory=SamplingSection, description="Group sampling.")
+    grpo: GRPOSection = Field(default_factory=GRPOSection, description="The clipped GRPO policy step.")
+    rewards: list[Any] = Field(
+        default_factory=list,
+        description="Reward sources, each `{type, name, weight, ...plugin options}`; each adds one or more "
+        "objectives.",
+    )
+    objectives: dict[str, ObjectiveSpec] = Field(
+        default_factory=dict,
+        description="Per objective (by name): weight, and role reward or constraint (with threshold and direction). "
+        "Objectives not listed are rewards with their reward entry's weight.",
+    )
+    normalizer: Optional[Any] = Field(
+        None,
+        description="How rewards become advantages: `{type: NORMALIZER, ...options}`. Defaults to the "
+        "installed default normalizer (group z-score).",
+    )
+    engine: EngineSection = Field(default_factory=EngineSection, description="How the update runs.")
+    run: RunSection = Field(default_factory=RunSection, description="Seeds, length, logging, output.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Extra plugins to load: importable module names or paths to .py files (relative to the "
+        "recipe's directory).",
+    )
+    sweep: Optional[SweepSection] = Field(
+        None, description="Several runs of this recipe over a grid of values or objective weightings (`zenalign sweep`)."
+    )
+
+
+def entry_model(kind: str, plugin_type) -> type[BaseModel]:
+    """The model a recipe entry of this plugin type is validated against: the section's common
+    fields, the plugin's options, and ``type`` fixed to the plugin's name."""
+    base = ENTRY_BASES[kind]
+    clash = set(base.model_fields) & set(plugin_type.options.model_fields)
+    if clash or "type" in plugin_type.options.model_fields:
+        raise PluginError(
+            f"{KINDS[kind][2]} type '{plugin_type.name}': option names {sorted(clash | {'type'} & set(plugin_type.options.model_fields))} "
+            f"are reserved by the recipe"
+        )
+    model = create_model(
+        f"{kind}:{plugin_type.name}",
+        __base__=(base, plugin_type.options),
+        type=(Literal[plugin_type.name], Field(description=plugin_type.summary() or plugin_type.name)),
+    )
+    model.model_config["extra"] = "forbid"
+    model.model_config["title"] = f"{KINDS[kind][2]} '{plugin_type.name}'"
+    model.model_rebuild(force=True)
+    return model
+
+
+def tagged_union(kind: str, registry: PluginRegistry):
+    models = [entry_model(kind, registry.types[kind][name]) for name in registry.names(kind)]
+    if not models:
+        return ENTRY_BASES[kind]
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator="type")]
+
+
+def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
+    """A Recipe subclass whose plugin sections accept exactly the installed plugin types."""
+    reward = tagged_union("reward", registry)
+    normalizer = tagged_union("normalizer", registry)
+    task = tagged_union("task", registry)
+    fields = Recipe.model_fields
+    default_normalizer = registry.default("normalizer")
+
+    def described(name: str, **kw):
+        return Field(description=fields[name].description, **kw)
+
+    normalizer_default = {"type": default_normalizer} if default_normalizer else None
+    return create_model(
+        "Recipe",
+        __base__=Recipe,
+        __doc__=Recipe.__doc__,
+        data=(Optional[task], described("data", default=None)),
+        rewards=(list[reward], described("rewards", default_factory=list)),
+        normalizer=(Optional[normalizer], described("normalizer", default=normalizer_default, validate_default=True)),
+    )

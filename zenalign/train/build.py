@@ -1,0 +1,169 @@
+"""Building a run's parts from a recipe: the policy and its tokenizer, the reference, reward
+sources, the normalizer and the prompts. Plugins are built through the registry only; nothing
+here knows any particular plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from zenalign.data import check_records
+from zenalign.errors import PluginError, RecipeError, ZenalignError, one_line
+from zenalign.models.loading import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
+from zenalign.plugins import BuildContext, Objectives
+from zenalign.recipe.loader import LoadedRecipe
+from zenalign.grpo.scoring import BoundReward, bind_reward
+
+@dataclass
+class Inputs:
+    """What the Python API hands over directly instead of naming it in the recipe."""
+
+    model: Any = None
+    tokenizer: Any = None
+    reference: Any = None
+    rewards: Any = None
+    normalizer: Any = None
+
+
+class Builder:
+    """Builds each part of a run from the recipe, or takes it from ``Inputs``."""
+
+    def __init__(self, loaded: LoadedRecipe, inputs: Inputs, context: BuildContext):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.inputs = inputs
+        self.context = context
+
+    def path(self, path: str) -> Path:
+        return self.context.resolve_path(path)
+
+    @property
+    def policy_dir(self) -> Optional[Path]:
+        """The policy's directory, when it comes from one."""
+        if self.inputs.model is not None or self.recipe.model.path is None:
+            return None
+        return self.path(self.recipe.model.path)
+
+    def tokenizer(self):
+        m = self.recipe.model
+        if self.inputs.tokenizer is not None:
+            return prepare_tokenizer(self.inputs.tokenizer)
+        source = m.tokenizer_path or m.path
+        if source is None and self.inputs.model is not None:
+            source = getattr(self.inputs.model, "name_or_path", None)
+            if not source or not self.path(source).is_dir():
+                raise RecipeError("GRPOTrainer: pass tokenizer=... along with a model object (or model.tokenizer_path)")
+        if source is None:
+            raise RecipeError(f"{self.loaded.source}: model.path: required field is missing; give a local Hugging Face model directory")
+        return load_tokenizer(self.path(source), "model.tokenizer_path" if m.tokenizer_path else "model.path", m.trust_remote_code)
+
+    def policy(self, checkpoint_policy: Optional[Path] = None) -> torch.nn.Module:
+        """The policy: from a checkpoint being resumed, the model object given, or model.path."""
+        m = self.recipe.model
+        if checkpoint_policy is not None:
+            return load_causal_lm(checkpoint_policy, "--resume", m.trust_remote_code)
+        if self.inputs.model is not None:
+            return self.inputs.model
+        if m.path is None:
+            raise RecipeError(f"{self.loaded.source}: model.path: required field is missing; give a local Hugging Face model directory")
+        return load_causal_lm(self.path(m.path), "model.path", m.trust_remote_code)
+
+    def reference(self, policy: torch.nn.Module) -> Optional[torch.nn.Module]:
+        """The frozen reference, or None when the KL penalty is off (it is then never loaded)."""
+        m = self.recipe.model
+        if self.recipe.grpo.kl_coef == 0:
+            return None
+        if self.inputs.reference is not None:
+            ref = self.inputs.reference
+        elif m.reference_path is not None or (self.inputs.model is None and m.path is not None):
+            ref = load_causal_lm(self.path(m.reference_path or m.path), "model.reference_path", m.trust_remote_code)
+        else:
+            ref = frozen_copy(policy)
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def plugin(self, kind: str, section: str, entry: Any) -> Any:
+        plugin_type = self.loaded.registry.get(kind, entry.type)
+        where = f"{self.loaded.source}: {section} ({entry.type})"
+        try:
+            return plugin_type.build(entry, self.context)
+        except ZenalignError as exc:
+            raise type(exc)(f"{where}: {exc}") from exc
+        except Exception as exc:
+            raise PluginError(f"{where}: could not be built: {type(exc).__name__}: {one_line(exc)}") from exc
+
+    def rewards(self) -> list[BoundReward]:
+        bound = []
+        for i, entry in enumerate(self.recipe.rewards):
+            source = self.plugin("reward", f"rewards[{i}]", entry)
+            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]"))
+        given = self.inputs.rewards
+        if given is not None:
+            from zenalign.plugins import get_plugin_manager
+
+            for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
+                adapted = get_plugin_manager().hook.zenalign_reward_from_object(obj=source, context=self.context)
+                if adapted is not None:
+                    source = adapted
+                name = getattr(source, "name", None) or getattr(source, "__name__", None)
+                name = name if name and name != "<lambda>" else f"reward_{i}"
+                weight = getattr(source, "weight", 1.0)
+                bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]"))
+        if not bound:
+            raise RecipeError(
+                f"{self.loaded.source}: rewards: no reward source is configured; add at least one "
+                f"{{type: ...}} entry (installed: {', '.join(self.loaded.registry.names('reward'))})"
+            )
+        return bound
+
+    def objectives(self, rewards: list[BoundReward], where: str = "objectives") -> Objectives:
+        """Names from the reward sources; weight, role and threshold from the recipe's ``objectives``."""
+        produced = [name for bound in rewards for name in bound.objectives]
+        entry_weight = {name: w for bound in rewards for name, w in zip(bound.objectives, bound.weights)}
+        specs = self.recipe.objectives
+        for name in specs:
+            if name not in entry_weight:
+                raise RecipeError(
+                    f"{self.loaded.source}: {where}.{name}: no reward source produces objective '{name}'; "
+                    f"produced: {', '.join(produced)}"
+                )
+        weights, roles, thresholds, directions = [], [], [], []
+        for name in produced:
+            spec = specs.get(name)
+            weights.append(spec.weight if spec is not None and spec.weight is not None else entry_weight[name])
+            roles.append(spec.role if spec is not None else "reward")
+            thresholds.append(spec.threshold if spec is not None else None)
+            directions.append(spec.direction if spec is not None else ">=")
+        if all(w == 0 for w, role in zip(weights, roles) if role == "reward"):
+            raise RecipeError(
+                f"{self.loaded.source}: {where}: every reward objective has weight 0 ({', '.join(produced)}); "
+                f"give at least one a non-zero weight"
+            )
+        return Objectives(tuple(produced), torch.tensor(weights, dtype=torch.float64), tuple(roles),
+                          tuple(thresholds), tuple(directions))
+
+    def normalizer(self):
+        if self.inputs.normalizer is not None:
+            return self.inputs.normalizer
+        return self.plugin("normalizer", "normalizer", self.recipe.normalizer)
+
+    def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
+        if prompts is not None:
+            train = check_records(prompts, "prompts")
+            evals = check_records(eval_prompts or [], "eval_prompts")
+        elif self.recipe.data is not None:
+            task = self.plugin("task", "data", self.recipe.data)
+            train = check_records(task.train_prompts(), f"data ({self.recipe.data.type})")
+            evals = check_records(task.eval_prompts(), f"data ({self.recipe.data.type}) eval")
+        else:
+            raise RecipeError(
+                f"{self.loaded.source}: data: required field is missing; name a prompt source "
+                f"{{type: ...}} (installed: {', '.join(self.loaded.registry.names('task'))})"
+            )
+        if not train:
+            raise RecipeError(f"{self.loaded.source}: data: the prompt set is empty; give at least one training prompt")
+        return train, evals

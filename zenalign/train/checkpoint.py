@@ -1,0 +1,305 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically.
+
+    checkpoints/step-00000040/
+      policy/               save_pretrained (safetensors) + tokenizer: loads with from_pretrained
+      engine/               optimizer + schedule (torch) or DeepSpeed's ZeRO state
+      rng/rank-00000.*      python, numpy and torch RNG states of every rank (JSON + safetensors)
+      plugins/<slot>/       state of stateful plugins (normalizer, rewards-<i>)
+      reference.safetensors the KL reference, only once it was reset to the policy
+      trainer_state.json    step, samples seen, data position, world size, what must not change
+      recipe.yaml           the recipe that wrote it
+      MANIFEST.json         size and sha256 of every file above, written last
+
+A checkpoint is assembled in ``checkpoints/.tmp-step-...`` and renamed into place only when
+complete, so a process killed while writing leaves the previous checkpoint untouched. Only
+MANIFEST-bearing directories count as checkpoints, and resuming verifies every file against it.
+Nothing here unpickles: JSON, safetensors, and ``torch.load(weights_only=True)`` for the torch
+optimizer state (DeepSpeed reads its own engine state).
+
+What is saved is the run's :class:`~zenalign.train.state.TrainState` plus the parts named in
+:class:`CheckpointParts`; this module never sees the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from zenalign.errors import ModelLoadError
+from zenalign.plugins import StatefulDirectory
+from zenalign.train.distributed import Dist
+from zenalign.train.state import TrainState
+
+PREFIX = "step-"
+MANIFEST = "MANIFEST.json"
+FORMAT = 1
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest), oldest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_checkpoint(spec: str, run_dir: Path) -> Path | None:
+    """``auto``: the newest checkpoint of ``run_dir``, or None to start fresh. Otherwise a path to
+    a checkpoint, or to a run directory (its newest checkpoint)."""
+    if spec == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(f"--resume: '{spec}' does not exist; give a checkpoint directory (RUN/checkpoints/step-...), a run directory, or auto")
+    if (path / MANIFEST).is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if path.name.startswith(".tmp-") or path.name.startswith(PREFIX):
+        raise ModelLoadError(f"--resume: '{spec}' is an incomplete checkpoint (no {MANIFEST}); it was interrupted while being written")
+    raise ModelLoadError(f"--resume: '{spec}' holds no checkpoint; give RUN/checkpoints/step-... or a run directory with checkpoints/")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write_json(directory / MANIFEST, {"format": FORMAT, "files": entries})
+
+
+def verify(directory: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return trainer_state.json."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        entries = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"checkpoint '{directory}' is unreadable: {MANIFEST}: {exc}") from exc
+    for name, entry in entries.items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint '{directory}' is corrupt: {name} is missing")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise ModelLoadError(f"checkpoint '{directory}' is corrupt: {name} does not match its manifest (changed or truncated)")
+    try:
+        return json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"checkpoint '{directory}' is unreadable: trainer_state.json: {exc}") from exc
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------
+# what must match between the run that wrote a checkpoint and the one resuming it
+
+
+def model_signature(config_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: config.get(k) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
+
+
+def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
+                policy_config_dir: Optional[Path]) -> dict[str, Any]:
+    """What must not change between the run that wrote a checkpoint and the one resuming it."""
+    return {
+        "model": model_signature(policy_config_dir) if policy_config_dir else {},
+        "sampling.group_size": recipe.sampling.group_size,
+        "grpo.prompts_per_step": recipe.grpo.prompts_per_step,
+        "grpo.num_iterations": recipe.grpo.num_iterations,
+        "engine.backend": recipe.engine.backend,
+        "engine.zero_stage": recipe.engine.zero_stage,
+        "processes": world_size,
+        "objectives": list(objective_names),
+    }
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    for key, now in current.items():
+        then = saved.get(key)
+        if key == "model" and (not then or not now):
+            continue
+        if then != now:
+            label = "the model (config.json)" if key == "model" else key
+            raise ModelLoadError(
+                f"--resume: checkpoint '{where}' was written with {label} = {then}; this run has {now}. "
+                f"Resume with the same setting, or start a new run in another run.output_dir"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG and plugin state
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(state), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    return plain, tensors
+
+
+def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_plugin_state(obj: Any, directory: Path) -> bool:
+    """``save_state(dir)`` for a :class:`StatefulDirectory` plugin, else ``state_dict()`` as JSON + safetensors."""
+    if isinstance(obj, StatefulDirectory):
+        directory.mkdir(parents=True, exist_ok=True)
+        obj.save_state(directory)
+        return True
+    if callable(getattr(obj, "state_dict", None)):
+        state = obj.state_dict()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        plain = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / "state.json", plain)
+        if tensors:
+            save_file(tensors, str(directory / "state.safetensors"))
+        return True
+    return False
+
+
+def load_plugin_state(obj: Any, directory: Path) -> None:
+    if isinstance(obj, StatefulDirectory):
+        obj.load_state(directory)
+        return
+    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    if (directory / "state.safetensors").is_file():
+        state.update(load_file(str(directory / "state.safetensors")))
+    obj.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# save and restore
+
+
+@dataclass
+class CheckpointParts:
+    """What a checkpoint reads or writes besides the :class:`TrainState`."""
+
+    engine: Any  # policy weights, optimizer and schedule (zenalign.train.engine)
+    dist: Dist
+    tokenizer: Any
+    reference: Optional[torch.nn.Module] = None  # saved only once it was reset to the policy
+
+
+def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, fingerprint: dict[str, Any],
+                    consolidate: bool, keep: int) -> Path | None:
+    """Write a checkpoint of ``state.step`` (every rank takes part). Returns its path on rank 0."""
+    dist = parts.dist
+    root = checkpoints_root(run_path)
+    name = f"{PREFIX}{state.step:08d}"
+    staging = root / f".tmp-{name}"
+    if dist.is_main:
+        for stale in root.glob(".tmp-*") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    _save_policy(staging / "policy", parts, consolidate)
+    if dist.is_main and state.reference_was_reset:  # the reference no longer equals model.path: keep it
+        save_file({k: v.detach().cpu().clone() for k, v in parts.reference.state_dict().items()},  # clone: tied weights
+                  str(staging / "reference.safetensors"))
+    parts.engine.save_state(staging / "engine")
+    plain, tensors = _rng_state()
+    _write_json(staging / "rng" / f"rank-{dist.rank:05d}.json", plain)
+    save_file(tensors, str(staging / "rng" / f"rank-{dist.rank:05d}.safetensors"))
+    if dist.is_main:
+        saved_plugins = [slot for slot, obj in state.plugins.items() if save_plugin_state(obj, staging / "plugins" / slot)]
+        _write_json(staging / "trainer_state.json", {"format": FORMAT, **state.to_json(), "plugins": sorted(saved_plugins),
+                                                      "fingerprint": fingerprint, "consolidated": consolidate})
+        shutil.copy(run_path / "recipe.yaml", staging / "recipe.yaml")
+    dist.barrier()
+    final = root / name
+    if dist.is_main:
+        write_manifest(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_path)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final if dist.is_main else None
+
+
+def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> None:
+    """The policy as a save_pretrained directory with its tokenizer (only its config when not
+    consolidated: the weights are then in DeepSpeed's shards)."""
+    if consolidate:
+        weights = parts.engine.policy_state_dict()  # collective at ZeRO-3
+        if parts.dist.is_main:
+            parts.engine.model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+    elif parts.dist.is_main:
+        parts.engine.model.config.save_pretrained(directory)
+    if parts.dist.is_main:
+        parts.tokenizer.save_pretrained(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore(directory: Path, saved: dict[str, Any], state: TrainState, parts: CheckpointParts) -> None:
+    """Everything but the policy weights (loaded from ``directory/policy`` when the policy is
+    built): the engine's optimizer state, this rank's RNG, ``state`` and its plugins, and a reset
+    reference."""
+    parts.engine.load_state(directory / "engine")
+    rank = parts.dist.rank
+    plain = json.loads((directory / "rng" / f"rank-{rank:05d}.json").read_text(encoding="utf-8"))
+    _set_rng_state(plain, load_file(str(directory / "rng" / f"rank-{rank:05d}.safetensors")))
+    state.load_json(saved)
+    for slot, obj in state.plugins.items():
+        if slot in saved.get("plugins", []):
+            load_plugin_state(obj, directory / "plugins" / slot)
+    if (directory / "reference.safetensors").is_file() and parts.reference is not None:
+        parts.reference.load_state_dict(load_file(str(directory / "reference.safetensors")), strict=False)
+        state.reference_was_reset = True

@@ -1,0 +1,279 @@
+"""What runs the update, behind one small interface.
+
+    engine = create_engine(recipe, dist, device)   # before the policy is loaded (ZeRO-3 needs that)
+    engine.attach(policy, optimizer_steps, micro_batches)
+    with engine.micro_batch(last): loss = ...(engine.train_model ...); engine.backward(loss)
+    grad_norm = engine.optimizer_step()
+
+- ``TorchEngine``: plain AdamW on one process, DistributedDataParallel under ``torchrun``.
+- ``DeepSpeedEngine``: DeepSpeed ZeRO stages 0-3 with optional CPU offload; its JSON config is
+  generated from the recipe's ``engine`` section, with the user's raw keys merged on top.
+
+Both average gradients over processes, so the trainer scales each process's loss by the world
+size and normalises it with global token counts: the update equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zenalign.models.attention import float32_attention_on_cpu
+from zenalign.train.distributed import Dist, prepare_deepspeed_env
+from zenalign.errors import ModelLoadError, RecipeError
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak learning rate at optimizer step ``s`` (0-based)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+    return factor
+
+
+def _scheduler(optimizer, grpo: Any, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(grpo.lr_schedule, grpo.warmup_steps, total_steps))
+
+
+def create_engine(recipe: Any, dist: Dist, device: torch.device):
+    if recipe.engine.backend == "deepspeed":
+        return DeepSpeedEngine(recipe, dist, device)
+    return TorchEngine(recipe, dist, device)
+
+
+class TorchEngine:
+    """AdamW on one process, or DistributedDataParallel across a torchrun launch."""
+
+    synced_gpus = False
+
+    def __init__(self, recipe: Any, dist: Dist, device: torch.device):
+        self.recipe = recipe
+        self.dist = dist
+        self.device = device
+
+    def attach(self, model: torch.nn.Module, optimizer_steps: int, micro_batches: int) -> None:
+        self.model = model.to(self.device)
+        float32_attention_on_cpu(self.model, self.device, self.recipe.engine.precision)
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        g = self.recipe.grpo
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adamw(params, lr=g.learning_rate, betas=tuple(g.adam_betas), weight_decay=g.weight_decay)
+        self.scheduler = _scheduler(self.optimizer, g, optimizer_steps)
+
+    def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        float32_attention_on_cpu(reference, self.device, self.recipe.engine.precision)
+        return reference.to(self.device)
+
+    def autocast(self):
+        """bf16 autocast for forward passes when ``engine.precision`` is bf16."""
+        if self.recipe.engine.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def micro_batch(self, last: bool):
+        """Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch."""
+        if self.train_model is not self.model and not last:
+            return self.train_model.no_sync()
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the schedule, clear gradients. Returns the grad norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.recipe.engine.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full policy weights, on rank 0 (None elsewhere)."""
+        return self.model.state_dict() if self.dist.is_main else None
+
+    def save_state(self, directory: Path) -> None:
+        """Optimizer and schedule state; read back with ``torch.load(weights_only=True)`` (no pickle code)."""
+        if self.dist.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def adamw(params: list[torch.nn.Parameter], **options) -> torch.optim.AdamW:
+    """torch's fused AdamW (one vectorised kernel over all parameters; 3x faster than the
+    per-parameter loop on a 10M model on CPU, same update to 1e-7), or the loop where fused is
+    not available for these parameters' device or dtype."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **options)
+
+
+def deepspeed_config(recipe: Any, micro_batch_size: int, micro_batches: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the recipe's engine and grpo sections."""
+    e, g = recipe.engine, recipe.grpo
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if e.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "gradient_clipping": e.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            # DeepSpeed's CPU Adam is required for offload; otherwise plain torch AdamW, as the torch engine.
+            "params": {"lr": g.learning_rate, "betas": list(g.adam_betas), "eps": 1e-8, "weight_decay": g.weight_decay,
+                       **({} if e.offload_optimizer else {"torch_adam": True})},
+        },
+        "bf16": {"enabled": e.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, e.deepspeed_config)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO. Create it before loading the policy: at stage 3 it keeps transformers'
+    ``HfDeepSpeedConfig`` alive so ``from_pretrained`` loads the weights already partitioned."""
+
+    def __init__(self, recipe: Any, dist: Dist, device: torch.device):
+        prepare_deepspeed_env()
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as exc:
+            raise RecipeError("engine.backend: deepspeed is not installed; pip install 'zenalign[deepspeed]'") from exc
+        self.recipe = recipe
+        self.dist = dist
+        self.device = device
+        self.stage = recipe.engine.zero_stage
+        self.synced_gpus = self.stage == 3 and dist.world_size > 1
+        n_local = recipe.grpo.prompts_per_step // dist.world_size * recipe.sampling.group_size
+        self.micro_batch_size = min(recipe.engine.micro_batch_size or n_local, n_local)
+        self.micro_batches = math.ceil(n_local / self.micro_batch_size)
+        self.config = deepspeed_config(recipe, self.micro_batch_size, self.micro_batches)
+        self._hf_config = None
+        if self.stage == 3:
+            try:
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._hf_config = HfDeepSpeedConfig(self.config)  # must stay referenced while models load
+            except Exception as exc:  # accelerate missing, mostly
+                raise RecipeError(f"engine.zero_stage 3: transformers' DeepSpeed integration is unavailable: {exc}") from exc
+
+    def attach(self, model: torch.nn.Module, optimizer_steps: int, micro_batches: int) -> None:
+        import deepspeed
+
+        grpo = self.recipe.grpo
+        try:
+            self.train_model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                config=self.config,
+                lr_scheduler=lambda optimizer: _scheduler(optimizer, grpo, optimizer_steps),
+            )
+        except Exception as exc:
+            raise RecipeError(f"engine: DeepSpeed rejected the configuration: {type(exc).__name__}: {exc}") from exc
+        self.model = self.train_model.module
+
+    def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy in the policy's precision; at ZeRO-3 an inference-only ZeRO engine."""
+        if self.recipe.engine.precision == "bf16":
+            reference = reference.to(torch.bfloat16)
+        if self.stage != 3:
+            return reference.to(self.train_model.device)
+        import deepspeed
+
+        config = {key: self.config[key] for key in ("train_micro_batch_size_per_gpu", "bf16")}
+        config["zero_optimization"] = {"stage": 3, **({"offload_param": self.config["zero_optimization"]["offload_param"]}
+                                                      if self.recipe.engine.offload_params else {})}
+        engine, *_ = deepspeed.initialize(model=reference, config=config)
+        engine.eval()
+        return engine
+
+    def autocast(self):
+        return nullcontext()  # DeepSpeed holds the weights in the compute precision itself
+
+    def micro_batch(self, last: bool):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Token weights already normalise over the whole batch: no extra 1/accumulation scaling.
+        engine = self.train_model
+        engine.backward(loss, scale_wrt_gas=False)
+        if engine.is_gradient_accumulation_boundary() and not engine.zero_optimization():
+            # Without ZeRO, DeepSpeed clips with a norm it does not keep; the gradients are
+            # all-reduced by now, so measure it here, before the optimizer step clears them.
+            grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+            self._norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        engine.step()  # steps the optimizer only at the accumulation boundary
+
+    def optimizer_step(self) -> float:
+        if self.train_model.micro_steps % self.micro_batches:
+            raise RuntimeError("DeepSpeed's gradient accumulation is out of step with zenalign's micro-batches")
+        norm = self.train_model.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_norm", float("nan"))
+        return float(norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full policy weights on rank 0 (gathered from every rank at ZeRO-3)."""
+        if self.stage == 3:
+            state = self.train_model._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+            return state if self.dist.is_main else None
+        return self.model.state_dict() if self.dist.is_main else None
+
+    def save_state(self, directory: Path) -> None:
+        self.train_model.save_checkpoint(str(directory), tag="zero", save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.train_model.load_checkpoint(
+            str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise ModelLoadError(f"checkpoint '{directory.parent}': the DeepSpeed engine state in {directory} could not be loaded")

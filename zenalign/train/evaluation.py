@@ -1,0 +1,86 @@
+"""Evaluation: greedy completions for every held-out prompt, scored by every reward source (and,
+with ``run.eval_group_size``, sampled groups too), appended to eval.jsonl with a reward-hacking
+check. The prompts are split evenly over ranks, padded so every rank makes the same calls."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from zenalign.grpo.gumbel import completion_keys
+from zenalign.grpo.metrics import hacking_warnings, reward_metrics
+from zenalign.grpo.rollout import Rollout
+from zenalign.plugins import Objectives, RunContext
+from zenalign.train.distributed import Dist
+from zenalign.train.rundir import RunDir
+from zenalign.train.state import TrainState
+
+log = logging.getLogger("zenalign")
+
+Sample = Callable[[list[dict[str, Any]], "torch.Tensor | None", int], Rollout]
+Score = Callable[[list[dict[str, Any]], Rollout, int], torch.Tensor]
+
+
+class Evaluator:
+    def __init__(self, records: list[dict[str, Any]], run: Any, objectives: Objectives, dist: Dist,
+                 run_dir: RunDir, state: TrainState, sample: Sample, score: Score,
+                 render: Callable[[dict[str, Any]], str], hook: Any, context: RunContext):
+        self.records, self.run, self.objectives, self.dist = records, run, objectives, dist
+        self.run_dir, self.state, self.hook, self.context = run_dir, state, hook, context
+        self.sample, self.score, self.render = sample, score, render
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.records:
+            return {}
+        world, rank = self.dist.world_size, self.dist.rank
+        share = -(-len(self.records) // world)
+        mine = self.records[rank * share : (rank + 1) * share]
+        valid = torch.zeros(share, dtype=torch.bool)
+        valid[: len(mine)] = True
+        mine = mine + [self.records[0]] * (share - len(mine))
+        metrics: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples_seen}
+        greedy, shown = self._pass(mine, group_size=1)
+        greedy = self.dist.gather_rows(greedy)[self.dist.gather_rows(valid)]
+        metrics.update(reward_metrics(greedy, self.objectives, 1, prefix="eval/"))
+        if self.run.eval_group_size > 1:
+            sampled, _ = self._pass(mine, group_size=self.run.eval_group_size, first=rank * share)
+            keep = self.dist.gather_rows(valid).repeat_interleave(self.run.eval_group_size)
+            sampled = self.dist.gather_rows(sampled)[keep]
+            stats = reward_metrics(sampled, self.objectives, self.run.eval_group_size, prefix="eval/sampled/")
+            metrics.update({k: v for k, v in stats.items() if not k.startswith("eval/sampled/corr/")})
+        if self.dist.is_main:
+            self._write(metrics, shown)
+        return metrics
+
+    def _pass(self, records: list[dict[str, Any]], group_size: int, first: int = 0):
+        """Scores ``(len(records) * group_size, K)``: greedy (group_size 1) or sampled groups with keys
+        of their own (independent of the training samples)."""
+        size = self.run.eval_batch_size
+        scores, shown = [], []
+        for start in range(0, len(records), size):
+            chunk = records[start : start + size]
+            keys = None
+            if group_size > 1:
+                keys = completion_keys(self.run.seed + 1_000_003, self.state.step, (first + start) * group_size,
+                                       len(chunk) * group_size)
+            rollout = self.sample(chunk, keys, group_size)
+            scores.append(self.score(chunk, rollout, group_size))
+            if start == 0 and self.dist.is_main and group_size == 1:
+                shown = [{"step": self.state.step, "eval": True, "prompt": self.render(rec), "completion": c}
+                         for rec, c in zip(chunk[:4], rollout.completions)]
+        return torch.cat(scores), shown
+
+    def _write(self, metrics: dict[str, Any], shown: list[dict[str, Any]]) -> None:
+        history = self.run_dir.read("eval.jsonl") + [metrics]
+        warnings = hacking_warnings(history, self.objectives.names, self.run.hacking_patience)
+        if warnings:
+            metrics["warnings"] = warnings
+            for text in warnings:
+                log.warning("possible reward hacking at step %d: %s", self.state.step, text)
+        self.run_dir.append("eval.jsonl", [metrics])
+        self.run_dir.append("samples.jsonl", shown)
+        self.hook.zenalign_on_eval_end(context=self.context, step=self.state.step, metrics=metrics)
+        summary = "  ".join(f"{name} {metrics[f'eval/reward_mean/{name}']:.3f}" for name in self.objectives.names)
+        log.info("eval at step %d: %s", self.state.step, summary)

@@ -1,0 +1,371 @@
+"""GRPOTrainer: the GRPO loop as a sequence of named, timed phases.
+
+    prompts -> sample (k per prompt) -> score (K objectives) -> normalize (advantages)
+            -> reference (log-probs, if KL) -> update (mu passes) -> log
+
+``setup()`` builds the parts, ``train()`` runs the loop, ``cleanup()`` ends it. The CLI
+(``zenalign run``) and the Python API (``GRPOTrainer(model=..., reward_model=...)``) both end up
+here with the same recipe object. Each phase lives in its own module: rollout
+(:mod:`zenalign.grpo.rollout`), scoring, advantages, the loss (:mod:`zenalign.grpo.loss`), and the
+update (:mod:`zenalign.train.update`); checkpoints save the :class:`TrainState`.
+
+Several processes (torchrun or the deepspeed launcher): every rank draws the same global batch of
+prompts and samples its own slice of whole groups; rewards are gathered before normalising, so
+group and batch statistics are those of the global batch; each rank's loss uses global token
+counts, so the update equals the single-process one. Rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from zenalign.data import PromptSampler, render_prompt
+from zenalign.errors import RecipeError
+from zenalign.grpo.advantages import compute_advantages
+from zenalign.grpo.gumbel import completion_keys
+from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
+from zenalign.grpo.rollout import Rollout, generate_groups
+from zenalign.grpo.scoring import Scorer, make_batch
+from zenalign.models.loading import eos_token_ids, pick_device
+from zenalign.plugins import BuildContext, Objectives, ReportsMetrics, enforces_constraints, get_plugin_manager
+from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
+from zenalign.recipe.schema import Recipe
+from zenalign.train import checkpoint as ckpt
+from zenalign.train.build import Builder, Inputs
+from zenalign.train.context import TrainerContext
+from zenalign.train.distributed import Dist, init_distributed
+from zenalign.train.engine import create_engine
+from zenalign.train.evaluation import Evaluator
+from zenalign.train.memory import keep_freed_memory
+from zenalign.train.rundir import RunDir
+from zenalign.train.state import TrainState, stateful_plugins
+from zenalign.train.update import PolicyUpdate
+
+log = logging.getLogger("zenalign")
+
+
+@dataclass
+class TrainResult:
+    """What ``train()`` returns: where the run is and the first and last evaluations."""
+
+    output_dir: Path
+    steps: int
+    initial_eval: dict[str, Any] = field(default_factory=dict)
+    final_eval: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class GRPOTrainer:
+    """Group Relative Policy Optimization.
+
+    ``GRPOTrainer(model=model, reward_model=reward_model, group_size=12, clip_epsilon=0.15).train(prompts)``
+
+    ``model`` is a local Hugging Face directory or a loaded causal LM; ``reward_model`` is a
+    reward source, a plain function ``(prompts, completions, **fields) -> scores``, or a list of
+    them (one objective each). Any recipe field is accepted by name (``kl_coef=0.0``,
+    ``steps=50``) or a whole section as a dict (``grpo={...}``).
+    """
+
+    def __init__(self, model: Any = None, reward_model: Any = None, *, tokenizer: Any = None,
+                 reference_model: Any = None, normalizer: Any = None, recipe: Optional[LoadedRecipe] = None,
+                 **options: Any):
+        if isinstance(model, (str, Path)):
+            options.setdefault("path", str(model))
+            model = None
+        if isinstance(normalizer, (str, dict)):
+            options["normalizer"] = {"type": normalizer} if isinstance(normalizer, str) else normalizer
+            normalizer = None
+        if recipe is None:
+            recipe = recipe_from_options(options, name=time.strftime("grpo-%Y%m%d-%H%M%S"))
+        elif options:
+            raise RecipeError("GRPOTrainer: give either a recipe or keyword options, not both")
+        self.loaded = recipe
+        self.recipe: Recipe = recipe.recipe
+        self.inputs = Inputs(model, tokenizer, reference_model, reward_model, normalizer)
+        self.hook = get_plugin_manager().hook
+        self.dist = Dist()
+        self.state = TrainState()
+
+    @classmethod
+    def from_recipe(cls, loaded: LoadedRecipe) -> "GRPOTrainer":
+        return cls(recipe=loaded)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The policy being trained (the plain Hugging Face module)."""
+        return self.engine.model
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def check(self) -> Objectives:
+        """Build the prompt source, reward sources and normalizer without loading the policy:
+        what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1.
+        Returns the run's objectives."""
+        builder = Builder(self.loaded, self.inputs, BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir))
+        builder.prompts(None, None)
+        rewards = builder.rewards()
+        Scorer(rewards)
+        objectives = builder.objectives(rewards)
+        builder.normalizer()
+        return objectives
+
+    def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
+        saved = self._join_run(resume)
+        self._build_parts(prompts, eval_prompts, saved)
+        if saved is not None:
+            ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
+            ckpt.restore(self.resumed_from, saved, self.state, self._checkpoint_parts())
+            self.sampler.reorder()
+            if self.dist.is_main:
+                self.run_dir.truncate_after(self.state.step)
+        elif self.dist.is_main:
+            self.run_dir.prepare(overwrite=self.recipe.run.overwrite)
+        if self.dist.is_main:
+            self.run_dir.write_recipe(self.recipe.model_dump(mode="json"))
+            self._log_handler = logging.FileHandler(self.run_dir.path / "run.log", encoding="utf-8")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(self._log_handler)
+        self.dist.barrier()
+
+    def _join_run(self, resume: Optional[str]) -> Optional[dict[str, Any]]:
+        """Join the launcher's process group, find the run directory and the checkpoint to resume
+        (its trainer_state.json, verified), and pick the device. Nothing is loaded yet."""
+        r = self.recipe
+        self.dist = init_distributed(r.engine.backend)
+        if r.grpo.prompts_per_step % self.dist.world_size:
+            raise RecipeError(
+                f"{self.loaded.source}: grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
+                f"number of processes ({self.dist.world_size}), so every process samples whole groups")
+        self.run_dir = RunDir(self.loaded.output_dir)
+        self.resumed_from = ckpt.find_checkpoint(resume, self.run_dir.path) if resume else None
+        saved = ckpt.verify(self.resumed_from) if self.resumed_from else None
+        if saved is None:
+            self.run_dir.check(overwrite=r.run.overwrite)  # before loading anything: fail fast
+        elif self.dist.is_main:
+            log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
+        seed_everything(r.run.seed)
+        device = pick_device(r.engine.device)
+        self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
+        if self.device.type == "cpu" and r.engine.keep_freed_memory:
+            keep_freed_memory()
+        return saved
+
+    def _build_parts(self, prompts, eval_prompts, saved: Optional[dict[str, Any]]) -> None:
+        r = self.recipe
+        self.engine = create_engine(r, self.dist, self.device)  # first: ZeRO-3 must see the models load
+        builder = Builder(self.loaded, self.inputs, BuildContext(recipe=r, base_dir=self.loaded.base_dir, device=self.device))
+        self.tokenizer = builder.tokenizer()
+        builder.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device)
+        policy = builder.policy(self.resumed_from / "policy" if saved and saved.get("consolidated") else None)
+        self.policy_config_dir = builder.policy_dir
+        self.eos_ids = eos_token_ids(policy, self.tokenizer)
+        reference = builder.reference(policy)
+        rewards = builder.rewards()
+        self.scorer = Scorer(rewards)
+        self.objectives = builder.objectives(rewards)
+        self.normalizer = builder.normalizer()
+        self._warn_unenforced_constraints()
+        train_records, eval_records = builder.prompts(prompts, eval_prompts)
+        self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
+        local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
+        self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
+        self.reference = self.engine.prepare_reference(reference) if reference is not None else None
+        self.updater = PolicyUpdate(r, self.engine, self.dist)
+        self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
+        self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
+        self.evaluate = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
+                                  self.score, lambda record: render_prompt(record, self.tokenizer), self.hook, self.context)
+
+    def _warn_unenforced_constraints(self) -> None:
+        if self.objectives.constraint_indices and not enforces_constraints(self.normalizer):
+            log.warning("objectives %s are constraints, but normalizer '%s' does not enforce constraints; they are "
+                        "combined as weighted rewards (choose a normalizer that enforces constraints; see `zenalign plugins`)",
+                        ", ".join(self.objectives.names[k] for k in self.objectives.constraint_indices),
+                        getattr(self.recipe.normalizer, "type", "given"))
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return ckpt.fingerprint(self.recipe, self.dist.world_size, self.objectives.names, self.policy_config_dir)
+
+    def _checkpoint_parts(self) -> ckpt.CheckpointParts:
+        return ckpt.CheckpointParts(self.engine, self.dist, self.tokenizer, self.reference)
+
+    def reset_reference_to_policy(self) -> None:
+        """Make the KL reference a copy of the current policy (online preference learning may ask
+        for it at each reward-model refresh). Checkpoints then carry the reference weights."""
+        if self.reference is None:
+            return
+        if self.recipe.engine.zero_stage == 3:
+            raise RecipeError("resetting the reference policy is not supported at ZeRO stage 3; use stage 0-2")
+        self.reference.load_state_dict({k: v.detach() for k, v in self.engine.model.state_dict().items()})
+        self.state.reference_was_reset = True
+
+    # ------------------------------------------------------------------------------------------
+    # train
+
+    def train(self, prompts: Optional[Sequence[Any]] = None, eval_prompts: Optional[Sequence[Any]] = None,
+              resume: Optional[str] = None) -> TrainResult:
+        """Run ``run.steps`` GRPO steps; evaluate before, every ``run.eval_interval`` steps, and after.
+
+        ``resume``: ``"auto"`` continues from the newest checkpoint in the run directory (or starts
+        fresh if there is none); a path continues from that checkpoint.
+        """
+        self.setup(prompts, eval_prompts, resume)
+        try:
+            return self._loop()
+        finally:
+            self.cleanup()
+
+    def _loop(self) -> TrainResult:
+        r, main = self.recipe.run, self.dist.is_main
+        if main:
+            self.hook.zenalign_on_train_start(context=self.context, start_step=self.state.step)
+        result = TrainResult(self.run_dir.path, r.steps)
+        evals = self.run_dir.read("eval.jsonl") if self.resumed_from and main else []
+        result.initial_eval = evals[0] if evals else self.evaluate()
+        last_eval = evals[-1]["step"] if evals else 0
+        with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
+                  disable=not (r.progress_bar and main)) as progress:
+            while self.state.step < r.steps:
+                self.state.step += 1
+                metrics = self.train_step()
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}", refresh=False)
+                progress.update(1)
+                if r.eval_interval and self.state.step % r.eval_interval == 0 and self.state.step < r.steps:
+                    self.evaluate()
+                    last_eval = self.state.step
+                if r.checkpoint_interval and self.state.step % r.checkpoint_interval == 0 and self.state.step < r.steps:
+                    self.save_checkpoint()
+        result.final_eval = self.evaluate() if last_eval != self.state.step or not evals else evals[-1]
+        self.save_checkpoint()
+        self.save_final()
+        if main:
+            self.hook.zenalign_on_train_end(context=self.context, step=self.state.step)
+        return result
+
+    def train_step(self) -> dict[str, Any]:
+        """One GRPO step: sample -> score -> normalize -> reference -> update -> log."""
+        g, group_size, dist = self.recipe.grpo, self.recipe.sampling.group_size, self.dist
+        per_rank = g.prompts_per_step // dist.world_size
+        first = dist.rank * per_rank * group_size  # this rank's first row of the global batch
+        timer = PhaseTimer()
+        with timer("sample"):
+            records = self.sampler.next_batch(g.prompts_per_step)  # the same global batch on every rank
+            records = records[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+            rollout = self.sample(records, completion_keys(self.recipe.run.seed, self.state.step, first,
+                                                           per_rank * group_size))
+        with timer("score"):
+            batch = self.score_batch(records, rollout, group_size)
+            local_rewards = self.scorer(batch)  # (N_local, K)
+            self.scorer.observe(batch, local_rewards, self.objectives, self.context)
+            rewards = dist.gather_rows(local_rewards)  # (N, K), all ranks
+        with timer("normalize"):
+            name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
+            all_advantages = compute_advantages(self.normalizer, rewards, self.objectives, group_size, name)  # (N,)
+            advantages = all_advantages[first : first + len(rollout)]  # this rank's rows
+        ref_logp = None
+        if self.reference is not None:
+            with timer("reference"):
+                ref_logp = self.updater.logprobs(self.reference, rollout)  # (N_local, Tc)
+        with timer("update"):
+            update = self.updater(rollout, advantages, ref_logp)
+        with timer("log"):
+            self.state.samples_seen += len(rollout) * dist.world_size
+            metrics = self.step_metrics(rollout, rewards, update, timer)
+            metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
+                                                         all_advantages.view(-1, group_size))
+            metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
+            metrics.update(self.scorer.metrics())
+            run = self.recipe.run
+            if dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
+                self.run_dir.append("samples.jsonl", sample_lines(
+                    self.state.step, [render_prompt(rec, self.tokenizer) for rec in records[: run.log_samples]],
+                    rollout.completions, rewards, advantages, self.objectives.names, group_size))
+        metrics["time/log"] = round(timer.seconds["log"], 6)
+        if dist.is_main:
+            self.run_dir.append("metrics.jsonl", [metrics])
+            self.hook.zenalign_on_step_end(context=self.context, step=self.state.step, metrics=metrics)
+        return metrics
+
+    def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor], group_size: Optional[int] = None) -> Rollout:
+        """``group_size`` (default: the recipe's) sampled completions per prompt, one per key; or,
+        without keys, one greedy completion per prompt."""
+        texts = [render_prompt(rec, self.tokenizer) for rec in records]
+        group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
+        return generate_groups(self.engine.model, self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
+                               keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
+                               lean_forward=self.recipe.engine.lean_forward)
+
+    def score_batch(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int):
+        prompts = [render_prompt(rec, self.tokenizer) for rec in records]
+        return make_batch(prompts, records, rollout.completions, rollout.completion_ids, group_size, self.state.step)
+
+    def score(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> torch.Tensor:
+        return self.scorer(self.score_batch(records, rollout, group_size))
+
+    def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, update: dict[str, float], timer: PhaseTimer) -> dict[str, Any]:
+        """The step's metrics over all ranks (every rank computes the same numbers)."""
+        loss, kl, clip, ratio, tokens, lengths, truncated = self.dist.sum([
+            update["loss"], update["kl"], update["clip"], update["ratio"], update["tokens"],
+            float(rollout.completion_mask.sum()), float(rollout.truncated.sum())])
+        seconds = dict(zip(timer.seconds, self.dist.max(list(timer.seconds.values()))))
+        n = len(rollout) * self.dist.world_size
+        step_seconds = self.dist.max([timer.elapsed()])[0]
+        metrics: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples_seen}
+        metrics.update(reward_metrics(rewards, self.objectives, self.recipe.sampling.group_size))
+        metrics.update(
+            loss=loss, kl=kl / max(tokens, 1.0), clip_frac=clip / max(tokens, 1.0), ratio_mean=ratio / max(tokens, 1.0),
+            grad_norm=update["grad_norm"], lr=self.engine.learning_rate, completion_len=lengths / n,
+            truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0)
+        metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
+        if self.dist.is_main and self.state.step % self.recipe.run.log_interval == 0:
+            log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", self.state.step,
+                     self.recipe.run.steps, metrics["reward_mean"], metrics["kl"], metrics["clip_frac"],
+                     metrics["completions_per_s"])
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # saving, cleanup
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """A checkpoint of the current step (every rank takes part); its path on rank 0."""
+        return ckpt.save_checkpoint(self.run_dir.path, self.state, self._checkpoint_parts(), self._fingerprint(),
+                                    self.recipe.engine.consolidate_checkpoints, self.recipe.run.keep_checkpoints)
+
+    def save_final(self) -> Optional[Path]:
+        """The trained policy as a save_pretrained directory (safetensors), written atomically."""
+        state = self.engine.policy_state_dict()  # collective at ZeRO-3
+        if not self.dist.is_main:
+            return None
+        final, staging = self.run_dir.path / "final", self.run_dir.path / "final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        return final
+
+    def cleanup(self) -> None:
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()

@@ -1,0 +1,120 @@
+"""The update phase: mu optimizer steps on one batch of generations, each over all its
+micro-batches, with the loss normalised over the whole (global) batch.
+
+Old log-probs are computed once per generation, and only when mu > 1: with mu = 1 the policy has
+not moved yet, so the detached current log-probs are exactly pi_old and that pass is skipped.
+Under several processes each rank's loss uses global token counts and is scaled by the world
+size (the engines average gradients), so the update equals the single-process one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.grpo.loss import GRPOLoss, TokenLoss
+from zenalign.grpo.rollout import Rollout
+from zenalign.train.distributed import Dist
+
+
+def rows_that_move(batches: list[slice], advantages: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[list[slice | torch.Tensor], float]:
+    """The micro-batches with the completions whose advantage is exactly zero left out, and how
+    many completion tokens those held.
+
+    Without a KL term and with pi_old the current policy (mu = 1), such a completion's per-token
+    loss is ``-min(1 * 0, clip(1) * 0) = 0`` with a zero gradient: leaving it out of the forward
+    and backward pass changes neither the loss nor the gradient (the token weights are computed
+    from the whole batch first). A group whose completions all earned the same reward is all
+    zeros under the group normalizers. Each micro-batch keeps at least its first row, so every
+    micro-batch still runs a backward pass: ranks under DDP or DeepSpeed stay in step, and every
+    parameter gets a gradient (zero where nothing moved), so the optimizer step is the same too.
+    """
+    kept, skipped_tokens = [], 0.0
+    for rows in batches:
+        moving = advantages[rows] != 0
+        if bool(moving.all()):
+            kept.append(rows)
+            continue
+        moving[0] = True
+        index = torch.arange(rows.start, rows.stop, device=advantages.device)[moving]
+        skipped_tokens += float(mask[rows][~moving].sum())
+        kept.append(index)
+    return kept, skipped_tokens
+
+
+class PolicyUpdate:
+    """Log-prob passes and the clipped policy step, built once per run from the recipe."""
+
+    def __init__(self, recipe: Any, engine: Any, dist: Dist, loss: Optional[GRPOLoss] = None):
+        self.engine = engine
+        self.dist = dist
+        self.loss = loss or GRPOLoss.from_recipe(recipe)
+        self.num_iterations = recipe.grpo.num_iterations
+        self.micro_batch_size = recipe.engine.micro_batch_size
+        self.skip_zero_advantage = recipe.engine.skip_zero_advantage
+        self.temperature = recipe.sampling.temperature
+        self.share_prompts = recipe.engine.shared_prompts
+        self.lean_forward = recipe.engine.lean_forward
+
+    def micro_batches(self, n: int) -> list[slice]:
+        size = self.micro_batch_size or n
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def forward(self, model: torch.nn.Module, rollout: Rollout, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Log-probs ``(n, Tc)`` of the sampled tokens of ``rows`` under ``model``, at the sampling temperature."""
+        with self.engine.autocast():
+            return completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
+                                       rollout.prompt_length, self.temperature, share_prompts=self.share_prompts,
+                                       lean=self.lean_forward)
+
+    @torch.no_grad()
+    def logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Log-probs ``(N, Tc)`` of the sampled tokens under ``model`` (no gradient), micro-batched."""
+        return torch.cat([self.forward(model, rollout, rows) for rows in self.micro_batches(len(rollout))])
+
+    def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor,
+                    weights: torch.Tensor, old_logp: Optional[torch.Tensor],
+                    ref_logp: Optional[torch.Tensor]) -> tuple[torch.Tensor, TokenLoss]:
+        """This micro-batch's share of the batch loss, with gradient, and its per-token terms.
+        ``old_logp=None`` means pi_old is the current policy (mu = 1)."""
+        logp = self.forward(self.engine.train_model, rollout, rows)                    # (n, Tc)
+        old = old_logp[rows] if old_logp is not None else logp.detach()                # (n, Tc)
+        ref = ref_logp[rows] if ref_logp is not None else None                         # (n, Tc) or None
+        return self.loss(logp, old, advantages[rows], weights[rows], ref_logp=ref)
+
+    def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
+        """mu optimizer steps on this batch. Returns this rank's sums (loss, and KL/clip/ratio over
+        its tokens) per pass, averaged over passes, and its token count."""
+        world = self.dist.world_size
+        self.engine.train_model.train()
+        mask = rollout.completion_mask                                                 # (N, Tc)
+        advantages = advantages.to(mask.device)  # rewards are scored on the CPU; the loss runs where the model does
+        local_tokens = float(mask.sum())
+        weights = self.loss.token_weights(mask, num_sequences=len(rollout) * world,
+                                          num_tokens=self.dist.sum([local_tokens])[0])  # (N, Tc)
+        old_logp = self.logprobs(self.engine.train_model, rollout) if self.num_iterations > 1 else None
+        sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
+        batches = self.micro_batches(len(rollout))
+        if self.skip_zero_advantage and old_logp is None and ref_logp is None:
+            batches, skipped_tokens = rows_that_move(batches, advantages, mask)
+            sums["ratio"] += skipped_tokens  # pi = pi_old on every skipped token: a ratio of exactly 1, never clipped
+        for _ in range(self.num_iterations):
+            for i, rows in enumerate(batches):
+                with self.engine.micro_batch(last=i == len(batches) - 1):
+                    loss, token = self.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
+                    self.engine.backward(loss * world)  # processes' gradients are averaged; this makes them sum
+                self._add_token_sums(sums, loss, token, mask[rows])
+            sums["grad_norm"] += self.engine.optimizer_step()
+        return {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens}
+
+    @staticmethod
+    def _add_token_sums(sums: dict[str, float], loss: torch.Tensor, token: TokenLoss, mask: torch.Tensor) -> None:
+        m = mask.to(token.loss.dtype)
+        sums["loss"] += float(loss.detach())
+        sums["clip"] += float((token.clipped.detach() * m).sum())
+        sums["ratio"] += float((token.ratio.detach() * m).sum())
+        if token.kl is not None:
+            sums["kl"] += float((token.kl.detach() * m).sum())
