@@ -30,7 +30,7 @@ from zenalign.plugins.api import (
     enforces_constraints,
 )
 from zenalign.plugins.hookspecs import hookimpl, hookspec
-from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugin_manager, register
+from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugin_manager, register, trace_hook_calls
 from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
 
 __all__ = [
@@ -38,5 +38,5 @@ __all__ = [
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "ReportsMetrics", "RewardSource",
     "RewardSourceType", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory", "Task", "TaskType",
     "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl", "hookspec", "load_plugins",
-    "new_plugin_manager", "register",
+    "new_plugin_manager", "register", "trace_hook_calls",
 ]

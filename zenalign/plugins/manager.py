@@ -21,7 +21,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pluggy
 
@@ -85,9 +85,9 @@ def _parameters(function: object) -> tuple[str, ...]:
         return ()
 
 
-def trace_hook_calls(pm: pluggy.PluginManager, write=None) -> None:
+def trace_hook_calls(pm: pluggy.PluginManager, write=None) -> Callable[[], None]:
     """Print each hook call with its arguments, then its result (or exception), through pluggy's
-    hook-call monitoring. ``write`` defaults to stderr."""
+    hook-call monitoring. ``write`` defaults to stderr. Returns the function that stops it."""
     write = write or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def short(value: object) -> str:
@@ -105,7 +105,7 @@ def trace_hook_calls(pm: pluggy.PluginManager, write=None) -> None:
         else:
             write(f"zenalign plugin trace: {hook_name} returned {short(outcome.get_result())}")
 
-    pm.add_hookcall_monitoring(before, after)
+    return pm.add_hookcall_monitoring(before, after)
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

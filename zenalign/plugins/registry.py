@@ -54,10 +54,13 @@ def collect_registry(pm: pluggy.PluginManager | None = None) -> PluginRegistry:
     registry = PluginRegistry()
     for kind, (hook_name, type_cls, noun) in KINDS.items():
         registry.types[kind] = {}
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        impls = getattr(pm.hook, hook_name).get_hookimpls()
+        for impl in impls:
             plugin = impl.plugin_name
+            # one plugin at a time, through pluggy (so ZENALIGN_TRACE_PLUGINS shows the call)
+            only_this = pm.subset_hook_caller(hook_name, [other.plugin for other in impls if other is not impl])
             try:
-                provided = impl.function() or []
+                provided = next(iter(only_this()), None) or []
             except Exception as exc:
                 raise PluginError(f"plugin '{plugin}': {hook_name}() raised {type(exc).__name__}: {one_line(exc)}") from exc
             for item in provided:

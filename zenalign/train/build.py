@@ -13,7 +13,7 @@ import torch
 from zenalign.data import check_records
 from zenalign.errors import PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
-from zenalign.plugins import BuildContext, Objectives
+from zenalign.plugins import BuildContext, Objectives, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.grpo.scoring import BoundReward, bind_reward
 
@@ -103,8 +103,6 @@ class Builder:
             bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]"))
         given = self.inputs.rewards
         if given is not None:
-            from zenalign.plugins import get_plugin_manager
-
             for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
                 adapted = get_plugin_manager().hook.zenalign_reward_from_object(obj=source, context=self.context)
                 if adapted is not None:
