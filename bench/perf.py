@@ -162,7 +162,7 @@ def worker_zenalign(args) -> dict:
         check = check_loss(trainer, prompts[:PROMPTS_PER_STEP])  # raises before any timing if it disagrees
         walls, phases, lengths, rewards = [], [], [], []
         for _ in range(args.steps):
-            trainer.step += 1
+            trainer.state.step += 1
             start = time.perf_counter()
             metrics = trainer.train_step()
             walls.append(time.perf_counter() - start)

@@ -66,7 +66,7 @@ def plain_gradient(model, pairs, olds, advantages: torch.Tensor, eps: float, tem
 
 
 def check_loss(trainer, records: list[dict], rtol: float | None = None) -> dict:
-    """Compare ``trainer.policy_loss`` on one sampled batch with :func:`plain_loss`: once with
+    """Compare ``trainer.updater.policy_loss`` on one sampled batch with :func:`plain_loss`: once with
     pi_old = pi (mu = 1, the benchmark's setting) and once with pi_old shifted so that clipping is
     active on both sides; the loss values, the log-probs, and the loss's gradient with respect to
     every parameter (at pi_old = pi the loss's value is the same whatever the log-probs are, its
@@ -95,7 +95,7 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     logps = [plain_logprobs(model, p, c, recipe.sampling.temperature) for p, c in pairs]
     rows = slice(0, n)
 
-    zen, _ = trainer.policy_loss(rollout, rows, advantages, weights, None, None)
+    zen, _ = trainer.updater.policy_loss(rollout, rows, advantages, weights, None, None)
     ref = plain_loss(logps, logps, advantages, eps)
 
     shift = torch.Generator().manual_seed(1)
@@ -103,14 +103,14 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     old_padded = torch.zeros_like(rollout.completion_mask, dtype=torch.float32)
     for i, old in enumerate(olds):
         old_padded[i, : len(old)] = old
-    zen_clipped, token = trainer.policy_loss(rollout, rows, advantages, weights, old_padded, None)
+    zen_clipped, token = trainer.updater.policy_loss(rollout, rows, advantages, weights, old_padded, None)
     ref_clipped = plain_loss(logps, olds, advantages, eps)
     clip_frac = float((token.clipped * rollout.completion_mask).sum() / rollout.completion_mask.sum())
 
     ref_padded = torch.zeros_like(old_padded)
     for i, lp in enumerate(logps):
         ref_padded[i, : len(lp)] = lp
-    _, same = trainer.policy_loss(rollout, rows, advantages, weights, ref_padded, None)  # ratio = exp(zen - plain)
+    _, same = trainer.updater.policy_loss(rollout, rows, advantages, weights, ref_padded, None)  # ratio = exp(zen - plain)
     logp_diff = float((torch.log(same.ratio.detach()).abs() * rollout.completion_mask).max())
     zen, zen_clipped = float(zen.detach()), float(zen_clipped.detach())
     for name, a, b in (("mu=1", zen, ref), ("clipped", zen_clipped, ref_clipped)):
@@ -125,7 +125,7 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
 
 
 def _check_gradients(trainer, batch) -> dict:
-    """The gradient of ``trainer.policy_loss`` against :func:`plain_gradient`, at pi_old = pi and
+    """The gradient of ``trainer.updater.policy_loss`` against :func:`plain_gradient`, at pi_old = pi and
     with the shifted pi_old; relative difference of the whole gradient vector."""
     rollout, advantages, weights, pairs, olds, old_padded = batch
     recipe = trainer.recipe
@@ -135,7 +135,7 @@ def _check_gradients(trainer, batch) -> dict:
     out = {}
     for name, old, old_list in (("mu=1", None, None), ("clipped", old_padded, olds)):
         model.zero_grad(set_to_none=True)
-        loss, _ = trainer.policy_loss(rollout, rows, advantages, weights, old, None)
+        loss, _ = trainer.updater.policy_loss(rollout, rows, advantages, weights, old, None)
         loss.backward()
         del loss
         zen = flat_grad(model)

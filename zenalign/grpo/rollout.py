@@ -1,6 +1,6 @@
 """Group sampling: k completions per prompt with ``generate`` (KV cache, left padding).
 
-Sampling is Gumbel-max over greedy decoding (see ``zenalign.gumbel``): each completion is a
+Sampling is Gumbel-max over greedy decoding (see ``zenalign.grpo.gumbel``): each completion is a
 function of its key alone, so it does not depend on batch layout, process count or RNG state.
 The distribution is set explicitly here (temperature, top-k, top-p and nothing else) rather than
 inherited from the model's generation_config, so the log-probabilities the loss computes are
@@ -171,11 +171,11 @@ def decode_without_special_tokens(tokenizer: Any, ids: list[list[int]]) -> list[
     """``tokenizer.batch_decode(ids, skip_special_tokens=True)``, the same strings.
 
     transformers' Python tokenizers (ByT5, the slow ones) rebuild the set of special ids for
-    every sequence they decode, which cost 1.5 ms of 2.1 for a step's 64 completions of 15 tokens;
-    for them the special ids are dropped here, once, and the rest decoded as they are. That is
-    all ``skip_special_tokens`` does in their ``convert_ids_to_tokens``, so this path is taken
-    only when the tokenizer's class keeps transformers' own decoding methods. Other tokenizers
-    (Rust-backed ones skip inside their decoder) are called as usual."""
+    every sequence they decode, most of the cost of decoding a step's completions (measurements:
+    docs/performance.md); for them the special ids are dropped here, once, and the rest decoded
+    as they are. That is all ``skip_special_tokens`` does in their ``convert_ids_to_tokens``, so
+    this path is taken only when the tokenizer's class keeps transformers' own decoding methods.
+    Other tokenizers (Rust-backed ones skip inside their decoder) are called as usual."""
     if not _skips_special_ids_by_filtering(type(tokenizer)):
         return tokenizer.batch_decode(ids, skip_special_tokens=True)
     special = set(tokenizer.all_special_ids)

@@ -1,7 +1,8 @@
 """Attention in float32 under bf16 autocast on CPU.
 
-torch's CPU flash-attention kernel is slow in bf16, above all its backward: on the benchmark's
-1M Qwen2 the attention backward took 46 ms of a 120 ms update in bf16 and 4 ms in fp32. So when
+torch's CPU flash-attention kernel is slow in bf16, above all its backward, which in bf16 takes a
+large share of a small model's update and far longer than the same backward in fp32
+(measurements: docs/performance.md). So when
 the torch engine runs bf16 autocast on a CPU, a model using ``sdpa`` attention is switched to
 :func:`sdpa_in_float32`: query, key and value go to float32 for the attention product (and the
 softmax, which then also runs at full precision) and the result returns to bf16. Linear layers,

@@ -3,9 +3,8 @@
 transformers' module forward is written for every use at once: it builds attention masks layer by
 layer from a 2D padding mask, dispatches attention by name, updates cache objects, and runs
 through decorators and keyword plumbing on every call. On small models that bookkeeping costs
-more than the arithmetic (a 1M-parameter decoding step spent two thirds of its time outside
-matrix products). GRPO calls the model in two fixed shapes, so this module runs those two shapes
-directly on the model's own weights:
+more than the arithmetic (measurements: docs/performance.md). GRPO calls the model in two fixed
+shapes, so this module runs those two shapes directly on the model's own weights:
 
 - :meth:`LeanLM.decode`: prefill each distinct prompt once, then one token per step for all
   ``P * k`` rows, with a preallocated key/value cache held as plain tensors;
@@ -158,10 +157,10 @@ def _rms_norm_and_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tup
 
 class _RMSNorm(torch.autograd.Function):
     """``F.rms_norm(x, weight)`` over the last dimension, float32, with the gradient written out.
-    torch's CPU backward for it is a chain of a dozen generic operations (forward + backward of a
-    1080 x 128 activation: 207 us, 158 us here; 1080 x 256: 373 vs 236 us). With ``r`` the
-    reciprocal RMS of a row and ``xh = x * r``: ``dw = sum over rows of g * xh`` and
-    ``dx = r * (g*w - xh * mean(g*w * xh))``."""
+    torch's CPU backward for it is a chain of a dozen generic operations, while the closed form
+    needs only the saved input and each row's reciprocal RMS, which the forward already has
+    (measurements: docs/performance.md). With ``r`` the reciprocal RMS of a row and ``xh = x * r``:
+    ``dw = sum over rows of g * xh`` and ``dx = r * (g*w - xh * mean(g*w * xh))``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -191,13 +190,11 @@ def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Op
 
 def _weights_first(x: torch.Tensor) -> bool:
     """Whether the MLP's products run as ``(weight @ x.T).T`` instead of ``x @ weight.T``: on a CPU,
-    without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels run a product whose
-    short side is the batch faster with the weight as the left operand (gate/up at 64 rows:
-    fp32 1M 149 -> 90 us, 10M 521 -> 341 us; bf16 10M 131 -> 98 us); the MLP's output product
-    then takes the activations in the layout this leaves them in. Decoding at 64 rows, 16
-    tokens (alternating A/B pairs): fp32 10M 245 -> 208 ms; bf16 10M 124 -> 114 ms, 1M 29.2 ->
-    28.5 ms; the same tokens. Below 32 rows the libraries switch kernels (and rounding); with autograd the update keeps
-    the plain form."""
+    without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels handle a product whose
+    short side is the batch better with the weight as the left operand, and the MLP's output
+    product then takes the activations in the layout this leaves them in; decoding samples the
+    same tokens either way (measurements: docs/performance.md). Below 32 rows the libraries switch
+    kernels (and rounding); with autograd the update keeps the plain form."""
     return x.device.type == "cpu" and x.shape[0] >= 32 and not torch.is_grad_enabled()
 
 
@@ -216,10 +213,11 @@ def _add_linear_weights_first(x: torch.Tensor, a: torch.Tensor, weight: torch.Te
 
 class _CpuAutocastOff:
     """``torch.autocast("cpu", enabled=False)`` for the per-layer, per-token hot path: it only
-    switches CPU autocast off and back on. Building a ``torch.autocast`` object costs about 18 us
-    (argument checks in Python), which at 4 layers x 16 tokens was 1.2 ms of a 24 ms decode; its
-    other work (nesting count, cache clearing at the outermost exit) has nothing to do inside an
-    enclosing autocast region, the only place this is used."""
+    switches CPU autocast off and back on. Building a ``torch.autocast`` object runs argument
+    checks in Python, paid once per layer and token, a visible share of a small model's decode
+    (measurements: docs/performance.md); its other work (nesting count, cache clearing at the
+    outermost exit) has nothing to do inside an enclosing autocast region, the only place this
+    is used."""
 
     __slots__ = ("enabled",)
 
@@ -274,10 +272,10 @@ def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 # Above this many attention scores per call (B * heads * T * S; 16 MiB in float32) a CPU pass
-# uses torch's fused attention kernel. Below it, two batched products and a softmax are faster:
-# the fused kernel's blocking costs more than the arithmetic on GRPO's short sequences (64 rows,
-# 4 heads, 15 x 32 scores: forward + backward 0.69 vs 1.60 ms on two cores), while from about
-# 32 MiB of scores up it is the faster one and does not keep the scores for its backward pass.
+# uses torch's fused attention kernel. Below it, two batched products and a softmax are used:
+# the fused kernel's blocking costs more than the arithmetic on GRPO's short sequences, while on
+# large score tensors the fused kernel wins and does not keep the scores for its backward pass
+# (measurements, and where the two cross: docs/performance.md).
 SMALL_ATTENTION = 1 << 22
 
 

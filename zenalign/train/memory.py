@@ -8,8 +8,8 @@ page of zeroes. Raising the two thresholds that decide this keeps freed memory i
 for reuse, as jemalloc and tcmalloc (the allocators recommended for PyTorch on CPU) do by design.
 
 The process's resident memory then stays at its peak between steps instead of shrinking; the peak
-itself does not grow. Measured on the 1M-parameter benchmark model: about 5,000 page faults per
-step down to under 300, a bf16 step 8-10% faster, fp32 2-4% (docs/performance.md).
+itself does not grow. What it saves is the page faults, which weigh most where steps are short:
+small models, and bf16 more than fp32 (measurements: docs/performance.md).
 """
 
 from __future__ import annotations
