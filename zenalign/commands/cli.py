@@ -4,7 +4,7 @@
     zenalign validate RECIPE [key.path=value ...]   check the recipe and every plugin's options
     zenalign plugins [RECIPE]                       list reward sources, normalizers, tasks and options
     zenalign schema [--format json|markdown]        the recipe's JSON Schema (editor completion)
-    zenalign export CHECKPOINT OUT                  a checkpoint's policy as a plain HF directory
+    zenalign export CHECKPOINT OUT [--merge]        a checkpoint's policy as a plain HF directory
     zenalign sweep RECIPE [key.path=value ...]      one run per point of the recipe's sweep section
     zenalign train-rm RECIPE [key.path=value ...]   a Bradley-Terry reward model from preference pairs
     zenalign critique-revise RECIPE                 Constitutional AI's critique-and-revise data
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face directory")
     export.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step-...) or a run directory")
     export.add_argument("out", help="new directory to write")
+    export.add_argument("--merge", action="store_true",
+                        help="LoRA checkpoints: merge the adapters into the base model (otherwise the adapter is written)")
+    export.add_argument("--base", metavar="DIR",
+                        help="with --merge: the base model directory (default: the one the adapter records)")
     export.set_defaults(handler=cmd_export)
     return parser
 
@@ -262,8 +266,9 @@ def cmd_export(args) -> int:
 
     from zenalign.commands.export import export_checkpoint
 
-    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
-    print(f"exported {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    out, kind = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge,
+                                  base=Path(args.base) if args.base else None)
+    print(f"exported {out} ({kind})")
     return 0
 
 

@@ -3,6 +3,10 @@
 Checkpoints written with ``engine.consolidate_checkpoints`` (the default) already hold one in
 ``policy/``; it is copied. Otherwise the weights are rebuilt from DeepSpeed's ZeRO shards with
 DeepSpeed's own ``zero_to_fp32`` and saved with the checkpoint's config and tokenizer.
+
+A LoRA checkpoint's ``policy/`` holds the adapter: it is copied as it is (it loads with
+``PeftModel.from_pretrained(base, OUT)``), or with ``--merge`` merged into its base model and
+written as a plain model.
 """
 
 from __future__ import annotations
@@ -10,19 +14,54 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from zenalign.train import checkpoint as ckpt
 from zenalign.errors import ModelLoadError, one_line
+from zenalign.models.loading import load_causal_lm
+from zenalign.models.lora import adapter_base_path, holds_adapter, load_adapter
+from zenalign.train import checkpoint as ckpt
 
 
-def export_checkpoint(source: Path, out: Path) -> Path:
+PLAIN = "loads with AutoModelForCausalLM.from_pretrained"
+TOKENIZER_FILES = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"}
+
+
+def export_checkpoint(source: Path, out: Path, merge: bool = False, base: Path | None = None) -> tuple[Path, str]:
+    """Write the checkpoint's policy to ``out``; returns ``out`` and how it loads."""
     directory = ckpt.find_checkpoint(str(source), source)
     state = ckpt.verify(directory)
     if out.exists() and any(out.iterdir()):
         raise ModelLoadError(f"export: '{out}' already exists and is not empty; choose a new directory")
     policy = directory / "policy"
+    if holds_adapter(policy):
+        if merge:
+            return merge_adapter(policy, out, base), PLAIN
+        shutil.copytree(policy, out, dirs_exist_ok=True)
+        return out, "a LoRA adapter: loads with PeftModel.from_pretrained(base, OUT); --merge writes a merged model"
+    if merge:
+        raise ModelLoadError(f"export --merge: checkpoint '{directory}' holds a full model, not LoRA adapters; "
+                             f"export it without --merge")
     if state.get("consolidated", True) and any(policy.glob("*.safetensors")):
         shutil.copytree(policy, out, dirs_exist_ok=True)
-        return out
+        return out, PLAIN
+    return from_zero_shards(directory, policy, out), PLAIN
+
+
+def merge_adapter(policy: Path, out: Path, base: Path | None) -> Path:
+    """The adapter in ``policy`` merged into its base model (``base``, or the directory the
+    adapter records), saved as a plain model with the checkpoint's tokenizer."""
+    recorded = adapter_base_path(policy)
+    base = base or (Path(recorded) if recorded else None)
+    if base is None or not base.is_dir():
+        raise ModelLoadError(f"export --merge: the adapter's base model '{recorded}' is not a local directory; "
+                             f"give it with --base DIR")
+    model = load_adapter(load_causal_lm(base, "--base"), policy, trainable=False).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    for item in policy.iterdir():  # the tokenizer the run used, as the checkpoint saved it
+        if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_FILES):
+            shutil.copy(item, out / item.name)
+    return out
+
+
+def from_zero_shards(directory: Path, policy: Path, out: Path) -> Path:
     zero = directory / "engine"
     if not (zero / "zero").is_dir():
         raise ModelLoadError(f"export: checkpoint '{directory}' has neither consolidated weights nor ZeRO shards")

@@ -83,7 +83,10 @@ def lean_model(model: torch.nn.Module) -> Optional["LeanLM"]:
     cached = getattr(model, "_zenalign_lean", None)
     if cached is not None:
         return cached or None
-    lean = LeanLM(model) if why_not_lean(model) is None else False
+    reason = why_not_lean(model)
+    if reason is not None:
+        log.info("the lean forward does not run %s (%s); using transformers' forward", type(model).__name__, reason)
+    lean = LeanLM(model) if reason is None else False
     _remember(model, lean)
     return lean or None
 

@@ -27,6 +27,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSection(Section):
+    """Low-rank adapters (LoRA, arXiv 2106.09685) through peft: only the adapters train."""
+
+    r: int = Field(8, ge=1, description="Rank of each adapter's two matrices (A: r x in, B: out x r).")
+    alpha: float = Field(
+        16.0, gt=0.0, description="Scaling numerator: an adapter's update is scaled by alpha / r (peft's lora_alpha)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input during the update.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear",
+        description="Linear modules that get adapters: `all-linear` (every linear layer but the LM head), or a list "
+        "of module names or name suffixes such as [q_proj, v_proj].",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters (and saved with them), e.g. [lm_head] for a new "
+        "vocabulary.",
+    )
+
+
 class ModelSection(Section):
     path: Optional[str] = Field(
         None,
@@ -45,6 +65,12 @@ class ModelSection(Section):
         False,
         description="Allow model code shipped inside the model directory to run. Off by default: "
         "turn it on only for directories you trust.",
+    )
+    lora: Optional[LoraSection] = Field(
+        None,
+        description="Train LoRA adapters instead of every weight (needs `pip install 'zenalign[lora]'`). The KL "
+        "reference is then the same model with its adapters switched off: no second copy of the weights. "
+        "Checkpoints hold the adapters; `zenalign export --merge` writes a merged model.",
     )
 
 

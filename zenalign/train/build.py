@@ -11,8 +11,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from zenalign.data import check_records
-from zenalign.errors import PluginError, RecipeError, ZenalignError, one_line
+from zenalign.errors import ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
+from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
 from zenalign.plugins import BuildContext, Objectives, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.grpo.scoring import BoundReward, bind_reward
@@ -61,25 +62,56 @@ class Builder:
         return load_tokenizer(self.path(source), "model.tokenizer_path" if m.tokenizer_path else "model.path", m.trust_remote_code)
 
     def policy(self, checkpoint_policy: Optional[Path] = None) -> torch.nn.Module:
-        """The policy: from a checkpoint being resumed, the model object given, or model.path."""
+        """The policy: from a checkpoint being resumed, the model object given, or model.path; with
+        ``model.lora``, wrapped with adapters (fresh ones, or the checkpoint's)."""
         m = self.recipe.model
-        if checkpoint_policy is not None:
+        adapter = checkpoint_policy is not None and holds_adapter(checkpoint_policy)
+        self._check_resumed_layout(checkpoint_policy, adapter)
+        if checkpoint_policy is not None and not adapter:
             return load_causal_lm(checkpoint_policy, "--resume", m.trust_remote_code)
-        if self.inputs.model is not None:
-            return self.inputs.model
+        model = self.inputs.model if self.inputs.model is not None else self._base()
+        if is_adapted(model):
+            if m.lora is not None:
+                raise RecipeError("GRPOTrainer: the model given already has peft adapters; leave out lora=...")
+            if adapter:
+                load_adapter_weights(model, checkpoint_policy)
+            return model
+        if m.lora is None:
+            return model
+        return load_adapter(model, checkpoint_policy) if adapter else add_adapters(model, m.lora)
+
+    def _base(self) -> torch.nn.Module:
+        m = self.recipe.model
         if m.path is None:
             raise RecipeError(f"{self.loaded.source}: model.path: required field is missing; give a local Hugging Face model directory")
         return load_causal_lm(self.path(m.path), "model.path", m.trust_remote_code)
 
+    def _check_resumed_layout(self, checkpoint_policy: Optional[Path], adapter: bool) -> None:
+        """A LoRA checkpoint resumes only with LoRA, a full-model one only without."""
+        if checkpoint_policy is None:
+            return
+        with_lora = self.recipe.model.lora is not None or is_adapted(self.inputs.model)
+        if adapter and not with_lora:
+            raise ModelLoadError(f"--resume: checkpoint '{checkpoint_policy.parent}' holds LoRA adapters (its run set "
+                                 f"model.lora); resume with the same model.lora, or start a new run")
+        if with_lora and not adapter:
+            raise ModelLoadError(f"--resume: checkpoint '{checkpoint_policy.parent}' holds a full model (its run had no "
+                                 f"model.lora); resume without model.lora, or start a new run")
+
     def reference(self, policy: torch.nn.Module) -> Optional[torch.nn.Module]:
-        """The frozen reference, or None when the KL penalty is off (it is then never loaded)."""
+        """The frozen reference, or None when the KL penalty is off (it is then never loaded) or
+        when the policy has adapters (the reference is then the policy with its adapters off)."""
         m = self.recipe.model
         if self.recipe.grpo.kl_coef == 0:
             return None
         if self.inputs.reference is not None:
             ref = self.inputs.reference
-        elif m.reference_path is not None or (self.inputs.model is None and m.path is not None):
-            ref = load_causal_lm(self.path(m.reference_path or m.path), "model.reference_path", m.trust_remote_code)
+        elif m.reference_path is not None:
+            ref = load_causal_lm(self.path(m.reference_path), "model.reference_path", m.trust_remote_code)
+        elif is_adapted(policy):
+            return None
+        elif self.inputs.model is None and m.path is not None:
+            ref = load_causal_lm(self.path(m.path), "model.reference_path", m.trust_remote_code)
         else:
             ref = frozen_copy(policy)
         ref.eval()

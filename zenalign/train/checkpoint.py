@@ -142,6 +142,7 @@ def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
         "engine.zero_stage": recipe.engine.zero_stage,
         "processes": world_size,
         "objectives": list(objective_names),
+        "model.lora": recipe.model.lora.model_dump(mode="json") if recipe.model.lora is not None else None,
     }
 
 

@@ -37,6 +37,7 @@ from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sam
 from zenalign.grpo.rollout import Rollout, generate_groups
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
+from zenalign.models.lora import forward_module, is_adapted, require_peft
 from zenalign.plugins import BuildContext, Objectives, ReportsMetrics, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
@@ -122,6 +123,8 @@ class GRPOTrainer:
         what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1.
         Returns the run's objectives."""
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir))
+        if self.recipe.model.lora is not None:
+            require_peft()
         builder.prompts(None, None)
         rewards = builder.rewards()
         Scorer(rewards)
@@ -190,7 +193,8 @@ class GRPOTrainer:
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
-        self.updater = PolicyUpdate(r, self.engine, self.dist)
+        self.updater = PolicyUpdate(r, self.engine, self.dist, reference=self.reference,
+                                    base_reference=r.grpo.kl_coef > 0 and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
         self.evaluate = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
@@ -212,12 +216,8 @@ class GRPOTrainer:
     def reset_reference_to_policy(self) -> None:
         """Make the KL reference a copy of the current policy (online preference learning may ask
         for it at each reward-model refresh). Checkpoints then carry the reference weights."""
-        if self.reference is None:
-            return
-        if self.recipe.engine.zero_stage == 3:
-            raise RecipeError("resetting the reference policy is not supported at ZeRO stage 3; use stage 0-2")
-        self.reference.load_state_dict({k: v.detach() for k, v in self.engine.model.state_dict().items()})
-        self.state.reference_was_reset = True
+        if self.updater.reset_reference(self.recipe.engine.zero_stage):
+            self.state.reference_was_reset = True
 
     # ------------------------------------------------------------------------------------------
     # train
@@ -283,9 +283,9 @@ class GRPOTrainer:
             all_advantages = compute_advantages(self.normalizer, rewards, self.objectives, group_size, name)  # (N,)
             advantages = all_advantages[first : first + len(rollout)]  # this rank's rows
         ref_logp = None
-        if self.reference is not None:
+        if self.updater.has_reference:
             with timer("reference"):
-                ref_logp = self.updater.logprobs(self.reference, rollout)  # (N_local, Tc)
+                ref_logp = self.updater.reference_logprobs(rollout)  # (N_local, Tc)
         with timer("update"):
             update = self.updater(rollout, advantages, ref_logp)
         with timer("log"):
@@ -311,7 +311,7 @@ class GRPOTrainer:
         without keys, one greedy completion per prompt."""
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
         group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
-        return generate_groups(self.engine.model, self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
+        return generate_groups(forward_module(self.engine.model), self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
                                keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
                                lean_forward=self.recipe.engine.lean_forward)
 

@@ -13,9 +13,11 @@ from typing import Any, Optional
 
 import torch
 
+from zenalign.errors import RecipeError
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.grpo.loss import GRPOLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
+from zenalign.models.lora import adapters_off, forward_module
 from zenalign.train.distributed import Dist
 
 
@@ -46,12 +48,19 @@ def rows_that_move(batches: list[slice], advantages: torch.Tensor,
 
 
 class PolicyUpdate:
-    """Log-prob passes and the clipped policy step, built once per run from the recipe."""
+    """Log-prob passes and the clipped policy step, built once per run from the recipe.
 
-    def __init__(self, recipe: Any, engine: Any, dist: Dist, loss: Optional[GRPOLoss] = None):
+    ``reference`` is the frozen KL reference; ``base_reference`` says that the policy has LoRA
+    adapters and the reference is the policy with them switched off (no second copy of the weights).
+    """
+
+    def __init__(self, recipe: Any, engine: Any, dist: Dist, loss: Optional[GRPOLoss] = None,
+                 reference: Optional[torch.nn.Module] = None, base_reference: bool = False):
         self.engine = engine
         self.dist = dist
         self.loss = loss or GRPOLoss.from_recipe(recipe)
+        self.reference = reference
+        self.base_reference = base_reference
         self.num_iterations = recipe.grpo.num_iterations
         self.micro_batch_size = recipe.engine.micro_batch_size
         self.skip_zero_advantage = recipe.engine.skip_zero_advantage
@@ -63,10 +72,33 @@ class PolicyUpdate:
         size = self.micro_batch_size or n
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.base_reference
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """Log-probs ``(N, Tc)`` of the sampled tokens under the KL reference."""
+        if self.reference is not None:
+            return self.logprobs(self.reference, rollout)
+        with adapters_off(self.engine.model):
+            return self.logprobs(self.engine.model, rollout)
+
+    def reset_reference(self, zero_stage: int) -> bool:
+        """Copy the policy's weights into the reference; False when there is no KL term."""
+        if self.base_reference:
+            raise RecipeError("resetting the reference policy is not supported with model.lora: the reference is the "
+                              "adapter-free base model")
+        if self.reference is None:
+            return False
+        if zero_stage == 3:
+            raise RecipeError("resetting the reference policy is not supported at ZeRO stage 3; use stage 0-2")
+        self.reference.load_state_dict({k: v.detach() for k, v in self.engine.model.state_dict().items()})
+        return True
+
     def forward(self, model: torch.nn.Module, rollout: Rollout, rows: slice | torch.Tensor) -> torch.Tensor:
         """Log-probs ``(n, Tc)`` of the sampled tokens of ``rows`` under ``model``, at the sampling temperature."""
         with self.engine.autocast():
-            return completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows],
+            return completion_logprobs(forward_module(model), rollout.sequences[rows], rollout.attention_mask[rows],
                                        rollout.prompt_length, self.temperature, share_prompts=self.share_prompts,
                                        lean=self.lean_forward)
 
