@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny real models built in-process, plugin registration, CLI subprocesses."""
+"""Shared fixtures and helpers: tiny real models built in-process, the prompts and rollouts the
+sampling and log-prob tests share, plugin registration, CLI subprocesses.
+
+Test modules import the helpers and constants (``from conftest import build_tiny_causal_lm, PROMPTS``);
+the fixtures (``tiny_model_dir``, ``rollout``, ``register_plugin``) arrive by name."""
 
 from __future__ import annotations
 
@@ -14,6 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 REVERSE_POLICY = RECIPES / "models" / "reverse-policy"
 
+# The byte tokenizer's ids (and the tiny models' config): </s> ends a completion, <pad> pads it.
+EOS, PAD = 1, 0
+# Three prompts of different lengths: byte-tokenized and left-padded, they carry 0, 25 and 33 padding columns.
+PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]
+
+# ---------------------------------------------------------------------------------------------- tiny models
+
+# Qwen2, Qwen3 and Mistral at the tiny size: 4 query heads over 2 key/value heads.
+TINY_SIZE = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+# Every architecture build_tiny_causal_lm builds (the ones the lean forward covers).
+TINY_ARCHS = ("llama", "llama-biased-rope-scaled", "qwen2", "qwen3", "mistral")
+
 
 def build_tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, **overrides):
     """A real LlamaForCausalLM over the 384-id byte vocabulary, small enough for unit tests."""
@@ -23,22 +40,33 @@ def build_tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, **overrid
     config = LlamaConfig(
         vocab_size=384, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None, **overrides,
+        tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, **overrides,
     )
     return LlamaForCausalLM(config)
 
 
-def end_some_completions_early(rollout, eos: int = 1):
-    """A random model rarely samples EOS: end four of a 12-row rollout's completions early by
-    hand (EOS, then padding), so batches hold ragged completions next to truncated ones."""
-    tp = rollout.prompt_length
-    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
-        rollout.sequences[row, tp + length - 1] = eos
-        rollout.sequences[row, tp + length:] = 0
-        rollout.completion_mask[row, length:] = 0
-        rollout.attention_mask[row, tp + length:] = 0
-        rollout.truncated[row] = False
-    return rollout
+def build_tiny_causal_lm(arch: str, seed: int = 0, **overrides):
+    """A tiny real causal LM over the byte vocabulary, one of TINY_ARCHS, with its weights drawn
+    after ``torch.manual_seed(seed)``; ``overrides`` go into its config.
+
+    llama: :func:`build_tiny_llama`. llama-biased-rope-scaled: the same with biases on every
+    projection and llama3 rope scaling. qwen2, qwen3, mistral: TINY_SIZE (Mistral without its
+    sliding window)."""
+    import transformers
+
+    if arch == "llama":
+        return build_tiny_llama(seed=seed, **overrides)
+    if arch == "llama-biased-rope-scaled":
+        return build_tiny_llama(seed=seed, attention_bias=True, mlp_bias=True,
+                                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 16}, **overrides)
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{name}Config")(**{**TINY_SIZE, **overrides})
+    if arch == "mistral":
+        config.sliding_window = None
+    return getattr(transformers, f"{name}ForCausalLM")(config)
 
 
 def byte_tokenizer():
@@ -47,6 +75,66 @@ def byte_tokenizer():
     from zenalign.models.loading import prepare_tokenizer
 
     return prepare_tokenizer(ByT5Tokenizer())
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+def sample_groups(model, group_size: int = 4, max_new_tokens: int = 10, seed: int = 0, step: int = 1,
+                  lean_forward: bool = True, **sampling):
+    """``group_size`` sampled completions of each of PROMPTS (rows prompt-major), drawn with the
+    Gumbel keys of completions 0, 1, ... of (``seed``, ``step``); ``sampling`` sets the other
+    SamplingSection fields (temperature, top_k, top_p, decoder)."""
+    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.grpo.rollout import generate_groups
+    from zenalign.recipe.schema import SamplingSection
+
+    keys = completion_keys(seed=seed, step=step, first_completion=0, count=len(PROMPTS) * group_size)
+    return generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=max_new_tokens, **sampling),
+                           [EOS], group_size=group_size, keys=keys, lean_forward=lean_forward)
+
+
+def end_some_completions_early(rollout, eos: int = EOS):
+    """A random model rarely samples EOS: end four of a 12-row rollout's completions early by
+    hand (EOS, then padding), so batches hold ragged completions next to truncated ones."""
+    tp = rollout.prompt_length
+    for row, length in ((1, 3), (4, 1), (6, 6), (11, 2)):
+        rollout.sequences[row, tp + length - 1] = eos
+        rollout.sequences[row, tp + length:] = PAD
+        rollout.completion_mask[row, length:] = 0
+        rollout.attention_mask[row, tp + length:] = 0
+        rollout.truncated[row] = False
+    return rollout
+
+
+def ragged_rollout(model):
+    """4 completions for each of the 3 left-padded PROMPTS, sampled with transformers' forward
+    (10 tokens at temperature 1), four of them ending early (EOS) and the others truncated."""
+    return end_some_completions_early(sample_groups(model, lean_forward=False))
+
+
+@pytest.fixture(scope="module")
+def rollout(model):
+    """:func:`ragged_rollout` of the requesting module's ``model`` fixture."""
+    return ragged_rollout(model)
+
+
+def logprobs_and_grads(model, rollout, rows, *, share: bool = True, lean: bool = False, temperature: float = 0.7,
+                       autocast: bool = False):
+    """Completion log-probs of ``rollout[rows]`` (``share``: each group's prompt run once; ``lean``:
+    the lean forward; ``autocast``: under CPU bf16 autocast), masked, and every parameter's
+    gradient of a loss that weighs each token differently (so any misplaced log-prob shows)."""
+    from zenalign.grpo.logprobs import completion_logprobs
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
+                                   temperature, share_prompts=share, lean=lean)
+    mask = rollout.completion_mask[rows]
+    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask
+    (logp * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logp.detach() * mask, grads
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +148,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def register_plugin():
-    """Register throwaway plugins on the global manager; they are unregistered afterwards."""
-    from zenalign.plugins import get_plugin_manager
+    """Register throwaway plugins on the global manager through ``zenalign.plugins.register``
+    (which checks hook names and signatures); they are unregistered afterwards."""
+    from zenalign.plugins import get_plugin_manager, register as register_on
 
     pm = get_plugin_manager()
     added = []
 
     def register(plugin, name=None):
-        pm.register(plugin, name=name)
+        register_on(pm, plugin, name)
         added.append(plugin)
         return plugin
 

@@ -47,13 +47,13 @@ def test_the_check_catches_a_wrong_loss(tiny_model_dir, tmp_path):
     """A batched path that forgets to average over completions (sums the per-completion means)
     must fail the check."""
     trainer, records = trainer_for(tiny_model_dir, tmp_path)
-    original = trainer.policy_loss
+    original = trainer.updater.policy_loss
 
     def wrong(rollout, rows, advantages, weights, old, ref):
         mask = rollout.completion_mask.float()
         return original(rollout, rows, advantages, mask / mask.sum(dim=1, keepdim=True), old, ref)
 
-    trainer.policy_loss = wrong
+    trainer.updater.policy_loss = wrong
     with pytest.raises(AssertionError, match="loss check"):
         check_loss(trainer, records)
 
@@ -61,18 +61,18 @@ def test_the_check_catches_a_wrong_loss(tiny_model_dir, tmp_path):
 def test_the_check_catches_a_gradient_that_does_not_reach_every_row(tiny_model_dir, tmp_path, monkeypatch):
     """Log-probs whose values are right but whose gradient is cut for some rows (a gathered cache
     without a backward path, say): every value agrees, so only the gradient check can fail."""
-    import zenalign.trainer
+    import zenalign.train.update as update_module
 
     trainer, records = trainer_for(tiny_model_dir, tmp_path)
     assert check_loss(trainer, records)["grad_rel_diff_mu1"] < 1e-4  # the real path passes
-    original = zenalign.trainer.completion_logprobs
+    original = update_module.completion_logprobs
 
     def half_detached(*args, **kwargs):
         logp = original(*args, **kwargs)
         keep = torch.arange(logp.shape[0])[:, None] < logp.shape[0] // 2
         return torch.where(keep, logp, logp.detach())
 
-    monkeypatch.setattr(zenalign.trainer, "completion_logprobs", half_detached)
+    monkeypatch.setattr(update_module, "completion_logprobs", half_detached)
     with pytest.raises(AssertionError, match=r"gradient check \(mu=1\)"):
         check_loss(trainer, records)
 

@@ -1,75 +1,25 @@
-"""The lean forward (zenalign.fastpath) against transformers' own forward and generate, for every
+"""The lean forward (zenalign.models.lean) against transformers' own forward and generate, for every
 architecture it covers: the same log-probs, the same gradient for every parameter, the same
 sampled tokens; and the models it must leave to transformers."""
 
 import pytest
 import torch
 
-from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
+from conftest import EOS, PROMPTS, TINY_ARCHS, build_tiny_causal_lm, byte_tokenizer, logprobs_and_grads, sample_groups
 from zenalign.models import lean as fastpath
 from zenalign.models.lean import attention_products, lean_model, why_not_lean
 from zenalign.grpo.gumbel import GumbelSampler, completion_keys
 from zenalign.grpo.logprobs import completion_logprobs
-from zenalign.recipe.schema import SamplingSection
-from zenalign.grpo.rollout import generate_groups, decode_groups
+from zenalign.grpo.rollout import decode_groups
 
-EOS = 1
-PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]  # left padding of 0, 25 and 33 columns
-SMALL = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128)
+SEED = 3  # the weights of this module's models, unless a test says otherwise
 
 
-def build(arch: str, seed: int = 3, **overrides):
-    import transformers
-
-    torch.manual_seed(seed)
-    if arch == "llama":
-        return build_tiny_llama(seed=seed, **overrides)
-    if arch == "llama-biased-rope-scaled":  # biases on every projection, llama3 rope scaling
-        return build_tiny_llama(seed=seed, attention_bias=True, mlp_bias=True,
-                                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                 "original_max_position_embeddings": 16})
-    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[arch]
-    config = getattr(transformers, f"{name}Config")(**{**SMALL, **overrides})
-    if arch == "mistral":
-        config.sliding_window = None
-    return getattr(transformers, f"{name}ForCausalLM")(config)
-
-
-ARCHS = ["llama", "llama-biased-rope-scaled", "qwen2", "qwen3", "mistral"]
-
-
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=TINY_ARCHS)
 def model(request):
-    model = build(request.param)
+    model = build_tiny_causal_lm(request.param, seed=SEED)
     assert lean_model(model) is not None, why_not_lean(model)
     return model
-
-
-def sample(model, lean: bool, max_new_tokens: int = 10, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    keys = completion_keys(seed=0, step=1, first_completion=0, count=len(PROMPTS) * 4)
-    sampling = SamplingSection(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    return generate_groups(model, byte_tokenizer(), PROMPTS, sampling, [EOS], group_size=4, keys=keys, lean_forward=lean)
-
-
-@pytest.fixture(scope="module")
-def rollout(model):
-    """4 completions for each of 3 left-padded prompts, ending early (EOS) and truncated."""
-    return end_some_completions_early(sample(model, lean=False), EOS)
-
-
-def logprobs_and_grads(model, rollout, rows, lean, share=True, temperature=0.7, autocast=False):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
-                                   temperature, share_prompts=share, lean=lean)
-    mask = rollout.completion_mask[rows]
-    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask  # every token counts differently
-    (logp * weights).sum().backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return logp.detach() * mask, grads
 
 
 @pytest.mark.parametrize("attention", ["products", "fused"])
@@ -108,8 +58,8 @@ def test_lean_bf16_autocast_is_as_close_to_float32_as_transformers_bf16(model, r
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_lean_decoding_samples_what_transformers_samples(model, temperature, top_k, top_p):
-    plain = sample(model, lean=False, temperature=temperature, top_k=top_k, top_p=top_p)
-    lean = sample(model, lean=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    plain = sample_groups(model, lean_forward=False, temperature=temperature, top_k=top_k, top_p=top_p)
+    lean = sample_groups(model, lean_forward=True, temperature=temperature, top_k=top_k, top_p=top_p)
     assert torch.equal(lean.sequences, plain.sequences) and lean.completions == plain.completions
     assert lean.completion_mask.shape[1] == 10  # something ran the whole length
 
@@ -128,11 +78,11 @@ def test_rotary_scaling_that_depends_on_the_positions_is_recomputed_every_token(
     """Dynamic NTK scaling changes its frequencies once positions pass the trained length, so
     decoding calls the model's rotary module each token, and samples what transformers samples
     beyond that length."""
-    model = build("qwen2", max_position_embeddings=16,
-                  rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    model = build_tiny_causal_lm("qwen2", seed=SEED, max_position_embeddings=16,
+                                 rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     lean = lean_model(model)
     assert lean.rotary_table(torch.zeros(1, model.config.hidden_size), 40) is None
-    plain, fast = sample(model, lean=False), sample(model, lean=True)
+    plain, fast = sample_groups(model, lean_forward=False), sample_groups(model, lean_forward=True)
     assert plain.sequences.shape[1] > 16 + 5
     assert torch.equal(fast.sequences, plain.sequences)
 
@@ -166,10 +116,8 @@ def test_lean_decoding_with_weights_first_products_samples_what_transformers_sam
     calls = []
     monkeypatch.setattr(fastpath, "_linear_weights_first",
                         lambda *a, f=fastpath._linear_weights_first: calls.append(a[0].shape[0]) or f(*a))
-    keys = completion_keys(seed=1, step=2, first_completion=0, count=len(PROMPTS) * 12)
-    sampling = SamplingSection(max_new_tokens=8, temperature=1.0)
-    out = {lean: generate_groups(model, byte_tokenizer(), PROMPTS, sampling, [EOS], group_size=12, keys=keys,
-                                 lean_forward=lean) for lean in (True, False)}
+    out = {lean: sample_groups(model, group_size=12, max_new_tokens=8, seed=1, step=2, lean_forward=lean)
+           for lean in (True, False)}
     assert calls.count(36) >= 2 * 7  # two products per layer and token after the first
     assert torch.equal(out[True].sequences, out[False].sequences)
 
@@ -290,27 +238,27 @@ def test_lean_decoding_stops_when_every_row_has_ended(model):
 
 
 def test_models_the_lean_forward_leaves_to_transformers():
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    sliding = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    sliding = build_tiny_causal_lm("qwen2", seed=SEED, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert "sliding" in why_not_lean(sliding)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2))
     assert "GPT2LMHeadModel is not one of" in why_not_lean(gpt2)
-    assert "activation" in why_not_lean(build("llama", hidden_act="gelu"))
+    assert "activation" in why_not_lean(build_tiny_causal_lm("llama", seed=SEED, hidden_act="gelu"))
 
     class Adapter(torch.nn.Linear):  # what LoRA or a quantised layer looks like from outside
         pass
 
-    adapted = build("qwen2")
+    adapted = build_tiny_causal_lm("qwen2", seed=SEED)
     old = adapted.model.layers[1].self_attn.v_proj
     adapted.model.layers[1].self_attn.v_proj = Adapter(old.in_features, old.out_features)
     assert "adapters" in why_not_lean(adapted) and lean_model(adapted) is None
-    ddp_like = torch.nn.Sequential(build("llama"))  # any wrapper: its own class is not covered
+    ddp_like = torch.nn.Sequential(build_tiny_causal_lm("llama", seed=SEED))  # any wrapper: its own class is not covered
     assert lean_model(ddp_like) is None
 
 
 def test_lean_forward_is_kept_out_of_the_state_dict():
-    model = build("llama")
+    model = build_tiny_causal_lm("llama", seed=SEED)
     before = set(model.state_dict())
     assert lean_model(model) is lean_model(model)  # built once per model
     assert set(model.state_dict()) == before
@@ -347,7 +295,7 @@ def test_a_lean_forward_that_disagrees_with_transformers_is_not_used(rollout, ca
 
     from zenalign.models.lean import LeanLM
 
-    model = build("qwen2", seed=9)
+    model = build_tiny_causal_lm("qwen2", seed=9)
     original = LeanLM.head
     monkeypatch.setattr(LeanLM, "head", lambda self, h: original(self, h) * 1.5)
     with caplog.at_level(logging.WARNING, logger="zenalign"), torch.no_grad():
@@ -362,7 +310,7 @@ def test_a_lean_forward_that_disagrees_with_transformers_is_not_used(rollout, ca
 def test_the_check_runs_once_and_passes_for_a_faithful_model(rollout, caplog):
     import logging
 
-    model = build("llama", seed=9)
+    model = build_tiny_causal_lm("llama", seed=9)
     with caplog.at_level(logging.WARNING, logger="zenalign"), torch.no_grad():
         completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
     fast = lean_model(model)
@@ -374,7 +322,7 @@ def test_a_model_with_bf16_weights_passes_the_check_and_stays_close(rollout, cap
     differently, within the check's low-precision limit."""
     import logging
 
-    model = build("qwen2", seed=9).to(torch.bfloat16)
+    model = build_tiny_causal_lm("qwen2", seed=9).to(torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger="zenalign"), torch.no_grad():
         lean = completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
         plain = completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, lean=False)
@@ -390,14 +338,14 @@ def test_a_lean_forward_that_raises_on_first_use_falls_back_instead_of_stopping_
 
     from zenalign.models.lean import LeanLM
 
-    model = build("llama", seed=11)
-    expected = sample(model, lean=False)
+    model = build_tiny_causal_lm("llama", seed=11)
+    expected = sample_groups(model, lean_forward=False)
 
     def broken(self, *args):
         raise AttributeError("'LlamaAttention' object has no attribute 'q_proj'")
 
     monkeypatch.setattr(LeanLM, "prefill", broken)
     with caplog.at_level(logging.WARNING, logger="zenalign"):
-        got = sample(model, lean=True)
+        got = sample_groups(model, lean_forward=True)
     assert "disagrees with transformers' forward for LlamaForCausalLM (AttributeError:" in caplog.text
     assert torch.equal(got.sequences, expected.sequences) and lean_model(model) is None

@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
-from zenalign.grpo.loss import grpo_token_loss, kl_estimate, token_weights
+from zenalign.grpo.loss import GRPOLoss, kl_estimate, token_weights
+from zenalign.recipe.schema import Recipe
 
 
 def one_token(ratio, advantage, clip_low=0.2, clip_high=0.2):
     """Loss and d(loss)/d(logp) for one token whose ratio to pi_old is `ratio`."""
     logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
     old = torch.zeros(1, 1, dtype=torch.float64)
-    out = grpo_token_loss(logp, old, torch.tensor([advantage], dtype=torch.float64), clip_low, clip_high)
+    out = GRPOLoss(clip_low, clip_high).per_token(logp, old, torch.tensor([advantage], dtype=torch.float64))
     out.loss.sum().backward()
     return out.loss.item(), logp.grad.item(), out.clipped.item()
 
@@ -69,7 +70,7 @@ def test_k3_kl_value_and_gradient():
 def test_kl_penalty_adds_to_the_surrogate():
     logp = torch.tensor([[math.log(0.5)]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[math.log(0.25)]], dtype=torch.float64)
-    out = grpo_token_loss(logp, logp.detach(), torch.tensor([2.0], dtype=torch.float64), 0.2, 0.2, ref_logp=ref, kl_coef=0.1)
+    out = GRPOLoss(0.2, 0.2, kl_coef=0.1).per_token(logp, logp.detach(), torch.tensor([2.0], dtype=torch.float64), ref_logp=ref)
     # ratio 1: surrogate -A = -2; plus 0.1 * k3
     k3 = 0.5 - math.log(0.5) - 1.0
     assert out.loss.item() == pytest.approx(-2.0 + 0.1 * k3, abs=1e-12)
@@ -145,16 +146,70 @@ def test_second_pass_ratio_departs_from_one_and_clips():
 
     old = logp().detach()  # computed once, before the first pass
     advantage = torch.tensor([1.0], dtype=torch.float64)
-    out = grpo_token_loss(logp(), old, advantage, 0.2, 0.2)
+    loss = GRPOLoss(0.2, 0.2)
+    out = loss.per_token(logp(), old, advantage)
     out.loss.sum().backward()
     assert (out.ratio.item(), out.loss.item(), theta.grad.item()) == pytest.approx((1.0, -1.0, -0.5))
     with torch.no_grad():
         theta -= theta.grad
         theta.grad = None
-    out = grpo_token_loss(logp(), old, advantage, 0.2, 0.2)
+    out = loss.per_token(logp(), old, advantage)
     p = 1 / (1 + math.exp(-0.5))
     assert out.ratio.item() == pytest.approx(p / 0.5, abs=1e-12)
     assert out.loss.item() == pytest.approx(-1.2, abs=1e-12)
     assert out.clipped.item() == 1.0
     out.loss.sum().backward()
     assert theta.grad.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------- GRPOLoss
+
+def test_calling_the_loss_gives_the_weighted_sum_of_the_per_token_losses():
+    """Two completions, A = +1 and -1, eps 0.2, beta 0.1, k3, pi_ref / pi = 0.5 on every token.
+
+    row 0 (A = +1): ratios 1.1 (inside) and 1.5 (clipped to 1.2): surrogates -1.1, -1.2
+    row 1 (A = -1): ratios 0.9 (inside) and 0.5 (clipped to 0.8): surrogates 0.9, 0.8
+    k3 = 0.5 - log 0.5 - 1 on every token, so each token's loss gains 0.1 * k3.
+    weights [[1/4, 1/4], [1/2, 0]] (grpo, the second completion one token long):
+    (-1.1 - 1.2) / 4 + 0.9 / 2 + 0.1 * k3 * (1/4 + 1/4 + 1/2) = -0.125 + 0.1 * k3
+    """
+    logp = torch.log(torch.tensor([[1.1, 1.5], [0.9, 0.5]], dtype=torch.float64)).requires_grad_(True)
+    old = torch.zeros(2, 2, dtype=torch.float64)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    weights = torch.tensor([[0.25, 0.25], [0.5, 0.0]], dtype=torch.float64)
+    ref = logp.detach() + math.log(0.5)
+    k3 = 0.5 - math.log(0.5) - 1.0
+    grpo_loss = GRPOLoss(0.2, 0.2, kl_coef=0.1)
+
+    loss, token = grpo_loss(logp, old, advantages, weights, ref)
+
+    assert loss.item() == pytest.approx(-0.125 + 0.1 * k3, abs=1e-12)
+    assert token.loss.tolist() == [pytest.approx([-1.1 + 0.1 * k3, -1.2 + 0.1 * k3], abs=1e-12),
+                                   pytest.approx([0.9 + 0.1 * k3, 0.8 + 0.1 * k3], abs=1e-12)]
+    assert token.clipped.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    assert token.kl.tolist() == [pytest.approx([k3, k3], abs=1e-12)] * 2
+    # the same TokenLoss as per_token, and the loss is exactly sum(weights * per-token loss)
+    per_token = grpo_loss.per_token(logp, old, advantages, ref_logp=ref)
+    assert torch.equal(token.loss, per_token.loss) and torch.equal(token.ratio, per_token.ratio)
+    assert torch.equal(token.clipped, per_token.clipped) and torch.equal(token.kl, per_token.kl)
+    assert torch.equal(loss, (weights * per_token.loss).sum())
+
+
+@pytest.mark.parametrize(
+    "clip_epsilon_high, upper, loss, grad, clipped",
+    [
+        # left out: the upper range is clip_epsilon, 0.1; rho = 1.15 > 1.1 is clipped: -1.1, no gradient
+        (None, 0.1, -1.1, 0.0, 1.0),
+        # given: 0.3; rho = 1.15 is inside [0.9, 1.3]: -rho * A = -1.15, gradient -1.15
+        (0.3, 0.3, -1.15, -1.15, 0.0),
+    ],
+)
+def test_from_recipe_takes_the_upper_clip_range_from_the_recipe(clip_epsilon_high, upper, loss, grad, clipped):
+    recipe = Recipe.model_validate({"grpo": {"clip_epsilon": 0.1, "clip_epsilon_high": clip_epsilon_high}})
+    grpo_loss = GRPOLoss.from_recipe(recipe)
+    assert (grpo_loss.clip_low, grpo_loss.clip_high) == (0.1, upper)
+    logp = torch.tensor([[math.log(1.15)]], dtype=torch.float64, requires_grad=True)
+    out = grpo_loss.per_token(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
+    out.loss.sum().backward()
+    assert (out.loss.item(), logp.grad.item(), out.clipped.item()) == (pytest.approx(loss, abs=1e-12),
+                                                                        pytest.approx(grad, abs=1e-12), clipped)

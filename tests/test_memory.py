@@ -1,4 +1,4 @@
-"""zenalign.memory: freed memory stays in the process for the next step (glibc thresholds)."""
+"""zenalign.train.memory: freed memory stays in the process for the next step (glibc thresholds)."""
 
 import ctypes
 import subprocess

@@ -67,6 +67,13 @@ def test_shipped_recipe_header_gives_its_command(path):
     assert any(f"zenalign run recipes/{path.name}" in line for line in header)
 
 
+def test_the_old_decoder_name_lean_still_works_with_a_future_warning():
+    with pytest.warns(FutureWarning, match="sampling.decoder: 'lean' is now called 'zenalign'"):
+        loaded = validate({"sampling": {"decoder": "lean"}})
+    assert loaded.recipe.sampling.decoder == "zenalign"
+    assert validate({"sampling": {"decoder": "generate"}}).recipe.sampling.decoder == "generate"
+
+
 def test_overrides_are_typed_and_nested():
     loaded = load_recipe(RECIPES / "quickstart.yaml", [
         "grpo.kl_coef=0.0", "sampling.group_size=16", "rewards.0.weight=2", "engine.max_grad_norm=null",

@@ -6,14 +6,11 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_llama, byte_tokenizer
+from conftest import EOS, PAD, PROMPTS, build_tiny_llama, byte_tokenizer
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.recipe.schema import SamplingSection
 from zenalign.grpo.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
 from zenalign.grpo.rollout import completion_mask_from, decode_without_special_tokens, generate_groups, generation_config, neutral_generation_defaults
-
-EOS, PAD = 1, 0
-PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -238,27 +235,27 @@ def test_sampling_does_not_depend_on_the_batch(model):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (1e-6, 0, 1.0)])
-def test_decode_groupsr_samples_exactly_what_generate_samples(model, temperature, top_k, top_p):
-    """The lean KV-cache loop is a rewrite of `generate` for this configuration: same tokens,
+def test_zenalign_decoder_samples_exactly_what_generate_samples(model, temperature, top_k, top_p):
+    """The zenalign KV-cache loop is a rewrite of `generate` for this configuration: same tokens,
     same masks, on left-padded prompts of different lengths, with early EOS and truncation."""
     tokenizer = byte_tokenizer()
     keys = completion_keys(seed=0, step=2, first_completion=0, count=len(PROMPTS) * 4)
     rollouts = {}
-    for decoder in ("generate", "lean"):
+    for decoder in ("generate", "zenalign"):
         sampling = SamplingSection(group_size=4, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p,
                                    decoder=decoder)
         rollouts[decoder] = generate_groups(model, tokenizer, PROMPTS, sampling, [EOS], group_size=4, keys=keys)
-    plain, lean = rollouts["generate"], rollouts["lean"]
-    assert torch.equal(lean.sequences, plain.sequences) and torch.equal(lean.attention_mask, plain.attention_mask)
-    assert lean.completions == plain.completions and torch.equal(lean.truncated, plain.truncated)
-    assert lean.truncated.any() or temperature < 1e-3  # both kinds of ending occur at T = 1
+    plain, own = rollouts["generate"], rollouts["zenalign"]
+    assert torch.equal(own.sequences, plain.sequences) and torch.equal(own.attention_mask, plain.attention_mask)
+    assert own.completions == plain.completions and torch.equal(own.truncated, plain.truncated)
+    assert own.truncated.any() or temperature < 1e-3  # both kinds of ending occur at T = 1
     # greedy (no keys) too, as evaluation uses it
     greedy = {d: generate_groups(model, tokenizer, PROMPTS, SamplingSection(max_new_tokens=12, decoder=d), [EOS], group_size=1)
-              for d in ("generate", "lean")}
-    assert torch.equal(greedy["lean"].sequences, greedy["generate"].sequences)
+              for d in ("generate", "zenalign")}
+    assert torch.equal(greedy["zenalign"].sequences, greedy["generate"].sequences)
 
 
-def test_decode_groupsr_output_can_be_differentiated_through(model):
+def test_zenalign_decoder_output_can_be_differentiated_through(model):
     """Sampling runs under inference_mode; the rollout it returns must still feed a backward pass."""
     tokenizer = byte_tokenizer()
     rollout = generate_groups(model, tokenizer, PROMPTS, SamplingSection(max_new_tokens=5), [EOS], group_size=2,

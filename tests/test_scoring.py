@@ -105,10 +105,22 @@ class TwoDimensions:
         return {"harmless": [1.0, NAN], "helpful": [0.0, 0.5]}
 
 
+def run_objectives(rewards):
+    """The run's objectives for these bound rewards, as the trainer builds them (no recipe ``objectives``)."""
+    from zenalign.plugins import BuildContext
+    from zenalign.recipe.loader import recipe_from_options
+    from zenalign.train.build import Builder, Inputs
+
+    loaded = recipe_from_options({}, name="test")
+    return Builder(loaded, Inputs(), BuildContext(recipe=loaded.recipe, base_dir=loaded.base_dir)).objectives(rewards)
+
+
 def test_multi_objective_source_columns_follow_declared_order():
-    scorer = Scorer([bind_reward(TwoDimensions(), "judge", "test", weight=2.0), bind_reward(lambda completions: [3.0, 4.0], "len", "test")])
-    assert scorer.objectives.names == ("helpful", "harmless", "len")
-    assert scorer.objectives.weights.tolist() == [2.0, 2.0, 1.0]
+    rewards = [bind_reward(TwoDimensions(), "judge", "test", weight=2.0), bind_reward(lambda completions: [3.0, 4.0], "len", "test")]
+    scorer = Scorer(rewards)
+    objectives = run_objectives(rewards)
+    assert objectives.names == ("helpful", "harmless", "len")
+    assert objectives.weights.tolist() == [2.0, 2.0, 1.0]
     out = scorer(batch(["a", "b"]))
     assert out[:, 0].tolist() == [0.0, 0.5] and out[0, 1] == 1.0 and math.isnan(out[1, 1]) and out[:, 2].tolist() == [3.0, 4.0]
 

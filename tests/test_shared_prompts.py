@@ -8,51 +8,18 @@ which shares prompts in a single pass, against the same plain pass."""
 import pytest
 import torch
 
-from conftest import build_tiny_llama, byte_tokenizer, end_some_completions_early
+from conftest import EOS, PROMPTS, build_tiny_causal_lm, byte_tokenizer, logprobs_and_grads, sample_groups
 from zenalign.grpo.gumbel import completion_keys
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.models.primitives import prompt_groups
 from zenalign.recipe.schema import SamplingSection
 from zenalign.grpo.rollout import generate_groups
-
-EOS = 1
-PROMPTS = ["reverse abc:", "hi", "a much longer prompt than the others:"]  # left padding of 0, 25 and 33 columns
-
-
-def build_tiny_qwen2(seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return Qwen2ForCausalLM(config)
+from zenalign.train.update import PolicyUpdate
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request):
-    return build_tiny_llama(seed=5) if request.param == "llama" else build_tiny_qwen2(seed=5)
-
-
-@pytest.fixture(scope="module")
-def rollout(model):
-    """4 completions for each of 3 left-padded prompts, with early EOS and truncation."""
-    keys = completion_keys(seed=0, step=1, first_completion=0, count=len(PROMPTS) * 4)
-    rollout = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=10), [EOS],
-                              group_size=4, keys=keys)
-    return end_some_completions_early(rollout, EOS)
-
-
-def logprobs_and_grads(model, rollout, rows, share, temperature=0.7):
-    model.zero_grad(set_to_none=True)
-    logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
-                               temperature, share_prompts=share, lean=False)
-    mask = rollout.completion_mask[rows]
-    # a loss that weighs every token differently, so any misplaced log-prob shows in the gradient
-    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask
-    (logp * weights).sum().backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return logp.detach() * mask, grads
+    return build_tiny_causal_lm(request.param, seed=5)
 
 
 def test_prompt_groups_finds_runs_of_equal_prompts():
@@ -109,12 +76,10 @@ def test_distinct_prompts_take_the_plain_pass(model):
     assert shapes == [tuple(greedy.sequences.shape)]
 
 
-def test_decode_groupsr_prefills_each_prompt_once(model):
+def test_zenalign_decoder_prefills_each_prompt_once(model):
     shapes, handle = record_base_inputs(model)
     try:
-        out = generate_groups(model, byte_tokenizer(), PROMPTS, SamplingSection(max_new_tokens=4, decoder="lean"), [EOS],
-                              group_size=4, keys=completion_keys(seed=1, step=1, first_completion=0, count=12),
-                              lean_forward=False)
+        out = sample_groups(model, max_new_tokens=4, seed=1, decoder="zenalign", lean_forward=False)
     finally:
         handle.remove()
     assert shapes[0] == (3, out.prompt_length)  # one prefill per distinct prompt
@@ -136,12 +101,15 @@ def test_the_trainer_passes_give_the_same_log_probs_and_gradients(tmp_path, tiny
     weights = rollout.completion_mask / rollout.completion_mask.sum(dim=1, keepdim=True) / 12
     results = {}
     for shared in (True, False):
+        # the run's update, as built from the recipe, with engine.shared_prompts set either way
         trainer.recipe.engine.shared_prompts = shared
-        ref_logp = trainer.logprobs(trainer.reference, rollout)
-        old_logp = trainer.logprobs(trainer.model, rollout) + 0.05  # off pi_theta, so the ratio is not 1
+        updater = PolicyUpdate(trainer.recipe, trainer.engine, trainer.dist)
+        assert updater.share_prompts is shared
+        ref_logp = updater.logprobs(trainer.reference, rollout)
+        old_logp = updater.logprobs(trainer.model, rollout) + 0.05  # off pi_theta, so the ratio is not 1
         trainer.model.zero_grad(set_to_none=True)
-        for rows in trainer._micro_batches(len(rollout)):
-            loss, _ = trainer.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
+        for rows in updater.micro_batches(len(rollout)):
+            loss, _ = updater.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
             loss.backward()
         grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
         results[shared] = (ref_logp * rollout.completion_mask, old_logp * rollout.completion_mask, grads)
@@ -231,12 +199,7 @@ def test_shared_prompts_under_distributed_data_parallel():
 
 def test_a_sliding_window_model_takes_the_plain_pass_without_a_prompt_pass():
     """Caches that cannot be gathered are recognised from the model's config, before any work."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    model = Qwen2ForCausalLM(config)
+    model = build_tiny_causal_lm("qwen2", seed=0, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     sequences = torch.cat([torch.randint(3, 300, (2, 6)).repeat_interleave(3, 0), torch.randint(3, 300, (6, 5))], dim=1)
     mask = torch.ones_like(sequences)
     shapes, handle = record_base_inputs(model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zenalign.train.build as components
-import zenalign.train.trainer as trainer_module
+import zenalign.train.update as update_module
 from zenalign import GRPOTrainer, hookimpl
 
 PROMPTS = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "tree"]]
@@ -65,7 +65,7 @@ def test_run_directory_holds_metrics_evals_samples_and_a_loadable_policy(tmp_pat
     assert (run / "final" / "model.safetensors").is_file() and (run / "recipe.yaml").is_file()
 
 
-def count_calls(monkeypatch, name, module=trainer_module):
+def count_calls(monkeypatch, name, module=update_module):
     calls = []
     original = getattr(module, name)
 
@@ -118,7 +118,7 @@ def test_rows_that_move_leaves_out_zero_advantage_rows_but_never_a_whole_micro_b
     advantages = torch.tensor([0.0, 0.7, 0.0, -0.7, 0.0, 0.0, 0.0, 0.0, 1.0, -1.0])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0],
                          [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]])
-    kept, skipped = trainer_module.rows_that_move([slice(0, 4), slice(4, 8), slice(8, 10)], advantages, mask)
+    kept, skipped = update_module.rows_that_move([slice(0, 4), slice(4, 8), slice(8, 10)], advantages, mask)
     # first batch: row 0 stays (the first row), row 2 goes; second: all zero, row 4 stays alone;
     # third: nothing to leave out, the slice itself
     assert [k.tolist() for k in kept[:2]] == [[0, 1, 3], [4]] and kept[2] == slice(8, 10)
@@ -138,13 +138,13 @@ def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_result(tmp
     them out changes no parameter and no metric (weight decay still applies: every parameter
     still gets a gradient)."""
     seen = {}
-    original = trainer_module.completion_logprobs
+    original = update_module.completion_logprobs
 
     def spy(model, sequences, *args, **kwargs):
         seen.setdefault(skip, []).append(sequences.shape[0])
         return original(model, sequences, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "completion_logprobs", spy)
+    monkeypatch.setattr(update_module, "completion_logprobs", spy)
     results = {}
     for skip in (False, True):
         out = tmp_path / str(skip)
@@ -190,13 +190,13 @@ def test_zero_advantage_rows_stay_in_the_update_with_a_kl_term_or_several_iterat
     """A KL term has a gradient at advantage 0, and at mu > 1 the ratio metric of a row that
     moved is not 1: every row runs."""
     rows = []
-    original = trainer_module.completion_logprobs
+    original = update_module.completion_logprobs
 
     def spy(model, sequences, *args, **kwargs):
         rows.append(sequences.shape[0])
         return original(model, sequences, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "completion_logprobs", spy)
+    monkeypatch.setattr(update_module, "completion_logprobs", spy)
     make(tmp_path, tiny_model_dir, reward_model=same_for_some_prompts, steps=1, prompts_per_step=3, **options).train(PROMPTS)
     assert rows and all(n == 12 for n in rows)
 
@@ -218,8 +218,8 @@ def test_event_hooks_see_every_step_and_evaluation(tmp_path, tiny_model_dir, reg
             seen.append(("eval", step))
 
         @hookimpl
-        def zenalign_on_train_end(self, trainer, step):
-            seen.append(("end", step, trainer.step))
+        def zenalign_on_train_end(self, context, step):
+            seen.append(("end", step, context.step))
 
     register_plugin(Recorder(), name="recorder")
     make(tmp_path, tiny_model_dir, steps=2).train(PROMPTS, EVAL)
