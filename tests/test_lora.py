@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, REPO, build_tiny_llama, run_cli
+from conftest import RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
 from test_checkpoint import kill_after, read, start, without_timing
 from zenalign import GRPOTrainer
 from zenalign.errors import RecipeError
@@ -222,3 +222,17 @@ def test_the_lean_forward_falls_back_for_adapters_and_says_why_once(caplog):
     assert said == ["the lean forward does not run LlamaForCausalLM (projections that are not plain nn.Linear "
                     "(adapters or quantised layers)); using transformers' forward"]
     assert lean_model(build_tiny_llama()) is not None  # the same model without adapters takes it
+
+
+def test_the_python_api_takes_a_ready_peft_model(tmp_path, tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ready = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainer = GRPOTrainer(model=ready, tokenizer=byte_tokenizer(), reward_model=token_sum, kl_coef=0.05,
+                          group_size=4, prompts_per_step=2, max_new_tokens=4, learning_rate=0.05, steps=1,
+                          output_dir=str(tmp_path / "run"), progress_bar=False)
+    trainer.train(PROMPTS)
+    assert trainer.model is ready and trainer.reference is None and trainer.updater.base_reference
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    with pytest.raises(RecipeError, match="already has peft adapters; leave out lora"):
+        GRPOTrainer(model=ready, tokenizer=byte_tokenizer(), reward_model=token_sum, lora={"r": 2},
+                    output_dir=str(tmp_path / "again")).train(PROMPTS)
