@@ -22,10 +22,11 @@ Where this departs from the paper:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+
+from zenalign.plugins import TokenLoss
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -43,23 +44,16 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
-@dataclass
-class TokenLoss:
-    """Per-token loss and the per-token quantities that metrics are made of, all ``(N, Tc)``."""
-
-    loss: torch.Tensor
-    ratio: torch.Tensor
-    clipped: torch.Tensor  # 1.0 where clipping removed the gradient
-    kl: Optional[torch.Tensor]
-
-
 class GRPOLoss:
     """The clipped GRPO surrogate plus the KL penalty, aggregated with batch-wide token weights.
 
     ``GRPOLoss.from_recipe(recipe)`` builds it from the ``grpo`` section (and ``max_new_tokens``,
     which Dr. GRPO's constant normaliser needs). Calling it on a micro-batch returns that
     micro-batch's share of the batch loss, ``sum(weights * per-token loss)``, and the per-token terms.
+    It is the default policy loss (``loss: {type: grpo}``), registered by the built-in plugins.
     """
+
+    skips_zero_advantage_rows = True  # -min(1 * 0, clip(1) * 0) = 0 with a zero gradient
 
     def __init__(self, clip_epsilon: float, clip_epsilon_high: float, kl_coef: float = 0.0,
                  kl_estimator: str = "k3", aggregation: str = "grpo", max_new_tokens: int = 1):
@@ -82,8 +76,9 @@ class GRPOLoss:
         return token_weights(mask, self.aggregation, self.max_new_tokens, num_sequences, num_tokens)
 
     def per_token(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  ref_logp: Optional[torch.Tensor] = None) -> TokenLoss:
-        """The loss of every token before aggregation. ``ref_logp=None``: no KL term."""
+                  ref_logp: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> TokenLoss:
+        """The loss of every token before aggregation. ``ref_logp=None``: no KL term. ``mask`` is
+        not needed: every token's loss stands on its own (the weights carry the mask)."""
         ratio = torch.exp(logp - old_logp)                                    # (N, Tc) pi / pi_old
         adv = advantages.to(logp.dtype).unsqueeze(1)                          # (N, 1) one per completion
         unclipped = ratio * adv                                               # (N, Tc)

@@ -18,6 +18,8 @@ from zenalign.plugins.api import (
     ObservesScores,
     Options,
     PluginType,
+    PolicyLoss,
+    PolicyLossType,
     ReportsMetrics,
     RewardSource,
     RewardSourceType,
@@ -27,6 +29,7 @@ from zenalign.plugins.api import (
     StatefulDirectory,
     Task,
     TaskType,
+    TokenLoss,
     enforces_constraints,
 )
 from zenalign.plugins.hookspecs import hookimpl, hookspec
@@ -35,8 +38,8 @@ from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
 
 __all__ = [
     "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "EnforcesConstraints", "NormalizerType",
-    "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "ReportsMetrics", "RewardSource",
-    "RewardSourceType", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory", "Task", "TaskType",
-    "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl", "hookspec", "load_plugins",
-    "new_plugin_manager", "register", "trace_hook_calls",
+    "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
+    "ReportsMetrics", "RewardSource", "RewardSourceType", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
+    "Task", "TaskType", "TokenLoss", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
+    "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls",
 ]

@@ -90,6 +90,10 @@ class TaskType(PluginType):
     """A prompt source kind, named in a recipe's ``data: {type: NAME, ...}``."""
 
 
+class PolicyLossType(PluginType):
+    """A policy loss kind, named in a recipe's ``loss: {type: NAME, ...}``."""
+
+
 @dataclass
 class ScoreBatch:
     """The completions a reward source scores, ``N = prompts_per_step * group_size`` of them.
@@ -157,6 +161,39 @@ class AdvantageNormalizer(Protocol):
     advantages ``(P, G)``. It must never return NaN."""
 
     def __call__(self, rewards: "torch.Tensor", objectives: Objectives) -> "torch.Tensor": ...
+
+
+@dataclass
+class TokenLoss:
+    """What a policy loss returns for a micro-batch, every field ``(N, Tc)``: the per-token loss
+    (with gradient) and the detached quantities metrics are made of."""
+
+    loss: "torch.Tensor"
+    ratio: "torch.Tensor"  # pi / pi_old as the loss sees it (metrics: ratio_mean)
+    clipped: "torch.Tensor"  # 1.0 where clipping changed the token's gradient (metrics: clip_frac)
+    kl: "Optional[torch.Tensor]"  # the KL estimate per token, None without a reference
+
+
+@runtime_checkable
+class PolicyLoss(Protocol):
+    """Turns the update's log-probs into per-token losses, and says how they weigh into one number.
+
+    The engine computes ``weights = token_weights(mask, num_sequences, num_tokens)`` once for the
+    whole (global) batch, then for each micro-batch sums ``weights * per_token(...).loss``, so
+    micro-batching never changes the loss. ``per_token`` receives ``logp``, ``old_logp`` and
+    ``ref_logp`` ``(N, Tc)`` (``ref_logp`` None without a KL term), one advantage per completion
+    ``(N,)``, and the completion mask ``(N, Tc)``. ``skips_zero_advantage_rows`` promises that a
+    completion with advantage 0 has zero loss and gradient when pi = pi_old and there is no KL
+    term, so the engine may leave it out of the update (``engine.skip_zero_advantage``).
+    """
+
+    skips_zero_advantage_rows: bool
+
+    def token_weights(self, mask: "torch.Tensor", num_sequences: Optional[int] = None,
+                      num_tokens: Optional[float] = None) -> "torch.Tensor": ...
+
+    def per_token(self, logp: "torch.Tensor", old_logp: "torch.Tensor", advantages: "torch.Tensor",
+                  ref_logp: "Optional[torch.Tensor]" = None, mask: "Optional[torch.Tensor]" = None) -> TokenLoss: ...
 
 
 @runtime_checkable

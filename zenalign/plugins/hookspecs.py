@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from zenalign.plugins.api import BuildContext, NormalizerType, RewardSource, RewardSourceType, RunContext, TaskType
+    from zenalign.plugins.api import (BuildContext, NormalizerType, PolicyLossType, RewardSource, RewardSourceType,
+                                      RunContext, TaskType)
 
 PROJECT = "zenalign"
 
@@ -47,6 +48,15 @@ def zenalign_normalizer_types() -> list[NormalizerType]:
 @hookspec
 def zenalign_task_types() -> list[TaskType]:
     """Return the prompt source (task) types this plugin provides.
+
+    Call rule: all results are collected. A name provided by two plugins is an error that names
+    both.
+    """
+
+
+@hookspec
+def zenalign_policy_loss_types() -> list[PolicyLossType]:
+    """Return the policy loss types this plugin provides (see ``PolicyLoss``).
 
     Call rule: all results are collected. A name provided by two plugins is an error that names
     both.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from zenalign.errors import PluginError, one_line
-from zenalign.plugins.api import NormalizerType, PluginType, RewardSourceType, TaskType
+from zenalign.plugins.api import NormalizerType, PluginType, PolicyLossType, RewardSourceType, TaskType
 from zenalign.plugins.manager import get_plugin_manager
 
 # kind -> (hook name, type class, what the recipe calls it)
@@ -16,6 +16,7 @@ KINDS: dict[str, tuple[str, type[PluginType], str]] = {
     "reward": ("zenalign_reward_source_types", RewardSourceType, "reward source"),
     "normalizer": ("zenalign_normalizer_types", NormalizerType, "normalizer"),
     "task": ("zenalign_task_types", TaskType, "task"),
+    "loss": ("zenalign_policy_loss_types", PolicyLossType, "policy loss"),
 }
 
 

@@ -371,11 +371,16 @@ class TaskEntry(Section):
     """Fields every data entry has, besides its plugin's own options."""
 
 
-ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry}
+class LossEntry(Section):
+    """Fields every policy loss entry has, besides its plugin's own options."""
+
+
+ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
+                                         "loss": LossEntry}
 
 
 class Recipe(Section):
-    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, normalizer, engine, run,
+    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, normalizer, loss, engine, run,
     plugins, sweep."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="The policy to train.")
@@ -398,6 +403,12 @@ class Recipe(Section):
         None,
         description="How rewards become advantages: `{type: NORMALIZER, ...options}`. Defaults to the "
         "installed default normalizer (group z-score).",
+    )
+    loss: Optional[Any] = Field(
+        None,
+        description="The policy loss: `{type: LOSS, ...options}`. Defaults to the installed default loss (grpo: "
+        "the clipped surrogate with grpo.loss_aggregation); gspo and cispo are built in. The KL term and the clip "
+        "ranges of grpo/cispo come from the grpo section.",
     )
     engine: EngineSection = Field(default_factory=EngineSection, description="How the update runs.")
     run: RunSection = Field(default_factory=RunSection, description="Seeds, length, logging, output.")
@@ -446,8 +457,10 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
     reward = tagged_union("reward", registry)
     normalizer = tagged_union("normalizer", registry)
     task = tagged_union("task", registry)
+    loss = tagged_union("loss", registry)
     fields = Recipe.model_fields
     default_normalizer = registry.default("normalizer")
+    default_loss = registry.default("loss")
 
     def described(name: str, **kw):
         return Field(description=fields[name].description, **kw)
@@ -460,4 +473,6 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
         data=(Optional[task], described("data", default=None)),
         rewards=(list[reward], described("rewards", default_factory=list)),
         normalizer=(Optional[normalizer], described("normalizer", default=normalizer_default, validate_default=True)),
+        loss=(Optional[loss], described("loss", default={"type": default_loss} if default_loss else None,
+                                        validate_default=True)),
     )

@@ -176,6 +176,10 @@ class Builder:
         return Objectives(tuple(produced), torch.tensor(weights, dtype=torch.float64), tuple(roles),
                           tuple(thresholds), tuple(directions))
 
+    def loss(self):
+        """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out)."""
+        return self.plugin("loss", "loss", self.recipe.loss)
+
     def normalizer(self):
         if self.inputs.normalizer is not None:
             return self.inputs.normalizer

@@ -15,7 +15,8 @@ import torch
 
 from zenalign.errors import RecipeError
 from zenalign.grpo.logprobs import completion_logprobs
-from zenalign.grpo.loss import GRPOLoss, TokenLoss
+from zenalign.grpo.loss import GRPOLoss
+from zenalign.plugins import PolicyLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
 from zenalign.models.lora import adapters_off, forward_module
 from zenalign.train.distributed import Dist
@@ -54,7 +55,7 @@ class PolicyUpdate:
     adapters and the reference is the policy with them switched off (no second copy of the weights).
     """
 
-    def __init__(self, recipe: Any, engine: Any, dist: Dist, loss: Optional[GRPOLoss] = None,
+    def __init__(self, recipe: Any, engine: Any, dist: Dist, loss: Optional[PolicyLoss] = None,
                  reference: Optional[torch.nn.Module] = None, base_reference: bool = False):
         self.engine = engine
         self.dist = dist
@@ -115,7 +116,8 @@ class PolicyUpdate:
         logp = self.forward(self.engine.train_model, rollout, rows)                    # (n, Tc)
         old = old_logp[rows] if old_logp is not None else logp.detach()                # (n, Tc)
         ref = ref_logp[rows] if ref_logp is not None else None                         # (n, Tc) or None
-        return self.loss(logp, old, advantages[rows], weights[rows], ref_logp=ref)
+        token = self.loss.per_token(logp, old, advantages[rows], ref_logp=ref, mask=rollout.completion_mask[rows])
+        return (token.loss * weights[rows]).sum(), token                                # () this micro-batch's share
 
     def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
         """mu optimizer steps on this batch. Returns this rank's sums (loss, and KL/clip/ratio over
@@ -130,7 +132,8 @@ class PolicyUpdate:
         old_logp = self.logprobs(self.engine.train_model, rollout) if self.num_iterations > 1 else None
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
         batches = self.micro_batches(len(rollout))
-        if self.skip_zero_advantage and old_logp is None and ref_logp is None:
+        if (self.skip_zero_advantage and self.loss.skips_zero_advantage_rows and old_logp is None
+                and ref_logp is None):
             batches, skipped_tokens = rows_that_move(batches, advantages, mask)
             sums["ratio"] += skipped_tokens  # pi = pi_old on every skipped token: a ratio of exactly 1, never clipped
         for _ in range(self.num_iterations):
