@@ -144,3 +144,38 @@ def test_optimizer_offload_uses_deepspeeds_cpu_adam(tmp_path, torch_run):
     # DeepSpeed's CPU Adam is not bit-identical to torch's AdamW: same samples at step 1, close losses after
     assert got[0]["reward_mean"] == torch_run[0]["reward_mean"]
     assert got[1]["loss"] == pytest.approx(torch_run[1]["loss"], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", [["engine.backend=torch"], ["engine.backend=deepspeed", "engine.zero_stage=2"]],
+                         ids=["ddp", "zero2"])
+def test_two_processes_killed_and_resumed_match_the_uninterrupted_run(tmp_path, engine):
+    """Both ranks must agree on whether to evaluate before resuming: rank 0 alone reads eval.jsonl,
+    and a rank that evaluated while the other did not paired its collectives with the wrong ones
+    (gloo: "Received data size doesn't match expected size")."""
+    import signal
+    import time
+
+    args = ["run", QUICKSTART, "run.steps=6", "run.checkpoint_interval=2", "run.eval_interval=0", "data.eval_size=8",
+            "run.progress_bar=false", "-q", *engine]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    done = launch(*torchrun, "--master_port", free_port(), "-m", "zenalign", *args, f"run.output_dir={whole}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    job = subprocess.Popen([*torchrun, "--master_port", free_port(), "-m", "zenalign", *args, f"run.output_dir={out}"],
+                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert job.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers
+    job.wait()
+    assert len(metrics(out)) < 6
+    done = launch(*torchrun, "--master_port", free_port(), "-m", "zenalign", *args, f"run.output_dir={out}",
+                  "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = metrics(out), metrics(whole)
+    assert [m["step"] for m in got] == list(range(1, 7))
+    for g, w in zip(got, want):  # the same process count and code path: equal, not just close
+        for key in ("samples", "loss", "kl", "reward_mean", "reward_std", "reward_mean/accuracy", "grad_norm"):
+            assert g[key] == w[key], (g["step"], key)

@@ -236,3 +236,41 @@ def test_the_python_api_takes_a_ready_peft_model(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match="already has peft adapters; leave out lora"):
         GRPOTrainer(model=ready, tokenizer=byte_tokenizer(), reward_model=token_sum, lora={"r": 2},
                     output_dir=str(tmp_path / "again")).train(PROMPTS)
+
+
+def test_a_peft_model_without_trainable_parameters_is_refused(tmp_path, tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    frozen = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    frozen.requires_grad_(False)
+    with pytest.raises(RecipeError, match=r"no trainable parameters; .*is_trainable=True"):
+        GRPOTrainer(model=frozen, tokenizer=byte_tokenizer(), reward_model=token_sum, steps=1,
+                    output_dir=str(tmp_path / "run")).train(PROMPTS)
+
+
+def test_resetting_the_reference_with_adapters_is_a_clear_error(lora_trainer):
+    with pytest.raises(RecipeError, match="resetting the reference policy is not supported with model.lora"):
+        lora_trainer.reset_reference_to_policy()
+
+
+def test_the_base_reference_is_computed_in_eval_mode(lora_trainer):
+    seen = []
+    module = forward_module(lora_trainer.model)
+    hook = module.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    try:
+        lora_trainer.model.train()
+        lora_trainer.updater.reference_logprobs(lora_trainer.sample(PROMPTS[:2], completion_keys(0, 1, 0, 8)))
+    finally:
+        hook.remove()
+    assert seen and not any(seen) and lora_trainer.model.training  # eval for the pass, train mode restored
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_without_consolidation_still_holds_the_adapter(tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("run", QUICKSTART, *COMMON, "run.steps=2", "engine.backend=deepspeed", "engine.zero_stage=2",
+                   "engine.consolidate_checkpoints=false", f"run.output_dir={out}")
+    assert done.returncode == 0, done.stderr
+    assert (ckpt.list_checkpoints(out)[-1] / "policy" / "adapter_model.safetensors").is_file()
+    merged = run_cli("export", str(out), str(tmp_path / "merged"), "--merge")
+    assert merged.returncode == 0, merged.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None

@@ -139,3 +139,11 @@ def test_at_ratio_one_the_three_losses_share_one_gradient():
         grads.append(value_and_grad(loss, logp, logp.detach().clone(), 1.5)[1])
     assert grads[0] == pytest.approx([-0.5, -0.5, -0.5]) and grads[1] == pytest.approx(grads[0])
     assert grads[2] == pytest.approx(grads[0])
+
+
+def test_a_null_loss_section_is_a_one_line_error():
+    from conftest import RECIPES, run_cli
+
+    done = run_cli("validate", str(RECIPES / "quickstart.yaml"), "loss=null")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "loss: is null; give {type: ...} (installed: cispo, grpo, gspo" in done.stderr

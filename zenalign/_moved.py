@@ -1,8 +1,9 @@
 """The flat module names of zenalign 0.1, kept importable for one release.
 
 ``import zenalign.advantages`` (as docs/writing-a-plugin.md used to show) returns the module now
-at ``zenalign.grpo.advantages``, with a FutureWarning naming the new import. Modules whose names
-were split across several new ones alias the module that holds what plugins imported from them.
+at ``zenalign.grpo.advantages``, with a FutureWarning naming the new import. A module whose
+contents were split between several new ones is served by a stand-in that looks each name up in
+them; a name that was renamed says what it is called now.
 """
 
 from __future__ import annotations
@@ -11,38 +12,62 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
-MOVED = {
-    "zenalign.hookspecs": "zenalign.plugins.hookspecs",
-    "zenalign.plugin_types": "zenalign.plugins.api",
-    "zenalign.recipe_loader": "zenalign.recipe.loader",
-    "zenalign.reference": "zenalign.recipe.docs",
-    "zenalign.principles": "zenalign.recipe.principles",
-    "zenalign.fastpath": "zenalign.models.lean",
-    "zenalign.attention": "zenalign.models.attention",
-    "zenalign.reward_model": "zenalign.models.reward_model",
-    "zenalign.gumbel": "zenalign.grpo.gumbel",
-    "zenalign.sampling": "zenalign.grpo.rollout",
-    "zenalign.scoring": "zenalign.grpo.scoring",
-    "zenalign.advantages": "zenalign.grpo.advantages",
-    "zenalign.loss": "zenalign.grpo.loss",
-    "zenalign.metrics": "zenalign.grpo.metrics",
-    "zenalign.trainer": "zenalign.train.trainer",
-    "zenalign.components": "zenalign.train.build",
-    "zenalign.checkpoint": "zenalign.train.checkpoint",
-    "zenalign.engine": "zenalign.train.engine",
-    "zenalign.distributed": "zenalign.train.distributed",
-    "zenalign.memory": "zenalign.train.memory",
-    "zenalign.rundir": "zenalign.train.rundir",
-    "zenalign.cli": "zenalign.commands.cli",
-    "zenalign.sweep": "zenalign.commands.sweep",
-    "zenalign.export": "zenalign.commands.export",
-    "zenalign.rm_train": "zenalign.commands.train_rm",
-    "zenalign.critique": "zenalign.commands.critique_revise",
-    "zenalign.plotting": "zenalign.commands.plot",
-    "zenalign.pareto": "zenalign.commands.pareto",
+MOVED: dict[str, tuple[str, ...]] = {
+    "zenalign.hookspecs": ("zenalign.plugins.hookspecs",),
+    "zenalign.plugin_types": ("zenalign.plugins.api",),
+    "zenalign.recipe_loader": ("zenalign.recipe.loader", "zenalign.recipe.messages"),
+    "zenalign.reference": ("zenalign.recipe.docs",),
+    "zenalign.principles": ("zenalign.recipe.principles",),
+    "zenalign.fastpath": ("zenalign.models.lean",),
+    "zenalign.attention": ("zenalign.models.attention",),
+    "zenalign.reward_model": ("zenalign.models.reward_model",),
+    "zenalign.gumbel": ("zenalign.grpo.gumbel",),
+    "zenalign.sampling": ("zenalign.grpo.rollout", "zenalign.models.primitives"),
+    "zenalign.scoring": ("zenalign.grpo.scoring",),
+    "zenalign.advantages": ("zenalign.grpo.advantages",),
+    "zenalign.loss": ("zenalign.grpo.loss", "zenalign.grpo.logprobs", "zenalign.models.primitives"),
+    "zenalign.metrics": ("zenalign.grpo.metrics",),
+    "zenalign.trainer": ("zenalign.train.trainer", "zenalign.train.update"),
+    "zenalign.components": ("zenalign.train.build", "zenalign.recipe.loader"),
+    "zenalign.checkpoint": ("zenalign.train.checkpoint",),
+    "zenalign.engine": ("zenalign.train.engine",),
+    "zenalign.distributed": ("zenalign.train.distributed",),
+    "zenalign.memory": ("zenalign.train.memory",),
+    "zenalign.rundir": ("zenalign.train.rundir",),
+    "zenalign.cli": ("zenalign.commands.cli",),
+    "zenalign.sweep": ("zenalign.commands.sweep",),
+    "zenalign.export": ("zenalign.commands.export",),
+    "zenalign.rm_train": ("zenalign.commands.train_rm",),
+    "zenalign.critique": ("zenalign.commands.critique_revise",),
+    "zenalign.plotting": ("zenalign.commands.plot",),
+    "zenalign.pareto": ("zenalign.commands.pareto",),
 }
+RENAMED = {
+    "grpo_token_loss": "zenalign.grpo.loss.GRPOLoss(...).per_token",
+    "lean_decode": "zenalign.grpo.rollout.decode_groups",
+    "masked_mean": "nothing (it was unused)",
+}
+
+
+class _SplitModule(types.ModuleType):
+    """Stands in for an old module whose names now live in several modules."""
+
+    def __init__(self, name: str, sources: tuple[str, ...]):
+        super().__init__(name)
+        self._sources = sources
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        for source in self._sources:
+            module = importlib.import_module(source)
+            if hasattr(module, attr):
+                return getattr(module, attr)
+        new = RENAMED.get(attr, f"not in {', '.join(self._sources)}")
+        raise AttributeError(f"{self.__name__}.{attr} moved: now {new}")
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -53,12 +78,12 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         new = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}; import from {new} (the old name goes in the next release)",
-                      FutureWarning, stacklevel=4)
-        return importlib.import_module(new)
+        warnings.warn(f"{spec.name} moved to {' and '.join(new)}; import from there (the old name goes in the next "
+                      f"release)", FutureWarning, stacklevel=4)
+        return importlib.import_module(new[0]) if len(new) == 1 else _SplitModule(spec.name, new)
 
     def exec_module(self, module):
-        pass  # the new module is already executed
+        pass  # the new modules are already executed
 
 
 def install_moved_module_aliases() -> None:

@@ -75,9 +75,12 @@ def from_zero_shards(directory: Path, policy: Path, out: Path) -> Path:
     try:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(zero), tag="zero")
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy))
-        model.load_state_dict(weights, strict=False)
+        missing = set(model.load_state_dict(weights, strict=False).missing_keys) - set(getattr(model, "_tied_weights_keys", None) or ())
     except Exception as exc:
         raise ModelLoadError(f"export: cannot rebuild the policy from '{zero}': {type(exc).__name__}: {one_line(exc)}") from exc
+    if missing:
+        raise ModelLoadError(f"export: the ZeRO shards in '{zero}' do not hold the policy's weights "
+                             f"({len(missing)} missing, e.g. {sorted(missing)[0]}); nothing was written")
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(policy).save_pretrained(out)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from zenalign.models.lean import checked_lean_model
+from zenalign.models.lora import forward_module
 from zenalign.models.primitives import (accepts_logits_to_keep, cache_argument, full_attention_only, mask_positions,
                                         new_cache, prompt_groups)
 
@@ -55,7 +56,7 @@ def completion_logprobs(
             logits = fast.group_logits(sequences, attention_mask, prompt_length, leaders, owner)
             return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
-        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
         cache_name = cache_argument(type(inner))
         if cache_name is not None and accepts_logits_to_keep(type(inner)):
             cache = new_cache(inner)
@@ -67,7 +68,7 @@ def completion_logprobs(
     completion_length = sequences.shape[1] - prompt_length
     position_ids = mask_positions(attention_mask)
     kwargs = {}
-    if accepts_logits_to_keep(type(getattr(model, "module", model))):  # DDP and DeepSpeed wrap the model
+    if accepts_logits_to_keep(type(forward_module(getattr(model, "module", model)))):  # DDP, DeepSpeed, peft wrap it
         kwargs["logits_to_keep"] = completion_length + 1
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs

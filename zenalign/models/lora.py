@@ -106,10 +106,16 @@ def load_adapter_weights(model: torch.nn.Module, directory: Path) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(directory) / "adapter_model.safetensors"))
-    result = peft.set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise ModelLoadError(f"the LoRA adapter in '{directory}' does not fit the model given: unexpected "
-                             f"{', '.join(result.unexpected_keys[:3])}")
+    try:
+        result = peft.set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # shapes differ: another rank r
+        raise ModelLoadError(f"the LoRA adapter in '{directory}' does not fit the model given: "
+                             f"{' '.join(str(exc).split())[:300]}") from exc
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        names = (list(result.unexpected_keys) + missing)[:3]
+        raise ModelLoadError(f"the LoRA adapter in '{directory}' does not fit the model given (other target modules): "
+                             f"{', '.join(names)}")
 
 
 def adapter_base_path(directory: Path) -> str | None:

@@ -2,6 +2,30 @@
 one-line validation messages, and the generated recipe reference."""
 
 from zenalign.recipe.loader import LoadedRecipe, load_recipe, recipe_from_options, validate_recipe
-from zenalign.recipe.schema import Recipe, build_recipe_model
+from zenalign.recipe.schema import (
+    ENTRY_BASES,
+    EngineSection,
+    GRPOSection,
+    LoraSection,
+    LossEntry,
+    ModelSection,
+    NormalizerEntry,
+    ObjectiveSpec,
+    Recipe,
+    RewardEntry,
+    RunSection,
+    SamplingSection,
+    Section,
+    SweepSection,
+    TaskEntry,
+    build_recipe_model,
+    entry_model,
+    tagged_union,
+)
 
-__all__ = ["LoadedRecipe", "Recipe", "build_recipe_model", "load_recipe", "recipe_from_options", "validate_recipe"]
+__all__ = [
+    "ENTRY_BASES", "EngineSection", "GRPOSection", "LoadedRecipe", "LoraSection", "LossEntry", "ModelSection",
+    "NormalizerEntry", "ObjectiveSpec", "Recipe", "RewardEntry", "RunSection", "SamplingSection", "Section",
+    "SweepSection", "TaskEntry", "build_recipe_model", "entry_model", "load_recipe", "recipe_from_options",
+    "tagged_union", "validate_recipe",
+]

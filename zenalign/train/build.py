@@ -73,6 +73,9 @@ class Builder:
         if is_adapted(model):
             if m.lora is not None:
                 raise RecipeError("GRPOTrainer: the model given already has peft adapters; leave out lora=...")
+            if not any(p.requires_grad for p in model.parameters()):
+                raise RecipeError("GRPOTrainer: the peft model given has no trainable parameters; load its adapter with "
+                                  "PeftModel.from_pretrained(base, path, is_trainable=True)")
             if adapter:
                 load_adapter_weights(model, checkpoint_policy)
             return model
@@ -119,6 +122,9 @@ class Builder:
         return ref
 
     def plugin(self, kind: str, section: str, entry: Any) -> Any:
+        if entry is None:
+            installed = ", ".join(self.loaded.registry.names(kind)) or "none"
+            raise RecipeError(f"{self.loaded.source}: {section}: is null; give {{type: ...}} (installed: {installed})")
         plugin_type = self.loaded.registry.get(kind, entry.type)
         where = f"{self.loaded.source}: {section} ({entry.type})"
         try:

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zenalign.errors import ModelLoadError
+from zenalign.models.lora import is_adapted
 from zenalign.plugins import StatefulDirectory
 from zenalign.train.distributed import Dist
 from zenalign.train.state import TrainState
@@ -143,12 +144,15 @@ def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
         "processes": world_size,
         "objectives": list(objective_names),
         "model.lora": recipe.model.lora.model_dump(mode="json") if recipe.model.lora is not None else None,
+        "loss": recipe.loss.model_dump(mode="json") if recipe.loss is not None else None,
     }
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     for key, now in current.items():
-        then = saved.get(key)
+        if key not in saved:  # written before this setting was recorded
+            continue
+        then = saved[key]
         if key == "model" and (not then or not now):
             continue
         if then != now:
@@ -267,8 +271,9 @@ def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, f
 
 def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> None:
     """The policy as a save_pretrained directory with its tokenizer (only its config when not
-    consolidated: the weights are then in DeepSpeed's shards)."""
-    if consolidate:
+    consolidated: the weights are then in DeepSpeed's shards). A LoRA policy always saves its
+    adapter, which is small, so export never has to rebuild adapters from shards."""
+    if consolidate or is_adapted(parts.engine.model):
         weights = parts.engine.policy_state_dict()  # collective at ZeRO-3
         if parts.dist.is_main:
             parts.engine.model.save_pretrained(directory, state_dict=weights, safe_serialization=True)

@@ -198,7 +198,7 @@ class GRPOTrainer:
                                     base_reference=r.grpo.kl_coef > 0 and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
-        self.evaluate = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
+        self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
                                   self.score, lambda record: render_prompt(record, self.tokenizer), self.hook, self.context)
 
     def _warn_unenforced_constraints(self) -> None:
@@ -213,6 +213,10 @@ class GRPOTrainer:
 
     def _checkpoint_parts(self) -> ckpt.CheckpointParts:
         return ckpt.CheckpointParts(self.engine, self.dist, self.tokenizer, self.reference)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy (and, with run.eval_group_size, sampled) scores on the held-out prompts; see Evaluator."""
+        return self.evaluator()
 
     def reset_reference_to_policy(self) -> None:
         """Make the KL reference a copy of the current policy (online preference learning may ask
@@ -241,7 +245,8 @@ class GRPOTrainer:
         if main:
             self.hook.zenalign_on_train_start(context=self.context, start_step=self.state.step)
         result = TrainResult(self.run_dir.path, r.steps)
-        evals = self.run_dir.read("eval.jsonl") if self.resumed_from and main else []
+        # rank 0 reads the run directory; every rank must then make the same evaluation calls
+        evals = self.dist.broadcast(self.run_dir.read("eval.jsonl") if self.resumed_from and main else [])
         result.initial_eval = evals[0] if evals else self.evaluate()
         last_eval = evals[-1]["step"] if evals else 0
         with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,

@@ -18,7 +18,7 @@ from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.grpo.loss import GRPOLoss
 from zenalign.plugins import PolicyLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
-from zenalign.models.lora import adapters_off, forward_module
+from zenalign.models.lora import adapters_off, forward_module, is_adapted
 from zenalign.train.distributed import Dist
 
 
@@ -81,14 +81,20 @@ class PolicyUpdate:
         """Log-probs ``(N, Tc)`` of the sampled tokens under the KL reference."""
         if self.reference is not None:
             return self.logprobs(self.reference, rollout)
-        with adapters_off(self.engine.model):
-            return self.logprobs(self.engine.model, rollout)
+        model = self.engine.model
+        was_training = model.training
+        model.eval()  # the base model as a frozen reference: no dropout
+        try:
+            with adapters_off(model):
+                return self.logprobs(model, rollout)
+        finally:
+            model.train(was_training)
 
     def reset_reference(self, zero_stage: int) -> bool:
         """Copy the policy's weights into the reference; False when there is no KL term."""
-        if self.base_reference:
-            raise RecipeError("resetting the reference policy is not supported with model.lora: the reference is the "
-                              "adapter-free base model")
+        if self.base_reference or is_adapted(self.engine.model):
+            raise RecipeError("resetting the reference policy is not supported with model.lora (the reference is the "
+                              "adapter-free base model, or a model without adapters); turn the reset off")
         if self.reference is None:
             return False
         if zero_stage == 3:
