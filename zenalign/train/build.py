@@ -4,6 +4,7 @@ here knows any particular plugin."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -14,9 +15,11 @@ from zenalign.data import check_records
 from zenalign.errors import ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
-from zenalign.plugins import BuildContext, Objectives, get_plugin_manager
+from zenalign.plugins import BuildContext, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.grpo.scoring import BoundReward, bind_reward
+
+log = logging.getLogger("zenalign")
 
 @dataclass
 class Inputs:
@@ -185,6 +188,14 @@ class Builder:
     def loss(self):
         """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out)."""
         return self.plugin("loss", "loss", self.recipe.loss)
+
+    def warn_unenforced_constraints(self, objectives: Objectives, normalizer: Any) -> None:
+        """Constraint objectives with a normalizer that does not enforce them are combined as rewards: say so."""
+        if objectives.constraint_indices and not enforces_constraints(normalizer):
+            log.warning("objectives %s are constraints, but normalizer '%s' does not enforce constraints; they are "
+                        "combined as weighted rewards (choose a normalizer that enforces constraints; see `zenalign plugins`)",
+                        ", ".join(objectives.names[k] for k in objectives.constraint_indices),
+                        getattr(self.recipe.normalizer, "type", "given"))
 
     def normalizer(self):
         if self.inputs.normalizer is not None:

@@ -38,7 +38,7 @@ from zenalign.grpo.rollout import Rollout, generate_groups
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
 from zenalign.models.lora import forward_module, is_adapted, require_peft
-from zenalign.plugins import BuildContext, Objectives, ReportsMetrics, enforces_constraints, get_plugin_manager
+from zenalign.plugins import BuildContext, Objectives, ReportsMetrics, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
@@ -188,7 +188,7 @@ class GRPOTrainer:
         self.scorer = Scorer(rewards)
         self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
-        self._warn_unenforced_constraints()
+        builder.warn_unenforced_constraints(self.objectives, self.normalizer)
         train_records, eval_records = builder.prompts(prompts, eval_prompts)
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
@@ -200,13 +200,6 @@ class GRPOTrainer:
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
         self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
                                   self.score, lambda record: render_prompt(record, self.tokenizer), self.hook, self.context)
-
-    def _warn_unenforced_constraints(self) -> None:
-        if self.objectives.constraint_indices and not enforces_constraints(self.normalizer):
-            log.warning("objectives %s are constraints, but normalizer '%s' does not enforce constraints; they are "
-                        "combined as weighted rewards (choose a normalizer that enforces constraints; see `zenalign plugins`)",
-                        ", ".join(self.objectives.names[k] for k in self.objectives.constraint_indices),
-                        getattr(self.recipe.normalizer, "type", "given"))
 
     def _fingerprint(self) -> dict[str, Any]:
         return ckpt.fingerprint(self.recipe, self.dist.world_size, self.objectives.names, self.policy_config_dir)
