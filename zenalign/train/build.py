@@ -21,6 +21,7 @@ from zenalign.grpo.scoring import BoundReward, bind_reward
 
 log = logging.getLogger("zenalign")
 
+
 @dataclass
 class Inputs:
     """What the Python API hands over directly instead of naming it in the recipe."""
