@@ -80,6 +80,7 @@ def test_accepted_return_values(returned, expected):
         ([1.0], "returned 1 scores for 2 completions; it must return one score per completion"),
         ([1.0, 2.0, 3.0], "returned 3 scores for 2 completions"),
         (["good", 1.0], "returned str 'good' for completion 0 of objective 'r0'; scores must be numbers"),
+        ([1.0, "0.5"], "returned str '0.5' for completion 1 of objective 'r0'; scores must be numbers"),  # no conversion
         ([1.0, float("inf")], "returned inf for completion 1 of objective 'r0'; scores must be finite"),
         (0.5, "returned a float; it must return one score per completion"),
         ({"x": [1.0, 1.0]}, "returned objectives \\['x'\\]; expected exactly \\['r0'\\]"),

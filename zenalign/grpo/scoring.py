@@ -215,6 +215,8 @@ def _column(values: Any, bound: BoundReward, n: int, objective: str) -> torch.Te
             v = float(v)
         if not isinstance(v, (int, float)):
             try:
+                if isinstance(v, (str, bytes)):  # "0.5" is a bug in the reward, not a score to convert
+                    raise TypeError
                 v = float(v)  # numpy scalars, 0-d tensors
             except (TypeError, ValueError):
                 raise RewardError(
