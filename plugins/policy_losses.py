@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.loss import GRPOLoss, kl_estimate, token_weights
+from zenalign.grpo.loss import GRPOLoss, add_kl_penalty, token_weights
 from zenalign.plugins import Options, PolicyLossType, TokenLoss
 
 
@@ -64,9 +64,7 @@ class GSPOLoss:
         clipped = torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high) * adv       # (N, Tc)
         loss = -torch.minimum(ratio * adv, clipped)                                         # (N, Tc)
         is_clipped = ((ratio < 1.0 - self.clip_low) & (adv < 0)) | ((ratio > 1.0 + self.clip_high) & (adv > 0))
-        kl = kl_estimate(logp, ref_logp, self.kl_estimator) if ref_logp is not None else None
-        if kl is not None and self.kl_coef:
-            loss = loss + self.kl_coef * kl                                                 # (N, Tc)
+        loss, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
         return TokenLoss(loss=loss, ratio=ratio.detach().expand_as(logp), clipped=is_clipped.to(logp.dtype), kl=kl)
 
 
@@ -106,9 +104,7 @@ class CISPOLoss:
         adv = advantages.to(logp.dtype).unsqueeze(1)                                        # (N, 1)
         loss = -weight * adv * logp                                                         # (N, Tc)
         is_clipped = (ratio < self.low) | (ratio > self.high)                               # (N, Tc) weight bounded
-        kl = kl_estimate(logp, ref_logp, self.kl_estimator) if ref_logp is not None else None
-        if kl is not None and self.kl_coef:
-            loss = loss + self.kl_coef * kl                                                 # (N, Tc)
+        loss, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
         return TokenLoss(loss=loss, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl)
 
 

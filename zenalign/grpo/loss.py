@@ -44,6 +44,16 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
+def add_kl_penalty(loss: torch.Tensor, logp: torch.Tensor, ref_logp: Optional[torch.Tensor], kl_coef: float,
+                   estimator: str = "k3") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``loss + kl_coef * KL`` per token and the KL estimate, ``(N, Tc)`` each; without a reference
+    (``ref_logp`` None) the loss as it is and no KL. Every built-in policy loss adds its KL here."""
+    if ref_logp is None:
+        return loss, None
+    kl = kl_estimate(logp, ref_logp, estimator)                                   # (N, Tc)
+    return (loss + kl_coef * kl if kl_coef else loss), kl
+
+
 class GRPOLoss:
     """The clipped GRPO surrogate plus the KL penalty, aggregated with batch-wide token weights.
 
@@ -86,11 +96,7 @@ class GRPOLoss:
         loss = -torch.minimum(unclipped, clipped)                             # (N, Tc) pessimistic bound
         is_clipped = (((ratio < 1.0 - self.clip_low) & (adv < 0))             # (N, Tc) where clipping
                       | ((ratio > 1.0 + self.clip_high) & (adv > 0)))         #   removed the gradient
-        kl = None
-        if ref_logp is not None:
-            kl = kl_estimate(logp, ref_logp, self.kl_estimator)               # (N, Tc)
-            if self.kl_coef:
-                loss = loss + self.kl_coef * kl                               # (N, Tc)
+        loss, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
         return TokenLoss(loss=loss, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl)
 
     def __call__(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
