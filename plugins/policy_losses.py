@@ -64,8 +64,9 @@ class GSPOLoss:
         clipped = torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high) * adv       # (N, Tc)
         loss = -torch.minimum(ratio * adv, clipped)                                         # (N, Tc)
         is_clipped = ((ratio < 1.0 - self.clip_low) & (adv < 0)) | ((ratio > 1.0 + self.clip_high) & (adv > 0))
-        loss, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
-        return TokenLoss(loss=loss, ratio=ratio.detach().expand_as(logp), clipped=is_clipped.to(logp.dtype), kl=kl)
+        total, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
+        return TokenLoss(loss=total, ratio=ratio.detach().expand_as(logp), clipped=is_clipped.to(logp.dtype), kl=kl,
+                         policy=loss)
 
 
 class CISPOOptions(Options):
@@ -104,8 +105,8 @@ class CISPOLoss:
         adv = advantages.to(logp.dtype).unsqueeze(1)                                        # (N, 1)
         loss = -weight * adv * logp                                                         # (N, Tc)
         is_clipped = (ratio < self.low) | (ratio > self.high)                               # (N, Tc) weight bounded
-        loss, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
-        return TokenLoss(loss=loss, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl)
+        total, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
+        return TokenLoss(loss=total, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl, policy=loss)
 
 
 @hookimpl

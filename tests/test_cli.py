@@ -70,7 +70,7 @@ def test_schema_is_json_schema():
     done = run_cli("schema")
     assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
-    assert set(schema["properties"]) == {"model", "data", "sampling", "grpo", "rewards", "objectives", "normalizer", "loss", "engine", "run", "plugins", "sweep"}
+    assert set(schema["properties"]) == {"model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "engine", "run", "plugins", "sweep"}
 
 
 @pytest.mark.slow

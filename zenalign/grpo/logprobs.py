@@ -23,8 +23,10 @@ def completion_logprobs(
     temperature: float = 1.0,
     share_prompts: bool = True,
     lean: bool = True,
-) -> torch.Tensor:
-    """log pi(token | prefix) for every completion token, ``(N, Tc)``.
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token | prefix) for every completion token, ``(N, Tc)``; with ``entropy``, also pi's
+    entropy there, ``(N, Tc)``, detached, from the same logits (see :func:`token_entropy`).
 
     Position ids follow the attention mask (left padding does not shift positions), matching
     what ``generate`` used. The LM head runs only on the positions that predict completion
@@ -32,16 +34,14 @@ def completion_logprobs(
 
     With ``share_prompts`` (and a model that takes a KV cache: a plain transformers model, or
     one under DistributedDataParallel; not a DeepSpeed engine, and a plain full-attention
-    cache), rows that repeat the previous row's prompt, the ``k`` completions of a GRPO group,
-    run that prompt once: one forward pass over the distinct prompts fills a KV
-    cache, the cache is gathered out to every row, and a second pass runs the completion tokens
-    on top of it. Attention is causal, so a prompt's keys and values do not depend on the
+    cache), rows that repeat the previous row's prompt (a GRPO group) run that prompt once: one
+    pass over the distinct prompts fills a KV cache, gathered out to every row, and a second pass
+    runs the completion tokens on top of it. Attention is causal, so a prompt's keys and values do not depend on the
     completion that follows; the result and its gradient (which flows back through the
     gathered cache into the prompt pass) are those of the plain pass, with the prompt's share
-    of the work divided by the group size. ``tests/test_shared_prompts.py`` pins both paths
-    together. Under DDP the prompt pass calls the wrapped module and the completion pass the
-    wrapper: autograd sums each parameter's gradient over both passes before DDP's per-parameter
-    hook fires, so the all-reduce sees one complete gradient, as with one forward pass.
+    of the work divided by the group size (``tests/test_shared_prompts.py`` pins both paths
+    together). Under DDP the prompt pass calls the wrapped module and the completion pass the
+    wrapper; autograd sums each parameter's gradient over both before DDP's hook fires.
 
     With ``lean`` and an eligible plain model (see :mod:`zenalign.models.lean`), the same pass,
     prompts and completions together, runs on the lean forward.
@@ -54,7 +54,7 @@ def completion_logprobs(
             if not share_prompts:
                 leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
             logits = fast.group_logits(sequences, attention_mask, prompt_length, leaders, owner)
-            return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+            return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
         inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
         cache_name = cache_argument(type(inner))
@@ -64,7 +64,7 @@ def completion_logprobs(
             if len(leaders) < sequences.shape[0] and full_attention_only(cache):
                 logits = _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask,
                                                prompt_length, leaders, owner)
-                return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+                return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
     completion_length = sequences.shape[1] - prompt_length
     position_ids = mask_positions(attention_mask)
     kwargs = {}
@@ -74,16 +74,30 @@ def completion_logprobs(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
     ).logits
     logits = logits[:, -(completion_length + 1) : -1, :]  # (N, Tc, V): predicts each completion token
-    return _token_logprobs(logits, sequences[:, prompt_length:], temperature)
+    return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool = False):
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     # log_softmax's fused kernels rather than a gather minus a written-out logsumexp: fewer kernels
     # forward and backward (measurements: docs/performance.md)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.log_softmax(logits, dim=-1)                                  # (N, Tc, V)
+    chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)               # (N, Tc)
+    return (chosen, token_entropy(log_probs)) if entropy else chosen
+
+
+@torch.no_grad()
+def token_entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """``H = -sum_v p_v log p_v`` at every position of ``(N, Tc, V)`` log-probabilities, ``(N, Tc)``,
+    without gradient. One row at a time, so the extra memory is one row's ``(Tc, V)``, not the
+    batch's (at V = 152k and 4096 tokens a row is 2.5 GB in fp32, the batch many times that)."""
+    out = torch.empty(log_probs.shape[:-1], dtype=log_probs.dtype, device=log_probs.device)
+    for i in range(log_probs.shape[0]):
+        row = log_probs[i]                                                         # (Tc, V)
+        out[i] = -(row.exp() * row).nan_to_num_(0.0).sum(-1)                       # 0 * log 0 = 0
+    return out
 
 
 def _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask, prompt_length, leaders, owner):

@@ -96,8 +96,8 @@ class GRPOLoss:
         loss = -torch.minimum(unclipped, clipped)                             # (N, Tc) pessimistic bound
         is_clipped = (((ratio < 1.0 - self.clip_low) & (adv < 0))             # (N, Tc) where clipping
                       | ((ratio > 1.0 + self.clip_high) & (adv > 0)))         #   removed the gradient
-        loss, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
-        return TokenLoss(loss=loss, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl)
+        total, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each
+        return TokenLoss(loss=total, ratio=ratio, clipped=is_clipped.to(logp.dtype), kl=kl, policy=loss)
 
     def __call__(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
                  ref_logp: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, TokenLoss]:

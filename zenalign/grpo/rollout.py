@@ -263,3 +263,25 @@ def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Se
         completions=texts,
         completion_ids=ids,
     )
+
+
+def completion_rows(rollout: Rollout) -> list[list[int]]:
+    """Each completion's tokens up to and including its EOS (what :func:`rollout_from_rows` takes back)."""
+    lengths = rollout.completion_mask.sum(dim=1).tolist()
+    return [row[: int(n)].tolist() for row, n in zip(rollout.completion_tokens, lengths)]
+
+
+def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]], group_size: int,
+                      eos_ids: Sequence[int], device: Any = None) -> Rollout:
+    """A :class:`Rollout` of ``group_size`` completions per prompt from their token rows (see
+    :func:`completion_rows`): the prompts encoded as for sampling (left-padded), the completions
+    right-padded. Groups drawn in different rounds or on different processes join one batch this way."""
+    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)   # (N, Tp)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
+    width = max((len(row) for row in rows), default=0)
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=prompt_ids.dtype)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row, dtype=prompt_ids.dtype)
+    sequences = torch.cat([prompt_ids, tokens], dim=1).to(device)
+    return rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer)

@@ -20,9 +20,13 @@ from zenalign.plugins.api import (
     PluginType,
     PolicyLoss,
     PolicyLossType,
+    RefillsGroups,
     ReportsMetrics,
     RewardSource,
     RewardSourceType,
+    RolloutFilter,
+    RolloutFilterType,
+    RolloutGroups,
     RunContext,
     ScoreBatch,
     Stateful,
@@ -39,7 +43,8 @@ from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
 __all__ = [
     "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "EnforcesConstraints", "NormalizerType",
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
-    "ReportsMetrics", "RewardSource", "RewardSourceType", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
+    "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
+    "RolloutGroups", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
     "Task", "TaskType", "TokenLoss", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
     "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls",
 ]

@@ -1,4 +1,5 @@
-"""The plugin API: what a plugin hands to zenalign (reward source, normalizer and task *types*),
+"""The plugin API: what a plugin hands to zenalign (reward source, normalizer, task, policy loss and
+rollout filter *types*),
 the protocols their instances follow, the optional capabilities the engine looks for, and the run
 context plugins receive instead of the trainer.
 
@@ -94,6 +95,10 @@ class PolicyLossType(PluginType):
     """A policy loss kind, named in a recipe's ``loss: {type: NAME, ...}``."""
 
 
+class RolloutFilterType(PluginType):
+    """A rollout filter kind, named in a recipe's ``filters: [{type: NAME, ...}]``."""
+
+
 @dataclass
 class ScoreBatch:
     """The completions a reward source scores, ``N = prompts_per_step * group_size`` of them.
@@ -172,6 +177,8 @@ class TokenLoss:
     ratio: "torch.Tensor"  # pi / pi_old as the loss sees it (metrics: ratio_mean)
     clipped: "torch.Tensor"  # 1.0 where clipping changed the token's gradient (metrics: clip_frac)
     kl: "Optional[torch.Tensor]"  # the KL estimate per token, None without a reference
+    policy: "Optional[torch.Tensor]" = None  # the policy-gradient part of ``loss`` (before the KL penalty);
+    #                                          grpo.top_entropy_quantile masks this part only
 
 
 @runtime_checkable
@@ -194,6 +201,39 @@ class PolicyLoss(Protocol):
 
     def per_token(self, logp: "torch.Tensor", old_logp: "torch.Tensor", advantages: "torch.Tensor",
                   ref_logp: "Optional[torch.Tensor]" = None, mask: "Optional[torch.Tensor]" = None) -> TokenLoss: ...
+
+
+@dataclass
+class RolloutGroups:
+    """A step's scored groups as rollout filters see them: the global batch (every process sees
+    the same), ``P`` groups of ``G`` completions, between scoring and normalizing.
+
+    A filter returns it changed (``dataclasses.replace``): it may reshape ``rewards`` (reward
+    shaping; NaN stays an abstention), drop groups (``keep`` False: they never reach the loss), or
+    take completions out of the loss (``loss_mask`` False). The rest is read-only.
+    """
+
+    rewards: "torch.Tensor"  # (P, G, K) float64, NaN = abstain
+    keep: "torch.Tensor"  # (P,) bool: groups that go to the update
+    loss_mask: "torch.Tensor"  # (P, G) bool: completions whose tokens count in the loss
+    lengths: "torch.Tensor"  # (P, G) completion tokens, without the EOS
+    truncated: "torch.Tensor"  # (P, G) bool: no EOS within max_new_tokens
+    prompts: list[str]  # (P,) rendered prompts
+    completions: list[list[str]]  # (P, G) decoded completions
+    records: list[dict[str, Any]]  # (P,) the prompt records (with fields such as ``answer``)
+    max_new_tokens: int
+    step: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@runtime_checkable
+class RolloutFilter(Protocol):
+    """Changes a step's scored groups before advantages are computed (see :class:`RolloutGroups`).
+    Filters run in the order the recipe lists them."""
+
+    def __call__(self, groups: RolloutGroups, objectives: Objectives) -> RolloutGroups: ...
 
 
 @runtime_checkable
@@ -294,9 +334,18 @@ class EnforcesConstraints(Protocol):
     enforces_constraints: bool
 
 
+@runtime_checkable
+class RefillsGroups(Protocol):
+    """A rollout filter that wants its dropped groups replaced: while fewer than
+    ``grpo.prompts_per_step`` groups are kept, the engine draws and samples that many more prompts,
+    at most ``max_extra_rounds`` times per step (DAPO's dynamic sampling)."""
+
+    max_extra_rounds: int
+
+
 def enforces_constraints(normalizer: Any) -> bool:
     """Whether ``normalizer`` declares :class:`EnforcesConstraints` and has it switched on."""
     return isinstance(normalizer, EnforcesConstraints) and bool(normalizer.enforces_constraints)
 
 
-CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints)
+CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints, RefillsGroups)

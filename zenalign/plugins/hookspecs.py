@@ -15,7 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from zenalign.plugins.api import (BuildContext, NormalizerType, PolicyLossType, RewardSource, RewardSourceType,
-                                      RunContext, TaskType)
+                                      RolloutFilterType, RunContext, TaskType)
 
 PROJECT = "zenalign"
 
@@ -57,6 +57,15 @@ def zenalign_task_types() -> list[TaskType]:
 @hookspec
 def zenalign_policy_loss_types() -> list[PolicyLossType]:
     """Return the policy loss types this plugin provides (see ``PolicyLoss``).
+
+    Call rule: all results are collected. A name provided by two plugins is an error that names
+    both.
+    """
+
+
+@hookspec
+def zenalign_rollout_filter_types() -> list[RolloutFilterType]:
+    """Return the rollout filter types this plugin provides (see ``RolloutFilter``).
 
     Call rule: all results are collected. A name provided by two plugins is an error that names
     both.

@@ -1,5 +1,5 @@
-"""The registry: every reward source, normalizer and task type the registered plugins provide,
-by kind and name, with the plugin that provides each."""
+"""The registry: every reward source, normalizer, task, policy loss and rollout filter type the
+registered plugins provide, by kind and name, with the plugin that provides each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import pluggy
 
 from zenalign.errors import PluginError, one_line
-from zenalign.plugins.api import NormalizerType, PluginType, PolicyLossType, RewardSourceType, TaskType
+from zenalign.plugins.api import (NormalizerType, PluginType, PolicyLossType, RewardSourceType, RolloutFilterType,
+                                  TaskType)
 from zenalign.plugins.manager import get_plugin_manager
 
 # kind -> (hook name, type class, what the recipe calls it)
@@ -17,6 +18,7 @@ KINDS: dict[str, tuple[str, type[PluginType], str]] = {
     "normalizer": ("zenalign_normalizer_types", NormalizerType, "normalizer"),
     "task": ("zenalign_task_types", TaskType, "task"),
     "loss": ("zenalign_policy_loss_types", PolicyLossType, "policy loss"),
+    "filter": ("zenalign_rollout_filter_types", RolloutFilterType, "rollout filter"),
 }
 
 

@@ -4,7 +4,7 @@ This module is the single source of truth for options. ``Field(description=...)`
 documentation (docs/recipe-reference.md is generated from it), the defaults here are the only
 defaults, and ``extra="forbid"`` turns a typo into an error that names the field.
 
-Plugin sections (``rewards``, ``normalizer``, ``data``) are validated against the options model of
+Plugin sections (``rewards``, ``normalizer``, ``data``, ``loss``, ``filters``) are validated against the options model of
 the plugin type they name: :func:`build_recipe_model` makes a tagged union of every installed
 type, so a single validation pass checks the whole recipe.
 """
@@ -139,6 +139,15 @@ class GRPOSection(Section):
         "then over completions (the paper). dapo: sum over all tokens / total tokens (token-level; long "
         "completions weigh more). dr_grpo: sum over all tokens / (completions * max_new_tokens), which "
         "removes the length bias of grpo (Dr. GRPO, arXiv 2503.20783).",
+    )
+    top_entropy_quantile: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="rho: the policy-gradient term is kept only on the top rho share of completion tokens by the "
+        "entropy of pi_old at that position, over the whole batch (arXiv 2506.01939 uses 0.2); the KL term keeps "
+        "every token. 1 keeps all tokens. Below 1 the entropies come from a no-gradient pass before the update "
+        "(the old log-prob pass, which then runs even at num_iterations 1).",
     )
     num_iterations: int = Field(
         1,
@@ -375,13 +384,17 @@ class LossEntry(Section):
     """Fields every policy loss entry has, besides its plugin's own options."""
 
 
+class FilterEntry(Section):
+    """Fields every rollout filter entry has, besides its plugin's own options."""
+
+
 ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
-                                         "loss": LossEntry}
+                                         "loss": LossEntry, "filter": FilterEntry}
 
 
 class Recipe(Section):
-    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, normalizer, loss, engine, run,
-    plugins, sweep."""
+    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, filters, normalizer, loss, engine,
+    run, plugins, sweep."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="The policy to train.")
     data: Optional[Any] = Field(
@@ -398,6 +411,12 @@ class Recipe(Section):
         default_factory=dict,
         description="Per objective (by name): weight, and role reward or constraint (with threshold and direction). "
         "Objectives not listed are rewards with their reward entry's weight.",
+    )
+    filters: list[Any] = Field(
+        default_factory=list,
+        description="Rollout filters, `[{type: FILTER, ...options}]`, applied in this order to each step's scored "
+        "groups before advantages are computed: reward shaping, dropping groups (dynamic_sampling refills them "
+        "from more prompts), masking completions out of the loss. None by default.",
     )
     normalizer: Optional[Any] = Field(
         None,
@@ -458,6 +477,7 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
     normalizer = tagged_union("normalizer", registry)
     task = tagged_union("task", registry)
     loss = tagged_union("loss", registry)
+    rollout_filter = tagged_union("filter", registry)
     fields = Recipe.model_fields
     default_normalizer = registry.default("normalizer")
     default_loss = registry.default("loss")
@@ -472,6 +492,7 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
         __doc__=Recipe.__doc__,
         data=(Optional[task], described("data", default=None)),
         rewards=(list[reward], described("rewards", default_factory=list)),
+        filters=(list[rollout_filter], described("filters", default_factory=list)),
         normalizer=(Optional[normalizer], described("normalizer", default=normalizer_default, validate_default=True)),
         loss=(Optional[loss], described("loss", default={"type": default_loss} if default_loss else None,
                                         validate_default=True)),

@@ -190,6 +190,10 @@ class Builder:
         """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out)."""
         return self.plugin("loss", "loss", self.recipe.loss)
 
+    def filters(self) -> list[tuple[str, Any]]:
+        """The rollout filters of the recipe's ``filters`` list, in order, each with its name."""
+        return [(entry.type, self.plugin("filter", f"filters[{i}]", entry)) for i, entry in enumerate(self.recipe.filters)]
+
     def warn_unenforced_constraints(self, objectives: Objectives, normalizer: Any) -> None:
         """Constraint objectives with a normalizer that does not enforce them are combined as rewards: say so."""
         if objectives.constraint_indices and not enforces_constraints(normalizer):

@@ -145,6 +145,7 @@ def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
         "objectives": list(objective_names),
         "model.lora": recipe.model.lora.model_dump(mode="json") if recipe.model.lora is not None else None,
         "loss": recipe.loss.model_dump(mode="json") if recipe.loss is not None else None,
+        "filters": [entry.model_dump(mode="json") for entry in recipe.filters],
     }
 
 

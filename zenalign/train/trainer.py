@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.errors import RecipeError
 from zenalign.grpo.advantages import compute_advantages
-from zenalign.grpo.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
 from zenalign.grpo.rollout import Rollout, generate_groups
 from zenalign.grpo.scoring import Scorer, make_batch
@@ -43,6 +42,7 @@ from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
 from zenalign.train.build import Builder, Inputs
+from zenalign.train.collect import BatchCollector
 from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, init_distributed
 from zenalign.train.engine import create_engine
@@ -131,6 +131,7 @@ class GRPOTrainer:
         objectives = builder.objectives(rewards)
         builder.normalizer()
         builder.loss()
+        builder.filters()
         return objectives
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
@@ -198,6 +199,8 @@ class GRPOTrainer:
                                     base_reference=r.grpo.kl_coef > 0 and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
+        self.collect = BatchCollector(r, self.dist, self.sampler, self.scorer, self.objectives, builder.filters(),
+                                      self.sample, self.score_batch, self.tokenizer, self.eos_ids, self.context)
         self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
                                   self.score, lambda record: render_prompt(record, self.tokenizer), self.hook, self.context)
 
@@ -262,21 +265,13 @@ class GRPOTrainer:
         return result
 
     def train_step(self) -> dict[str, Any]:
-        """One GRPO step: sample -> score -> normalize -> reference -> update -> log."""
-        g, group_size, dist = self.recipe.grpo, self.recipe.sampling.group_size, self.dist
-        per_rank = g.prompts_per_step // dist.world_size
-        first = dist.rank * per_rank * group_size  # this rank's first row of the global batch
+        """One GRPO step: sample -> score -> filter -> normalize -> reference -> update -> log."""
+        group_size, dist = self.recipe.sampling.group_size, self.dist
         timer = PhaseTimer()
-        with timer("sample"):
-            records = self.sampler.next_batch(g.prompts_per_step)  # the same global batch on every rank
-            records = records[dist.rank * per_rank : (dist.rank + 1) * per_rank]
-            rollout = self.sample(records, completion_keys(self.recipe.run.seed, self.state.step, first,
-                                                           per_rank * group_size))
-        with timer("score"):
-            batch = self.score_batch(records, rollout, group_size)
-            local_rewards = self.scorer(batch)  # (N_local, K)
-            self.scorer.observe(batch, local_rewards, self.objectives, self.context)
-            rewards = dist.gather_rows(local_rewards)  # (N, K), all ranks
+        with timer("sample"):  # sampling, scoring and the filters (see zenalign.train.collect)
+            batch = self.collect(self.state.step)
+        rollout, rewards = batch.rollout, batch.rewards
+        first = dist.rank * len(rollout)  # this rank's first row of the global batch
         with timer("normalize"):
             name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
             all_advantages = compute_advantages(self.normalizer, rewards, self.objectives, group_size, name)  # (N,)
@@ -286,18 +281,19 @@ class GRPOTrainer:
             with timer("reference"):
                 ref_logp = self.updater.reference_logprobs(rollout)  # (N_local, Tc)
         with timer("update"):
-            update = self.updater(rollout, advantages, ref_logp)
+            update = self.updater(rollout, advantages, ref_logp, loss_mask=batch.loss_mask)
         with timer("log"):
-            self.state.samples_seen += len(rollout) * dist.world_size
-            metrics = self.step_metrics(rollout, rewards, update, timer)
+            self.state.samples_seen += len(batch.sampled_rewards)
+            metrics = self.step_metrics(rollout, batch.sampled_rewards, update, timer)
             metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
                                                          all_advantages.view(-1, group_size))
+            metrics.update(batch.metrics)
             metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
             metrics.update(self.scorer.metrics())
             run = self.recipe.run
             if dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
                 self.run_dir.append("samples.jsonl", sample_lines(
-                    self.state.step, [render_prompt(rec, self.tokenizer) for rec in records[: run.log_samples]],
+                    self.state.step, [render_prompt(rec, self.tokenizer) for rec in batch.records[: run.log_samples]],
                     rollout.completions, rewards, advantages, self.objectives.names, group_size))
         metrics["time/log"] = round(timer.seconds["log"], 6)
         if dist.is_main:
@@ -323,9 +319,10 @@ class GRPOTrainer:
 
     def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, update: dict[str, float], timer: PhaseTimer) -> dict[str, Any]:
         """The step's metrics over all ranks (every rank computes the same numbers)."""
-        loss, kl, clip, ratio, tokens, lengths, truncated = self.dist.sum([
+        loss, kl, clip, ratio, tokens, lengths, truncated, entropy, entropy_tokens = self.dist.sum([
             update["loss"], update["kl"], update["clip"], update["ratio"], update["tokens"],
-            float(rollout.completion_mask.sum()), float(rollout.truncated.sum())])
+            float(rollout.completion_mask.sum()), float(rollout.truncated.sum()), update["entropy"],
+            update["entropy_tokens"]])
         seconds = dict(zip(timer.seconds, self.dist.max(list(timer.seconds.values()))))
         n = len(rollout) * self.dist.world_size
         step_seconds = self.dist.max([timer.elapsed()])[0]
@@ -334,7 +331,10 @@ class GRPOTrainer:
         metrics.update(
             loss=loss, kl=kl / max(tokens, 1.0), clip_frac=clip / max(tokens, 1.0), ratio_mean=ratio / max(tokens, 1.0),
             grad_norm=update["grad_norm"], lr=self.engine.learning_rate, completion_len=lengths / n,
-            truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0)
+            truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
+            entropy=entropy / entropy_tokens if entropy_tokens else None)
+        if "entropy_threshold" in update:
+            metrics["entropy_threshold"] = update["entropy_threshold"]
         metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
         if self.dist.is_main and self.state.step % self.recipe.run.log_interval == 0:
             log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", self.state.step,

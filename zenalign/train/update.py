@@ -2,7 +2,10 @@
 micro-batches, with the loss normalised over the whole (global) batch.
 
 Old log-probs are computed once per generation, and only when mu > 1: with mu = 1 the policy has
-not moved yet, so the detached current log-probs are exactly pi_old and that pass is skipped.
+not moved yet, so the detached current log-probs are exactly pi_old and that pass is skipped
+(unless ``grpo.top_entropy_quantile`` needs pi_old's entropies for the whole batch first).
+The policy's per-token entropy is logged from the logits the first pass over the batch computes
+anyway: no extra forward pass.
 Under several processes each rank's loss uses global token counts and is scaled by the world
 size (the engines average gradients), so the update equals the single-process one.
 """
@@ -13,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from zenalign.errors import RecipeError
+from zenalign.errors import PluginError, RecipeError
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.grpo.loss import GRPOLoss
 from zenalign.plugins import PolicyLoss, TokenLoss
@@ -68,6 +71,8 @@ class PolicyUpdate:
         self.temperature = recipe.sampling.temperature
         self.share_prompts = recipe.engine.shared_prompts
         self.lean_forward = recipe.engine.lean_forward
+        self.top_entropy_quantile = recipe.grpo.top_entropy_quantile
+        self.loss_name = getattr(recipe.loss, "type", type(self.loss).__name__)
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.micro_batch_size or n
@@ -102,54 +107,99 @@ class PolicyUpdate:
         self.reference.load_state_dict({k: v.detach() for k, v in self.engine.model.state_dict().items()})
         return True
 
-    def forward(self, model: torch.nn.Module, rollout: Rollout, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Log-probs ``(n, Tc)`` of the sampled tokens of ``rows`` under ``model``, at the sampling temperature."""
+    def forward(self, model: torch.nn.Module, rollout: Rollout, rows: slice | torch.Tensor, entropy: bool = False):
+        """Log-probs ``(n, Tc)`` of the sampled tokens of ``rows`` under ``model``, at the sampling
+        temperature; with ``entropy``, also the policy's entropy at each position ``(n, Tc)``."""
         with self.engine.autocast():
             return completion_logprobs(forward_module(model), rollout.sequences[rows], rollout.attention_mask[rows],
                                        rollout.prompt_length, self.temperature, share_prompts=self.share_prompts,
-                                       lean=self.lean_forward)
+                                       lean=self.lean_forward, entropy=entropy)
 
     @torch.no_grad()
-    def logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-        """Log-probs ``(N, Tc)`` of the sampled tokens under ``model`` (no gradient), micro-batched."""
-        return torch.cat([self.forward(model, rollout, rows) for rows in self.micro_batches(len(rollout))])
+    def logprobs(self, model: torch.nn.Module, rollout: Rollout, entropy: bool = False):
+        """Log-probs ``(N, Tc)`` of the sampled tokens under ``model`` (no gradient), micro-batched;
+        with ``entropy``, also the entropies ``(N, Tc)``."""
+        parts = [self.forward(model, rollout, rows, entropy) for rows in self.micro_batches(len(rollout))]
+        if not entropy:
+            return torch.cat(parts)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor,
-                    weights: torch.Tensor, old_logp: Optional[torch.Tensor],
-                    ref_logp: Optional[torch.Tensor]) -> tuple[torch.Tensor, TokenLoss]:
-        """This micro-batch's share of the batch loss, with gradient, and its per-token terms.
-        ``old_logp=None`` means pi_old is the current policy (mu = 1)."""
-        logp = self.forward(self.engine.train_model, rollout, rows)                    # (n, Tc)
+    def entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(N, Tc)`` 1.0 on the tokens whose entropy is in the top ``top_entropy_quantile`` share of
+        the global batch's completion tokens (arXiv 2506.01939), and the entropy threshold."""
+        values = entropy[mask.bool()].float().cpu()
+        everything = torch.cat(self.dist.gather_objects([values])) if self.dist.active else values
+        if everything.numel() == 0:
+            return torch.ones_like(entropy), float("nan")
+        threshold = float(torch.quantile(everything.double(), 1.0 - self.top_entropy_quantile))
+        return (entropy >= threshold).to(entropy.dtype), threshold
+
+    def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+                    mask: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
+                    keep: Optional[torch.Tensor], entropy: bool) -> tuple[torch.Tensor, TokenLoss, Optional[torch.Tensor]]:
+        """This micro-batch's share of the batch loss, with gradient, its per-token terms, and (with
+        ``entropy``) the policy's entropies. ``old_logp=None`` means pi_old is the current policy
+        (mu = 1); ``keep`` ``(N, Tc)`` restricts the policy-gradient term to high-entropy tokens."""
+        out = self.forward(self.engine.train_model, rollout, rows, entropy)
+        logp, ent = out if entropy else (out, None)                                    # (n, Tc) each
         old = old_logp[rows] if old_logp is not None else logp.detach()                # (n, Tc)
         ref = ref_logp[rows] if ref_logp is not None else None                         # (n, Tc) or None
-        token = self.loss.per_token(logp, old, advantages[rows], ref_logp=ref, mask=rollout.completion_mask[rows])
-        return (token.loss * weights[rows]).sum(), token                                # () this micro-batch's share
+        token = self.loss.per_token(logp, old, advantages[rows], ref_logp=ref, mask=mask[rows])
+        loss = token.loss
+        if keep is not None:
+            if token.policy is None:
+                raise PluginError(f"policy loss '{self.loss_name}' does not report its policy-gradient term "
+                                  f"(TokenLoss.policy), which grpo.top_entropy_quantile masks; set it to 1")
+            loss = loss - token.policy * (1.0 - keep[rows])                            # PG term on kept tokens only
+        return (loss * weights[rows]).sum(), token, ent                                # () this micro-batch's share
 
-    def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
-        """mu optimizer steps on this batch. Returns this rank's sums (loss, and KL/clip/ratio over
-        its tokens) per pass, averaged over passes, and its token count."""
+    def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
+                 loss_mask: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """mu optimizer steps on this batch. ``loss_mask`` ``(N,)`` takes completions out of the loss
+        (a rollout filter's choice). Returns this rank's sums (loss, and KL/clip/ratio over its
+        tokens) per pass, averaged over passes, its token count, and its entropy sum and the tokens
+        that sum covers."""
         world = self.dist.world_size
         self.engine.train_model.train()
         mask = rollout.completion_mask                                                 # (N, Tc)
+        if loss_mask is not None:
+            mask = mask * loss_mask.to(mask.device, mask.dtype).unsqueeze(1)
         advantages = advantages.to(mask.device)  # rewards are scored on the CPU; the loss runs where the model does
         local_tokens = float(mask.sum())
         weights = self.loss.token_weights(mask, num_sequences=len(rollout) * world,
                                           num_tokens=self.dist.sum([local_tokens])[0])  # (N, Tc)
-        old_logp = self.logprobs(self.engine.train_model, rollout) if self.num_iterations > 1 else None
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
+        old_logp = keep = None
+        entropy = {"entropy": 0.0, "entropy_tokens": 0.0}
+        if self.num_iterations > 1 or self.top_entropy_quantile < 1.0:  # pi_old's pass over the whole batch
+            old_logp, old_entropy = self.logprobs(self.engine.train_model, rollout, entropy=True)
+            self._add_entropy(entropy, old_entropy, mask)
+            if self.top_entropy_quantile < 1.0:
+                keep, entropy["entropy_threshold"] = self.entropy_mask(old_entropy, mask)
+            old_logp = old_logp if self.num_iterations > 1 else None  # mu = 1: the update's own detached pass
         batches = self.micro_batches(len(rollout))
         if (self.skip_zero_advantage and self.loss.skips_zero_advantage_rows and old_logp is None
                 and ref_logp is None):
             batches, skipped_tokens = rows_that_move(batches, advantages, mask)
             sums["ratio"] += skipped_tokens  # pi = pi_old on every skipped token: a ratio of exactly 1, never clipped
-        for _ in range(self.num_iterations):
+        for iteration in range(self.num_iterations):
+            measure = iteration == 0 and not entropy["entropy_tokens"]
             for i, rows in enumerate(batches):
                 with self.engine.micro_batch(last=i == len(batches) - 1):
-                    loss, token = self.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
+                    loss, token, ent = self.policy_loss(rollout, rows, advantages, weights, mask, old_logp, ref_logp,
+                                                        keep, measure)
                     self.engine.backward(loss * world)  # processes' gradients are averaged; this makes them sum
                 self._add_token_sums(sums, loss, token, mask[rows])
+                if ent is not None:
+                    self._add_entropy(entropy, ent, mask[rows])
             sums["grad_norm"] += self.engine.optimizer_step()
-        return {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens}
+        return {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens} | entropy
+
+    @staticmethod
+    def _add_entropy(sums: dict[str, float], ent: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.to(ent.dtype)
+        sums["entropy"] += float((ent * m).sum())
+        sums["entropy_tokens"] += float(m.sum())
 
     @staticmethod
     def _add_token_sums(sums: dict[str, float], loss: torch.Tensor, token: TokenLoss, mask: torch.Tensor) -> None:
