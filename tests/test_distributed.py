@@ -107,6 +107,41 @@ def test_two_processes_leaving_out_zero_advantage_rows_match_one_running_every_r
     assert any(m["zero_std_frac"] > 0 for m in want)  # there were rows to leave out
 
 
+def two_runs(tmp_path, *options: str) -> tuple[list[dict], list[dict]]:
+    """The quickstart with ``options`` on one process and under torchrun on two: (one, two)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = run_cli("run", QUICKSTART, *COMMON, *options, f"run.output_dir={one}")
+    assert done.returncode == 0, done.stderr
+    done = launch(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                  "-m", "zenalign", "run", QUICKSTART, *COMMON, *options, f"run.output_dir={two}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return metrics(one), metrics(two)
+
+
+def test_two_processes_with_rollout_filters_match_one(tmp_path):
+    """Dynamic sampling decides on the gathered rewards, so both ranks draw the same extra rounds;
+    the groups kept are gathered as token rows and each rank rebuilds its half. The run equals
+    one process doing it all."""
+    want, got = two_runs(tmp_path, "filters=[{type: overlong_shaping, cache_length: 3}, "
+                         "{type: dynamic_sampling, max_extra_rounds: 2}, {type: mask_truncated}]")
+    assert_same_run(got, want)
+    for g, w in zip(got, want):
+        for key in ("filter/rounds", "filter/groups_dropped", "filter/groups_trained", "filter/masked_frac"):
+            assert g[key] == w[key], (g["step"], key)
+    assert any(m["filter/rounds"] > 1 for m in want)  # groups were dropped and refilled
+
+
+def test_two_processes_take_the_entropy_quantile_over_both_ranks(tmp_path):
+    """The threshold is over both ranks' tokens. Two steps only: a hard threshold amplifies the
+    1e-7 differences between the two layouts' entropies once tokens with near-equal entropies
+    straddle it, so later steps drift apart by more than the float tolerance (4e-4 in KL at step 4)."""
+    want, got = two_runs(tmp_path, "grpo.top_entropy_quantile=0.5", "run.steps=2")
+    assert_same_run(got, want)
+    for g, w in zip(got, want):
+        assert g["entropy_threshold"] == pytest.approx(w["entropy_threshold"], rel=1e-5)
+        assert g["entropy"] == pytest.approx(w["entropy"], rel=1e-5)
+
+
 def test_zero3_checkpoint_is_a_plain_policy_and_exports_from_shards(tmp_path):
     out = tmp_path / "run"
     done = run_cli("run", QUICKSTART, *COMMON, "run.steps=2", "engine.backend=deepspeed", "engine.zero_stage=3",

@@ -20,6 +20,7 @@ import torch
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.grpo.gumbel import completion_keys
+from zenalign.grpo.metrics import PhaseTimer
 from zenalign.grpo.rollout import Rollout, completion_rows, rollout_from_rows
 from zenalign.grpo.scoring import Scorer
 from zenalign.plugins import Objectives, RolloutGroups, RunContext
@@ -64,33 +65,37 @@ class BatchCollector:
         self.sample, self.score_batch, self.tokenizer, self.eos_ids = sample, score_batch, tokenizer, eos_ids
         self.max_rounds = 1 + extra_rounds(self.filters)
 
-    def __call__(self, step: int) -> Collected:
+    def __call__(self, step: int, timer: PhaseTimer) -> Collected:
+        """The step's batch; the time goes to ``timer``'s sample, score and filter phases."""
         target = self.recipe.grpo.prompts_per_step
         rounds: list[Round] = []
         while True:
-            records, rollout, rewards = self.sample_round(step, len(rounds))
+            records, rollout, rewards = self.sample_round(step, len(rounds), timer)
             if not self.filters:
                 return Collected(records[self.local(target)], rollout, rewards, rewards)
-            rounds.append(self.filter_round(step, records, rollout, rewards))
-            kept = sum(int(r.groups.keep.sum()) for r in rounds)
-            if kept >= target or len(rounds) >= self.max_rounds:
-                return self.assemble(rounds, target)
+            with timer("filter"):
+                rounds.append(self.filter_round(step, records, rollout, rewards))
+                kept = sum(int(r.groups.keep.sum()) for r in rounds)
+                if kept >= target or len(rounds) >= self.max_rounds:
+                    return self.assemble(rounds, target)
 
     def local(self, count: int) -> slice:
         per_rank = count // self.dist.world_size
         return slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
-    def sample_round(self, step: int, index: int) -> tuple[list[dict[str, Any]], Rollout, torch.Tensor]:
+    def sample_round(self, step: int, index: int, timer: PhaseTimer) -> tuple[list[dict[str, Any]], Rollout, torch.Tensor]:
         """Draw a global batch of prompts, sample this process's groups, score them; the global ``(N, K)`` rewards."""
         g, group_size = self.recipe.grpo, self.recipe.sampling.group_size
-        records = self.sampler.next_batch(g.prompts_per_step)  # the same global batch on every rank
-        mine = records[self.local(g.prompts_per_step)]
-        first = (index * g.prompts_per_step + self.local(g.prompts_per_step).start) * group_size
-        rollout = self.sample(mine, completion_keys(self.recipe.run.seed, step, first, len(mine) * group_size))
-        batch = self.score_batch(mine, rollout, group_size)
-        local_rewards = self.scorer(batch)  # (N_local, K)
-        self.scorer.observe(batch, local_rewards, self.objectives, self.context)
-        return records, rollout, self.dist.gather_rows(local_rewards)
+        with timer("sample"):
+            records = self.sampler.next_batch(g.prompts_per_step)  # the same global batch on every rank
+            mine = records[self.local(g.prompts_per_step)]
+            first = (index * g.prompts_per_step + self.local(g.prompts_per_step).start) * group_size
+            rollout = self.sample(mine, completion_keys(self.recipe.run.seed, step, first, len(mine) * group_size))
+        with timer("score"):
+            batch = self.score_batch(mine, rollout, group_size)
+            local_rewards = self.scorer(batch)  # (N_local, K)
+            self.scorer.observe(batch, local_rewards, self.objectives, self.context)
+            return records, rollout, self.dist.gather_rows(local_rewards)
 
     def filter_round(self, step: int, records: list[dict[str, Any]], rollout: Rollout, rewards: torch.Tensor) -> Round:
         group_size, dist = self.recipe.sampling.group_size, self.dist

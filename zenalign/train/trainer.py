@@ -268,8 +268,7 @@ class GRPOTrainer:
         """One GRPO step: sample -> score -> filter -> normalize -> reference -> update -> log."""
         group_size, dist = self.recipe.sampling.group_size, self.dist
         timer = PhaseTimer()
-        with timer("sample"):  # sampling, scoring and the filters (see zenalign.train.collect)
-            batch = self.collect(self.state.step)
+        batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
         rollout, rewards = batch.rollout, batch.rewards
         first = dist.rank * len(rollout)  # this rank's first row of the global batch
         with timer("normalize"):

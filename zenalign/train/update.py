@@ -18,7 +18,7 @@ import torch
 
 from zenalign.errors import PluginError, RecipeError
 from zenalign.grpo.logprobs import completion_logprobs
-from zenalign.grpo.loss import GRPOLoss
+from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
 from zenalign.models.lora import adapters_off, forward_module, is_adapted
@@ -125,14 +125,10 @@ class PolicyUpdate:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``(N, Tc)`` 1.0 on the tokens whose entropy is in the top ``top_entropy_quantile`` share of
-        the global batch's completion tokens (arXiv 2506.01939), and the entropy threshold."""
+        """:func:`high_entropy_tokens` over the completion tokens of every process."""
         values = entropy[mask.bool()].float().cpu()
         everything = torch.cat(self.dist.gather_objects([values])) if self.dist.active else values
-        if everything.numel() == 0:
-            return torch.ones_like(entropy), float("nan")
-        threshold = float(torch.quantile(everything.double(), 1.0 - self.top_entropy_quantile))
-        return (entropy >= threshold).to(entropy.dtype), threshold
+        return high_entropy_tokens(entropy, everything, self.top_entropy_quantile)
 
     def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
                     mask: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
@@ -173,7 +169,7 @@ class PolicyUpdate:
         entropy = {"entropy": 0.0, "entropy_tokens": 0.0}
         if self.num_iterations > 1 or self.top_entropy_quantile < 1.0:  # pi_old's pass over the whole batch
             old_logp, old_entropy = self.logprobs(self.engine.train_model, rollout, entropy=True)
-            self._add_entropy(entropy, old_entropy, mask)
+            self._add_entropy(entropy, old_entropy, rollout.completion_mask)  # every sampled token, in the loss or not
             if self.top_entropy_quantile < 1.0:
                 keep, entropy["entropy_threshold"] = self.entropy_mask(old_entropy, mask)
             old_logp = old_logp if self.num_iterations > 1 else None  # mu = 1: the update's own detached pass
@@ -191,7 +187,7 @@ class PolicyUpdate:
                     self.engine.backward(loss * world)  # processes' gradients are averaged; this makes them sum
                 self._add_token_sums(sums, loss, token, mask[rows])
                 if ent is not None:
-                    self._add_entropy(entropy, ent, mask[rows])
+                    self._add_entropy(entropy, ent, rollout.completion_mask[rows])
             sums["grad_norm"] += self.engine.optimizer_step()
         return {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens} | entropy
 
