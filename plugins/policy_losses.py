@@ -15,7 +15,8 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.loss import GRPOLoss, add_kl_penalty, token_weights
+from zenalign.errors import PluginError
+from zenalign.grpo.loss import GRPOLoss, add_kl_penalty, per_token_advantages, token_weights
 from zenalign.plugins import Options, PolicyLossType, TokenLoss
 
 
@@ -60,6 +61,9 @@ class GSPOLoss:
         log_ratio = (logp - old_logp) * m                                                   # (N, Tc)
         seq_ratio = torch.exp(log_ratio.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0))  # (N, 1) s_i
         ratio = seq_ratio.detach() * torch.exp(logp - logp.detach())                        # (N, Tc) value s_i
+        if advantages.dim() != 1:
+            raise PluginError("policy loss 'gspo' takes one advantage per completion; the normalizer gives one per token "
+                              "(a learned critic): use the grpo or cispo loss")
         adv = advantages.to(logp.dtype).unsqueeze(1)                                        # (N, 1)
         clipped = torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high) * adv       # (N, Tc)
         loss = -torch.minimum(ratio * adv, clipped)                                         # (N, Tc)
@@ -102,7 +106,7 @@ class CISPOLoss:
     def per_token(self, logp, old_logp, advantages, ref_logp=None, mask=None) -> TokenLoss:
         ratio = torch.exp(logp - old_logp)                                                  # (N, Tc)
         weight = torch.clamp(ratio, self.low, self.high).detach()                           # (N, Tc) sg(clip(r))
-        adv = advantages.to(logp.dtype).unsqueeze(1)                                        # (N, 1)
+        adv = per_token_advantages(advantages, logp)                                        # (N, 1) or (N, Tc)
         loss = -weight * adv * logp                                                         # (N, Tc)
         is_clipped = (ratio < self.low) | (ratio > self.high)                               # (N, Tc) weight bounded
         total, kl = add_kl_penalty(loss, logp, ref_logp, self.kl_coef, self.kl_estimator)  # (N, Tc) each

@@ -54,6 +54,13 @@ def add_kl_penalty(loss: torch.Tensor, logp: torch.Tensor, ref_logp: Optional[to
     return (loss + kl_coef * kl if kl_coef else loss), kl
 
 
+def per_token_advantages(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Advantages in ``logp``'s dtype, shaped to broadcast over tokens: ``(N,)`` one per completion
+    becomes ``(N, 1)``; ``(N, Tc)`` one per token (PPO's GAE) stays as it is."""
+    advantages = advantages.to(logp.dtype)
+    return advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+
+
 def high_entropy_tokens(entropy: torch.Tensor, values: torch.Tensor, quantile: float) -> tuple[torch.Tensor, float]:
     """``(N, Tc)`` 1.0 where ``entropy`` is at least the ``1 - quantile`` quantile of ``values`` (the
     entropies of every completion token of the batch), else 0.0, and that threshold: the top
@@ -102,7 +109,7 @@ class GRPOLoss:
         """The loss of every token before aggregation. ``ref_logp=None``: no KL term. ``mask`` is
         not needed: every token's loss stands on its own (the weights carry the mask)."""
         ratio = torch.exp(logp - old_logp)                                    # (N, Tc) pi / pi_old
-        adv = advantages.to(logp.dtype).unsqueeze(1)                          # (N, 1) one per completion
+        adv = per_token_advantages(advantages, logp)                          # (N, 1) or (N, Tc)
         unclipped = ratio * adv                                               # (N, Tc)
         clipped = torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high) * adv  # (N, Tc)
         loss = -torch.minimum(unclipped, clipped)                             # (N, Tc) pessimistic bound

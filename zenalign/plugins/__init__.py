@@ -13,6 +13,7 @@ from zenalign.plugins.api import (
     AdvantageNormalizer,
     BuildContext,
     EnforcesConstraints,
+    LearnsValues,
     NormalizerType,
     Objectives,
     ObservesScores,
@@ -33,6 +34,7 @@ from zenalign.plugins.api import (
     StatefulDirectory,
     Task,
     TaskType,
+    TokenBatch,
     TokenLoss,
     enforces_constraints,
 )
@@ -41,10 +43,10 @@ from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugi
 from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
 
 __all__ = [
-    "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "EnforcesConstraints", "NormalizerType",
+    "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "EnforcesConstraints", "LearnsValues", "NormalizerType",
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
     "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
     "RolloutGroups", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
-    "Task", "TaskType", "TokenLoss", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
+    "Task", "TaskType", "TokenBatch", "TokenLoss", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
     "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls",
 ]

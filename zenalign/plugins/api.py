@@ -83,8 +83,14 @@ class RewardSourceType(PluginType):
     """A reward source kind, named in a recipe's ``rewards: [{type: NAME, ...}]``."""
 
 
+@dataclass(frozen=True)
 class NormalizerType(PluginType):
-    """An advantage normalizer kind, named in a recipe's ``normalizer: {type: NAME, ...}``."""
+    """An advantage normalizer kind, named in a recipe's ``normalizer: {type: NAME, ...}``.
+
+    ``min_group_size``: the smallest ``sampling.group_size`` it works with (2 for group-relative
+    advantages; 1 for one that needs no group, such as a learned critic)."""
+
+    min_group_size: int = 2
 
 
 class TaskType(PluginType):
@@ -334,6 +340,38 @@ class EnforcesConstraints(Protocol):
     enforces_constraints: bool
 
 
+@dataclass
+class TokenBatch:
+    """This process's completions token by token, for a normalizer that learns values
+    (:class:`LearnsValues`): every field ``(N, Tc)`` but ``sequences`` and ``attention_mask``
+    ``(N, Tp + Tc)`` (left-padded prompt, right-padded completion) and ``prompt_length`` Tp."""
+
+    sequences: "torch.Tensor"
+    attention_mask: "torch.Tensor"
+    prompt_length: int
+    completion_mask: "torch.Tensor"  # 1 for completion tokens that count in the loss
+    logp: "torch.Tensor"  # log pi_old of each sampled token (detached)
+    ref_logp: "Optional[torch.Tensor]"  # log pi_ref of each sampled token; None without a reference
+
+
+@runtime_checkable
+class LearnsValues(Protocol):
+    """A normalizer with a learned critic (PPO): it gives every completion token its own advantage.
+
+    ``reference_kl_coef`` > 0 asks for the reference model's log-probs (``TokenBatch.ref_logp``), for a
+    KL penalty folded into the reward. Each step the engine calls ``token_advantages(tokens, rewards,
+    objectives, context)`` with this process's rows of the ``(N_local, K)`` rewards and expects
+    ``(N_local, Tc)`` advantages; after the policy update it calls ``train_critic(tokens, context)``
+    on the same batch. Every process calls both (collectives are allowed). ``__call__`` is not used."""
+
+    reference_kl_coef: float
+
+    def token_advantages(self, tokens: TokenBatch, rewards: "torch.Tensor", objectives: Objectives,
+                         context: RunContext) -> "torch.Tensor": ...
+
+    def train_critic(self, tokens: TokenBatch, context: RunContext) -> None: ...
+
+
 @runtime_checkable
 class RefillsGroups(Protocol):
     """A rollout filter that wants its dropped groups replaced: while fewer than
@@ -348,4 +386,5 @@ def enforces_constraints(normalizer: Any) -> bool:
     return isinstance(normalizer, EnforcesConstraints) and bool(normalizer.enforces_constraints)
 
 
-CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints, RefillsGroups)
+CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints, RefillsGroups,
+                LearnsValues)

@@ -155,7 +155,23 @@ def validate_recipe(
         recipe = model.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, model, source, overrides)) from exc
+    check_group_size(recipe, registry, source, overrides)
     return LoadedRecipe(recipe, source, base_dir, name, list(overrides), registry)
+
+
+def check_group_size(recipe: Recipe, registry: PluginRegistry, source: str, overrides: Sequence[str]) -> None:
+    """``sampling.group_size`` is at least what the chosen normalizer needs (2 for group-relative ones)."""
+    normalizer = getattr(recipe.normalizer, "type", None)
+    need = getattr(registry.types.get("normalizer", {}).get(normalizer), "min_group_size", 2)
+    size = recipe.sampling.group_size
+    if size >= need:
+        return
+    origin = next((f"override '{t}'" for t in overrides if t.partition("=")[0].strip() in ("sampling.group_size", "sampling")),
+                  source)
+    single = [n for n, t in registry.types.get("normalizer", {}).items() if getattr(t, "min_group_size", 2) <= size]
+    raise RecipeError(f"{origin}: sampling.group_size: must be >= {need} (got {size}); normalizer '{normalizer}' compares "
+                      f"completions within a group. For one completion per prompt use a normalizer that needs no group "
+                      f"(installed: {', '.join(sorted(single)) or 'none'})")
 
 
 # Recipe sections whose fields GRPOTrainer accepts as plain keyword arguments.

@@ -77,9 +77,10 @@ class ModelSection(Section):
 class SamplingSection(Section):
     group_size: int = Field(
         8,
-        ge=2,
+        ge=1,
         description="Completions sampled per prompt (k). Advantages are relative to this group, so it "
-        "needs at least 2; the GRPO paper uses 8-16.",
+        "needs at least 2 (1 only with a normalizer that needs no group: a learned critic); the GRPO paper "
+        "uses 8-16.",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     temperature: float = Field(

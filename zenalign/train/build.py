@@ -105,11 +105,11 @@ class Builder:
             raise ModelLoadError(f"--resume: checkpoint '{checkpoint_policy.parent}' holds a full model (its run had no "
                                  f"model.lora); resume without model.lora, or start a new run")
 
-    def reference(self, policy: torch.nn.Module) -> Optional[torch.nn.Module]:
-        """The frozen reference, or None when the KL penalty is off (it is then never loaded) or
+    def reference(self, policy: torch.nn.Module, needed: bool) -> Optional[torch.nn.Module]:
+        """The frozen reference, or None when no KL term ``needed`` it (it is then never loaded) or
         when the policy has adapters (the reference is then the policy with its adapters off)."""
         m = self.recipe.model
-        if self.recipe.grpo.kl_coef == 0:
+        if not needed:
             return None
         if self.inputs.reference is not None:
             ref = self.inputs.reference

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.errors import RecipeError
-from zenalign.grpo.advantages import compute_advantages
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
 from zenalign.grpo.rollout import Rollout, generate_groups
 from zenalign.grpo.scoring import Scorer, make_batch
@@ -41,6 +40,7 @@ from zenalign.plugins import BuildContext, Objectives, ReportsMetrics, get_plugi
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
+from zenalign.train.advantage import step_advantages
 from zenalign.train.build import Builder, Inputs
 from zenalign.train.collect import BatchCollector
 from zenalign.train.context import TrainerContext
@@ -184,11 +184,12 @@ class GRPOTrainer:
         policy = builder.policy(self.resumed_from / "policy" if saved and saved.get("consolidated") else None)
         self.policy_config_dir = builder.policy_dir
         self.eos_ids = eos_token_ids(policy, self.tokenizer)
-        reference = builder.reference(policy)
         rewards = builder.rewards()
         self.scorer = Scorer(rewards)
         self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
+        wants_kl = r.grpo.kl_coef > 0 or getattr(self.normalizer, "reference_kl_coef", 0) > 0  # PPO: KL in the reward
+        reference = builder.reference(policy, wants_kl)
         builder.warn_unenforced_constraints(self.objectives, self.normalizer)
         train_records, eval_records = builder.prompts(prompts, eval_prompts)
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
@@ -196,7 +197,7 @@ class GRPOTrainer:
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(), reference=self.reference,
-                                    base_reference=r.grpo.kl_coef > 0 and reference is None and is_adapted(policy))
+                                    base_reference=wants_kl and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
         self.collect = BatchCollector(r, self.dist, self.sampler, self.scorer, self.objectives, builder.filters(),
@@ -265,27 +266,25 @@ class GRPOTrainer:
         return result
 
     def train_step(self) -> dict[str, Any]:
-        """One GRPO step: sample -> score -> filter -> normalize -> reference -> update -> log."""
+        """One step: sample -> score -> filter -> reference -> normalize -> update (-> critic) -> log."""
         group_size, dist = self.recipe.sampling.group_size, self.dist
         timer = PhaseTimer()
         batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
         rollout, rewards = batch.rollout, batch.rewards
-        first = dist.rank * len(rollout)  # this rank's first row of the global batch
-        with timer("normalize"):
-            name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
-            all_advantages = compute_advantages(self.normalizer, rewards, self.objectives, group_size, name)  # (N,)
-            advantages = all_advantages[first : first + len(rollout)]  # this rank's rows
-        ref_logp = None
-        if self.updater.has_reference:
-            with timer("reference"):
-                ref_logp = self.updater.reference_logprobs(rollout)  # (N_local, Tc)
+        name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
+        adv = step_advantages(self.normalizer, name, self.updater, rollout, rewards, self.objectives, group_size,
+                              dist.rank * len(rollout), batch.loss_mask, self.context, timer)
         with timer("update"):
-            update = self.updater(rollout, advantages, ref_logp, loss_mask=batch.loss_mask)
+            update = self.updater(rollout, adv.local, adv.ref_logp, loss_mask=batch.loss_mask, old_logp=adv.old_logp)
+        if adv.tokens is not None:
+            with timer("critic"):
+                self.normalizer.train_critic(adv.tokens, self.context)
         with timer("log"):
             self.state.samples_seen += len(batch.sampled_rewards)
             metrics = self.step_metrics(rollout, batch.sampled_rewards, update, timer)
-            metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
-                                                         all_advantages.view(-1, group_size))
+            if adv.global_ is not None:
+                metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
+                                                             adv.global_.view(-1, group_size))
             metrics.update(batch.metrics)
             metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
             metrics.update(self.scorer.metrics())
@@ -293,7 +292,7 @@ class GRPOTrainer:
             if dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
                 self.run_dir.append("samples.jsonl", sample_lines(
                     self.state.step, [render_prompt(rec, self.tokenizer) for rec in batch.records[: run.log_samples]],
-                    rollout.completions, rewards, advantages, self.objectives.names, group_size))
+                    rollout.completions, rewards, adv.per_completion, self.objectives.names, group_size))
         metrics["time/log"] = round(timer.seconds["log"], 6)
         if dist.is_main:
             self.run_dir.append("metrics.jsonl", [metrics])

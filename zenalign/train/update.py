@@ -40,7 +40,7 @@ def rows_that_move(batches: list[slice], advantages: torch.Tensor,
     """
     kept, skipped_tokens = [], 0.0
     for rows in batches:
-        moving = advantages[rows] != 0
+        moving = (advantages[rows] != 0).reshape(rows.stop - rows.start, -1).any(dim=1)  # (n,): per-token ones too
         if bool(moving.all()):
             kept.append(rows)
             continue
@@ -150,9 +150,10 @@ class PolicyUpdate:
         return (loss * weights[rows]).sum(), token, ent                                # () this micro-batch's share
 
     def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
-                 loss_mask: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """mu optimizer steps on this batch. ``loss_mask`` ``(N,)`` takes completions out of the loss
-        (a rollout filter's choice). Returns this rank's sums (loss, and KL/clip/ratio over its
+                 loss_mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """mu optimizer steps on this batch. ``advantages`` are ``(N,)``, one per completion, or
+        ``(N, Tc)``, one per token; ``loss_mask`` ``(N,)`` takes completions out of the loss (a
+        rollout filter's choice); ``old_logp`` is pi_old when a caller already computed it. Returns this rank's sums (loss, and KL/clip/ratio over its
         tokens) per pass, averaged over passes, its token count, and its entropy sum and the tokens
         that sum covers."""
         world = self.dist.world_size
@@ -165,9 +166,9 @@ class PolicyUpdate:
         weights = self.loss.token_weights(mask, num_sequences=len(rollout) * world,
                                           num_tokens=self.dist.sum([local_tokens])[0])  # (N, Tc)
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
-        old_logp = keep = None
+        keep = None
         entropy = {"entropy": 0.0, "entropy_tokens": 0.0}
-        if self.num_iterations > 1 or self.top_entropy_quantile < 1.0:  # pi_old's pass over the whole batch
+        if old_logp is None and (self.num_iterations > 1 or self.top_entropy_quantile < 1.0):  # pi_old's pass
             old_logp, old_entropy = self.logprobs(self.engine.train_model, rollout, entropy=True)
             self._add_entropy(entropy, old_entropy, rollout.completion_mask)  # every sampled token, in the loss or not
             if self.top_entropy_quantile < 1.0:
