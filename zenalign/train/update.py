@@ -168,12 +168,13 @@ class PolicyUpdate:
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
         keep = None
         entropy = {"entropy": 0.0, "entropy_tokens": 0.0}
-        if old_logp is None and (self.num_iterations > 1 or self.top_entropy_quantile < 1.0):  # pi_old's pass
-            old_logp, old_entropy = self.logprobs(self.engine.train_model, rollout, entropy=True)
+        if self.top_entropy_quantile < 1.0 or (old_logp is None and self.num_iterations > 1):  # pi_old's pass
+            pre_logp, old_entropy = self.logprobs(self.engine.train_model, rollout, entropy=True)
             self._add_entropy(entropy, old_entropy, rollout.completion_mask)  # every sampled token, in the loss or not
             if self.top_entropy_quantile < 1.0:
                 keep, entropy["entropy_threshold"] = self.entropy_mask(old_entropy, mask)
-            old_logp = old_logp if self.num_iterations > 1 else None  # mu = 1: the update's own detached pass
+            if old_logp is None and self.num_iterations > 1:  # mu = 1: the update's own detached pass is pi_old
+                old_logp = pre_logp
         batches = self.micro_batches(len(rollout))
         if (self.skip_zero_advantage and self.loss.skips_zero_advantage_rows and old_logp is None
                 and ref_logp is None):
