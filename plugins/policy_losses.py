@@ -46,6 +46,7 @@ class GSPOLoss:
     """
 
     skips_zero_advantage_rows = True
+    takes_token_advantages = False  # one ratio per completion needs one advantage per completion
 
     def __init__(self, options: GSPOOptions, context):
         g = context.recipe.grpo

@@ -70,14 +70,19 @@ class GAECritic:
         self.device = context.device or torch.device("cpu")
         self.micro_batch_size = recipe.engine.micro_batch_size
         self.trust_remote_code = recipe.model.trust_remote_code
-        self.critic = ValueModel.load(context.resolve_path(path), "normalizer.model_path" if options.model_path
-                                      else "model.path", self.trust_remote_code).to(self.device)
-        g = recipe.grpo
-        self.optimizer = torch.optim.AdamW([p for p in self.critic.parameters() if p.requires_grad],
-                                           lr=options.learning_rate or g.learning_rate, betas=tuple(g.adam_betas),
-                                           weight_decay=0.0)
-        self._batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.path, self.field = context.resolve_path(path), "normalizer.model_path" if options.model_path else "model.path"
+        self.learning_rate, self.betas = options.learning_rate or recipe.grpo.learning_rate, tuple(recipe.grpo.adam_betas)
+        self._critic: Optional[ValueModel] = None  # loaded on first use: `zenalign validate` builds this too
+        self._batch: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._metrics: dict[str, float] = {}
+
+    @property
+    def critic(self) -> ValueModel:
+        if self._critic is None:
+            self._critic = ValueModel.load(self.path, self.field, self.trust_remote_code).to(self.device)
+            self.optimizer = torch.optim.AdamW([p for p in self._critic.parameters() if p.requires_grad],
+                                               lr=self.learning_rate, betas=self.betas, weight_decay=0.0)
+        return self._critic
 
     def __call__(self, rewards, objectives):
         raise PluginError("normalizer 'gae' gives every token its own advantage; the trainer calls token_advantages()")
@@ -92,9 +97,14 @@ class GAECritic:
                           for r in self.rows(tokens.sequences.shape[0])])
 
     def token_advantages(self, tokens, rewards, objectives, context) -> torch.Tensor:
+        """Per-token advantages ``(N, Tc)``. A completion's reward is the weighted sum of its objectives,
+        an objective it abstained on filled with this batch's mean of that objective; a completion
+        that abstained on every objective gets no advantage and does not train the critic."""
         n, k = rewards.shape
-        scalar = combine_objectives(rewards.view(n, 1, k), objectives.weights).view(n).nan_to_num(0.0)  # (N,)
-        mask = tokens.completion_mask.to(torch.float64).cpu()
+        scalar = combine_objectives(rewards.view(1, n, k), objectives.weights).view(n)  # (N,) the batch as one group
+        scored = ~torch.isnan(scalar)
+        scalar = scalar.nan_to_num(0.0)
+        mask = tokens.completion_mask.to(torch.float64).cpu() * scored.unsqueeze(1)
         kl = None
         if tokens.ref_logp is not None and self.options.kl_coef > 0:
             kl = kl_estimate(tokens.logp.double(), tokens.ref_logp.double(), self.options.kl_estimator).cpu()
@@ -102,7 +112,7 @@ class GAECritic:
         advantages, returns = gae(token_rewards(scalar, mask, kl, self.options.kl_coef), values, mask,
                                   self.options.gamma, self.options.lam)
         sums = all_sums(context)
-        self._batch = (values, returns)
+        self._batch = (values, returns, mask)
         count, value_sum, return_sum, kl_sum = sums([float(mask.sum()), float((values * mask).sum()),
                                                      float((returns * mask).sum()),
                                                      float((kl * mask).sum()) if kl is not None else 0.0])
@@ -114,8 +124,7 @@ class GAECritic:
 
     def train_critic(self, tokens, context) -> None:
         """``epochs`` passes of the clipped value loss, a token mean over every process's batch."""
-        old_values, returns = (t.to(self.device, torch.float32) for t in self._batch)
-        mask = tokens.completion_mask.to(self.device, torch.float32)
+        old_values, returns, mask = (t.to(self.device, torch.float32) for t in self._batch)
         sums = all_sums(context)
         (total,) = sums([float(mask.sum())])
         loss_sum = clipped_sum = 0.0
@@ -128,13 +137,15 @@ class GAECritic:
                 clipped_sum += float((clipped * mask[r]).sum())
             self._step(context)
         loss_sum, clipped_sum = sums([loss_sum, clipped_sum])
-        residual = ((returns - old_values) * mask)
-        (res_sq, ret_sum, ret_sq) = sums([float((residual ** 2).sum()), float((returns * mask).sum()),
-                                          float((returns ** 2 * mask).sum())])
-        ret_var = ret_sq / max(total, 1.0) - (ret_sum / max(total, 1.0)) ** 2
-        self._metrics.update({"critic/value_loss": loss_sum / max(total, 1.0) / self.options.epochs,
-                              "critic/value_clip_frac": clipped_sum / max(total, 1.0) / self.options.epochs,
-                              "critic/explained_variance": 1.0 - res_sq / max(total, 1.0) / ret_var if ret_var > 0 else 0.0})
+        residual = (returns - old_values) * mask
+        res_sum, res_sq, ret_sum, ret_sq = sums([float(residual.sum()), float((residual ** 2).sum()),
+                                                 float((returns * mask).sum()), float((returns ** 2 * mask).sum())])
+        count = max(total, 1.0)
+        res_var, ret_var = res_sq / count - (res_sum / count) ** 2, ret_sq / count - (ret_sum / count) ** 2
+        self._metrics.update({"critic/value_loss": loss_sum / count / self.options.epochs,
+                              "critic/value_clip_frac": clipped_sum / count / self.options.epochs,
+                              # 1 - Var(G - V_old) / Var(G), of the values the advantages used
+                              "critic/explained_variance": 1.0 - res_var / ret_var if ret_var > 0 else 0.0})
 
     def _step(self, context) -> None:
         params = [p for p in self.critic.parameters() if p.grad is not None]
@@ -154,8 +165,11 @@ class GAECritic:
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path) -> None:
-        loaded = ValueModel.load(directory / "critic", "--resume (critic)", self.trust_remote_code, fresh_head=False)
-        self.critic.load_state_dict(loaded.state_dict())
+        """The checkpoint's critic and optimizer (read with ``weights_only``: no pickled code runs)."""
+        self._critic = ValueModel.load(directory / "critic", "--resume (critic)", self.trust_remote_code,
+                                       fresh_head=False).to(self.device)
+        self.optimizer = torch.optim.AdamW([p for p in self._critic.parameters() if p.requires_grad],
+                                           lr=self.learning_rate, betas=self.betas, weight_decay=0.0)
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
 
 

@@ -29,17 +29,22 @@ class DynamicSamplingOptions(Options):
 
 class DynamicSampling:
     """DAPO's dynamic sampling (arXiv 2503.14476, section 3.2): drop every group whose rewards are
-    all equal on every objective (all correct or all wrong: zero advantage under group
-    normalizers, so no gradient), and keep sampling prompts until the step has
+    all equal on every objective with a non-zero weight (all correct or all wrong: zero advantage
+    under group normalizers, so no gradient), and keep sampling prompts until the step has
     ``grpo.prompts_per_step`` informative groups or ``max_extra_rounds`` more rounds were drawn.
     Abstentions (NaN) are left out of the comparison."""
 
-    def __init__(self, options: DynamicSamplingOptions):
+    def __init__(self, options: DynamicSamplingOptions, context):
+        if context.recipe.sampling.group_size < 2:
+            raise RecipeError(f"needs sampling.group_size >= 2 (got {context.recipe.sampling.group_size}): a group of "
+                              f"one completion always has equal rewards, so every group would be dropped")
         self.max_extra_rounds = options.max_extra_rounds
 
     def __call__(self, groups: RolloutGroups, objectives: Objectives) -> RolloutGroups:
-        flat = torch.stack([zero_variance(groups.rewards[..., k]).squeeze(1)  # (P, K) per objective
-                            for k in range(groups.rewards.shape[-1])], dim=1)
+        weighted = [k for k in range(groups.rewards.shape[-1]) if float(objectives.weights[k]) != 0.0]
+        weighted = weighted or list(range(groups.rewards.shape[-1]))
+        flat = torch.stack([zero_variance(groups.rewards[..., k]).squeeze(1)  # (P, K') per weighted objective
+                            for k in weighted], dim=1)
         return replace(groups, keep=groups.keep & ~flat.all(dim=1))
 
 
@@ -53,7 +58,7 @@ class OverlongShapingOptions(Options):
 class OverlongShaping:
     """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to one objective's reward.
     With L_max = sampling.max_new_tokens, L_cache = cache_length and |y| the completion's tokens
-    (without EOS):
+    (with its EOS, as verl's DAPO counts them):
 
         R(y) = 0                                   if |y| <= L_max - L_cache
         R(y) = penalty * ((L_max - L_cache) - |y|) / L_cache   otherwise (-penalty at |y| = L_max)

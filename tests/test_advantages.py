@@ -156,3 +156,21 @@ def test_no_normalizer_returns_nan(name):
     assert adv[0].abs().sum() == 0
     if name != "batch_zscore":  # batch centring gives a constant group a non-zero advantage, by design
         assert adv[1].tolist() == [0.0] * 5
+
+
+@pytest.mark.parametrize("name", ["group_zscore", "batch_zscore", "normalize_then_sum", "mo_grpo"])
+def test_huge_rewards_normalise_like_small_ones(name):
+    """Issue 15, finding 2: rewards of 1e200 overflowed the variance (1e400) and every advantage
+    became 0. Group statistics scale before squaring, so 1e200 * r normalises exactly like r."""
+    small = torch.tensor([[[1.0], [-1.0], [0.0], [0.5]], [[2.0], [2.0], [1.0], [0.0]]], dtype=torch.float64)
+    objectives = Objectives(("r",), torch.tensor([1.0], dtype=torch.float64))
+    want = normalizer(name)(small, objectives)
+    got = normalizer(name)(small * 1e200, objectives)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_nan_std_of_huge_values_is_finite():
+    x = torch.tensor([[1e200, -1e200, 3e199]], dtype=torch.float64)
+    want = 1e200 * torch.tensor([[1.0, -1.0, 0.3]], dtype=torch.float64).std().item()
+    assert nan_std(x).item() == pytest.approx(want, rel=1e-12)

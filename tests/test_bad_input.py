@@ -224,6 +224,22 @@ CASES = [
         files={"myreward.py": reward_file("return ['good' for _ in completions]")},
         during_run=True,
     ),
+    Case(  # issue 15, finding 8: a reward that hangs hung the run forever
+        "reward-hangs-past-its-timeout",
+        {"rewards": [{"type": "python_function", "function": "myreward.py:fn", "timeout_s": 0.5}]},
+        ["rewards[0] 'python_function' (python_function)", "took longer than its timeout_s (0.5 s)", "at step 1",
+         "raise timeout_s"],
+        files={"myreward.py": "import time\n\ndef fn(completions, step):\n    time.sleep(3600)\n"},
+        during_run=True,
+    ),
+    Case(  # issue 15, finding 8: a reward returning None for everything ran to the end
+        "reward-never-scores",
+        merge(PYFN_REWARD, {"run": {"hacking_patience": 1}}),
+        ["rewards[0] 'python_function' (python_function)", "scored no completion", "objective 'python_function'",
+         "1 consecutive steps", "run.hacking_patience"],
+        files={"myreward.py": reward_file("return [None for _ in completions]")},
+        during_run=True,
+    ),
     Case(
         "reward-returns-infinity",
         PYFN_REWARD,

@@ -186,6 +186,8 @@ def test_resume_from_an_incomplete_checkpoint(tmp_path, uninterrupted):
 @pytest.mark.parametrize("override, expected", [
     ("sampling.group_size=4", "sampling.group_size = 8; this run has 4"),
     ("grpo.prompts_per_step=4", "grpo.prompts_per_step = 8; this run has 4"),
+    ("normalizer.type=rank", "normalizer.type = group_zscore; this run has rank"),
+    ("filters=[{type: mask_truncated}]", "filters = []; this run has [{'type': 'mask_truncated'}]"),
 ])
 def test_resume_with_a_different_recipe_is_refused(tmp_path, uninterrupted, override, expected):
     out = copy_run(uninterrupted, tmp_path)

@@ -181,6 +181,34 @@ def test_gae_refuses_a_second_kl_term_and_zero3(tmp_path, critic_dir):
         gae_type.build(ppo.recipe.normalizer, BuildContext(recipe=ppo.recipe, base_dir=tmp_path))
 
 
+def test_a_loss_of_one_ratio_per_completion_is_refused_with_per_token_advantages(tmp_path, critic_dir):
+    with pytest.raises(RecipeError, match=r"loss \(gspo\): takes one advantage per completion, but normalizer 'gae'"):
+        make_trainer(tmp_path, critic_dir, normalizer={"type": "gae"}, loss={"type": "gspo"}).setup(PROMPTS, PROMPTS[:1])
+
+
+def test_a_completion_that_abstains_gets_no_advantage_and_does_not_train_the_critic(tmp_path, critic_dir):
+    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.plugins import TokenBatch
+
+    trainer = make_trainer(tmp_path, critic_dir, normalizer={"type": "gae", "kl_coef": 0.0, "whiten": False,
+                                                             "lam": 1.0})
+    trainer.setup(PROMPTS, PROMPTS[:1])
+    rollout = trainer.sample(PROMPTS, completion_keys(seed=0, step=1, first_completion=0, count=8))
+    rewards = torch.tensor([[1.0], [float("nan")], [0.0], [2.0], [float("nan")], [1.0], [0.0], [3.0]])
+    tokens = TokenBatch(rollout.sequences, rollout.attention_mask, rollout.prompt_length, rollout.completion_mask,
+                        torch.zeros(rollout.completion_mask.shape), None)
+    advantages = trainer.normalizer.token_advantages(tokens, rewards, trainer.objectives, trainer.context)
+    trainer.normalizer.train_critic(tokens, trainer.context)
+    trainer.cleanup()
+    scored = ~rewards[:, 0].isnan()
+    assert advantages[~scored].abs().sum() == 0
+    torch.testing.assert_close(advantages[scored], (rewards[scored] * rollout.completion_mask[scored]).float())
+    lengths = rollout.completion_mask.sum(dim=1).double()
+    # the first value loss is 0.5 * R^2 per token of the scored rows, a mean over their tokens only
+    want = 0.5 * float((rewards[scored, 0].double() ** 2 * lengths[scored]).sum() / lengths[scored].sum())
+    assert trainer.normalizer.metrics()["critic/value_loss"] == pytest.approx(want)
+
+
 def test_group_size_one_needs_a_normalizer_without_groups(tmp_path, critic_dir):
     with pytest.raises(RecipeError, match=r"sampling.group_size: must be >= 2 \(got 1\); normalizer 'group_zscore'.*"
                                           r"installed: gae"):
@@ -234,6 +262,7 @@ def test_two_processes_train_the_same_critic_as_one(tmp_path):
                            "-m", "zenalign", "run", QUICKSTART, *options, f"run.output_dir={two}"], cwd=REPO,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert len(metrics(one)) == len(metrics(two)) == 4
     for a, b in zip(metrics(one), metrics(two)):
         assert a["reward_mean"] == b["reward_mean"]
         for key in ("loss", "kl", "critic/value_loss", "critic/value_mean", "critic/explained_variance"):

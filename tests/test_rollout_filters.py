@@ -19,7 +19,7 @@ from zenalign.grpo.filtering import apply_filters, select_groups
 from zenalign.grpo.logprobs import completion_logprobs, token_entropy
 from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import Objectives, RolloutGroups, collect_registry
-from zenalign_plugins.rollout_filters import DynamicSampling, MaskTruncated, OverlongShaping
+from zenalign_plugins.rollout_filters import DynamicSampling, MaskTruncated
 
 NAN = float("nan")
 
@@ -41,10 +41,10 @@ def objectives(*names) -> Objectives:
     return Objectives(tuple(names), torch.ones(len(names), dtype=torch.float64))
 
 
-def build(name, **options):
+def build(name, group_size=4, **options):
     registry = collect_registry()
     ftype = registry.get("filter", name)
-    context = SimpleNamespace(recipe=SimpleNamespace(sampling=SimpleNamespace(max_new_tokens=10)))
+    context = SimpleNamespace(recipe=SimpleNamespace(sampling=SimpleNamespace(max_new_tokens=10, group_size=group_size)))
     return ftype.build(ftype.options(**options), context)
 
 
@@ -63,10 +63,20 @@ def test_dynamic_sampling_drops_the_groups_flat_on_every_objective():
         [[1, NAN], [NAN, NAN], [1, NAN]],  # a: 1, 1 (the abstention left out); b: nobody scored: dropped
         [[0, 0], [NAN, 0], [1, 0]],    # a: 0 vs 1: kept
     ]
-    out = DynamicSampling(SimpleNamespace(max_extra_rounds=2))(groups(rewards), objectives("a", "b"))
+    dynamic = build("dynamic_sampling", max_extra_rounds=2)
+    assert isinstance(dynamic, DynamicSampling) and dynamic.max_extra_rounds == 2
+    out = dynamic(groups(rewards), objectives("a", "b"))
     assert out.keep.tolist() == [False, True, True, False, True]
     assert torch.equal(out.rewards.nan_to_num(-9.0), groups(rewards).rewards.nan_to_num(-9.0))  # rewards untouched
     assert out.loss_mask.all()
+    # an objective with weight 0 moves no advantage: a group that varies only there is flat
+    only_a = Objectives(("a", "b"), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert dynamic(groups(rewards), only_a).keep.tolist() == [False, False, True, False, True]
+
+
+def test_dynamic_sampling_needs_groups():
+    with pytest.raises(RecipeError, match=r"needs sampling.group_size >= 2 \(got 1\)"):
+        build("dynamic_sampling", group_size=1)
 
 
 def test_overlong_shaping_ramps_over_the_last_cache_length_tokens():
@@ -182,6 +192,13 @@ def model():
     from conftest import build_tiny_llama
 
     return build_tiny_llama(seed=3)
+
+
+def test_the_threshold_is_torch_quantile_without_its_size_limit():
+    values = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for quantile in (0.0, 0.2, 0.5, 0.77, 1.0):
+        _, threshold = high_entropy_tokens(values, values, quantile)
+        assert threshold == pytest.approx(float(torch.quantile(values.double(), 1.0 - quantile)), abs=1e-12)
 
 
 def test_high_entropy_tokens_keeps_the_top_share():
@@ -336,3 +353,58 @@ def test_a_filtered_run_resumes_exactly(tmp_path):
 
     assert lines(resumed) == lines(whole)
     assert any(line["filter/rounds"] > 1 for line in lines(whole))
+
+
+def test_a_rebuilt_batch_equals_the_sampled_one(model):
+    """Groups from several rounds or processes join one batch through their token rows: the
+    round trip gives back the same tokens, masks, truncation flags and texts."""
+    from conftest import PROMPTS, byte_tokenizer, end_some_completions_early, sample_groups
+    from zenalign.grpo.rollout import completion_rows, rollout_from, rollout_from_rows
+
+    sampled = end_some_completions_early(sample_groups(model, lean_forward=False))
+    rebuilt = rollout_from_rows(byte_tokenizer(), PROMPTS, completion_rows(sampled), 4, [1])
+    assert torch.equal(rebuilt.sequences, sampled.sequences)
+    assert torch.equal(rebuilt.attention_mask, sampled.attention_mask)
+    assert torch.equal(rebuilt.completion_mask, sampled.completion_mask)
+    assert torch.equal(rebuilt.truncated, sampled.truncated) and sampled.truncated.any() and not sampled.truncated.all()
+    # (end_some_completions_early edits the tensors only: the texts are those of its tensors, decoded again)
+    decoded = rollout_from(sampled.sequences, sampled.attention_mask[:, : sampled.prompt_length], [1], byte_tokenizer())
+    assert rebuilt.completions == decoded.completions and rebuilt.completion_ids == decoded.completion_ids
+    assert len(set(rebuilt.completions)) > 1
+
+
+def test_the_update_masks_the_policy_term_of_low_entropy_tokens(tmp_path, tiny_model_dir, monkeypatch):
+    """Through PolicyUpdate: with top_entropy_quantile 0.3 the gradient is that of a loss written
+    out here, with the policy term on the top 30% of tokens by entropy and the KL term everywhere."""
+    from zenalign import GRPOTrainer
+    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.grpo.loss import token_weights
+    from zenalign.train.update import PolicyUpdate
+
+    prompts = [{"prompt": f"reverse {w}:"} for w in ["abc", "hello"]]
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=lambda completions: [0.0] * len(completions),
+                          steps=1, group_size=4, prompts_per_step=2, max_new_tokens=6, kl_coef=0.2,
+                          top_entropy_quantile=0.3, progress_bar=False, output_dir=str(tmp_path / "run"))
+    trainer.setup(prompts, prompts[:1])
+    rollout = trainer.sample(prompts, completion_keys(seed=0, step=1, first_completion=0, count=8))
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.75, -0.25, 0.5, -1.5])
+    updater = PolicyUpdate(trainer.recipe, trainer.engine, trainer.dist)
+    ref_logp = updater.reference_logprobs(rollout)
+    seen = captured_gradients(trainer, monkeypatch)
+    result = updater(rollout, advantages, ref_logp)
+
+    mask = rollout.completion_mask
+    logp, entropy = updater.forward(trainer.model, rollout, slice(0, 8), entropy=True)
+    keep, threshold = high_entropy_tokens(entropy.detach(), entropy.detach()[mask.bool()], 0.3)  # tested above
+    assert result["entropy_threshold"] == pytest.approx(threshold, rel=1e-6)
+    assert 0.2 * float(mask.sum()) < float((keep * mask).sum()) < 0.4 * float(mask.sum())
+    ratio = torch.exp(logp - logp.detach())
+    x = ref_logp - logp
+    kl = torch.exp(x) - x - 1
+    per_token = -ratio * advantages.unsqueeze(1) * keep + 0.2 * kl   # ratio 1: no clipping at mu = 1
+    trainer.model.zero_grad(set_to_none=True)
+    (per_token * token_weights(mask, "grpo", 6)).sum().backward()
+    want = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.cleanup()
+    for name, grad in want.items():
+        torch.testing.assert_close(seen[0][name], grad, rtol=1e-4, atol=1e-7)

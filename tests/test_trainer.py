@@ -236,3 +236,28 @@ def test_abstaining_rewards_never_produce_nan(tmp_path, tiny_model_dir):
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+
+
+def test_a_reward_that_never_scores_stops_the_run(tmp_path, tiny_model_dir):
+    """Issue 15, finding 8: a reward returning None for everything ran to the end "successfully".
+    An objective with no score in run.hacking_patience consecutive steps is now a one-line error."""
+    from zenalign.errors import RewardError
+
+    calls = []
+
+    def silent_after_one_step(completions):
+        calls.append(1)
+        return [float(len(c)) for c in completions] if len(calls) == 1 else [None] * len(completions)
+
+    with pytest.raises(RewardError, match=r"reward_model\[0\] 'silent_after_one_step' .* scored no completion .* for "
+                                          r"objective 'silent_after_one_step' in 2 consecutive steps \(steps 2-3\)"):
+        make(tmp_path, tiny_model_dir, reward_model=silent_after_one_step, steps=5, hacking_patience=2).train(PROMPTS)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # steps 1 and 2 were logged
+
+
+def test_the_abstention_check_can_be_turned_off(tmp_path, tiny_model_dir):
+    def silent(completions):
+        return [None] * len(completions)
+
+    make(tmp_path, tiny_model_dir, reward_model=silent, steps=3, hacking_patience=0).train(PROMPTS)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3

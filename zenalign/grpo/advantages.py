@@ -64,14 +64,18 @@ def nan_std(rewards: torch.Tensor, dim: int = 1, unbiased: bool = True) -> torch
     """Standard deviation over non-NaN entries (kept as a dimension).
 
     ``unbiased`` divides by n - 1, as ``torch.std`` and the common GRPO implementations do.
-    Returns 0 where fewer than two entries (one, unbiased) are valid.
+    Returns 0 where fewer than two entries (one, unbiased) are valid. Deviations are scaled by
+    their largest before squaring, so any finite rewards give a finite std.
     """
     n = valid_count(rewards, dim)
     deviation = torch.nan_to_num(rewards - nan_mean(rewards, dim), nan=0.0)
     denom = (n - 1 if unbiased else n).clamp(min=1)
-    var = (deviation**2).sum(dim, keepdim=True) / denom
+    # scaled by the largest deviation before squaring, so rewards of 1e200 do not overflow to inf
+    scale = deviation.abs().amax(dim, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    std = scale * ((deviation / scale) ** 2).sum(dim, keepdim=True).div(denom).sqrt()
     enough = n >= (2 if unbiased else 1)
-    return torch.where(enough, var.sqrt(), torch.zeros_like(var))
+    return torch.where(enough, std, torch.zeros_like(std))
 
 
 def zero_variance(rewards: torch.Tensor, dim: int = 1) -> torch.Tensor:

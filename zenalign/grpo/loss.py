@@ -69,7 +69,11 @@ def high_entropy_tokens(entropy: torch.Tensor, values: torch.Tensor, quantile: f
     ``torch.quantile`` does."""
     if values.numel() == 0:
         return torch.ones_like(entropy), float("nan")
-    threshold = float(torch.quantile(values.double(), 1.0 - quantile))
+    ordered = values.double().flatten().sort().values  # torch.quantile refuses more than 2^24 values
+    position = (1.0 - quantile) * (ordered.numel() - 1)
+    low = int(position)
+    high = min(low + 1, ordered.numel() - 1)
+    threshold = float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
     return (entropy >= threshold).to(entropy.dtype), threshold
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -81,13 +82,15 @@ class BoundReward:
     objectives: list[str]
     weights: list[float]
     where: str = "reward"  # where it was configured: "rewards[0]", "reward_model[1]"
+    timeout_s: Optional[float] = None  # longest a score() call may take; None: no limit
 
     @property
     def label(self) -> str:
         return f"{self.where} '{self.name}' ({self.type_name})"
 
 
-def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0, where: str = "reward") -> BoundReward:
+def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0, where: str = "reward",
+                timeout_s: Optional[float] = None) -> BoundReward:
     """Wrap a reward source (or plain callable) with its objective names and weights."""
     if not isinstance(source, RewardSource):
         if not callable(source):
@@ -100,7 +103,7 @@ def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0, whe
     objectives = list(declared) if declared else [name]
     if len(set(objectives)) != len(objectives):
         raise RewardError(f"{where} '{name}' ({type_name}) declares duplicate objectives: {objectives}")
-    return BoundReward(name, type_name, source, objectives, [float(weight)] * len(objectives), where)
+    return BoundReward(name, type_name, source, objectives, [float(weight)] * len(objectives), where, timeout_s)
 
 
 class Scorer:
@@ -119,6 +122,7 @@ class Scorer:
                     )
                 seen[objective] = bound.label
         self.rewards = list(rewards)
+        self._silent: dict[str, int] = {}  # objective -> consecutive steps in which it scored nothing
 
     def __call__(self, batch: ScoreBatch) -> torch.Tensor:
         columns = [self._score_one(bound, batch) for bound in self.rewards]
@@ -126,7 +130,7 @@ class Scorer:
 
     def _score_one(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
         try:
-            raw = bound.source.score(batch)
+            raw = bound.source.score(batch) if bound.timeout_s is None else call_with_timeout(bound, batch)
         except RewardError:
             raise
         except Exception as exc:
@@ -134,6 +138,22 @@ class Scorer:
                 f"{bound.label} raised {type(exc).__name__}: {one_line(exc)} (at step {batch.step})"
             ) from exc
         return to_matrix(raw, bound, len(batch))
+
+    def check_abstentions(self, rewards: torch.Tensor, names: Sequence[str], patience: int, step: int) -> None:
+        """Stop the run when an objective scored no completion at all (every score NaN or None) in
+        ``patience`` consecutive steps: a reward that silently returns nothing would otherwise train
+        on noise to the end. ``rewards`` is a step's global ``(N, K)``; 0 turns the check off."""
+        if patience <= 0:
+            return
+        silent = torch.isnan(rewards).all(dim=0)                                       # (K,)
+        for k, name in enumerate(names):
+            self._silent[name] = self._silent.get(name, 0) + 1 if bool(silent[k]) else 0
+            if self._silent[name] >= patience:
+                label = next((b.label for b in self.rewards if name in b.objectives), f"objective '{name}'")
+                raise RewardError(
+                    f"{label} scored no completion (every score NaN or None) for objective '{name}' in {patience} "
+                    f"consecutive steps (steps {step - patience + 1}-{step}); check what it returns "
+                    f"(run.hacking_patience sets the number of steps, 0 turns this check off)")
 
     def observe(self, batch: ScoreBatch, rewards: torch.Tensor, objectives: Objectives, context: RunContext) -> None:
         """Hand this process's scored batch and its ``(N_local, K)`` rewards to every reward source
@@ -150,6 +170,29 @@ class Scorer:
             if isinstance(bound.source, ReportsMetrics):
                 out.update({f"{bound.name}/{key}": value for key, value in bound.source.metrics().items()})
         return out
+
+
+def call_with_timeout(bound: BoundReward, batch: ScoreBatch) -> Any:
+    """``bound.source.score(batch)`` in a daemon thread, at most ``bound.timeout_s`` seconds. A call
+    that runs over is an error naming the source; its thread cannot be stopped, but being a daemon
+    it does not keep the process alive once the run has stopped on the error."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = bound.source.score(batch)
+        except BaseException as exc:  # handed back to the caller below
+            result["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"reward-{bound.name}", daemon=True)
+    worker.start()
+    worker.join(bound.timeout_s)
+    if worker.is_alive():
+        raise RewardError(f"{bound.label} took longer than its timeout_s ({bound.timeout_s:g} s) at step {batch.step}; "
+                          f"make it faster or raise timeout_s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],

@@ -315,7 +315,8 @@ class RunSection(Section):
         3,
         ge=0,
         description="Warn of possible reward hacking when one objective's eval mean rises while another's falls "
-        "for this many consecutive evaluations. 0 turns the check off.",
+        "for this many consecutive evaluations; and stop the run when an objective scores no completion at all "
+        "(every score NaN or None) in this many consecutive training steps. 0 turns both checks off.",
     )
 
 
@@ -371,6 +372,9 @@ class RewardEntry(Section):
         description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
     )
     weight: float = Field(1.0, description="Weight of this objective when objectives are combined.")
+    timeout_s: Optional[float] = Field(
+        None, gt=0.0, description="Longest one scoring call may take, in seconds; a call that runs over stops the run "
+        "with an error naming this entry. null: no limit.")
 
 
 class NormalizerEntry(Section):

@@ -51,6 +51,7 @@ def step_advantages(normalizer: Any, name: str, updater: PolicyUpdate, rollout: 
         mask = rollout.completion_mask
         if loss_mask is not None:
             mask = mask * loss_mask.to(mask.device, mask.dtype).unsqueeze(1)
+        updater.engine.train_model.train()  # pi_old as the update will see it (dropout included)
         old_logp = updater.logprobs(updater.engine.train_model, rollout)             # (N_local, Tc)
         tokens = TokenBatch(rollout.sequences, rollout.attention_mask, rollout.prompt_length, mask, old_logp, ref_logp)
         local = normalizer.token_advantages(tokens, rewards[first : first + len(rollout)], objectives, context)

@@ -15,7 +15,7 @@ from zenalign.data import check_records
 from zenalign.errors import ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
-from zenalign.plugins import BuildContext, Objectives, enforces_constraints, get_plugin_manager
+from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.grpo.scoring import BoundReward, bind_reward
 
@@ -142,7 +142,8 @@ class Builder:
         bound = []
         for i, entry in enumerate(self.recipe.rewards):
             source = self.plugin("reward", f"rewards[{i}]", entry)
-            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]"))
+            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]",
+                                     timeout_s=entry.timeout_s))
         given = self.inputs.rewards
         if given is not None:
             for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
@@ -186,9 +187,15 @@ class Builder:
         return Objectives(tuple(produced), torch.tensor(weights, dtype=torch.float64), tuple(roles),
                           tuple(thresholds), tuple(directions))
 
-    def loss(self):
-        """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out)."""
-        return self.plugin("loss", "loss", self.recipe.loss)
+    def loss(self, normalizer: Any = None):
+        """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out);
+        one that declares ``takes_token_advantages = False`` is refused with a per-token normalizer."""
+        loss = self.plugin("loss", "loss", self.recipe.loss)
+        if isinstance(normalizer, LearnsValues) and getattr(loss, "takes_token_advantages", True) is False:
+            raise RecipeError(f"{self.loaded.source}: loss ({self.recipe.loss.type}): takes one advantage per completion, "
+                              f"but normalizer '{getattr(self.recipe.normalizer, 'type', 'given')}' gives one per token; "
+                              f"use a per-token loss such as grpo or cispo")
+        return loss
 
     def filters(self) -> list[tuple[str, Any]]:
         """The rollout filters of the recipe's ``filters`` list, in order, each with its name."""

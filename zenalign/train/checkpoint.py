@@ -146,6 +146,7 @@ def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
         "model.lora": recipe.model.lora.model_dump(mode="json") if recipe.model.lora is not None else None,
         "loss": recipe.loss.model_dump(mode="json") if recipe.loss is not None else None,
         "filters": [entry.model_dump(mode="json") for entry in recipe.filters],
+        "normalizer.type": getattr(recipe.normalizer, "type", None),  # a stateful one (a critic) must not change
     }
 
 

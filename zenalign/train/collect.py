@@ -66,7 +66,13 @@ class BatchCollector:
         self.max_rounds = 1 + extra_rounds(self.filters)
 
     def __call__(self, step: int, timer: PhaseTimer) -> Collected:
-        """The step's batch; the time goes to ``timer``'s sample, score and filter phases."""
+        """The step's batch; the time goes to ``timer``'s sample, score and filter phases. A run
+        whose reward scored nothing for ``run.hacking_patience`` steps stops here."""
+        batch = self.collect(step, timer)
+        self.scorer.check_abstentions(batch.sampled_rewards, self.objectives.names, self.recipe.run.hacking_patience, step)
+        return batch
+
+    def collect(self, step: int, timer: PhaseTimer) -> Collected:
         target = self.recipe.grpo.prompts_per_step
         rounds: list[Round] = []
         while True:
@@ -100,7 +106,7 @@ class BatchCollector:
     def filter_round(self, step: int, records: list[dict[str, Any]], rollout: Rollout, rewards: torch.Tensor) -> Round:
         group_size, dist = self.recipe.sampling.group_size, self.dist
         p = len(records)
-        lengths = dist.gather_rows(torch.tensor([len(ids) for ids in rollout.completion_ids], dtype=torch.long))
+        lengths = dist.gather_rows(rollout.completion_mask.sum(dim=1).long().cpu())  # with the EOS
         truncated = dist.gather_rows(rollout.truncated.cpu())
         texts = dist.gather_objects(rollout.completions)
         rows = dist.gather_objects(completion_rows(rollout)) if self.max_rounds > 1 else []  # to rebuild a batch

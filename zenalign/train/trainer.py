@@ -129,8 +129,7 @@ class GRPOTrainer:
         rewards = builder.rewards()
         Scorer(rewards)
         objectives = builder.objectives(rewards)
-        builder.normalizer()
-        builder.loss()
+        builder.loss(builder.normalizer())
         builder.filters()
         return objectives
 
@@ -197,7 +196,7 @@ class GRPOTrainer:
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
-        self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(), reference=self.reference,
+        self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(self.normalizer), reference=self.reference,
                                     base_reference=wants_kl and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
