@@ -212,3 +212,100 @@ def test_export_copies_a_plain_policy(tmp_path, uninterrupted):
     AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     message = error_of(run_cli("export", str(uninterrupted), str(tmp_path / "exported")))
     assert "already exists and is not empty" in message
+
+
+# ---------------------------------------------------------------------------------------------- issue 15
+
+def write_lock(out: Path, pid: int) -> Path:
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "run.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "2026-11-30 12:00:00"}))
+    return lock
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path, uninterrupted):
+    """Finding 4: two runs on one directory duplicated steps. A live process's lock (this test's
+    own pid stands for it) refuses the second run, which changes nothing."""
+    import os
+
+    out = copy_run(uninterrupted, tmp_path)
+    write_lock(out, os.getpid())
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    assert f"is in use by process {os.getpid()}" in message and "remove" in message and "run.lock" in message
+    assert snapshot(out) == before
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    write_lock(out, dead.pid)
+    done = run_cli("run", QUICKSTART, "run.steps=2", "run.eval_interval=0", "data.eval_size=8", f"run.output_dir={out}",
+                   "run.overwrite=true", "-q")
+    assert done.returncode == 0, done.stderr
+    assert "taking over" in done.stderr and not (out / "run.lock").exists()
+    assert len(read(out / "metrics.jsonl")) == 2
+
+
+def test_a_real_second_run_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "zenalign", "run", QUICKSTART, "run.steps=400", "run.eval_interval=0",
+                              "data.eval_size=8", f"run.output_dir={out}", "-q"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        message = error_of(run_cli("run", QUICKSTART, "run.steps=400", f"run.output_dir={out}", "--resume", "auto"))
+        assert f"in use by process {first.pid}" in message
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_resume_auto_before_the_first_checkpoint_starts_fresh(tmp_path):
+    """Finding 7: a run killed before its first checkpoint refused `--resume auto` ("already holds
+    a run"). It now starts again, replacing the unfinished attempt's files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": 64, "reward_mean": 0.5}) + "\n")
+    (out / "recipe.yaml").write_text("model: {}\n")
+    done = run_cli("run", QUICKSTART, "run.steps=2", "run.eval_interval=0", "data.eval_size=8", f"run.output_dir={out}",
+                   "--resume", "auto", "-q")
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in read(out / "metrics.jsonl")] == [1, 2] and "reward_std" in read(out / "metrics.jsonl")[0]
+
+
+def test_resume_auto_never_overwrites_a_finished_run_without_checkpoints(tmp_path, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto"))
+    assert "already holds a run" in message and snapshot(out) == before
+
+
+def test_resume_into_a_directory_that_does_not_exist(tmp_path, uninterrupted):
+    """Finding 9: FileNotFoundError in rundir.py. A checkpoint resumed into a new directory continues there."""
+    out = tmp_path / "new" / "run"
+    done = run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume",
+                   str(uninterrupted / "checkpoints" / "step-00000010"))
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in read(out / "metrics.jsonl")] == [11, 12]
+
+
+def test_resume_of_another_runs_checkpoint_into_an_existing_run_needs_overwrite(tmp_path, uninterrupted):
+    """Finding 6: `--resume runA/ckpt` into run B replaced B's later metrics without run.overwrite."""
+    other = copy_run(uninterrupted, tmp_path / "b")
+    before = snapshot(other)
+    args = ["run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={other}", "--resume",
+            str(uninterrupted / "checkpoints" / "step-00000008")]
+    message = error_of(run_cli(*args))
+    assert "already holds a run" in message and "run.overwrite=true" in message
+    assert snapshot(other) == before
+    done = run_cli(*args, "run.overwrite=true")
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in read(other / "metrics.jsonl")] == [9, 10, 11, 12]  # B's own history is replaced

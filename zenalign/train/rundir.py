@@ -2,17 +2,22 @@
 
 Lines are appended and flushed as they are produced, so a run that stops (or is stopped) keeps
 everything it wrote. An existing run is never overwritten unless the recipe says so, and then only
-the files a run writes are removed.
+the files a run writes are removed. While a run writes, it holds ``run.lock`` (its pid and host),
+taken atomically: a second run on the same directory is refused; a lock left by a process that
+no longer exists on this host is taken over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import yaml
 
@@ -20,6 +25,9 @@ from zenalign.errors import RecipeError
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log")
 RUN_DIRS = ("final", "checkpoints")
+LOCK = "run.lock"
+
+log = logging.getLogger("zenalign")
 
 
 def _clean(value: Any) -> Any:
@@ -40,9 +48,102 @@ def _step_of(line: str) -> int:
         return 1 << 62  # an unreadable (half-written) line is dropped
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.locked = False
+
+    def holds(self, checkpoint: Path) -> bool:
+        """Whether ``checkpoint`` lies inside this run directory."""
+        return self.path.resolve() in Path(checkpoint).resolve().parents
+
+    def begin(self, dist: Any, resumed_step: Optional[int], overwrite: bool, recipe: dict[str, Any]) -> None:
+        """On the main process: take the lock, then either drop the lines after ``resumed_step`` (a
+        resumed run) or prepare a fresh directory, and write the recipe; on an error the lock is
+        released again. Every process learns of a failure (``dist.broadcast``) and raises it, so no
+        rank waits for one that stopped."""
+        failure: Optional[str] = None
+        if dist.is_main:
+            try:
+                self.lock()
+                if resumed_step is None:
+                    self.prepare(overwrite)
+                else:
+                    self.truncate_after(resumed_step)
+                self.write_recipe(recipe)
+            except RecipeError as exc:
+                self.unlock()
+                failure = str(exc)
+            except OSError as exc:
+                self.unlock()
+                failure = f"run.output_dir: cannot write in '{self.path}': {exc.strerror or exc}"
+        failure = dist.broadcast(failure)
+        if failure:
+            raise RecipeError(failure)
+
+    def lock(self) -> None:
+        """Create ``run.lock`` atomically (O_EXCL), or refuse with who holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / LOCK
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._take_over_stale(path):
+                    continue
+                raise RecipeError(self._held_message(path)) from None
+            except OSError as exc:
+                raise RecipeError(f"run.output_dir: cannot write in '{self.path}': {exc.strerror or exc}") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            self.locked = True
+            return
+        raise RecipeError(self._held_message(path))
+
+    def unlock(self) -> None:
+        if self.locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.locked = False
+
+    @staticmethod
+    def _owner(path: Path) -> Optional[dict[str, Any]]:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _take_over_stale(self, path: Path) -> bool:
+        """Remove a lock whose process is gone (same host, pid not running); True if removed."""
+        owner = self._owner(path)
+        if owner is None:  # being written right now, or garbage: stale only once it is old
+            try:
+                young = time.time() - path.stat().st_mtime < 10
+            except FileNotFoundError:
+                return True
+            if young:
+                return False
+        elif owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1))):
+            return False
+        log.warning("run.output_dir: taking over %s left by process %s, which is no longer running", path,
+                    (owner or {}).get("pid", "?"))
+        path.unlink(missing_ok=True)
+        return True
+
+    def _held_message(self, path: Path) -> str:
+        owner = self._owner(path) or {}
+        return (f"run.output_dir: '{self.path}' is in use by process {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')} (since {owner.get('since', '?')}); wait for it to finish, or, if that "
+                f"process is gone, remove {path}")
 
     def holds_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_FILES + RUN_DIRS)

@@ -140,12 +140,9 @@ class GRPOTrainer:
             ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
             ckpt.restore(self.resumed_from, saved, self.state, self._checkpoint_parts())
             self.sampler.reorder()
-            if self.dist.is_main:
-                self.run_dir.truncate_after(self.state.step)
-        elif self.dist.is_main:
-            self.run_dir.prepare(overwrite=self.recipe.run.overwrite)
+        own = saved is not None and self.run_dir.holds(self.resumed_from)  # else: this directory starts afresh
+        self.run_dir.begin(self.dist, self.state.step if own else None, self.overwrite, self.recipe.model_dump(mode="json"))
         if self.dist.is_main:
-            self.run_dir.write_recipe(self.recipe.model_dump(mode="json"))
             self._log_handler = logging.FileHandler(self.run_dir.path / "run.log", encoding="utf-8")
             self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(self._log_handler)
@@ -163,9 +160,10 @@ class GRPOTrainer:
         self.run_dir = RunDir(self.loaded.output_dir)
         self.resumed_from = ckpt.find_checkpoint(resume, self.run_dir.path) if resume else None
         saved = ckpt.verify(self.resumed_from) if self.resumed_from else None
-        if saved is None:
-            self.run_dir.check(overwrite=r.run.overwrite)  # before loading anything: fail fast
-        elif self.dist.is_main:
+        # --resume auto before the first checkpoint: start again over the unfinished attempt's files
+        self.overwrite = r.run.overwrite or (resume == "auto" and saved is None and not (self.run_dir.path / "final").exists())
+        self.run_dir.check(self.overwrite or (saved is not None and self.run_dir.holds(self.resumed_from)))
+        if saved is not None and self.dist.is_main:
             log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
         seed_everything(r.run.seed)
         device = pick_device(r.engine.device)
@@ -231,8 +229,8 @@ class GRPOTrainer:
         ``resume``: ``"auto"`` continues from the newest checkpoint in the run directory (or starts
         fresh if there is none); a path continues from that checkpoint.
         """
-        self.setup(prompts, eval_prompts, resume)
         try:
+            self.setup(prompts, eval_prompts, resume)
             return self._loop()
         finally:
             self.cleanup()
@@ -362,7 +360,11 @@ class GRPOTrainer:
         return final
 
     def cleanup(self) -> None:
+        """Close run.log and release the run directory's lock (safe after a setup that failed)."""
         handler = getattr(self, "_log_handler", None)
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+            self._log_handler = None
+        if getattr(self, "run_dir", None) is not None:
+            self.run_dir.unlock()
