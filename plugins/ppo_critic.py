@@ -29,6 +29,7 @@ from zenalign.grpo.advantages import combine_objectives
 from zenalign.grpo.gae import clipped_value_loss, gae, token_rewards, whiten
 from zenalign.grpo.loss import kl_estimate
 from zenalign.models.critic import ValueModel
+from zenalign.train.engine import load_tensors_only
 
 
 class GAEOptions(Options):
@@ -170,7 +171,7 @@ class GAECritic:
                                        fresh_head=False).to(self.device)
         self.optimizer = torch.optim.AdamW([p for p in self._critic.parameters() if p.requires_grad],
                                            lr=self.learning_rate, betas=self.betas, weight_decay=0.0)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.optimizer.load_state_dict(load_tensors_only(directory / "optimizer.pt", self.device))
 
 
 def all_sums(context):

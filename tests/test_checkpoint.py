@@ -309,3 +309,26 @@ def test_resume_of_another_runs_checkpoint_into_an_existing_run_needs_overwrite(
     done = run_cli(*args, "run.overwrite=true")
     assert done.returncode == 0, done.stderr
     assert [m["step"] for m in read(other / "metrics.jsonl")] == [9, 10, 11, 12]  # B's own history is replaced
+
+
+class Payload:
+    """What a planted pickle would run on load (here it only records that it ran)."""
+
+    def __reduce__(self):
+        return (print, ("PAYLOAD RAN",))
+
+
+def test_an_optimizer_state_holding_pickled_code_is_refused(tmp_path, uninterrupted):
+    """Finding 9 (and 3, torch backend): a pickle in optimizer.pt gave a 29-line traceback. It is
+    refused with one line, nothing it holds runs, and the run is untouched."""
+    out = copy_run(uninterrupted, tmp_path)
+    checkpoint = out / "checkpoints" / "step-00000010"
+    torch.save({"optimizer": Payload(), "scheduler": {}}, checkpoint / "engine" / "optimizer.pt")
+    (checkpoint / "MANIFEST.json").unlink()
+    ckpt.write_manifest(checkpoint)  # an attacker who can write the file can rewrite the manifest too
+    before = snapshot(out)
+    done = run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto")
+    message = error_of(done)
+    assert "optimizer.pt' could not be read as plain tensors" in message and "never unpickles code" in message
+    assert "PAYLOAD RAN" not in done.stdout + done.stderr
+    assert snapshot(out) == before

@@ -24,7 +24,7 @@ import torch
 
 from zenalign.models.attention import float32_attention_on_cpu
 from zenalign.train.distributed import Dist, prepare_deepspeed_env
-from zenalign.errors import ModelLoadError, RecipeError
+from zenalign.errors import ModelLoadError, RecipeError, one_line
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -123,9 +123,20 @@ class TorchEngine:
                        directory / "optimizer.pt")
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = load_tensors_only(directory / "optimizer.pt", self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def load_tensors_only(path: Path, device: Any) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers, never pickled code. A file
+    that holds anything else is a one-line error naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"--resume: '{path}' could not be read as plain tensors ({type(exc).__name__}: "
+                             f"{one_line(exc)}); zenalign never unpickles code, so this file was not written by "
+                             f"zenalign or is damaged") from None
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
