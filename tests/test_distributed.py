@@ -214,3 +214,31 @@ def test_two_processes_killed_and_resumed_match_the_uninterrupted_run(tmp_path, 
     for g, w in zip(got, want):  # the same process count and code path: equal, not just close
         for key in ("samples", "loss", "kl", "reward_mean", "reward_std", "reward_mean/accuracy", "grad_norm"):
             assert g[key] == w[key], (g["step"], key)
+
+
+STOP_RANK_1 = '''
+import os, signal
+
+def fn(completions, step):
+    if step == 2 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)  # a rank that hangs
+    return [float(len(c)) for c in completions]
+'''
+
+
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
+    """Issue 15, finding 10: a stopped rank hung the other and torchrun for gloo's 30 minutes.
+    With engine.collective_timeout_s the waiting rank stops with one line, and the job ends."""
+    import time
+
+    (tmp_path / "stopper.py").write_text(STOP_RANK_1)
+    reward = "rewards=[{type: python_function, function: " + str(tmp_path / "stopper.py") + ":fn}]"
+    started = time.time()
+    done = launch(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                  "-m", "zenalign", "run", QUICKSTART, *COMMON, reward, "engine.collective_timeout_s=5",
+                  f"run.output_dir={tmp_path / 'run'}")
+    assert done.returncode != 0
+    assert time.time() - started < 240
+    assert "zenalign: error: rank 0 of 2: a collective operation failed after waiting up to " \
+           "engine.collective_timeout_s (5 s)" in done.stderr, done.stderr[-3000:]
+    assert len(metrics(tmp_path / "run")) == 1  # step 1 was logged; step 2 never finished

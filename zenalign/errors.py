@@ -29,6 +29,10 @@ class ModelLoadError(ZenalignError):
     """A model, tokenizer, or checkpoint directory is missing or unreadable."""
 
 
+class DistributedError(ZenalignError):
+    """A process of a multi-process run stopped, hung or died, so a collective operation failed."""
+
+
 class DataError(ZenalignError):
     """The prompt source produced no usable prompts, or a prompt file is malformed."""
 

@@ -268,6 +268,12 @@ class EngineSection(Section):
         if value and info.data.get("zero_stage") != 3:
             raise ValueError("parameter offload needs engine.zero_stage 3 (and backend deepspeed)")
         return value
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="Longest a process waits in a collective operation (several processes) before the run stops "
+        "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes.",
+    )
 
 
 class RunSection(Section):

@@ -271,6 +271,21 @@ def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, f
     return final if dist.is_main else None
 
 
+def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
+    """The trained policy as ``RUN/final``, a save_pretrained directory (safetensors) with its
+    tokenizer, written to ``final.tmp`` and renamed into place; its path on rank 0."""
+    state = parts.engine.policy_state_dict()  # collective at ZeRO-3
+    if not parts.dist.is_main:
+        return None
+    final, staging = run_path / "final", run_path / "final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+    parts.tokenizer.save_pretrained(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final
+
+
 def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> None:
     """The policy as a save_pretrained directory with its tokenizer (only its config when not
     consolidated: the weights are then in DeepSpeed's shards). A LoRA policy always saves its

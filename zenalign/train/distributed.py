@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from zenalign.errors import DistributedError, one_line
 
 
 def launched_world_size() -> int:
@@ -102,23 +105,43 @@ class Dist:
         return box[0]
 
 
+# What gloo and NCCL say when a peer is gone or a collective waited too long
+_PEER_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
+                  "nccl communicator was aborted", "received data size doesn't match")
+
+
+def collective_failure(exc: BaseException, dist_: Dist, timeout_s: float) -> Optional[DistributedError]:
+    """A one-line error for a collective that failed because another process stopped, hung or died
+    (None when ``exc`` is something else, or the run has one process)."""
+    text = one_line(exc).lower()
+    if not dist_.active or not any(marker in text for marker in _PEER_FAILURES):
+        return None
+    return DistributedError(
+        f"rank {dist_.rank} of {dist_.world_size}: a collective operation failed after waiting up to "
+        f"engine.collective_timeout_s ({timeout_s:g} s), so another process stopped, hung or died "
+        f"({one_line(exc)[:160]}); its own log says why; the newest checkpoint is intact: --resume auto")
+
+
 def _collective_device(tensor: torch.Tensor) -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def init_distributed(backend: str) -> Dist:
-    """Join the launcher's process group (if any). ``backend`` is the recipe's engine backend."""
+def init_distributed(backend: str, timeout_s: float = 600.0) -> Dist:
+    """Join the launcher's process group (if any). ``backend`` is the recipe's engine backend;
+    ``timeout_s`` bounds every collective, so a rank that stops or hangs ends the job instead of
+    leaving the others waiting (gloo's own default is 30 minutes)."""
+    timeout = timedelta(seconds=timeout_s)
     if backend == "deepspeed":
         prepare_deepspeed_env()
         single_process_env()
         import deepspeed
 
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     elif launched_world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from zenalign.train.advantage import step_advantages
 from zenalign.train.build import Builder, Inputs
 from zenalign.train.collect import BatchCollector
 from zenalign.train.context import TrainerContext
-from zenalign.train.distributed import Dist, init_distributed
+from zenalign.train.distributed import Dist, collective_failure, init_distributed
 from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
 from zenalign.train.memory import keep_freed_memory
@@ -152,7 +151,7 @@ class GRPOTrainer:
         """Join the launcher's process group, find the run directory and the checkpoint to resume
         (its trainer_state.json, verified), and pick the device. Nothing is loaded yet."""
         r = self.recipe
-        self.dist = init_distributed(r.engine.backend)
+        self.dist = init_distributed(r.engine.backend, r.engine.collective_timeout_s)
         if r.grpo.prompts_per_step % self.dist.world_size:
             raise RecipeError(
                 f"{self.loaded.source}: grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
@@ -232,6 +231,8 @@ class GRPOTrainer:
         try:
             self.setup(prompts, eval_prompts, resume)
             return self._loop()
+        except RuntimeError as exc:  # a collective that timed out: another process stopped or hung
+            raise collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s) or exc
         finally:
             self.cleanup()
 
@@ -348,16 +349,7 @@ class GRPOTrainer:
 
     def save_final(self) -> Optional[Path]:
         """The trained policy as a save_pretrained directory (safetensors), written atomically."""
-        state = self.engine.policy_state_dict()  # collective at ZeRO-3
-        if not self.dist.is_main:
-            return None
-        final, staging = self.run_dir.path / "final", self.run_dir.path / "final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        self.tokenizer.save_pretrained(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        return final
+        return ckpt.save_final(self.run_dir.path, self._checkpoint_parts())
 
     def cleanup(self) -> None:
         """Close run.log and release the run directory's lock (safe after a setup that failed)."""
