@@ -109,8 +109,7 @@ def test_the_trainer_passes_give_the_same_log_probs_and_gradients(tmp_path, tiny
         old_logp = updater.logprobs(trainer.model, rollout) + 0.05  # off pi_theta, so the ratio is not 1
         trainer.model.zero_grad(set_to_none=True)
         for rows in updater.micro_batches(len(rollout)):
-            loss, _, _ = updater.policy_loss(rollout, rows, advantages, weights, rollout.completion_mask, old_logp,
-                                                ref_logp, None, False)
+            loss, _ = updater.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp)
             loss.backward()
         grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
         results[shared] = (ref_logp * rollout.completion_mask, old_logp * rollout.completion_mask, grads)

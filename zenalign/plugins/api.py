@@ -185,6 +185,7 @@ class TokenLoss:
     kl: "Optional[torch.Tensor]"  # the KL estimate per token, None without a reference
     policy: "Optional[torch.Tensor]" = None  # the policy-gradient part of ``loss`` (before the KL penalty);
     #                                          grpo.top_entropy_quantile masks this part only
+    entropy: "Optional[torch.Tensor]" = None  # the policy's entropy per token, filled in by the engine when measured
 
 
 @runtime_checkable

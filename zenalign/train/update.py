@@ -131,23 +131,27 @@ class PolicyUpdate:
         return high_entropy_tokens(entropy, everything, self.top_entropy_quantile)
 
     def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
-                    mask: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
-                    keep: Optional[torch.Tensor], entropy: bool) -> tuple[torch.Tensor, TokenLoss, Optional[torch.Tensor]]:
-        """This micro-batch's share of the batch loss, with gradient, its per-token terms, and (with
-        ``entropy``) the policy's entropies. ``old_logp=None`` means pi_old is the current policy
-        (mu = 1); ``keep`` ``(N, Tc)`` restricts the policy-gradient term to high-entropy tokens."""
+                    old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None,
+                    keep: Optional[torch.Tensor] = None, entropy: bool = False) -> tuple[torch.Tensor, TokenLoss]:
+        """This micro-batch's share of the batch loss, with gradient, and its per-token terms.
+        ``old_logp=None`` means pi_old is the current policy (mu = 1); ``mask`` is the batch's loss
+        mask (default: the completion mask); ``keep`` ``(N, Tc)`` restricts the policy-gradient
+        term to high-entropy tokens; with ``entropy`` the policy's entropies come back in
+        ``TokenLoss.entropy``."""
         out = self.forward(self.engine.train_model, rollout, rows, entropy)
         logp, ent = out if entropy else (out, None)                                    # (n, Tc) each
         old = old_logp[rows] if old_logp is not None else logp.detach()                # (n, Tc)
         ref = ref_logp[rows] if ref_logp is not None else None                         # (n, Tc) or None
-        token = self.loss.per_token(logp, old, advantages[rows], ref_logp=ref, mask=mask[rows])
+        mask = (mask if mask is not None else rollout.completion_mask)[rows]
+        token = self.loss.per_token(logp, old, advantages[rows], ref_logp=ref, mask=mask)
         loss = token.loss
         if keep is not None:
             if token.policy is None:
                 raise PluginError(f"policy loss '{self.loss_name}' does not report its policy-gradient term "
                                   f"(TokenLoss.policy), which grpo.top_entropy_quantile masks; set it to 1")
             loss = loss - token.policy * (1.0 - keep[rows])                            # PG term on kept tokens only
-        return (loss * weights[rows]).sum(), token, ent                                # () this micro-batch's share
+        token.entropy = ent
+        return (loss * weights[rows]).sum(), token                                     # () this micro-batch's share
 
     def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
                  loss_mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None) -> dict[str, float]:
@@ -184,12 +188,12 @@ class PolicyUpdate:
             measure = iteration == 0 and not entropy["entropy_tokens"]
             for i, rows in enumerate(batches):
                 with self.engine.micro_batch(last=i == len(batches) - 1):
-                    loss, token, ent = self.policy_loss(rollout, rows, advantages, weights, mask, old_logp, ref_logp,
-                                                        keep, measure)
+                    loss, token = self.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp, mask=mask,
+                                                   keep=keep, entropy=measure)
                     self.engine.backward(loss * world)  # processes' gradients are averaged; this makes them sum
                 self._add_token_sums(sums, loss, token, mask[rows])
-                if ent is not None:
-                    self._add_entropy(entropy, ent, rollout.completion_mask[rows])
+                if token.entropy is not None:
+                    self._add_entropy(entropy, token.entropy, rollout.completion_mask[rows])
             sums["grad_norm"] += self.engine.optimizer_step()
         return {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens} | entropy
 
