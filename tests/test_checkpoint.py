@@ -332,3 +332,39 @@ def test_an_optimizer_state_holding_pickled_code_is_refused(tmp_path, uninterrup
     assert "optimizer.pt' could not be read as plain tensors" in message and "never unpickles code" in message
     assert "PAYLOAD RAN" not in done.stdout + done.stderr
     assert snapshot(out) == before
+
+
+NAN_RUN = ["grpo.learning_rate=1.0e+10", "engine.max_grad_norm=null", "run.eval_interval=0", "data.eval_size=8", "-q"]
+
+
+def test_a_run_that_turns_nan_stops_before_writing_nan_weights(tmp_path):
+    """Finding 2: `grpo.learning_rate=1e10 engine.max_grad_norm=null` wrote 38 of 38 NaN tensors to
+    final/ and both checkpoints, with exit 0. The NaN loss of step 2 now stops the run (exit 2,
+    one line naming the step and the quantity); the step-1 checkpoint stays, finite."""
+    out = tmp_path / "run"
+    message = error_of(run_cli("run", QUICKSTART, *NAN_RUN, "run.steps=8", "run.checkpoint_interval=1",
+                               f"run.output_dir={out}"))
+    assert "step 2: the loss is nan" in message and "engine.on_nonfinite: skip" in message
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
+    weights = load_file(str(out / "checkpoints" / "step-00000001" / "policy" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (out / "final").exists()
+
+
+def test_on_nonfinite_skip_drops_the_step_and_counts_it(tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("run", QUICKSTART, *NAN_RUN, "run.steps=4", "engine.on_nonfinite=skip", f"run.output_dir={out}")
+    assert done.returncode == 0, done.stderr
+    lines = read(out / "metrics.jsonl")
+    assert [m["nonfinite_skipped"] for m in lines] == [0.0, 1.0, 1.0, 1.0]
+    assert lines[0]["grad_norm"] > 0 and all(m["grad_norm"] is None for m in lines[1:])
+    weights = load_file(str(out / "final" / "model.safetensors"))  # nothing non-finite was ever stepped in
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_skip_is_refused_with_deepspeed():
+    from zenalign.errors import RecipeError
+    from zenalign.recipe.loader import load_recipe
+
+    with pytest.raises(RecipeError, match="engine.on_nonfinite: skip needs engine.backend: torch"):
+        load_recipe(QUICKSTART, ["engine.backend=deepspeed", "engine.on_nonfinite=skip"])

@@ -33,6 +33,10 @@ class DistributedError(ZenalignError):
     """A process of a multi-process run stopped, hung or died, so a collective operation failed."""
 
 
+class NonFiniteError(ZenalignError):
+    """A loss, gradient norm, advantage or weight became NaN or infinite."""
+
+
 class DataError(ZenalignError):
     """The prompt source produced no usable prompts, or a prompt file is malformed."""
 

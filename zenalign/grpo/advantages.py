@@ -30,8 +30,8 @@ def compute_advantages(normalizer: Any, rewards: torch.Tensor, objectives: Objec
             f"normalizer '{name}' returned {getattr(advantages, 'shape', type(advantages).__name__)}; expected one "
             f"advantage per completion ({n // group_size}, {group_size})"
         )
-    if torch.isnan(advantages).any():
-        raise PluginError(f"normalizer '{name}' returned NaN advantages")
+    if not torch.isfinite(advantages).all():
+        raise PluginError(f"normalizer '{name}' returned NaN or infinite advantages; advantages must be finite")
     return advantages.reshape(n).to(torch.float32)
 
 

@@ -268,12 +268,28 @@ class EngineSection(Section):
         if value and info.data.get("zero_stage") != 3:
             raise ValueError("parameter offload needs engine.zero_stage 3 (and backend deepspeed)")
         return value
+
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN or infinite loss or gradient norm, caught before the optimizer step. stop: end the run "
+        "with an error naming the step and the quantity (checkpoints already written stay as they are). skip: drop "
+        "that optimizer step and count it in metrics.jsonl (nonfinite_skipped); torch backend only, since DeepSpeed "
+        "steps inside its backward pass.",
+    )
     collective_timeout_s: float = Field(
         600.0,
         gt=0.0,
         description="Longest a process waits in a collective operation (several processes) before the run stops "
         "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes.",
     )
+
+    @field_validator("on_nonfinite")
+    @classmethod
+    def _skip_needs_torch(cls, value, info):
+        if value == "skip" and info.data.get("backend") == "deepspeed":
+            raise ValueError("skip needs engine.backend: torch (DeepSpeed steps the optimizer inside its backward "
+                             "pass, before a non-finite gradient could be dropped); use stop")
+        return value
 
 
 class RunSection(Section):

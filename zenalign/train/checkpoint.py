@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from zenalign.errors import ModelLoadError
+from zenalign.errors import ModelLoadError, NonFiniteError
 from zenalign.models.lora import is_adapted
 from zenalign.plugins import StatefulDirectory
 from zenalign.train.distributed import Dist
@@ -271,12 +271,21 @@ def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, f
     return final if dist.is_main else None
 
 
+def check_finite(state: Optional[dict[str, torch.Tensor]], where: str) -> None:
+    """Refuse to write weights holding a NaN or an infinity (naming the first such tensor)."""
+    for name, tensor in (state or {}).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{where}: the policy's {name} holds NaN or infinite values; it was not written "
+                                 f"(the checkpoints already written are intact)")
+
+
 def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
     """The trained policy as ``RUN/final``, a save_pretrained directory (safetensors) with its
     tokenizer, written to ``final.tmp`` and renamed into place; its path on rank 0."""
     state = parts.engine.policy_state_dict()  # collective at ZeRO-3
     if not parts.dist.is_main:
         return None
+    check_finite(state, "final")
     final, staging = run_path / "final", run_path / "final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
@@ -293,6 +302,7 @@ def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> 
     if consolidate or is_adapted(parts.engine.model):
         weights = parts.engine.policy_state_dict()  # collective at ZeRO-3
         if parts.dist.is_main:
+            check_finite(weights, f"checkpoint '{directory.parent.name}'")
             parts.engine.model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
     elif parts.dist.is_main:
         parts.engine.model.config.save_pretrained(directory)

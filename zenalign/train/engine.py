@@ -98,14 +98,16 @@ class TorchEngine:
         loss.backward()
 
     def optimizer_step(self) -> float:
-        """Clip, step the optimizer and the schedule, clear gradients. Returns the grad norm."""
+        """Clip, step the optimizer and the schedule, clear gradients. Returns the grad norm; when
+        it is NaN or infinite, nothing is stepped."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.recipe.engine.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
+        if math.isfinite(norm):  # a NaN or infinite gradient never reaches the weights (engine.on_nonfinite)
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def learning_rate(self) -> float:

@@ -274,7 +274,8 @@ class GRPOTrainer:
         adv = step_advantages(self.normalizer, name, self.updater, rollout, rewards, self.objectives, group_size,
                               dist.rank * len(rollout), batch.loss_mask, self.context, timer)
         with timer("update"):
-            update = self.updater(rollout, adv.local, adv.ref_logp, loss_mask=batch.loss_mask, old_logp=adv.old_logp)
+            update = self.updater(rollout, adv.local, adv.ref_logp, loss_mask=batch.loss_mask, old_logp=adv.old_logp,
+                                  step=self.state.step)
         if adv.tokens is not None:
             with timer("critic"):
                 self.normalizer.train_critic(adv.tokens, self.context)
@@ -330,8 +331,7 @@ class GRPOTrainer:
             grad_norm=update["grad_norm"], lr=self.engine.learning_rate, completion_len=lengths / n,
             truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
             entropy=entropy / entropy_tokens if entropy_tokens else None)
-        if "entropy_threshold" in update:
-            metrics["entropy_threshold"] = update["entropy_threshold"]
+        metrics.update({k: update[k] for k in ("entropy_threshold", "nonfinite_skipped") if k in update})
         metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
         if self.dist.is_main and self.state.step % self.recipe.run.log_interval == 0:
             log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", self.state.step,

@@ -12,11 +12,12 @@ size (the engines average gradients), so the update equals the single-process on
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 
-from zenalign.errors import PluginError, RecipeError
+from zenalign.errors import NonFiniteError, PluginError, RecipeError
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
@@ -72,6 +73,7 @@ class PolicyUpdate:
         self.share_prompts = recipe.engine.shared_prompts
         self.lean_forward = recipe.engine.lean_forward
         self.top_entropy_quantile = recipe.grpo.top_entropy_quantile
+        self.on_nonfinite = recipe.engine.on_nonfinite
         self.loss_name = getattr(recipe.loss, "type", type(self.loss).__name__)
 
     def micro_batches(self, n: int) -> list[slice]:
@@ -154,7 +156,8 @@ class PolicyUpdate:
         return (loss * weights[rows]).sum(), token                                     # () this micro-batch's share
 
     def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
-                 loss_mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None) -> dict[str, float]:
+                 loss_mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
+                 step: int = 0) -> dict[str, float]:
         """mu optimizer steps on this batch. ``advantages`` are ``(N,)``, one per completion, or
         ``(N, Tc)``, one per token; ``loss_mask`` ``(N,)`` takes completions out of the loss (a
         rollout filter's choice); ``old_logp`` is pi_old when a caller already computed it. Returns this rank's sums (loss, and KL/clip/ratio over its
@@ -184,7 +187,9 @@ class PolicyUpdate:
                 and ref_logp is None):
             batches, skipped_tokens = rows_that_move(batches, advantages, mask)
             sums["ratio"] += skipped_tokens  # pi = pi_old on every skipped token: a ratio of exactly 1, never clipped
+        skipped = 0
         for iteration in range(self.num_iterations):
+            before = dict(sums)
             measure = iteration == 0 and not entropy["entropy_tokens"]
             for i, rows in enumerate(batches):
                 with self.engine.micro_batch(last=i == len(batches) - 1):
@@ -194,14 +199,35 @@ class PolicyUpdate:
                 self._add_token_sums(sums, loss, token, mask[rows])
                 if token.entropy is not None:
                     self._add_entropy(entropy, token.entropy, rollout.completion_mask[rows])
-            sums["grad_norm"] += self.engine.optimizer_step()
-        return {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens} | entropy
+            skipped += self._check_finite(sums, before, self.engine.optimizer_step(), iteration, step)
+        passes = max(self.num_iterations - skipped, 1)
+        out = {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens} | entropy
+        out["grad_norm"] = sums["grad_norm"] / passes if skipped < self.num_iterations else float("nan")
+        return out | ({"nonfinite_skipped": float(skipped)} if self.on_nonfinite == "skip" else {})
 
     @staticmethod
     def _add_entropy(sums: dict[str, float], ent: torch.Tensor, mask: torch.Tensor) -> None:
         m = mask.to(ent.dtype)
         sums["entropy"] += float((ent * m).sum())
         sums["entropy_tokens"] += float(m.sum())
+
+    def _check_finite(self, sums: dict[str, float], before: dict[str, float], norm: float, iteration: int,
+                      step: int) -> int:
+        """After an optimizer step (which the engine does not take on a non-finite gradient): add the
+        grad norm and return 0, or, with a NaN or infinite loss or norm, stop the run
+        (``engine.on_nonfinite: stop``) or forget the pass and return 1 (``skip``)."""
+        pass_loss = sums["loss"] - before["loss"]
+        if math.isfinite(norm) and math.isfinite(pass_loss):
+            sums["grad_norm"] += norm
+            return 0
+        if self.on_nonfinite == "skip":
+            sums.update(before)  # the dropped pass leaves no trace in the metrics
+            return 1
+        quantity, value = ("gradient norm", norm) if math.isfinite(pass_loss) else ("loss", pass_loss)
+        raise NonFiniteError(
+            f"step {step}: the {quantity} is {value} (pass {iteration + 1} of {self.num_iterations}); nothing was "
+            f"stepped or saved from it. Lower grpo.learning_rate, set engine.max_grad_norm, or drop such steps with "
+            f"engine.on_nonfinite: skip")
 
     @staticmethod
     def _add_token_sums(sums: dict[str, float], loss: torch.Tensor, token: TokenLoss, mask: torch.Tensor) -> None:
