@@ -7,6 +7,7 @@ from zenalign.recipe.schema import (
     EngineSection,
     GRPOSection,
     LoraSection,
+    FilterEntry,
     LossEntry,
     ModelSection,
     NormalizerEntry,
@@ -24,7 +25,7 @@ from zenalign.recipe.schema import (
 )
 
 __all__ = [
-    "ENTRY_BASES", "EngineSection", "GRPOSection", "LoadedRecipe", "LoraSection", "LossEntry", "ModelSection",
+    "ENTRY_BASES", "EngineSection", "GRPOSection", "FilterEntry", "LoadedRecipe", "LoraSection", "LossEntry", "ModelSection",
     "NormalizerEntry", "ObjectiveSpec", "Recipe", "RewardEntry", "RunSection", "SamplingSection", "Section",
     "SweepSection", "TaskEntry", "build_recipe_model", "entry_model", "load_recipe", "recipe_from_options",
     "tagged_union", "validate_recipe",
