@@ -170,6 +170,41 @@ def test_deepspeed_resume_continues_the_run(tmp_path):
     assert_same_run(metrics(out), uninterrupted)
 
 
+class Payload:
+    """What a planted pickle would run on load (here it only records that it ran)."""
+
+    def __reduce__(self):
+        return (print, ("PAYLOAD RAN",))
+
+
+def test_a_deepspeed_checkpoint_holding_pickled_code_is_refused_by_resume_and_export(tmp_path):
+    """Issue 15, finding 3: DeepSpeed loads its files with torch.load(weights_only=False), so a
+    payload planted in mp_rank_00_model_states.pt (manifest regenerated) ran on resume, and in
+    export through zero_to_fp32. Both now refuse the file in one line and nothing runs."""
+    from zenalign.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    args = [*COMMON, "run.steps=2", "engine.backend=deepspeed", "engine.zero_stage=2",
+            "engine.consolidate_checkpoints=false", f"run.output_dir={out}"]
+    assert run_cli("run", QUICKSTART, *args).returncode == 0
+    checkpoint = out / "checkpoints" / "step-00000002"
+    target = checkpoint / "engine" / "zero" / "mp_rank_00_model_states.pt"
+    state = torch.load(target, weights_only=False)  # our own file, written just now
+    state["planted"] = Payload()
+    torch.save(state, target)
+    (checkpoint / "MANIFEST.json").unlink()
+    ckpt.write_manifest(checkpoint)
+    for command in (["run", QUICKSTART, *args, "run.steps=3", "--resume", "auto"],
+                    ["export", str(checkpoint), str(tmp_path / "exported")]):
+        done = run_cli(*command)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert "mp_rank_00_model_states.pt' holds more than tensors and DeepSpeed's own state" in lines[-1]
+        assert "Traceback" not in done.stderr
+        assert "PAYLOAD RAN" not in done.stdout + done.stderr
+    assert len(metrics(out)) == 2 and not (tmp_path / "exported").exists()
+
+
 def test_optimizer_offload_uses_deepspeeds_cpu_adam(tmp_path, torch_run):
     out = tmp_path / "run"
     done = run_cli("run", QUICKSTART, *COMMON, "run.steps=2", "engine.backend=deepspeed", "engine.zero_stage=2",

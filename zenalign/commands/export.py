@@ -72,6 +72,9 @@ def from_zero_shards(directory: Path, policy: Path, out: Path) -> Path:
     prepare_deepspeed_env()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from zenalign.train.engine import refuse_pickled_code
+
+    refuse_pickled_code(zero, "export")  # zero_to_fp32 unpickles without weights_only
     try:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(zero), tag="zero")
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy))

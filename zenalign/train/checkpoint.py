@@ -13,8 +13,10 @@
 A checkpoint is assembled in ``checkpoints/.tmp-step-...`` and renamed into place only when
 complete, so a process killed while writing leaves the previous checkpoint untouched. Only
 MANIFEST-bearing directories count as checkpoints, and resuming verifies every file against it.
-Nothing here unpickles: JSON, safetensors, and ``torch.load(weights_only=True)`` for the torch
-optimizer state (DeepSpeed reads its own engine state).
+Nothing here unpickles code: JSON, safetensors, and ``torch.load(weights_only=True)`` for the torch
+optimizer state. DeepSpeed reads its own engine state with a full unpickler, so its files are first
+opened with the weights-only one, allowing only DeepSpeed's own state classes
+(:func:`zenalign.train.engine.refuse_pickled_code`).
 
 What is saved is the run's :class:`~zenalign.train.state.TrainState` plus the parts named in
 :class:`CheckpointParts`; this module never sees the trainer.

@@ -130,6 +130,32 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed's own ZeRO checkpoints pickle besides tensors and containers: its
+    ZeRO-stage enum, its loss scalers and its fragment addresses. Nothing else is accepted."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def refuse_pickled_code(directory: Path, what: str = "--resume") -> None:
+    """DeepSpeed reads its checkpoints with ``torch.load(weights_only=False)``, which would run any
+    code pickled into them. So every ``.pt`` file under ``directory`` is first opened with torch's
+    weights-only unpickler (memory-mapped, so the tensors are not read), allowing only the classes
+    of :func:`deepspeed_safe_globals`; a file that needs anything else is refused, naming it."""
+    allowed = deepspeed_safe_globals()
+    for path in sorted(Path(directory).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{what}: '{path}' holds more than tensors and DeepSpeed's own state "
+                                 f"({type(exc).__name__}: {one_line(exc)[:160]}); it was not loaded, because "
+                                 f"loading it could run code. zenalign and DeepSpeed never write such a file") from None
+
+
 def load_tensors_only(path: Path, device: Any) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers, never pickled code. A file
     that holds anything else is a one-line error naming it."""
@@ -285,6 +311,7 @@ class DeepSpeedEngine:
         self.train_model.save_checkpoint(str(directory), tag="zero", save_latest=False)
 
     def load_state(self, directory: Path) -> None:
+        refuse_pickled_code(directory)  # before DeepSpeed's own torch.load(weights_only=False)
         path, _ = self.train_model.load_checkpoint(
             str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=True
         )
