@@ -205,6 +205,28 @@ def test_a_deepspeed_checkpoint_holding_pickled_code_is_refused_by_resume_and_ex
     assert len(metrics(out)) == 2 and not (tmp_path / "exported").exists()
 
 
+@pytest.mark.parametrize("stage, expected", [
+    (0, "optimizer step 2: the gradient norm is nan; it was stopped before DeepSpeed stepped it"),
+    (2, "step 2: the loss is nan"),  # ZeRO itself skips a step whose gradient norm is not finite
+])
+def test_a_deepspeed_run_that_turns_nan_stops_before_stepping_or_writing_it(tmp_path, stage, expected):
+    """Issue 15, finding 2 under DeepSpeed: the NaN step is never taken (stage 0: zenalign checks the
+    all-reduced norm before engine.step(); ZeRO: DeepSpeed's own overflow check), the run stops in one
+    line, and the step-1 checkpoint stays finite."""
+    from zenalign.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    done = run_cli("run", QUICKSTART, "grpo.learning_rate=1.0e+10", "engine.max_grad_norm=null", "run.eval_interval=0",
+                   "data.eval_size=8", "-q", "run.steps=4", "run.checkpoint_interval=1", "engine.backend=deepspeed",
+                   f"engine.zero_stage={stage}", f"run.output_dir={out}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert expected in done.stderr.strip().splitlines()[-1]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
+    weights = load_file(str(out / "checkpoints" / "step-00000001" / "policy" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (out / "final").exists()
+
+
 def test_optimizer_offload_uses_deepspeeds_cpu_adam(tmp_path, torch_run):
     out = tmp_path / "run"
     done = run_cli("run", QUICKSTART, *COMMON, "run.steps=2", "engine.backend=deepspeed", "engine.zero_stage=2",

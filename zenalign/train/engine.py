@@ -24,7 +24,7 @@ import torch
 
 from zenalign.models.attention import float32_attention_on_cpu
 from zenalign.train.distributed import Dist, prepare_deepspeed_env
-from zenalign.errors import ModelLoadError, RecipeError, one_line
+from zenalign.errors import ModelLoadError, NonFiniteError, RecipeError, one_line
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -286,6 +286,11 @@ class DeepSpeedEngine:
             # all-reduced by now, so measure it here, before the optimizer step clears them.
             grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
             self._norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+            if not math.isfinite(self._norm):  # ZeRO skips such a step itself; stage 0 would take it
+                raise NonFiniteError(
+                    f"optimizer step {engine.global_steps + 1}: the gradient norm is {self._norm}; it was stopped "
+                    f"before DeepSpeed stepped it, and nothing was saved from it. Lower grpo.learning_rate or set "
+                    f"engine.max_grad_norm")
         engine.step()  # steps the optimizer only at the accumulation boundary
 
     def optimizer_step(self) -> float:
