@@ -88,6 +88,69 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, uninterrupt
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+@pytest.mark.slow
+def test_rolling_back_abandons_the_later_timeline(tmp_path, uninterrupted):
+    """Finding 5: a run of 10 steps (checkpoints 8, 10, final/) resumed from step 8 and killed at
+    step 9; `--resume auto` then picked the abandoned step-10 checkpoint, so metrics.jsonl stopped
+    at 9 and final/ held the abandoned weights. Resuming from step 8 now moves the later checkpoint,
+    final/ and the later lines to abandoned/; auto-resume continues the new timeline."""
+    out = copy_run(uninterrupted, tmp_path)
+    old_final = load_file(str(out / "final" / "model.safetensors"))
+    job = start(QUICKSTART, *COMMON, "run.steps=12", "run.checkpoint_interval=100", f"run.output_dir={out}",
+                "--resume", str(out / "checkpoints" / "step-00000008"))
+    deadline = time.time() + 120
+    while not (out / "abandoned").exists():  # the rewind to step 8 happens before step 9
+        assert job.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    assert kill_after(job, out / "metrics.jsonl", steps=9) < 12
+    [aside] = (out / "abandoned").iterdir()
+    assert aside.name.startswith("after-step-00000008-")
+    assert [p.name for p in (aside / "checkpoints").iterdir()] == ["step-00000010"]
+    assert [m["step"] for m in read(aside / "metrics.jsonl")] == [9, 10]
+    moved = load_file(str(aside / "final" / "model.safetensors"))
+    assert moved.keys() == old_final.keys() and all(torch.equal(moved[k], old_final[k]) for k in moved)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000008"]
+    done = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr and "step-00000008" in done.stderr
+    for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):  # the same seed and recipe: the same timeline again
+        assert without_timing(read(out / name)) == without_timing(read(uninterrupted / name)), name
+    assert [line["from_step"] for line in read(out / "attempts.jsonl")] == [0, 8, 8]
+    assert sorted(p.name for p in (out / "attempts").iterdir()) == ["001.yaml", "002.yaml", "003.yaml"]
+    assert "steps: 12" in (out / "attempts" / "002.yaml").read_text()  # what the abandoned attempt ran with
+
+
+def test_a_changed_learning_rate_is_applied_on_resume_and_said(tmp_path, uninterrupted):
+    """Finding 6: a changed grpo.learning_rate was silently replaced by the checkpoint's."""
+    out = copy_run(uninterrupted, tmp_path)
+    done = run_cli("run", QUICKSTART, *COMMON, "run.steps=12", "grpo.learning_rate=2.5e-3", f"run.output_dir={out}",
+                   "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert "grpo.learning_rate changed on resume: 0.001 -> 0.0025" in done.stderr
+    assert [m["lr"] for m in read(out / "metrics.jsonl")] == [1e-3] * 10 + [2.5e-3] * 2  # constant schedule
+    assert "learning_rate: 0.0025" in (out / "recipe.yaml").read_text()
+    assert "learning_rate: 0.001" in (out / "attempts" / "001.yaml").read_text()
+
+
+def test_resume_with_the_same_config_but_other_weights_is_refused(tmp_path, uninterrupted):
+    """Finding 6: the fingerprint compared four config.json fields, so another model of the same
+    architecture was accepted. A sampled hash of the weight files now tells them apart."""
+    from conftest import REVERSE_POLICY
+
+    other = tmp_path / "other-policy"
+    shutil.copytree(REVERSE_POLICY, other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) * 5 // 64 + 100] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    out = copy_run(uninterrupted, tmp_path)
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"model.path={other}", f"model.reference_path={REVERSE_POLICY}",
+                               f"run.output_dir={out}", "--resume", "auto"))
+    assert "the model's weights (sampled sha256)" in message and "start a new run" in message
+    assert snapshot(out) == before
+
+
 KILLER_PLUGIN = '''
 """A group z-score normalizer with state, that SIGKILLs its own process while the checkpoint of
 step 4 is being written (once: it leaves a marker file)."""
@@ -188,6 +251,7 @@ def test_resume_from_an_incomplete_checkpoint(tmp_path, uninterrupted):
     ("grpo.prompts_per_step=4", "grpo.prompts_per_step = 8; this run has 4"),
     ("normalizer.type=rank", "normalizer.type = group_zscore; this run has rank"),
     ("filters=[{type: mask_truncated}]", "filters = []; this run has [{'type': 'mask_truncated'}]"),
+    ("rewards=[{type: exact_answer, name: accuracy, case_sensitive: false}]", "'case_sensitive': False"),
 ])
 def test_resume_with_a_different_recipe_is_refused(tmp_path, uninterrupted, override, expected):
     out = copy_run(uninterrupted, tmp_path)

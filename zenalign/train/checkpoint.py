@@ -133,11 +133,38 @@ def model_signature(config_dir: Path) -> dict[str, Any]:
     return {k: config.get(k) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_signature(model_dir: Path, blocks: int = 64, block_bytes: int = 1 << 16) -> Optional[str]:
+    """A sampled hash of a model directory's weight files: their names and sizes, the first MiB of
+    each (a safetensors header: every tensor's name, dtype and shape) and ``blocks`` blocks spread
+    evenly over the rest. It tells two different trained models apart in milliseconds, where
+    hashing all of a 14 GB model at each resume would take minutes; it could miss two models that
+    differ only between its samples (a handful of changed tensors)."""
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(model_dir).as_posix()}:{size};".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            for i in range(blocks):
+                f.seek(size * i // blocks)
+                digest.update(f.read(block_bytes))
+    return digest.hexdigest()
+
+
 def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
                 policy_config_dir: Optional[Path]) -> dict[str, Any]:
     """What must not change between the run that wrote a checkpoint and the one resuming it."""
     return {
         "model": model_signature(policy_config_dir) if policy_config_dir else {},
+        "model.weights": weights_signature(policy_config_dir) if policy_config_dir else None,
+        "rewards": [{k: v for k, v in entry.model_dump(mode="json").items() if k != "timeout_s"}
+                    for entry in recipe.rewards],
         "sampling.group_size": recipe.sampling.group_size,
         "grpo.prompts_per_step": recipe.grpo.prompts_per_step,
         "grpo.num_iterations": recipe.grpo.num_iterations,
@@ -157,10 +184,11 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path
         if key not in saved:  # written before this setting was recorded
             continue
         then = saved[key]
-        if key == "model" and (not then or not now):
+        if key in ("model", "model.weights") and (not then or not now):  # a model object given in Python
             continue
         if then != now:
-            label = "the model (config.json)" if key == "model" else key
+            label = {"model": "the model (config.json)", "model.weights": "the model's weights (sampled sha256)",
+                     "rewards": "rewards"}.get(key, key)
             raise ModelLoadError(
                 f"--resume: checkpoint '{where}' was written with {label} = {then}; this run has {now}. "
                 f"Resume with the same setting, or start a new run in another run.output_dir"

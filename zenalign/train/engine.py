@@ -15,6 +15,7 @@ size and normalises it with global token counts: the update equals the single-pr
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 from zenalign.models.attention import float32_attention_on_cpu
 from zenalign.train.distributed import Dist, prepare_deepspeed_env
 from zenalign.errors import ModelLoadError, NonFiniteError, RecipeError, one_line
+
+log = logging.getLogger("zenalign")
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -46,6 +49,22 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 def _scheduler(optimizer, grpo: Any, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(grpo.lr_schedule, grpo.warmup_steps, total_steps))
+
+
+def retarget_learning_rate(scheduler: Any, lr: float) -> None:
+    """After a resume: the loaded schedule holds the peak rate of the run that wrote it. Continue
+    it, from its step, with the recipe's ``grpo.learning_rate`` instead, and say so when it changed
+    (the schedule's shape always comes from the recipe: it is not saved)."""
+    old = float(scheduler.base_lrs[0])
+    if old == lr:
+        return
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    log.warning("grpo.learning_rate changed on resume: %g -> %g; the schedule continues from optimizer step %d "
+                "with the new peak rate", old, lr, scheduler.last_epoch)
 
 
 def create_engine(recipe: Any, dist: Dist, device: torch.device):
@@ -128,6 +147,7 @@ class TorchEngine:
         state = load_tensors_only(directory / "optimizer.pt", self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        retarget_learning_rate(self.scheduler, self.recipe.grpo.learning_rate)
 
 
 def deepspeed_safe_globals() -> list[Any]:
@@ -322,3 +342,4 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise ModelLoadError(f"checkpoint '{directory.parent}': the DeepSpeed engine state in {directory} could not be loaded")
+        retarget_learning_rate(self.scheduler, self.recipe.grpo.learning_rate)

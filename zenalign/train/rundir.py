@@ -23,8 +23,9 @@ import yaml
 
 from zenalign.errors import RecipeError
 
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log")
-RUN_DIRS = ("final", "checkpoints")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log", "attempts.jsonl")
+RUN_DIRS = ("final", "checkpoints", "attempts", "abandoned")
+LINE_FILES = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")
 LOCK = "run.lock"
 
 log = logging.getLogger("zenalign")
@@ -46,6 +47,13 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 1 << 62  # an unreadable (half-written) line is dropped
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _alive(pid: int) -> bool:
@@ -79,8 +87,9 @@ class RunDir:
                 if resumed_step is None:
                     self.prepare(overwrite)
                 else:
-                    self.truncate_after(resumed_step)
+                    self.rewind_to(resumed_step)
                 self.write_recipe(recipe)
+                self.record_attempt(recipe, resumed_step)
             except RecipeError as exc:
                 self.unlock()
                 failure = str(exc)
@@ -178,18 +187,54 @@ class RunDir:
                 f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
             f.flush()
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the lines of steps after ``step`` (they are about to be recomputed by a resumed run).
-        Each file is rewritten atomically."""
-        for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
-            path = self.path / name
-            if not path.exists():
-                continue
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if line.strip() and _step_of(line) <= step]
-            staging = path.with_suffix(".jsonl.tmp")
-            staging.write_text("".join(kept), encoding="utf-8")
-            os.replace(staging, path)
+    def record_attempt(self, recipe: dict[str, Any], resumed_step: Optional[int]) -> None:
+        """Every start of the run keeps its recipe as ``attempts/NNN.yaml`` and a line in
+        ``attempts.jsonl`` (the step it started from), so the run records what each stretch of
+        steps was trained with; ``recipe.yaml`` is the latest."""
+        number = len(self._lines(self.path / "attempts.jsonl")) + 1
+        (self.path / "attempts").mkdir(exist_ok=True)
+        (self.path / "attempts" / f"{number:03d}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False),
+                                                                   encoding="utf-8")
+        self.append("attempts.jsonl", [{"attempt": number, "from_step": resumed_step or 0,
+                                        "recipe": f"attempts/{number:03d}.yaml", "pid": os.getpid(),
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}])
+
+    @staticmethod
+    def _lines(path: Path) -> list[str]:
+        if not path.exists():
+            return []
+        return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+
+    def rewind_to(self, step: int) -> Optional[Path]:
+        """A resumed run continues after ``step``. The lines of later steps are dropped from
+        metrics/eval/samples (they are recomputed). If the run had gone further and left something
+        lasting (a later checkpoint or ``final/``), that timeline is abandoned: its later
+        checkpoints, ``final/`` and dropped lines move to ``abandoned/after-step-N-TIME/``, so that
+        neither ``--resume auto`` nor checkpoint pruning ever picks them, and nothing is deleted.
+        Returns that directory, if any."""
+        later = [p for p in (self.path / "checkpoints").glob("step-*") if p.is_dir() and _checkpoint_step(p) > step]
+        lines = {name: self._lines(self.path / name) for name in LINE_FILES}
+        dropped = {name: [line for line in found if _step_of(line) > step] for name, found in lines.items()}
+        final = self.path / "final"
+        aside = None
+        if later or (final.exists() and any(dropped.values())):
+            aside = self.path / "abandoned" / f"after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+            (aside / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for name, found in dropped.items():
+                if found:
+                    (aside / name).write_text("".join(found), encoding="utf-8")
+            for checkpoint in later:
+                os.replace(checkpoint, aside / "checkpoints" / checkpoint.name)
+            if final.exists():
+                os.replace(final, aside / "final")
+            log.warning("resuming from step %d of a run that had gone further: its later checkpoints, final/ and "
+                        "lines were moved to %s", step, aside)
+        for name, found in lines.items():  # each file rewritten atomically
+            if dropped[name]:
+                staging = self.path / f"{name}.tmp"
+                staging.write_text("".join(line for line in found if _step_of(line) <= step), encoding="utf-8")
+                os.replace(staging, self.path / name)
+        return aside
 
     def read(self, name: str) -> list[dict[str, Any]]:
         path = self.path / name

@@ -328,7 +328,7 @@ class GRPOTrainer:
         metrics.update(reward_metrics(rewards, self.objectives, self.recipe.sampling.group_size))
         metrics.update(
             loss=loss, kl=kl / max(tokens, 1.0), clip_frac=clip / max(tokens, 1.0), ratio_mean=ratio / max(tokens, 1.0),
-            grad_norm=update["grad_norm"], lr=self.engine.learning_rate, completion_len=lengths / n,
+            grad_norm=update["grad_norm"], lr=update["lr"], completion_len=lengths / n,
             truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
             entropy=entropy / entropy_tokens if entropy_tokens else None)
         metrics.update({k: update[k] for k in ("entropy_threshold", "nonfinite_skipped") if k in update})

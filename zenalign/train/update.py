@@ -188,6 +188,7 @@ class PolicyUpdate:
             batches, skipped_tokens = rows_that_move(batches, advantages, mask)
             sums["ratio"] += skipped_tokens  # pi = pi_old on every skipped token: a ratio of exactly 1, never clipped
         skipped = 0
+        lr = self.engine.learning_rate  # the rate this step's (first) optimizer step uses: logged as such
         for iteration in range(self.num_iterations):
             before = dict(sums)
             measure = iteration == 0 and not entropy["entropy_tokens"]
@@ -201,7 +202,7 @@ class PolicyUpdate:
                     self._add_entropy(entropy, token.entropy, rollout.completion_mask[rows])
             skipped += self._check_finite(sums, before, self.engine.optimizer_step(), iteration, step)
         passes = max(self.num_iterations - skipped, 1)
-        out = {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens} | entropy
+        out = {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens, "lr": lr} | entropy
         out["grad_norm"] = sums["grad_norm"] / passes if skipped < self.num_iterations else float("nan")
         return out | ({"nonfinite_skipped": float(skipped)} if self.on_nonfinite == "skip" else {})
 
