@@ -432,3 +432,74 @@ def test_skip_is_refused_with_deepspeed():
 
     with pytest.raises(RecipeError, match="engine.on_nonfinite: skip needs engine.backend: torch"):
         load_recipe(QUICKSTART, ["engine.backend=deepspeed", "engine.on_nonfinite=skip"])
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 18 MiB file system (tmpfs): one 12 MiB checkpoint of the quickstart fits, two don't."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=18m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root in a container that allows it ({done.stderr.strip()}); "
+                    f"test_a_failed_write_is_a_storage_error covers the same path by injection")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(small_disk):
+    """Finding 9: a full disk gave a traceback (safetensors' SafetensorError, torch.save's
+    RuntimeError) and left the partial checkpoint filling the disk. Now: one line, exit 2, the
+    step-2 checkpoint intact, the partial step-4 one removed, the lock released; after space is
+    freed, --resume auto finishes the run."""
+    out = small_disk / "run"
+    args = ["run.steps=6", "run.checkpoint_interval=2", "run.keep_checkpoints=3", "run.eval_interval=0",
+            "data.eval_size=8", "-q", f"run.output_dir={out}"]
+    message = error_of(run_cli("run", QUICKSTART, *args))
+    assert f"cannot write the run in '{out}'" in message and "No space left on device" in message
+    assert "--resume auto" in message
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002"]
+    ckpt.verify(out / "checkpoints" / "step-00000002")
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / "run.lock").exists()
+    assert [m["step"] for m in read(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    done = run_cli("run", QUICKSTART, *args, "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in read(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_read_only_run_directory_is_one_line(small_disk):
+    out = small_disk / "run"
+    out.mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    message = error_of(run_cli("run", QUICKSTART, "run.steps=2", f"run.output_dir={out}"))
+    assert f"run.output_dir: cannot write in '{out}': Read-only file system" in message
+
+
+def test_a_failed_write_is_a_storage_error(tmp_path, monkeypatch):
+    """The same path by injection, in-process (no mount needed): the second checkpoint's rng file
+    hits ENOSPC."""
+    import errno
+
+    from zenalign import GRPOTrainer, load_recipe
+    from zenalign.errors import StorageError
+
+    real, calls = ckpt.save_file, []
+
+    def save_file(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if "step-00000004" in path:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    out = tmp_path / "run"
+    loaded = load_recipe(QUICKSTART, ["run.steps=4", "run.checkpoint_interval=2", "run.eval_interval=0",
+                                      "data.eval_size=8", "run.progress_bar=false", f"run.output_dir={out}"])
+    with pytest.raises(StorageError, match=r"cannot write the run in .*No space left on device \(.*step-00000004"):
+        GRPOTrainer.from_recipe(loaded).train()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002"]
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / "run.lock").exists()

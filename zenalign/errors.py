@@ -37,6 +37,10 @@ class NonFiniteError(ZenalignError):
     """A loss, gradient norm, advantage or weight became NaN or infinite."""
 
 
+class StorageError(ZenalignError):
+    """The run directory could not be written: a full disk, a quota, a read-only file system."""
+
+
 class DataError(ZenalignError):
     """The prompt source produced no usable prompts, or a prompt file is malformed."""
 

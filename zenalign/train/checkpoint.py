@@ -275,6 +275,28 @@ def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, f
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
+    try:
+        _write_parts(staging, run_path, state, parts, fingerprint, consolidate)
+    except BaseException:
+        if dist.is_main:  # a full disk: do not leave a partial checkpoint holding the space
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    dist.barrier()
+    final = root / name
+    if dist.is_main:
+        write_manifest(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_path)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final if dist.is_main else None
+
+
+def _write_parts(staging: Path, run_path: Path, state: TrainState, parts: CheckpointParts, fingerprint: dict[str, Any],
+                 consolidate: bool) -> None:
+    dist = parts.dist
     _save_policy(staging / "policy", parts, consolidate)
     if dist.is_main and state.reference_was_reset:  # the reference no longer equals model.path: keep it
         save_file({k: v.detach().cpu().clone() for k, v in parts.reference.state_dict().items()},  # clone: tied weights
@@ -288,17 +310,6 @@ def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, f
         _write_json(staging / "trainer_state.json", {"format": FORMAT, **state.to_json(), "plugins": sorted(saved_plugins),
                                                       "fingerprint": fingerprint, "consolidated": consolidate})
         shutil.copy(run_path / "recipe.yaml", staging / "recipe.yaml")
-    dist.barrier()
-    final = root / name
-    if dist.is_main:
-        write_manifest(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(run_path)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final if dist.is_main else None
 
 
 def check_finite(state: Optional[dict[str, torch.Tensor]], where: str) -> None:
@@ -318,8 +329,12 @@ def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
     check_finite(state, "final")
     final, staging = run_path / "final", run_path / "final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-    parts.tokenizer.save_pretrained(staging)
+    try:
+        parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        parts.tokenizer.save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final

@@ -140,8 +140,8 @@ class TorchEngine:
         """Optimizer and schedule state; read back with ``torch.load(weights_only=True)`` (no pickle code)."""
         if self.dist.is_main:
             directory.mkdir(parents=True, exist_ok=True)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       directory / "optimizer.pt")
+            with (directory / "optimizer.pt").open("wb") as f:  # a Python file: a full disk surfaces as OSError
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, f)
 
     def load_state(self, directory: Path) -> None:
         state = load_tensors_only(directory / "optimizer.pt", self.device)

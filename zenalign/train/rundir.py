@@ -9,6 +9,7 @@ no longer exists on this host is taken over.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from zenalign.errors import RecipeError
+from zenalign.errors import RecipeError, StorageError, one_line
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log", "attempts.jsonl")
 RUN_DIRS = ("final", "checkpoints", "attempts", "abandoned")
@@ -47,6 +48,31 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 1 << 62  # an unreadable (half-written) line is dropped
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+_STORAGE_MARKERS = ("no space left on device", "os error 28", "disk quota exceeded", "read-only file system",
+                    "os error 30", "permission denied", "file write failed", "file too large")
+
+
+def storage_failure(exc: BaseException, run_dir: Path) -> Optional[StorageError]:
+    """A one-line error for a write that failed because of the storage (None for anything else).
+    Python raises OSError; safetensors and torch.save raise their own errors that carry the OS's
+    message, which is matched instead."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:  # torch.save into a Python file: RuntimeError from OSError(28)
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS), None)
+    if os_error is not None:
+        reason = f"{os_error.strerror} ({os_error.filename})" if os_error.filename else os_error.strerror
+    elif any(marker in str(exc).lower() for marker in _STORAGE_MARKERS):
+        reason = one_line(exc)[:200]
+    else:
+        return None
+    return StorageError(f"cannot write the run in '{run_dir}': {reason}. The lines and checkpoints already written "
+                        f"are intact (an unfinished checkpoint is removed); free space or choose another "
+                        f"run.output_dir, then continue with --resume auto")
 
 
 def _checkpoint_step(path: Path) -> int:

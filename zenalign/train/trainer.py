@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zenalign.data import PromptSampler, render_prompt
-from zenalign.errors import RecipeError
+from zenalign.errors import RecipeError, ZenalignError
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
 from zenalign.grpo.rollout import Rollout, generate_groups
 from zenalign.grpo.scoring import Scorer, make_batch
@@ -47,7 +47,7 @@ from zenalign.train.distributed import Dist, collective_failure, init_distribute
 from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
 from zenalign.train.memory import keep_freed_memory
-from zenalign.train.rundir import RunDir
+from zenalign.train.rundir import RunDir, storage_failure
 from zenalign.train.state import TrainState, stateful_plugins
 from zenalign.train.update import PolicyUpdate
 
@@ -231,8 +231,11 @@ class GRPOTrainer:
         try:
             self.setup(prompts, eval_prompts, resume)
             return self._loop()
-        except RuntimeError as exc:  # a collective that timed out: another process stopped or hung
-            raise collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s) or exc
+        except ZenalignError:
+            raise
+        except Exception as exc:  # a collective that timed out (another process stopped or hung), a full disk
+            raise (collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s)
+                   or storage_failure(exc, Path(self.recipe.run.output_dir)) or exc)
         finally:
             self.cleanup()
 
