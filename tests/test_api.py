@@ -61,6 +61,20 @@ def test_options_are_recipe_fields_and_typos_are_errors():
     assert trainer.recipe.model.path == "some/dir" and trainer.recipe.normalizer.type == "rank"
 
 
+def test_flat_fields_and_section_dicts_merge_and_conflicts_are_named():
+    """Issue 19: `steps=3, log_interval=1, run={"overwrite": True}` ran 100 steps (the section
+    replaced the flat fields), and `steps=3, run={"steps": 7}` silently took 7."""
+    trainer = GRPOTrainer(model="m", reward_model=len, steps=3, log_interval=1, run={"overwrite": True})
+    run = trainer.recipe.run
+    assert (run.steps, run.log_interval, run.overwrite) == (3, 1, True)
+    trainer = GRPOTrainer(model="m", reward_model=len, run={"overwrite": True}, steps=3)  # either order
+    assert (trainer.recipe.run.steps, trainer.recipe.run.overwrite) == (3, True)
+    with pytest.raises(RecipeError, match=r"steps=3 and run=\{'steps': 7\} both set run.steps \(3 vs 7\); give it once"):
+        GRPOTrainer(model="m", reward_model=len, steps=3, run={"steps": 7})
+    trainer = GRPOTrainer(model="m", reward_model=len, steps=3, run={"steps": 3})  # the same value twice is fine
+    assert trainer.recipe.run.steps == 3
+
+
 @pytest.mark.slow
 def test_api_and_cli_run_the_same_engine(tmp_path):
     """The same recipe through `zenalign run` (a subprocess) and GRPOTrainer.from_recipe gives

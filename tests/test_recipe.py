@@ -85,6 +85,18 @@ def test_overrides_are_typed_and_nested():
     assert r.grpo.adam_betas == (0.8, 0.9)
 
 
+def test_section_overrides_merge_with_the_recipe_and_with_dotted_ones():
+    """Issue 19: `run.steps=3 "run={overwrite: true}"` reset the recipe's whole run section."""
+    QUICKSTART = RECIPES / "quickstart.yaml"
+    loaded = load_recipe(QUICKSTART, ["run.steps=3", "run={overwrite: true}"])
+    run = loaded.recipe.run
+    assert (run.steps, run.overwrite, run.eval_interval, run.log_interval) == (3, True, 20, 10)  # 20, 10: the recipe's
+    loaded = load_recipe(QUICKSTART, ["normalizer={type: rank}"])  # another plugin type replaces the section
+    assert loaded.recipe.normalizer.type == "rank"
+    with pytest.raises(RecipeError, match=r"override 'run.steps=3' and override 'run=\{steps: 7\}' both set run.steps \(3 vs 7\)"):
+        load_recipe(QUICKSTART, ["run.steps=3", "run={steps: 7}"])
+
+
 def test_override_is_validated_and_blamed():
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPES / "quickstart.yaml", ["sampling.group_size=1"])

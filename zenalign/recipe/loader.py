@@ -91,8 +91,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_override(data: dict[str, Any], text: str) -> None:
+def merge_section(node: dict[str, Any], key: str, value: Any) -> None:
+    """``node[key] = value``, except that a mapping given for a section that holds one is merged
+    into it, key by key (``run={overwrite: true}`` keeps the section's other fields). A plugin
+    section given another ``type`` is replaced: the old type's options would not apply."""
+    old = node.get(key)
+    if not (isinstance(value, dict) and isinstance(old, dict)) or ("type" in value and value["type"] != old.get("type")):
+        node[key] = copy.deepcopy(value)
+        return
+    for name, item in value.items():
+        merge_section(old, name, item)
+
+
+def leaf_paths(prefix: tuple[str, ...], value: Any) -> dict[tuple[str, ...], Any]:
+    """The fields a value sets: ``("run",), {"steps": 3}`` -> ``{("run", "steps"): 3}``."""
+    if isinstance(value, dict) and value:
+        found: dict[tuple[str, ...], Any] = {}
+        for name, item in value.items():
+            found.update(leaf_paths((*prefix, str(name)), item))
+        return found
+    return {prefix: value}
+
+
+def check_conflicts(sources: dict[tuple[str, ...], tuple[str, Any]], origin: str, value: Any,
+                    prefix: tuple[str, ...]) -> None:
+    """Refuse a field set to two different values by two options (naming both); record the rest."""
+    for path, item in leaf_paths(prefix, value).items():
+        seen = sources.get(path)
+        if seen is not None and seen[1] != item:
+            raise RecipeError(f"{seen[0]} and {origin} both set {'.'.join(path)} ({seen[1]!r} vs {item!r}); give it once")
+        sources[path] = (origin, item)
+
+
+def apply_override(data: dict[str, Any], text: str,
+                   sources: dict[tuple[str, ...], tuple[str, Any]] | None = None) -> None:
     keys, value = parse_override(text)
+    if sources is not None:
+        check_conflicts(sources, f"override '{text}'", value, tuple(keys))
     node: Any = data
     for depth, key in enumerate(keys[:-1]):
         node = _child(node, key, text, create=True)
@@ -100,7 +135,7 @@ def apply_override(data: dict[str, Any], text: str) -> None:
     if isinstance(node, list):
         node[_index(node, last, text)] = value
     elif isinstance(node, dict):
-        node[last] = value
+        merge_section(node, last, value)
     else:
         raise RecipeError(f"override '{text}': '{'.'.join(keys[:-1])}' is not a section")
 
@@ -143,8 +178,9 @@ def validate_recipe(
 ) -> LoadedRecipe:
     """Apply overrides, load the recipe's plugins, and validate against the installed types."""
     data = copy.deepcopy(data)
+    sources: dict[tuple[str, ...], tuple[str, Any]] = {}
     for text in overrides:
-        apply_override(data, text)
+        apply_override(data, text, sources)
     plugin_specs = data.get("plugins") or []
     if not isinstance(plugin_specs, list) or not all(isinstance(s, str) for s in plugin_specs):
         raise RecipeError(f"{source}: plugins: expected a list of module names or .py paths")
@@ -183,11 +219,14 @@ def recipe_from_options(options: dict[str, Any], name: str) -> LoadedRecipe:
     model/sampling/grpo/engine/run by its own name (``group_size=12``)."""
     owner = {field: section for section in FLAT_SECTIONS for field in Recipe.model_fields[section].annotation.model_fields}
     data: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], tuple[str, Any]] = {}
     for key, value in options.items():
-        if key in Recipe.model_fields:
-            data[key] = value
+        if key in Recipe.model_fields:  # a section: merged with flat fields given for it, in any order
+            check_conflicts(sources, f"{key}={value!r}", value, (key,))
+            merge_section(data, key, value)
         elif key in owner:
-            data.setdefault(owner[key], {})[key] = value
+            check_conflicts(sources, f"{key}={value!r}", value, (owner[key], key))
+            merge_section(data.setdefault(owner[key], {}), key, value)
         else:
             raise RecipeError(
                 f"GRPOTrainer: unknown option '{key}'; options are recipe sections ({', '.join(Recipe.model_fields)}) "

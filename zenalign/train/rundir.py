@@ -1,4 +1,6 @@
-"""The run directory: recipe.yaml, metrics.jsonl, eval.jsonl, samples.jsonl, run.log, final/.
+"""The run directory: recipe.yaml, metrics.jsonl, eval.jsonl, samples.jsonl, run.log, final/,
+checkpoints/, attempts/ (each start's recipe, listed in attempts.jsonl) and abandoned/ (what a run
+resumed from an earlier step had written after it).
 
 Lines are appended and flushed as they are produced, so a run that stops (or is stopped) keeps
 everything it wrote. An existing run is never overwritten unless the recipe says so, and then only

@@ -1,0 +1,140 @@
+"""Kill -9 trials: a run killed at a random moment and continued with ``--resume auto`` must end
+exactly as an uninterrupted run (metrics, evals, samples, final weights).
+
+    python bench/faults.py --trials 10 --two-process-trials 4
+
+Each trial starts the quickstart (10 steps, a checkpoint every 2) in its own process group, kills
+the whole group with SIGKILL after a random delay drawn over the uninterrupted run's duration,
+notes where it died (before the first checkpoint, while a checkpoint was being written, between
+checkpoints), then runs ``--resume auto`` and compares. Two-process trials do the same under
+torchrun (DDP and DeepSpeed ZeRO-2 alternately). Prints one line per trial and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+ARGS = ["run.steps=10", "run.checkpoint_interval=2", "run.eval_interval=4", "data.eval_size=16", "run.log_interval=2",
+        "run.progress_bar=false", "run.keep_checkpoints=2", "-q"]
+ENGINES = {"torch": [], "ddp": [], "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"]}
+
+
+def command(out: Path, processes: int, engine: str, *extra: str) -> list[str]:
+    launcher = [sys.executable, "-m", "zenalign"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", str(random.randint(20000, 40000)), "-m", "zenalign"]
+    return [*launcher, "run", QUICKSTART, *ARGS, *ENGINES[engine], f"run.output_dir={out}", *extra]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    drop = ("time/", "completions_per_s")
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "final" / "model.safetensors"))
+
+
+def same_run(out: Path, whole: Path) -> str:
+    for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+        got, want = lines(out / name), lines(whole / name)
+        if got != want:
+            return f"{name} differs ({len(got)} vs {len(want)} lines)"
+    a, b = weights(out), weights(whole)
+    if a.keys() != b.keys() or any(not (a[k] == b[k]).all() for k in a):
+        return "final weights differ"
+    return ""
+
+
+def where_killed(out: Path) -> str:
+    root = out / "checkpoints"
+    if root.is_dir() and any(root.glob(".tmp-*")):
+        return "during a checkpoint write"
+    if not root.is_dir() or not any(p.name.startswith("step-") for p in root.iterdir()):
+        return "before the first checkpoint"
+    return "between checkpoints"
+
+
+def trial(workdir: Path, whole: Path, duration: float, processes: int, engine: str, rng: random.Random) -> dict:
+    out = workdir / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    delay = rng.uniform(0.15, 0.95) * duration
+    job = subprocess.Popen(command(out, processes, engine), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(delay)
+    finished = job.poll() is not None
+    if not finished:
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    where = "after it finished" if finished else where_killed(out)
+    steps = len(lines(out / "metrics.jsonl"))
+    done = subprocess.run(command(out, processes, engine, "--resume", "auto"), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return {"delay": delay, "where": where, "steps": steps, "result": f"resume failed: {done.stderr.strip()[-300:]}"}
+    return {"delay": delay, "where": where, "steps": steps, "result": same_run(out, whole) or "identical"}
+
+
+def uninterrupted(workdir: Path, processes: int, engine: str) -> tuple[Path, float]:
+    out = workdir / f"whole-{processes}-{engine}"
+    started = time.perf_counter()
+    done = subprocess.run(command(out, processes, engine), cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        sys.exit(f"the uninterrupted run failed: {done.stderr[-2000:]}")
+    return out, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=10, help="single-process trials (torch backend)")
+    parser.add_argument("--two-process-trials", type=int, default=4, help="torchrun trials, DDP and ZeRO-2 alternately")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        plan = [(1, "torch")] * args.trials + [(2, "ddp" if i % 2 == 0 else "zero2") for i in range(args.two_process_trials)]
+        references = {}
+        for processes, engine in plan:
+            if (processes, engine) not in references:
+                references[processes, engine] = uninterrupted(workdir, processes, engine)
+            whole, duration = references[processes, engine]
+            found = trial(workdir, whole, duration, processes, engine, rng)
+            found.update(processes=processes, engine=engine)
+            results.append(found)
+            print(f"{processes} process(es) {engine:5s} killed at {found['delay']:5.1f} s of {duration:4.1f} "
+                  f"({found['where']}, {found['steps']} steps logged): {found['result']}", flush=True)
+    for processes in (1, 2):
+        mine = [r for r in results if r["processes"] == processes]
+        if mine:
+            good = sum(r["result"] == "identical" for r in mine)
+            writes = sum(r["where"] == "during a checkpoint write" for r in mine)
+            print(f"{processes} process(es): {good} of {len(mine)} identical to the uninterrupted run "
+                  f"({writes} killed during a checkpoint write)")
+
+
+if __name__ == "__main__":
+    main()
