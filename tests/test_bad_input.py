@@ -197,6 +197,15 @@ CASES = [
         command="validate",
     ),
     Case(
+        "plugin-hook-name-misspelled",
+        {"plugins": ["events.py"]},
+        ["plugins[0]", "events.py", "@hookimpl 'zenalign_on_step_ends' matches no zenalign hook",
+         "did you mean 'zenalign_on_step_end'"],
+        files={"events.py": "from zenalign import hookimpl\n\n@hookimpl\n"
+                            "def zenalign_on_step_ends(context, step, metrics):\n    pass\n"},
+        command="validate",
+    ),
+    Case(
         "plugin-module-not-installed",
         {"plugins": ["no_such_zenalign_plugin_module"]},
         ["plugins[0]", "no module named 'no_such_zenalign_plugin_module'", "importable module name", ".py file"],
@@ -206,7 +215,8 @@ CASES = [
     Case(
         "reward-raises",
         PYFN_REWARD,
-        ["rewards[0] 'python_function' (python_function)", "raised ValueError", "reward exploded", "at step 1"],
+        ["rewards[0] 'python_function' (python_function)", "raised ValueError", "reward exploded",
+         "myreward.py:4 (in fn)", "at step 1", "run.log has the traceback"],
         files={"myreward.py": reward_file("raise ValueError('reward exploded')")},
         during_run=True,
     ),
@@ -478,7 +488,12 @@ def test_run_failing_midway_keeps_metrics(tmp_path: Path, tiny_model_dir: Path) 
     proc = run_cli("run", str(recipe_path), cwd=tmp_path)
     message = error_line(proc, during_run=True)
     assert "rewards[0] 'python_function'" in message
-    assert "raised RuntimeError: second step went wrong (at step 2)" in message
+    assert "raised RuntimeError: second step went wrong at " in message
+    assert f"{tmp_path / 'myreward.py'}:5 (in fn) (at step 2)" in message  # the user's file and line
+    logged = (out / "run.log").read_text(encoding="utf-8")  # the whole traceback, for the user to read
+    assert "Traceback (most recent call last)" in logged and "raise RuntimeError('second step went wrong')" in logged
+    debug = run_cli("run", str(recipe_path), "run.overwrite=true", "--debug", cwd=tmp_path)  # re-raised with it
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "myreward.py\", line 5" in debug.stderr
 
     text = (out / "metrics.jsonl").read_text(encoding="utf-8")
     assert text.endswith("\n"), "the last metrics line is incomplete"

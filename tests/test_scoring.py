@@ -95,7 +95,8 @@ def test_a_raising_reward_is_named():
     def broken(completions):
         raise ZeroDivisionError("division by zero")
 
-    with pytest.raises(RewardError, match="reward 'r0' \\(test\\) raised ZeroDivisionError: division by zero \\(at step 3\\)"):
+    with pytest.raises(RewardError, match="reward 'r0' \\(test\\) raised ZeroDivisionError: division by zero at "
+                       f"{__file__}:{broken.__code__.co_firstlineno + 1} \\(in broken\\) \\(at step 3\\)"):
         matrix(broken, b=batch(["a", "b"]))
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("zenalign")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenalign", description="GRPO training from declarative recipes.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback (anywhere on the line)")
     # The deepspeed launcher passes --local_rank=N; the rank is also in the environment (LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -274,7 +275,9 @@ def cmd_export(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted after the command too: `zenalign run R --debug`
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
     # key=value overrides may come after options (`run RECIPE -q seed=3`); argparse stops at the option.
     if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
         args.overrides += extra
@@ -285,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ZenalignError as exc:
+        if debug:
+            raise
         print(f"zenalign: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

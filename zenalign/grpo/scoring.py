@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import sysconfig
 import threading
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -106,6 +109,21 @@ def bind_reward(source: Any, name: str, type_name: str, weight: float = 1.0, whe
     return BoundReward(name, type_name, source, objectives, [float(weight)] * len(objectives), where, timeout_s)
 
 
+_LIBRARY_DIRS = tuple(str(Path(p).resolve()) for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+                                                        sysconfig.get_paths()["platlib"], Path(__file__).parents[1]})
+
+
+def user_frame(exc: BaseException) -> str:
+    """``file:line (in function)`` of the innermost frame of ``exc``'s traceback outside zenalign,
+    the standard library and installed packages: the line of the user's reward that failed."""
+    found = ""
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        path = str(Path(frame.f_code.co_filename).resolve())
+        if not path.startswith(_LIBRARY_DIRS) and not frame.f_code.co_filename.startswith("<"):
+            found = f"{frame.f_code.co_filename}:{line} (in {frame.f_code.co_name})"
+    return found
+
+
 class Scorer:
     """Runs reward sources and stacks their scores into a ``(N, K)`` float tensor."""
 
@@ -134,8 +152,10 @@ class Scorer:
         except RewardError:
             raise
         except Exception as exc:
+            where = user_frame(exc)
             raise RewardError(
-                f"{bound.label} raised {type(exc).__name__}: {one_line(exc)} (at step {batch.step})"
+                f"{bound.label} raised {type(exc).__name__}: {one_line(exc)}{f' at {where}' if where else ''} "
+                f"(at step {batch.step}); run.log has the traceback, and --debug shows it"
             ) from exc
         return to_matrix(raw, bound, len(batch))
 

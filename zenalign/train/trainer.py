@@ -70,6 +70,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def log_traceback(handler: Optional[logging.Handler], exc: BaseException) -> None:
+    """The full traceback of what stopped a run goes to its run.log only (stderr gets one line)."""
+    if handler is not None:
+        handler.handle(logging.makeLogRecord({"name": log.name, "levelno": logging.ERROR, "levelname": "ERROR",
+                                              "msg": f"the run stopped: {exc}",
+                                              "exc_info": (type(exc), exc, exc.__traceback__)}))
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization.
 
@@ -231,9 +239,11 @@ class GRPOTrainer:
         try:
             self.setup(prompts, eval_prompts, resume)
             return self._loop()
-        except ZenalignError:
+        except ZenalignError as exc:
+            log_traceback(getattr(self, "_log_handler", None), exc)
             raise
         except Exception as exc:  # a collective that timed out (another process stopped or hung), a full disk
+            log_traceback(getattr(self, "_log_handler", None), exc)
             raise (collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s)
                    or storage_failure(exc, Path(self.recipe.run.output_dir)) or exc)
         finally:
