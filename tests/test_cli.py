@@ -22,6 +22,10 @@ def test_quickstart_learns(tmp_path):
     assert before < 0.5
     assert after >= before + 0.20, (before, after)
     assert f"eval accuracy: {before:.3f} -> {after:.3f} (step 0 -> 60)" in done.stdout
+    # stderr is a pipe here: log lines only, no progress bar fragments between them (issue 19)
+    assert "\r" not in done.stderr and "GRPO:" not in done.stderr
+    assert [line.split()[1] for line in done.stderr.splitlines() if line.startswith("step ")] == \
+        ["10/60", "20/60", "30/60", "40/60", "50/60", "60/60"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 60
     # training reward rises too. Step means at temperature 1 scatter by about 0.13 (prompts differ

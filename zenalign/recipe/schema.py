@@ -319,7 +319,9 @@ class RunSection(Section):
     log_samples: int = Field(
         2, ge=0, description="Groups of completions written to samples.jsonl at each log step."
     )
-    progress_bar: bool = Field(True, description="Show a progress bar with the current reward.")
+    progress_bar: bool = Field(True, description="Show a progress bar with the current reward, when stderr is a "
+                               "terminal (piped or redirected output gets the log lines only, never the bar's "
+                               "carriage-return fragments).")
     checkpoint_interval: int = Field(
         0,
         ge=0,

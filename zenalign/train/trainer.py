@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +260,7 @@ class GRPOTrainer:
         result.initial_eval = evals[0] if evals else self.evaluate()
         last_eval = evals[-1]["step"] if evals else 0
         with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
-                  disable=not (r.progress_bar and main)) as progress:
+                  disable=not (r.progress_bar and main and sys.stderr.isatty())) as progress:
             while self.state.step < r.steps:
                 self.state.step += 1
                 metrics = self.train_step()
