@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -532,3 +533,55 @@ def test_existing_run_dir_is_not_overwritten(tmp_path: Path, tiny_model_dir: Pat
     assert {p.relative_to(out).as_posix() for p in out.rglob("*")} == before
     for name, content in existing.items():
         assert (out / name).read_bytes() == content, f"{name} changed"
+
+
+# --- the tokenizer, checked by validate (issue 19) ----------------------------------------------
+
+def write_recipe(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def model_variant(tiny_model_dir: Path, tmp_path: Path, keep_tokenizer: bool = True, **config: Any) -> Path:
+    """A copy of the tiny model directory, without its tokenizer files or with config.json changed."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    if not keep_tokenizer:
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
+            (out / name).unlink(missing_ok=True)
+    settings = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**settings, **config}))
+    return out
+
+
+def test_a_model_saved_without_its_tokenizer_is_one_line_at_validate_and_run(tmp_path, tiny_model_dir):
+    """transformers 5 hands back an empty default tokenizer there, which died 30 frames deep in
+    `cannot reshape tensor of 0 elements`, while validate said "valid"."""
+    model = model_variant(tiny_model_dir, tmp_path, keep_tokenizer=False)
+    recipe = write_recipe(tmp_path, base_recipe(model, tmp_path / "run"))
+    for command in ("validate", "run"):
+        message = error_line(run_cli(command, str(recipe)), during_run=command == "run")
+        assert f"model.path: '{model}' holds no tokenizer files" in message and "model.tokenizer_path" in message
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path, tiny_model_dir):
+    model = model_variant(tiny_model_dir, tmp_path, vocab_size=300)  # the byte tokenizer has 384 ids
+    message = error_line(run_cli("validate", str(write_recipe(tmp_path, base_recipe(model, tmp_path / "run")))), False)
+    assert "the tokenizer has 384 tokens but the model" in message and "embeds only 300" in message
+
+
+def test_validate_checks_prompt_length_against_the_models_positions(tmp_path, tiny_model_dir):
+    positions = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"), {"sampling": {"max_new_tokens": positions - 5}})
+    message = error_line(run_cli("validate", str(write_recipe(tmp_path, data))), during_run=False)
+    # "reverse abc:" is 12 byte tokens
+    assert f"the longest prompt (prompts[0]) is 12 tokens, and 12 + {positions - 5} = {positions + 7} exceeds the " \
+           f"model's {positions} positions" in message
+
+
+def test_validate_checks_the_chat_template_for_messages(tmp_path, tiny_model_dir):
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
+                 {"data": {"prompts": [{"messages": [{"role": "user", "content": "hi"}]}]}})
+    message = error_line(run_cli("validate", str(write_recipe(tmp_path, data))), during_run=False)
+    assert "prompts[0]: the record has chat 'messages' but the tokenizer of" in message and "no chat template" in message

@@ -62,6 +62,9 @@ def load_tokenizer(path: Path, field: str, trust_remote_code: bool = False) -> A
 
     if not path.is_dir():
         raise ModelLoadError(f"{field}: '{path}' does not exist; give a local Hugging Face model directory (with its tokenizer files)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{field}: '{path}' holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                             f"save them there with tokenizer.save_pretrained(DIR), or give model.tokenizer_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
         tokenizer = _declared_class(tokenizer, path)
@@ -69,7 +72,32 @@ def load_tokenizer(path: Path, field: str, trust_remote_code: bool = False) -> A
         raise
     except Exception as exc:
         raise ModelLoadError(f"{field}: cannot load a tokenizer from '{path}': {type(exc).__name__}: {one_line(exc)}") from exc
+    if len(tokenizer) == 0:
+        raise ModelLoadError(f"{field}: the tokenizer in '{path}' has an empty vocabulary; its files are incomplete")
     return prepare_tokenizer(tokenizer)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def model_config(path: Optional[Path]) -> dict[str, Any]:
+    """A model directory's config.json as a dict ({} when there is none)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_tokenizer_fits(tokenizer: Any, model_dir: Optional[Path], field: str) -> None:
+    """A tokenizer whose ids reach past the model's embedding table would index out of it. (A
+    smaller vocabulary is normal: embedding tables are often padded, Qwen2's to 151,936.)"""
+    config = model_config(model_dir)
+    config = config.get("text_config", config)
+    size = config.get("vocab_size")
+    if isinstance(size, int) and len(tokenizer) > size:
+        raise ModelLoadError(f"{field}: the tokenizer has {len(tokenizer):,} tokens but the model in '{model_dir}' embeds "
+                             f"only {size:,} (vocab_size in config.json); give the tokenizer the model was trained with")
 
 
 def _declared_class(tokenizer: Any, path: Path) -> Any:

@@ -11,9 +11,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from zenalign.data import check_records
-from zenalign.errors import ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
-from zenalign.models.loading import frozen_copy, load_causal_lm, load_tokenizer, prepare_tokenizer
+from zenalign.data import check_records, render_prompt
+from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
+from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
+                                     prepare_tokenizer)
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
@@ -213,6 +214,31 @@ class Builder:
         if self.inputs.normalizer is not None:
             return self.inputs.normalizer
         return self.plugin("normalizer", "normalizer", self.recipe.normalizer)
+
+    def check_prompts(self, tokenizer: Any, train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> None:
+        """What ``validate`` and ``run`` check once the tokenizer is loaded: its ids fit the model's
+        embedding table, every prompt renders (``messages`` need a chat template), and the longest
+        prompt plus ``sampling.max_new_tokens`` fits the model's positions."""
+        model_dir = self.policy_dir
+        check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
+        rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
+        for where, i, record in rows:
+            if "prompt" not in record and getattr(tokenizer, "chat_template", None) is None:
+                raise DataError(f"{where}[{i}]: the record has chat 'messages' but the tokenizer of "
+                                f"'{self.recipe.model.tokenizer_path or self.recipe.model.path}' has no chat template; "
+                                f"give a tokenizer with one (model.tokenizer_path) or 'prompt' text")
+        texts = [render_prompt(record, tokenizer) for _, _, record in rows]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else [0]
+        longest = max(lengths)
+        where, i, _ = rows[lengths.index(longest)] if texts else ("prompts", 0, None)
+        at = f"{where}[{i}]"
+        config = model_config(model_dir)
+        positions = config.get("text_config", config).get("max_position_embeddings")
+        new = self.recipe.sampling.max_new_tokens
+        if isinstance(positions, int) and longest + new > positions:
+            raise RecipeError(f"sampling.max_new_tokens: the longest prompt ({at}) is {longest} tokens, and "
+                              f"{longest} + {new} = {longest + new} exceeds the model's {positions} positions "
+                              f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
         if prompts is not None:

@@ -133,7 +133,10 @@ class GRPOTrainer:
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir))
         if self.recipe.model.lora is not None:
             require_peft()
-        builder.prompts(None, None)
+        train, evals = builder.prompts(None, None)
+        if self.recipe.model.path or self.recipe.model.tokenizer_path or self.inputs.tokenizer is not None:
+            tokenizer = builder.tokenizer()  # the tokenizer, not the model
+            builder.check_prompts(tokenizer, train, evals)
         rewards = builder.rewards()
         Scorer(rewards)
         objectives = builder.objectives(rewards)
@@ -198,6 +201,7 @@ class GRPOTrainer:
         reference = builder.reference(policy, wants_kl)
         builder.warn_unenforced_constraints(self.objectives, self.normalizer)
         train_records, eval_records = builder.prompts(prompts, eval_prompts)
+        builder.check_prompts(self.tokenizer, train_records, eval_records)
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
