@@ -95,6 +95,7 @@ def test_section_overrides_merge_with_the_recipe_and_with_dotted_ones():
     assert loaded.recipe.normalizer.type == "rank"
     with pytest.raises(RecipeError, match=r"override 'run.steps=3' and override 'run=\{steps: 7\}' both set run.steps \(3 vs 7\)"):
         load_recipe(QUICKSTART, ["run.steps=3", "run={steps: 7}"])
+    assert load_recipe(QUICKSTART, ["run.steps=3", "run.steps=5"]).recipe.run.steps == 5  # the same key again: last wins
 
 
 def test_override_is_validated_and_blamed():

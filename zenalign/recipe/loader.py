@@ -113,18 +113,20 @@ def leaf_paths(prefix: tuple[str, ...], value: Any) -> dict[tuple[str, ...], Any
     return {prefix: value}
 
 
-def check_conflicts(sources: dict[tuple[str, ...], tuple[str, Any]], origin: str, value: Any,
+def check_conflicts(sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]], origin: str, value: Any,
                     prefix: tuple[str, ...]) -> None:
-    """Refuse a field set to two different values by two options (naming both); record the rest."""
+    """Refuse a field set to two different values by two options written differently (a dotted
+    key and a section mapping, or two mappings), naming both. The very same key given again
+    (``run.steps=10 ... run.steps=12``) is a plain override: the last one wins."""
     for path, item in leaf_paths(prefix, value).items():
         seen = sources.get(path)
-        if seen is not None and seen[1] != item:
+        if seen is not None and seen[1] != item and not (seen[2] == prefix == path):
             raise RecipeError(f"{seen[0]} and {origin} both set {'.'.join(path)} ({seen[1]!r} vs {item!r}); give it once")
-        sources[path] = (origin, item)
+        sources[path] = (origin, item, prefix)
 
 
 def apply_override(data: dict[str, Any], text: str,
-                   sources: dict[tuple[str, ...], tuple[str, Any]] | None = None) -> None:
+                   sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]] | None = None) -> None:
     keys, value = parse_override(text)
     if sources is not None:
         check_conflicts(sources, f"override '{text}'", value, tuple(keys))
@@ -178,7 +180,7 @@ def validate_recipe(
 ) -> LoadedRecipe:
     """Apply overrides, load the recipe's plugins, and validate against the installed types."""
     data = copy.deepcopy(data)
-    sources: dict[tuple[str, ...], tuple[str, Any]] = {}
+    sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]] = {}
     for text in overrides:
         apply_override(data, text, sources)
     plugin_specs = data.get("plugins") or []
@@ -219,7 +221,7 @@ def recipe_from_options(options: dict[str, Any], name: str) -> LoadedRecipe:
     model/sampling/grpo/engine/run by its own name (``group_size=12``)."""
     owner = {field: section for section in FLAT_SECTIONS for field in Recipe.model_fields[section].annotation.model_fields}
     data: dict[str, Any] = {}
-    sources: dict[tuple[str, ...], tuple[str, Any]] = {}
+    sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]] = {}
     for key, value in options.items():
         if key in Recipe.model_fields:  # a section: merged with flat fields given for it, in any order
             check_conflicts(sources, f"{key}={value!r}", value, (key,))
