@@ -8,14 +8,13 @@ Held-out evaluation prompts come from ``eval_path``/``eval_prompts``, or from ``
 records split off the training set with a fixed seed.
 """
 
-import random
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.data import jsonl_objects
+from zenalign.data import hold_out, jsonl_objects
 from zenalign.errors import DataError
 from zenalign.plugins import Options, TaskType
 
@@ -54,15 +53,7 @@ class JsonlTask:
         if options.eval_path:
             self.eval = read_jsonl(context.resolve_path(options.eval_path), options.prompt_field)
         elif options.eval_size:
-            if options.eval_size >= len(self.train):
-                raise DataError(
-                    f"data.eval_size: {options.eval_size} would leave no training prompts ({len(self.train)} records)"
-                )
-            order = list(range(len(self.train)))
-            random.Random(options.split_seed).shuffle(order)
-            held = set(order[: options.eval_size])
-            self.eval = [r for i, r in enumerate(self.train) if i in held]
-            self.train = [r for i, r in enumerate(self.train) if i not in held]
+            self.train, self.eval = hold_out(self.train, options.eval_size, options.split_seed)
         else:
             self.eval = []
 

@@ -43,24 +43,50 @@ def check_records(records: Iterable[Any], where: str) -> list[dict[str, Any]]:
             record = {"prompt": record}
         if not isinstance(record, dict):
             raise DataError(f"{where}[{i}]: expected a prompt string or a record with a 'prompt' field, got {type(record).__name__}")
-        if "messages" in record and "prompt" not in record:
-            messages = record["messages"]
+        if not isinstance(record.get("prompt"), str):
+            field = "prompt" if isinstance(record.get("prompt"), list) else "messages" if "messages" in record else None
+            if field is None:
+                raise DataError(f"{where}[{i}]: record has no 'prompt' (text, or a list of chat messages) and no "
+                                f"'messages' (fields: {', '.join(record) or 'none'})")
+            messages = record[field]
             if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-                raise DataError(f"{where}[{i}]: 'messages' must be a list of {{role, content}} objects")
-        elif not isinstance(record.get("prompt"), str):
-            raise DataError(f"{where}[{i}]: record has no 'prompt' string (fields: {', '.join(record) or 'none'})")
+                raise DataError(f"{where}[{i}]: '{field}' must be a list of {{role, content}} objects")
         out.append(record)
     return out
 
 
+def hold_out(records: list[dict[str, Any]], size: int, seed: int, field: str = "data.eval_size"
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split ``size`` records off for evaluation with a fixed seed: (train, eval)."""
+    if size >= len(records):
+        raise DataError(f"{field}: {size} would leave no training prompts ({len(records)} records)")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:size])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def is_conversational(record: dict[str, Any]) -> bool:
+    """TRL's conversational format: ``prompt`` is a list of chat messages (reward functions then
+    get completions as messages too). zenalign's own ``messages`` field is rendered the same way,
+    but its rewards get plain text."""
+    return isinstance(record.get("prompt"), list)
+
+
+def prompt_messages(record: dict[str, Any]) -> Any:
+    """The chat messages of a record (``prompt`` as a list, or ``messages``), or None for text."""
+    return record["prompt"] if is_conversational(record) else record.get("messages") if "prompt" not in record else None
+
+
 def render_prompt(record: dict[str, Any], tokenizer: Any) -> str:
-    """The text the policy is conditioned on: ``prompt`` as is, or ``messages`` through the
-    tokenizer's chat template with the generation prompt appended."""
-    if "prompt" in record:
+    """The text the policy is conditioned on: a ``prompt`` string as is, or the chat messages
+    (``prompt`` as a list, TRL's conversational format, or ``messages``) through the tokenizer's
+    chat template with the generation prompt appended."""
+    if isinstance(record.get("prompt"), str):
         return record["prompt"]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("a prompt record has chat 'messages' but the tokenizer has no chat template; give 'prompt' text instead")
-    return tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+        raise DataError("a prompt record has chat messages but the tokenizer has no chat template; give 'prompt' text instead")
+    return tokenizer.apply_chat_template(prompt_messages(record), tokenize=False, add_generation_prompt=True)
 
 
 def metadata_columns(records: list[dict[str, Any]], repeat: int) -> dict[str, list[Any]]:

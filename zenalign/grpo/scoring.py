@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from zenalign.data import metadata_columns
+from zenalign.data import is_conversational, metadata_columns
 from zenalign.errors import RewardError, one_line
 from zenalign.plugins import Objectives, ObservesScores, ReportsMetrics, RewardSource, RunContext, ScoreBatch
 
@@ -33,7 +33,9 @@ class FunctionReward:
     ``completion_ids``, ``group_size``, ``step`` and the prompt records' other fields (for
     example ``answer``), each a list with one entry per completion; a ``**kwargs`` parameter
     receives them all. It returns one score per completion (or ``{objective: scores}``).
-    This is the convention of TRL's reward functions, so those work unchanged.
+    This is the convention of TRL's reward functions, so those work unchanged: when the prompts
+    are conversational (a record's ``prompt`` is a list of messages), ``prompts`` holds those
+    message lists and each completion is ``[{"role": "assistant", "content": text}]``.
     """
 
     def __init__(self, function: Callable[..., Any], extra_kwargs: Mapping[str, Any] | None = None, name: str | None = None):
@@ -50,9 +52,10 @@ class FunctionReward:
             self.objectives = list(objectives)
 
     def score(self, batch: ScoreBatch) -> Any:
+        chat = bool(batch.prompt_messages)  # TRL's conversational format: messages in, messages out
         available: dict[str, Any] = {
-            "prompts": batch.prompts,
-            "completions": batch.completions,
+            "prompts": batch.prompt_messages if chat else batch.prompts,
+            "completions": [[{"role": "assistant", "content": c}] for c in batch.completions] if chat else batch.completions,
             "completion_ids": batch.completion_ids,
             "group_size": batch.group_size,
             "step": batch.step,
@@ -226,6 +229,8 @@ def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: l
         completion_ids=completion_ids,
         group_size=group_size,
         step=step,
+        prompt_messages=([r["prompt"] for r in records for _ in range(group_size)]
+                         if records and all(is_conversational(r) for r in records) else []),
     )
 
 

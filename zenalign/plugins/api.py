@@ -120,6 +120,9 @@ class ScoreBatch:
     completion_ids: list[list[int]] = field(default_factory=list)
     group_size: int = 1
     step: int = 0
+    # TRL's conversational format (a record's ``prompt`` is a list of messages): each completion's
+    # prompt messages; plain reward functions then get messages, as in TRL. Empty otherwise.
+    prompt_messages: list[list[dict[str, Any]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.completions)

@@ -32,6 +32,20 @@ class Inputs:
     reference: Any = None
     rewards: Any = None
     normalizer: Any = None
+    reward_weights: Optional[Sequence[float]] = None  # one per given reward (TRL's reward_weights)
+    train_dataset: Any = None  # prompts when train() gets none (TRL's train_dataset: a list or datasets.Dataset)
+    eval_dataset: Any = None
+
+
+def take_trl_arguments(options: dict[str, Any], reward_model: Any, tokenizer: Any) -> tuple[Any, ...]:
+    """TRL's GRPOTrainer argument names, taken out of ``options``: ``reward_funcs`` (our
+    ``reward_model``), ``processing_class`` (``tokenizer``), ``reward_weights``, ``train_dataset``
+    and ``eval_dataset``. Returns (reward_model, tokenizer, reward_weights, train_dataset, eval_dataset)."""
+    for ours, theirs, given in (("reward_model", "reward_funcs", reward_model), ("tokenizer", "processing_class", tokenizer)):
+        if theirs in options and given is not None:
+            raise RecipeError(f"GRPOTrainer: give {ours} or TRL's name for it, {theirs}, not both")
+    return (options.pop("reward_funcs", reward_model), options.pop("processing_class", tokenizer),
+            options.pop("reward_weights", None), options.pop("train_dataset", None), options.pop("eval_dataset", None))
 
 
 class Builder:
@@ -146,14 +160,19 @@ class Builder:
             bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]",
                                      timeout_s=entry.timeout_s))
         given = self.inputs.rewards
-        if given is not None:
-            for i, source in enumerate(given if isinstance(given, (list, tuple)) else [given]):
+        given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+        weights = self.inputs.reward_weights
+        if weights is not None and len(weights) != len(given):
+            raise RecipeError(f"GRPOTrainer: reward_weights has {len(weights)} entries but {len(given)} reward "
+                              f"function(s) were given; give one weight per reward function")
+        if given:
+            for i, source in enumerate(given):
                 adapted = get_plugin_manager().hook.zenalign_reward_from_object(obj=source, context=self.context)
                 if adapted is not None:
                     source = adapted
                 name = getattr(source, "name", None) or getattr(source, "__name__", None)
                 name = name if name and name != "<lambda>" else f"reward_{i}"
-                weight = getattr(source, "weight", 1.0)
+                weight = float(weights[i]) if weights is not None else getattr(source, "weight", 1.0)
                 bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]"))
         if not bound:
             raise RecipeError(
@@ -223,7 +242,7 @@ class Builder:
         check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
         for where, i, record in rows:
-            if "prompt" not in record and getattr(tokenizer, "chat_template", None) is None:
+            if not isinstance(record.get("prompt"), str) and getattr(tokenizer, "chat_template", None) is None:
                 raise DataError(f"{where}[{i}]: the record has chat 'messages' but the tokenizer of "
                                 f"'{self.recipe.model.tokenizer_path or self.recipe.model.path}' has no chat template; "
                                 f"give a tokenizer with one (model.tokenizer_path) or 'prompt' text")
@@ -241,6 +260,8 @@ class Builder:
                               f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
+        prompts = prompts if prompts is not None else self.inputs.train_dataset
+        eval_prompts = eval_prompts if eval_prompts is not None else self.inputs.eval_dataset
         if prompts is not None:
             train = check_records(prompts, "prompts")
             evals = check_records(eval_prompts or [], "eval_prompts")

@@ -41,7 +41,7 @@ from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
 from zenalign.train.advantage import step_advantages
-from zenalign.train.build import Builder, Inputs
+from zenalign.train.build import Builder, Inputs, take_trl_arguments
 from zenalign.train.collect import BatchCollector
 from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, collective_failure, init_distributed
@@ -93,6 +93,7 @@ class GRPOTrainer:
     def __init__(self, model: Any = None, reward_model: Any = None, *, tokenizer: Any = None,
                  reference_model: Any = None, normalizer: Any = None, recipe: Optional[LoadedRecipe] = None,
                  **options: Any):
+        reward_model, tokenizer, *trl_inputs = take_trl_arguments(options, reward_model, tokenizer)
         if isinstance(model, (str, Path)):
             options.setdefault("path", str(model))
             model = None
@@ -105,7 +106,7 @@ class GRPOTrainer:
             raise RecipeError("GRPOTrainer: give either a recipe or keyword options, not both")
         self.loaded = recipe
         self.recipe: Recipe = recipe.recipe
-        self.inputs = Inputs(model, tokenizer, reference_model, reward_model, normalizer)
+        self.inputs = Inputs(model, tokenizer, reference_model, reward_model, normalizer, *trl_inputs)
         self.hook = get_plugin_manager().hook
         self.dist = Dist()
         self.state = TrainState()
