@@ -45,6 +45,7 @@ class ExactAnswer:
     def __init__(self, options: ExactAnswerOptions):
         self.options = options
         self.pattern = re.compile(options.extract) if options.extract else None
+        self.reads_fields = (options.answer_field,)  # records without it: abstain (warned about at start)
 
     def _normalize(self, text: str) -> str:
         text = text.strip() if self.options.strip else text

@@ -585,3 +585,30 @@ def test_validate_checks_the_chat_template_for_messages(tmp_path, tiny_model_dir
                  {"data": {"prompts": [{"messages": [{"role": "user", "content": "hi"}]}]}})
     message = error_line(run_cli("validate", str(write_recipe(tmp_path, data))), during_run=False)
     assert "prompts[0]: the record has chat 'messages' but the tokenizer of" in message and "no chat template" in message
+
+
+def test_records_missing_a_field_a_reward_reads_are_counted_and_logged(tmp_path, tiny_model_dir):
+    """Issue 19: records lacking `answer` were scored None and left out of the statistics without a
+    word. Now a warning at start counts them, and abstain_frac/<objective> is logged every step."""
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
+                 {"data": {"prompts": [{"prompt": "reverse abc:", "answer": "cba"}, {"prompt": "reverse dog:"}]},
+                  "rewards": [{"type": "exact_answer", "name": "accuracy"}], "run": {"steps": 2}})
+    done = run_cli("run", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr
+    assert ("rewards[0] 'accuracy' (exact_answer) reads the field 'answer', which 1 of 2 training prompts lack "
+            "(or hold null): it abstains on their completions (abstain_frac/accuracy in metrics.jsonl)") in done.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["abstain_frac/accuracy"] for m in metrics] == [0.5, 0.5]  # one prompt of two, both completions
+    done = run_cli("validate", str(write_recipe(tmp_path, data)))  # validate says it too
+    assert "which 1 of 2 training prompts lack" in done.stderr
+
+
+def test_a_python_reward_asking_for_a_field_is_checked_against_the_records(tmp_path, tiny_model_dir):
+    (tmp_path / "myreward.py").write_text("def fn(completions, answer, **kwargs):\n"
+                                          "    return [None if a is None else float(c == a) for c, a in zip(completions, answer)]\n")
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
+                 {"data": {"prompts": [{"prompt": "reverse abc:", "answer": "cba"}, {"prompt": "reverse dog:"},
+                                       {"prompt": "reverse sun:", "answer": None}]}, **PYFN_REWARD})
+    done = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr
+    assert "reads the field 'answer', which 2 of 3 training prompts lack" in done.stderr

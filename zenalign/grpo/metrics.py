@@ -66,6 +66,7 @@ def reward_metrics(rewards: torch.Tensor, objectives: Objectives, group_size: in
         out[f"{prefix}zero_std_frac"] = float(zero_variance(combined).float().mean())
     for j, name in enumerate(objectives.names):
         out[f"{prefix}reward_mean/{name}"] = _finite_mean(rewards[:, j])
+        out[f"{prefix}abstain_frac/{name}"] = float(torch.isnan(rewards[:, j]).float().mean())  # NaN/None scores
         if k > 1:
             out[f"{prefix}reward_std/{name}"] = _finite_std(rewards[:, j])
         if group_size > 1 and k > 1:

@@ -47,6 +47,10 @@ class FunctionReward:
         except (TypeError, ValueError):
             self._params = {}
         self._takes_all = any(p.kind is p.VAR_KEYWORD for p in self._params.values())
+        # the record fields it asks for by name (a warning at start counts the records that lack them)
+        self.reads_fields = tuple(name for name, p in self._params.items()
+                                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in BATCH_FIELDS
+                                  and name not in self.extra_kwargs)
         objectives = getattr(function, "objectives", None)
         if objectives is not None:
             self.objectives = list(objectives)

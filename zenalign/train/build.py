@@ -234,10 +234,24 @@ class Builder:
             return self.inputs.normalizer
         return self.plugin("normalizer", "normalizer", self.recipe.normalizer)
 
+    def check_inputs(self, tokenizer: Any, train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]],
+                     rewards: Sequence[BoundReward]) -> None:
+        """What ``validate`` and ``run`` check before step 1: a warning for each field a reward
+        reads that training records lack; and, with the tokenizer, :meth:`check_prompts`."""
+        for bound in rewards:
+            for name in getattr(bound.source, "reads_fields", ()):
+                missing = sum(record.get(name) is None for record in train)
+                if missing:
+                    log.warning("%s reads the field '%s', which %d of %d training prompts lack (or hold null): it "
+                                "abstains on their completions (abstain_frac/%s in metrics.jsonl)", bound.label, name,
+                                missing, len(train), bound.objectives[0])
+        if tokenizer is not None:
+            self.check_prompts(tokenizer, train, evals)
+
     def check_prompts(self, tokenizer: Any, train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> None:
-        """What ``validate`` and ``run`` check once the tokenizer is loaded: its ids fit the model's
-        embedding table, every prompt renders (``messages`` need a chat template), and the longest
-        prompt plus ``sampling.max_new_tokens`` fits the model's positions."""
+        """With the tokenizer loaded: its ids fit the model's embedding table, every prompt renders
+        (chat messages need a chat template), and the longest prompt plus
+        ``sampling.max_new_tokens`` fits the model's positions."""
         model_dir = self.policy_dir
         check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]

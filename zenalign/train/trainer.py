@@ -135,10 +135,9 @@ class GRPOTrainer:
         if self.recipe.model.lora is not None:
             require_peft()
         train, evals = builder.prompts(None, None)
-        if self.recipe.model.path or self.recipe.model.tokenizer_path or self.inputs.tokenizer is not None:
-            tokenizer = builder.tokenizer()  # the tokenizer, not the model
-            builder.check_prompts(tokenizer, train, evals)
         rewards = builder.rewards()
+        has_tokenizer = self.recipe.model.path or self.recipe.model.tokenizer_path or self.inputs.tokenizer is not None
+        builder.check_inputs(builder.tokenizer() if has_tokenizer else None, train, evals, rewards)  # not the model
         Scorer(rewards)
         objectives = builder.objectives(rewards)
         builder.loss(builder.normalizer())
@@ -202,7 +201,7 @@ class GRPOTrainer:
         reference = builder.reference(policy, wants_kl)
         builder.warn_unenforced_constraints(self.objectives, self.normalizer)
         train_records, eval_records = builder.prompts(prompts, eval_prompts)
-        builder.check_prompts(self.tokenizer, train_records, eval_records)
+        builder.check_inputs(self.tokenizer, train_records, eval_records, rewards)
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
