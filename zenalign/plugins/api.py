@@ -267,7 +267,8 @@ class RunContext(Protocol):
 
     ``step`` is the current training step (0 before the first); ``seed`` the recipe's
     ``run.seed``; ``rank`` and ``world_size`` this process's place (0 and 1 on one process);
-    ``is_main`` whether this process writes the run directory; ``output_dir`` the run directory.
+    ``is_main`` whether this process writes the run directory; ``output_dir`` the run directory;
+    ``recipe`` the resolved recipe as plain data (what recipe.yaml holds; do not modify it).
     """
 
     step: int
@@ -276,6 +277,7 @@ class RunContext(Protocol):
     world_size: int
     is_main: bool
     output_dir: Path
+    recipe: dict[str, Any]
 
     def gather_objects(self, items: list) -> list:
         """Every rank's list, concatenated in rank order, on every rank (every rank must call it)."""

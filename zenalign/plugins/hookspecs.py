@@ -99,10 +99,12 @@ def zenalign_on_train_start(context: RunContext, start_step: int) -> None:
 
 
 @hookspec
-def zenalign_on_step_end(context: RunContext, step: int, metrics: dict[str, Any]) -> None:
-    """Called after each training step with the metrics written to ``metrics.jsonl``.
+def zenalign_on_step_end(context: RunContext, step: int, metrics: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    """Called after each training step with the metrics written to ``metrics.jsonl`` and the
+    completions written to ``samples.jsonl`` at this step (``[]`` between log steps): each
+    ``{"step", "prompt", "completion", "rewards": {objective: score}, "advantage"}``.
 
-    Use it for loggers. ``metrics`` must not be modified. Call rule: every implementation is
+    Use it for loggers. Neither argument may be modified. Call rule: every implementation is
     called; return values are ignored.
     """
 

@@ -11,8 +11,8 @@ type, so a single validation pass checks the whole recipe.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
-
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -292,6 +292,9 @@ class EngineSection(Section):
         return value
 
 
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
 class RunSection(Section):
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     steps: int = Field(100, ge=1, description="Training steps (one batch of generations each).")
@@ -335,6 +338,13 @@ class RunSection(Section):
         description="Besides greedy decoding, sample this many completions per held-out prompt at each evaluation, "
         "for sampled reward means and the fraction of zero-variance groups per objective. 0 turns it off.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers to log to, each through its own library (an optional extra: pip install "
+        "'zenalign[tensorboard]', '[wandb]', '[mlflow]'): every step's metrics, eval metrics, the resolved recipe "
+        "as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; wandb and mlflow "
+        "follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME).",
+    )
     hacking_patience: int = Field(
         3,
         ge=0,
@@ -342,6 +352,17 @@ class RunSection(Section):
         "for this many consecutive evaluations; and stop the run when an objective scores no completion at all "
         "(every score NaN or None) in this many consecutive training steps. 0 turns both checks off.",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value):
+        missing = [name for name in value if importlib.util.find_spec(TRACKER_MODULES[name]) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed; pip install "
+                             + " ".join(f"'zenalign[{name}]'" for name in missing))
+        if len(set(value)) != len(value):
+            raise ValueError("each tracker once")
+        return value
 
 
 class ObjectiveSpec(Section):

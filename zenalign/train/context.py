@@ -4,7 +4,7 @@ run, never the trainer."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -16,8 +16,9 @@ class TrainerContext:
     """Where the run is and what a plugin may do to it, backed by the trainer's state and process group."""
 
     def __init__(self, state: TrainState, dist: Dist, seed: int, output_dir: Path,
-                 reset_reference: Callable[[], None]):
+                 reset_reference: Callable[[], None], recipe: Optional[dict[str, Any]] = None):
         self._state = state
+        self.recipe = recipe or {}
         self._dist = dist
         self._reset_reference = reset_reference
         self.seed = seed

@@ -79,6 +79,32 @@ def log_traceback(handler: Optional[logging.Handler], exc: BaseException) -> Non
                                               "exc_info": (type(exc), exc, exc.__traceback__)}))
 
 
+def step_metrics(state: TrainState, dist: Dist, recipe: Recipe, objectives: Objectives, rollout: Rollout,
+                 rewards: torch.Tensor, update: dict[str, float], timer: PhaseTimer) -> dict[str, Any]:
+    """The step's metrics over all ranks (every rank computes the same numbers)."""
+    loss, kl, clip, ratio, tokens, lengths, truncated, entropy, entropy_tokens = dist.sum([
+        update["loss"], update["kl"], update["clip"], update["ratio"], update["tokens"],
+        float(rollout.completion_mask.sum()), float(rollout.truncated.sum()), update["entropy"],
+        update["entropy_tokens"]])
+    seconds = dict(zip(timer.seconds, dist.max(list(timer.seconds.values()))))
+    n = len(rollout) * dist.world_size
+    step_seconds = dist.max([timer.elapsed()])[0]
+    metrics: dict[str, Any] = {"step": state.step, "samples": state.samples_seen}
+    metrics.update(reward_metrics(rewards, objectives, recipe.sampling.group_size))
+    metrics.update(
+        loss=loss, kl=kl / max(tokens, 1.0), clip_frac=clip / max(tokens, 1.0), ratio_mean=ratio / max(tokens, 1.0),
+        grad_norm=update["grad_norm"], lr=update["lr"], completion_len=lengths / n,
+        truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
+        entropy=entropy / entropy_tokens if entropy_tokens else None)
+    metrics.update({k: update[k] for k in ("entropy_threshold", "nonfinite_skipped") if k in update})
+    metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
+    if dist.is_main and state.step % recipe.run.log_interval == 0:
+        log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", state.step,
+                 recipe.run.steps, metrics["reward_mean"], metrics["kl"], metrics["clip_frac"],
+                 metrics["completions_per_s"])
+    return metrics
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization.
 
@@ -209,7 +235,8 @@ class GRPOTrainer:
         self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(self.normalizer), reference=self.reference,
                                     base_reference=wants_kl and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
-        self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy)
+        self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy,
+                                      r.model_dump(mode="json"))
         self.collect = BatchCollector(r, self.dist, self.sampler, self.scorer, self.objectives, builder.filters(),
                                       self.sample, self.score_batch, self.tokenizer, self.eos_ids, self.context)
         self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
@@ -299,22 +326,23 @@ class GRPOTrainer:
                 self.normalizer.train_critic(adv.tokens, self.context)
         with timer("log"):
             self.state.samples_seen += len(batch.sampled_rewards)
-            metrics = self.step_metrics(rollout, batch.sampled_rewards, update, timer)
+            metrics = step_metrics(self.state, dist, self.recipe, self.objectives, rollout, batch.sampled_rewards, update, timer)
             if adv.global_ is not None:
                 metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
                                                              adv.global_.view(-1, group_size))
             metrics.update(batch.metrics)
             metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
             metrics.update(self.scorer.metrics())
-            run = self.recipe.run
+            run, samples = self.recipe.run, []
             if dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
-                self.run_dir.append("samples.jsonl", sample_lines(
+                samples = sample_lines(
                     self.state.step, [render_prompt(rec, self.tokenizer) for rec in batch.records[: run.log_samples]],
-                    rollout.completions, rewards, adv.per_completion, self.objectives.names, group_size))
+                    rollout.completions, rewards, adv.per_completion, self.objectives.names, group_size)
+                self.run_dir.append("samples.jsonl", samples)
         metrics["time/log"] = round(timer.seconds["log"], 6)
         if dist.is_main:
             self.run_dir.append("metrics.jsonl", [metrics])
-            self.hook.zenalign_on_step_end(context=self.context, step=self.state.step, metrics=metrics)
+            self.hook.zenalign_on_step_end(context=self.context, step=self.state.step, metrics=metrics, samples=samples)
         return metrics
 
     def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor], group_size: Optional[int] = None) -> Rollout:
@@ -332,30 +360,6 @@ class GRPOTrainer:
 
     def score(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> torch.Tensor:
         return self.scorer(self.score_batch(records, rollout, group_size))
-
-    def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, update: dict[str, float], timer: PhaseTimer) -> dict[str, Any]:
-        """The step's metrics over all ranks (every rank computes the same numbers)."""
-        loss, kl, clip, ratio, tokens, lengths, truncated, entropy, entropy_tokens = self.dist.sum([
-            update["loss"], update["kl"], update["clip"], update["ratio"], update["tokens"],
-            float(rollout.completion_mask.sum()), float(rollout.truncated.sum()), update["entropy"],
-            update["entropy_tokens"]])
-        seconds = dict(zip(timer.seconds, self.dist.max(list(timer.seconds.values()))))
-        n = len(rollout) * self.dist.world_size
-        step_seconds = self.dist.max([timer.elapsed()])[0]
-        metrics: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples_seen}
-        metrics.update(reward_metrics(rewards, self.objectives, self.recipe.sampling.group_size))
-        metrics.update(
-            loss=loss, kl=kl / max(tokens, 1.0), clip_frac=clip / max(tokens, 1.0), ratio_mean=ratio / max(tokens, 1.0),
-            grad_norm=update["grad_norm"], lr=update["lr"], completion_len=lengths / n,
-            truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
-            entropy=entropy / entropy_tokens if entropy_tokens else None)
-        metrics.update({k: update[k] for k in ("entropy_threshold", "nonfinite_skipped") if k in update})
-        metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
-        if self.dist.is_main and self.state.step % self.recipe.run.log_interval == 0:
-            log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", self.state.step,
-                     self.recipe.run.steps, metrics["reward_mean"], metrics["kl"], metrics["clip_frac"],
-                     metrics["completions_per_s"])
-        return metrics
 
     # ------------------------------------------------------------------------------------------
     # saving, cleanup

@@ -1,0 +1,186 @@
+"""Experiment trackers, chosen with ``run.report_to: [tensorboard, wandb, mlflow]``.
+
+Each goes through its own library's API, on the main process only:
+
+- every training step's metrics (``metrics.jsonl``) and every evaluation's (``eval.jsonl``) as
+  scalars at their step; a NaN or missing value is left out. MLflow gets ``.`` for ``/`` in their
+  names (``eval.reward_mean.accuracy``): its file store keeps a metric per file;
+- the resolved recipe as the run's config (W&B config, MLflow params flattened to dotted keys,
+  TensorBoard text);
+- at each log step, a completions table (prompt, completion, each objective's reward, advantage):
+  a W&B Table, TensorBoard text (Markdown), an MLflow JSON artifact ``completions/step-N.json``.
+
+TensorBoard writes ``RUN/tensorboard``. W&B writes under ``RUN/wandb`` and follows its own settings
+(``WANDB_MODE=offline`` to log without an account, ``WANDB_PROJECT``, default project
+``zenalign``); MLflow follows ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME`` (default
+``zenalign``). The run is named after the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import yaml
+
+from zenalign import hookimpl
+from zenalign.errors import PluginError, RecipeError, one_line
+
+_active: list["Tracker"] = []  # the trackers of the run in progress (one run at a time per process)
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics a tracker can plot: finite numbers (not the step counter)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def table(samples: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """A completions table: prompt, completion, reward/<objective>..., advantage."""
+    objectives = list(samples[0]["rewards"])
+    columns = ["prompt", "completion", *(f"reward/{name}" for name in objectives), "advantage"]
+    rows = [[s["prompt"], s["completion"], *(s["rewards"][name] for name in objectives), s["advantage"]] for s in samples]
+    return columns, rows
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """``{"grpo": {"kl_coef": 0.01}}`` -> ``{"grpo.kl_coef": "0.01"}`` (MLflow params are strings)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): str(data)[:6000]}
+
+
+class Tracker:
+    def __init__(self, context: Any) -> None: ...
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def completions(self, samples: list[dict[str, Any]], step: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class TensorBoard(Tracker):
+    def __init__(self, context):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(context.output_dir / "tensorboard"))
+        self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(context.recipe, sort_keys=False) + "```", 0)
+
+    def log(self, metrics, step):
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # a run that stops keeps what it logged
+
+    def completions(self, samples, step):
+        columns, rows = table(samples)
+        cell = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+        self.writer.add_text("completions", "\n".join(lines), step)
+
+    def finish(self):
+        self.writer.close()
+
+
+class WandB(Tracker):
+    def __init__(self, context):
+        import wandb
+
+        self.wandb = wandb
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zenalign"), name=context.output_dir.name,
+                                  dir=str(context.output_dir), config=context.recipe, reinit="create_new")
+        except Exception as exc:
+            raise RecipeError(f"run.report_to: wandb could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
+                              f"log in with `wandb login`, or set WANDB_MODE=offline to write it to "
+                              f"{context.output_dir}/wandb and `wandb sync` it later") from exc
+
+    def log(self, metrics, step):
+        self.run.log(metrics, step=step)
+
+    def completions(self, samples, step):
+        columns, rows = table(samples)
+        self.run.log({"completions": self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self):
+        self.run.finish()
+
+
+class MLflow(Tracker):
+    def __init__(self, context):
+        import mlflow
+
+        self.mlflow = mlflow
+        try:
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "zenalign"))
+            self.run = mlflow.start_run(run_name=context.output_dir.name)
+        except Exception as exc:
+            raise RecipeError(f"run.report_to: mlflow could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
+                              f"set MLFLOW_TRACKING_URI to a tracking server or database") from exc
+        params = flatten(context.recipe)
+        keys = list(params)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
+
+    def log(self, metrics, step):
+        # "." for "/": MLflow's file store keeps each metric in a file named after it, so
+        # "reward_mean" and "reward_mean/accuracy" could not both exist there
+        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()}, step=step)
+
+    def completions(self, samples, step):
+        columns, rows = table(samples)
+        self.mlflow.log_dict({"columns": columns, "data": rows}, f"completions/step-{step:08d}.json")
+
+    def finish(self):
+        self.mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+
+
+@hookimpl
+def zenalign_on_train_start(context, start_step):
+    finish_all()  # a run in this process that stopped early left its trackers open
+    if context.is_main:
+        for name in context.recipe.get("run", {}).get("report_to", []):
+            _active.append(TRACKERS[name](context))
+
+
+@hookimpl
+def zenalign_on_step_end(context, step, metrics, samples):
+    for tracker in _active:
+        with reported(tracker, step):
+            tracker.log(scalars(metrics), step)
+            if samples:
+                tracker.completions(samples, step)
+
+
+@hookimpl
+def zenalign_on_eval_end(context, step, metrics):
+    for tracker in _active:
+        with reported(tracker, step):
+            tracker.log(scalars(metrics), step)
+
+
+@contextmanager
+def reported(tracker: Tracker, step: int):
+    """A tracker that fails stops the run with one line naming it (metrics.jsonl has the step)."""
+    try:
+        yield
+    except Exception as exc:
+        name = next(k for k, v in TRACKERS.items() if isinstance(tracker, v))
+        raise PluginError(f"run.report_to: {name} failed to log step {step}: {type(exc).__name__}: "
+                          f"{one_line(exc)[:300]}") from exc
+
+
+@hookimpl
+def zenalign_on_train_end(context, step):
+    finish_all()
+
+
+def finish_all() -> None:
+    while _active:
+        _active.pop().finish()
