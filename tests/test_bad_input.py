@@ -612,3 +612,24 @@ def test_a_python_reward_asking_for_a_field_is_checked_against_the_records(tmp_p
     done = run_cli("validate", str(write_recipe(tmp_path, data)))
     assert done.returncode == 0, done.stderr
     assert "reads the field 'answer', which 2 of 3 training prompts lack" in done.stderr
+
+
+def test_a_tokenizer_with_an_empty_vocabulary_is_one_line(tmp_path, tiny_model_dir):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab={}, unk_token=None))).save_pretrained(
+        tmp_path / "tokenizer")
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"), {"model": {"tokenizer_path": str(tmp_path / "tokenizer")}})
+    message = error_line(run_cli("validate", str(write_recipe(tmp_path, data))), during_run=False)
+    assert f"model.tokenizer_path: the tokenizer in '{tmp_path / 'tokenizer'}' has an empty vocabulary" in message
+
+
+def test_the_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_model_dir):
+    """Issue 19: `lr` was read after scheduler.step(), so each line showed the next step's rate."""
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
+                 {"grpo": {"learning_rate": 1.0e-3, "warmup_steps": 4}, "run": {"steps": 3}})
+    done = run_cli("run", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])  # warm-up: (s + 1) / 4 of the peak
