@@ -1,13 +1,14 @@
 """Kill -9 trials: a run killed at a random moment and continued with ``--resume auto`` must end
 exactly as an uninterrupted run (metrics, evals, samples, final weights).
 
-    python bench/faults.py --trials 10 --two-process-trials 4
+    python bench/faults.py --trials 10 --write-trials 4 --two-process-trials 4
 
 Each trial starts the quickstart (10 steps, a checkpoint every 2) in its own process group, kills
 the whole group with SIGKILL after a random delay drawn over the uninterrupted run's duration,
 notes where it died (before the first checkpoint, while a checkpoint was being written, between
-checkpoints), then runs ``--resume auto`` and compares. Two-process trials do the same under
-torchrun (DDP and DeepSpeed ZeRO-2 alternately). Prints one line per trial and a summary.
+checkpoints), then runs ``--resume auto`` and compares. Write trials kill it the moment a
+checkpoint starts being written. Two-process trials do the same under torchrun (DDP and
+DeepSpeed ZeRO-2 alternately). Prints one line per trial and a summary.
 """
 
 from __future__ import annotations
@@ -77,13 +78,21 @@ def where_killed(out: Path) -> str:
     return "between checkpoints"
 
 
-def trial(workdir: Path, whole: Path, duration: float, processes: int, engine: str, rng: random.Random) -> dict:
+def trial(workdir: Path, whole: Path, duration: float, processes: int, engine: str, rng: random.Random,
+          during_write: bool = False) -> dict:
     out = workdir / "run"
     shutil.rmtree(out, ignore_errors=True)
     delay = rng.uniform(0.15, 0.95) * duration
+    started = time.perf_counter()
     job = subprocess.Popen(command(out, processes, engine), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
-    time.sleep(delay)
+    if during_write:  # the moment a checkpoint (the first after `delay`) starts being written
+        while job.poll() is None and not (time.perf_counter() - started > delay
+                                          and any((out / "checkpoints").glob(".tmp-*"))):
+            time.sleep(0.002)
+        delay = time.perf_counter() - started
+    else:
+        time.sleep(delay)
     finished = job.poll() is not None
     if not finished:
         os.killpg(job.pid, signal.SIGKILL)
@@ -110,19 +119,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="single-process trials (torch backend)")
     parser.add_argument("--two-process-trials", type=int, default=4, help="torchrun trials, DDP and ZeRO-2 alternately")
+    parser.add_argument("--write-trials", type=int, default=4,
+                        help="single-process trials killed the moment a checkpoint starts being written")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        plan = [(1, "torch")] * args.trials + [(2, "ddp" if i % 2 == 0 else "zero2") for i in range(args.two_process_trials)]
+        plan = ([(1, "torch", False)] * args.trials + [(1, "torch", True)] * args.write_trials
+                + [(2, "ddp" if i % 2 == 0 else "zero2", False) for i in range(args.two_process_trials)])
         references = {}
-        for processes, engine in plan:
+        for processes, engine, during_write in plan:
             if (processes, engine) not in references:
                 references[processes, engine] = uninterrupted(workdir, processes, engine)
             whole, duration = references[processes, engine]
-            found = trial(workdir, whole, duration, processes, engine, rng)
+            found = trial(workdir, whole, duration, processes, engine, rng, during_write)
             found.update(processes=processes, engine=engine)
             results.append(found)
             print(f"{processes} process(es) {engine:5s} killed at {found['delay']:5.1f} s of {duration:4.1f} "
