@@ -58,7 +58,11 @@ def completion_logprobs(
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
         inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
         cache_name = cache_argument(type(inner))
-        if cache_name is not None and accepts_logits_to_keep(type(inner)):
+        # transformers turns the KV cache off under gradient checkpointing in training: the prompt
+        # pass would then fill no cache and the completions would lose their prompts
+        flag = "is_activation_checkpointing" if hasattr(inner, "is_activation_checkpointing") else "is_gradient_checkpointing"
+        checkpointing = inner.training and bool(getattr(inner, flag, False))
+        if cache_name is not None and accepts_logits_to_keep(type(inner)) and not checkpointing:
             cache = new_cache(inner)
             leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
             if len(leaders) < sequences.shape[0] and full_attention_only(cache):

@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from zenalign.models.primitives import mask_positions, sample_loop
 
@@ -442,6 +443,14 @@ class LeanLM:
             out = torch.bmm(scores.softmax(dim=-1), v.float().reshape(-1, s, self.head_dim))
         return out.view(n, self.heads, self.head_dim).to(dtype)
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether transformers' gradient checkpointing is on for this model, in training mode."""
+        flag = getattr(self.model, "is_activation_checkpointing", None)
+        if flag is None:
+            flag = getattr(self.body, "gradient_checkpointing", False)
+        return bool(flag) and self.model.training
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = _rms_norm(h, self.body.norm.weight, self.eps)
         return self.model.lm_head(h)
@@ -472,7 +481,8 @@ class LeanLM:
         completion_attn = torch.cat([prompt_mask.bool()[owner][:, None, :].expand(n, tc, tp),
                                      causal.expand(n, tc, tc)], dim=2)[:, None]
         split = g * tp
-        for i, w in enumerate(self.weights()):
+
+        def layer(i: int, w: _Weights, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self.qkv(i, w, x, rotation)
             qp, kp, vp = (t[:split].view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             qc, kc, vc = (t[split:].view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -480,7 +490,11 @@ class LeanLM:
             out_c = self.attend(qc, torch.cat([kp.index_select(0, owner), kc], dim=2),
                                 torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn)
             attended = torch.cat([out_p.transpose(1, 2).reshape(split, -1), out_c.transpose(1, 2).reshape(n * tc, -1)])
-            x = self.finish(i, w, x, attended)
+            return self.finish(i, w, x, attended)
+
+        recompute = self.checkpointing and torch.is_grad_enabled()  # engine.gradient_checkpointing, as transformers does it
+        for i, w in enumerate(self.weights()):
+            x = checkpoint(layer, i, w, x, use_reentrant=False) if recompute else layer(i, w, x)
         last = x[:split].view(g, tp, -1)[:, -1]  # each prompt's last position predicts the first token
         hidden = torch.cat([last.index_select(0, owner)[:, None], x[split:].view(n, tc, -1)], dim=1)
         return self.head(hidden)

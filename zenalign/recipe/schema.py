@@ -282,6 +282,16 @@ class EngineSection(Section):
         description="Longest a process waits in a collective operation (several processes) before the run stops "
         "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes.",
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each layer's input during the update's forward pass and recompute the rest in "
+        "backward: activation memory falls from every layer's intermediates to one layer's, for about a third more "
+        "update time. The same gradients (tests/test_memory.py).",
+    )
+    num_threads: Optional[int] = Field(
+        None, ge=1, description="CPU threads torch uses in this process (torch.set_num_threads). null: torch's "
+        "choice, one per core. Lower it when other jobs share the cores: on a 2-core machine running another "
+        "job, 1 thread was 5x faster than 2 (docs/performance.md). The run prints the count it uses.",
+    )
 
     @field_validator("on_nonfinite")
     @classmethod

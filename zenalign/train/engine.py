@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from zenalign.models.attention import float32_attention_on_cpu
+from zenalign.models.lora import forward_module
 from zenalign.train.distributed import Dist, prepare_deepspeed_env
 from zenalign.errors import ModelLoadError, NonFiniteError, RecipeError, one_line
 
@@ -67,6 +68,19 @@ def retarget_learning_rate(scheduler: Any, lr: float) -> None:
                 "with the new peak rate", old, lr, scheduler.last_epoch)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module, recipe: Any) -> None:
+    """``engine.gradient_checkpointing``: transformers' own, non-reentrant (it needs no input that
+    requires grad, so frozen embeddings and LoRA work); the lean forward reads the same flag."""
+    if recipe.engine.gradient_checkpointing:
+        target = forward_module(model)
+        if not getattr(target, "supports_gradient_checkpointing", False):
+            raise RecipeError(f"engine.gradient_checkpointing: {type(target).__name__} does not support it; set it to false")
+        if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def create_engine(recipe: Any, dist: Dist, device: torch.device):
     if recipe.engine.backend == "deepspeed":
         return DeepSpeedEngine(recipe, dist, device)
@@ -84,6 +98,7 @@ class TorchEngine:
         self.device = device
 
     def attach(self, model: torch.nn.Module, optimizer_steps: int, micro_batches: int) -> None:
+        enable_gradient_checkpointing(model, self.recipe)
         self.model = model.to(self.device)
         float32_attention_on_cpu(self.model, self.device, self.recipe.engine.precision)
         self.train_model: torch.nn.Module = self.model
@@ -265,6 +280,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         grpo = self.recipe.grpo
+        enable_gradient_checkpointing(model, self.recipe)
         try:
             self.train_model, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,

@@ -65,6 +65,15 @@ class TrainResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
 
 
+def set_threads(count: Optional[int], report: bool) -> None:
+    """``engine.num_threads`` (None: torch's default), and say how many threads the run uses."""
+    if count is not None:
+        torch.set_num_threads(count)
+    if report:
+        log.info("torch threads: %d (%s)", torch.get_num_threads(),
+                 "engine.num_threads" if count is not None else "torch's default; engine.num_threads sets it")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -203,6 +212,7 @@ class GRPOTrainer:
         if saved is not None and self.dist.is_main:
             log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
         seed_everything(r.run.seed)
+        set_threads(r.engine.num_threads, self.dist.is_main)
         device = pick_device(r.engine.device)
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if self.device.type == "cpu" and r.engine.keep_freed_memory:
