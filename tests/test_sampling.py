@@ -130,6 +130,62 @@ def test_gumbel_sampler_draws_from_softmax_over_temperature():
         assert torch.allclose(freq, expected, atol=0.01), (temperature, top_k, freq, expected)
 
 
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square quantile at the normal quantile z (3.29: one in 2,000), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_draws_follow(draws: torch.Tensor, probs: torch.Tensor) -> None:
+    """Pearson's chi-square of the draws' counts against ``probs`` (cells expecting under 5 draws
+    pooled into one), below the one-in-2,000 critical value."""
+    counts = torch.bincount(draws, minlength=len(probs)).double()
+    expected = probs.double() * len(draws)
+    assert counts[probs == 0].sum() == 0, "a token of probability 0 was drawn"
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    wanted = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = wanted > 0
+    statistic = float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum())
+    assert statistic < chi_square_critical(int(keep.sum()) - 1), statistic
+
+
+@pytest.mark.parametrize("case", ["flat tail", "peaked", "top-k inside the candidates", "top-p", "temperature"])
+def test_candidates_and_tail_draw_from_softmax(case):
+    """The large-vocabulary path (forced here on 300 ids, 8 candidates): the candidates' own
+    noise plus one draw for the tail atom, and the inverse CDF inside the tail when it wins, is an
+    exact sample: 20,000 draws pass a chi-square test against softmax(logits / T) with the
+    warpers, in cases where the tail holds most of the mass and where it holds almost none."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 300, generator=generator) * (0.5 if case == "flat tail" else 4.0)
+    temperature, top_k, top_p = {"top-k inside the candidates": (1.0, 5, 1.0), "top-p": (1.0, 0, 0.9),
+                                 "temperature": (0.6, 0, 1.0)}.get(case, (1.0, 0, 1.0))
+    n = 20_000
+    keys = completion_keys(seed=11, step=3, first_completion=0, count=n)
+    sampler = GumbelSampler(keys, prompt_length=0, temperature=temperature, top_k=top_k, top_p=top_p,
+                            candidates=8, full_vocab=0)
+    out = sampler(torch.zeros(n, 2, dtype=torch.long), logits.expand(n, -1))
+    draws = out.argmax(-1)
+    assert torch.equal(out.isfinite().sum(-1), torch.ones(n, dtype=torch.long))  # one token per row
+    scaled = logits / temperature
+    for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else []):
+        scaled = warper(None, scaled)
+    assert_draws_follow(draws, torch.softmax(scaled[0].double(), -1))
+
+
+def test_the_tail_atom_and_the_full_draw_agree_where_the_tail_cannot_win():
+    """Over a vocabulary where the candidates hold all but a sliver of the mass, the two paths draw
+    the same token in (nearly) every row: the candidates' noise is the full draw's."""
+    logits = torch.full((1, 600), -30.0)
+    logits[0, :40] = torch.linspace(0.0, 3.0, 40)
+    keys = completion_keys(seed=1, step=1, first_completion=0, count=5_000)
+    ids = torch.zeros(5_000, 1, dtype=torch.long)
+    full = GumbelSampler(keys, 0, 1.0)(ids, logits.expand(5_000, -1)).argmax(-1)
+    split = GumbelSampler(keys, 0, 1.0, candidates=64, full_vocab=0)(ids, logits.expand(5_000, -1)).argmax(-1)
+    assert (full == split).float().mean() > 0.999
+
+
 def test_uniform_noise_is_uniform_and_keyed():
     u = uniform(torch.arange(2000), position=3, vocab_size=50)
     assert 0.0 < u.min() and u.max() < 1.0
