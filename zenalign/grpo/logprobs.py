@@ -7,7 +7,10 @@ distribution the completions were drawn from (a departure from the paper, which 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from zenalign.models.lean import checked_lean_model
 from zenalign.models.lora import forward_module
@@ -53,8 +56,9 @@ def completion_logprobs(
         if fast is not None:
             if not share_prompts:
                 leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
-            logits = fast.group_logits(sequences, attention_mask, prompt_length, leaders, owner)
-            return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
+            hidden = fast.group_hidden(sequences, attention_mask, prompt_length, leaders, owner)
+            return chunked_token_logprobs(hidden, fast.head, sequences[:, prompt_length:], temperature, entropy,
+                                          fast.model.config.vocab_size)
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
         inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
         cache_name = cache_argument(type(inner))
@@ -79,6 +83,33 @@ def completion_logprobs(
     ).logits
     logits = logits[:, -(completion_length + 1) : -1, :]  # (N, Tc, V): predicts each completion token
     return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
+
+
+LOGIT_CHUNK = 1 << 26  # logits computed at once by chunked_token_logprobs: 256 MB in fp32
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
+                           temperature: float, entropy: bool, vocab: int, budget: int | None = None):
+    """:func:`_token_logprobs` of ``head(hidden)`` (``(N, Tc, H)`` -> ``(N, Tc, V)`` logits), a chunk
+    of positions at a time so that at most about ``budget`` logits exist at once. With a gradient,
+    each chunk runs under non-reentrant checkpointing: backward recomputes the chunk's logits from
+    its hidden states instead of keeping every chunk's, so memory grows with the chunk, not with
+    Tc x V (at V = 151,936 and 512 positions, the full fp32 logits of 32 rows are 10 GB). Below the
+    budget it is one plain pass, exactly :func:`_token_logprobs`."""
+    n, tc = targets.shape
+    step = max(1, (budget or LOGIT_CHUNK) // max(1, n * vocab))
+    if step >= tc:
+        return _token_logprobs(head(hidden), targets, temperature, entropy)
+
+    def chunk(h: torch.Tensor, t: torch.Tensor):
+        return _token_logprobs(head(h), t, temperature, entropy)
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(chunk, hidden[:, i:i + step], targets[:, i:i + step], use_reentrant=False) if recompute
+             else chunk(hidden[:, i:i + step], targets[:, i:i + step]) for i in range(0, tc, step)]
+    if not entropy:
+        return torch.cat(parts, dim=1)
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool = False):

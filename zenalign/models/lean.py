@@ -8,7 +8,7 @@ shapes, so this module runs those two shapes directly on the model's own weights
 
 - :meth:`LeanLM.decode`: prefill each distinct prompt once, then one token per step for all
   ``P * k`` rows, with a preallocated key/value cache held as plain tensors;
-- :meth:`LeanLM.group_logits`: the update's log-prob pass with each group's prompt run once,
+- :meth:`LeanLM.group_hidden`: the update's log-prob pass with each group's prompt run once,
   in the *same* pass as its completions: every linear layer sees all tokens of the batch as one
   matrix, and only attention is laid out per sequence (the prompts attend causally among
   themselves; each completion attends to its group's prompt and causally to itself).
@@ -459,8 +459,14 @@ class LeanLM:
 
     def group_logits(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                      leaders: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """The ``(N, Tc, V)`` logits predicting each completion token of ``sequences`` (prompt
-        left-padded to ``prompt_length``, then the completion), with each group's prompt run once.
+        """The ``(N, Tc, V)`` logits of :meth:`group_hidden`'s positions."""
+        return self.head(self.group_hidden(sequences, attention_mask, prompt_length, leaders, owner))
+
+    def group_hidden(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                     leaders: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """The ``(N, Tc, hidden)`` last-layer states (before the final norm: :meth:`head` applies
+        it) that predict each completion token of ``sequences`` (prompt left-padded to
+        ``prompt_length``, then the completion), with each group's prompt run once.
 
         ``leaders`` are the first rows of each group, ``owner`` maps every row to its group (see
         :func:`zenalign.models.primitives.prompt_groups`). The last completion token is never an input whose
@@ -496,8 +502,7 @@ class LeanLM:
         for i, w in enumerate(self.weights()):
             x = checkpoint(layer, i, w, x, use_reentrant=False) if recompute else layer(i, w, x)
         last = x[:split].view(g, tp, -1)[:, -1]  # each prompt's last position predicts the first token
-        hidden = torch.cat([last.index_select(0, owner)[:, None], x[split:].view(n, tc, -1)], dim=1)
-        return self.head(hidden)
+        return torch.cat([last.index_select(0, owner)[:, None], x[split:].view(n, tc, -1)], dim=1)
 
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, weights: list[_Weights]):
         """Left-padded prompts ``(P, Tp)`` through every layer: the last position's hidden state
