@@ -83,6 +83,7 @@ def test_accepted_return_values(returned, expected):
         ([1.0, "0.5"], "returned str '0.5' for completion 1 of objective 'r0'; scores must be numbers"),  # no conversion
         ([1.0, float("inf")], "returned inf for completion 1 of objective 'r0'; scores must be finite"),
         (0.5, "returned a float; it must return one score per completion"),
+        (["1.5", "2"], "returned str '1.5' for completion 0 .* scores must be numbers"),  # never converted silently
         ({"x": [1.0, 1.0]}, "returned objectives \\['x'\\]; expected exactly \\['r0'\\]"),
     ],
 )

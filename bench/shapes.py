@@ -1,0 +1,154 @@
+"""zenalign at a realistic shape: where a sampling step's time goes, and the update's memory at a
+152k vocabulary. (The side-by-side against TRL at these shapes is bench/perf.py's job.)
+
+    python bench/shapes.py sampling              # 135m shape: per-token forward, LM head, sampler, bandwidth floor
+    python bench/shapes.py memory                # V = 151,936, 512-token completions: the update's peak RSS
+    python bench/shapes.py sampling --precision bf16
+
+The model is SmolLM-135M-shaped (Llama: hidden 576, 30 layers, 9 heads / 3 kv heads, intermediate
+1536, tied embeddings), randomly initialised in-process; nothing is downloaded. ``sampling``
+decodes 4 prompts x 8 completions (32 rows) on the lean decoder three times, with an argmax, with
+the keyed sampler and with the full Gumbel-max draw it replaced above 4,096 ids, and prints the
+time per new token of each, the LM head's share, and the floor of a token at this machine's
+measured memory bandwidth (the weights' bytes read once). ``memory`` runs one update pass
+(log-probs with gradient, backward) on 8 completions of 512 tokens over 151,936 ids in a child
+process per setting and prints each one's peak RSS: logits computed at once, in chunks (the
+default), and chunks with gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPE_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                  intermediate_size=1536, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+def build_model(vocab: int, precision: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **SHAPE_135M))
+    return model.to(torch.bfloat16) if precision == "bf16" else model
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bandwidth_gb_s() -> float:
+    """Read bandwidth: summing a 1 GiB fp32 tensor (best of 5)."""
+    import torch
+
+    x = torch.ones(1 << 28)
+    return (x.numel() * 4) / timed(lambda: x.sum(), 5) / 1e9
+
+
+def sampling(precision: str) -> None:
+    import torch
+
+    from zenalign.grpo.gumbel import FULL_VOCAB, GumbelSampler, completion_keys
+    from zenalign.models.lean import lean_model
+
+    vocab, prompts_n, group, prompt_len, new_tokens = 49_152, 4, 8, 16, 32
+    rows = prompts_n * group
+    model = build_model(vocab, precision).eval()
+    params = sum(p.numel() for p in model.parameters())
+    lean = lean_model(model)
+    prompts = torch.randint(3, vocab, (prompts_n, prompt_len))
+    mask = torch.ones_like(prompts)
+    keys = completion_keys(0, 1, 0, rows)
+    never = torch.tensor([-1])  # no EOS: every row decodes all new_tokens
+
+    def decode(processor):
+        with torch.inference_mode():
+            return lean.decode(prompts, mask, group, new_tokens, never, 0, processor)
+
+    greedy = timed(lambda: decode(lambda ids, scores: scores), 3) / new_tokens
+    keyed = timed(lambda: decode(GumbelSampler(keys, prompt_len, 1.0)), 3) / new_tokens
+    full = timed(lambda: decode(GumbelSampler(keys, prompt_len, 1.0, full_vocab=10**9)), 3) / new_tokens
+    hidden = torch.randn(rows, 576, dtype=next(model.parameters()).dtype)
+    with torch.inference_mode():
+        head = timed(lambda: lean.head(hidden))
+    bandwidth = bandwidth_gb_s()
+    weight_bytes = params * (2 if precision == "bf16" else 4)
+    floor = weight_bytes / bandwidth / 1e9
+    print(f"135m shape ({params / 1e6:.1f}M parameters, V={vocab:,}, {precision}), {rows} rows decoding {new_tokens} "
+          f"tokens after a {prompt_len}-token prompt, {torch.get_num_threads()} threads, per new token:")
+    print(f"  decode without sampling (argmax) {1e3 * greedy:.1f} ms, of which the LM head's product {1e3 * head:.1f} ms")
+    print(f"  with the keyed sampler {1e3 * keyed:.1f} ms: the sampler {1e3 * (keyed - greedy):.1f} ms, "
+          f"{100 * (keyed - greedy) / keyed:.0f}% of the token")
+    print(f"  with the full Gumbel-max draw it replaces above {FULL_VOCAB:,} ids {1e3 * full:.1f} ms: that draw "
+          f"{1e3 * (full - greedy):.1f} ms, {100 * (full - greedy) / full:.0f}% of the token")
+    print(f"  memory bandwidth {bandwidth:.1f} GB/s; reading the weights once ({weight_bytes / 1e6:.0f} MB) takes "
+          f"{1e3 * floor:.1f} ms, the floor of a token: the keyed token is {keyed / floor:.1f}x the floor")
+
+
+def memory_child(setting: str) -> dict:
+    """One update pass at V = 151,936 with 512-token completions; this process's peak RSS."""
+    import torch
+
+    from zenalign.grpo import logprobs as lp
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    vocab, rows, prompt_len, completion_len = 151_936, 8, 16, 512
+    model = build_model(vocab, "fp32").train()
+    if setting == "at once":
+        lp.LOGIT_CHUNK = 1 << 62
+    if setting == "chunks + checkpointing":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    sequences = torch.randint(3, vocab, (rows, prompt_len + completion_len))
+    mask = torch.ones_like(sequences)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    logp = lp.completion_logprobs(model, sequences, mask, prompt_len, 1.0, lean=True)
+    logp.mean().backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"setting": setting, "peak_rss_mb": peak, "model_loaded_mb": loaded, "start_mb": before, "seconds": seconds}
+
+
+def memory() -> None:
+    print("update pass at V=151,936: 8 completions x 512 tokens (+16 prompt), 135m shape, fp32 "
+          "(full logits of this batch: 8 x 512 x 151,936 x 4 B = 2.5 GB, and log_softmax's copy as much again)")
+    for setting in ("at once", "chunks", "chunks + checkpointing"):
+        done = subprocess.run([sys.executable, __file__, "memory-child", "--setting", setting], capture_output=True,
+                              text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+        if done.returncode != 0:
+            print(f"  {setting}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {setting}: peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb'] - r['model_loaded_mb']:.0f} MB above "
+              f"the loaded model and batch), {r['seconds']:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["sampling", "memory", "memory-child"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--setting", default="chunks")
+    args = parser.parse_args()
+    if args.what == "sampling":
+        sampling(args.precision)
+    elif args.what == "memory":
+        memory()
+    else:
+        print(json.dumps(memory_child(args.setting)))
+
+
+if __name__ == "__main__":
+    main()
