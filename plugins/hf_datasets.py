@@ -17,7 +17,7 @@ from typing import Any, Optional
 from pydantic import Field, model_validator
 
 from zenalign import hookimpl
-from zenalign.data import hold_out
+from zenalign.data import HeldPrompts, hold_out
 from zenalign.errors import DataError, one_line
 from zenalign.plugins import Options, TaskType
 
@@ -107,7 +107,7 @@ def records(dataset: Any, options: HFOptions, field: str) -> list[dict[str, Any]
     return rows
 
 
-class HFTask:
+class HFTask(HeldPrompts):
     """Prompts from a local Hugging Face dataset."""
 
     def __init__(self, options: HFOptions, context):
@@ -122,12 +122,6 @@ class HFTask:
             self.train, self.eval = hold_out(self.train, options.eval_size, options.split_seed)
         else:
             self.eval = []
-
-    def train_prompts(self):
-        return self.train
-
-    def eval_prompts(self):
-        return self.eval
 
 
 @hookimpl

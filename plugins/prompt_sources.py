@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.data import hold_out, jsonl_objects
+from zenalign.data import HeldPrompts, hold_out, jsonl_objects
 from zenalign.errors import DataError
 from zenalign.plugins import Options, TaskType
 
@@ -45,7 +45,7 @@ def read_jsonl(path: Path, prompt_field: str) -> list[dict[str, Any]]:
     return records
 
 
-class JsonlTask:
+class JsonlTask(HeldPrompts):
     """Prompts from a JSONL file."""
 
     def __init__(self, options: JsonlOptions, context):
@@ -56,12 +56,6 @@ class JsonlTask:
             self.train, self.eval = hold_out(self.train, options.eval_size, options.split_seed)
         else:
             self.eval = []
-
-    def train_prompts(self):
-        return self.train
-
-    def eval_prompts(self):
-        return self.eval
 
 
 class InlineTask:

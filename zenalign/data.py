@@ -66,6 +66,19 @@ def hold_out(records: list[dict[str, Any]], size: int, seed: int, field: str = "
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+class HeldPrompts:
+    """A prompt source that has read its records: ``self.train`` and ``self.eval`` (lists)."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+
+    def train_prompts(self) -> list[dict[str, Any]]:
+        return self.train
+
+    def eval_prompts(self) -> list[dict[str, Any]]:
+        return self.eval
+
+
 def is_conversational(record: dict[str, Any]) -> bool:
     """TRL's conversational format: ``prompt`` is a list of chat messages (reward functions then
     get completions as messages too). zenalign's own ``messages`` field is rendered the same way,
