@@ -56,17 +56,12 @@ def completion_logprobs(
         if fast is not None:
             if not share_prompts:
                 leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
-            hidden = fast.group_hidden(sequences, attention_mask, prompt_length, leaders, owner)
-            return chunked_token_logprobs(hidden, fast.head, sequences[:, prompt_length:], temperature, entropy,
-                                          fast.model.config.vocab_size)
+            return chunked_token_logprobs(fast.group_hidden(sequences, attention_mask, prompt_length, leaders, owner),
+                                          fast.head, sequences[:, prompt_length:], temperature, entropy, fast.vocab)
     if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
         inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
         cache_name = cache_argument(type(inner))
-        # transformers turns the KV cache off under gradient checkpointing in training: the prompt
-        # pass would then fill no cache and the completions would lose their prompts
-        flag = "is_activation_checkpointing" if hasattr(inner, "is_activation_checkpointing") else "is_gradient_checkpointing"
-        checkpointing = inner.training and bool(getattr(inner, flag, False))
-        if cache_name is not None and accepts_logits_to_keep(type(inner)) and not checkpointing:
+        if cache_name is not None and accepts_logits_to_keep(type(inner)) and not _drops_cache(inner):
             cache = new_cache(inner)
             leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
             if len(leaders) < sequences.shape[0] and full_attention_only(cache):
@@ -135,6 +130,13 @@ def token_entropy(log_probs: torch.Tensor) -> torch.Tensor:
         if bool(out[i].isnan().any()):  # a -inf log-prob: 0 * log 0 = 0
             out[i] = -(row.exp() * row).nan_to_num_(0.0).sum(-1)
     return out
+
+
+def _drops_cache(model: torch.nn.Module) -> bool:
+    """transformers turns the KV cache off under gradient checkpointing in training: a prompt pass
+    would then fill no cache, and the completions would lose their prompts."""
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return model.training and bool(getattr(model, flag, False))
 
 
 def _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask, prompt_length, leaders, owner):

@@ -312,6 +312,7 @@ class LeanLM:
         self.scaling = attn.scaling
         self.eps = self.body.norm.variance_epsilon
         self.qk_norm = hasattr(attn, "q_norm")
+        self.vocab = config.vocab_size
         self.checked = False  # against transformers' forward, see checked_lean_model
 
     # ------------------------------------------------------------------------------------- parts
