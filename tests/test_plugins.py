@@ -164,6 +164,9 @@ def test_core_modules_name_no_specific_reward_source_or_normalizer():
                 # "dr_grpo" is also the name of a loss aggregation mode (grpo.loss_aggregation)
                 if node.value == "dr_grpo" and name in ("recipe/schema.py", "grpo/loss.py"):
                     continue
+                # TRL's loss_type and scale_rewards name built-in plugins: that table is the point of this module
+                if name == "recipe/trl.py":
+                    continue
                 offenders.append(f"{name}:{node.lineno}: {node.value!r}")
     assert offenders == []
 
