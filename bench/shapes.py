@@ -78,24 +78,38 @@ def sampling(precision: str) -> None:
         with torch.inference_mode():
             return lean.decode(prompts, mask, group, new_tokens, never, 0, processor)
 
-    greedy = timed(lambda: decode(lambda ids, scores: scores), 3) / new_tokens
-    keyed = timed(lambda: decode(GumbelSampler(keys, prompt_len, 1.0)), 3) / new_tokens
-    full = timed(lambda: decode(GumbelSampler(keys, prompt_len, 1.0, full_vocab=10**9)), 3) / new_tokens
+    seen = []
+    greedy = timed(lambda: decode(lambda ids, scores: seen.append(scores) or scores), 3) / new_tokens
     hidden = torch.randn(rows, 576, dtype=next(model.parameters()).dtype)
+    ids = torch.zeros(rows, prompt_len + new_tokens // 2, dtype=torch.long)
+    flat = seen[new_tokens // 2].float()  # this random model's own logits: nearly uniform, the tail's worst case
+    peaked = flat * (8.0 / flat.std())  # the same, spread like a trained model's (sd 8)
     with torch.inference_mode():
         head = timed(lambda: lean.head(hidden))
+        draws = {(name, logits_name): timed(lambda: sampler(ids, logits).argmax(-1), 10)
+                 for name, sampler in (("keyed", GumbelSampler(keys, prompt_len, 1.0)),
+                                       ("full", GumbelSampler(keys, prompt_len, 1.0, full_vocab=10**9)))
+                 for logits_name, logits in (("flat", flat), ("peaked", peaked))}
     bandwidth = bandwidth_gb_s()
     weight_bytes = params * (2 if precision == "bf16" else 4)
     floor = weight_bytes / bandwidth / 1e9
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    peak = 2 * 1024 ** 3 / timed(lambda: a @ b, 8) / 1e9  # GFLOP/s
+    compute = 2 * params * rows / peak / 1e9  # every row multiplies through every weight once
     print(f"135m shape ({params / 1e6:.1f}M parameters, V={vocab:,}, {precision}), {rows} rows decoding {new_tokens} "
           f"tokens after a {prompt_len}-token prompt, {torch.get_num_threads()} threads, per new token:")
-    print(f"  decode without sampling (argmax) {1e3 * greedy:.1f} ms, of which the LM head's product {1e3 * head:.1f} ms")
-    print(f"  with the keyed sampler {1e3 * keyed:.1f} ms: the sampler {1e3 * (keyed - greedy):.1f} ms, "
-          f"{100 * (keyed - greedy) / keyed:.0f}% of the token")
-    print(f"  with the full Gumbel-max draw it replaces above {FULL_VOCAB:,} ids {1e3 * full:.1f} ms: that draw "
-          f"{1e3 * (full - greedy):.1f} ms, {100 * (full - greedy) / full:.0f}% of the token")
-    print(f"  memory bandwidth {bandwidth:.1f} GB/s; reading the weights once ({weight_bytes / 1e6:.0f} MB) takes "
-          f"{1e3 * floor:.1f} ms, the floor of a token: the keyed token is {keyed / floor:.1f}x the floor")
+    print(f"  the forward (decode with an argmax) {1e3 * greedy:.1f} ms, of which the LM head's product {1e3 * head:.1f} ms")
+    for logits_name, what in (("flat", "this random model's nearly uniform logits"), ("peaked", "logits spread to sd 8")):
+        keyed, full = draws["keyed", logits_name], draws["full", logits_name]
+        print(f"  on {what}: the keyed sampler {1e3 * keyed:.1f} ms ({100 * keyed / (greedy + keyed):.0f}% of the token), "
+              f"the full Gumbel-max draw it replaces above {FULL_VOCAB:,} ids {1e3 * full:.1f} ms "
+              f"({100 * full / (greedy + full):.0f}%)")
+    keyed = greedy + draws["keyed", "peaked"]
+    print(f"  memory bandwidth {bandwidth:.1f} GB/s: reading the weights once ({weight_bytes / 1e6:.0f} MB) takes "
+          f"{1e3 * floor:.1f} ms; matmul peak {peak:.0f} GFLOP/s: the {rows} rows' products take at least "
+          f"{1e3 * compute:.1f} ms. The floor of a token is the larger, {1e3 * max(floor, compute):.1f} ms "
+          f"({'compute' if compute > floor else 'bandwidth'}-bound); the keyed token is {keyed / max(floor, compute):.2f}x it")
 
 
 def memory_child(setting: str) -> dict:
