@@ -132,16 +132,25 @@ def test_hf_data_reads_local_datasets(tmp_path, tiny_model_dir, kind):
             target = tmp_path / "ds" / f"{split}.{kind}"
             {"parquet": part.to_parquet, "csv": part.to_csv, "jsonl": part.to_json}[kind](str(target))
         data = {"path": "ds", "eval_split": "test"}
-    recipe = hf_recipe(tmp_path, tiny_model_dir, {**data, "prompt_field": "question"})
-    done = run_cli("validate", str(recipe))
-    assert done.returncode == 0, done.stderr
+    from types import SimpleNamespace
+
+    from zenalign_plugins.hf_datasets import HFOptions, HFTask
+
+    task = HFTask(HFOptions(**data, prompt_field="question"), SimpleNamespace(resolve_path=lambda p: tmp_path / p))
+    assert [r["prompt"] for r in task.train_prompts()] == [r["question"] for r in ROWS[:4]]  # the train split
+    assert [r["prompt"] for r in task.eval_prompts()] == [r["question"] for r in ROWS[4:]]  # the test split
+    assert [r["answer"] for r in task.eval_prompts()] == [r["answer"] for r in ROWS[4:]]  # every column, by name
+    if kind != "save_to_disk":
+        return
+    recipe = hf_recipe(tmp_path, tiny_model_dir, {**data, "prompt_field": "question"})  # once end to end, by the CLI
+    assert run_cli("validate", str(recipe)).returncode == 0
     done = run_cli("run", str(recipe), "run.log_interval=1")
     assert done.returncode == 0, done.stderr
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     trained = {s["prompt"] for s in samples if not s.get("eval")}
     evaluated = {s["prompt"] for s in samples if s.get("eval")}
-    assert trained and trained <= {r["question"] for r in ROWS[:4]}  # the train split
-    assert evaluated and evaluated <= {r["question"] for r in ROWS[4:]}  # the test split
+    assert trained and trained <= {r["question"] for r in ROWS[:4]}
+    assert evaluated and evaluated <= {r["question"] for r in ROWS[4:]}
 
 
 @pytest.mark.parametrize("data, expected", [
