@@ -1,10 +1,13 @@
-"""Build the tiny benchmark models: Qwen2ForCausalLM over the ByT5 byte vocabulary.
+"""Build the benchmark models: tiny Qwen2ForCausalLM over the ByT5 byte vocabulary, and a
+SmolLM-135M-shaped Llama over a 49,152-entry word-level fast tokenizer.
 
 Both zenalign and TRL load the same saved directory, so the two halves of the benchmark train the
 very same weights. Sizes (parameters, tied embeddings):
 
-    1m   hidden 128, 4 layers, intermediate  512, 4 heads, 2 kv heads  -> 1,034,368
-    10m  hidden 256, 10 layers, intermediate 1024, 4 heads, 2 kv heads -> 9,939,200
+    1m   Qwen2, hidden 128, 4 layers, intermediate  512, 4 heads, 2 kv heads  -> 1,034,368
+    10m  Qwen2, hidden 256, 10 layers, intermediate 1024, 4 heads, 2 kv heads -> 9,939,200
+    135m Llama, hidden 576, 30 layers, intermediate 1536, 9 heads, 3 kv heads, vocabulary 49,152
+         (SmolLM-135M's shape)                                               -> 134,515,008
 
 Usage:  python bench/make_bench_models.py OUT_ROOT [1m 10m]   (writes OUT_ROOT/qwen2-1m, ...)
 """
@@ -12,7 +15,9 @@ Usage:  python bench/make_bench_models.py OUT_ROOT [1m 10m]   (writes OUT_ROOT/q
 from __future__ import annotations
 
 import argparse
+from itertools import count, product
 from pathlib import Path
+from string import ascii_lowercase
 
 import torch
 
@@ -70,23 +75,69 @@ def build_qwen2(
     return count_parameters(model)
 
 
-def build_size(name: str, out_dir: str | Path, seed: int = 0) -> int:
+SMOL_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+def word_vocabulary(size: int, words=()) -> dict[str, int]:
+    """``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then "reverse", ":", the given words, then every
+    lowercase string by length (a, b, ..., aa, ab, ...) until there are ``size`` entries."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in ("reverse", ":", *words):
+        vocab.setdefault(word, len(vocab))
+    for n in count(1):
+        for letters in product(ascii_lowercase, repeat=n):
+            if len(vocab) >= size:
+                return vocab
+            vocab.setdefault("".join(letters), len(vocab))
+    raise AssertionError("unreachable")
+
+
+def build_llama_135m(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 49_152, words=()) -> int:
+    """A randomly initialised SmolLM-135M-shaped LlamaForCausalLM over a ``vocab_size``-entry
+    word-level fast tokenizer (whitespace/punctuation pre-tokenizer, built in-process from
+    :func:`word_vocabulary`, so nothing is downloaded), saved into ``out_dir``; returns its
+    parameter count. ``words`` go into the vocabulary first (the benchmark's prompt words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=None, **SMOL_135M)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    backend = Tokenizer(models.WordLevel(word_vocabulary(vocab_size, words), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+    return count_parameters(model)
+
+
+def build_size(name: str, out_dir: str | Path, seed: int = 0, words=()) -> int:
+    if name == "135m":
+        return build_llama_135m(out_dir, seed=seed, words=words)
     return build_qwen2(out_dir, **SIZES[name], seed=seed)
+
+
+def model_dir_name(size: str) -> str:
+    return "llama-135m" if size == "135m" else f"qwen2-{size}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_root")
-    parser.add_argument("sizes", nargs="*", help=f"any of {list(SIZES)}; default: all")
+    parser.add_argument("sizes", nargs="*", help=f"any of {[*SIZES, '135m']}; default: the Qwen2 sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    unknown = [s for s in args.sizes if s not in SIZES]
+    unknown = [s for s in args.sizes if s not in [*SIZES, "135m"]]
     if unknown:
-        parser.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+        parser.error(f"unknown size(s) {unknown}; choose from {[*SIZES, '135m']}")
     for name in args.sizes or list(SIZES):
-        path = Path(args.out_root) / f"qwen2-{name}"
+        path = Path(args.out_root) / model_dir_name(name)
         n = build_size(name, path, seed=args.seed)
-        print(f"{name}: {n:,} parameters ({n / 1e6:.2f}M) -> {path}  {SIZES[name]}")
+        print(f"{name}: {n:,} parameters ({n / 1e6:.2f}M) -> {path}  {SIZES.get(name, SMOL_135M)}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,22 @@
     python bench/perf.py                         # 1M and 10M Qwen2, both frameworks, then learning per sample
     python bench/perf.py --sizes 1m --steps 6 --no-learning     # a quick look
     python bench/perf.py --sizes "" --learning-seeds 16        # learning per sample only
+    python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning [--precision bf16]   # a realistic shape
+    python bench/perf.py --sizes "" --no-learning --memory-probe   # the update's peak RSS at V = 151,936
 
-Both frameworks load the same saved Qwen2 (built from config over the 384-id ByT5 byte vocabulary),
-get the same prompts ("reverse WORD:"), the same exact-answer reward, 8 prompts x 8 completions per
-step, up to 16 new tokens at temperature 1, beta = 0 (no reference model), one optimizer step per
-generation (mu = 1), the per-completion token mean ("grpo" aggregation), AdamW, fp32 weights.
+Both frameworks load the same saved model, get the same prompts ("reverse WORD:"), the same reward,
+up to the size's new tokens at temperature 1, beta = 0 (no reference model), one optimizer step
+per generation (mu = 1), the per-completion token mean ("grpo" aggregation), AdamW, fp32 weights:
+
+    1m, 10m  Qwen2 over the 384-id ByT5 byte vocabulary, 8 prompts x 8 completions, 16 new tokens,
+             the exact-answer reward (mostly 0 for a random model);
+    135m     SmolLM-135M-shaped Llama over a 49,152-entry word-level fast tokenizer (built in-process),
+             4 prompts x 8 completions, 128 new tokens, a dense reward (letters in place).
+
+``--memory-probe`` runs one update (log-probs with gradient, the loss, backward and an AdamW step)
+on a fixed batch of 8 completions x 512 tokens over a 151,936-id vocabulary (the 135m shape
+otherwise), through each framework's own loss code, with and without gradient checkpointing,
+each in its own process, and prints the peak RSS the update adds to the loaded model and optimizer.
 
 Every (framework, model) pair runs in its own child process, so each peak RSS is that run's alone.
 Before timing anything the zenalign child checks that its loss on a fixed batch matches a plain
@@ -40,7 +51,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS = 8, 8, 16
+# size -> (prompts per step, group size, max new tokens)
+WORK = {"1m": (8, 8, 16), "10m": (8, 8, 16), "135m": (4, 8, 128)}
+PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS = WORK["1m"]  # the learning comparison's batch
+
+
+def work_of(size: str | None) -> tuple[int, int, int]:
+    return WORK.get(size or "1m", WORK["1m"])
+
+
+def completions_per_step(size: str | None) -> int:
+    prompts, group, _ = work_of(size)
+    return prompts * group
 
 
 # ------------------------------------------------------------------------------------------------ work
@@ -55,6 +77,16 @@ def reverse_prompts(n: int, seed: int = 0) -> list[dict]:
 def exact_reverse(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 when the completion is the reversed word (the same function for both frameworks)."""
     return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def letters_in_place(prompts, completions, answer, **kwargs) -> list[float]:
+    """Dense: the fraction of the answer's letters that the completion (spaces dropped) has in
+    place, so that a random model's groups have reward spread and every completion is updated."""
+    return [sum(x == y for x, y in zip(c.replace(" ", ""), a)) / len(a) for c, a in zip(completions, answer)]
+
+
+def reward_of(size: str | None):
+    return letters_in_place if size == "135m" else exact_reverse
 
 
 def quickstart_records(n: int) -> tuple[list[dict], list[dict]]:
@@ -132,11 +164,12 @@ def warmup_count(steps: int) -> int:
 
 
 def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, learning_rate: float, kl_coef: float,
-                     max_new_tokens: int, seed: int = 0, eval_interval: int = 0):
+                     max_new_tokens: int, seed: int = 0, eval_interval: int = 0, size: str | None = None):
     from zenalign import GRPOTrainer
 
+    prompts, group, _ = work_of(size)
     return GRPOTrainer(
-        model=str(model_dir), reward_model=exact_reverse, group_size=GROUP_SIZE, prompts_per_step=PROMPTS_PER_STEP,
+        model=str(model_dir), reward_model=reward_of(size), group_size=group, prompts_per_step=prompts,
         max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, clip_epsilon=0.2, kl_coef=kl_coef,
         loss_aggregation="grpo", num_iterations=1, learning_rate=learning_rate, max_grad_norm=1.0,
         precision=precision, steps=steps, seed=seed, output_dir=str(out), overwrite=True, eval_interval=eval_interval,
@@ -155,11 +188,13 @@ def worker_zenalign(args) -> dict:
 
     peak = matmul_peaks()
     prompts = reverse_prompts(256, args.seed)
+    per_step, _, max_new_tokens = work_of(args.size)
     with tempfile.TemporaryDirectory(prefix="zenalign-bench-") as tmp:
         trainer = zenalign_trainer(Path(args.model_dir), Path(tmp) / "run", steps=args.steps, precision=args.precision,
-                                   learning_rate=1e-6, kl_coef=0.0, max_new_tokens=MAX_NEW_TOKENS, seed=args.seed)
+                                   learning_rate=1e-6, kl_coef=0.0, max_new_tokens=max_new_tokens, seed=args.seed,
+                                   size=args.size)
         trainer.setup(prompts, prompts[:8])
-        check = check_loss(trainer, prompts[:PROMPTS_PER_STEP])  # raises before any timing if it disagrees
+        check = check_loss(trainer, prompts[:per_step])  # raises before any timing if it disagrees
         walls, phases, lengths, rewards = [], [], [], []
         for _ in range(args.steps):
             trainer.state.step += 1
@@ -170,6 +205,8 @@ def worker_zenalign(args) -> dict:
             lengths.append(metrics["completion_len"])
             rewards.append(metrics["reward_mean"])
         prompt_len = statistics.fmean(len(trainer.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+        rss = peak_rss_mb()  # before sampling_token's 1 GiB bandwidth probe
+        token = sampling_token(trainer, completions_per_step(args.size), args.precision)
         trainer.cleanup()
     skip = warmup_count(args.steps)
     timed = phases[skip:]
@@ -178,9 +215,37 @@ def worker_zenalign(args) -> dict:
         "seconds_per_step": statistics.median(walls[skip:]), "per_step_seconds": walls, "warmup_steps_skipped": skip,
         "phases": {name: statistics.median(p.get(name, 0.0) for p in timed) for name in timed[0]},
         "completion_len": statistics.fmean(lengths[skip:]), "prompt_len": prompt_len,
-        "reward_mean_per_step": rewards, "peak_rss_mb": peak_rss_mb(), "matmul_peak_gflops": matmul_peaks(peak),
-        "loss_check": check,
+        "reward_mean_per_step": rewards, "peak_rss_mb": rss, "matmul_peak_gflops": matmul_peaks(peak),
+        "loss_check": check, "sampling_token": token,
     }
+
+
+def sampling_token(trainer, rows: int, precision: str) -> dict:
+    """What one decoded token costs at most and at least: the keyed sampler's time on this model's
+    logits for ``rows`` rows (from the LM head on random hidden states), and the token's floor, the
+    larger of reading the weights once at the measured memory bandwidth and the rows' products at
+    the measured matmul peak."""
+    import torch
+
+    from shapes import bandwidth_gb_s, timed
+    from zenalign.grpo.gumbel import GumbelSampler, completion_keys
+
+    model = trainer.engine.model
+    params = sum(p.numel() for p in model.parameters())
+    bf16 = precision == "bf16"  # sampling casts the weights to bf16 once per decode under autocast
+    head = model.get_output_embeddings().weight
+    with torch.inference_mode():
+        logits = torch.randn(rows, head.shape[1]) @ head.float().T
+        sampler = GumbelSampler(completion_keys(0, 1, 0, rows), 16, 1.0)
+        ids = torch.zeros(rows, 24, dtype=torch.long)
+        sampler_s = timed(lambda: sampler(ids, logits).argmax(-1), 10)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    peak = 2 * 1024 ** 3 / timed(lambda: a @ b, 8)
+    bandwidth = bandwidth_gb_s() * 1e9
+    weight_bytes = params * (2 if bf16 else 4)
+    return {"sampler_s": sampler_s, "bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": weight_bytes,
+            "bandwidth_floor_s": weight_bytes / bandwidth, "compute_floor_s": 2 * params * rows / peak}
 
 
 def worker_trl(args) -> dict:
@@ -188,14 +253,16 @@ def worker_trl(args) -> dict:
 
     peak = matmul_peaks()
     prompts = reverse_prompts(256, args.seed)
+    per_step, group, max_new_tokens = work_of(args.size)
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
-        result = trl_runner.run_trl(args.model_dir, prompts, exact_reverse, steps=args.steps, max_new_tokens=MAX_NEW_TOKENS,
+        result = trl_runner.run_trl(args.model_dir, prompts, reward_of(args.size), steps=args.steps,
+                                    max_new_tokens=max_new_tokens, prompts_per_step=per_step, group_size=group,
                                     learning_rate=1e-6, beta=0.0, seed=args.seed, output_dir=tmp,
                                     bf16=args.precision == "bf16")
     tokenizer = trl_runner._load_tokenizer(args.model_dir, add_special_tokens=False)
     result["prompt_len"] = statistics.fmean(len(tokenizer(p["prompt"])["input_ids"]) for p in prompts)
     lengths = [x for x in result["completion_mean_length_per_step"][result["warmup_steps_skipped"]:] if x is not None]
-    result["completion_len"] = statistics.fmean(lengths) if lengths else float(MAX_NEW_TOKENS)
+    result["completion_len"] = statistics.fmean(lengths) if lengths else float(max_new_tokens)
     result["matmul_peak_gflops"] = matmul_peaks(peak)
     return result
 
@@ -224,16 +291,127 @@ def worker_learning(args) -> dict:
             "completions_per_step": PROMPTS_PER_STEP * GROUP_SIZE}
 
 
+# ---------------------------------------------------------------------------------------- memory probe
+
+MEMORY_VOCAB, MEMORY_ROWS, MEMORY_PROMPT, MEMORY_COMPLETION = 151_936, 8, 16, 512
+
+
+def memory_batch():
+    """The probe's fixed batch: 8 completions of 512 tokens after one 16-token prompt, and advantages."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, MEMORY_VOCAB, (1, MEMORY_PROMPT), generator=g).expand(MEMORY_ROWS, -1)
+    completion = torch.randint(3, MEMORY_VOCAB, (MEMORY_ROWS, MEMORY_COMPLETION), generator=g)
+    return prompt, completion, torch.randn(MEMORY_ROWS, generator=g)
+
+
+def worker_memory_zenalign(args) -> dict:
+    """One zenalign update (Updater: log-probs, loss, backward, AdamW) on the probe's batch."""
+    import torch
+
+    from zenalign import GRPOTrainer
+    from zenalign.grpo.rollout import Rollout
+
+    prompt, completion, advantages = memory_batch()
+    with tempfile.TemporaryDirectory(prefix="zenalign-memory-") as tmp:
+        trainer = GRPOTrainer(model=args.model_dir, reward_model=letters_in_place, group_size=MEMORY_ROWS,
+                              prompts_per_step=1, max_new_tokens=MEMORY_COMPLETION, kl_coef=0.0, learning_rate=1e-6,
+                              precision=args.precision, steps=1, output_dir=str(Path(tmp) / "run"), progress_bar=False,
+                              skip_zero_advantage=False, checkpoint_interval=0, eval_interval=0,
+                              engine={"gradient_checkpointing": args.setting == "checkpointing"})
+        records = reverse_prompts(4)
+        trainer.setup(records, records)
+        sequences = torch.cat([prompt, completion], dim=1)
+        rollout = Rollout(sequences=sequences, attention_mask=torch.ones_like(sequences), prompt_length=MEMORY_PROMPT,
+                          completion_mask=torch.ones_like(completion), truncated=torch.ones(MEMORY_ROWS, dtype=torch.bool),
+                          completions=[""] * MEMORY_ROWS, completion_ids=completion.tolist())
+        loaded = peak_rss_mb()
+        start = time.perf_counter()
+        update = trainer.updater(rollout, advantages, None)
+        seconds = time.perf_counter() - start
+        peak = peak_rss_mb()
+        trainer.cleanup()
+    return {"framework": "zenalign", "loaded_mb": loaded, "peak_rss_mb": peak, "seconds": seconds,
+            "loss": update["loss"], "grad_norm": update["grad_norm"]}
+
+
+def worker_memory_trl(args) -> dict:
+    """One TRL update (GRPOTrainer.compute_loss, backward, AdamW) on the probe's batch."""
+    import torch
+
+    import trl_runner
+
+    prompt, completion, advantages = memory_batch()
+    with tempfile.TemporaryDirectory(prefix="trl-memory-") as tmp:
+        trainer, _ = trl_runner.build_trl_trainer(args.model_dir, reverse_prompts(4), letters_in_place, steps=1,
+                                                  output_dir=tmp, prompts_per_step=1, group_size=MEMORY_ROWS,
+                                                  max_new_tokens=MEMORY_COMPLETION, bf16=args.precision == "bf16",
+                                                  activation_checkpointing=args.setting == "checkpointing")
+        model = trainer.model.train()
+        if args.setting == "checkpointing":  # what TRL's Trainer does at train() with its default
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+        ones = torch.ones_like(completion)
+        inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+                  "completion_mask": ones, "advantages": advantages, "num_items_in_batch": ones.sum()}
+        loaded = peak_rss_mb()
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):  # as accelerate does
+            loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer.optimizer.step()
+        seconds = time.perf_counter() - start
+        peak = peak_rss_mb()
+    return {"framework": "trl", "loaded_mb": loaded, "peak_rss_mb": peak, "seconds": seconds, "loss": float(loss),
+            "grad_norm": float(grad_norm)}
+
+
+def memory_probe(tmp: Path, args) -> tuple[dict, list[str]]:
+    from make_bench_models import build_llama_135m
+
+    model_dir = tmp / "llama-135m-v151936"
+    params = build_llama_135m(model_dir, seed=args.seed, vocab_size=MEMORY_VOCAB,
+                              words=[r["prompt"].split()[1].rstrip(":") for r in reverse_prompts(4)])
+    print(f"memory probe: {params:,} parameters, V={MEMORY_VOCAB:,}, {MEMORY_ROWS} completions x {MEMORY_COMPLETION} "
+          f"tokens, {args.precision}", flush=True)
+    results = {setting: {fw: run_child(f"memory-{fw}", model_dir=model_dir, steps=1, precision=args.precision,
+                                       seed=args.seed, threads=args.threads, setting=setting)
+                         for fw in args.frameworks.split(",")} for setting in ("plain", "checkpointing")}
+    full = MEMORY_ROWS * MEMORY_COMPLETION * MEMORY_VOCAB * 4 / 1e6
+    lines = [f"Update phase at V={MEMORY_VOCAB:,}: one update on {MEMORY_ROWS} completions x {MEMORY_COMPLETION} tokens "
+             f"({args.precision}; the batch's full fp32 logits would be {full:.0f} MB). Peak RSS of the process, and "
+             "what the update added to the loaded model:", "",
+             "| gradient checkpointing | framework | peak RSS MB | added by the update MB | update s | zenalign/TRL (added) |",
+             "|---|---|---|---|---|---|"]
+    for setting, pair in results.items():
+        for fw, r in pair.items():
+            added = r["peak_rss_mb"] - r["loaded_mb"]
+            ratio = ""
+            if fw == "zenalign" and "trl" in pair:
+                ratio = f"**{added / (pair['trl']['peak_rss_mb'] - pair['trl']['loaded_mb']):.2f}x**"
+            lines.append(f"| {'on' if setting == 'checkpointing' else 'off'} | {fw} | {r['peak_rss_mb']:.0f} | {added:.0f} | "
+                         f"{r['seconds']:.1f} | {ratio} |")
+    return results, lines
+
+
 # ------------------------------------------------------------------------------------------ orchestrate
 
 
-def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str, seed: int, threads: int) -> dict:
+def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str, seed: int, threads: int,
+              size: str | None = None, setting: str | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--steps", str(steps),
                "--precision", precision, "--seed", str(seed), "--json", str(out)]
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
+    if size is not None:
+        command += ["--size", size]
+    if setting is not None:
+        command += ["--setting", setting]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     print(f"  running {worker}{' on ' + model_dir.name if model_dir else ''} ...", flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -244,9 +422,9 @@ def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str
     return result
 
 
-def mfu(result: dict, shape: dict, precision: str) -> float:
+def mfu(result: dict, shape: dict, precision: str, size: str) -> float:
     """Useful FLOPs per second over the matmul peak of the run's compute precision."""
-    flops = step_flops(shape, PROMPTS_PER_STEP * GROUP_SIZE, result["prompt_len"], result["completion_len"])
+    flops = step_flops(shape, completions_per_step(size), result["prompt_len"], result["completion_len"])
     peak = result["matmul_peak_gflops"]["bfloat16" if precision == "bf16" else "float32"]
     return flops / result["seconds_per_step"] / (peak * 1e9)
 
@@ -270,10 +448,11 @@ def report(results: dict, shapes: dict, params: dict, precision: str) -> list[st
         for name, r in (("TRL", t), ("zenalign", z)):
             if r is None:
                 continue
-            cps = PROMPTS_PER_STEP * GROUP_SIZE / r["seconds_per_step"]
-            ratio = f"**{t['seconds_per_step'] / z['seconds_per_step']:.2f}x**" if name == "zenalign" and t else ""
-            lines.append(f"| {size} ({params[size] / 1e6:.2f}M) | {name} | {r['seconds_per_step']:.3f} | {cps:.0f} | "
-                         f"{100 * mfu(r, shapes[size], precision):.1f}% | {r['peak_rss_mb']:.0f} | {ratio} |")
+            cps = completions_per_step(size) / r["seconds_per_step"]
+            ratio = (f"**{t['seconds_per_step'] / z['seconds_per_step']:.2f}x** (RSS {z['peak_rss_mb'] / t['peak_rss_mb']:.2f}x)"
+                     if name == "zenalign" and t else "")
+            lines.append(f"| {size} ({params[size] / 1e6:.2f}M) | {name} | {r['seconds_per_step']:.3f} | {cps:.2f} | "
+                         f"{100 * mfu(r, shapes[size], precision, size):.1f}% | {r['peak_rss_mb']:.0f} | {ratio} |")
     for size, pair in results.items():
         ratios = pair.get("zenalign", {}).get("round_ratios", [])
         if len(ratios) > 1:
@@ -285,6 +464,18 @@ def report(results: dict, shapes: dict, params: dict, precision: str) -> list[st
     for size, pair in results.items():
         if "zenalign" in pair:
             lines.append(f"| {size} | " + " | ".join(f"{pair['zenalign']['phases'].get(p, 0.0):.4f}" for p in phases) + " |")
+    lines += ["", "zenalign's sampling per new token (the sample phase over the mean completion length), against its floor:", ""]
+    for size, pair in results.items():
+        z = pair.get("zenalign")
+        if z and "sampling_token" in z:
+            tok = z["sampling_token"]
+            per_token = z["phases"].get("sample", 0.0) / max(z["completion_len"], 1.0)
+            floor = max(tok["bandwidth_floor_s"], tok["compute_floor_s"])
+            lines.append(f"- {size}: {1e3 * per_token:.1f} ms a token for {completions_per_step(size)} rows; the keyed sampler "
+                         f"{1e3 * tok['sampler_s']:.1f} ms of it ({100 * tok['sampler_s'] / per_token:.0f}%); floor "
+                         f"{1e3 * floor:.1f} ms (weights {tok['weight_bytes'] / 1e6:.0f} MB at a measured "
+                         f"{tok['bandwidth_gb_s']:.1f} GB/s: {1e3 * tok['bandwidth_floor_s']:.1f} ms; the rows' products at "
+                         f"the matmul peak: {1e3 * tok['compute_floor_s']:.1f} ms): {per_token / floor:.1f}x the floor")
     lines += ["", "MFU counts a step's useful FLOPs the same way for both frameworks, each completion with its own "
               "prompt; zenalign runs each group's prompt once (engine.shared_prompts), so part of what it is credited "
               "with was never computed, and its MFU can read above what its matmuls achieved."]
@@ -320,13 +511,14 @@ def learning_report(runs: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1m,10m", help='comma-separated: 1m, 10m ("" for learning per sample only)')
+    parser.add_argument("--sizes", default="1m,10m", help='comma-separated: 1m, 10m, 135m ("" for none)')
     parser.add_argument("--frameworks", default="trl,zenalign")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run (the first 2 are warm-up)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds per model, TRL and zenalign alternating; the table shows each one's median run")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="compute precision of both frameworks (bf16: autocast over fp32 weights in each)")
     parser.add_argument("--learning", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--memory-probe", action="store_true", help="the update's peak RSS at V = 151,936 x 512 tokens")
     parser.add_argument("--learning-steps", type=int, default=60)
     parser.add_argument("--learning-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -334,17 +526,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write all results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        workers = {"zenalign": worker_zenalign, "trl": worker_trl, "learn-zenalign": worker_learning, "learn-trl": worker_learning}
+        workers = {"zenalign": worker_zenalign, "trl": worker_trl, "learn-zenalign": worker_learning, "learn-trl": worker_learning,
+                   "memory-zenalign": worker_memory_zenalign, "memory-trl": worker_memory_trl}
         result = workers[args.worker](args)
-        result["peak_rss_mb"] = max(result.get("peak_rss_mb", 0.0), peak_rss_mb())
+        result.setdefault("peak_rss_mb", peak_rss_mb())
         Path(args.json).write_text(json.dumps(result))
         return 0
 
-    from make_bench_models import build_size
+    from make_bench_models import build_size, model_dir_name
 
     import torch
     import transformers
@@ -361,17 +556,21 @@ def main() -> int:
     results, shapes, params, everything = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for size in [s for s in args.sizes.split(",") if s]:  # --sizes "": learning per sample only
-            model_dir = Path(tmp) / f"qwen2-{size}"
-            params[size] = build_size(size, model_dir, seed=args.seed)
+            model_dir = Path(tmp) / model_dir_name(size)
+            words = [r["prompt"].split()[1].rstrip(":") for r in reverse_prompts(256, args.seed)]
+            params[size] = build_size(size, model_dir, seed=args.seed, words=words)
             shapes[size] = model_shape(model_dir)
             print(f"{size}: {params[size]:,} parameters", flush=True)
             rounds = [{fw: run_child(fw, model_dir=model_dir, steps=args.steps, precision=args.precision, seed=args.seed,
-                                     threads=args.threads) for fw in args.frameworks.split(",")}
+                                     threads=args.threads, size=size) for fw in args.frameworks.split(",")}
                       for _ in range(args.repeats)]
             results[size] = median_round(rounds)
-    everything["throughput"] = results
-    if results:
-        print("\n".join(report(results, shapes, params, args.precision)), flush=True)
+        everything["throughput"] = results
+        if results:
+            print("\n".join(report(results, shapes, params, args.precision)), flush=True)
+        if args.memory_probe:
+            everything["memory"], lines = memory_probe(Path(tmp), args)
+            print("\n".join(lines), flush=True)
     if args.out:
         args.out.write_text(json.dumps(everything, indent=1))
     if args.learning:

@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any, Callable
 
-__all__ = ["run_trl", "trl_config"]
+__all__ = ["build_trl_trainer", "run_trl", "trl_config"]
 
 
 def _force_offline() -> None:
@@ -100,7 +100,8 @@ def _load_tokenizer(model_dir: str, add_special_tokens: bool) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     probe = tokenizer("reverse abc:")["input_ids"]
-    if len(probe) < len("reverse abc:"):
+    bytes_expected = "ByT5" in type(tokenizer).__name__  # one id per byte; a word-level one: 3 known words
+    if len(probe) < (len("reverse abc:") if bytes_expected else 3) or tokenizer.unk_token_id in probe:
         raise RuntimeError(f"{type(tokenizer).__name__} from {model_dir} encodes 'reverse abc:' to {probe}")
     return tokenizer
 
@@ -118,6 +119,7 @@ def trl_config(
     output_dir: str,
     loss_type: str = "grpo",
     bf16: bool = False,
+    activation_checkpointing: bool = False,
 ):
     """The GRPOConfig used by :func:`run_trl` (exposed so the benchmark can print it)."""
     from trl import GRPOConfig
@@ -166,7 +168,7 @@ def trl_config(
         use_cpu=True,
         bf16=bf16,
         fp16=False,
-        activation_checkpointing=False,  # TRL defaults gradient_checkpointing=True
+        activation_checkpointing=activation_checkpointing,  # TRL's default is True; off unless asked
         torch_compile=False,
         # --- no side effects
         report_to="none",
@@ -222,6 +224,58 @@ def _warmup_count(steps: int, warmup_steps: int | None) -> int:
     return max(0, min(warmup_steps, steps - 1))
 
 
+def build_trl_trainer(model_dir: str, prompts: list[dict], reward_fn: Callable[..., list[float]], *, steps: int,
+                      output_dir: str, add_special_tokens: bool = False, **config: Any):
+    """TRL's GRPOTrainer over the saved model in ``model_dir``, configured by :func:`trl_config`, with
+    a step timer attached; returns ``(trainer, timer)``. Nothing has run yet."""
+    _force_offline()
+
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if not prompts or "prompt" not in prompts[0]:
+        raise ValueError("prompts must be a non-empty list of {'prompt': str, ...} records")
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+    tokenizer = _load_tokenizer(model_dir, add_special_tokens)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    dataset = datasets.Dataset.from_list([dict(p) for p in prompts])
+    args = trl_config(steps=steps, output_dir=output_dir, **config)
+    prompts_per_step, group_size = args.per_device_train_batch_size // args.num_generations, args.num_generations
+    if len(prompts) < prompts_per_step:
+        raise ValueError(f"need at least prompts_per_step={prompts_per_step} prompts, got {len(prompts)}")
+    batch = prompts_per_step * group_size
+    assert args.generation_batch_size == batch and args.steps_per_generation == 1, (
+        args.generation_batch_size, args.steps_per_generation)
+
+    def reward(prompts, completions, **kwargs):  # TRL names the metric after __name__
+        return [float(r) for r in reward_fn(prompts, completions, **kwargs)]
+
+    name = getattr(reward_fn, "__name__", "")
+    reward.__name__ = name if name.isidentifier() else "reward"
+
+    timer = _step_timer()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs still land in trainer.state.log_history
+    return trainer, timer
+
+
 def run_trl(
     model_dir: str,
     prompts: list[dict],
@@ -247,53 +301,14 @@ def run_trl(
     whole process: includes everything the process did before, e.g. building models), ``trl_version``
     and the effective config.
     """
-    _force_offline()
-
-    import datasets
     import torch
     import transformers
     import trl
-    from transformers import AutoModelForCausalLM
-    from trl import GRPOTrainer
 
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    if not prompts or "prompt" not in prompts[0]:
-        raise ValueError("prompts must be a non-empty list of {'prompt': str, ...} records")
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-
-    tokenizer = _load_tokenizer(model_dir, add_special_tokens)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-    dataset = datasets.Dataset.from_list([dict(p) for p in prompts])
-    args = trl_config(steps=steps, output_dir=output_dir, **config)
-    prompts_per_step, group_size = args.per_device_train_batch_size // args.num_generations, args.num_generations
-    max_new_tokens = args.max_completion_length
-    if len(prompts) < prompts_per_step:
-        raise ValueError(f"need at least prompts_per_step={prompts_per_step} prompts, got {len(prompts)}")
-    batch = prompts_per_step * group_size
-    assert args.generation_batch_size == batch and args.steps_per_generation == 1, (
-        args.generation_batch_size, args.steps_per_generation)
-
-    def reward(prompts, completions, **kwargs):  # TRL names the metric after __name__
-        return [float(r) for r in reward_fn(prompts, completions, **kwargs)]
-
-    name = getattr(reward_fn, "__name__", "")
-    reward.__name__ = name if name.isidentifier() else "reward"
-
-    timer = _step_timer()
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[timer],
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # logs still land in trainer.state.log_history
+    trainer, timer = build_trl_trainer(model_dir, prompts, reward_fn, steps=steps, output_dir=output_dir,
+                                       add_special_tokens=add_special_tokens, **config)
+    args, model = trainer.args, trainer.model
+    batch, max_new_tokens = args.per_device_train_batch_size, args.max_completion_length
     # The generation settings TRL will use (it overrides the model's generation_config with these).
     gen = trainer.generation_config
     if gen.max_new_tokens != max_new_tokens or gen.min_new_tokens not in (None, 0):

@@ -90,6 +90,9 @@ def test_benchmark_runs_zenalign_side(tmp_path):
 
     result = json.loads(out.read_text())["throughput"]["1m"]["zenalign"]
     assert set(result["phases"]) >= {"sample", "score", "normalize", "update", "log"}
+    token = result["sampling_token"]  # the sampler's share and the token's floor, printed per size
+    assert token["sampler_s"] > 0 and token["weight_bytes"] == 4 * 1_034_368 and token["bandwidth_gb_s"] > 0
+    assert "- 1m: " in done.stdout and "x the floor" in done.stdout
     assert result["loss_check"]["clip_frac"] > 0.05 and result["seconds_per_step"] > 0
     assert len(result["rounds_seconds_per_step"]) == 2
     assert result["seconds_per_step"] == min(result["rounds_seconds_per_step"])  # the lower median of two
@@ -106,3 +109,25 @@ def test_median_round_takes_each_frameworks_median_run_and_keeps_every_ratio():
     assert pair["trl"]["id"] == "t0" and pair["zenalign"]["id"] == "z2"  # medians 1.0 and 0.6
     assert pair["trl"]["rounds_seconds_per_step"] == trl
     assert pair["zenalign"]["round_ratios"] == pytest.approx([2.0, 1.2 / 0.7, 1.5])
+
+
+def test_the_135m_vocabulary_and_tokenizer_cover_the_prompts(tmp_path):
+    """The realistic shape's word-level vocabulary: the special ids first, the prompt words next,
+    then lowercase strings by length; the tokenizer it builds encodes a prompt without <unk>."""
+    from make_bench_models import word_vocabulary
+
+    vocab = word_vocabulary(40, ["kite", "a"])
+    assert len(vocab) == 40 and sorted(vocab.values()) == list(range(40))
+    assert list(vocab)[:8] == ["<pad>", "</s>", "<unk>", "reverse", ":", "kite", "a", "b"]  # "a" kept once
+    assert list(vocab)[-1] == "ah"  # after the 7 above: b..z (25 more), then aa..ah (8) make 40
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert backend.encode("reverse kite:").ids == [3, 5, 4]
+
+
+def test_letters_in_place_by_hand():
+    from perf import letters_in_place
+
+    assert letters_in_place(["p"] * 3, ["e t i k", "e t", "x t i k z"], ["etik"] * 3) == [1.0, 0.5, 0.75]
