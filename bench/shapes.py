@@ -4,6 +4,7 @@
     python bench/shapes.py sampling              # 135m shape: per-token forward, LM head, sampler, bandwidth floor
     python bench/shapes.py memory                # V = 151,936, 512-token completions: the update's peak RSS
     python bench/shapes.py sampling --precision bf16
+    python bench/shapes.py fastpaths [--precision bf16]   # each CPU fast path on and off at this shape
 
 The model is SmolLM-135M-shaped (Llama: hidden 576, 30 layers, 9 heads / 3 kv heads, intermediate
 1536, tied embeddings), randomly initialised in-process; nothing is downloaded. ``sampling``
@@ -13,7 +14,11 @@ time per new token of each, the LM head's share, and the floor of a token at thi
 measured memory bandwidth (the weights' bytes read once). ``memory`` runs one update pass
 (log-probs with gradient, backward) on 8 completions of 512 tokens over 151,936 ids in a child
 process per setting and prints each one's peak RSS: logits computed at once, in chunks (the
-default), and chunks with gradient checkpointing.
+default), and chunks with gradient checkpointing. ``fastpaths`` times each CPU-specific fast path
+against the plain computation it replaces, in alternating pairs: the lean forward against
+transformers' forward (decoding 32 rows x 32 tokens, and an update pass of 32 rows x 16 + 128
+tokens), the MLP's weights-first products and the written-out single-query attention in
+decoding, and float32 attention under bf16 autocast in the update.
 """
 
 from __future__ import annotations
@@ -112,6 +117,113 @@ def sampling(precision: str) -> None:
           f"({'compute' if compute > floor else 'bandwidth'}-bound); the keyed token is {keyed / max(floor, compute):.2f}x it")
 
 
+def ab(plain, fast, pairs: int = 3) -> tuple[float, float]:
+    """Median seconds of ``plain()`` and ``fast()``, called in alternating pairs after a warm-up each."""
+    plain(), fast()
+    a, b = [], []
+    for _ in range(pairs):
+        for fn, out in ((plain, a), (fast, b)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
+def patched(owner, name: str, value, fn):
+    """``fn`` with ``owner.name`` set to ``value`` for the call."""
+    def run():
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(owner, name, old)
+    return run
+
+
+def fastpaths(precision: str, only: str = "") -> None:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from zenalign.grpo.gumbel import GumbelSampler, completion_keys
+    from zenalign.grpo.logprobs import completion_logprobs
+    from zenalign.grpo.rollout import decode_groups
+    from zenalign.models import lean as lean_module
+    from zenalign.models.attention import float32_attention_on_cpu
+
+    vocab, prompts_n, group, prompt_len, new_tokens, update_tokens = 49_152, 4, 8, 16, 32, 128
+    rows = prompts_n * group
+    model = build_model(vocab, "fp32")  # fp32 weights; bf16 is autocast over them, as the engine runs it
+    bf16 = precision == "bf16"
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    prompts = torch.randint(3, vocab, (prompts_n, prompt_len))
+    mask = torch.ones_like(prompts)
+    keys = completion_keys(0, 1, 0, rows)
+
+    def decode(lean=True):
+        def run():
+            model.eval()
+            with autocast(), torch.inference_mode():
+                return decode_groups(model, prompts, mask, group, new_tokens, [-1], 0,
+                                     [GumbelSampler(keys, prompt_len, 1.0)], lean=lean)
+        return run
+
+    sequences = torch.cat([prompts.repeat_interleave(group, 0), torch.randint(3, vocab, (rows, update_tokens))], dim=1)
+    full_mask = torch.ones_like(sequences)
+
+    def update(lean=True):
+        def run():
+            model.train()
+            model.zero_grad(set_to_none=True)
+            with autocast():
+                logp = completion_logprobs(model, sequences, full_mask, prompt_len, 1.0, lean=lean)
+            logp.mean().backward()
+        return run
+
+    results = []
+
+    def report(name: str, plain_name: str, fast_name: str, plain_s: float, fast_s: float, unit: float = 1.0):
+        results.append(name)
+        print(f"  {name}: {plain_name} {plain_s / unit * 1e3:.1f} ms, {fast_name} {fast_s / unit * 1e3:.1f} ms "
+              f"({plain_s / fast_s:.2f}x)", flush=True)
+
+    print(f"135m shape, V={vocab:,}, {precision}{' (autocast over fp32 weights)' if bf16 else ''}, "
+          f"{torch.get_num_threads()} threads; medians of alternating pairs")
+    if not only:
+        report("lean forward, decoding (per token)", "transformers' forward", "lean", *ab(decode(False), decode(True)),
+               new_tokens)
+        report("lean forward, update pass (log-probs + backward)", "transformers' forward", "lean",
+               *ab(update(False), update(True), 2))
+    plain = patched(lean_module, "_weights_first", lambda x: False, decode(True))
+    report("MLP weights-first products, decoding (per token)", "plain x @ W.T", "weights-first",
+           *ab(plain, decode(True), 5), new_tokens)
+
+    def fused_one(self, q, k, v, bias):
+        out = F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=bias == 0,
+                                             scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+        return out.squeeze(2)
+
+    plain = patched(lean_module.LeanLM, "attend_one", fused_one, decode(True))
+    report("written-out single-query attention, decoding (per token)", "fused sdpa", "written out",
+           *ab(plain, decode(True), 5), new_tokens)
+    if bf16 and not only:
+        def sdpa_in(implementation):
+            def run():
+                model.set_attn_implementation(implementation)
+                return update(False)()
+            return run
+
+        float32_attention_on_cpu(model, torch.device("cpu"), "bf16")  # registers zenalign's float32 attention
+        fp32_name = model.config._attn_implementation
+        report("float32 attention under bf16, transformers' update pass", "bf16 sdpa", "float32",
+               *ab(sdpa_in("sdpa"), sdpa_in(fp32_name), 2))
+
+
 def memory_child(setting: str) -> dict:
     """One update pass at V = 151,936 with 512-token completions; this process's peak RSS."""
     import torch
@@ -152,14 +264,17 @@ def memory() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["sampling", "memory", "memory-child"])
+    parser.add_argument("what", choices=["sampling", "memory", "memory-child", "fastpaths"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--setting", default="chunks")
+    parser.add_argument("--only", default="", help="fastpaths: 'decode' for the decoding A/Bs alone")
     args = parser.parse_args()
     if args.what == "sampling":
         sampling(args.precision)
     elif args.what == "memory":
         memory()
+    elif args.what == "fastpaths":
+        fastpaths(args.precision, args.only)
     else:
         print(json.dumps(memory_child(args.setting)))
 
