@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -36,6 +36,9 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     completions: list[str]  # decoded, EOS and padding removed
     completion_ids: list[list[int]]  # token ids, EOS and padding removed
+    # (N, Tc): the log-prob each token was drawn with by a sampler other than the trainer's forward
+    # (vLLM), 0 at padding; None when the trainer's own model sampled (its pi_old is exact)
+    sampler_logp: Optional[torch.Tensor] = None
 
     @property
     def completion_tokens(self) -> torch.Tensor:
@@ -271,11 +274,21 @@ def completion_rows(rollout: Rollout) -> list[list[int]]:
     return [row[: int(n)].tolist() for row, n in zip(rollout.completion_tokens, lengths)]
 
 
+def sampler_logp_rows(rollout: Rollout) -> list[list[float]]:
+    """Each completion's sampler log-probs, as long as its :func:`completion_rows` row ([] without any)."""
+    if rollout.sampler_logp is None:
+        return [[] for _ in range(len(rollout))]
+    lengths = rollout.completion_mask.sum(dim=1).tolist()
+    return [row[: int(n)].tolist() for row, n in zip(rollout.sampler_logp.cpu(), lengths)]
+
+
 def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]], group_size: int,
-                      eos_ids: Sequence[int], device: Any = None) -> Rollout:
+                      eos_ids: Sequence[int], device: Any = None,
+                      sampler_rows: Optional[list[list[float]]] = None) -> Rollout:
     """A :class:`Rollout` of ``group_size`` completions per prompt from their token rows (see
     :func:`completion_rows`): the prompts encoded as for sampling (left-padded), the completions
-    right-padded. Groups drawn in different rounds or on different processes join one batch this way."""
+    right-padded. Groups drawn in different rounds or on different processes join one batch this way.
+    ``sampler_rows`` (see :func:`sampler_logp_rows`) rebuild ``sampler_logp``."""
     encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)   # (N, Tp)
     prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
@@ -284,4 +297,10 @@ def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]],
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row, dtype=prompt_ids.dtype)
     sequences = torch.cat([prompt_ids, tokens], dim=1).to(device)
-    return rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer)
+    rollout = rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer)
+    if sampler_rows is not None and all(len(lp) == len(row) for lp, row in zip(sampler_rows, rows)):
+        logps = torch.zeros(rollout.completion_mask.shape)                              # (N, Tc)
+        for i, lp in enumerate(sampler_rows):
+            logps[i, : len(lp)] = torch.tensor(lp)
+        rollout.sampler_logp = logps.to(rollout.completion_mask.device)
+    return rollout

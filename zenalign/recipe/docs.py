@@ -73,6 +73,16 @@ def _model_of(annotation: Any):
     return None
 
 
+def nested_tables(section: str, model: type[BaseModel]) -> list[str]:
+    """A table for each field of ``model`` that is itself a section (``model.lora``, ``sampling.vllm``)."""
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        inner = _model_of(field.annotation)
+        if inner is not None and typing.get_origin(field.annotation) is not dict:
+            out += [f"### `{section}.{name}`", "", " ".join((inner.__doc__ or "").split()), ""] + field_table(inner) + [""]
+    return out
+
+
 def recipe_reference(registry: PluginRegistry) -> str:
     out = [
         "# Recipe reference",
@@ -104,7 +114,7 @@ def recipe_reference(registry: PluginRegistry) -> str:
             model = _model_of(annotation)
             if typing.get_origin(annotation) is dict:
                 out += ["A mapping from name to:", ""]
-            out += field_table(model) + [""]
+            out += field_table(model) + [""] + nested_tables(section, model)
         else:
             out += [f"Type: {type_name(annotation)}; default: {default_text(field)}.", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -122,5 +122,6 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]} (got {value!r})"
     if kind == "value_error":
-        return one_line(err["msg"]).removeprefix("Value error, ") + f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"  # a whole section says nothing more
+        return one_line(err["msg"]).removeprefix("Value error, ") + shown
     return f"{one_line(err['msg'])} (got {value!r})"

@@ -15,7 +15,7 @@ import importlib.util
 import warnings
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from zenalign.errors import PluginError
 from zenalign.plugins import KINDS, PluginRegistry
@@ -74,6 +74,64 @@ class ModelSection(Section):
     )
 
 
+class VLLMSection(Section):
+    """The in-process vLLM engine of `sampling.decoder: vllm` (docs/scaling.md, "Generating with vLLM")."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="GPU only: the share of the GPU's memory vLLM may take for its weights, activations and KV cache. "
+        "The trainer's policy, reference, gradients and optimizer states share the same GPU (colocated), so keep it "
+        "low enough for them; 0.3 leaves 70% to the update. On CPU the KV cache is `kv_cache_gb` instead.",
+    )
+    kv_cache_gb: float = Field(
+        1.0, gt=0.0,
+        description="CPU only: GiB of memory vLLM reserves for its KV cache (the environment variable "
+        "VLLM_CPU_KVCACHE_SPACE, when set, wins). 1 holds tens of thousands of tokens of a small model.",
+    )
+    max_model_len: Optional[int] = Field(
+        None, ge=1,
+        description="Longest sequence (prompt + completion) vLLM holds. null: the longest prompt of the data set "
+        "plus `sampling.max_new_tokens`. Set lower than that it is an error (vLLM would silently cut completions).",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1,
+        description="GPUs one vLLM engine spreads its weights over. 1: each process (torchrun rank) runs its own "
+        "engine on its own GPU and samples its own share of the prompts.",
+    )
+    enable_sleep_mode: bool = Field(
+        False,
+        description="GPU only: put the engine to sleep after each generation (its weights to CPU memory, its KV "
+        "cache freed) so the update has the GPU to itself, and wake it before the next. Refused on CPU, where vLLM "
+        "does not support it.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Precision of vLLM's weights. auto: that of the update (`engine.precision`: fp32 -> float32, "
+        "bf16 -> bfloat16). In float32 vLLM's log-probs match the trainer's to about 1e-6; in bfloat16 they differ "
+        "by about 1e-2, which the correction (`sampling.vllm_is_correction`) accounts for.",
+    )
+
+
+class ISCorrectionSection(Section):
+    """Importance-sampling correction for the gap between vLLM's sampler and the trainer's forward."""
+
+    mode: Literal["token_truncate", "sequence_mask", "off"] = Field(
+        "token_truncate",
+        description="token_truncate: truncated importance sampling (Yao et al., 2025): each token's loss is "
+        "weighted by min(pi_old / pi_vllm, cap). sequence_mask: masked importance sampling over whole completions: "
+        "a completion's loss is weighted by its sequence ratio prod_t pi_old / pi_vllm, or dropped (weight 0) when "
+        "that ratio exceeds cap. off: no correction. token_truncate by default: it costs nothing, never drops a "
+        "sample, and leaves the loss as it is where the engines agree. Only with `sampling.decoder: vllm`.",
+    )
+    cap: float = Field(
+        2.0, ge=1.0,
+        description="The truncation (token_truncate) or masking (sequence_mask) threshold C on the importance "
+        "ratio. 2: a token (or completion) is capped only where the two engines disagree by more than log 2 = 0.69 "
+        "nats, far beyond float32's 1e-6 and bfloat16's usual 1e-2; larger keeps more of the correction, with more "
+        "variance.",
+    )
+
+
 class SamplingSection(Section):
     group_size: int = Field(
         8,
@@ -91,13 +149,34 @@ class SamplingSection(Section):
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1.0 turns it off.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 turns it off.")
-    decoder: Literal["zenalign", "generate"] = Field(
+    decoder: Literal["zenalign", "generate", "vllm"] = Field(
         "zenalign",
         description="zenalign: zenalign's own KV-cache decoding loop (each distinct prompt prefilled once per group, "
         "a preallocated cache, no per-token work beyond the forward pass and the sampler; falls back to generate "
         "for models without a cache API and for ZeRO-3 across processes). generate: transformers' generate. "
-        "Both sample the same tokens. (Before 0.2 the first was called `lean`; that name still works, with a warning.)",
+        "Both sample the same tokens. vllm: an in-process vLLM engine (`pip install vllm`), fed the policy's "
+        "weights before each generation; for GPUs (docs/scaling.md). Also accepted under the name "
+        "`sampling.backend`. (Before 0.2 the first was called `lean`; that name still works, with a warning.)",
     )
+    vllm: VLLMSection = Field(default_factory=VLLMSection, description="The vLLM engine, with `decoder: vllm`.")
+    vllm_is_correction: ISCorrectionSection = Field(
+        default_factory=ISCorrectionSection,
+        description="With `decoder: vllm`: how the loss corrects for vLLM's sampling distribution differing from "
+        "the trainer's pi_old (different kernels, and precision).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_is_decoder(cls, data):
+        """`sampling.backend` (the name vLLM users know) is another name for `sampling.decoder`."""
+        if isinstance(data, dict) and "backend" in data:
+            data = dict(data)
+            backend = data.pop("backend")
+            if "decoder" in data and data["decoder"] != backend:
+                raise ValueError(f"backend ({backend!r}) and decoder ({data['decoder']!r}) are the same field under two "
+                                 f"names; give one")
+            data["decoder"] = backend
+        return data
 
     @field_validator("decoder", mode="before")
     @classmethod

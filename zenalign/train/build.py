@@ -14,11 +14,12 @@ import torch
 from zenalign.data import check_records, render_prompt
 from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
-                                     prepare_tokenizer)
+                                     pick_device, prepare_tokenizer)
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.grpo.scoring import BoundReward, bind_reward
+from zenalign.grpo.vllm_engine import check_vllm
 
 log = logging.getLogger("zenalign")
 
@@ -56,6 +57,7 @@ class Builder:
         self.recipe = loaded.recipe
         self.inputs = inputs
         self.context = context
+        self.longest_prompt = 0  # tokens, over the training and eval prompts (set by check_prompts)
 
     def path(self, path: str) -> Path:
         return self.context.resolve_path(path)
@@ -251,7 +253,8 @@ class Builder:
     def check_prompts(self, tokenizer: Any, train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> None:
         """With the tokenizer loaded: its ids fit the model's embedding table, every prompt renders
         (chat messages need a chat template), and the longest prompt plus
-        ``sampling.max_new_tokens`` fits the model's positions."""
+        ``sampling.max_new_tokens`` fits the model's positions; with ``sampling.decoder: vllm``, what
+        vLLM needs (:func:`~zenalign.grpo.vllm_engine.check_vllm`)."""
         model_dir = self.policy_dir
         check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
@@ -262,7 +265,7 @@ class Builder:
                                 f"give a tokenizer with one (model.tokenizer_path) or 'prompt' text")
         texts = [render_prompt(record, tokenizer) for _, _, record in rows]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else [0]
-        longest = max(lengths)
+        longest = self.longest_prompt = max(lengths)
         where, i, _ = rows[lengths.index(longest)] if texts else ("prompts", 0, None)
         at = f"{where}[{i}]"
         config = model_config(model_dir)
@@ -272,6 +275,8 @@ class Builder:
             raise RecipeError(f"sampling.max_new_tokens: the longest prompt ({at}) is {longest} tokens, and "
                               f"{longest} + {new} = {longest + new} exceeds the model's {positions} positions "
                               f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
+        if self.recipe.sampling.decoder == "vllm":
+            check_vllm(self.recipe, config, longest, at, pick_device(self.recipe.engine.device).type)
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
         prompts = prompts if prompts is not None else self.inputs.train_dataset

@@ -21,7 +21,7 @@ from zenalign.data import PromptSampler, render_prompt
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.grpo.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
-from zenalign.grpo.rollout import Rollout, completion_rows, rollout_from_rows
+from zenalign.grpo.rollout import Rollout, completion_rows, rollout_from_rows, sampler_logp_rows
 from zenalign.grpo.scoring import Scorer
 from zenalign.plugins import Objectives, RolloutGroups, RunContext
 from zenalign.train.distributed import Dist
@@ -52,6 +52,7 @@ class Round:
     rollout: Rollout  # this process's slice
     groups: RolloutGroups  # global, after the filters
     rows: list[list[int]]  # global completion token rows (gathered only when a later round may replace groups)
+    sampler_rows: list[list[float]]  # their sampler log-probs (vLLM), [] each without
 
 
 class BatchCollector:
@@ -110,13 +111,14 @@ class BatchCollector:
         truncated = dist.gather_rows(rollout.truncated.cpu())
         texts = dist.gather_objects(rollout.completions)
         rows = dist.gather_objects(completion_rows(rollout)) if self.max_rounds > 1 else []  # to rebuild a batch
+        sampler_rows = dist.gather_objects(sampler_logp_rows(rollout)) if self.max_rounds > 1 else []
         groups = RolloutGroups(
             rewards=rewards.view(p, group_size, -1).clone(), keep=torch.ones(p, dtype=torch.bool),
             loss_mask=torch.ones(p, group_size, dtype=torch.bool), lengths=lengths.view(p, group_size),
             truncated=truncated.view(p, group_size), prompts=[render_prompt(rec, self.tokenizer) for rec in records],
             completions=[texts[i * group_size:(i + 1) * group_size] for i in range(p)], records=list(records),
             max_new_tokens=self.recipe.sampling.max_new_tokens, step=step)
-        return Round(records, rollout, apply_filters(self.filters, groups, self.objectives), rows)
+        return Round(records, rollout, apply_filters(self.filters, groups, self.objectives), rows, sampler_rows)
 
     def assemble(self, rounds: list[Round], target: int) -> Collected:
         """The groups chosen over the rounds, as this process's rollout and the global rewards."""
@@ -134,9 +136,10 @@ class BatchCollector:
             chosen = selection.chosen[mine]
             records = [rounds[r].records[i] for r, i in chosen]
             rows = [row for r, i in chosen for row in rounds[r].rows[i * group_size:(i + 1) * group_size]]
+            logps = [row for r, i in chosen for row in rounds[r].sampler_rows[i * group_size:(i + 1) * group_size]]
             prompts = [rounds[r].groups.prompts[i] for r, i in chosen]
             rollout = rollout_from_rows(self.tokenizer, prompts, rows, group_size, self.eos_ids,
-                                        rounds[0].rollout.sequences.device)
+                                        rounds[0].rollout.sequences.device, sampler_rows=logps)
         sampled = torch.cat([r.groups.rewards.reshape(-1, k) for r in rounds])
         masked = loss_mask[mine].reshape(-1)  # (N_local,)
         metrics = {"filter/rounds": float(len(rounds)),

@@ -144,6 +144,11 @@ class TorchEngine:
         return norm
 
     @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken (the schedule's count: restored on resume, not advanced by a dropped step)."""
+        return int(self.scheduler.last_epoch)
+
+    @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -336,6 +341,11 @@ class DeepSpeedEngine:
         if norm is None:
             norm = getattr(self, "_norm", float("nan"))
         return float(norm)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken (the schedule's count: restored on resume, not advanced by a dropped step)."""
+        return int(self.scheduler.last_epoch)
 
     @property
     def learning_rate(self) -> float:

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.errors import RecipeError, ZenalignError
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
-from zenalign.grpo.rollout import Rollout, generate_groups
+from zenalign.grpo.rollout import Rollout
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
-from zenalign.models.lora import forward_module, is_adapted, require_peft
+from zenalign.models.lora import is_adapted, require_peft
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, ReportsMetrics, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
@@ -47,6 +47,7 @@ from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, collective_failure, init_distributed
 from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
+from zenalign.train.generation import Generator
 from zenalign.train.memory import keep_freed_memory
 from zenalign.train.rundir import RunDir, storage_failure
 from zenalign.train.state import TrainState, stateful_plugins
@@ -241,6 +242,8 @@ class GRPOTrainer:
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
+        self.generator = Generator(r, self.engine, self.tokenizer, self.eos_ids, self.dist, builder.policy_dir,
+                                   builder.longest_prompt, fresh=saved is None)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(self.normalizer), reference=self.reference,
                                     base_reference=wants_kl and reference is None and is_adapted(policy))
@@ -343,6 +346,7 @@ class GRPOTrainer:
             metrics.update(batch.metrics)
             metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
             metrics.update(self.scorer.metrics())
+            metrics.update(self.generator.step_metrics(update))
             run, samples = self.recipe.run, []
             if dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
                 samples = sample_lines(
@@ -360,9 +364,7 @@ class GRPOTrainer:
         without keys, one greedy completion per prompt."""
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
         group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
-        return generate_groups(forward_module(self.engine.model), self.tokenizer, texts, self.recipe.sampling, self.eos_ids, group_size,
-                               keys=keys, autocast=self.engine.autocast(), synced_gpus=self.engine.synced_gpus,
-                               lean_forward=self.recipe.engine.lean_forward)
+        return self.generator(texts, keys, group_size)
 
     def score_batch(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int):
         prompts = [render_prompt(rec, self.tokenizer) for rec in records]
@@ -384,7 +386,9 @@ class GRPOTrainer:
         return ckpt.save_final(self.run_dir.path, self._checkpoint_parts())
 
     def cleanup(self) -> None:
-        """Close run.log and release the run directory's lock (safe after a setup that failed)."""
+        """Stop the vLLM engine, close run.log and release the run directory's lock (safe after a setup that failed)."""
+        if getattr(self, "generator", None) is not None:
+            self.generator.close()
         handler = getattr(self, "_log_handler", None)
         if handler is not None:
             log.removeHandler(handler)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from zenalign.errors import NonFiniteError, PluginError, RecipeError
+from zenalign.grpo.importance import importance_weights
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
@@ -75,6 +76,9 @@ class PolicyUpdate:
         self.top_entropy_quantile = recipe.grpo.top_entropy_quantile
         self.on_nonfinite = recipe.engine.on_nonfinite
         self.loss_name = getattr(recipe.loss, "type", type(self.loss).__name__)
+        correction = recipe.sampling.vllm_is_correction
+        self.correction = (correction.mode, correction.cap) if recipe.sampling.decoder == "vllm" else ("off", 1.0)
+        self.sampler_stats: list = []  # this call's ISStats, one per micro-batch pass over vLLM samples
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.micro_batch_size or n
@@ -145,6 +149,11 @@ class PolicyUpdate:
         old = old_logp[rows] if old_logp is not None else logp.detach()                # (n, Tc)
         ref = ref_logp[rows] if ref_logp is not None else None                         # (n, Tc) or None
         mask = (mask if mask is not None else rollout.completion_mask)[rows]
+        weights = weights[rows]                                                        # (n, Tc)
+        if rollout.sampler_logp is not None:  # sampled by vLLM: pi_old / pi_vllm, bounded (zenalign.grpo.importance)
+            correction, stats = importance_weights(old, rollout.sampler_logp[rows], mask, *self.correction)
+            weights = weights * correction
+            self.sampler_stats.append(stats)
         token = self.loss.per_token(logp, old, advantages[rows], ref_logp=ref, mask=mask)
         loss = token.loss
         if keep is not None:
@@ -153,7 +162,7 @@ class PolicyUpdate:
                                   f"(TokenLoss.policy), which grpo.top_entropy_quantile masks; set it to 1")
             loss = loss - token.policy * (1.0 - keep[rows])                            # PG term on kept tokens only
         token.entropy = ent
-        return (loss * weights[rows]).sum(), token                                     # () this micro-batch's share
+        return (loss * weights).sum(), token                                           # () this micro-batch's share
 
     def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
                  loss_mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
@@ -173,6 +182,7 @@ class PolicyUpdate:
         weights = self.loss.token_weights(mask, num_sequences=len(rollout) * world,
                                           num_tokens=self.dist.sum([local_tokens])[0])  # (N, Tc)
         sums = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0, "grad_norm": 0.0}
+        self.sampler_stats = []
         keep = None
         entropy = {"entropy": 0.0, "entropy_tokens": 0.0}
         if self.top_entropy_quantile < 1.0 or (old_logp is None and self.num_iterations > 1):  # pi_old's pass
@@ -203,6 +213,8 @@ class PolicyUpdate:
             skipped += self._check_finite(sums, before, self.engine.optimizer_step(), iteration, step)
         passes = max(self.num_iterations - skipped, 1)
         out = {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens, "lr": lr} | entropy
+        out |= {f"sampler_{name}": sum(getattr(s, name) for s in self.sampler_stats) / self.num_iterations
+                for name in ("abs_diff", "tokens", "capped", "units")} if self.sampler_stats else {}
         out["grad_norm"] = sums["grad_norm"] / passes if skipped < self.num_iterations else float("nan")
         return out | ({"nonfinite_skipped": float(skipped)} if self.on_nonfinite == "skip" else {})
 

