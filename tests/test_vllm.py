@@ -270,3 +270,36 @@ def test_a_short_quickstart_run_with_vllm_learns(tmp_path):
     assert first < 0.1 and last - first > 0.25  # 0.020 -> 0.500-0.645 here (60 steps: 0.870, as decoder zenalign)
     assert all(m["vllm/logp_diff"] < 1e-3 for m in metrics)  # fp32: vLLM and the trainer agree, once synced
     assert sum(m["vllm/sync_s"] > 0 for m in metrics) == 19  # a sync before every generation but the first
+
+
+@with_vllm
+def test_two_processes_each_with_its_own_engine_sample_what_one_process_samples(tmp_path):
+    """torchrun with 2 ranks: each rank builds its own engine (vLLM's external_launcher) and samples
+    its own share of the groups, seeded per group from the global completion keys, so the run's
+    rewards and completion lengths equal one process's step for step, and its losses to rounding."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = [str(RECIPES / "quickstart.yaml"), "sampling.backend=vllm", "run.steps=3", "run.eval_interval=0",
+            "run.progress_bar=false", "engine.num_threads=1", "-q"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = run_cli("run", *args, f"run.output_dir={one}", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                           "-m", "zenalign", "run", *args, f"run.output_dir={two}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
+    assert len(runs[0]) == len(runs[1]) == 3
+    for a, b in zip(*runs):
+        assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"], b["samples"])
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-3
+    assert runs[1][-1]["reward_mean"] > runs[1][0]["reward_mean"]
