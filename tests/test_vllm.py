@@ -273,10 +273,12 @@ def test_a_short_quickstart_run_with_vllm_learns(tmp_path):
 
 
 @with_vllm
-def test_two_processes_each_with_its_own_engine_sample_what_one_process_samples(tmp_path):
+def test_two_processes_and_zero3_sample_what_one_process_samples(tmp_path):
     """torchrun with 2 ranks: each rank builds its own engine (vLLM's external_launcher) and samples
     its own share of the groups, seeded per group from the global completion keys, so the run's
-    rewards and completion lengths equal one process's step for step, and its losses to rounding."""
+    rewards and completion lengths equal one process's step for step, and its losses to rounding.
+    Under DeepSpeed ZeRO-3 the sync gathers the partitioned weights: the same run again, and
+    vLLM's log-probs stay the trainer's after every sync."""
     import os
     import socket
     import subprocess
@@ -297,9 +299,15 @@ def test_two_processes_each_with_its_own_engine_sample_what_one_process_samples(
                            "-m", "zenalign", "run", *args, f"run.output_dir={two}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
-    assert len(runs[0]) == len(runs[1]) == 3
-    for a, b in zip(*runs):
-        assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"], b["samples"])
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-3
+    zero3 = tmp_path / "zero3"
+    done = run_cli("run", *args, "engine.backend=deepspeed", "engine.zero_stage=3", f"run.output_dir={zero3}", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two, zero3)]
+    assert [len(run) for run in runs] == [3, 3, 3]
+    for a, *others in zip(*runs):
+        for b in others:
+            assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
+                                                                          b["samples"])
+            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-5
+    assert all(step["vllm/sync_s"] > 0 for run in runs for step in run[1:])  # a sync before steps 2 and 3
     assert runs[1][-1]["reward_mean"] > runs[1][0]["reward_mean"]
