@@ -112,7 +112,9 @@ def test_weights_first_products_are_for_cpu_inference_at_32_rows_or_more():
 
 def test_lean_decoding_with_weights_first_products_samples_what_transformers_samples(model, monkeypatch):
     """36 rows (3 prompts x 12): the MLP's products run weights-first in every decoding step, and
-    the tokens are still transformers' own."""
+    the tokens are still transformers' own. (In float32 with MKL the packed products take their
+    place, so MKL is switched off here; bf16 decoding and builds without MKL use this path.)"""
+    monkeypatch.setattr(fastpath, "_MKL_LINEAR", None)
     calls = []
     monkeypatch.setattr(fastpath, "_linear_weights_first",
                         lambda *a, f=fastpath._linear_weights_first: calls.append(a[0].shape[0]) or f(*a))
@@ -120,6 +122,36 @@ def test_lean_decoding_with_weights_first_products_samples_what_transformers_sam
            for lean in (True, False)}
     assert calls.count(36) >= 2 * 7  # two products per layer and token after the first
     assert torch.equal(out[True].sequences, out[False].sequences)
+
+
+@pytest.mark.skipif(fastpath._MKL_LINEAR is None, reason="this torch has no MKL")
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_mkl_packed_products_equal_linear_to_the_bit_and_fall_back_for_other_row_counts(bias):
+    torch.manual_seed(0)
+    weight, b = torch.randn(48, 20), (torch.randn(48) if bias else None)
+    packed = fastpath._Packed.of(weight, 9)
+    for rows in (9, 4, 13):  # its own row count, and two it was not packed for
+        x = torch.randn(rows, 20)
+        assert torch.equal(packed(x, b), torch.nn.functional.linear(x, weight, b)), rows
+    assert fastpath._Packed.of(weight.to(torch.bfloat16), 9) is None  # float32 only
+
+
+@pytest.mark.skipif(fastpath._MKL_LINEAR is None, reason="this torch has no MKL")
+def test_float32_decoding_on_packed_weights_samples_what_transformers_samples(model, monkeypatch):
+    """Every product of a decoding step runs on MKL's packed weights (4 per layer and the LM head),
+    for exactly the decoding rows, and the sampled tokens are transformers' own; under bf16
+    autocast nothing is packed."""
+    rows = []
+    monkeypatch.setattr(fastpath, "_MKL_LINEAR", lambda x, *a, f=fastpath._MKL_LINEAR: rows.append(x.shape[0]) or f(x, *a))
+    out = {lean: sample_groups(model, group_size=4, max_new_tokens=8, seed=1, step=2, lean_forward=lean)
+           for lean in (True, False)}
+    layers = model.config.num_hidden_layers
+    assert set(rows) == {12} and len(rows) >= 7 * (4 * layers + 1), (set(rows), len(rows))
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    rows.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample_groups(model, group_size=4, max_new_tokens=4, seed=1, step=2, lean_forward=True)
+    assert rows == []
 
 
 @pytest.mark.parametrize("fused_forward", [True, False], ids=["fused-forward", "torch-without-it"])
