@@ -381,3 +381,58 @@ def test_a_lean_forward_that_raises_on_first_use_falls_back_instead_of_stopping_
         got = sample_groups(model, lean_forward=True)
     assert "disagrees with transformers' forward for LlamaForCausalLM (AttributeError:" in caplog.text
     assert torch.equal(got.sequences, expected.sequences) and lean_model(model) is None
+
+
+def _saved_bytes(fn):
+    """Bytes of the non-parameter tensors autograd keeps while ``fn`` runs (each storage once)."""
+    sizes = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            sizes[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(sizes.values()), out
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_the_layer_halves_that_save_less_give_autograds_values_and_gradients(bias):
+    """_NormLinear (norm, then a product) and _SwiGLUDown (the MLP's second half and residual)
+    against autograd through the same operations: equal outputs and gradients of every input,
+    with no normalised rows and no (T, I) activation kept for backward."""
+    torch.manual_seed(0)
+    t, hidden, inter, eps = 7, 16, 24, 1e-6
+    x = (torch.randn(t, hidden) * 2).requires_grad_()
+    norm_w = torch.nn.Parameter(torch.rand(hidden) + 0.5)
+    gate_up_w = torch.nn.Parameter(torch.randn(2 * inter, hidden) / 4)
+    down_w = torch.nn.Parameter(torch.randn(hidden, inter) / 5)
+    gate_up_b = torch.nn.Parameter(torch.randn(2 * inter)) if bias else None
+    down_b = torch.nn.Parameter(torch.randn(hidden)) if bias else None
+    inputs = [x, norm_w, gate_up_w, down_w] + ([gate_up_b, down_b] if bias else [])
+    weights = torch.linspace(-1.0, 1.0, t * hidden).reshape(t, hidden)
+
+    def plain():
+        gate, up = torch.nn.functional.linear(torch.nn.functional.rms_norm(x, (hidden,), norm_w, eps), gate_up_w,
+                                              gate_up_b).chunk(2, dim=-1)
+        return x + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_w, down_b)
+
+    def fused():
+        gate_up = fastpath._NormLinear.apply(x, norm_w, gate_up_w, gate_up_b, eps, torch.float32)
+        return fastpath._SwiGLUDown.apply(x, gate_up, down_w, down_b, torch.float32)
+
+    results = {}
+    for name, fn in (("plain", plain), ("fused", fused)):
+        for p in inputs:
+            p.grad = None
+        kept, out = _saved_bytes(fn)
+        (out * weights).sum().backward()
+        results[name] = kept, out.detach(), [p.grad.clone() for p in inputs]
+    (plain_kept, plain_out, plain_grads), (fused_kept, fused_out, fused_grads) = results["plain"], results["fused"]
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain_grads, fused_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # kept: x, the rows' 1/rms and the gate/up product, against autograd's normalised rows and (T, I) activation too
+    assert fused_kept == 4 * (t * hidden + t + t * 2 * inter), fused_kept
+    assert plain_kept >= fused_kept + 4 * (t * hidden + t * inter), (plain_kept, fused_kept)

@@ -111,7 +111,9 @@ def test_micro_batches_give_the_same_update(tmp_path, tiny_model_dir):
     assert full_metrics["loss"] == pytest.approx(split_metrics["loss"], abs=1e-6)
     assert full_metrics["grad_norm"] == pytest.approx(split_metrics["grad_norm"], rel=1e-4)
     for name in full:
-        assert torch.allclose(full[name], split[name], atol=1e-6), name
+        # AdamW's first step is lr * g / (|g| + eps): where |g| is near eps (1e-8) it magnifies the
+        # summation-order rounding of g (1e-13) to about 1e-6 of the 1e-3 step
+        assert torch.allclose(full[name], split[name], atol=5e-6), (name, float((full[name] - split[name]).abs().max()))
 
 
 def test_rows_that_move_leaves_out_zero_advantage_rows_but_never_a_whole_micro_batch():

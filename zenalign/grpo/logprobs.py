@@ -7,9 +7,10 @@ distribution the completions were drawn from (a departure from the paper, which 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zenalign.models.lean import checked_lean_model
@@ -33,7 +34,11 @@ def completion_logprobs(
 
     Position ids follow the attention mask (left padding does not shift positions), matching
     what ``generate`` used. The LM head runs only on the positions that predict completion
-    tokens when the model supports ``logits_to_keep``.
+    tokens when the model supports ``logits_to_keep``, and no pass holds the batch's full
+    ``(N, Tc, V)`` logits: the lean forward hands its last hidden states to
+    :func:`chunked_token_logprobs`, and transformers' forward does too where its head is a plain
+    linear layer (:class:`_HeadInputs`; models that change their logits after the head, and LM
+    heads partitioned by ZeRO-3, compute the full logits).
 
     With ``share_prompts`` (and a model that takes a KV cache: a plain transformers model, or
     one under DistributedDataParallel; not a DeepSpeed engine, and a plain full-attention
@@ -56,28 +61,110 @@ def completion_logprobs(
         if fast is not None:
             if not share_prompts:
                 leaders = owner = torch.arange(sequences.shape[0], device=sequences.device)
-            return chunked_token_logprobs(fast.group_hidden(sequences, attention_mask, prompt_length, leaders, owner),
-                                          fast.head, sequences[:, prompt_length:], temperature, entropy, fast.vocab)
-    if share_prompts and sequences.shape[0] > 1 and sequences.shape[1] > prompt_length + 1:
+            hidden = fast.final_norm(fast.group_hidden(sequences, attention_mask, prompt_length, leaders, owner))
+            return chunked_token_logprobs(hidden, fast.model.lm_head, sequences[:, prompt_length:], temperature,
+                                          entropy, fast.vocab)
+    targets = sequences[:, prompt_length:]
+    transformers_model = forward_module(getattr(model, "module", model))  # DDP, DeepSpeed, peft wrap it
+    run, hidden_of, select = _transformers_pass(model, sequences, attention_mask, prompt_length, share_prompts)
+    head = _capturable_head(transformers_model)
+    if head is not None:
+        with _HeadInputs(head) as captured:
+            logits = run()
+        if captured.faithful(transformers_model, logits):
+            return chunked_token_logprobs(hidden_of(captured.inputs), head, targets, temperature, entropy,
+                                          head.out_features)
+    return _token_logprobs(select(run()), targets, temperature, entropy)
+
+
+def _transformers_pass(model, sequences, attention_mask, prompt_length, share_prompts):
+    """How transformers' forward computes the batch's log-prob logits: ``run()`` gives the model's
+    logits; ``select`` picks the ``(N, Tc, V)`` that predict the completion tokens from them, and
+    ``hidden_of`` the matching ``(N, Tc, H)`` head inputs from those a :class:`_HeadInputs`
+    recorded during ``run()``. Shared prompts where the model allows (see
+    :func:`completion_logprobs`), else one plain pass."""
+    completion_length = sequences.shape[1] - prompt_length
+    if share_prompts and sequences.shape[0] > 1 and completion_length > 1:
         inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
         cache_name = cache_argument(type(inner))
         if cache_name is not None and accepts_logits_to_keep(type(inner)) and not _drops_cache(inner):
-            cache = new_cache(inner)
             leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
-            if len(leaders) < sequences.shape[0] and full_attention_only(cache):
-                logits = _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask,
-                                               prompt_length, leaders, owner)
-                return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
-    completion_length = sequences.shape[1] - prompt_length
-    position_ids = mask_positions(attention_mask)
-    kwargs = {}
-    if accepts_logits_to_keep(type(forward_module(getattr(model, "module", model)))):  # DDP, DeepSpeed, peft wrap it
-        kwargs["logits_to_keep"] = completion_length + 1
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-    ).logits
-    logits = logits[:, -(completion_length + 1) : -1, :]  # (N, Tc, V): predicts each completion token
-    return _token_logprobs(logits, sequences[:, prompt_length:], temperature, entropy)
+            if len(leaders) < sequences.shape[0] and full_attention_only(new_cache(inner)):
+                def run_shared():
+                    return _shared_prompt_logits(model, inner, cache_name, new_cache(inner), sequences, attention_mask,
+                                                 prompt_length, leaders, owner)
+
+                def shared_hidden(inputs):  # each prompt pass's last state, to its rows; then the completions'
+                    return torch.cat([inputs[0][:, -1:][owner], inputs[1]], dim=1)
+
+                return run_shared, shared_hidden, lambda logits: logits
+    kwargs = {"logits_to_keep": completion_length + 1} if accepts_logits_to_keep(
+        type(forward_module(getattr(model, "module", model)))) else {}
+
+    def run():
+        return model(input_ids=sequences, attention_mask=attention_mask, position_ids=mask_positions(attention_mask),
+                     use_cache=False, **kwargs).logits
+
+    def hidden(inputs):
+        return inputs[0][:, -(completion_length + 1) : -1]
+
+    return run, hidden, lambda logits: logits[:, -(completion_length + 1) : -1, :]
+
+
+def _capturable_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
+    """The model's LM head where :class:`_HeadInputs` may take its place: a plain ``nn.Linear``
+    whose weight is whole on this process (not partitioned by ZeRO-3), on a model not found
+    (by an earlier :meth:`_HeadInputs.faithful`) to change its logits after the head."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id") or getattr(model, "_zenalign_logits_after_head", False):
+        return None
+    return head
+
+
+class _HeadInputs:
+    """Within it, ``head`` (a transformers model's LM head) records what the model feeds it and
+    runs on the last position only, so the model's forward computes no full (N, T, V) logits;
+    the log-probs are then computed from the recorded hidden states by
+    :func:`chunked_token_logprobs`, a chunk at a time. Autograd runs through the recorded states as
+    through the model's own (they are the head's input), under DDP and DeepSpeed ZeRO-1/2 too.
+    With ``head`` None it does nothing."""
+
+    def __init__(self, head: Optional[torch.nn.Linear]):
+        self.head, self.inputs, self.handle = head, [], None
+
+    def __enter__(self) -> "_HeadInputs":
+        if self.head is not None:
+            self.handle = self.head.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    def _record(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("input")
+        if hidden is None or hidden.dim() != 3:
+            return None
+        self.inputs.append(hidden)
+        return ((hidden[:, -1:],) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": hidden[:, -1:]})
+
+    def faithful(self, model: torch.nn.Module, logits: torch.Tensor) -> bool:
+        """Whether the model's logits (last position) are the head's output on the last recorded
+        state. A model that rescales or soft-caps its logits after the head (Gemma 2, Cohere,
+        Granite) is not: it is remembered and runs the plain pass from then on."""
+        if self.head is None or not self.inputs:
+            return False
+        with torch.no_grad():
+            expected = self.head(self.inputs[-1][:, -1:].detach())[:, -1].float()
+        same = logits.shape[-1] == expected.shape[-1] and torch.allclose(logits[:, -1].detach().float(), expected,
+                                                                          rtol=1e-3, atol=1e-3)
+        if not same:
+            try:
+                object.__setattr__(model, "_zenalign_logits_after_head", True)
+            except AttributeError:
+                pass
+        return same
 
 
 LOGIT_CHUNK = 1 << 26  # logits computed at once by chunked_token_logprobs: 256 MB in fp32
@@ -86,25 +173,92 @@ LOGIT_CHUNK = 1 << 26  # logits computed at once by chunked_token_logprobs: 256 
 def chunked_token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
                            temperature: float, entropy: bool, vocab: int, budget: int | None = None):
     """:func:`_token_logprobs` of ``head(hidden)`` (``(N, Tc, H)`` -> ``(N, Tc, V)`` logits), a chunk
-    of positions at a time so that at most about ``budget`` logits exist at once. With a gradient,
-    each chunk runs under non-reentrant checkpointing: backward recomputes the chunk's logits from
-    its hidden states instead of keeping every chunk's, so memory grows with the chunk, not with
-    Tc x V (at V = 151,936 and 512 positions, the full fp32 logits of 32 rows are 10 GB). Below the
-    budget it is one plain pass, exactly :func:`_token_logprobs`."""
+    of positions at a time so that at most about ``budget`` logits exist at once, and none are
+    kept for backward: memory grows with the chunk, not with Tc x V (at V = 151,936 and 512
+    positions, the full fp32 logits of 32 rows are 10 GB).
+
+    With ``head`` a plain ``nn.Linear`` each chunk is one :class:`_LinearLogProbs`: its backward
+    recomputes the chunk's logits from the hidden states and writes the softmax gradient in place.
+    With another callable each chunk runs under non-reentrant checkpointing (below the budget,
+    one plain pass)."""
     n, tc = targets.shape
     step = max(1, (budget or LOGIT_CHUNK) // max(1, n * vocab))
-    if step >= tc:
+    if type(head) is torch.nn.Linear:
+        parts = [_LinearLogProbs.apply(hidden[:, i:i + step], head.weight, head.bias, targets[:, i:i + step],
+                                       temperature, entropy) for i in range(0, tc, step)]
+    elif step >= tc:
         return _token_logprobs(head(hidden), targets, temperature, entropy)
+    else:
+        def chunk(h: torch.Tensor, t: torch.Tensor):
+            return _token_logprobs(head(h), t, temperature, entropy)
 
-    def chunk(h: torch.Tensor, t: torch.Tensor):
-        return _token_logprobs(head(h), t, temperature, entropy)
-
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
-    parts = [checkpoint(chunk, hidden[:, i:i + step], targets[:, i:i + step], use_reentrant=False) if recompute
-             else chunk(hidden[:, i:i + step], targets[:, i:i + step]) for i in range(0, tc, step)]
+        recompute = torch.is_grad_enabled() and hidden.requires_grad
+        parts = [checkpoint(chunk, hidden[:, i:i + step], targets[:, i:i + step], use_reentrant=False) if recompute
+                 else chunk(hidden[:, i:i + step], targets[:, i:i + step]) for i in range(0, tc, step)]
     if not entropy:
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """``log softmax(h W^T + b) / T`` at each position's target ``(n, t)`` (and, with ``entropy``,
+    the distribution's entropy, without gradient), for hidden states ``h`` ``(n, t, H)``.
+
+    It saves ``h`` and each position's log-normaliser ``lse`` only. Backward recomputes the
+    logits ``z`` and turns them into their own gradient in place: with ``g`` the incoming
+    gradient and ``y`` the target, ``d logp_y / d z_v = ([v = y] - softmax(z)_v) / T``, so the
+    gradient of ``z`` is ``-g * exp(z - lse)``, plus ``g`` at ``y``, over ``T``. Autograd through
+    ``log_softmax`` and ``gather`` instead keeps the (n, t, V) log-softmax and in backward fills
+    a zero tensor of that size, scatters into it and runs log_softmax's backward over it: two
+    more full passes over the logits and two more tensors of their size (measurements:
+    docs/performance.md). Under autocast the products run in autocast's dtype, as ``F.linear``
+    would, and the softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool):
+        dtype = _product_dtype(hidden, weight)
+        logits = _logits(hidden, weight, bias, temperature, dtype)                       # (n, t, V) float32
+        log_probs = torch.log_softmax(logits, dim=-1)
+        chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # (n, t)
+        ent = token_entropy(log_probs) if entropy else None
+        del log_probs
+        lse = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sub_(chosen)            # z_y - logp_y
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        if ent is None:
+            return chosen
+        ctx.mark_non_differentiable(ent)
+        return chosen, ent
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, temperature = ctx.dtype, ctx.temperature
+        grad_logits = _logits(hidden, weight, bias, temperature, dtype).sub_(lse.unsqueeze(-1)).exp_()   # softmax
+        grad_logits.mul_(grad.unsqueeze(-1).neg()).scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        if temperature != 1.0:
+            grad_logits.div_(temperature)
+        grad_logits = grad_logits.to(dtype).flatten(0, -2)                                 # (n t, V)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight.to(dtype)).view(hidden.shape).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.t() @ hidden.to(dtype).flatten(0, -2)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _product_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(hidden.dtype,
+                                                                                                         weight.dtype)
+
+
+def _logits(hidden, weight, bias, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool = False):

@@ -282,32 +282,99 @@ class _CpuAutocastOff:
             torch.set_autocast_enabled("cpu", True)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` from the fused ``(T, 2I)`` gate/up product, whose gradient is written
-    into one ``(T, 2I)`` tensor (autograd's own would build the two halves and then concatenate
-    them, a copy of the largest activation in the layer). Saves the product alone and recomputes
-    ``silu(gate)`` in the backward pass."""
+def _product_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(x, weight)`` computes in here: autocast's, else the inputs' common one."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(x.dtype,
+                                                                                                         weight.dtype)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+class _NormLinear(torch.autograd.Function):
+    """``F.linear(rms_norm(x) * norm_weight, weight, bias)`` (float32 ``x`` and norm weight; the
+    product in :func:`_product_dtype`, as autocast would run it). It saves ``x`` and each row's
+    reciprocal RMS, which the norm's backward needs anyway, and not the normalised rows: backward
+    recomputes them (one elementwise pass) for the weight's gradient. Autograd through the two
+    would keep both, one more ``(T, hidden)`` tensor per norm, two per layer."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
+    def forward(ctx, x, norm_weight, weight, bias, eps: float, dtype: torch.dtype):
+        h, rstd = _rms_norm_and_rstd(x, norm_weight, eps)
+        ctx.save_for_backward(x, norm_weight, rstd, weight, bias)
+        ctx.dtype = dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(h.to(dtype), weight.to(dtype), _cast(bias, dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (gate_up,) = ctx.saved_tensors
+    def backward(ctx, grad):
+        x, norm_weight, rstd, weight, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        normed = x * rstd
+        grad_d = grad.to(dtype).reshape(-1, grad.shape[-1])
+        grad_weight = grad_bias = grad_x = grad_norm = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = (grad_d.t() @ (normed * norm_weight).to(dtype).reshape(-1, x.shape[-1])).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_d.sum(0).to(bias.dtype)
+        grad_h = (grad_d @ weight.to(dtype)).view(x.shape).to(x.dtype)                    # d/d(normed * norm_weight)
+        if ctx.needs_input_grad[1]:
+            grad_norm = (grad_h * normed).reshape(-1, x.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad_h.mul_(norm_weight)
+            grad_x = grad_normed.sub_(normed * (grad_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
+        return grad_x, grad_norm, grad_weight, grad_bias, None, None
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """``x + F.linear(silu(gate) * up, down, bias)`` from the fused ``(T, 2I)`` gate/up product: the
+    MLP's second half and its residual. It saves the gate/up product alone and recomputes
+    ``silu(gate) * up`` in backward, where the down projection's weight gradient needs it;
+    autograd would keep that ``(T, I)`` activation as well. The gradient of the gate/up product
+    is written into one ``(T, 2I)`` tensor (autograd's own would build the two halves and then
+    concatenate them, a copy of the largest activation in the layer)."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, bias, dtype: torch.dtype):
         gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        ctx.save_for_backward(gate_up, down, bias)
+        ctx.dtype = dtype
+        with torch.autocast(x.device.type, enabled=False):
+            if bias is None and x.dtype == act.dtype == down.dtype == dtype:
+                return torch.addmm(x, act, down.t())
+            return x + F.linear(act.to(dtype), down.to(dtype), _cast(bias, dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, down, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        gate, up = gate_up.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        grad_d = grad.to(dtype)
+        grad_down = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_down = (grad_d.t() @ (silu_gate * up).to(dtype)).to(down.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_d.sum(0).to(bias.dtype)
+        grad_act = (grad_d @ down.to(dtype)).to(gate_up.dtype)                            # (T, I)
         grad_gate_up = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
-        return grad_gate_up
+        torch.mul(grad_act, silu_gate, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
+        return grad, grad_gate_up, grad_down, grad_bias, None
+
+
+def _saves_less(x: torch.Tensor, norm_weight: torch.Tensor) -> bool:
+    """Whether a layer runs on :class:`_NormLinear` and :class:`_SwiGLUDown`: with autograd, on a
+    float32 residual stream (float32 weights, under autocast or not)."""
+    return (torch.is_grad_enabled() and x.dtype == norm_weight.dtype == torch.float32
+            and (x.requires_grad or norm_weight.requires_grad))
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and gate_up.requires_grad:
-        return _SwiGLU.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -426,8 +493,12 @@ class LeanLM:
     def qkv(self, i: int, w: _Weights, x: torch.Tensor, rotation: torch.Tensor):
         """Flat hidden ``(T, hidden)`` -> queries ``(T, H, D)``, keys and values ``(T, KV, D)``,
         queries and keys rotated (in float32, as transformers does under autocast)."""
-        h = _rms_norm(x, w.input_norm, self.eps)
-        qkv = (w.packed["qkv"](h, w.qkv_bias) if w.packed else F.linear(h, w.qkv, w.qkv_bias)).view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
+        if _saves_less(x, w.input_norm):
+            qkv = _NormLinear.apply(x, w.input_norm, w.qkv, w.qkv_bias, self.eps, _product_dtype(x, w.qkv))
+        else:
+            h = _rms_norm(x, w.input_norm, self.eps)
+            qkv = w.packed["qkv"](h, w.qkv_bias) if w.packed else F.linear(h, w.qkv, w.qkv_bias)
+        qkv = qkv.view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
         qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads :]
         if self.qk_norm:
             attn = self.body.layers[i].self_attn
@@ -445,6 +516,9 @@ class LeanLM:
             gate_up = w.packed["gate_up"](_rms_norm(x, w.post_norm, self.eps), w.gate_up_bias)
             return x + w.packed["down"](_swiglu(gate_up), w.down_bias)
         x = _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias)
+        if _saves_less(x, w.post_norm):
+            gate_up = _NormLinear.apply(x, w.post_norm, w.gate_up, w.gate_up_bias, self.eps, _product_dtype(x, w.gate_up))
+            return _SwiGLUDown.apply(x, gate_up, w.down, w.down_bias, _product_dtype(gate_up, w.down))
         h = _rms_norm(x, w.post_norm, self.eps)
         if _weights_first(h):
             gate_up = _linear_weights_first(h, w.gate_up, w.gate_up_bias)
@@ -503,8 +577,11 @@ class LeanLM:
             flag = getattr(self.body, "gradient_checkpointing", False)
         return bool(flag) and self.model.training
 
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(h, self.body.norm.weight, self.eps)
+
     def head(self, h: torch.Tensor, packed: Optional[_Packed] = None) -> torch.Tensor:
-        h = _rms_norm(h, self.body.norm.weight, self.eps)
+        h = self.final_norm(h)
         return packed(h, self.model.lm_head.bias) if packed is not None else self.model.lm_head(h)
 
     # ------------------------------------------------------------------------------------ passes
