@@ -17,8 +17,10 @@ process per setting and prints each one's peak RSS: logits computed at once, in 
 default), and chunks with gradient checkpointing. ``fastpaths`` times each CPU-specific fast path
 against the plain computation it replaces, in alternating pairs: the lean forward against
 transformers' forward (decoding 32 rows x 32 tokens, and an update pass of 32 rows x 16 + 128
-tokens), the MLP's weights-first products and the written-out single-query attention in
-decoding, and float32 attention under bf16 autocast in the update.
+tokens); in decoding, MKL's packed weights (fp32), the MLP's weights-first products and the
+written-out single-query attention; in the update, the LM head's log-probs as one autograd
+function, the layer halves that recompute instead of keeping activations, and float32 attention
+under bf16 autocast. ``--only lean,decode,update`` picks groups.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def fastpaths(precision: str, only: str = "") -> None:
     import torch.nn.functional as F
 
     from zenalign.grpo.gumbel import GumbelSampler, completion_keys
+    from zenalign.grpo import logprobs as logprobs_module
     from zenalign.grpo.logprobs import completion_logprobs
     from zenalign.grpo.rollout import decode_groups
     from zenalign.models import lean as lean_module
@@ -194,24 +197,44 @@ def fastpaths(precision: str, only: str = "") -> None:
 
     print(f"135m shape, V={vocab:,}, {precision}{' (autocast over fp32 weights)' if bf16 else ''}, "
           f"{torch.get_num_threads()} threads; medians of alternating pairs")
-    if not only:
+    groups = set(only.split(",")) if only else {"lean", "decode", "update"}
+    if "lean" in groups:
         report("lean forward, decoding (per token)", "transformers' forward", "lean", *ab(decode(False), decode(True)),
                new_tokens)
         report("lean forward, update pass (log-probs + backward)", "transformers' forward", "lean",
                *ab(update(False), update(True), 2))
-    plain = patched(lean_module, "_weights_first", lambda x: False, decode(True))
-    report("MLP weights-first products, decoding (per token)", "plain x @ W.T", "weights-first",
-           *ab(plain, decode(True), 5), new_tokens)
+    if "decode" in groups:
+        if not bf16 and lean_module._MKL_LINEAR is not None:  # packed copies are float32 only
+            plain = patched(lean_module, "_MKL_LINEAR", None, decode(True))
+            report("MKL packed weights, decoding (per token)", "unpacked", "packed", *ab(plain, decode(True), 5),
+                   new_tokens)
+        plain = patched(lean_module, "_weights_first", lambda x: False,
+                        patched(lean_module, "_MKL_LINEAR", None, decode(True)))
+        fast = patched(lean_module, "_MKL_LINEAR", None, decode(True))
+        report("MLP weights-first products, decoding (per token; without MKL packing, or bf16)", "plain x @ W.T",
+               "weights-first", *ab(plain, fast, 5), new_tokens)
 
-    def fused_one(self, q, k, v, bias):
-        out = F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=bias == 0,
-                                             scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
-        return out.squeeze(2)
+        def fused_one(self, q, k, v, bias):
+            out = F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=bias == 0,
+                                                 scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+            return out.squeeze(2)
 
-    plain = patched(lean_module.LeanLM, "attend_one", fused_one, decode(True))
-    report("written-out single-query attention, decoding (per token)", "fused sdpa", "written out",
-           *ab(plain, decode(True), 5), new_tokens)
-    if bf16 and not only:
+        plain = patched(lean_module.LeanLM, "attend_one", fused_one, decode(True))
+        report("written-out single-query attention, decoding (per token)", "fused sdpa", "written out",
+               *ab(plain, decode(True), 5), new_tokens)
+    if "update" in groups:
+        chunked = logprobs_module.chunked_token_logprobs
+
+        def through_autograd(hidden, head, *args, **kwargs):  # the head as a plain callable: checkpointed chunks
+            return chunked(hidden, (lambda h: head(h)) if isinstance(head, torch.nn.Linear) else head, *args, **kwargs)
+
+        plain = patched(logprobs_module, "chunked_token_logprobs", through_autograd, update(True))
+        report("LM-head log-probs as one function, update pass", "log_softmax + gather, checkpointed chunks",
+               "_LinearLogProbs", *ab(plain, update(True), 2))
+        plain = patched(lean_module, "_saves_less", lambda x, w: False, update(True))
+        report("layer halves that recompute (norm + product, SwiGLU + down), update pass", "autograd", "recomputing",
+               *ab(plain, update(True), 2))
+    if bf16 and "update" in groups:
         def sdpa_in(implementation):
             def run():
                 model.set_attn_implementation(implementation)
@@ -267,7 +290,7 @@ def main() -> None:
     parser.add_argument("what", choices=["sampling", "memory", "memory-child", "fastpaths"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--setting", default="chunks")
-    parser.add_argument("--only", default="", help="fastpaths: 'decode' for the decoding A/Bs alone")
+    parser.add_argument("--only", default="", help="fastpaths: a comma-separated subset of lean, decode, update")
     args = parser.parse_args()
     if args.what == "sampling":
         sampling(args.precision)

@@ -174,3 +174,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         [sys.executable, "-m", "zenalign", *args],
         cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def saved_bytes(fn):
+    """The bytes of the tensors (other than parameters) autograd keeps for backward while ``fn``
+    runs, and its result."""
+    sizes = {}
+
+    def pack(t):  # a tensor saved twice is held once; parameters are there anyway
+        if not isinstance(t, torch.nn.Parameter):
+            sizes[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(sizes.values()), out

@@ -5,7 +5,8 @@ sampled tokens; and the models it must leave to transformers."""
 import pytest
 import torch
 
-from conftest import EOS, PROMPTS, TINY_ARCHS, build_tiny_causal_lm, byte_tokenizer, logprobs_and_grads, sample_groups
+from conftest import (EOS, PROMPTS, TINY_ARCHS, build_tiny_causal_lm, byte_tokenizer, logprobs_and_grads, sample_groups,
+                      saved_bytes)
 from zenalign.models import lean as fastpath
 from zenalign.models.lean import attention_products, lean_model, why_not_lean
 from zenalign.grpo.gumbel import GumbelSampler, completion_keys
@@ -383,20 +384,6 @@ def test_a_lean_forward_that_raises_on_first_use_falls_back_instead_of_stopping_
     assert torch.equal(got.sequences, expected.sequences) and lean_model(model) is None
 
 
-def _saved_bytes(fn):
-    """Bytes of the non-parameter tensors autograd keeps while ``fn`` runs (each storage once)."""
-    sizes = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            sizes[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(sizes.values()), out
-
-
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_the_layer_halves_that_save_less_give_autograds_values_and_gradients(bias):
     """_NormLinear (norm, then a product) and _SwiGLUDown (the MLP's second half and residual)
@@ -426,7 +413,7 @@ def test_the_layer_halves_that_save_less_give_autograds_values_and_gradients(bia
     for name, fn in (("plain", plain), ("fused", fused)):
         for p in inputs:
             p.grad = None
-        kept, out = _saved_bytes(fn)
+        kept, out = saved_bytes(fn)
         (out * weights).sum().backward()
         results[name] = kept, out.detach(), [p.grad.clone() for p in inputs]
     (plain_kept, plain_out, plain_grads), (fused_kept, fused_out, fused_grads) = results["plain"], results["fused"]

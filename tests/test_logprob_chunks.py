@@ -7,23 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_llama, ragged_rollout
+from conftest import build_tiny_llama, ragged_rollout, saved_bytes
 from zenalign.grpo import logprobs as lp
-
-
-def saved_bytes(fn):
-    """The bytes of the tensors (other than parameters) autograd keeps for backward while ``fn``
-    runs, and its result."""
-    sizes = {}
-
-    def pack(t):  # a tensor saved twice is held once; parameters are there anyway
-        if not isinstance(t, torch.nn.Parameter):
-            sizes[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(sizes.values()), out
 
 
 def plain_and_chunked(head, linear, hidden, targets, temperature, entropy, budget, weights):

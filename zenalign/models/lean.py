@@ -134,6 +134,8 @@ class _Weights:
     q_norm: Optional[torch.Tensor] = None
     k_norm: Optional[torch.Tensor] = None
     packed: Optional[dict[str, "_Packed"]] = None  # decoding: MKL's packed copies (see pack_for_rows)
+    qkv_parts: tuple = ()  # what qkv and gate_up concatenate, for _NormLinear to keep instead
+    gate_up_parts: tuple = ()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -298,19 +300,23 @@ class _NormLinear(torch.autograd.Function):
     product in :func:`_product_dtype`, as autocast would run it). It saves ``x`` and each row's
     reciprocal RMS, which the norm's backward needs anyway, and not the normalised rows: backward
     recomputes them (one elementwise pass) for the weight's gradient. Autograd through the two
-    would keep both, one more ``(T, hidden)`` tensor per norm, two per layer."""
+    would keep both, one more ``(T, hidden)`` tensor per norm, two per layer. With ``parts`` (what
+    ``weight`` concatenates: the layer's q, k and v, or gate and up, rows) it keeps those and
+    concatenates them again in backward, so the pass's concatenated copies of every layer's
+    weights (278 MB at the 135m shape in fp32) are not held until backward."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, bias, eps: float, dtype: torch.dtype):
+    def forward(ctx, x, norm_weight, weight, bias, eps: float, dtype: torch.dtype, parts: tuple = ()):
         h, rstd = _rms_norm_and_rstd(x, norm_weight, eps)
-        ctx.save_for_backward(x, norm_weight, rstd, weight, bias)
-        ctx.dtype = dtype
+        ctx.save_for_backward(x, norm_weight, rstd, bias, *(() if parts else (weight,)))
+        ctx.parts, ctx.dtype = parts, dtype
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(h.to(dtype), weight.to(dtype), _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, norm_weight, rstd, weight, bias = ctx.saved_tensors
+        x, norm_weight, rstd, bias, *kept = ctx.saved_tensors
+        weight = torch.cat(ctx.parts) if ctx.parts else kept[0]
         dtype = ctx.dtype
         normed = x * rstd
         grad_d = grad.to(dtype).reshape(-1, grad.shape[-1])
@@ -325,7 +331,7 @@ class _NormLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_normed = grad_h.mul_(norm_weight)
             grad_x = grad_normed.sub_(normed * (grad_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
-        return grad_x, grad_norm, grad_weight, grad_bias, None, None
+        return grad_x, grad_norm, grad_weight, grad_bias, None, None, None
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -342,10 +348,15 @@ class _SwiGLUDown(torch.autograd.Function):
         act = F.silu(gate) * up
         ctx.save_for_backward(gate_up, down, bias)
         ctx.dtype = dtype
+        return _SwiGLUDown.residual_product(x, act, down, bias, dtype)
+
+    @staticmethod
+    def residual_product(x, a, weight, bias, dtype: torch.dtype) -> torch.Tensor:
+        """``x + F.linear(a, weight, bias)``, the product in ``dtype``."""
         with torch.autocast(x.device.type, enabled=False):
-            if bias is None and x.dtype == act.dtype == down.dtype == dtype:
-                return torch.addmm(x, act, down.t())
-            return x + F.linear(act.to(dtype), down.to(dtype), _cast(bias, dtype))
+            if bias is None and x.dtype == a.dtype == weight.dtype == dtype:
+                return torch.addmm(x, a, weight.t())
+            return x + F.linear(a.to(dtype), weight.to(dtype), _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -365,6 +376,35 @@ class _SwiGLUDown(torch.autograd.Function):
         torch.mul(grad_act, silu_gate, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
         return grad, grad_gate_up, grad_down, grad_bias, None
+
+
+class _OutProjection(torch.autograd.Function):
+    """``x + F.linear(out, o, bias)`` with attention's output ``out`` taken as ``(B, H, T, D)``,
+    the layout the attention kernel returns and keeps for its own backward. The product needs
+    ``(B T, H D)`` rows, a transposed copy that autograd would keep beside the kernel's; here it is
+    made in forward, dropped, and made again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, out, o, bias, dtype: torch.dtype):
+        ctx.save_for_backward(out, o, bias)
+        ctx.dtype = dtype
+        return _SwiGLUDown.residual_product(x, _heads_to_rows(out), o, bias, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, o, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        grad_d = grad.to(dtype)
+        grad_o = (grad_d.t() @ _heads_to_rows(out).to(dtype)).to(o.dtype) if ctx.needs_input_grad[2] else None
+        grad_bias = grad_d.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+        b, h, t, d = out.shape
+        grad_out = (grad_d @ o.to(dtype)).view(b, t, h, d).transpose(1, 2).to(out.dtype)
+        return grad, grad_out, grad_o, grad_bias, None
+
+
+def _heads_to_rows(out: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, D)`` -> ``(B T, H D)``."""
+    return out.transpose(1, 2).reshape(out.shape[0] * out.shape[2], -1)
 
 
 def _saves_less(x: torch.Tensor, norm_weight: torch.Tensor) -> bool:
@@ -457,16 +497,18 @@ class LeanLM:
                 q_b, k_b, v_b = (b if b is not None else lin.weight.new_zeros(lin.out_features)
                                  for b, lin in zip(biases, (a.q_proj, a.k_proj, a.v_proj)))
                 qkv_bias = torch.cat([qk_rows(q_b, self.heads), qk_rows(k_b, self.kv_heads), v_b])
+            qkv_parts = (qk_rows(a.q_proj.weight, self.heads), qk_rows(a.k_proj.weight, self.kv_heads), a.v_proj.weight)
+            gate_up_parts = (m.gate_proj.weight, m.up_proj.weight)
             gate_up_bias = None
             if m.gate_proj.bias is not None or m.up_proj.bias is not None:
                 gate_up_bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                                           for lin in (m.gate_proj, m.up_proj)])
             out.append(_Weights(
-                qkv=matrix(torch.cat([qk_rows(a.q_proj.weight, self.heads), qk_rows(a.k_proj.weight, self.kv_heads),
-                                      a.v_proj.weight])),
+                qkv=matrix(torch.cat(qkv_parts)), qkv_parts=qkv_parts if dtype is None else (),
                 qkv_bias=qkv_bias,
                 o=matrix(a.o_proj.weight), o_bias=a.o_proj.bias,
-                gate_up=matrix(torch.cat([m.gate_proj.weight, m.up_proj.weight])), gate_up_bias=gate_up_bias,
+                gate_up=matrix(torch.cat(gate_up_parts)), gate_up_parts=gate_up_parts if dtype is None else (),
+                gate_up_bias=gate_up_bias,
                 down=matrix(m.down_proj.weight), down_bias=m.down_proj.bias,
                 input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                 q_norm=a.q_norm.weight.index_select(0, pairs) if self.qk_norm else None,
@@ -494,7 +536,7 @@ class LeanLM:
         """Flat hidden ``(T, hidden)`` -> queries ``(T, H, D)``, keys and values ``(T, KV, D)``,
         queries and keys rotated (in float32, as transformers does under autocast)."""
         if _saves_less(x, w.input_norm):
-            qkv = _NormLinear.apply(x, w.input_norm, w.qkv, w.qkv_bias, self.eps, _product_dtype(x, w.qkv))
+            qkv = _NormLinear.apply(x, w.input_norm, w.qkv, w.qkv_bias, self.eps, _product_dtype(x, w.qkv), w.qkv_parts)
         else:
             h = _rms_norm(x, w.input_norm, self.eps)
             qkv = w.packed["qkv"](h, w.qkv_bias) if w.packed else F.linear(h, w.qkv, w.qkv_bias)
@@ -510,14 +552,25 @@ class LeanLM:
         return qk[:, : self.heads], qk[:, self.heads :], v
 
     def finish(self, i: int, w: _Weights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``."""
+        """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``, or the
+        attention outputs ``(B, H, T, D)`` of the pass's parts, in order (with autograd)."""
+        if isinstance(attended, (list, tuple)):
+            dtype = _product_dtype(x, w.o)
+            rows = [out.shape[0] * out.shape[2] for out in attended]
+            x = torch.cat([_OutProjection.apply(part, out, w.o, w.o_bias, dtype)
+                           for part, out in zip(x.split(rows), attended)])
+            return self.mlp(w, x)
         if w.packed:
             x = x + w.packed["o"](attended.reshape(x.shape[0], -1), w.o_bias)
             gate_up = w.packed["gate_up"](_rms_norm(x, w.post_norm, self.eps), w.gate_up_bias)
             return x + w.packed["down"](_swiglu(gate_up), w.down_bias)
-        x = _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias)
+        return self.mlp(w, _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias))
+
+    def mlp(self, w: _Weights, x: torch.Tensor) -> torch.Tensor:
+        """The MLP half of a layer and its residual."""
         if _saves_less(x, w.post_norm):
-            gate_up = _NormLinear.apply(x, w.post_norm, w.gate_up, w.gate_up_bias, self.eps, _product_dtype(x, w.gate_up))
+            gate_up = _NormLinear.apply(x, w.post_norm, w.gate_up, w.gate_up_bias, self.eps, _product_dtype(x, w.gate_up),
+                                        w.gate_up_parts)
             return _SwiGLUDown.apply(x, gate_up, w.down, w.down_bias, _product_dtype(gate_up, w.down))
         h = _rms_norm(x, w.post_norm, self.eps)
         if _weights_first(h):
@@ -624,6 +677,8 @@ class LeanLM:
             out_p = self.attend(qp, kp, vp, prompt_attn)
             out_c = self.attend(qc, torch.cat([kp.index_select(0, owner), kc], dim=2),
                                 torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn)
+            if _saves_less(x, w.post_norm):
+                return self.finish(i, w, x, [out_p, out_c])
             attended = torch.cat([out_p.transpose(1, 2).reshape(split, -1), out_c.transpose(1, 2).reshape(n * tc, -1)])
             return self.finish(i, w, x, attended)
 
