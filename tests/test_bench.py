@@ -94,6 +94,9 @@ def test_benchmark_runs_zenalign_side(tmp_path):
     assert token["sampler_s"] > 0 and token["weight_bytes"] == 4 * 1_034_368 and token["bandwidth_gb_s"] > 0
     assert "- 1m: " in done.stdout and "x the floor" in done.stdout
     assert result["loss_check"]["clip_frac"] > 0.05 and result["seconds_per_step"] > 0
+    if sys.platform.startswith("linux"):  # the gate's peak is printed apart; the reported one is the steps'
+        assert result["loss_check"]["peak_reset"] and result["loss_check"]["peak_rss_mb"] > 0
+        assert "the gate's peak RSS" in done.stdout and 0 < result["peak_rss_mb"]
     assert len(result["rounds_seconds_per_step"]) == 2
     assert result["seconds_per_step"] == min(result["rounds_seconds_per_step"])  # the lower median of two
 

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from zenalign.models.lean import checked_lean_model
 from zenalign.models.lora import forward_module
 from zenalign.models.primitives import (accepts_logits_to_keep, cache_argument, full_attention_only, mask_positions,
-                                        new_cache, prompt_groups)
+                                        new_cache, product_dtype, prompt_groups)
 
 
 def completion_logprobs(
@@ -216,7 +216,7 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool):
-        dtype = _product_dtype(hidden, weight)
+        dtype = product_dtype(hidden, weight)
         logits = _logits(hidden, weight, bias, temperature, dtype)                       # (n, t, V) float32
         log_probs = torch.log_softmax(logits, dim=-1)
         chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # (n, t)
@@ -247,12 +247,6 @@ class _LinearLogProbs(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_logits.sum(0).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
-
-
-def _product_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(hidden.dtype,
-                                                                                                         weight.dtype)
 
 
 def _logits(hidden, weight, bias, temperature: float, dtype: torch.dtype) -> torch.Tensor:

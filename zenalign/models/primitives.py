@@ -99,3 +99,12 @@ def _each_in_turn(processors: list) -> Any:
         return scores
 
     return process
+
+
+def product_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(x, weight)`` computes in where it is called: autocast's on ``x``'s device,
+    else the two inputs' common dtype. Autograd functions that run a layer's products themselves
+    (and again in backward, where autocast is off) cast to it explicitly."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(x.dtype,
+                                                                                                         weight.dtype)
