@@ -280,6 +280,8 @@ def worker_trl(args) -> dict:
                                     max_new_tokens=max_new_tokens, prompts_per_step=per_step, group_size=group,
                                     learning_rate=1e-6, beta=0.0, seed=args.seed, output_dir=tmp,
                                     bf16=args.precision == "bf16")
+    result["peak_rss_mb"] = peak_rss_mb()  # read the same way as zenalign's (its child has no gate to leave out)
+    result["peak_rss_note"] = "VmHWM of the whole process (model load, dataset, the steps)"
     tokenizer = trl_runner._load_tokenizer(args.model_dir, add_special_tokens=False)
     result["prompt_len"] = statistics.fmean(len(tokenizer(p["prompt"])["input_ids"]) for p in prompts)
     lengths = [x for x in result["completion_mean_length_per_step"][result["warmup_steps_skipped"]:] if x is not None]
