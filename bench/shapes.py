@@ -223,10 +223,18 @@ def fastpaths(precision: str, only: str = "") -> None:
         report("written-out single-query attention, decoding (per token)", "fused sdpa", "written out",
                *ab(plain, decode(True), 5), new_tokens)
     if "update" in groups:
-        chunked = logprobs_module.chunked_token_logprobs
+        from torch.utils.checkpoint import checkpoint
 
-        def through_autograd(hidden, head, *args, **kwargs):  # the head as a plain callable: checkpointed chunks
-            return chunked(hidden, (lambda h: head(h)) if isinstance(head, torch.nn.Linear) else head, *args, **kwargs)
+        def through_autograd(hidden, head, targets, temperature, entropy, vocab, budget=None):
+            """What chunked_token_logprobs did before _LinearLogProbs: each chunk of positions
+            through autograd's log_softmax and gather, under checkpointing."""
+            step = max(1, (budget or logprobs_module.LOGIT_CHUNK) // (targets.shape[0] * vocab))
+
+            def chunk(h, t):
+                return logprobs_module._token_logprobs(head(h), t, temperature, entropy)
+
+            return torch.cat([checkpoint(chunk, hidden[:, i:i + step], targets[:, i:i + step], use_reentrant=False)
+                              for i in range(0, targets.shape[1], step)], dim=1)
 
         plain = patched(logprobs_module, "chunked_token_logprobs", through_autograd, update(True))
         report("LM-head log-probs as one function, update pass", "log_softmax + gather, checkpointed chunks",

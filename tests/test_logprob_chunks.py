@@ -11,18 +11,17 @@ from conftest import build_tiny_llama, ragged_rollout, saved_bytes
 from zenalign.grpo import logprobs as lp
 
 
-def plain_and_chunked(head, linear, hidden, targets, temperature, entropy, budget, weights):
+def plain_and_chunked(linear, hidden, targets, temperature, entropy, budget, weights):
     """(saved bytes, log-probs, entropies, hidden's gradient, ``linear``'s gradients) for the plain
-    computation (``budget`` None) and for chunked_token_logprobs with ``head`` (``linear`` or a
-    function calling it)."""
+    computation (``budget`` None) and for chunked_token_logprobs with ``linear`` as the head."""
     hidden.grad = None
     for p in linear.parameters():
         p.grad = None
     vocab = linear.out_features
     if budget is None:
-        kept, out = saved_bytes(lambda: lp._token_logprobs(head(hidden), targets, temperature, entropy))
+        kept, out = saved_bytes(lambda: lp._token_logprobs(linear(hidden), targets, temperature, entropy))
     else:
-        kept, out = saved_bytes(lambda: lp.chunked_token_logprobs(hidden, head, targets, temperature, entropy, vocab, budget))
+        kept, out = saved_bytes(lambda: lp.chunked_token_logprobs(hidden, linear, targets, temperature, entropy, vocab, budget))
     logp = out[0] if entropy else out
     (logp * weights).sum().backward()
     grads = [p.grad.clone() for p in linear.parameters()]
@@ -31,23 +30,20 @@ def plain_and_chunked(head, linear, hidden, targets, temperature, entropy, budge
 
 @pytest.mark.parametrize("entropy", [False, True], ids=["log-probs", "with-entropy"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("kind", ["linear", "callable"])
-def test_chunks_give_the_plain_values_and_gradients_and_keep_no_logits(entropy, bias, kind):
-    """An nn.Linear head runs as _LinearLogProbs (whole, and 5 positions a chunk); any other head
-    callable under checkpointing. Both equal autograd through log_softmax and gather."""
+def test_chunks_give_the_plain_values_and_gradients_and_keep_no_logits(entropy, bias):
+    """The head as _LinearLogProbs, whole and 5 positions a chunk, equals autograd through
+    log_softmax and gather."""
     torch.manual_seed(0)
     n, tc, hidden_size, vocab = 3, 37, 16, 500
     hidden = torch.randn(n, tc, hidden_size, requires_grad=True)
     linear = torch.nn.Linear(hidden_size, vocab, bias=bias)
-    head = linear if kind == "linear" else (lambda h: linear(h))
     targets = torch.randint(0, vocab, (n, tc))
     weights = torch.linspace(-0.5, 2.0, n * tc).reshape(n, tc)
-    plain = plain_and_chunked(linear, linear, hidden, targets, 0.7, entropy, None, weights)
+    plain = plain_and_chunked(linear, hidden, targets, 0.7, entropy, None, weights)
     logits_bytes = n * tc * vocab * 4
     assert plain[0] > logits_bytes  # autograd keeps the (N, Tc, V) log-softmax for backward
-    budgets = (n * 5 * vocab,) if kind == "callable" else (n * tc * vocab, n * 5 * vocab)
-    for budget in budgets:
-        got = plain_and_chunked(head, linear, hidden, targets, 0.7, entropy, budget, weights)
+    for budget in (n * tc * vocab, n * 5 * vocab):
+        got = plain_and_chunked(linear, hidden, targets, 0.7, entropy, budget, weights)
         for a, b in zip(plain[1:], got[1:]):
             if isinstance(a, list):
                 for x, y in zip(a, b):
@@ -85,10 +81,10 @@ def test_the_linear_head_under_bf16_autocast_is_as_close_as_autograds():
     linear = torch.nn.Linear(hidden_size, vocab, bias=False)
     targets = torch.randint(0, vocab, (n, tc))
     weights = torch.ones(n, tc)
-    exact = plain_and_chunked(linear, linear, hidden, targets, 1.0, False, None, weights)
+    exact = plain_and_chunked(linear, hidden, targets, 1.0, False, None, weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = plain_and_chunked(linear, linear, hidden, targets, 1.0, False, None, weights)
-        fused = plain_and_chunked(linear, linear, hidden, targets, 1.0, False, n * 3 * vocab, weights)
+        low = plain_and_chunked(linear, hidden, targets, 1.0, False, None, weights)
+        fused = plain_and_chunked(linear, hidden, targets, 1.0, False, n * 3 * vocab, weights)
     for i in (1, 3):
         low_err, fused_err = float((low[i] - exact[i]).abs().max()), float((fused[i] - exact[i]).abs().max())
         assert 0 < fused_err <= 1.5 * low_err + 1e-4, (i, fused_err, low_err)

@@ -7,11 +7,10 @@ distribution the completions were drawn from (a departure from the paper, which 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from zenalign.models.lean import checked_lean_model
 from zenalign.models.lora import forward_module
@@ -170,31 +169,18 @@ class _HeadInputs:
 LOGIT_CHUNK = 1 << 26  # logits computed at once by chunked_token_logprobs: 256 MB in fp32
 
 
-def chunked_token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
-                           temperature: float, entropy: bool, vocab: int, budget: int | None = None):
+def chunked_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float,
+                           entropy: bool, vocab: int, budget: int | None = None):
     """:func:`_token_logprobs` of ``head(hidden)`` (``(N, Tc, H)`` -> ``(N, Tc, V)`` logits), a chunk
     of positions at a time so that at most about ``budget`` logits exist at once, and none are
     kept for backward: memory grows with the chunk, not with Tc x V (at V = 151,936 and 512
-    positions, the full fp32 logits of 32 rows are 10 GB).
-
-    With ``head`` a plain ``nn.Linear`` each chunk is one :class:`_LinearLogProbs`: its backward
-    recomputes the chunk's logits from the hidden states and writes the softmax gradient in place.
-    With another callable each chunk runs under non-reentrant checkpointing (below the budget,
-    one plain pass)."""
+    positions, the full fp32 logits of 32 rows are 10 GB). Each chunk is one
+    :class:`_LinearLogProbs`: its backward recomputes the chunk's logits from the hidden states
+    and writes the softmax gradient in place."""
     n, tc = targets.shape
     step = max(1, (budget or LOGIT_CHUNK) // max(1, n * vocab))
-    if type(head) is torch.nn.Linear:
-        parts = [_LinearLogProbs.apply(hidden[:, i:i + step], head.weight, head.bias, targets[:, i:i + step],
-                                       temperature, entropy) for i in range(0, tc, step)]
-    elif step >= tc:
-        return _token_logprobs(head(hidden), targets, temperature, entropy)
-    else:
-        def chunk(h: torch.Tensor, t: torch.Tensor):
-            return _token_logprobs(head(h), t, temperature, entropy)
-
-        recompute = torch.is_grad_enabled() and hidden.requires_grad
-        parts = [checkpoint(chunk, hidden[:, i:i + step], targets[:, i:i + step], use_reentrant=False) if recompute
-                 else chunk(hidden[:, i:i + step], targets[:, i:i + step]) for i in range(0, tc, step)]
+    parts = [_LinearLogProbs.apply(hidden[:, i:i + step], head.weight, head.bias, targets[:, i:i + step],
+                                   temperature, entropy) for i in range(0, tc, step)]
     if not entropy:
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)

@@ -341,15 +341,7 @@ class _SwiGLUDown(torch.autograd.Function):
         act = F.silu(gate) * up
         ctx.save_for_backward(gate_up, down, bias)
         ctx.dtype = dtype
-        return _SwiGLUDown.residual_product(x, act, down, bias, dtype)
-
-    @staticmethod
-    def residual_product(x, a, weight, bias, dtype: torch.dtype) -> torch.Tensor:
-        """``x + F.linear(a, weight, bias)``, the product in ``dtype``."""
-        with torch.autocast(x.device.type, enabled=False):
-            if bias is None and x.dtype == a.dtype == weight.dtype == dtype:
-                return torch.addmm(x, a, weight.t())
-            return x + F.linear(a.to(dtype), weight.to(dtype), _cast(bias, dtype))
+        return _add_linear(x, act, down, bias)  # in dtype: autocast's, or the inputs'
 
     @staticmethod
     def backward(ctx, grad):
@@ -381,7 +373,7 @@ class _OutProjection(torch.autograd.Function):
     def forward(ctx, x, out, o, bias, dtype: torch.dtype):
         ctx.save_for_backward(out, o, bias)
         ctx.dtype = dtype
-        return _SwiGLUDown.residual_product(x, _heads_to_rows(out), o, bias, dtype)
+        return _add_linear(x, _heads_to_rows(out), o, bias)
 
     @staticmethod
     def backward(ctx, grad):
