@@ -23,17 +23,24 @@ def model(request):
     return model
 
 
+@pytest.mark.parametrize("halves", ["autograd", "recomputing"])
 @pytest.mark.parametrize("attention", ["products", "fused"])
 @pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "prompt-per-row"])
 @pytest.mark.parametrize("rows", [slice(0, 12), slice(3, 10)], ids=["whole-batch", "micro-batch-across-groups"])
-def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, share, attention, monkeypatch):
+def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, share, attention, halves, monkeypatch):
     """Both of the lean pass's attention kernels: products (what these small shapes use) and the
-    fused one (what shapes above fastpath.SMALL_ATTENTION use)."""
+    fused one (what shapes above fastpath.SMALL_ATTENTION use); both ways of running a layer with
+    autograd: plain autograd (what these small shapes use) and the layer halves that recompute
+    (what passes from fastpath.RECOMPUTE_FROM residual elements use)."""
     assert rollout.truncated.any() and not rollout.truncated.all()
     if attention == "fused":
         monkeypatch.setattr(fastpath, "SMALL_ATTENTION", 0)
+    monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
+    gates, saves_less = [], fastpath._saves_less
+    monkeypatch.setattr(fastpath, "_saves_less", lambda x, w: gates.append(saves_less(x, w)) or gates[-1])
     plain_logp, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
     lean_logp, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, share=share)
+    assert gates and set(gates) == {halves == "recomputing"}
     torch.testing.assert_close(lean_logp, plain_logp, rtol=0, atol=2e-5)
     assert lean_grads.keys() == plain_grads.keys() and len(plain_grads) == len(list(model.parameters()))
     for name, grad in plain_grads.items():
@@ -42,8 +49,10 @@ def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, s
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_lean_bf16_autocast_is_as_close_to_float32_as_transformers_bf16(model, rollout):
+@pytest.mark.parametrize("halves", ["autograd", "recomputing"])
+def test_lean_bf16_autocast_is_as_close_to_float32_as_transformers_bf16(model, rollout, halves, monkeypatch):
     """Under bf16 autocast neither path equals float32; the lean one must not be further off."""
+    monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
     rows = slice(0, 12)
     exact, exact_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
     plain, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False, autocast=True)
