@@ -5,7 +5,7 @@ sampled tokens; and the models it must leave to transformers."""
 import pytest
 import torch
 
-from conftest import (EOS, PROMPTS, TINY_ARCHS, build_tiny_causal_lm, byte_tokenizer, logprobs_and_grads, sample_groups,
+from conftest import (EOS, PROMPTS, TINY_ARCHS, build_tiny_causal_lm, build_tiny_llama, byte_tokenizer, logprobs_and_grads, sample_groups,
                       saved_bytes)
 from zenalign.models import lean as fastpath
 from zenalign.models.lean import attention_products, lean_model, why_not_lean
@@ -432,3 +432,37 @@ def test_the_layer_halves_that_save_less_give_autograds_values_and_gradients(bia
     # kept: x, the rows' 1/rms and the gate/up product, against autograd's normalised rows and (T, I) activation too
     assert fused_kept == 4 * (t * hidden + t + t * 2 * inter), fused_kept
     assert plain_kept >= fused_kept + 4 * (t * hidden + t * inter), (plain_kept, fused_kept)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_lean_update_pass_keeps_one_mask_the_queries_alone_and_no_cast_attention_output(autocast, monkeypatch):
+    """What the fused attention kernel keeps on the update pass, storage by storage: the additive
+    mask once for all layers (a boolean one is converted, and kept, in every layer), the
+    completions' queries without the rotated keys beside them, and under autocast no bf16 copy
+    of its float32 output."""
+    monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0)
+    monkeypatch.setattr(fastpath, "SMALL_ATTENTION", 0)
+    layers, heads, kv_heads, head_dim = 3, 2, 1, 16
+    model = build_tiny_llama(seed=SEED, layers=layers).train()
+    groups, group, tp, tc = 2, 3, 4, 6
+    prompts = torch.randint(3, 200, (groups, tp)).repeat_interleave(group, 0)
+    sequences = torch.cat([prompts, torch.randint(3, 200, (groups * group, tc))], 1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = (storage.nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        completion_logprobs(model, sequences, torch.ones_like(sequences), tp, 1.0)
+    n, inputs, tokens = groups * group, tc - 1, groups * tp + groups * group * (tc - 1)
+    sizes = [(nbytes, dtype) for nbytes, dtype in kept.values()]
+    completion_mask = 4 * n * inputs * (tp + inputs)
+    assert sizes.count((completion_mask, torch.float32)) == 1, sizes
+    assert (4 * tokens * (heads + kv_heads) * head_dim, torch.float32) not in sizes       # rotated q/k rows
+    assert sizes.count((4 * n * inputs * heads * head_dim, torch.float32)) == 2 * layers, sizes  # queries, output
+    assert not any(dtype == torch.bfloat16 and nbytes == 2 * n * inputs * heads * head_dim for nbytes, dtype in sizes)

@@ -166,7 +166,7 @@ class _HeadInputs:
         return same
 
 
-LOGIT_CHUNK = 1 << 26  # logits computed at once by chunked_token_logprobs: 256 MB in fp32
+LOGIT_CHUNK = 1 << 24  # logits computed at once by chunked_token_logprobs: 64 MB in fp32
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float,

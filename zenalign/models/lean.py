@@ -411,6 +411,13 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask as the float32 one attention kernels add to the scores (0 or
+    -inf). Given to the fused kernel as is, it is the tensor the kernel keeps for backward: one
+    for every layer of a pass, where a boolean mask is converted, and kept, in each layer."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
     """``(B, 1, T, T)`` boolean attention mask for left-padded rows: each real token sees the real
     tokens up to itself; a padding position sees only itself (its output is never used, and a
@@ -432,14 +439,15 @@ SMALL_ATTENTION = 1 << 22
 def attention_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                        scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale, masked) v`` as batched products: ``(B, H, T, D)`` queries over
-    ``(B, KV, S, D)`` keys and values, a boolean ``(B, 1, T, S)`` mask in which every query sees
-    at least one key. Query heads are grouped under their key/value head (head ``h`` uses
+    ``(B, KV, S, D)`` keys and values, a ``(B, 1, T, S)`` mask (boolean, or additive: 0 or -inf)
+    in which every query sees at least one key. Query heads are grouped under their key/value head (head ``h`` uses
     ``h // (H / KV)``, as in transformers), so keys and values are not repeated."""
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
     scores = torch.bmm(q.reshape(b * kv, g * t, d), k.reshape(b * kv, s, d).transpose(1, 2))
-    scores = scores.view(b, kv, g, t, s).mul_(scale).masked_fill_(~mask[:, :, None], float("-inf"))
+    scores = scores.view(b, kv, g, t, s).mul_(scale)
+    scores = scores.masked_fill_(~mask[:, :, None], float("-inf")) if mask.dtype == torch.bool else scores.add_(mask[:, :, None])
     probs = scores.view(b * kv, g * t, s).softmax(dim=-1)
     return torch.bmm(probs, v.reshape(b * kv, s, d)).view(b, h, t, d)
 
@@ -570,11 +578,13 @@ class LeanLM:
             return _add_linear_weights_first(x, _swiglu(gate_up), w.down, w.down_bias)
         return _add_linear(x, _swiglu(F.linear(h, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               cast: bool = True) -> torch.Tensor:
         """Scaled dot-product attention over ``(B, heads, T, D)`` queries and ``(B, kv_heads, S, D)``
-        keys/values with a boolean ``(B, 1, T, S)`` mask. On a CPU under autocast it runs in
-        float32 (torch's bf16 CPU attention kernels are slow, above all backward); on a CPU with
-        at most :data:`SMALL_ATTENTION` scores it is written out as two batched products
+        keys/values with a ``(B, 1, T, S)`` mask, boolean or :func:`additive_mask`. On a CPU under
+        autocast it runs in float32 (torch's bf16 CPU attention kernels are slow, above all
+        backward) and its output is cast to autocast's dtype, unless ``cast`` is false; on a CPU
+        with at most :data:`SMALL_ATTENTION` scores it is written out as two batched products
         (:func:`attention_products`)."""
         gqa = self.kv_heads != self.heads
         if gqa and not _SDPA_GQA:  # torch < 2.5: repeat each key/value head for its query heads
@@ -582,7 +592,8 @@ class LeanLM:
             gqa = False
 
         def fused(q, k, v):
-            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scaling,
+            bias = mask if mask.dtype == torch.bool else mask.to(q.dtype)
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=bias, scale=self.scaling,
                                                   **({"enable_gqa": gqa} if gqa else {}))
 
         if q.device.type != "cpu":
@@ -595,7 +606,7 @@ class LeanLM:
         with _CpuAutocastOff():  # in float32
             out = (attention_products(q.float(), k.float(), v.float(), mask, self.scaling) if small
                    else fused(q.float(), k, v))
-        return out.to(dtype)
+        return out.to(dtype) if cast else out
 
     def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Attention of one new token per row, written out: ``(N, H, D)`` queries over
@@ -655,21 +666,29 @@ class LeanLM:
                                     positions[:, tp:].reshape(-1)])
         x = self.body.embed_tokens(torch.cat([prompts.reshape(-1), inputs.reshape(-1)]))
         rotation = self.rotary(x, flat_positions)
-        prompt_attn = padded_causal_mask(prompt_mask)
+        prompt_attn = additive_mask(padded_causal_mask(prompt_mask))
         # A completion token sees its prompt's real tokens and its own completion up to itself.
         causal = torch.ones(tc, tc, dtype=torch.bool, device=x.device).tril()
-        completion_attn = torch.cat([prompt_mask.bool()[owner][:, None, :].expand(n, tc, tp),
-                                     causal.expand(n, tc, tc)], dim=2)[:, None]
+        completion_attn = additive_mask(torch.cat([prompt_mask.bool()[owner][:, None, :].expand(n, tc, tp),
+                                                   causal.expand(n, tc, tc)], dim=2)[:, None])
         split = g * tp
 
         def layer(i: int, w: _Weights, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self.qkv(i, w, x, rotation)
-            qp, kp, vp = (t[:split].view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            qc, kc, vc = (t[split:].view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            out_p = self.attend(qp, kp, vp, prompt_attn)
+            halves = _saves_less(x, w.post_norm)
+            # With the halves, what attention keeps is copied out of the q/k/v rows (the prompts'
+            # queries, keys and values, the completions' queries), so that the rows themselves
+            # (rotated queries and keys, or the product's q/k/v, the completions' keys and values
+            # being kept in their concatenated copies) are not kept through views; and attention's
+            # float32 output goes to the output projection as the kernel keeps it, with no cast
+            # copy under autocast.
+            qp, kp, vp, qc = (t.contiguous() if halves else t for t in (q[:split], k[:split], v[:split], q[split:]))
+            qp, kp, vp = (t.view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (qp, kp, vp))
+            qc, kc, vc = (t.view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (qc, k[split:], v[split:]))
+            out_p = self.attend(qp, kp, vp, prompt_attn, cast=not halves)
             out_c = self.attend(qc, torch.cat([kp.index_select(0, owner), kc], dim=2),
-                                torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn)
-            if _saves_less(x, w.post_norm):
+                                torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn, cast=not halves)
+            if halves:
                 return self.finish(i, w, x, [out_p, out_c])
             attended = torch.cat([out_p.transpose(1, 2).reshape(split, -1), out_c.transpose(1, 2).reshape(n * tc, -1)])
             return self.finish(i, w, x, attended)
