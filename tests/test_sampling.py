@@ -168,10 +168,69 @@ def test_candidates_and_tail_draw_from_softmax(case):
     out = sampler(torch.zeros(n, 2, dtype=torch.long), logits.expand(n, -1))
     draws = out.argmax(-1)
     assert torch.equal(out.isfinite().sum(-1), torch.ones(n, dtype=torch.long))  # one token per row
+    assert torch.equal(sampler.choose(torch.zeros(n, 2, dtype=torch.long), logits.expand(n, -1)), draws)
     scaled = logits / temperature
     for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else []):
         scaled = warper(None, scaled)
     assert_draws_follow(draws, torch.softmax(scaled[0].double(), -1))
+
+
+@pytest.mark.parametrize("spread", [0.05, 3.0], ids=["every-row-opens-the-tail", "some-rows-do"])
+def test_a_vocabulary_of_whole_tail_blocks_draws_from_softmax_and_choose_picks_the_same(spread):
+    """At 2,048 ids (two whole tail blocks, so nothing is padded) the large-vocabulary path still
+    passes the chi-square test, and ``choose`` returns the argmax of the scores ``__call__`` builds,
+    whether every row needs the tail's sum (flat logits) or only some rows do."""
+    generator = torch.Generator().manual_seed(8)
+    n, vocab = 20_000, 2048
+    logits = torch.randn(n, vocab, generator=generator) * spread
+    logits[:, :4] += torch.tensor([6.0, 5.0, 4.0, 3.0]) * spread
+    keys = completion_keys(seed=2, step=5, first_completion=0, count=n)
+    sampler = GumbelSampler(keys, prompt_length=0, temperature=1.0, candidates=8, full_vocab=0)
+    ids = torch.zeros(n, 1, dtype=torch.long)
+    draws = sampler.choose(ids, logits)
+    assert torch.equal(draws, sampler(ids, logits).argmax(-1))
+    one_row = torch.stack([GumbelSampler(keys[i:i + 1], 0, 1.0, candidates=8, full_vocab=0).choose(
+        ids[i:i + 1], logits[i:i + 1])[0] for i in range(0, n, 997)])
+    assert torch.equal(one_row, draws[::997])  # a row alone draws what it draws in the batch
+    row_logits = logits[0]
+    repeated = GumbelSampler(keys, 0, 1.0, candidates=8, full_vocab=0).choose(ids, row_logits.expand(n, -1))
+    assert_draws_follow(repeated, torch.softmax(row_logits.double(), -1))
+
+
+def test_the_decoding_loop_lets_the_sampler_choose_and_runs_other_processors_first():
+    """sample_loop hands the scores, after the processors before it, to the keyed sampler's
+    ``choose`` instead of an argmax over built scores; the ids are the same as the argmax's."""
+    from zenalign.models.primitives import sample_loop
+
+    generator = torch.Generator().manual_seed(4)
+    vocab, rows, steps = 5000, 6, 5
+    table = torch.randn(steps, rows, vocab, generator=generator)
+    keys = completion_keys(seed=3, step=1, first_completion=0, count=rows)
+    calls = []
+
+    class Counting(GumbelSampler):
+        def choose(self, input_ids, scores):
+            calls.append(float(scores[0, 7]))
+            return super().choose(input_ids, scores)
+
+    def bump(input_ids, scores):  # an ordinary processor before the sampler
+        return scores.index_fill(1, torch.tensor([7]), 50.0 + input_ids.shape[1])
+
+    def run(processors):
+        state = {"step": 0}
+
+        def step_logits(previous):
+            state["step"] += 1
+            return table[state["step"]]
+
+        return sample_loop(torch.zeros(rows, 2, dtype=torch.long), table[0], step_logits, steps,
+                           torch.tensor([-1]), 0, processors)
+
+    chosen = run([bump, Counting(keys, 2, 1.0)])
+    assert calls == [52.0, 53.0, 54.0, 55.0, 56.0]  # called each step, after the other processor
+    sampler = GumbelSampler(keys, 2, 1.0)
+    built = run(lambda input_ids, scores: sampler(input_ids, bump(input_ids, scores)))  # a bare callable: argmax
+    assert torch.equal(chosen, built) and bool((chosen[:, 2:] == 7).all())
 
 
 def test_the_tail_atom_and_the_full_draw_agree_where_the_tail_cannot_win():

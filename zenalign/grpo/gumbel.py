@@ -128,8 +128,24 @@ class GumbelSampler:
             self.warpers.append(TopPLogitsWarper(top_p=top_p))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Scores whose argmax is the sampled token: ``scores + G`` over a vocabulary of at most
-        ``FULL_VOCAB`` tokens; over a larger one, 0 at the sampled token and -inf elsewhere."""
+        """Scores whose argmax is the sampled token (the logits-processor interface): ``scores + G``
+        over a vocabulary of at most ``FULL_VOCAB`` tokens; over a larger one, 0 at the sampled
+        token and -inf elsewhere."""
+        scores, rows = self._prepared(input_ids, scores)
+        if scores.shape[-1] <= max(self.full_vocab, self.candidates):
+            return scores + _gumbel(rows, self._tokens[:, : scores.shape[-1]]).to(scores.dtype)  # + G, G = -log(-log U)
+        return _one_hot_scores(scores, _candidates_and_tail(scores, rows, self._tokens, self.candidates))
+
+    def choose(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The sampled ids ``(N,)``: the argmax of :meth:`__call__`'s scores, without building
+        them over a large vocabulary (a decoding loop that knows this sampler calls this)."""
+        scores, rows = self._prepared(input_ids, scores)
+        if scores.shape[-1] <= max(self.full_vocab, self.candidates):
+            return (scores + _gumbel(rows, self._tokens[:, : scores.shape[-1]]).to(scores.dtype)).argmax(dim=-1)
+        return _candidates_and_tail(scores, rows, self._tokens, self.candidates)
+
+    def _prepared(self, input_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32, tempered, truncated scores and this position's ``(N, 1)`` row hashes."""
         scores = scores.float()
         if self.temperature != 1.0:
             scores = scores / self.temperature
@@ -142,10 +158,7 @@ class GumbelSampler:
         if self._rows is None or self._rows.device != device or position >= self._rows.shape[1]:
             end = (position // ROW_BLOCK + 1) * ROW_BLOCK
             self._rows = row_hashes(self.keys.to(device), 0, end)
-        rows = self._rows[:, position : position + 1]                                   # (N, 1)
-        if vocab <= max(self.full_vocab, self.candidates):
-            return scores + _gumbel(rows, self._tokens[:, :vocab]).to(scores.dtype)      # + G, G = -log(-log U)
-        return _one_hot_scores(scores, _candidates_and_tail(scores, rows, self._tokens, self.candidates))
+        return scores, self._rows[:, position : position + 1]                           # (N, 1)
 
 
 def _gumbel(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -172,8 +185,13 @@ def _candidates_and_tail(scores: torch.Tensor, rows: torch.Tensor, tokens: torch
     if not len(open_rows):
         return chosen
     peak = top[open_rows, :1]                                                             # (k, 1)
-    weights = (scores[open_rows] - peak).exp_().scatter_(1, index[open_rows], 0.0)        # the tail's exp(s - peak)
-    blocks = F.pad(weights, (0, -vocab % TAIL_BLOCK)).view(len(open_rows), -1, TAIL_BLOCK)
+    if len(open_rows) == n:  # every row (flat logits): no copy of the rows first
+        weights = (scores - peak).exp_().scatter_(1, index, 0.0)                          # the tail's exp(s - peak)
+    else:
+        weights = scores[open_rows].sub_(peak).exp_().scatter_(1, index[open_rows], 0.0)
+    if vocab % TAIL_BLOCK:
+        weights = F.pad(weights, (0, -vocab % TAIL_BLOCK))
+    blocks = weights.view(len(open_rows), -1, TAIL_BLOCK)
     block_sums = blocks.sum(dim=-1).double()                                              # (k, V / block)
     tail_best = block_sums.sum(dim=-1).log() + peak.squeeze(1).double() + tail_noise[open_rows]
     for i in torch.nonzero(tail_best > best[open_rows]).flatten().tolist():               # rare: a tail token wins

@@ -74,19 +74,33 @@ def sample_loop(tokens: torch.Tensor, logits: torch.Tensor, step_logits: Any, ma
                 pad_id: int, processors: Any) -> torch.Tensor:
     """The token loop every decoder shares: from the prompts' last logits, pick each row's next
     token through the logits processors and an argmax, pad rows that have emitted an EOS, and stop
-    when every row has ended; ``step_logits(tokens_just_chosen)`` runs the model one step."""
+    when every row has ended; ``step_logits(tokens_just_chosen)`` runs the model one step. A last
+    processor with a ``choose(input_ids, scores)`` method (the keyed sampler) picks the ids
+    itself, with no scores built for the argmax."""
     unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    process = _each_in_turn(processors) if isinstance(processors, list) else processors
+    choose = _chooser(processors)
     for step in range(max_new_tokens):
         if step:
             logits = step_logits(next_tokens)
-        next_tokens = process(tokens, logits.float()).argmax(dim=-1)
+        next_tokens = choose(tokens, logits.float())
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         unfinished &= ~torch.isin(next_tokens, eos)
         if not bool(unfinished.any()):
             break
     return tokens
+
+
+def _chooser(processors: Any) -> Any:
+    """``(input_ids, scores) -> ids``: the processors, then an argmax, or the last one's ``choose``."""
+    if not isinstance(processors, list):
+        return lambda input_ids, scores: processors(input_ids, scores).argmax(dim=-1)
+    *others, last = processors or [None]
+    if last is not None and callable(getattr(last, "choose", None)):
+        process = _each_in_turn(others)
+        return lambda input_ids, scores: last.choose(input_ids, process(input_ids, scores))
+    process = _each_in_turn(processors)
+    return lambda input_ids, scores: process(input_ids, scores).argmax(dim=-1)
 
 
 def _each_in_turn(processors: list) -> Any:
