@@ -4,7 +4,11 @@ the values recorded before the package was reorganised (tests/fixtures/, written
 
 Rewards, counts and lengths must match exactly: they follow from the sampled tokens. The loss, KL,
 ratio and gradient norm are float reductions whose order depends on the BLAS thread count, so the
-run uses two threads (as recorded) and these columns are compared to a relative 1e-5.
+run uses two threads (as recorded) and these columns are compared to a relative 1e-5, the gradient
+norm to 1e-4: it amplifies the weights' float32 drift over the steps before it. At step 8 two
+implementations of the same layers, equal in exact arithmetic (lean.py's recomputing halves and
+plain autograd, pinned to each other pass by pass in test_fastpath.py), read 4.1e-6 and 3.2e-5
+from the recording, while the loss stays within 2.1e-6 and every sampled token is the same.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pytest
 from conftest import REPO
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quickstart-10-steps.metrics.jsonl"
-REDUCTIONS = {"loss", "kl", "ratio_mean", "grad_norm"}
+REDUCTIONS = {"loss": 1e-5, "kl": 1e-5, "ratio_mean": 1e-5, "grad_norm": 1e-4}  # relative tolerances
 ADDED_SINCE = {"entropy", "abstain_frac/accuracy"}  # columns added after the fixture was recorded (checked in their own tests)
 
 
@@ -50,7 +54,7 @@ def test_quickstart_metrics_equal_the_recorded_ones(tmp_path):
         assert set(after) == set(before) | ADDED_SINCE, f"step {before['step']}: columns changed"
         for column, value in before.items():
             if column in REDUCTIONS and value is not None:
-                assert math.isclose(after[column], value, rel_tol=1e-5, abs_tol=1e-9), (before["step"], column)
+                assert math.isclose(after[column], value, rel_tol=REDUCTIONS[column], abs_tol=1e-9), (before["step"], column)
             else:
                 assert after[column] == value, (before["step"], column, after[column], value)
 

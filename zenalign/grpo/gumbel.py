@@ -133,7 +133,7 @@ class GumbelSampler:
         token and -inf elsewhere."""
         scores, rows = self._prepared(input_ids, scores)
         if scores.shape[-1] <= max(self.full_vocab, self.candidates):
-            return scores + _gumbel(rows, self._tokens[:, : scores.shape[-1]]).to(scores.dtype)  # + G, G = -log(-log U)
+            return self._perturbed(scores, rows)
         return _one_hot_scores(scores, _candidates_and_tail(scores, rows, self._tokens, self.candidates))
 
     def choose(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -141,8 +141,12 @@ class GumbelSampler:
         them over a large vocabulary (a decoding loop that knows this sampler calls this)."""
         scores, rows = self._prepared(input_ids, scores)
         if scores.shape[-1] <= max(self.full_vocab, self.candidates):
-            return (scores + _gumbel(rows, self._tokens[:, : scores.shape[-1]]).to(scores.dtype)).argmax(dim=-1)
+            return self._perturbed(scores, rows).argmax(dim=-1)
         return _candidates_and_tail(scores, rows, self._tokens, self.candidates)
+
+    def _perturbed(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``scores + G`` with every id's own noise, G = -log(-log U)."""
+        return scores + _gumbel(rows, self._tokens[:, : scores.shape[-1]]).to(scores.dtype)
 
     def _prepared(self, input_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32, tempered, truncated scores and this position's ``(N, 1)`` row hashes."""

@@ -440,14 +440,18 @@ def attention_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale, masked) v`` as batched products: ``(B, H, T, D)`` queries over
     ``(B, KV, S, D)`` keys and values, a ``(B, 1, T, S)`` mask (boolean, or additive: 0 or -inf)
-    in which every query sees at least one key. Query heads are grouped under their key/value head (head ``h`` uses
-    ``h // (H / KV)``, as in transformers), so keys and values are not repeated."""
+    in which every query sees at least one key. Query heads are grouped under their key/value
+    head (head ``h`` uses ``h // (H / KV)``, as in transformers), so keys and values are not
+    repeated."""
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
     scores = torch.bmm(q.reshape(b * kv, g * t, d), k.reshape(b * kv, s, d).transpose(1, 2))
     scores = scores.view(b, kv, g, t, s).mul_(scale)
-    scores = scores.masked_fill_(~mask[:, :, None], float("-inf")) if mask.dtype == torch.bool else scores.add_(mask[:, :, None])
+    if mask.dtype == torch.bool:
+        scores.masked_fill_(~mask[:, :, None], float("-inf"))
+    else:
+        scores.add_(mask[:, :, None])
     probs = scores.view(b * kv, g * t, s).softmax(dim=-1)
     return torch.bmm(probs, v.reshape(b * kv, s, d)).view(b, h, t, d)
 
