@@ -434,6 +434,32 @@ def test_the_layer_halves_that_save_less_give_autograds_values_and_gradients(bia
     assert plain_kept >= fused_kept + 4 * (t * hidden + t * inter), (plain_kept, fused_kept)
 
 
+def test_the_mlp_half_writes_the_gate_up_gradient_over_the_saved_product():
+    """_SwiGLUDown's backward returns the gate/up gradient in the storage of the gate/up product it
+    saved (no fresh (T, 2I) tensor), with autograd's values; a second backward through the same
+    graph stops with autograd's in-place error instead of reading the overwritten product."""
+    torch.manual_seed(0)
+    t, hidden, inter = 5, 8, 12
+    x = torch.randn(t, hidden, requires_grad=True)
+    down = torch.randn(hidden, inter, requires_grad=True)
+    source = torch.randn(t, 2 * inter, requires_grad=True)
+    weights = torch.linspace(-1.0, 1.0, t * hidden).reshape(t, hidden)
+    gate, up = source.chunk(2, dim=-1)
+    (x + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)).mul(weights).sum().backward()
+    expected = source.grad.clone()
+    gate_up = source.detach().clone().requires_grad_()
+    product = gate_up * 1.0  # a non-leaf, as the gate/up product is in a layer
+    seen = []
+    product.register_hook(lambda grad: seen.append(grad))
+    out = fastpath._SwiGLUDown.apply(x, product, down, None, torch.float32)
+    address = product.data_ptr()
+    out.mul(weights).sum().backward(retain_graph=True)
+    assert seen[0].data_ptr() == address
+    torch.testing.assert_close(gate_up.grad, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.mul(weights).sum().backward()
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_a_lean_update_pass_keeps_one_mask_the_queries_alone_and_no_cast_attention_output(autocast, monkeypatch):
     """What the fused attention kernel keeps on the update pass, storage by storage: the additive

@@ -93,21 +93,34 @@ def test_the_linear_head_under_bf16_autocast_is_as_close_as_autograds():
     assert w_fused <= 1.5 * w_low + 1e-4, (w_fused, w_low)
 
 
+def spy_on_chunks(monkeypatch, chunks: list) -> None:
+    """Record the rows of every chunk of logits _LinearLogProbs computes (forward, then backward's
+    recomputation)."""
+    real = lp._logits_into
+    monkeypatch.setattr(lp, "_logits_into", lambda buffer, hidden, *a: chunks.append(hidden.shape[0]) or
+                        real(buffer, hidden, *a))
+
+
+def chunk_rows(total: int, rows: int) -> list:
+    return [rows] * (total // rows) + [total % rows] * bool(total % rows)
+
+
 def test_the_lean_pass_chunks_its_logits_with_the_same_result(monkeypatch):
     model = build_tiny_llama(layers=2, hidden=32).train()
     rollout = ragged_rollout(model)
     outputs, chunks = {}, []
-    real = lp._LinearLogProbs.apply
-    monkeypatch.setattr(lp._LinearLogProbs, "apply", lambda *a: chunks.append(a[0].shape[1]) or real(*a))
-    for budget in (lp.LOGIT_CHUNK, 12 * 384 * 2):  # the default (one chunk here), then 2 positions a chunk
+    spy_on_chunks(monkeypatch, chunks)
+    for budget in (lp.LOGIT_CHUNK, 7 * 384):  # the default (one chunk here), then 7 positions a chunk
         monkeypatch.setattr(lp, "LOGIT_CHUNK", budget)
         model.zero_grad(set_to_none=True)
         logp = lp.completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, 0.7,
                                       lean=True)
         (logp * rollout.completion_mask).sum().backward()
         outputs[budget] = (logp.detach(), {k: p.grad.clone() for k, p in model.named_parameters()})
-    tc = rollout.sequences.shape[1] - rollout.prompt_length
-    assert chunks == [tc] + [2] * (tc // 2) + [1] * (tc % 2)  # one chunk, then two positions a chunk
+    positions = logp.numel()
+    assert positions == 12 * (rollout.sequences.shape[1] - rollout.prompt_length) and positions % 7
+    # forward and backward: one chunk of every position, then 7 at a time (the last chunk shorter)
+    assert chunks == [positions] * 2 + chunk_rows(positions, 7) * 2
     (a, grads_a), (b, grads_b) = outputs.values()
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for name in grads_a:
@@ -137,16 +150,15 @@ def tiny_gemma2(softcap: float):
 
 
 def transformers_logprobs(model, rollout, share, monkeypatch, chunked: bool):
-    """logprobs_and_grads on transformers' forward, with logits chunked 2 positions at a time
+    """logprobs_and_grads on transformers' forward, with logits chunked 7 positions at a time
     (``chunked``) or computed whole by the model's own head; and the chunks' lengths."""
     from conftest import logprobs_and_grads
 
     chunks = []
     with monkeypatch.context() as m:
         if chunked:
-            m.setattr(lp, "LOGIT_CHUNK", 12 * 384 * 2)
-            real = lp._LinearLogProbs.apply
-            m.setattr(lp._LinearLogProbs, "apply", lambda *a: chunks.append(a[0].shape[1]) or real(*a))
+            m.setattr(lp, "LOGIT_CHUNK", 7 * 384)
+            spy_on_chunks(m, chunks)
         else:
             m.setattr(lp, "_capturable_head", lambda model: None)
         logp, grads = logprobs_and_grads(model, rollout, slice(0, 12), share=share, lean=False)
@@ -157,14 +169,13 @@ def transformers_logprobs(model, rollout, share, monkeypatch, chunked: bool):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_transformers_forward_chunks_its_logits_with_the_plain_result(arch, share, monkeypatch):
     """What DDP, DeepSpeed ZeRO-1/2 and architectures without a lean forward run: the head's inputs
-    are recorded and the log-probs computed 2 positions a chunk, equal to the model's own logits'
+    are recorded and the log-probs computed 7 positions a chunk, equal to the model's own logits'
     (values and every parameter's gradient)."""
     model = build_tiny_llama(layers=2, hidden=32).train() if arch == "llama" else tiny_gpt2()
     rollout = ragged_rollout(model)
     plain, plain_grads, _ = transformers_logprobs(model, rollout, share, monkeypatch, chunked=False)
     got, grads, chunks = transformers_logprobs(model, rollout, share, monkeypatch, chunked=True)
-    tc = rollout.sequences.shape[1] - rollout.prompt_length
-    assert chunks == [2] * (tc // 2) + [1] * (tc % 2)
+    assert chunks == chunk_rows(got.numel(), 7) * 2 and got.numel() % 7
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
     assert grads.keys() == plain_grads.keys() and len(grads) == len(list(model.parameters()))
     for name, grad in plain_grads.items():
@@ -184,3 +195,22 @@ def test_a_model_that_soft_caps_its_logits_after_the_head_keeps_its_own_logits(m
         torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_every_chunk_of_a_pass_reuses_one_logits_buffer(monkeypatch):
+    """Forward and backward each compute all their chunks' logits in one buffer (a chunk's logits
+    are tens of megabytes at realistic shapes, a fresh mapping every time), the last, shorter
+    chunk in its first rows."""
+    torch.manual_seed(0)
+    n, tc, hidden_size, vocab = 3, 11, 8, 50
+    hidden = torch.randn(n, tc, hidden_size, requires_grad=True)
+    linear = torch.nn.Linear(hidden_size, vocab, bias=False)
+    targets = torch.randint(0, vocab, (n, tc))
+    real, seen = lp._logits_into, []
+    monkeypatch.setattr(lp, "_logits_into", lambda *a: seen.append(real(*a)) or seen[-1])
+    logp = lp.chunked_token_logprobs(hidden, linear, targets, 1.0, False, vocab, budget=4 * vocab)
+    forward = list(seen)
+    logp.sum().backward()
+    backward = seen[len(forward):]
+    assert [t.shape[0] for t in forward] == [4] * 8 + [1] and [t.shape[0] for t in backward] == [4] * 8 + [1]
+    assert len({t.data_ptr() for t in forward}) == 1 and len({t.data_ptr() for t in backward}) == 1

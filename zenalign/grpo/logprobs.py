@@ -172,23 +172,19 @@ LOGIT_CHUNK = 1 << 24  # logits computed at once by chunked_token_logprobs: 64 M
 def chunked_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float,
                            entropy: bool, vocab: int, budget: int | None = None):
     """:func:`_token_logprobs` of ``head(hidden)`` (``(N, Tc, H)`` -> ``(N, Tc, V)`` logits), a chunk
-    of positions at a time so that at most about ``budget`` logits exist at once, and none are
-    kept for backward: memory grows with the chunk, not with Tc x V (at V = 151,936 and 512
-    positions, the full fp32 logits of 32 rows are 10 GB). Each chunk is one
-    :class:`_LinearLogProbs`: its backward recomputes the chunk's logits from the hidden states
-    and writes the softmax gradient in place."""
-    n, tc = targets.shape
-    step = max(1, (budget or LOGIT_CHUNK) // max(1, n * vocab))
-    parts = [_LinearLogProbs.apply(hidden[:, i:i + step], head.weight, head.bias, targets[:, i:i + step],
-                                   temperature, entropy) for i in range(0, tc, step)]
-    if not entropy:
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+    of (row, position) pairs at a time so that at most about ``budget`` logits exist at once, and
+    none are kept for backward: memory grows with the chunk, not with Tc x V (at V = 151,936 and
+    512 positions, the full fp32 logits of 32 rows are 10 GB). One :class:`_LinearLogProbs` runs
+    every chunk; its backward recomputes each chunk's logits from the hidden states and writes the
+    softmax gradient in place."""
+    rows = max(1, (budget or LOGIT_CHUNK) // max(1, vocab))
+    return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets, temperature, entropy, rows)
 
 
 class _LinearLogProbs(torch.autograd.Function):
     """``log softmax(h W^T + b) / T`` at each position's target ``(n, t)`` (and, with ``entropy``,
-    the distribution's entropy, without gradient), for hidden states ``h`` ``(n, t, H)``.
+    the distribution's entropy, without gradient), for hidden states ``h`` ``(n, t, H)``, ``rows``
+    of the ``n t`` positions at a time.
 
     It saves ``h`` and each position's log-normaliser ``lse`` only. Backward recomputes the
     logits ``z`` and turns them into their own gradient in place: with ``g`` the incoming
@@ -198,47 +194,109 @@ class _LinearLogProbs(torch.autograd.Function):
     a zero tensor of that size, scatters into it and runs log_softmax's backward over it: two
     more full passes over the logits and two more tensors of their size (measurements:
     docs/performance.md). Under autocast the products run in autocast's dtype, as ``F.linear``
-    would, and the softmax in float32."""
+    would, and the softmax in float32.
+
+    Every chunk's logits go into one buffer, and the weight's gradient is summed into one tensor:
+    chunk by chunk they would be fresh allocations of tens of megabytes each (a (V, H) weight
+    gradient per chunk, summed by autograd), which glibc maps and unmaps every time, so that
+    every page is faulted in and zeroed again (measurements: docs/performance.md)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool, rows: int):
         dtype = product_dtype(hidden, weight)
-        logits = _logits(hidden, weight, bias, temperature, dtype)                       # (n, t, V) float32
-        log_probs = torch.log_softmax(logits, dim=-1)
-        chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # (n, t)
-        ent = token_entropy(log_probs) if entropy else None
-        del log_probs
-        lse = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sub_(chosen)            # z_y - logp_y
+        h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1, 1)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)              # cast once, not per chunk
+        chosen, lse = (torch.empty(y.shape[0], dtype=torch.float32, device=h.device) for _ in range(2))
+        ent = torch.empty_like(chosen) if entropy else None
+        logits = log_probs = None
+        for start in range(0, y.shape[0], rows):
+            part = slice(start, start + rows)
+            logits = _logits_into(logits, h[part], w, b, temperature)                   # (r, V) float32
+            log_probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=_buffer(log_probs, *logits.shape, logits.device))
+            chosen[part] = log_probs.gather(-1, y[part]).squeeze(-1)
+            lse[part] = logits.gather(-1, y[part]).squeeze(-1).sub_(chosen[part])          # z_y - logp_y
+            if entropy:
+                ent[part] = _entropy(log_probs, scratch=logits)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.dtype = temperature, dtype
+        ctx.temperature, ctx.dtype, ctx.rows = temperature, dtype, rows
         if ent is None:
-            return chosen
+            return chosen.view(targets.shape)
         ctx.mark_non_differentiable(ent)
-        return chosen, ent
+        return chosen.view(targets.shape), ent.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad, *_):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype, temperature = ctx.dtype, ctx.temperature
-        grad_logits = _logits(hidden, weight, bias, temperature, dtype).sub_(lse.unsqueeze(-1)).exp_()   # softmax
-        grad_logits.mul_(grad.unsqueeze(-1).neg()).scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
-        if temperature != 1.0:
-            grad_logits.div_(temperature)
-        grad_logits = grad_logits.to(dtype).flatten(0, -2)                                 # (n t, V)
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ weight.to(dtype)).view(hidden.shape).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_logits.t() @ hidden.to(dtype).flatten(0, -2)).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_logits.sum(0).to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        dtype, temperature, rows = ctx.dtype, ctx.temperature, ctx.rows
+        h, y, g = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1, 1), grad.reshape(-1, 1).float()
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty(h.shape, dtype=hidden.dtype, device=h.device) if want_h else None
+        grad_weight = torch.empty_like(weight) if want_w else None  # the first chunk writes it
+        grad_bias = torch.zeros_like(bias) if bias is not None and want_b else None
+        logits = None
+        for start in range(0, h.shape[0], rows):
+            part = slice(start, start + rows)
+            logits = _logits_into(logits, h[part], w, b, temperature).sub_(lse[part, None]).exp_()   # softmax
+            logits.mul_(g[part].neg()).scatter_add_(-1, y[part], g[part])
+            if temperature != 1.0:
+                logits.div_(temperature)
+            grad_logits = logits.to(dtype)                                                  # (r, V)
+            if want_h:
+                _product_into(grad_hidden[part], grad_logits, w)
+            if want_w:  # summed in the weight's dtype, chunk by chunk, as autograd would sum per-chunk gradients
+                _product_into(grad_weight, grad_logits.t(), h[part].to(dtype), accumulate=start > 0)
+            if grad_bias is not None:
+                grad_bias.add_(grad_logits.sum(0))
+        grad_hidden = grad_hidden.view(hidden.shape) if want_h else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _logits(hidden, weight, bias, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+def _buffer(buffer: Optional[torch.Tensor], rows: int, columns: int, device: torch.device) -> torch.Tensor:
+    """The first ``rows`` rows of ``buffer``, a float32 ``(rows, columns)`` tensor made on first use."""
+    if buffer is not None and buffer.shape[0] >= rows:
+        return buffer[:rows]
+    return torch.empty(rows, columns, dtype=torch.float32, device=device)
+
+
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """``out = a @ b``, or ``out += a @ b``, written in place (``out`` may be of a wider dtype than
+    the product, which is then cast, or summed, into it)."""
+    if out.dtype != a.dtype:
+        product = a @ b
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _logits_into(buffer: Optional[torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 temperature: float) -> torch.Tensor:
+    """float32 logits ``(hidden @ weight.T + bias) / temperature`` of ``(r, H)`` hidden states, in
+    ``buffer``'s first ``r`` rows (``buffer`` made on first use). The product runs in ``weight``'s
+    dtype (autocast's, cast by the caller)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
-    return logits.div_(temperature) if temperature != 1.0 else logits
+        h = hidden.to(weight.dtype)
+        out = _buffer(buffer, h.shape[0], weight.shape[0], h.device)
+        if weight.dtype != torch.float32:
+            out.copy_(F.linear(h, weight, bias))
+        elif bias is None:
+            torch.mm(h, weight.t(), out=out)
+        else:
+            torch.addmm(bias, h, weight.t(), out=out)
+    return out.div_(temperature) if temperature != 1.0 else out
+
+
+def _entropy(log_probs: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """:func:`token_entropy` of ``(r, V)`` log-probabilities, the probabilities written into
+    ``scratch`` (same shape)."""
+    probs = torch.exp(log_probs, out=scratch)
+    out = -torch.linalg.vecdot(probs, log_probs)
+    bad = out.isnan()
+    if bool(bad.any()):  # a -inf log-prob: 0 * log 0 = 0
+        out[bad] = -(probs[bad] * log_probs[bad]).nan_to_num_(0.0).sum(-1)
+    return out
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool = False):

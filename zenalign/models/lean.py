@@ -331,9 +331,15 @@ class _SwiGLUDown(torch.autograd.Function):
     """``x + F.linear(silu(gate) * up, down, bias)`` from the fused ``(T, 2I)`` gate/up product: the
     MLP's second half and its residual. It saves the gate/up product alone and recomputes
     ``silu(gate) * up`` in backward, where the down projection's weight gradient needs it;
-    autograd would keep that ``(T, I)`` activation as well. The gradient of the gate/up product
-    is written into one ``(T, 2I)`` tensor (autograd's own would build the two halves and then
-    concatenate them, a copy of the largest activation in the layer)."""
+    autograd would keep that ``(T, I)`` activation as well.
+
+    The gradient of the gate/up product is written over the saved product itself, which nothing
+    reads after this backward: autograd's own would build the two halves and then concatenate
+    them, a copy of the largest activation in the layer, and a fresh ``(T, 2I)`` tensor is a fresh
+    mapping of tens of megabytes at realistic shapes, every page faulted in again
+    (measurements: docs/performance.md). A second backward through the same graph
+    (``retain_graph=True``) therefore stops with autograd's error about a saved tensor modified
+    in place; no update runs one."""
 
     @staticmethod
     def forward(ctx, x, gate_up, down, bias, dtype: torch.dtype):
@@ -356,11 +362,10 @@ class _SwiGLUDown(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_d.sum(0).to(bias.dtype)
         grad_act = (grad_d @ down.to(dtype)).to(gate_up.dtype)                            # (T, I)
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad_act, silu_gate, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
-        return grad, grad_gate_up, grad_down, grad_bias, None
+        # over the saved product, each element read before it is written: gate, then up
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=gate)
+        torch.mul(grad_act, silu_gate, out=up)
+        return grad, gate_up, grad_down, grad_bias, None
 
 
 class _OutProjection(torch.autograd.Function):
