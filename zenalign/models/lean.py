@@ -550,7 +550,9 @@ class LeanLM:
             h = _rms_norm(x, w.input_norm, self.eps)
             qkv = w.packed["qkv"](h, w.qkv_bias) if w.packed else F.linear(h, w.qkv, w.qkv_bias)
         qkv = qkv.view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
-        qk, v = qkv[:, : self.heads + self.kv_heads], qkv[:, self.heads + self.kv_heads :]
+        # split, not sliced: the backward of a slice fills a zero tensor of the whole and copies
+        # into it, one per slice, then sums them; a split's concatenates the parts' gradients
+        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
         if self.qk_norm:
             attn = self.body.layers[i].self_attn
             qk = torch.cat([_rms_norm(qk[:, : self.heads], w.q_norm, attn.q_norm.variance_epsilon),
@@ -558,7 +560,8 @@ class LeanLM:
         dtype = torch.promote_types(qk.dtype, x.dtype)  # transformers rotates in the residual's dtype
         qk = torch.view_as_real(torch.view_as_complex(qk.float().reshape(*qk.shape[:-1], -1, 2)) * rotation)
         qk = qk.reshape(*qk.shape[:-2], self.head_dim).to(dtype)
-        return qk[:, : self.heads], qk[:, self.heads :], v
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        return q, k, v
 
     def finish(self, i: int, w: _Weights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``, or the
@@ -691,9 +694,10 @@ class LeanLM:
             # being kept in their concatenated copies) are not kept through views; and attention's
             # float32 output goes to the output projection as the kernel keeps it, with no cast
             # copy under autocast.
-            qp, kp, vp, qc = (t.contiguous() if halves else t for t in (q[:split], k[:split], v[:split], q[split:]))
+            (qp, qc), (kp, kc), (vp, vc) = (t.split([split, n * tc]) for t in (q, k, v))
+            qp, kp, vp, qc = (t.contiguous() if halves else t for t in (qp, kp, vp, qc))
             qp, kp, vp = (t.view(g, tp, -1, self.head_dim).transpose(1, 2) for t in (qp, kp, vp))
-            qc, kc, vc = (t.view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (qc, k[split:], v[split:]))
+            qc, kc, vc = (t.view(n, tc, -1, self.head_dim).transpose(1, 2) for t in (qc, kc, vc))
             out_p = self.attend(qp, kp, vp, prompt_attn, cast=not halves)
             out_c = self.attend(qc, torch.cat([kp.index_select(0, owner), kc], dim=2),
                                 torch.cat([vp.index_select(0, owner), vc], dim=2), completion_attn, cast=not halves)
