@@ -30,9 +30,9 @@ def plain_and_chunked(linear, hidden, targets, temperature, entropy, budget, wei
 
 @pytest.mark.parametrize("entropy", [False, True], ids=["log-probs", "with-entropy"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_chunks_give_the_plain_values_and_gradients_and_keep_no_logits(entropy, bias):
-    """The head as _LinearLogProbs, whole and 5 positions a chunk, equals autograd through
-    log_softmax and gather."""
+def test_chunks_give_the_plain_values_and_gradients_and_keep_no_logits(entropy, bias, monkeypatch):
+    """The head as _LinearLogProbs, whole and 5 positions a chunk, log-softmaxed whole and 2 rows
+    at a time, equals autograd through log_softmax and gather."""
     torch.manual_seed(0)
     n, tc, hidden_size, vocab = 3, 37, 16, 500
     hidden = torch.randn(n, tc, hidden_size, requires_grad=True)
@@ -42,7 +42,8 @@ def test_chunks_give_the_plain_values_and_gradients_and_keep_no_logits(entropy, 
     plain = plain_and_chunked(linear, hidden, targets, 0.7, entropy, None, weights)
     logits_bytes = n * tc * vocab * 4
     assert plain[0] > logits_bytes  # autograd keeps the (N, Tc, V) log-softmax for backward
-    for budget in (n * tc * vocab, n * 5 * vocab):
+    for budget, block in ((n * tc * vocab, lp.SOFTMAX_BLOCK), (n * 5 * vocab, lp.SOFTMAX_BLOCK), (n * 5 * vocab, 2 * vocab)):
+        monkeypatch.setattr(lp, "SOFTMAX_BLOCK", block)
         got = plain_and_chunked(linear, hidden, targets, 0.7, entropy, budget, weights)
         for a, b in zip(plain[1:], got[1:]):
             if isinstance(a, list):
@@ -51,6 +52,7 @@ def test_chunks_give_the_plain_values_and_gradients_and_keep_no_logits(entropy, 
             elif a is not None:
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         assert got[0] < 0.1 * logits_bytes, budget  # only the hidden states and per-position numbers
+        assert got[2] is None or not got[2].requires_grad  # the entropy comes without gradient
 
 
 def test_the_linear_head_gradient_is_softmax_minus_one_hot_over_temperature():

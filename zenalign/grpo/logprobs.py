@@ -167,6 +167,7 @@ class _HeadInputs:
 
 
 LOGIT_CHUNK = 1 << 24  # logits computed at once by chunked_token_logprobs: 64 MB in fp32
+SOFTMAX_BLOCK = 1 << 20  # of a chunk's logits, log-softmaxed at once into a second buffer: 4 MB in fp32
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float,
@@ -196,7 +197,8 @@ class _LinearLogProbs(torch.autograd.Function):
     docs/performance.md). Under autocast the products run in autocast's dtype, as ``F.linear``
     would, and the softmax in float32.
 
-    Every chunk's logits go into one buffer, and the weight's gradient is summed into one tensor:
+    Every chunk's logits go into one buffer, their log-softmax a few rows (``SOFTMAX_BLOCK``
+    values) at a time into a small second one, and the weight's gradient is summed into one tensor:
     chunk by chunk they would be fresh allocations of tens of megabytes each (a (V, H) weight
     gradient per chunk, summed by autograd), which glibc maps and unmaps every time, so that
     every page is faulted in and zeroed again (measurements: docs/performance.md)."""
@@ -209,20 +211,24 @@ class _LinearLogProbs(torch.autograd.Function):
         chosen, lse = (torch.empty(y.shape[0], dtype=torch.float32, device=h.device) for _ in range(2))
         ent = torch.empty_like(chosen) if entropy else None
         logits = log_probs = None
+        block = max(1, SOFTMAX_BLOCK // w.shape[0])
         for start in range(0, y.shape[0], rows):
-            part = slice(start, start + rows)
-            logits = _logits_into(logits, h[part], w, b, temperature)                   # (r, V) float32
-            log_probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=_buffer(log_probs, *logits.shape, logits.device))
-            chosen[part] = log_probs.gather(-1, y[part]).squeeze(-1)
-            lse[part] = logits.gather(-1, y[part]).squeeze(-1).sub_(chosen[part])          # z_y - logp_y
-            if entropy:
-                ent[part] = _entropy(log_probs, scratch=logits)
+            logits = _logits_into(logits, h[start:start + rows], w, b, temperature)    # (r, V) float32
+            for first in range(start, start + logits.shape[0], block):  # log-softmax a few rows at a time
+                z = logits[first - start:first - start + block]
+                part = slice(first, first + z.shape[0])
+                log_probs = torch.ops.aten._log_softmax.out(z, -1, False, out=_buffer(log_probs, *z.shape, z.device))
+                chosen[part] = log_probs.gather(-1, y[part]).squeeze(-1)
+                lse[part] = z.gather(-1, y[part]).squeeze(-1).sub_(chosen[part])          # z_y - logp_y
+                if entropy:
+                    ent[part] = _entropy(log_probs, scratch=z)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.dtype, ctx.rows = temperature, dtype, rows
         if ent is None:
             return chosen.view(targets.shape)
-        ctx.mark_non_differentiable(ent)
-        return chosen.view(targets.shape), ent.view(targets.shape)
+        ent = ent.view(targets.shape)
+        ctx.mark_non_differentiable(ent)  # the tensor returned, not a view of it
+        return chosen.view(targets.shape), ent
 
     @staticmethod
     def backward(ctx, grad, *_):
