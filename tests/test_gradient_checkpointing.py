@@ -9,6 +9,7 @@ import torch
 
 from conftest import RECIPES, build_tiny_llama, ragged_rollout, run_cli
 from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.models import lean as lean_module
 
 
 def saved_bytes_and_grads(model, rollout, lean: bool):
@@ -29,8 +30,12 @@ def saved_bytes_and_grads(model, rollout, lean: bool):
     return sum(saved), logp.detach(), grads
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "transformers"])
-def test_checkpointing_keeps_the_gradients_and_saves_fewer_activations(lean):
+@pytest.mark.parametrize("lean, halves", [(True, False), (True, True), (False, False)],
+                         ids=["lean", "lean-recomputing-halves", "transformers"])
+def test_checkpointing_keeps_the_gradients_and_saves_fewer_activations(lean, halves, monkeypatch):
+    """With the recomputing layer halves too (which the 135m shape runs): under checkpointing the
+    MLP half's backward writes its gradient over a gate/up product that checkpointing recomputed."""
+    monkeypatch.setattr(lean_module, "RECOMPUTE_FROM", 0 if halves else 1 << 62)
     model = build_tiny_llama(layers=4, hidden=64).train()
     rollout = ragged_rollout(model)
     plain_bytes, plain_logp, plain_grads = saved_bytes_and_grads(model, rollout, lean)
