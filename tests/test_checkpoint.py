@@ -99,9 +99,13 @@ def test_rolling_back_abandons_the_later_timeline(tmp_path, uninterrupted):
     job = start(QUICKSTART, *COMMON, "run.steps=12", "run.checkpoint_interval=100", f"run.output_dir={out}",
                 "--resume", str(out / "checkpoints" / "step-00000008"))
     deadline = time.time() + 120
-    while not (out / "abandoned").exists():  # the rewind to step 8 happens before step 9
+    # The rewind to step 8 happens before step 9: wait until the attempt is recorded, which comes
+    # after it. Until then metrics.jsonl still holds the abandoned lines 9 and 10, which
+    # kill_after would count as this attempt's steps (it killed the run mid-rewind once).
+    while len((out / "attempts.jsonl").read_text().splitlines()) < 2:
         assert job.poll() is None and time.time() < deadline
         time.sleep(0.01)
+    assert (out / "abandoned").exists()
     assert kill_after(job, out / "metrics.jsonl", steps=9) < 12
     [aside] = (out / "abandoned").iterdir()
     assert aside.name.startswith("after-step-00000008-")
