@@ -295,10 +295,10 @@ def _logits_into(buffer: Optional[torch.Tensor], hidden: torch.Tensor, weight: t
 
 
 def _entropy(log_probs: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """:func:`token_entropy` of ``(r, V)`` log-probabilities, the probabilities written into
-    ``scratch`` (same shape)."""
+    """``-sum_v p_v log p_v`` of each row of ``(r, V)`` log-probabilities, the probabilities written
+    into ``scratch`` (same shape)."""
     probs = torch.exp(log_probs, out=scratch)
-    out = -torch.linalg.vecdot(probs, log_probs)
+    out = -torch.linalg.vecdot(probs, log_probs)  # fused multiply-sum: a quarter faster than (p * lp).sum()
     bad = out.isnan()
     if bool(bad.any()):  # a -inf log-prob: 0 * log 0 = 0
         out[bad] = -(probs[bad] * log_probs[bad]).nan_to_num_(0.0).sum(-1)
@@ -322,11 +322,9 @@ def token_entropy(log_probs: torch.Tensor) -> torch.Tensor:
     without gradient. One row at a time, so the extra memory is one row's ``(Tc, V)``, not the
     batch's (at V = 152k and 4096 tokens a row is 2.5 GB in fp32, the batch many times that)."""
     out = torch.empty(log_probs.shape[:-1], dtype=log_probs.dtype, device=log_probs.device)
+    scratch = torch.empty_like(log_probs[0]) if log_probs.shape[0] else None                 # (Tc, V), reused
     for i in range(log_probs.shape[0]):
-        row = log_probs[i]                                                         # (Tc, V)
-        out[i] = -torch.linalg.vecdot(row.exp(), row)  # fused multiply-sum: a quarter faster than (p * lp).sum()
-        if bool(out[i].isnan().any()):  # a -inf log-prob: 0 * log 0 = 0
-            out[i] = -(row.exp() * row).nan_to_num_(0.0).sum(-1)
+        out[i] = _entropy(log_probs[i], scratch)
     return out
 
 
