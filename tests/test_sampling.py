@@ -9,6 +9,7 @@ import torch
 from conftest import EOS, PAD, PROMPTS, build_tiny_llama, byte_tokenizer
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.recipe.schema import SamplingSection
+from zenalign.grpo import gumbel
 from zenalign.grpo.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
 from zenalign.grpo.rollout import completion_mask_from, decode_without_special_tokens, generate_groups, generation_config, neutral_generation_defaults
 
@@ -231,6 +232,47 @@ def test_the_decoding_loop_lets_the_sampler_choose_and_runs_other_processors_fir
     sampler = GumbelSampler(keys, 2, 1.0)
     built = run(lambda input_ids, scores: sampler(input_ids, bump(input_ids, scores)))  # a bare callable: argmax
     assert torch.equal(chosen, built) and bool((chosen[:, 2:] == 7).all())
+
+
+def test_the_draw_inside_the_tail_is_the_inverse_cdf_by_hand(monkeypatch):
+    """Blocks of 4 ids, weights [1 0 2 1 | 0 4 0 0] (total 8, so the id CDF is 1 1 3 4 4 8 8 8):
+    the drawn id is the first whose CDF exceeds u * 8, in every row of one batch; and a u that
+    rounds up to the total lands on the last id with weight, never on a weightless one."""
+    monkeypatch.setattr(gumbel, "TAIL_BLOCK", 4)
+    blocks = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.0, 4.0, 0.0, 0.0]]).expand(6, -1, -1)
+    u = torch.tensor([0.1, 0.3, 0.49, 0.5, 0.999, 1.0], dtype=torch.float64)  # targets 0.8 2.4 3.92 4 7.99 8
+    assert gumbel._inverse_cdf(blocks, blocks.sum(-1).double(), u, torch.arange(6)).tolist() == [0, 2, 3, 5, 5, 5]
+    empty_end = torch.tensor([[[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])  # target 3 = the total
+    assert gumbel._inverse_cdf(empty_end, empty_end.sum(-1).double(), torch.tensor([1.0], dtype=torch.float64),
+                               torch.tensor([0])).tolist() == [1]
+
+
+def test_the_draw_inside_the_tail_equals_the_row_by_row_search():
+    """The batched inverse CDF against the search written out one row at a time (two searchsorted
+    calls per row, as the sampler first did it): the same ids for 300 rows over 5 blocks, with
+    zero weights (candidates, padding, a whole empty block) among them."""
+    generator = torch.Generator().manual_seed(4)
+    w, nb, tb = 300, 5, gumbel.TAIL_BLOCK
+    blocks = torch.rand(w, nb, tb, generator=generator) * (torch.rand(w, nb, tb, generator=generator) > 0.3)
+    blocks[:, 2] = 0.0                       # a block with no weight
+    blocks[:, -1, tb // 2 :] = 0.0           # the padding of a partial last block
+    block_sums = blocks.sum(-1).double()
+    u = torch.rand(w, generator=generator, dtype=torch.float64)
+    expected = []
+    for i in range(w):
+        cumulative = block_sums[i].cumsum(0)
+        target = float(u[i]) * float(cumulative[-1])
+        b = min(int(torch.searchsorted(cumulative, target, right=True)), nb - 1)
+        inside = blocks[i, b].double().cumsum(0)
+        last = int(torch.nonzero(blocks[i, b]).max())
+        before = float(cumulative[b - 1]) if b else 0.0
+        expected.append(b * tb + min(int(torch.searchsorted(inside, target - before, right=True)), last))
+    drawn = gumbel._inverse_cdf(blocks, block_sums, u, torch.arange(w))
+    assert drawn.tolist() == expected
+    assert bool((blocks.view(w, -1).gather(1, drawn[:, None]) > 0).all())  # never a weightless id
+    assert gumbel._inverse_cdf(blocks[7:8], block_sums[7:8], u[7:8], torch.tensor([0])).tolist() == expected[7:8]
+    some = torch.tensor([250, 3, 41])  # rows picked out of the batch: each reads its own weights
+    assert gumbel._inverse_cdf(blocks, block_sums, u[some], some).tolist() == [expected[i] for i in some.tolist()]
 
 
 def test_the_tail_atom_and_the_full_draw_agree_where_the_tail_cannot_win():

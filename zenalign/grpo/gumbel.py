@@ -198,17 +198,32 @@ def _candidates_and_tail(scores: torch.Tensor, rows: torch.Tensor, tokens: torch
     blocks = weights.view(len(open_rows), -1, TAIL_BLOCK)
     block_sums = blocks.sum(dim=-1).double()                                              # (k, V / block)
     tail_best = block_sums.sum(dim=-1).log() + peak.squeeze(1).double() + tail_noise[open_rows]
-    for i in torch.nonzero(tail_best > best[open_rows]).flatten().tolist():               # rare: a tail token wins
-        row = int(open_rows[i])
-        u = _uniform(rows[row : row + 1], tokens[:, vocab + 1 : vocab + 2]).item()
-        cumulative = block_sums[i].cumsum(0)
-        target = u * float(cumulative[-1])
-        b = min(int(torch.searchsorted(cumulative, target, right=True)), len(cumulative) - 1)
-        inside = blocks[i, b].double().cumsum(0)
-        last = int(torch.nonzero(blocks[i, b]).max())  # rounding between the two sums: never past a real token
-        j = min(int(torch.searchsorted(inside, target - (float(cumulative[b - 1]) if b else 0.0), right=True)), last)
-        chosen[row] = b * TAIL_BLOCK + j
+    wins = torch.nonzero(tail_best > best[open_rows]).flatten()                           # a tail token wins
+    if len(wins):
+        won = open_rows[wins]
+        u = _uniform(rows[won], tokens[:, vocab + 1 : vocab + 2]).squeeze(1)              # (w,)
+        chosen[won] = _inverse_cdf(blocks, block_sums, u, wins)
     return chosen
+
+
+def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The tail id that each of ``rows`` ``(w,)`` draws with its uniform ``u`` ``(w,)`` from its
+    weights in ``blocks`` ``(k, B, TAIL_BLOCK)`` (``exp(s - peak)``, 0 at the candidates and the
+    padding) and their per-block sums ``(k, B)``: the block where ``u`` times the row's total
+    falls, then the id inside it. Every row is found in one batch, reading one block of its
+    weights, and each row's sums and searches are its own, so a row draws the same id alone as in
+    any batch."""
+    cumulative = block_sums[rows].cumsum(1)                                               # (w, B)
+    target = (u * cumulative[:, -1])[:, None]                                             # (w, 1)
+    # u * total can round up to the total itself: then the last block with any weight
+    blocks_with_weight = torch.where(block_sums[rows] > 0, torch.arange(block_sums.shape[1], device=u.device), 0)
+    b = torch.minimum(torch.searchsorted(cumulative, target, right=True), blocks_with_weight.amax(1, keepdim=True))
+    before = torch.where(b > 0, cumulative.gather(1, (b - 1).clamp(min=0)), 0.0)          # the blocks before b
+    block = blocks[rows, b.squeeze(1)]                                                    # (w, TAIL_BLOCK)
+    ids = torch.arange(block.shape[1], device=block.device)
+    last = torch.where(block != 0, ids, 0).amax(1, keepdim=True)  # rounding between the two sums: never past a real token
+    j = torch.minimum(torch.searchsorted(block.double().cumsum(1), target - before, right=True), last)
+    return (b * TAIL_BLOCK + j).squeeze(1)
 
 
 def _one_hot_scores(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
