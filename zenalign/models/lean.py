@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -648,9 +648,11 @@ class LeanLM:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return _rms_norm(h, self.body.norm.weight, self.eps)
 
-    def head(self, h: torch.Tensor, packed: Optional[_Packed] = None) -> torch.Tensor:
+    def head(self, h: torch.Tensor, product: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+        """The final norm and the LM head; ``product(h, bias)`` stands in for the head's own
+        product where a decode prepared its weight once (packed, or cast for autocast)."""
         h = self.final_norm(h)
-        return packed(h, self.model.lm_head.bias) if packed is not None else self.model.lm_head(h)
+        return product(h, self.model.lm_head.bias) if product is not None else self.model.lm_head(h)
 
     # ------------------------------------------------------------------------------------ passes
 
@@ -757,8 +759,10 @@ class LeanLM:
         autocast = torch.is_autocast_enabled(device.type)
         weights = self.weights(torch.get_autocast_dtype(device.type) if autocast else None)  # cast once, not per token
         last, prompt_kv = self.prefill(prompt_ids, prompt_mask, weights)
-        head = None
-        if not autocast:  # every step multiplies n rows by each weight: MKL's packed copies, made once per decode
+        if autocast:  # the LM head's weight too: autocast would cast it again for every token
+            head_weight = self.model.lm_head.weight.to(torch.get_autocast_dtype(device.type))
+            head = lambda h, bias: F.linear(h, head_weight, bias)  # noqa: E731
+        else:  # every step multiplies n rows by each weight: MKL's packed copies, made once per decode
             pack_for_rows(weights, n)
             head = _Packed.of(self.model.lm_head.weight, n)
         total = tp + max_new_tokens
