@@ -208,6 +208,8 @@ def test_rms_norm_with_written_out_gradient_equals_torchs(shape, fused_forward, 
     frozen = weight.detach()
     (grad_x,) = torch.autograd.grad(fastpath._rms_norm(x, frozen, 1e-5), (x,), grad_out)
     torch.testing.assert_close(grad_x, grads[0], rtol=0, atol=0)
+    with torch.no_grad():  # decoding, reference and old-policy passes: the fused kernel, F.rms_norm's values
+        assert torch.equal(fastpath._rms_norm(x, weight, 1e-5), expected)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])

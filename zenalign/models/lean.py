@@ -140,11 +140,13 @@ class _Weights:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama-family RMSNorm: normalise in float32, cast back, scale (one fused
-    kernel when everything is float32 already, as the residual stream is under autocast)."""
+    kernel when everything is float32 already, as the residual stream is under autocast: torch's
+    fused one where it has it, which gives F.rms_norm's values to the bit, while F.rms_norm on a
+    CPU runs as separate operations, 3.5x slower at 4,128 x 576)."""
     if x.dtype == weight.dtype == torch.float32:
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _RMSNorm.apply(x, weight, eps)
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return _rms_norm_and_rstd(x, weight, eps)[0]
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
