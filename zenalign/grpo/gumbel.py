@@ -213,10 +213,11 @@ def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor
     falls, then the id inside it. Every row is found in one batch, reading one block of its
     weights, and each row's sums and searches are its own, so a row draws the same id alone as in
     any batch."""
-    cumulative = block_sums[rows].cumsum(1)                                               # (w, B)
+    sums = block_sums[rows]                                                               # (w, B)
+    cumulative = sums.cumsum(1)
     target = (u * cumulative[:, -1])[:, None]                                             # (w, 1)
     # u * total can round up to the total itself: then the last block with any weight
-    blocks_with_weight = torch.where(block_sums[rows] > 0, torch.arange(block_sums.shape[1], device=u.device), 0)
+    blocks_with_weight = torch.where(sums > 0, torch.arange(sums.shape[1], device=u.device), 0)
     b = torch.minimum(torch.searchsorted(cumulative, target, right=True), blocks_with_weight.amax(1, keepdim=True))
     before = torch.where(b > 0, cumulative.gather(1, (b - 1).clamp(min=0)), 0.0)          # the blocks before b
     block = blocks[rows, b.squeeze(1)]                                                    # (w, TAIL_BLOCK)

@@ -763,7 +763,9 @@ class LeanLM:
         last, prompt_kv = self.prefill(prompt_ids, prompt_mask, weights)
         if autocast:  # the LM head's weight too: autocast would cast it again for every token
             head_weight = self.model.lm_head.weight.to(torch.get_autocast_dtype(device.type))
-            head = lambda h, bias: F.linear(h, head_weight, bias)  # noqa: E731
+
+            def head(h: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                return F.linear(h, head_weight, bias)
         else:  # every step multiplies n rows by each weight: MKL's packed copies, made once per decode
             pack_for_rows(weights, n)
             head = _Packed.of(self.model.lm_head.weight, n)
