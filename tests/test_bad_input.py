@@ -511,6 +511,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path: Path, tiny_model_dir: Pat
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)
     existing = {
+        "zenalign-run.json": b'{"run_id": "0123456789abcdef0123456789abcdef"}\n',  # what marks it a run
         "recipe.yaml": b"model: {path: earlier}\n",
         "metrics.jsonl": b'{"step": 1, "reward_mean": 0.5}\n{"step": 2, "reward_mean": 0.75}\n',
         "run.log": b"an earlier run\n",

@@ -338,8 +338,10 @@ def test_a_real_second_run_is_refused_while_the_first_runs(tmp_path):
 def test_resume_auto_before_the_first_checkpoint_starts_fresh(tmp_path):
     """Finding 7: a run killed before its first checkpoint refused `--resume auto` ("already holds
     a run"). It now starts again, replacing the unfinished attempt's files."""
+    from zenalign.train.rundir import RunDir
+
     out = tmp_path / "run"
-    out.mkdir()
+    RunDir(out).prepare(overwrite=False)  # what a run writes when it starts: its identity file
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": 64, "reward_mean": 0.5}) + "\n")
     (out / "recipe.yaml").write_text("model: {}\n")
     done = run_cli("run", QUICKSTART, "run.steps=2", "run.eval_interval=0", "data.eval_size=8", f"run.output_dir={out}",

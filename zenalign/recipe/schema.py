@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -393,7 +394,9 @@ class RunSection(Section):
         "recipe file's name without extension. Relative to the working directory.",
     )
     overwrite: bool = Field(
-        False, description="Replace an existing run in `output_dir`. Off, an existing run is an error."
+        False, description="Replace an existing run in `output_dir`, removing only the files a run writes. Off, an "
+        "existing run is an error. A directory that is not empty and is not a zenalign run (no zenalign-run.json) is "
+        "refused either way, unless this is on and none of its files has a name a run writes."
     )
     eval_interval: int = Field(
         0,
@@ -441,6 +444,18 @@ class RunSection(Section):
         "for this many consecutive evaluations; and stop the run when an objective scores no completion at all "
         "(every score NaN or None) in this many consecutive training steps. 0 turns both checks off.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory_of_its_own(cls, value):
+        if not value.strip():
+            raise ValueError("empty; give a directory for the run (default: runs/{recipe})")
+        path = Path(value).expanduser().resolve()
+        if path == path.parent:
+            raise ValueError(f"'{value}' is the file system's root; give a directory of the run's own")
+        if path.is_file():
+            raise ValueError(f"'{value}' is an existing file; give a directory")
+        return value
 
     @field_validator("report_to")
     @classmethod

@@ -271,7 +271,7 @@ def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, f
     name = f"{PREFIX}{state.step:08d}"
     staging = root / f".tmp-{name}"
     if dist.is_main:
-        for stale in root.glob(".tmp-*") if root.is_dir() else []:
+        for stale in root.glob(f".tmp-{PREFIX}*") if root.is_dir() else []:  # an interrupted write of ours
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()

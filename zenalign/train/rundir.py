@@ -1,12 +1,18 @@
-"""The run directory: recipe.yaml, metrics.jsonl, eval.jsonl, samples.jsonl, run.log, final/,
-checkpoints/, attempts/ (each start's recipe, listed in attempts.jsonl) and abandoned/ (what a run
-resumed from an earlier step had written after it).
+"""The run directory: zenalign-run.json (the run's identity), recipe.yaml, metrics.jsonl,
+eval.jsonl, samples.jsonl, run.log, final/, checkpoints/, attempts/ (each start's recipe, listed in
+attempts.jsonl) and abandoned/ (what a run resumed from an earlier step had written after it).
 
 Lines are appended and flushed as they are produced, so a run that stops (or is stopped) keeps
-everything it wrote. An existing run is never overwritten unless the recipe says so, and then only
-the files a run writes are removed. While a run writes, it holds ``run.lock`` (its pid and host),
-taken atomically: a second run on the same directory is refused; a lock left by a process that
-no longer exists on this host is taken over.
+everything it wrote. A directory is a zenalign run only if it carries ``zenalign-run.json``, which
+a run writes when it starts (or, for runs started before that file existed, an ``attempts.jsonl``
+in zenalign's format). An existing run is never overwritten unless the recipe says so, and then
+only the files a run writes are removed, by name and pattern (``checkpoints/step-NNNNNNNN``, not
+``checkpoints/*``). A directory that is not empty and is not a zenalign run is refused; with
+``run.overwrite`` a run may start beside its files only if none of them has a name a run writes,
+so a file zenalign did not write is never removed, replaced or appended to.
+
+While a run writes, it holds ``run.lock`` (its pid and host), taken atomically: a second run on the
+same directory is refused; a lock left by a process that no longer exists on this host is taken over.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import logging
 import math
 import os
 import shutil
+import re
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -26,10 +34,20 @@ import yaml
 
 from zenalign.errors import RecipeError, StorageError, one_line
 
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log", "attempts.jsonl")
-RUN_DIRS = ("final", "checkpoints", "attempts", "abandoned")
+MARKER = "zenalign-run.json"
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "run.log", "attempts.jsonl", "trackers.json")
 LINE_FILES = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")
 LOCK = "run.lock"
+# What a run writes inside its folders, by pattern: nothing else in them is ever removed. final/ and
+# final.tmp/ are written whole (save_pretrained into final.tmp, renamed), so they go whole.
+RUN_DIRS = {
+    "final": None,
+    "final.tmp": None,
+    "checkpoints": re.compile(r"(step-\d{8}|\.tmp-step-\d{8})"),
+    "attempts": re.compile(r"\d{3,}\.yaml"),
+    "abandoned": re.compile(r"after-step-\d{8}-\d{8}-\d{6}"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+}
 
 log = logging.getLogger("zenalign")
 
@@ -115,6 +133,7 @@ class RunDir:
                 if resumed_step is None:
                     self.prepare(overwrite)
                 else:
+                    self.mark()  # a run from before the identity file gets one
                     self.rewind_to(resumed_step)
                 self.write_recipe(recipe)
                 self.record_attempt(recipe, resumed_step)
@@ -183,27 +202,95 @@ class RunDir:
                 f"process is gone, remove {path}")
 
     def holds_run(self) -> bool:
-        return any((self.path / name).exists() for name in RUN_FILES + RUN_DIRS)
+        """Whether the directory holds anything a run writes (it may be another program's, too)."""
+        return any((self.path / name).exists() for name in (MARKER, *RUN_FILES, *RUN_DIRS))
 
-    def check(self, overwrite: bool) -> None:
-        """Refuse a file, or an existing run unless ``overwrite``; changes nothing."""
+    def identity(self) -> Optional[dict[str, Any]]:
+        """The run's ``zenalign-run.json`` (its run id), or None where there is none or it is unreadable."""
+        try:
+            found = json.loads((self.path / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) and isinstance(found.get("run_id"), str) else None
+
+    def is_run(self) -> bool:
+        """Whether a zenalign run wrote this directory: its identity file, or (a run from before
+        that file) an attempts.jsonl whose first line is zenalign's attempt record."""
+        if self.identity() is not None:
+            return True
+        try:
+            with (self.path / "attempts.jsonl").open(encoding="utf-8") as f:
+                first = json.loads(f.readline())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(first, dict) and {"attempt", "from_step", "recipe"} <= first.keys()
+
+    def _entries(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def check(self, overwrite: bool, resuming: bool = False) -> None:
+        """Refuse a file; an existing run unless ``overwrite`` (or ``resuming`` one of its own
+        checkpoints); a directory that is not empty and not a zenalign run, unless ``overwrite``
+        and none of its entries has a name a run writes. Changes nothing."""
         if self.path.exists() and not self.path.is_dir():
             raise RecipeError(f"run.output_dir: '{self.path}' is a file; choose a directory")
-        if self.holds_run() and not overwrite:
+        entries = self._entries()
+        if not entries or resuming:
+            return
+        if self.is_run():
+            if not overwrite:
+                raise RecipeError(
+                    f"run.output_dir: '{self.path}' already holds a run; choose another directory "
+                    f"(run.output_dir=...), continue it with --resume auto, or replace it with run.overwrite=true")
+            return
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        if not overwrite:
             raise RecipeError(
-                f"run.output_dir: '{self.path}' already holds a run; choose another directory "
-                f"(run.output_dir=...) or replace it with run.overwrite=true"
-            )
+                f"run.output_dir: '{self.path}' is not empty ({shown}) and is not a zenalign run (it has no {MARKER}); "
+                f"choose a new or empty directory, or set run.overwrite=true to start a run beside those files "
+                f"(zenalign never removes a file it did not write)")
+        clash = [name for name in entries if name in (MARKER, *RUN_FILES, *RUN_DIRS)]
+        if clash:
+            raise RecipeError(
+                f"run.output_dir: '{self.path}' is not a zenalign run (it has no {MARKER}) but holds "
+                f"{', '.join(clash)}, which a run would write to; choose a new or empty directory")
 
     def prepare(self, overwrite: bool) -> None:
-        """Create the directory; with ``overwrite``, remove only the files a run writes."""
+        """Create the directory and give it a new identity; with ``overwrite``, first remove the
+        files an earlier run wrote there (only those, by name and pattern)."""
         self.check(overwrite)
-        if self.holds_run():
-            for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
-            for name in RUN_DIRS:
-                shutil.rmtree(self.path / name, ignore_errors=True)
+        if self.is_run():
+            self._remove_run_files()
         self.path.mkdir(parents=True, exist_ok=True)
+        self.mark(new=True)
+
+    def _remove_run_files(self) -> None:
+        for name in (MARKER, *RUN_FILES):
+            (self.path / name).unlink(missing_ok=True)
+        for name, pattern in RUN_DIRS.items():
+            folder = self.path / name
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            if pattern is None:
+                shutil.rmtree(folder)
+                continue
+            for entry in folder.iterdir():
+                if pattern.fullmatch(entry.name) and not entry.is_symlink():
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+    def mark(self, new: bool = False) -> None:
+        """Write ``zenalign-run.json`` (a new run id if ``new`` or there is none), atomically."""
+        if not new and self.identity() is not None:
+            return
+        identity = {"format": 1, "run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        staging = self.path / f"{MARKER}.tmp"
+        staging.write_text(json.dumps(identity, indent=1) + "\n", encoding="utf-8")
+        os.replace(staging, self.path / MARKER)
 
     def write_recipe(self, recipe: dict[str, Any]) -> None:
         text = yaml.safe_dump(recipe, sort_keys=False)

@@ -207,9 +207,11 @@ class GRPOTrainer:
         self.run_dir = RunDir(self.loaded.output_dir)
         self.resumed_from = ckpt.find_checkpoint(resume, self.run_dir.path) if resume else None
         saved = ckpt.verify(self.resumed_from) if self.resumed_from else None
-        # --resume auto before the first checkpoint: start again over the unfinished attempt's files
-        self.overwrite = r.run.overwrite or (resume == "auto" and saved is None and not (self.run_dir.path / "final").exists())
-        self.run_dir.check(self.overwrite or (saved is not None and self.run_dir.holds(self.resumed_from)))
+        # --resume auto before the first checkpoint of a zenalign run: start again over the
+        # unfinished attempt's files (only a run's own files; a directory that is not a run is refused)
+        self.overwrite = r.run.overwrite or (resume == "auto" and saved is None and self.run_dir.is_run()
+                                             and not (self.run_dir.path / "final").exists())
+        self.run_dir.check(self.overwrite, resuming=saved is not None and self.run_dir.holds(self.resumed_from))
         if saved is not None and self.dist.is_main:
             log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
         seed_everything(r.run.seed)
