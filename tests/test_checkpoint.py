@@ -88,6 +88,73 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, uninterrupt
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+def signal_after(process: subprocess.Popen, metrics: Path, steps: int, signum: int, timeout: float = 120) -> str:
+    """Send ``signum`` once ``metrics`` holds ``steps`` lines; the process's stderr once it exits."""
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None, "the run ended before it could be signalled"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=timeout)
+    return stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["TERM", "INT", "USR1"])
+def test_a_stop_signal_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted, signum):
+    """Issue 30, item 2: SIGTERM exited -15 with no message, no checkpoint since the last
+    periodic one and run.lock left behind. The step in progress now finishes, a checkpoint of it
+    is written, the lock is released, one line says so and the exit code is 128 + the signal's
+    number; --resume auto then ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "zenalign", "run", QUICKSTART, *COMMON, "run.checkpoint_interval=4",
+                            f"run.output_dir={out}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = signal_after(job, out / "metrics.jsonl", 5, signum)
+    assert job.returncode == 128 + signum, stderr
+    done = len(read(out / "metrics.jsonl"))
+    assert 5 <= done < 10 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"zenalign: stopped by {signal.Signals(signum).name} at step {done}; "
+                                               f"resume with --resume auto")
+    assert not (out / "run.lock").exists()
+    assert ckpt.list_checkpoints(out)[-1].name == f"step-{done:08d}"  # not only the periodic step-00000004
+    assert ckpt.verify(ckpt.list_checkpoints(out)[-1])["step"] == done
+    if signum != signal.SIGTERM:  # the same path after the signal: resuming is checked once
+        return
+    resumed = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+        assert without_timing(read(out / name)) == without_timing(read(uninterrupted / name)), name
+    got, want = load_file(str(out / "final" / "model.safetensors")), load_file(str(uninterrupted / "final" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_second_stop_signal_exits_at_once_and_releases_the_lock(tmp_path):
+    """A reward that hangs holds the step open; the first SIGTERM waits for the step boundary, the
+    second ends the process at once, with the lock released and nothing half-written."""
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\n\ndef fn(completions):\n    time.sleep(3600)\n")
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "zenalign", "run", QUICKSTART, "run.steps=3", "run.eval_interval=0",
+                            "data.eval_size=4", f"run.output_dir={out}",
+                            f"rewards=[{{type: python_function, name: hang, function: '{hang}:fn'}}]"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "attempts.jsonl").exists():  # the run holds its directory and is about to sample
+        assert job.poll() is None, job.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    job.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert job.poll() is None  # still in the step, waiting for the hung reward
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert "second SIGTERM: exiting at once" in stderr and not (out / "run.lock").exists()
+    assert not list(out.glob("checkpoints/*"))  # no step finished: nothing to checkpoint, nothing half-written
+
+
 @pytest.mark.slow
 def test_rolling_back_abandons_the_later_timeline(tmp_path, uninterrupted):
     """Finding 5: a run of 10 steps (checkpoints 8, 10, final/) resumed from step 8 and killed at

@@ -238,35 +238,73 @@ def test_optimizer_offload_uses_deepspeeds_cpu_adam(tmp_path, torch_run):
     assert got[1]["loss"] == pytest.approx(torch_run[1]["loss"], rel=1e-3, abs=1e-6)
 
 
-@pytest.mark.parametrize("engine", [["engine.backend=torch"], ["engine.backend=deepspeed", "engine.zero_stage=2"]],
-                         ids=["ddp", "zero2"])
-def test_two_processes_killed_and_resumed_match_the_uninterrupted_run(tmp_path, engine):
-    """Both ranks must agree on whether to evaluate before resuming: rank 0 alone reads eval.jsonl,
-    and a rank that evaluated while the other did not paired its collectives with the wrong ones
-    (gloo: "Received data size doesn't match expected size")."""
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker of ``rank`` that torchrun (``launcher_pid``) started, from /proc."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("PPid:")))
+            environ = (status.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration, ValueError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(status.parent.name)
+    return None
+
+
+ENGINES = {"ddp": ["engine.backend=torch"], "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"]}
+TWO = ["run", QUICKSTART, "run.steps=6", "run.checkpoint_interval=2", "run.eval_interval=0", "data.eval_size=8",
+       "run.progress_bar=false", "-q"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted 2-process run of each engine, made once for the tests that interrupt it."""
+    runs = {}
+    for name, engine in ENGINES.items():
+        runs[name] = tmp_path_factory.mktemp(name) / "whole"
+        done = launch(*TORCHRUN, "--master_port", free_port(), "-m", "zenalign", *TWO, *engine,
+                      f"run.output_dir={runs[name]}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.parametrize("interrupt", ["sigkill-all", "sigterm-rank-1"])
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_two_processes_interrupted_and_resumed_match_the_uninterrupted_run(tmp_path, two_process_runs, engine, interrupt):
+    """sigkill-all: torchrun and both workers killed. Both ranks must agree on whether to evaluate
+    before resuming: rank 0 alone reads eval.jsonl, and a rank that evaluated while the other did
+    not paired its collectives with the wrong ones (gloo: "Received data size doesn't match
+    expected size"). sigterm-rank-1 (issue 30, item 2): a preemption signal that reaches one rank
+    only; both ranks stop at the same step boundary with a checkpoint of it and exit 143."""
     import signal
     import time
 
-    args = ["run", QUICKSTART, "run.steps=6", "run.checkpoint_interval=2", "run.eval_interval=0", "data.eval_size=8",
-            "run.progress_bar=false", "-q", *engine]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    whole, out = tmp_path / "whole", tmp_path / "run"
-    done = launch(*torchrun, "--master_port", free_port(), "-m", "zenalign", *args, f"run.output_dir={whole}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    job = subprocess.Popen([*torchrun, "--master_port", free_port(), "-m", "zenalign", *args, f"run.output_dir={out}"],
-                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen([*TORCHRUN, "--master_port", free_port(), "-m", "zenalign", *TWO, *ENGINES[engine],
+                            f"run.output_dir={out}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
-        assert job.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        assert job.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers
-    job.wait()
+    if interrupt == "sigkill-all":
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    else:
+        os.kill(rank_pid(job.pid, 1), signal.SIGTERM)
+        _, stderr = job.communicate(timeout=300)
+        stopped = len(metrics(out))
+        assert f"zenalign: stopped by SIGTERM at step {stopped}; resume with --resume auto" in stderr
+        assert "exitcode  : 143" in stderr  # torchrun's report of each worker
+        assert json.loads((out / "checkpoints" / f"step-{stopped:08d}" / "trainer_state.json").read_text())["step"] == stopped
+        assert not (out / "run.lock").exists()
     assert len(metrics(out)) < 6
-    done = launch(*torchrun, "--master_port", free_port(), "-m", "zenalign", *args, f"run.output_dir={out}",
-                  "--resume", "auto")
+    done = launch(*TORCHRUN, "--master_port", free_port(), "-m", "zenalign", *TWO, *ENGINES[engine],
+                  f"run.output_dir={out}", "--resume", "auto")
     assert done.returncode == 0, done.stderr[-3000:]
-    got, want = metrics(out), metrics(whole)
+    got, want = metrics(out), metrics(two_process_runs[engine])
     assert [m["step"] for m in got] == list(range(1, 7))
     for g, w in zip(got, want):  # the same process count and code path: equal, not just close
         for key in ("samples", "loss", "kl", "reward_mean", "reward_std", "reward_mean/accuracy", "grad_norm"):

@@ -26,6 +26,7 @@ import sys
 from typing import Sequence
 
 from zenalign.errors import ZenalignError
+from zenalign.train.preemption import Stopped
 
 log = logging.getLogger("zenalign")
 
@@ -287,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
         return args.handler(args)
+    except Stopped as exc:  # a preemption signal: checkpointed, resumable (zenalign.train.preemption)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"zenalign: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ZenalignError as exc:
         if debug:
             raise

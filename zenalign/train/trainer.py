@@ -49,6 +49,7 @@ from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
 from zenalign.train.generation import Generator
 from zenalign.train.memory import keep_freed_memory
+from zenalign.train.preemption import StopSignals, Stopped
 from zenalign.train.rundir import RunDir, storage_failure
 from zenalign.train.state import TrainState, stateful_plugins
 from zenalign.train.update import PolicyUpdate
@@ -81,12 +82,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def log_to_file(handler: Optional[logging.Handler], level: int, message: str, exc: Optional[BaseException] = None) -> None:
+    """A record for the run's run.log only (``handler``), not stderr."""
+    if handler is not None:
+        handler.handle(logging.makeLogRecord({"name": log.name, "levelno": level, "levelname": logging.getLevelName(level),
+                                              "msg": message,
+                                              "exc_info": (type(exc), exc, exc.__traceback__) if exc else None}))
+
+
 def log_traceback(handler: Optional[logging.Handler], exc: BaseException) -> None:
     """The full traceback of what stopped a run goes to its run.log only (stderr gets one line)."""
-    if handler is not None:
-        handler.handle(logging.makeLogRecord({"name": log.name, "levelno": logging.ERROR, "levelname": "ERROR",
-                                              "msg": f"the run stopped: {exc}",
-                                              "exc_info": (type(exc), exc, exc.__traceback__)}))
+    log_to_file(handler, logging.ERROR, f"the run stopped: {exc}", exc)
 
 
 def step_metrics(state: TrainState, dist: Dist, recipe: Recipe, objectives: Objectives, rollout: Rollout,
@@ -284,8 +290,12 @@ class GRPOTrainer:
         fresh if there is none); a path continues from that checkpoint.
         """
         try:
-            self.setup(prompts, eval_prompts, resume)
-            return self._loop()
+            with StopSignals(on_exit=self._release_run_dir) as self.signals:
+                self.setup(prompts, eval_prompts, resume)
+                return self._loop()
+        except Stopped as exc:
+            log_to_file(getattr(self, "_log_handler", None), logging.WARNING, f"zenalign: {exc}")  # the CLI prints it
+            raise
         except ZenalignError as exc:
             log_traceback(getattr(self, "_log_handler", None), exc)
             raise
@@ -305,9 +315,11 @@ class GRPOTrainer:
         evals = self.dist.broadcast(self.run_dir.read("eval.jsonl") if self.resumed_from and main else [])
         result.initial_eval = evals[0] if evals else self.evaluate()
         last_eval = evals[-1]["step"] if evals else 0
+        saved = self.state.step if self.resumed_from is not None and self.run_dir.holds(self.resumed_from) else None
         with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
                   disable=not (r.progress_bar and main and sys.stderr.isatty())) as progress:
             while self.state.step < r.steps:
+                self.signals.stop_here(self.dist, self.state.step, saved, self.save_checkpoint)
                 self.state.step += 1
                 metrics = self.train_step()
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}", refresh=False)
@@ -317,6 +329,7 @@ class GRPOTrainer:
                     last_eval = self.state.step
                 if r.checkpoint_interval and self.state.step % r.checkpoint_interval == 0 and self.state.step < r.steps:
                     self.save_checkpoint()
+                    saved = self.state.step
         result.final_eval = self.evaluate() if last_eval != self.state.step or not evals else evals[-1]
         self.save_checkpoint()
         self.save_final()
@@ -396,5 +409,8 @@ class GRPOTrainer:
             log.removeHandler(handler)
             handler.close()
             self._log_handler = None
+        self._release_run_dir()
+
+    def _release_run_dir(self) -> None:
         if getattr(self, "run_dir", None) is not None:
             self.run_dir.unlock()
