@@ -2,18 +2,25 @@
 
 Each reward source adds one objective (named after its recipe entry) or several (named by its
 ``objectives`` attribute). NaN (or None) is an abstention. Anything else a source might do wrong
-(raise, return the wrong number of scores, return text or infinity) becomes a one-line
-:class:`RewardError` naming the source.
+(raise anything, ``SystemExit`` included; return the wrong number of scores, text or infinity;
+run past its ``timeout_s``) becomes a one-line :class:`RewardError` naming the source.
+
+Each source gets its own copy of the batch (:func:`reward_view`): new lists, its own copy of
+anything mutable inside them (message dicts, list-valued columns), and token id rows as tuples, so
+a source that changes what it was given cannot change what the next source, samples.jsonl or the
+trackers see.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import os
+import sys
 import sysconfig
-import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -21,7 +28,8 @@ import torch
 
 from zenalign.data import is_conversational, metadata_columns
 from zenalign.errors import RewardError, one_line
-from zenalign.plugins import Objectives, ObservesScores, ReportsMetrics, RewardSource, RunContext, ScoreBatch
+from zenalign.plugins import (DeadlineExceeded, Objectives, ObservesScores, ReportsMetrics, RewardSource, RunContext,
+                              ScoreBatch, call_with_deadline)
 
 BATCH_FIELDS = ("prompts", "completions", "completion_ids", "group_size", "step")
 
@@ -92,7 +100,7 @@ class BoundReward:
     objectives: list[str]
     weights: list[float]
     where: str = "reward"  # where it was configured: "rewards[0]", "reward_model[1]"
-    timeout_s: Optional[float] = None  # longest a score() call may take; None: no limit
+    timeout_s: Optional[float] = None  # longest a score() call may take; None: no limit (the recipe's default: 600)
 
     @property
     def label(self) -> str:
@@ -132,9 +140,12 @@ def user_frame(exc: BaseException) -> str:
 
 
 class Scorer:
-    """Runs reward sources and stacks their scores into a ``(N, K)`` float tensor."""
+    """Runs reward sources and stacks their scores into a ``(N, K)`` float tensor.
 
-    def __init__(self, rewards: Sequence[BoundReward]):
+    ``on_stuck``: called before the process exits when a source that ran past its ``timeout_s``
+    cannot be interrupted (it is stuck inside C code); the trainer releases its run directory there."""
+
+    def __init__(self, rewards: Sequence[BoundReward], on_stuck: Optional[Callable[[], None]] = None):
         if not rewards:
             raise RewardError("rewards: no reward source is configured; add at least one (see `zenalign plugins`)")
         seen: dict[str, str] = {}
@@ -147,6 +158,7 @@ class Scorer:
                     )
                 seen[objective] = bound.label
         self.rewards = list(rewards)
+        self.on_stuck = on_stuck
         self._silent: dict[str, int] = {}  # objective -> consecutive steps in which it scored nothing
 
     def __call__(self, batch: ScoreBatch) -> torch.Tensor:
@@ -154,17 +166,32 @@ class Scorer:
         return torch.cat(columns, dim=1)  # (N, K)
 
     def _score_one(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
+        view = reward_view(batch)
         try:
-            raw = bound.source.score(batch) if bound.timeout_s is None else call_with_timeout(bound, batch)
+            raw = call_with_deadline(lambda: bound.source.score(view), bound.timeout_s,
+                                     grace_s=min(30.0, bound.timeout_s or 0.0),
+                                     on_stuck=lambda: self._exit_stuck(bound, batch.step))
+        except DeadlineExceeded as exc:  # its traceback (in run.log) shows where the source was
+            raise RewardError(f"{bound.label} took longer than its timeout_s ({bound.timeout_s:g} s) at step "
+                              f"{batch.step}; make it faster or raise timeout_s (null: no limit)") from exc
         except RewardError:
             raise
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: a reward may not end the run by itself
             where = user_frame(exc)
             raise RewardError(
                 f"{bound.label} raised {type(exc).__name__}: {one_line(exc)}{f' at {where}' if where else ''} "
                 f"(at step {batch.step}); run.log has the traceback, and --debug shows it"
             ) from exc
         return to_matrix(raw, bound, len(batch))
+
+    def _exit_stuck(self, bound: BoundReward, step: int) -> None:
+        """A source past its deadline that does not return to Python (stuck in C code): end the process."""
+        if self.on_stuck is not None:
+            self.on_stuck()
+        print(f"zenalign: error: {bound.label} took longer than its timeout_s ({bound.timeout_s:g} s) at step {step} "
+              f"and did not stop when interrupted (does it catch every exception?); the checkpoints already written "
+              f"are intact", file=sys.stderr, flush=True)
+        os._exit(2)
 
     def check_abstentions(self, rewards: torch.Tensor, names: Sequence[str], patience: int, step: int) -> None:
         """Stop the run when an objective scored no completion at all (every score NaN or None) in
@@ -187,7 +214,7 @@ class Scorer:
         that observes scored batches (:class:`~zenalign.plugins.ObservesScores`)."""
         for bound in self.rewards:
             if isinstance(bound.source, ObservesScores):
-                bound.source.on_scored(batch, rewards, objectives, context)
+                bound.source.on_scored(reward_view(batch), rewards, objectives, context)
 
     def metrics(self) -> dict[str, float]:
         """What reward sources that report metrics (:class:`~zenalign.plugins.ReportsMetrics`) report,
@@ -199,27 +226,18 @@ class Scorer:
         return out
 
 
-def call_with_timeout(bound: BoundReward, batch: ScoreBatch) -> Any:
-    """``bound.source.score(batch)`` in a daemon thread, at most ``bound.timeout_s`` seconds. A call
-    that runs over is an error naming the source; its thread cannot be stopped, but being a daemon
-    it does not keep the process alive once the run has stopped on the error."""
-    result: dict[str, Any] = {}
+def _own_copy(values: Sequence[Any]) -> list:
+    """A new list of ``values``, with its own copy of every element that could be changed in place."""
+    return [v if isinstance(v, (str, bytes, int, float, bool, tuple, type(None))) else copy.deepcopy(v) for v in values]
 
-    def target() -> None:
-        try:
-            result["value"] = bound.source.score(batch)
-        except BaseException as exc:  # handed back to the caller below
-            result["error"] = exc
 
-    worker = threading.Thread(target=target, name=f"reward-{bound.name}", daemon=True)
-    worker.start()
-    worker.join(bound.timeout_s)
-    if worker.is_alive():
-        raise RewardError(f"{bound.label} took longer than its timeout_s ({bound.timeout_s:g} s) at step {batch.step}; "
-                          f"make it faster or raise timeout_s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+def reward_view(batch: ScoreBatch) -> ScoreBatch:
+    """What one reward source sees: new lists (TRL's reward functions get lists), with their own
+    copy of every mutable element. ``completion_ids`` rows are tuples (:func:`make_batch`), shared."""
+    return replace(batch, prompts=_own_copy(batch.prompts), completions=_own_copy(batch.completions),
+                   columns={name: _own_copy(values) for name, values in batch.columns.items()},
+                   prompt_messages=_own_copy(batch.prompt_messages),
+                   completion_ids=[ids if isinstance(ids, tuple) else tuple(ids) for ids in batch.completion_ids])
 
 
 def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],
@@ -230,7 +248,7 @@ def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: l
         prompts=[text for text in prompts for _ in range(group_size)],
         completions=completions,
         columns=metadata_columns(records, group_size),
-        completion_ids=completion_ids,
+        completion_ids=[tuple(ids) for ids in completion_ids],  # rows read-only, shared by every source
         group_size=group_size,
         step=step,
         prompt_messages=([r["prompt"] for r in records for _ in range(group_size)]

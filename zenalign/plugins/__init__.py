@@ -38,15 +38,16 @@ from zenalign.plugins.api import (
     TokenLoss,
     enforces_constraints,
 )
+from zenalign.plugins.deadline import DeadlineExceeded, call_with_deadline
 from zenalign.plugins.hookspecs import hookimpl, hookspec
 from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugin_manager, register, trace_hook_calls
 from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
 
 __all__ = [
-    "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "EnforcesConstraints", "LearnsValues", "NormalizerType",
+    "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "DeadlineExceeded", "EnforcesConstraints", "LearnsValues", "NormalizerType",
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
     "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
     "RolloutGroups", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
-    "Task", "TaskType", "TokenBatch", "TokenLoss", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
+    "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
     "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls",
 ]

@@ -473,7 +473,8 @@ class ObjectiveSpec(Section):
     """How one objective (a reward dimension) enters the advantage."""
 
     weight: Optional[float] = Field(
-        None, description="Weight when objectives are combined. Defaults to the `weight` of the reward entry that produces it."
+        None, allow_inf_nan=False,
+        description="Weight when objectives are combined. Defaults to the `weight` of the reward entry that produces it."
     )
     role: Literal["reward", "constraint"] = Field(
         "reward",
@@ -520,10 +521,13 @@ class RewardEntry(Section):
         None,
         description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
     )
-    weight: float = Field(1.0, description="Weight of this objective when objectives are combined.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Weight of this objective when objectives are combined.")
     timeout_s: Optional[float] = Field(
-        None, gt=0.0, description="Longest one scoring call may take, in seconds; a call that runs over stops the run "
-        "with an error naming this entry. null: no limit.")
+        600.0, gt=0.0, allow_inf_nan=False,
+        description="Longest one scoring call may take, in seconds (also for reward functions given to the Python "
+        "API); a call that runs over stops the run with an error naming this entry, the run directory released. The "
+        "call runs in the main thread (libraries that time themselves out with signal.alarm, such as math-verify, "
+        "keep working) and is interrupted there; one stuck in C code ends the process 30 s later. null: no limit.")
 
 
 class NormalizerEntry(Section):

@@ -5,6 +5,7 @@ here knows any particular plugin."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,6 +19,7 @@ from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_cau
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
+from zenalign.recipe.schema import RewardEntry
 from zenalign.grpo.scoring import BoundReward, bind_reward
 from zenalign.grpo.vllm_engine import check_vllm
 
@@ -175,7 +177,11 @@ class Builder:
                 name = getattr(source, "name", None) or getattr(source, "__name__", None)
                 name = name if name and name != "<lambda>" else f"reward_{i}"
                 weight = float(weights[i]) if weights is not None else getattr(source, "weight", 1.0)
-                bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]"))
+                if not math.isfinite(weight):
+                    raise RecipeError(f"GRPOTrainer: the weight of reward_model[{i}] '{name}' is {weight}; give a "
+                                      f"finite number")
+                bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]",
+                                         timeout_s=RewardEntry.model_fields["timeout_s"].default))
         if not bound:
             raise RecipeError(
                 f"{self.loaded.source}: rewards: no reward source is configured; add at least one "

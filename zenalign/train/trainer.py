@@ -238,7 +238,7 @@ class GRPOTrainer:
         self.policy_config_dir = builder.policy_dir
         self.eos_ids = eos_token_ids(policy, self.tokenizer)
         rewards = builder.rewards()
-        self.scorer = Scorer(rewards)
+        self.scorer = Scorer(rewards, on_stuck=self._release_run_dir)
         self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
         critic_kl = self.normalizer.reference_kl_coef if isinstance(self.normalizer, LearnsValues) else 0.0
