@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import EOS, PAD, REVERSE_POLICY, byte_tokenizer
 from zenalign import GRPOTrainer
+from zenalign.grpo.logprobs import update_pass_kind
 from zenalign.grpo.rollout import Rollout
 from zenalign.models import lean as lean_module
 
@@ -69,17 +70,20 @@ def trainer_for(tmp_path, model, **options) -> GRPOTrainer:
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("layers", ["lean-autograd", "lean-recomputing"])
+@pytest.mark.parametrize("layers", ["lean-autograd", "lean-recomputing", "lora"])
 def test_reference_and_old_policy_passes_equal_the_update_pass_to_the_bit(tmp_path, layers, precision, checkpointing,
                                                                           monkeypatch):
     """The passes as the run makes them (PolicyUpdate, the engine's autocast): the reference (a
-    frozen copy of the policy) and pi_old's, both without autograd, against the update's pass
-    with autograd. The layers run on plain autograd (this batch's 300k residual elements are
-    below lean.RECOMPUTE_FROM) or forced onto the halves that recompute (what the 135m shape runs)."""
+    frozen copy of the policy, or with LoRA the policy itself with its adapters off: its B
+    matrices start at zero, so the weights are equal) and pi_old's, both without autograd,
+    against the update's pass with autograd. On the lean forward the layers run on plain
+    autograd (this batch's 300k residual elements are below lean.RECOMPUTE_FROM) or forced onto
+    the halves that recompute (what the 135m shape runs); LoRA runs transformers' forward."""
     monkeypatch.setattr(lean_module, "RECOMPUTE_FROM", 0 if layers == "lean-recomputing" else 1 << 62)
     gates, saves_less = [], lean_module._saves_less
     monkeypatch.setattr(lean_module, "_saves_less", lambda x, w: gates.append(saves_less(x, w)) or gates[-1])
-    trainer = trainer_for(tmp_path, one_wide_layer(), precision=precision, gradient_checkpointing=checkpointing)
+    lora = {"lora": {"r": 4, "alpha": 8}} if layers == "lora" else {}
+    trainer = trainer_for(tmp_path, one_wide_layer(), precision=precision, gradient_checkpointing=checkpointing, **lora)
     trainer.setup(PROMPTS)
     try:
         updater, policy, rollout = trainer.updater, trainer.engine.train_model, ragged_batch()
@@ -91,7 +95,29 @@ def test_reference_and_old_policy_passes_equal_the_update_pass_to_the_bit(tmp_pa
     finally:
         trainer.cleanup()
     assert torch.equal(reference, update.detach()) and torch.equal(old, update.detach())
-    assert set(gates) == {layers == "lean-recomputing"}
+    halves_ran = {"lean-autograd": {False}, "lean-recomputing": {True}, "lora": set()}  # LoRA: transformers' forward
+    assert set(gates) == halves_ran[layers]
+
+
+def test_under_ddp_the_reference_runs_the_forward_the_update_runs(tmp_path):
+    """Under DistributedDataParallel the update's pass runs transformers' forward (the lean forward
+    covers one process); the reference, a plain module, took the lean forward and so other
+    kernels. Here a one-process gloo group stands in for torchrun."""
+    trainer = trainer_for(tmp_path, one_wide_layer())
+    trainer.setup(PROMPTS)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        trainer.engine.train_model = torch.nn.parallel.DistributedDataParallel(trainer.engine.model)
+        updater, rollout = trainer.updater, ragged_batch()
+        assert update_pass_kind(trainer.engine.train_model, True, True) == (False, True)
+        assert update_pass_kind(trainer.engine.model, True, True) == (True, True)
+        reference = updater.reference_logprobs(rollout)
+        trainer.engine.train_model.train()
+        update = updater.forward(trainer.engine.train_model, rollout, slice(0, len(rollout)))
+    finally:
+        torch.distributed.destroy_process_group()
+        trainer.cleanup()
+    assert torch.equal(reference, update.detach())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
