@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from zenalign.models.lean import checked_lean_model
+from zenalign.models.lean import checked_lean_model, lean_model
 from zenalign.models.lora import forward_module
 from zenalign.models.primitives import (accepts_logits_to_keep, cache_argument, full_attention_only, mask_positions,
                                         new_cache, product_dtype, prompt_groups)
@@ -83,20 +83,19 @@ def _transformers_pass(model, sequences, attention_mask, prompt_length, share_pr
     recorded during ``run()``. Shared prompts where the model allows (see
     :func:`completion_logprobs`), else one plain pass."""
     completion_length = sequences.shape[1] - prompt_length
-    if share_prompts and sequences.shape[0] > 1 and completion_length > 1:
-        inner = forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
+    if share_prompts and sequences.shape[0] > 1 and completion_length > 1 and _can_share_prompts(model):
+        inner = _cache_module(model)
         cache_name = cache_argument(type(inner))
-        if cache_name is not None and accepts_logits_to_keep(type(inner)) and not _drops_cache(inner):
-            leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
-            if len(leaders) < sequences.shape[0] and full_attention_only(new_cache(inner)):
-                def run_shared():
-                    return _shared_prompt_logits(model, inner, cache_name, new_cache(inner), sequences, attention_mask,
-                                                 prompt_length, leaders, owner)
+        leaders, owner = prompt_groups(sequences, attention_mask, prompt_length)
+        if len(leaders) < sequences.shape[0]:
+            def run_shared():
+                return _shared_prompt_logits(model, inner, cache_name, new_cache(inner), sequences, attention_mask,
+                                             prompt_length, leaders, owner)
 
-                def shared_hidden(inputs):  # each prompt pass's last state, to its rows; then the completions'
-                    return torch.cat([inputs[0][:, -1:][owner], inputs[1]], dim=1)
+            def shared_hidden(inputs):  # each prompt pass's last state, to its rows; then the completions'
+                return torch.cat([inputs[0][:, -1:][owner], inputs[1]], dim=1)
 
-                return run_shared, shared_hidden, lambda logits: logits
+            return run_shared, shared_hidden, lambda logits: logits
     kwargs = {"logits_to_keep": completion_length + 1} if accepts_logits_to_keep(
         type(forward_module(getattr(model, "module", model)))) else {}
 
@@ -328,11 +327,41 @@ def token_entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _drops_cache(model: torch.nn.Module) -> bool:
+def update_pass_kind(model: torch.nn.Module, lean: bool, share_prompts: bool) -> tuple[bool, bool]:
+    """``(lean, share_prompts)`` as :func:`completion_logprobs` runs ``model`` (the update's: plain,
+    peft, DDP or DeepSpeed) in training mode given these two flags: on the lean forward or not,
+    each group's prompt once or not. The other passes of an update (the reference's, pi_old's)
+    given the same two flags run the update's products in its order, so that on equal weights
+    their log-probs equal the update's to the bit (and the KL term and its gradient are exactly
+    0). With their own flags they would not always: a plain reference takes the lean forward
+    where the update's model under DDP or DeepSpeed cannot, and shares its prompts where the
+    update's pass does not (transformers' forward under gradient checkpointing in training mode,
+    a DeepSpeed engine): the same sums in another order."""
+    lean = lean and lean_model(model) is not None
+    return lean, share_prompts and (lean or _can_share_prompts(model, training=True))
+
+
+def _cache_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward fills a shared prompt pass's KV cache: the model, or the one DDP wraps."""
+    return forward_module(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
+
+
+def _can_share_prompts(model: torch.nn.Module, training: Optional[bool] = None) -> bool:
+    """Whether transformers' forward of ``model`` can run a batch's prompts once into a KV cache:
+    a model that takes one and ``logits_to_keep`` (a plain transformers model, or one under DDP;
+    not a DeepSpeed engine), a plain full-attention cache, which it does not drop (see
+    :func:`_drops_cache`; ``training``: in that mode, by default the model's own)."""
+    inner = _cache_module(model)
+    return (cache_argument(type(inner)) is not None and accepts_logits_to_keep(type(inner))
+            and not _drops_cache(inner, training) and full_attention_only(new_cache(inner)))
+
+
+def _drops_cache(model: torch.nn.Module, training: Optional[bool] = None) -> bool:
     """transformers turns the KV cache off under gradient checkpointing in training: a prompt pass
-    would then fill no cache, and the completions would lose their prompts."""
+    would then fill no cache, and the completions would lose their prompts. ``training``: whether
+    in training mode (by default the model's own mode)."""
     flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return model.training and bool(getattr(model, flag, False))
+    return (model.training if training is None else training) and bool(getattr(model, flag, False))
 
 
 def _shared_prompt_logits(model, inner, cache_name, cache, sequences, attention_mask, prompt_length, leaders, owner):

@@ -19,7 +19,10 @@ and masks and rotary tables are built once per pass, not once per layer. The ari
 model's own: its RMSNorm in float32, its rotary embedding module, its attention scaling, SiLU
 MLP, tied or untied LM head. Autograd runs through it unchanged, so the update differentiates
 the same function. ``tests/test_fastpath.py`` pins log-probs, every parameter's gradient and the
-sampled tokens to transformers' own forward and ``generate``.
+sampled tokens to transformers' own forward and ``generate``. A log-prob pass without autograd
+(the reference's, pi_old's) runs the operations of the update's pass in its order, so on equal
+weights it gives the update's log-probs to the bit (``tests/test_lean_bitwise.py``): a KL term
+against the policy's own weights is then exactly 0, and so is its gradient.
 
 A model is eligible when it is one of those classes with plain ``nn.Linear`` projections (no
 LoRA or quantised layers), full attention in every layer (no sliding window), SiLU, no tensor
@@ -198,12 +201,14 @@ def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Op
 
 
 def _weights_first(x: torch.Tensor) -> bool:
-    """Whether the MLP's products run as ``(weight @ x.T).T`` instead of ``x @ weight.T``: on a CPU,
-    without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels handle a product whose
-    short side is the batch better with the weight as the left operand, and the MLP's output
+    """Whether a decoding step's MLP products run as ``(weight @ x.T).T`` instead of ``x @ weight.T``:
+    on a CPU, without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels handle a product
+    whose short side is the batch better with the weight as the left operand, and the MLP's output
     product then takes the activations in the layout this leaves them in; decoding samples the
     same tokens either way (measurements: docs/performance.md). Below 32 rows the libraries switch
-    kernels (and rounding); with autograd the update keeps the plain form."""
+    kernels (and rounding). Only decoding (prefill and each token) asks: the log-prob passes keep
+    the plain form with or without autograd, since the other orientation rounds differently and
+    the reference's and pi_old's log-probs must equal the update's to the bit."""
     return x.device.type == "cpu" and x.shape[0] >= 32 and not torch.is_grad_enabled()
 
 
@@ -403,14 +408,18 @@ RECOMPUTE_FROM = 1 << 20  # residual-stream elements (tokens x hidden) of a pass
 
 
 def _saves_less(x: torch.Tensor, norm_weight: torch.Tensor) -> bool:
-    """Whether a layer runs on :class:`_NormLinear`, :class:`_SwiGLUDown` and
-    :class:`_OutProjection`: with autograd, on a float32 residual stream (float32 weights, under
-    autocast or not), in a pass of at least :data:`RECOMPUTE_FROM` residual elements. What they
-    save grows with the pass (about 49 MB a layer at the 135m shape's 4,608 x 576); what they
-    cost is mostly fixed, a Python-level autograd function per half, which at 1M-parameter shapes
-    (about 1,060 x 128) made the update 8% slower to save about 1 MB a layer (docs/performance.md)."""
-    return (torch.is_grad_enabled() and x.dtype == norm_weight.dtype == torch.float32
-            and (x.requires_grad or norm_weight.requires_grad) and x.numel() >= RECOMPUTE_FROM)
+    """Whether a layer of a log-prob pass runs on :class:`_NormLinear`, :class:`_SwiGLUDown` and
+    :class:`_OutProjection`: on a float32 residual stream (float32 weights, under autocast or
+    not), in a pass of at least :data:`RECOMPUTE_FROM` residual elements. What they save for the
+    update's backward grows with the pass (about 49 MB a layer at the 135m shape's 4,608 x 576);
+    what they cost is mostly fixed, a Python-level autograd function per half, which at
+    1M-parameter shapes (about 1,060 x 128) made the update 8% slower to save about 1 MB a layer
+    (docs/performance.md). The passes without autograd (the reference's, pi_old's) take the same
+    choice, so that they run the update's products in the update's order (the halves split the
+    output projection at the prompts, and copy attention's inputs out): their log-probs then
+    equal the update's to the bit on equal weights, and the KL term's gradient is exactly zero
+    there. Without autograd the halves save nothing (no graph keeps their context)."""
+    return x.dtype == norm_weight.dtype == torch.float32 and x.numel() >= RECOMPUTE_FROM
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -543,10 +552,11 @@ class LeanLM:
             return None
         return self.rotary(x, torch.arange(length, device=x.device))
 
-    def qkv(self, i: int, w: _Weights, x: torch.Tensor, rotation: torch.Tensor):
+    def qkv(self, i: int, w: _Weights, x: torch.Tensor, rotation: torch.Tensor, halves: bool = False):
         """Flat hidden ``(T, hidden)`` -> queries ``(T, H, D)``, keys and values ``(T, KV, D)``,
-        queries and keys rotated (in float32, as transformers does under autocast)."""
-        if _saves_less(x, w.input_norm):
+        queries and keys rotated (in float32, as transformers does under autocast). ``halves``: the
+        norm and the product as one :class:`_NormLinear` (see :func:`_saves_less`)."""
+        if halves:
             qkv = _NormLinear.apply(x, w.input_norm, w.qkv, w.qkv_bias, self.eps, product_dtype(x, w.qkv), w.qkv_parts)
         else:
             h = _rms_norm(x, w.input_norm, self.eps)
@@ -565,29 +575,33 @@ class LeanLM:
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         return q, k, v
 
-    def finish(self, i: int, w: _Weights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def finish(self, i: int, w: _Weights, x: torch.Tensor, attended: torch.Tensor,
+               decoding: bool = False) -> torch.Tensor:
         """Output projection, residual, MLP, residual. ``attended`` is ``(T, H, D)``, or the
-        attention outputs ``(B, H, T, D)`` of the pass's parts, in order (with autograd)."""
+        attention outputs ``(B, H, T, D)`` of the pass's parts, in order (a log-prob pass on the
+        halves, see :func:`_saves_less`). ``decoding``: a step of :meth:`decode` or its prefill,
+        whose MLP products may run weights-first (:func:`_weights_first`)."""
         if isinstance(attended, (list, tuple)):
             dtype = product_dtype(x, w.o)
             rows = [out.shape[0] * out.shape[2] for out in attended]
             x = torch.cat([_OutProjection.apply(part, out, w.o, w.o_bias, dtype)
                            for part, out in zip(x.split(rows), attended)])
-            return self.mlp(w, x)
+            return self.mlp(w, x, halves=True)
         if w.packed:
             x = x + w.packed["o"](attended.reshape(x.shape[0], -1), w.o_bias)
             gate_up = w.packed["gate_up"](_rms_norm(x, w.post_norm, self.eps), w.gate_up_bias)
             return x + w.packed["down"](_swiglu(gate_up), w.down_bias)
-        return self.mlp(w, _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias))
+        return self.mlp(w, _add_linear(x, attended.reshape(x.shape[0], -1), w.o, w.o_bias), decoding=decoding)
 
-    def mlp(self, w: _Weights, x: torch.Tensor) -> torch.Tensor:
-        """The MLP half of a layer and its residual."""
-        if _saves_less(x, w.post_norm):
+    def mlp(self, w: _Weights, x: torch.Tensor, halves: bool = False, decoding: bool = False) -> torch.Tensor:
+        """The MLP half of a layer and its residual: on the halves that recompute (see
+        :func:`_saves_less`), or as plain products, weights-first only in decoding."""
+        if halves:
             gate_up = _NormLinear.apply(x, w.post_norm, w.gate_up, w.gate_up_bias, self.eps, product_dtype(x, w.gate_up),
                                         w.gate_up_parts)
             return _SwiGLUDown.apply(x, gate_up, w.down, w.down_bias, product_dtype(gate_up, w.down))
         h = _rms_norm(x, w.post_norm, self.eps)
-        if _weights_first(h):
+        if decoding and _weights_first(h):
             gate_up = _linear_weights_first(h, w.gate_up, w.gate_up_bias)
             return _add_linear_weights_first(x, _swiglu(gate_up), w.down, w.down_bias)
         return _add_linear(x, _swiglu(F.linear(h, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
@@ -690,8 +704,8 @@ class LeanLM:
         split = g * tp
 
         def layer(i: int, w: _Weights, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self.qkv(i, w, x, rotation)
-            halves = _saves_less(x, w.post_norm)
+            halves = _saves_less(x, w.post_norm)  # with autograd or without: see _saves_less
+            q, k, v = self.qkv(i, w, x, rotation, halves)
             # With the halves, what attention keeps is copied out of the q/k/v rows (the prompts'
             # queries, keys and values, the completions' queries), so that the rows themselves
             # (rotated queries and keys, or the product's q/k/v, the completions' keys and values
@@ -729,7 +743,8 @@ class LeanLM:
             q, k, v = self.qkv(i, w, x, rotation)
             q, k, v = (t.view(p, tp, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             kv.append((k, v))
-            x = self.finish(i, w, x, self.attend(q, k, v, prompt_attn).transpose(1, 2).reshape(p * tp, -1))
+            attended = self.attend(q, k, v, prompt_attn).transpose(1, 2).reshape(p * tp, -1)
+            x = self.finish(i, w, x, attended, decoding=True)
         return x.view(p, tp, -1)[:, -1], kv
 
     @torch.no_grad()
@@ -799,7 +814,7 @@ class LeanLM:
                 caches[i][1, :, :, column] = v
                 out = self.attend_one(q, caches[i][0, :, :, : column + 1], caches[i][1, :, :, : column + 1],
                                       bias[..., : column + 1])
-                x = self.finish(i, w, x, out)
+                x = self.finish(i, w, x, out, decoding=True)
             return self.head(x, head)
 
         return sample_loop(tokens, logits, step_logits, max_new_tokens, eos, pad_id, processors)

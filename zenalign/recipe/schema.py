@@ -292,7 +292,9 @@ class EngineSection(Section):
         description="Run each prompt once per group when computing log-probs (update, old and reference passes) "
         "and share its KV cache across the group's k completions: the same result and gradient, with the "
         "prompt's share of the work divided by k. Applies to the torch backend (one process or DDP); DeepSpeed "
-        "engines run the plain pass. false runs every completion's prompt again.",
+        "engines, and transformers' forward under gradient checkpointing, run the plain pass, and the old and "
+        "reference passes then do too: every pass runs the update's products in its order, so that on equal "
+        "weights their log-probs equal the update's to the bit. false runs every completion's prompt again.",
     )
     lean_forward: bool = Field(
         True,
@@ -301,7 +303,8 @@ class EngineSection(Section):
         "fused q/k/v and gate/up products and masks built once per pass, instead of transformers' general "
         "module forward. Other models, adapters and sliding-window attention use transformers' forward, and so "
         "does a model whose first prompts the lean forward does not reproduce (checked once, with a warning). "
-        "false uses transformers' forward everywhere.",
+        "The old and reference passes run on the forward the update's pass runs on (transformers' under DDP and "
+        "DeepSpeed). false uses transformers' forward everywhere.",
     )
     skip_zero_advantage: bool = Field(
         True,

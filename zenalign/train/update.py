@@ -19,7 +19,7 @@ import torch
 
 from zenalign.errors import NonFiniteError, PluginError, RecipeError
 from zenalign.grpo.importance import importance_weights
-from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.grpo.logprobs import completion_logprobs, update_pass_kind
 from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
@@ -115,11 +115,15 @@ class PolicyUpdate:
 
     def forward(self, model: torch.nn.Module, rollout: Rollout, rows: slice | torch.Tensor, entropy: bool = False):
         """Log-probs ``(n, Tc)`` of the sampled tokens of ``rows`` under ``model``, at the sampling
-        temperature; with ``entropy``, also the policy's entropy at each position ``(n, Tc)``."""
+        temperature; with ``entropy``, also the policy's entropy at each position ``(n, Tc)``.
+        Every pass (the update's, pi_old's, the reference's) runs as the update's model does
+        (:func:`~zenalign.grpo.logprobs.update_pass_kind`): on equal weights they give equal
+        log-probs to the bit, so a step with no learning signal has a gradient of exactly 0."""
+        lean, share = update_pass_kind(forward_module(self.engine.train_model), self.lean_forward, self.share_prompts)
         with self.engine.autocast():
             return completion_logprobs(forward_module(model), rollout.sequences[rows], rollout.attention_mask[rows],
-                                       rollout.prompt_length, self.temperature, share_prompts=self.share_prompts,
-                                       lean=self.lean_forward, entropy=entropy)
+                                       rollout.prompt_length, self.temperature, share_prompts=share, lean=lean,
+                                       entropy=entropy)
 
     @torch.no_grad()
     def logprobs(self, model: torch.nn.Module, rollout: Rollout, entropy: bool = False):
