@@ -469,6 +469,117 @@ def test_an_optimizer_state_holding_pickled_code_is_refused(tmp_path, uninterrup
     assert "optimizer.pt' could not be read as plain tensors" in message and "never unpickles code" in message
     assert "PAYLOAD RAN" not in done.stdout + done.stderr
     assert snapshot(out) == before
+    # issue 30, item 4: nothing printed before the one line (torch's warnings), and not torch's advice
+    # to load the file with weights_only=False, which would run the code
+    assert done.stderr.strip().splitlines()[-1] == message and "Warning" not in done.stderr
+    assert "Unsupported global: GLOBAL print was not an allowed global" in message and "weights_only" not in message
+
+
+# ---------------------------------------------------------------------------------------------- issue 30, item 4
+
+LATEST = "checkpoints/step-00000010"
+
+
+def resign(checkpoint: Path) -> None:
+    """Rewrite the manifest over what the checkpoint now holds: whoever can change a file can."""
+    (checkpoint / "MANIFEST.json").unlink()
+    ckpt.write_manifest(checkpoint)
+
+
+def edit_manifest(checkpoint: Path, change) -> None:
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    change(manifest)
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda m: m.update(files={}), "'files' must map every file of the checkpoint to its size and sha256 (found dict (empty))"),
+    (lambda m: m.update(files=["policy/config.json"]), "'files' must map every file of the checkpoint to its size and sha256 (found list)"),
+    (lambda m: m["files"].update({"recipe.yaml": "abc"}), "the entry of 'recipe.yaml' must be {\"bytes\": int, \"sha256\": str} (found 'abc')"),
+    (lambda m: m["files"]["recipe.yaml"].update(bytes="12"), "the entry of 'recipe.yaml' must be"),
+    (lambda m: m["files"].pop("recipe.yaml"), "holds recipe.yaml, which its MANIFEST.json does not list"),
+    (lambda m: m["files"].update({"../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}), "../../etc/passwd is missing"),
+], ids=["empty", "list", "entry-not-a-dict", "bytes-not-an-int", "entry-missing", "outside"])
+def test_a_manifest_must_list_exactly_the_checkpoints_files(tmp_path, uninterrupted, change, expected):
+    """An empty `files` map passed verification (nothing to check), a file missing from the map was
+    never checked, and a malformed map was a TypeError/AttributeError traceback."""
+    out = copy_run(uninterrupted, tmp_path)
+    edit_manifest(out / LATEST, change)
+    with pytest.raises(ckpt.ModelLoadError) as err:
+        ckpt.verify(out / LATEST)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path)
+    (out / LATEST / "engine" / "extra.pt").write_bytes(b"planted")
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    assert "holds engine/extra.pt, which its MANIFEST.json does not list" in message
+
+
+def test_symbolic_links_in_or_as_a_checkpoint_are_refused(tmp_path, uninterrupted):
+    """A link inside was followed; a checkpoint directory that was itself a link was reported as
+    "already holds a run"."""
+    out = copy_run(uninterrupted, tmp_path)
+    checkpoint = out / LATEST
+    rng = checkpoint / "rng" / "rank-00000.json"
+    elsewhere = tmp_path / "elsewhere.json"
+    shutil.move(rng, elsewhere)
+    rng.symlink_to(elsewhere)
+    resign(checkpoint)
+    with pytest.raises(ckpt.ModelLoadError, match="holds a symbolic link \\(rng/rank-00000.json\\); zenalign never writes one"):
+        ckpt.verify(checkpoint)
+
+    linked = copy_run(uninterrupted, tmp_path / "b")
+    real = tmp_path / "real-step"
+    shutil.move(linked / LATEST, real)
+    (linked / LATEST).symlink_to(real, target_is_directory=True)
+    before = snapshot(linked)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={linked}", "--resume", "auto"))
+    assert f"checkpoint '{linked / LATEST}' is a symbolic link" in message and "already holds" not in message
+    assert snapshot(linked) == before
+
+
+def test_resuming_a_finished_run_writes_nothing(tmp_path, uninterrupted):
+    """A no-op resume rewrote the newest checkpoint (signing the run's recipe.yaml, which it had not
+    verified) and final/."""
+    out = copy_run(uninterrupted, tmp_path)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()}
+    done = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert "the run finished at step 10 already" in done.stderr and "eval accuracy:" in done.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def bomb(path: Path) -> None:
+    """A safetensors file whose header claims 1 TiB."""
+    import struct
+
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b'{"torch": {}}')
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda c: (c / "rng/rank-00000.json").write_text('{"python": 5}'), "rng/rank-00000.json and its .safetensors do not hold random states"),
+    (lambda c: (c / "rng/rank-00000.json").write_text('[1, 2]'), "rng/rank-00000.json and its .safetensors do not hold random states"),
+    (lambda c: bomb(c / "rng/rank-00000.safetensors"), "could not be read as safetensors (SafetensorError"),
+    (lambda c: edit_trainer_state(c, sampler={"epoch": 0, "index": "abc"}), "sampler.index must be a whole number >= 0 (found 'abc')"),
+    (lambda c: edit_trainer_state(c, sampler={"epoch": 0, "index": -5}), "sampler.index must be a whole number >= 0 (found -5)"),
+    (lambda c: edit_trainer_state(c, step=None), "step must be a whole number >= 0 (found None)"),
+], ids=["python-5", "rng-list", "header-bomb", "index-abc", "index-negative", "step-null"])
+def test_malformed_rng_or_sampler_state_is_one_line(tmp_path, uninterrupted, damage, expected):
+    out = copy_run(uninterrupted, tmp_path)
+    damage(out / LATEST)
+    resign(out / LATEST)
+    before = snapshot(out)
+    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    assert expected in message
+    assert snapshot(out) == before
+
+
+def edit_trainer_state(checkpoint: Path, **fields) -> None:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.update(fields)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 
 NAN_RUN = ["grpo.learning_rate=1.0e+10", "engine.max_grad_norm=null", "run.eval_interval=0", "data.eval_size=8", "-q"]

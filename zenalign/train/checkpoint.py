@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from zenalign.errors import ModelLoadError, NonFiniteError
+from zenalign.errors import ModelLoadError, NonFiniteError, one_line
 from zenalign.models.lora import is_adapted
 from zenalign.plugins import StatefulDirectory
 from zenalign.train.distributed import Dist
@@ -95,22 +95,86 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify(directory: Path) -> dict[str, Any]:
-    """Check every file against the manifest; return trainer_state.json."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        entries = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"checkpoint '{directory}' is unreadable: {MANIFEST}: {exc}") from exc
+    """Check the checkpoint against its manifest, which must list exactly the files it holds (no
+    missing entry, no extra file, no symbolic link anywhere, the directory itself included), each
+    with its size and sha256; return trainer_state.json, checked for shape. Any failure is a
+    one-line :class:`ModelLoadError`."""
+    _refuse_links(directory)
+    entries = _manifest_entries(directory)
+    present = {(Path(root) / name).relative_to(directory).as_posix()
+               for root, _, names in os.walk(directory) for name in names} - {MANIFEST}
+    missing, extra = sorted(set(entries) - present), sorted(present - set(entries))
+    if missing:
+        raise ModelLoadError(f"checkpoint '{directory}' is corrupt: {missing[0]} is missing"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    if extra:
+        raise ModelLoadError(f"checkpoint '{directory}' holds {extra[0]}"
+                             f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, which its {MANIFEST} does "
+                             f"not list; a checkpoint is used only as it was written")
     for name, entry in entries.items():
         path = directory / name
-        if not path.is_file():
-            raise ModelLoadError(f"checkpoint '{directory}' is corrupt: {name} is missing")
         if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
             raise ModelLoadError(f"checkpoint '{directory}' is corrupt: {name} does not match its manifest (changed or truncated)")
+    return _trainer_state(directory)
+
+
+def _refuse_links(directory: Path) -> None:
+    if directory.is_symlink():
+        raise ModelLoadError(f"checkpoint '{directory}' is a symbolic link; a checkpoint is read only from a directory "
+                             f"of its own (resume from '{directory.resolve()}' itself if you trust it)")
+    for root, folders, names in os.walk(directory):
+        for name in folders + names:
+            if (Path(root) / name).is_symlink():
+                inside = (Path(root) / name).relative_to(directory).as_posix()
+                raise ModelLoadError(f"checkpoint '{directory}' holds a symbolic link ({inside}); zenalign never writes "
+                                     f"one, and follows none when resuming")
+
+
+def _manifest_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    where = f"checkpoint '{directory}' is unreadable: {MANIFEST}"
     try:
-        return json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"checkpoint '{directory}' is unreadable: trainer_state.json: {exc}") from exc
+        raise ModelLoadError(f"{where}: {one_line(exc)}") from None
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise ModelLoadError(f"{where}: 'files' must map every file of the checkpoint to its size and sha256 "
+                             f"(found {type(entries).__name__}{' (empty)' if entries == {} else ''})")
+    for name, entry in entries.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool)
+                and isinstance(entry.get("sha256"), str)):
+            raise ModelLoadError(f"{where}: the entry of '{name}' must be {{\"bytes\": int, \"sha256\": str}} "
+                                 f"(found {one_line(repr(entry))[:80]})")
+    return entries
+
+
+def _trainer_state(directory: Path) -> dict[str, Any]:
+    where = f"checkpoint '{directory}' is unreadable: trainer_state.json"
+    try:
+        saved = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{where}: {one_line(exc)}") from None
+    sampler = saved.get("sampler") if isinstance(saved, dict) else None
+    counts = {"step": saved.get("step"), "samples": saved.get("samples")} if isinstance(saved, dict) else {}
+    if isinstance(sampler, dict):
+        counts.update({"sampler.epoch": sampler.get("epoch"), "sampler.index": sampler.get("index")})
+    bad = [key for key in ("step", "samples", "sampler.epoch", "sampler.index")
+           if not (isinstance(counts.get(key), int) and not isinstance(counts[key], bool) and counts[key] >= 0)]
+    if bad:
+        raise ModelLoadError(f"{where}: {bad[0]} must be a whole number >= 0 (found {counts.get(bad[0])!r})")
+    if not isinstance(saved.get("fingerprint", {}), dict) or not isinstance(saved.get("plugins", []), list):
+        raise ModelLoadError(f"{where}: 'fingerprint' must be a mapping and 'plugins' a list")
+    return saved
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, or a one-line error naming it (a damaged header, a header
+    that claims more than the file holds)."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"checkpoint file '{path}' could not be read as safetensors ({type(exc).__name__}: "
+                             f"{one_line(exc)[:160]})") from None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -221,6 +285,20 @@ def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _restore_rng(directory: Path, rank: int) -> None:
+    """This rank's RNG states, or a one-line error naming the file whose content is not one."""
+    plain_path = directory / "rng" / f"rank-{rank:05d}.json"
+    tensors = read_tensors(directory / "rng" / f"rank-{rank:05d}.safetensors")
+    before = _rng_state()
+    try:
+        plain = json.loads(plain_path.read_text(encoding="utf-8"))
+        _set_rng_state(plain, tensors)
+    except Exception as exc:  # a TypeError from random.setstate, a RuntimeError from torch's, a KeyError...
+        _set_rng_state(*before)  # no half-restored state behind the error
+        raise ModelLoadError(f"checkpoint '{directory}' is unreadable: {plain_path.relative_to(directory)} and its "
+                             f".safetensors do not hold random states ({type(exc).__name__}: {one_line(exc)[:120]})") from None
+
+
 def save_plugin_state(obj: Any, directory: Path) -> bool:
     """``save_state(dir)`` for a :class:`StatefulDirectory` plugin, else ``state_dict()`` as JSON + safetensors."""
     if isinstance(obj, StatefulDirectory):
@@ -245,7 +323,7 @@ def load_plugin_state(obj: Any, directory: Path) -> None:
         return
     state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     if (directory / "state.safetensors").is_file():
-        state.update(load_file(str(directory / "state.safetensors")))
+        state.update(read_tensors(directory / "state.safetensors"))
     obj.load_state_dict(state)
 
 
@@ -371,13 +449,17 @@ def restore(directory: Path, saved: dict[str, Any], state: TrainState, parts: Ch
     built): the engine's optimizer state, this rank's RNG, ``state`` and its plugins, and a reset
     reference."""
     parts.engine.load_state(directory / "engine")
-    rank = parts.dist.rank
-    plain = json.loads((directory / "rng" / f"rank-{rank:05d}.json").read_text(encoding="utf-8"))
-    _set_rng_state(plain, load_file(str(directory / "rng" / f"rank-{rank:05d}.safetensors")))
+    _restore_rng(directory, parts.dist.rank)
     state.load_json(saved)
     for slot, obj in state.plugins.items():
         if slot in saved.get("plugins", []):
-            load_plugin_state(obj, directory / "plugins" / slot)
+            try:
+                load_plugin_state(obj, directory / "plugins" / slot)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"checkpoint '{directory}': the state in plugins/{slot} could not be restored "
+                                     f"({type(exc).__name__}: {one_line(exc)[:160]})") from None
     if (directory / "reference.safetensors").is_file() and parts.reference is not None:
-        parts.reference.load_state_dict(load_file(str(directory / "reference.safetensors")), strict=False)
+        parts.reference.load_state_dict(read_tensors(directory / "reference.safetensors"), strict=False)
         state.reference_was_reset = True

@@ -121,6 +121,12 @@ def step_metrics(state: TrainState, dist: Dist, recipe: Recipe, objectives: Obje
     return metrics
 
 
+def finished_result(run_dir: RunDir, steps: int) -> TrainResult:
+    """What a run that had already finished returns: its first and last evaluations, as recorded."""
+    evals = run_dir.read("eval.jsonl")
+    return TrainResult(run_dir.path, steps, evals[0] if evals else {}, evals[-1] if evals else {})
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization.
 
@@ -188,6 +194,8 @@ class GRPOTrainer:
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
         saved = self._join_run(resume)
+        if self.finished is not None:  # nothing to run: build nothing, write nothing
+            return
         self._build_parts(prompts, eval_prompts, saved)
         if saved is not None:
             ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
@@ -218,8 +226,12 @@ class GRPOTrainer:
         self.overwrite = r.run.overwrite or (resume == "auto" and saved is None and self.run_dir.is_run()
                                              and not (self.run_dir.path / "final").exists())
         self.run_dir.check(self.overwrite, resuming=saved is not None and self.run_dir.holds(self.resumed_from))
+        done = (saved is not None and saved["step"] >= r.run.steps and self.run_dir.holds(self.resumed_from)
+                and (self.run_dir.path / "final").is_dir())
+        self.finished: Optional[int] = saved["step"] if done else None  # the step it finished at
         if saved is not None and self.dist.is_main:
-            log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
+            log.info("the run finished at step %d already (raise run.steps to continue it)" if done
+                     else f"resuming from {self.resumed_from} (step %d)", saved["step"])
         seed_everything(r.run.seed)
         set_threads(r.engine.num_threads, self.dist.is_main)
         device = pick_device(r.engine.device)
@@ -292,7 +304,7 @@ class GRPOTrainer:
         try:
             with StopSignals(on_exit=self._release_run_dir) as self.signals:
                 self.setup(prompts, eval_prompts, resume)
-                return self._loop()
+                return self._loop() if self.finished is None else finished_result(self.run_dir, self.finished)
         except Stopped as exc:
             log_to_file(getattr(self, "_log_handler", None), logging.WARNING, f"zenalign: {exc}")  # the CLI prints it
             raise
@@ -331,7 +343,8 @@ class GRPOTrainer:
                     self.save_checkpoint()
                     saved = self.state.step
         result.final_eval = self.evaluate() if last_eval != self.state.step or not evals else evals[-1]
-        self.save_checkpoint()
+        if saved != self.state.step:  # a resume that ran no step re-signs nothing it did not verify
+            self.save_checkpoint()
         self.save_final()
         if main:
             self.hook.zenalign_on_train_end(context=self.context, step=self.state.step)
