@@ -14,10 +14,18 @@ TensorBoard writes ``RUN/tensorboard``. W&B writes under ``RUN/wandb`` and follo
 (``WANDB_MODE=offline`` to log without an account, ``WANDB_PROJECT``, default project
 ``zenalign``); MLflow follows ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME`` (default
 ``zenalign``). The run is named after the run directory.
+
+A resumed run continues the same tracker run: TensorBoard purges the steps after the checkpoint
+(``purge_step``), so a step the killed attempt logged past it is shown once, with the resumed
+attempt's values; W&B resumes the run whose id is the run directory's (``run_id``), and MLflow the
+run whose id ``RUN/trackers.json`` recorded. Neither W&B nor MLflow can drop logged points: they
+keep the killed attempt's values of those steps beside the resumed ones (the same values when
+the run is deterministic).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from contextlib import contextmanager
@@ -56,18 +64,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, context: Any) -> None: ...
+    def __init__(self, context: Any, start_step: int) -> None: ...
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def completions(self, samples: list[dict[str, Any]], step: int) -> None: ...
     def finish(self) -> None: ...
 
 
 class TensorBoard(Tracker):
-    def __init__(self, context):
+    def __init__(self, context, start_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(context.output_dir / "tensorboard"))
-        self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(context.recipe, sort_keys=False) + "```", 0)
+        # a resumed run hides what the stopped attempt logged after its checkpoint (steps > start_step)
+        self.writer = SummaryWriter(log_dir=str(context.output_dir / "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
+        self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(context.recipe, sort_keys=False) + "```", start_step)
 
     def log(self, metrics, step):
         for key, value in metrics.items():
@@ -86,13 +96,14 @@ class TensorBoard(Tracker):
 
 
 class WandB(Tracker):
-    def __init__(self, context):
+    def __init__(self, context, start_step):
         import wandb
 
         self.wandb = wandb
-        try:
+        try:  # the run directory's id: every attempt of the run logs to the same W&B run
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zenalign"), name=context.output_dir.name,
-                                  dir=str(context.output_dir), config=context.recipe, reinit="create_new")
+                                  id=context.run_id or None, resume="allow", dir=str(context.output_dir),
+                                  config=context.recipe, reinit="create_new")
         except Exception as exc:
             raise RecipeError(f"run.report_to: wandb could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
                               f"log in with `wandb login`, or set WANDB_MODE=offline to write it to "
@@ -110,20 +121,33 @@ class WandB(Tracker):
 
 
 class MLflow(Tracker):
-    def __init__(self, context):
+    def __init__(self, context, start_step):
         import mlflow
 
         self.mlflow = mlflow
+        record = context.output_dir / "trackers.json"
+        earlier = recorded(record).get("mlflow") if start_step else None
         try:
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "zenalign"))
-            self.run = mlflow.start_run(run_name=context.output_dir.name)
+            self.run = self._start(earlier, context.output_dir.name)
         except Exception as exc:
             raise RecipeError(f"run.report_to: mlflow could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
                               f"set MLFLOW_TRACKING_URI to a tracking server or database") from exc
-        params = flatten(context.recipe)
-        keys = list(params)
-        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
+        record.write_text(json.dumps({**recorded(record), "mlflow": self.run.info.run_id}) + "\n", encoding="utf-8")
+        if earlier != self.run.info.run_id:  # a resumed run's params are logged already (they cannot change)
+            params = flatten(context.recipe)
+            keys = list(params)
+            for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
+                mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
+
+    def _start(self, earlier, name):
+        """The run the earlier attempts logged to, if the tracking store still has it; else a new one."""
+        if earlier:
+            try:
+                return self.mlflow.start_run(run_id=earlier)
+            except self.mlflow.exceptions.MlflowException:
+                pass
+        return self.mlflow.start_run(run_name=name)
 
     def log(self, metrics, step):
         # "." for "/": MLflow's file store keeps each metric in a file named after it, so
@@ -141,12 +165,21 @@ class MLflow(Tracker):
 TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
+def recorded(path) -> dict[str, str]:
+    """``RUN/trackers.json``: the tracker runs this run directory logs to ({} when there is none)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 @hookimpl
 def zenalign_on_train_start(context, start_step):
     finish_all()  # a run in this process that stopped early left its trackers open
     if context.is_main:
         for name in context.recipe.get("run", {}).get("report_to", []):
-            _active.append(TRACKERS[name](context))
+            _active.append(TRACKERS[name](context, start_step))
 
 
 @hookimpl

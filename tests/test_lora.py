@@ -71,6 +71,26 @@ def storages(*modules) -> set[int]:
     return {t.untyped_storage().data_ptr() for m in modules if m is not None for t in [*m.parameters(), *m.buffers()]}
 
 
+def test_adapter_config_lists_target_modules_in_the_same_order_in_every_process(tmp_path):
+    """Issue 30, item 7: peft keeps target_modules as a set, so adapter_config.json listed them in
+    the order of Python's string hashing, which changes from process to process."""
+    script = ("import json, sys; from conftest import build_tiny_llama; from zenalign.models.lora import add_adapters;"
+              "from zenalign.recipe.schema import LoraSection;"
+              "add_adapters(build_tiny_llama(), LoraSection(r=2, target_modules=sys.argv[1].split(',') "
+              "if sys.argv[1] != 'all-linear' else 'all-linear')).save_pretrained(sys.argv[2])")
+    found = {}
+    for seed in ("1", "2", "3"):
+        for targets in ("all-linear", "v_proj,q_proj,o_proj,k_proj"):
+            out = tmp_path / f"{seed}-{targets}"
+            env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(REPO / "tests"))
+            subprocess.run([sys.executable, "-c", script, targets, str(out)], env=env, check=True, cwd=REPO)
+            found.setdefault(targets, set()).add(tuple(json.loads((out / "adapter_config.json").read_text())["target_modules"]))
+    [every_linear] = found["all-linear"]  # peft resolves all-linear to each layer's modules: 2 layers x 7
+    assert len(every_linear) == 14 and list(every_linear) == sorted(every_linear)
+    assert every_linear[:2] == ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj")
+    assert found["v_proj,q_proj,o_proj,k_proj"] == {("k_proj", "o_proj", "q_proj", "v_proj")}
+
+
 def test_the_reference_is_the_base_model_without_a_second_copy(lora_trainer, tiny_model_dir):
     t = lora_trainer
     assert is_adapted(t.model) and t.reference is None and t.updater.base_reference

@@ -245,5 +245,5 @@ def test_the_run_context_declares_a_narrow_view_of_the_run():
     """RunContext declares where the run is, the collectives and one action: nothing reaches the trainer."""
     methods = {name for name, value in vars(RunContext).items() if callable(value) and not name.startswith("_")}
     assert set(RunContext.__annotations__) | methods == {
-        "step", "seed", "rank", "world_size", "is_main", "output_dir", "recipe", "gather_objects", "gather_rows",
+        "step", "seed", "rank", "world_size", "is_main", "output_dir", "run_id", "recipe", "gather_objects", "gather_rows",
         "reset_reference_to_policy"}

@@ -128,3 +128,44 @@ def test_a_tracker_that_is_not_installed_is_one_line_at_validate(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(RecipeError, match=r"run.report_to.*wandb not installed; pip install 'zenalign\[wandb\]'"):
         load_recipe(RECIPES / "quickstart.yaml", ["run.report_to=[wandb]"])
+
+
+def test_a_resumed_run_continues_the_same_tracker_runs_and_tensorboard_shows_each_step_once(tmp_path):
+    """Issue 30, item 7: after a resume, TensorBoard showed steps 3 and 4 twice, and W&B and MLflow
+    started new runs. Resumed from the step-2 checkpoint of a finished 4-step run, steps 3 and 4
+    are logged again: TensorBoard purges the first attempt's (purge_step), W&B resumes the run with
+    the run directory's id, MLflow the run trackers.json recorded."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"file://{tmp_path / 'mlruns'}",
+           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "resume-test"}
+    args = ["run", str(RECIPES / "quickstart.yaml"), "run.steps=4", "run.checkpoint_interval=2", "run.eval_interval=0",
+            "data.eval_size=8", "run.report_to=[tensorboard, wandb, mlflow]", f"run.output_dir={out}", "-q"]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        first = run_cli(*args)
+        assert first.returncode == 0, first.stderr
+        second = run_cli(*args, "--resume", str(out / "checkpoints" / "step-00000002"))
+        assert second.returncode == 0, second.stderr
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run_id = json.loads((out / "zenalign-run.json").read_text())["run_id"]
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward_mean")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("reward_mean")] == pytest.approx([m["reward_mean"] for m in metrics], rel=1e-6)
+
+    attempts = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts)
+
+    client = MlflowClient(f"file://{tmp_path / 'mlruns'}")
+    [run] = client.search_runs([client.get_experiment_by_name("resume-test").experiment_id])
+    assert json.loads((out / "trackers.json").read_text()) == {"mlflow": run.info.run_id}
+    # MLflow keeps every logged point: the first attempt's steps 3 and 4, then the resumed ones
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "reward_mean")] == [1, 2, 3, 4, 3, 4]

@@ -71,9 +71,13 @@ def add_adapters(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
                              modules_to_save=list(lora.modules_to_save) or None, task_type="CAUSAL_LM")
     try:
         with _quiet_peft():
-            return peft.get_peft_model(model, config)
+            adapted = peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. modules_to_save naming nothing
         raise RecipeError(f"model.lora: peft refused the adapters: {' '.join(str(exc).split())}") from exc
+    for settings in adapted.peft_config.values():  # peft keeps a set, which adapter_config.json lists in hash order
+        if isinstance(settings.target_modules, (set, frozenset, list, tuple)):
+            settings.target_modules = sorted(settings.target_modules)
+    return adapted
 
 
 @contextmanager

@@ -268,7 +268,9 @@ class RunContext(Protocol):
     ``step`` is the current training step (0 before the first); ``seed`` the recipe's
     ``run.seed``; ``rank`` and ``world_size`` this process's place (0 and 1 on one process);
     ``is_main`` whether this process writes the run directory; ``output_dir`` the run directory;
-    ``recipe`` the resolved recipe as plain data (what recipe.yaml holds; do not modify it).
+    ``run_id`` the run's id (zenalign-run.json: the same for every attempt of a run, resumed or
+    not, and new when the run is replaced; what an experiment tracker resumes by); ``recipe`` the
+    resolved recipe as plain data (what recipe.yaml holds; do not modify it).
     """
 
     step: int
@@ -277,6 +279,7 @@ class RunContext(Protocol):
     world_size: int
     is_main: bool
     output_dir: Path
+    run_id: str
     recipe: dict[str, Any]
 
     def gather_objects(self, items: list) -> list:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from zenalign.train.distributed import Dist
+from zenalign.train.rundir import RunDir
 from zenalign.train.state import TrainState
 
 
@@ -27,6 +28,12 @@ class TrainerContext:
     @property
     def step(self) -> int:
         return self._state.step
+
+    @property
+    def run_id(self) -> str:
+        """The run directory's id (its zenalign-run.json), written when the run began."""
+        identity = RunDir(self.output_dir).identity()
+        return identity["run_id"] if identity else ""
 
     @property
     def rank(self) -> int:
