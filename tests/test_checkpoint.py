@@ -129,6 +129,29 @@ def test_a_stop_signal_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path, u
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
+def test_a_stop_signal_while_the_run_loads_stops_it_before_its_first_step(tmp_path, uninterrupted):
+    """The signal arrives while the run builds its parts (it holds run.lock, no step has run): it
+    stops before its first step, keeps nothing (a new run has nothing worth a checkpoint) and
+    --resume auto starts it again, ending as the uninterrupted run."""
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "zenalign", "run", QUICKSTART, *COMMON, f"run.output_dir={out}"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "run.lock").exists():
+        assert job.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "zenalign: stopped by SIGTERM at step 0; resume with --resume auto"
+    assert not (out / "metrics.jsonl").exists() and not ckpt.list_checkpoints(out) and not (out / "run.lock").exists()
+    resumed = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+        assert without_timing(read(out / name)) == without_timing(read(uninterrupted / name)), name
+
+
 def test_a_second_stop_signal_exits_at_once_and_releases_the_lock(tmp_path):
     """A reward that hangs holds the step open; the first SIGTERM waits for the step boundary, the
     second ends the process at once, with the lock released and nothing half-written."""

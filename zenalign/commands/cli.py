@@ -26,7 +26,7 @@ import sys
 from typing import Sequence
 
 from zenalign.errors import ZenalignError
-from zenalign.train.preemption import Stopped
+from zenalign.train.preemption import StopSignals, Stopped
 
 log = logging.getLogger("zenalign")
 
@@ -287,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     quiet_libraries()
     try:
+        if args.command == "run":  # a preemption signal while the run loads stops it before its first step
+            with StopSignals():
+                return args.handler(args)
         return args.handler(args)
     except Stopped as exc:  # a preemption signal: checkpointed, resumable (zenalign.train.preemption)
         if os.environ.get("RANK", "0") == "0":

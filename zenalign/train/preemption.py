@@ -7,7 +7,9 @@ directory and exits with ``128 + the signal's number`` (SIGTERM 143, SIGINT 130,
 after one line: ``zenalign: stopped by SIGTERM at step N; resume with --resume auto``. A second
 signal exits at once (the checkpoints already written are intact; ``run.lock`` is released).
 
-Several processes: the signal may reach one rank only, so at each step boundary the ranks take the
+The CLI installs the handlers when it starts, so a signal that arrives while the run loads stops it
+before its first step (a new run then starts again with ``--resume auto``; there is nothing to
+keep). Several processes: the signal may reach one rank only, so at each step boundary the ranks take the
 largest signal number any of them received (one small all-reduce) and all stop at the same step.
 """
 
@@ -18,10 +20,12 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from zenalign.errors import ZenalignError
-from zenalign.train.distributed import Dist
+
+if TYPE_CHECKING:
+    from zenalign.train.distributed import Dist
 
 log = logging.getLogger("zenalign")
 
@@ -51,20 +55,31 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+        outer = self._outer()
+        if outer is not None:  # entered inside another (the CLI's, from its start): what it received counts
+            self.received = self.received or outer.received
         return self
 
     def __exit__(self, *exc) -> None:
+        outer = self._outer()
+        if outer is not None:
+            outer.received = outer.received or self.received
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def stop_here(self, dist: Dist, step: int, saved: Optional[int], save_checkpoint: Callable[[], object]) -> None:
+    def _outer(self) -> Optional["StopSignals"]:
+        handler = self._previous.get(STOP_SIGNALS[0]) if STOP_SIGNALS else None
+        outer = getattr(handler, "__self__", None)
+        return outer if isinstance(outer, StopSignals) else None
+
+    def stop_here(self, dist: "Dist", step: int, saved: Optional[int], save_checkpoint: Callable[[], object]) -> None:
         """At a step boundary: if any rank received a stop signal, checkpoint ``step`` (unless
         ``saved``, the step of the newest checkpoint, is it) and raise :class:`Stopped`."""
         signum = int(dist.max([float(self.received or 0)])[0])  # every rank stops at the same step
         if not signum:
             return
-        if saved != step:
+        if step > 0 and saved != step:  # at step 0 of a new run there is nothing to keep: it starts again
             save_checkpoint()
         raise Stopped(signum, step)
 

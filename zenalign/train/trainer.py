@@ -158,6 +158,7 @@ class GRPOTrainer:
         self.hook = get_plugin_manager().hook
         self.dist = Dist()
         self.state = TrainState()
+        self.run_dir = RunDir(self.loaded.output_dir)
 
     @classmethod
     def from_recipe(cls, loaded: LoadedRecipe) -> "GRPOTrainer":
@@ -218,7 +219,6 @@ class GRPOTrainer:
             raise RecipeError(
                 f"{self.loaded.source}: grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
                 f"number of processes ({self.dist.world_size}), so every process samples whole groups")
-        self.run_dir = RunDir(self.loaded.output_dir)
         self.resumed_from = ckpt.find_checkpoint(resume, self.run_dir.path) if resume else None
         saved = ckpt.verify(self.resumed_from) if self.resumed_from else None
         # --resume auto before the first checkpoint of a zenalign run: start again over the
@@ -250,7 +250,7 @@ class GRPOTrainer:
         self.policy_config_dir = builder.policy_dir
         self.eos_ids = eos_token_ids(policy, self.tokenizer)
         rewards = builder.rewards()
-        self.scorer = Scorer(rewards, on_stuck=self._release_run_dir)
+        self.scorer = Scorer(rewards, on_stuck=self.run_dir.unlock)
         self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
         critic_kl = self.normalizer.reference_kl_coef if isinstance(self.normalizer, LearnsValues) else 0.0
@@ -302,7 +302,7 @@ class GRPOTrainer:
         fresh if there is none); a path continues from that checkpoint.
         """
         try:
-            with StopSignals(on_exit=self._release_run_dir) as self.signals:
+            with StopSignals(on_exit=self.run_dir.unlock) as self.signals:
                 self.setup(prompts, eval_prompts, resume)
                 return self._loop() if self.finished is None else finished_result(self.run_dir, self.finished)
         except Stopped as exc:
@@ -325,9 +325,10 @@ class GRPOTrainer:
         result = TrainResult(self.run_dir.path, r.steps)
         # rank 0 reads the run directory; every rank must then make the same evaluation calls
         evals = self.dist.broadcast(self.run_dir.read("eval.jsonl") if self.resumed_from and main else [])
+        saved = self.state.step if self.resumed_from is not None and self.run_dir.holds(self.resumed_from) else None
+        self.signals.stop_here(self.dist, self.state.step, saved, self.save_checkpoint)  # one that came while loading
         result.initial_eval = evals[0] if evals else self.evaluate()
         last_eval = evals[-1]["step"] if evals else 0
-        saved = self.state.step if self.resumed_from is not None and self.run_dir.holds(self.resumed_from) else None
         with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
                   disable=not (r.progress_bar and main and sys.stderr.isatty())) as progress:
             while self.state.step < r.steps:
@@ -422,8 +423,4 @@ class GRPOTrainer:
             log.removeHandler(handler)
             handler.close()
             self._log_handler = None
-        self._release_run_dir()
-
-    def _release_run_dir(self) -> None:
-        if getattr(self, "run_dir", None) is not None:
-            self.run_dir.unlock()
+        self.run_dir.unlock()
