@@ -23,6 +23,9 @@ from safetensors.torch import load_file
 
 from conftest import RECIPES, REPO, run_cli
 
+sys.path.insert(0, str(REPO / "bench"))
+from faults import rank_pid  # noqa: E402  (torchrun's worker of a rank, from /proc)
+
 pytestmark = pytest.mark.slow
 
 QUICKSTART = str(RECIPES / "quickstart.yaml")
@@ -236,19 +239,6 @@ def test_optimizer_offload_uses_deepspeeds_cpu_adam(tmp_path, torch_run):
     # DeepSpeed's CPU Adam is not bit-identical to torch's AdamW: same samples at step 1, close losses after
     assert got[0]["reward_mean"] == torch_run[0]["reward_mean"]
     assert got[1]["loss"] == pytest.approx(torch_run[1]["loss"], rel=1e-3, abs=1e-6)
-
-
-def rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The pid of the worker of ``rank`` that torchrun (``launcher_pid``) started, from /proc."""
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            ppid = int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("PPid:")))
-            environ = (status.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, StopIteration, ValueError):
-            continue
-        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
-            return int(status.parent.name)
-    return None
 
 
 ENGINES = {"ddp": ["engine.backend=torch"], "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"]}
