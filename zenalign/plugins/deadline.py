@@ -62,7 +62,7 @@ def call_with_deadline(fn: Callable[[], Any], seconds: Optional[float], grace_s:
     """``fn()``, raising :class:`DeadlineExceeded` if it takes longer than ``seconds`` (None: no limit)."""
     if seconds is None:
         return fn()
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_kill"):
         return _in_daemon_thread(fn, seconds)
     _install()
     done = threading.Event()
