@@ -60,10 +60,10 @@ PYFN_REWARD = {"rewards": [{"type": "python_function", "function": "myreward.py:
 @dataclass
 class Case:
     id: str
-    # A patch merged into base_recipe, raw YAML text written as is, or None (no recipe file).
-    recipe: Union[dict[str, Any], str, None]
+    # A patch merged into base_recipe, raw YAML text (or bytes) written as is, or None (no recipe file).
+    recipe: Union[dict[str, Any], str, bytes, None]
     expect: list[str]  # substrings the error line must contain: the place, and what is accepted
-    files: dict[str, str] = field(default_factory=dict)  # extra files written next to the recipe
+    files: dict[str, Union[str, bytes]] = field(default_factory=dict)  # extra files written next to the recipe
     command: str = "run"
     overrides: list[str] = field(default_factory=list)
     # True: the error happens after the run started (earlier log lines may precede it).
@@ -419,14 +419,34 @@ CASES = [
         overrides=["rewards.3.weight=2"],
         command="validate",
     ),
+    # --- bounds (issue 30.5) ------------------------------------------------------------------
+    Case(
+        "prompt-file-not-utf8",
+        {},
+        ["prompts.jsonl:2: not valid UTF-8 (byte 0xe9 at byte 16 of the line); save the file as UTF-8"],
+        files={"prompts.jsonl": b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n'},  # Latin-1
+        command="validate",
+        replace={"data": {"type": "jsonl", "path": "prompts.jsonl"}},
+    ),
+    Case(
+        "recipe-not-utf8",
+        b"model:\n  path: m\nrun:\n  output_dir: caf\xe9\n",
+        ["recipe.yaml:4: not valid UTF-8 (byte 0xe9 at byte 18 of the line)"],
+        command="validate",
+    ),
 ]
 
 
 def write_case(case: Case, tmp_path: Path, model_dir: Path) -> Path:
     for name, text in case.files.items():
-        (tmp_path / name).write_text(text, encoding="utf-8")
+        if isinstance(text, bytes):
+            (tmp_path / name).write_bytes(text)
+        else:
+            (tmp_path / name).write_text(text, encoding="utf-8")
     recipe_path = tmp_path / case.recipe_name
-    if isinstance(case.recipe, str):
+    if isinstance(case.recipe, bytes):
+        recipe_path.write_bytes(case.recipe)
+    elif isinstance(case.recipe, str):
         recipe_path.write_text(case.recipe, encoding="utf-8")
     elif isinstance(case.recipe, dict):
         data = {**merge(base_recipe(model_dir, tmp_path / "run"), case.recipe), **case.replace}
@@ -634,3 +654,14 @@ def test_the_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_model_dir):
     assert done.returncode == 0, done.stderr
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["lr"] for m in metrics] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])  # warm-up: (s + 1) / 4 of the peak
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds at validate (issue 30.5)
+
+
+def test_a_prompt_file_starting_with_a_byte_order_mark_is_read(tmp_path, tiny_model_dir):
+    (tmp_path / "prompts.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "reverse abc:"}\n{"prompt": "reverse dog:"}\n')
+    data = {**base_recipe(tiny_model_dir, tmp_path / "run"), "data": {"type": "jsonl", "path": "prompts.jsonl"}}
+    done = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr

@@ -16,14 +16,40 @@ from typing import Any, Iterable, Iterator
 from zenalign.errors import DataError
 
 
+def not_utf8(path: Path, line_no: int, exc: UnicodeDecodeError, error: type[Exception] = DataError) -> Exception:
+    """The one-line error for a file that is not UTF-8 text, naming the file, the line and the byte."""
+    byte = exc.object[exc.start:exc.start + 1].hex()
+    return error(f"{path}:{line_no}: not valid UTF-8 (byte 0x{byte} at byte {exc.start + 1} of the line); "
+                 f"save the file as UTF-8")
+
+
+def read_utf8(path: Path, error: type[Exception] = DataError) -> str:
+    """A whole text file as UTF-8 (a byte-order mark at its start is dropped); bytes that are not
+    UTF-8 are an ``error`` naming the file and the line."""
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # by hand: utf-8-sig's error offsets skip it
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = UnicodeDecodeError(exc.encoding, data[line_start:exc.end], exc.start - line_start,
+                                  exc.end - line_start, exc.reason)
+        raise not_utf8(path, data.count(b"\n", 0, exc.start) + 1, line, error) from None
+
+
 def jsonl_objects(path: Path, missing: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file; a missing file, a line that
-    is not JSON, or one that is not an object is a DataError naming the file and line.
-    ``missing``: the error message when the file does not exist."""
+    is not UTF-8 or not JSON, or one that is not an object is a DataError naming the file and line.
+    A byte-order mark before the first line is accepted. ``missing``: the error message when the
+    file does not exist."""
     if not path.is_file():
         raise DataError(missing)
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded line by line: an encoding error can then name its line
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8(path, line_no, exc) from None
             if not line.strip():
                 continue
             try:
