@@ -421,6 +421,21 @@ CASES = [
     ),
     # --- bounds (issue 30.5) ------------------------------------------------------------------
     Case(
+        "prompt-file-all-empty",
+        {},
+        ["recipe.yaml: data (jsonl, prompts.jsonl): all 3 prompts are empty or whitespace only; give prompts with text"],
+        files={"prompts.jsonl": '{"prompt": ""}\n{"prompt": "  "}\n{"prompt": "\\n\\t"}\n'},
+        command="validate",
+        replace={"data": {"type": "jsonl", "path": "prompts.jsonl"}},
+    ),
+    Case(
+        # was `RuntimeError: cannot reshape tensor of 0 elements` at step 1
+        "inline-prompts-all-empty-at-run",
+        {"data": {"prompts": ["", ""]}},
+        ["data (inline): all 2 prompts are empty or whitespace only"],
+        during_run=True,
+    ),
+    Case(
         "prompt-file-not-utf8",
         {},
         ["prompts.jsonl:2: not valid UTF-8 (byte 0xe9 at byte 16 of the line); save the file as UTF-8"],
@@ -658,6 +673,23 @@ def test_the_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_model_dir):
 
 # --------------------------------------------------------------------------------------------
 # Bounds at validate (issue 30.5)
+
+
+def test_some_empty_prompts_are_counted_and_left_out(tmp_path, tiny_model_dir):
+    """An empty prompt among others was sampled: it has no token for the first completion token to
+    attend to, so the lean forward's first-prompt check disagreed with transformers ("differ by
+    1.42e+01") and the run fell back to transformers' forward. Now such prompts are counted, warned
+    about and left out, at validate and at run."""
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"), {"data": {"prompts": ["", "reverse abc:", " \n "]},
+                                                                 "run": {"log_interval": 1}})
+    warning = "recipe.yaml: data (inline): 2 of 3 prompts are empty or whitespace only; they are left out"
+    checked = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert checked.returncode == 0 and warning in checked.stderr, checked.stderr
+    done = run_cli("run", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0 and warning in done.stderr, done.stderr
+    assert "disagrees" not in done.stderr
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples if not s.get("eval")} == {"reverse abc:"}
 
 
 def test_a_prompt_file_starting_with_a_byte_order_mark_is_read(tmp_path, tiny_model_dir):

@@ -8,12 +8,15 @@ position (epoch, index) is all that is needed to continue exactly where a run st
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from zenalign.errors import DataError
+
+log = logging.getLogger("zenalign")
 
 
 def not_utf8(path: Path, line_no: int, exc: UnicodeDecodeError, error: type[Exception] = DataError) -> Exception:
@@ -61,8 +64,31 @@ def jsonl_objects(path: Path, missing: str) -> Iterator[tuple[int, dict[str, Any
             yield line_no, record
 
 
+def is_blank(record: dict[str, Any]) -> bool:
+    """A prompt without text: ``""`` or whitespace, or chat messages whose every text content is."""
+    if isinstance(record.get("prompt"), str):
+        return not record["prompt"].strip()
+    messages = prompt_messages(record)
+    return all(isinstance(m.get("content"), str) and not m["content"].strip() for m in messages)
+
+
 def check_records(records: Iterable[Any], where: str) -> list[dict[str, Any]]:
-    """Turn strings into ``{"prompt": s}`` and check every record has a prompt."""
+    """Turn strings into ``{"prompt": s}``, check every record has a prompt, and leave out the
+    prompts without text (:func:`is_blank`), with a warning that counts them; if every prompt is
+    blank, a DataError naming ``where``. An empty prompt has no token for the first completion
+    token to attend to: the lean forward and transformers' disagree on it (next-token log-probs
+    14 apart), and a batch of only empty prompts has no prompt columns at all."""
+    out = _checked(records, where)
+    kept = [record for record in out if not is_blank(record)]
+    if out and not kept:
+        raise DataError(f"{where}: all {len(out)} prompts are empty or whitespace only; give prompts with text")
+    if len(kept) < len(out):
+        log.warning("%s: %d of %d prompts are empty or whitespace only; they are left out (the policy would have "
+                    "nothing to continue from)", where, len(out) - len(kept), len(out))
+    return kept
+
+
+def _checked(records: Iterable[Any], where: str) -> list[dict[str, Any]]:
     out = []
     for i, record in enumerate(records):
         if isinstance(record, str):

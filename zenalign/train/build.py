@@ -292,8 +292,10 @@ class Builder:
             evals = check_records(eval_prompts or [], "eval_prompts")
         elif self.recipe.data is not None:
             task = self.plugin("task", "data", self.recipe.data)
-            train = check_records(task.train_prompts(), f"data ({self.recipe.data.type})")
-            evals = check_records(task.eval_prompts(), f"data ({self.recipe.data.type}) eval")
+            path = getattr(self.recipe.data, "path", None)
+            source = f"{self.loaded.source}: data ({self.recipe.data.type}{f', {path}' if isinstance(path, str) else ''})"
+            train = check_records(task.train_prompts(), source)
+            evals = check_records(task.eval_prompts(), f"{source} eval")
         else:
             raise RecipeError(
                 f"{self.loaded.source}: data: required field is missing; name a prompt source "
