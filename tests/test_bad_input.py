@@ -697,3 +697,13 @@ def test_a_prompt_file_starting_with_a_byte_order_mark_is_read(tmp_path, tiny_mo
     data = {**base_recipe(tiny_model_dir, tmp_path / "run"), "data": {"type": "jsonl", "path": "prompts.jsonl"}}
     done = run_cli("validate", str(write_recipe(tmp_path, data)))
     assert done.returncode == 0, done.stderr
+
+
+def test_export_to_an_existing_file_is_one_line(tmp_path, tiny_model_dir):
+    """Was a NotADirectoryError traceback, after the checkpoint had been read."""
+    done = run_cli("run", str(write_recipe(tmp_path, base_recipe(tiny_model_dir, tmp_path / "run"))))
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "notes.txt").write_text("not a directory\n")
+    message = error_line(run_cli("export", str(tmp_path / "run"), str(tmp_path / "notes.txt")), during_run=False)
+    assert f"export: '{tmp_path / 'notes.txt'}' is an existing file; give a new directory" in message
+    assert (tmp_path / "notes.txt").read_text() == "not a directory\n"
