@@ -421,6 +421,30 @@ CASES = [
     ),
     # --- bounds (issue 30.5) ------------------------------------------------------------------
     Case(
+        "temperature-infinite",
+        {"sampling": {"temperature": float("inf")}},
+        ["recipe.yaml: sampling.temperature: expected a finite number (got inf)"],
+        command="validate",
+    ),
+    Case(
+        "kl-coef-infinite",
+        {"grpo": {"kl_coef": float("inf")}},
+        ["recipe.yaml: grpo.kl_coef: expected a finite number (got inf)"],
+        command="validate",
+    ),
+    Case(
+        "learning-rate-infinite",
+        {"grpo": {"learning_rate": float("inf")}},
+        ["recipe.yaml: grpo.learning_rate: expected a finite number (got inf)"],
+        command="validate",
+    ),
+    Case(
+        "true-for-a-number",
+        {"run": {"eval_interval": True}},
+        ["recipe.yaml: run.eval_interval: expected a number (got True)"],
+        command="validate",
+    ),
+    Case(
         "prompt-file-all-empty",
         {},
         ["recipe.yaml: data (jsonl, prompts.jsonl): all 3 prompts are empty or whitespace only; give prompts with text"],
@@ -697,6 +721,13 @@ def test_a_prompt_file_starting_with_a_byte_order_mark_is_read(tmp_path, tiny_mo
     data = {**base_recipe(tiny_model_dir, tmp_path / "run"), "data": {"type": "jsonl", "path": "prompts.jsonl"}}
     done = run_cli("validate", str(write_recipe(tmp_path, data)))
     assert done.returncode == 0, done.stderr
+
+
+def test_a_kl_coef_above_10_is_warned_about_at_validate(tmp_path, tiny_model_dir):
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"), {"grpo": {"kl_coef": 20}})
+    done = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr
+    assert "grpo.kl_coef is 20: above 10 the KL penalty outweighs the policy-gradient term" in done.stderr
 
 
 def test_export_to_an_existing_file_is_one_line(tmp_path, tiny_model_dir):

@@ -197,3 +197,25 @@ def test_yaml_booleans_are_yaml_1_2(tmp_path):
     assert load_yaml_text("yes: y\nno: n\non: off\na: true\nb: False") == {"yes": "y", "no": "n", "on": "off", "a": True, "b": False}
     assert parse_override("run.overwrite=true") == (["run", "overwrite"], True)
     assert parse_override("rewards.0.yes=yes") == (["rewards", "0", "yes"], "yes")
+
+
+@pytest.mark.parametrize("override, message", [
+    # NaN and infinity in any number, plugin options included (pydantic accepts both by default)
+    ("sampling.temperature=.inf", "sampling.temperature: expected a finite number (got inf)"),
+    ("grpo.kl_coef=.inf", "grpo.kl_coef: expected a finite number (got inf)"),
+    ("grpo.learning_rate=.inf", "grpo.learning_rate: expected a finite number (got inf)"),
+    ("grpo.clip_epsilon_high=.nan", "grpo.clip_epsilon_high: expected a finite number (got nan)"),
+    ("grpo.weight_decay=.inf", "grpo.weight_decay: expected a finite number (got inf)"),
+    ("engine.max_grad_norm=.inf", "engine.max_grad_norm: expected a finite number (got inf)"),
+    ("rewards.0.correct_score=.nan", "rewards[0].correct_score: expected a finite number (got nan)"),
+    ("normalizer.eps=.inf", "normalizer.eps: expected a finite number (got inf)"),
+    # true/false for a number (pydantic reads them as 1 and 0)
+    ("run.eval_interval=true", "run.eval_interval: expected a number (got True)"),
+    ("sampling.max_new_tokens=true", "sampling.max_new_tokens: expected a number (got True)"),
+    ("rewards.0.wrong_score=false", "rewards[0].wrong_score: expected a number (got False)"),
+    ("sampling.temperature=1.0e-300", "sampling.temperature: must be >= 0.001 (got 1e-300)"),
+])
+def test_out_of_bounds_values_are_refused_with_one_line(override, message):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(RECIPES / "quickstart.yaml", [override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -87,7 +87,7 @@ def _unwrap(annotation: Any) -> Any:
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 _EXPECTED = {
     "int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
-    "float_parsing": "a number", "float_type": "a number",
+    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
     "bool_parsing": "true or false", "bool_type": "true or false",
     "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
     "model_type": "a mapping of fields", "model_attributes_type": "a mapping of fields", "dict_type": "a mapping",

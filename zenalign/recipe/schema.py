@@ -12,6 +12,8 @@ type, so a single validation pass checks the whole recipe.
 from __future__ import annotations
 
 import importlib.util
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -22,10 +24,40 @@ from zenalign.errors import PluginError
 from zenalign.plugins import KINDS, PluginRegistry
 
 
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors."""
+def _is_number(annotation: Any) -> bool:
+    """int or float, possibly Optional or Annotated."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_is_number(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation in (int, float)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _no_booleans(cls, value, info):
+    """true/false given for a number: pydantic would read them as 1 and 0 (`eval_interval: true`
+    would evaluate every step)."""
+    field = cls.model_fields.get(info.field_name) if info.field_name else None
+    if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+        raise ValueError("expected a number")
+    return value
+
+
+# Unknown keys are errors, and so are NaN and infinity in any number: no field means "unbounded"
+# by them (those that can be off take null).
+SECTION_CONFIG = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys, NaN, infinity, and true/false for a number are errors."""
+
+    model_config = SECTION_CONFIG
+    _numbers_are_not_booleans = field_validator("*", mode="before")(_no_booleans)
+
+
+class EntrySection(BaseModel):
+    """Base of the common fields of plugin entries (rewards, data, ...): a section's rules, with the
+    true/false check attached by :func:`entry_model` to the number fields alone (pydantic allows no
+    before-validator on the `type` tag that tells the entries apart)."""
+
+    model_config = SECTION_CONFIG
 
 
 class LoraSection(Section):
@@ -144,9 +176,10 @@ class SamplingSection(Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     temperature: float = Field(
         1.0,
-        gt=0.0,
-        description="Sampling temperature. Log-probabilities in the loss use the same temperature, so the "
-        "gradient is that of the distribution actually sampled.",
+        ge=1e-3,
+        description="Sampling temperature, finite and at least 0.001. Log-probabilities in the loss use the same "
+        "temperature, so the gradient is that of the distribution actually sampled (the loss divides the logits by "
+        "it: near 0 they overflow). Greedy decoding is not a temperature of 0: evaluation decodes greedily anyway.",
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1.0 turns it off.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 turns it off.")
@@ -189,6 +222,9 @@ class SamplingSection(Section):
         return value
 
 
+KL_COEF_WARNING = 10.0  # grpo.kl_coef above this is warned about
+
+
 class GRPOSection(Section):
     clip_epsilon: float = Field(
         0.2,
@@ -207,7 +243,9 @@ class GRPOSection(Section):
         0.01,
         ge=0.0,
         description="Weight beta of the KL penalty to the frozen reference policy. 0.01 as in the GRPO "
-        "paper (lower than PPO's usual 0.1); 0 disables the penalty and skips loading the reference.",
+        "paper (lower than PPO's usual 0.1); 0 disables the penalty and skips loading the reference. Above "
+        f"{KL_COEF_WARNING:g} validate and run warn: the penalty then outweighs the policy-gradient term (advantages "
+        "are about 1 in size), so the policy barely moves from the reference.",
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
         "k3",
@@ -517,7 +555,7 @@ class SweepSection(Section):
     )
 
 
-class RewardEntry(Section):
+class RewardEntry(EntrySection):
     """Fields every reward source entry has, besides its plugin's own options."""
 
     name: Optional[str] = Field(
@@ -533,23 +571,23 @@ class RewardEntry(Section):
         "keep working) and is interrupted there; one stuck in C code ends the process 30 s later. null: no limit.")
 
 
-class NormalizerEntry(Section):
+class NormalizerEntry(EntrySection):
     """Fields every normalizer entry has, besides its plugin's own options."""
 
 
-class TaskEntry(Section):
+class TaskEntry(EntrySection):
     """Fields every data entry has, besides its plugin's own options."""
 
 
-class LossEntry(Section):
+class LossEntry(EntrySection):
     """Fields every policy loss entry has, besides its plugin's own options."""
 
 
-class FilterEntry(Section):
+class FilterEntry(EntrySection):
     """Fields every rollout filter entry has, besides its plugin's own options."""
 
 
-ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
+ENTRY_BASES: dict[str, type[EntrySection]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
                                          "loss": LossEntry, "filter": FilterEntry}
 
 
@@ -612,9 +650,13 @@ def entry_model(kind: str, plugin_type) -> type[BaseModel]:
             f"{KINDS[kind][2]} type '{plugin_type.name}': option names {sorted(clash | {'type'} & set(plugin_type.options.model_fields))} "
             f"are reserved by the recipe"
         )
+    fields = {**base.model_fields, **plugin_type.options.model_fields}
+    numbers = [name for name, field in fields.items() if _is_number(field.annotation)]
     model = create_model(
         f"{kind}:{plugin_type.name}",
         __base__=(base, plugin_type.options),
+        __validators__={"_numbers_are_not_booleans": field_validator(*numbers, mode="before")(_no_booleans)}
+        if numbers else None,
         type=(Literal[plugin_type.name], Field(description=plugin_type.summary() or plugin_type.name)),
     )
     model.model_config["extra"] = "forbid"

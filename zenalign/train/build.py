@@ -19,7 +19,7 @@ from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_cau
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
-from zenalign.recipe.schema import RewardEntry
+from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
 from zenalign.grpo.scoring import BoundReward, bind_reward
 from zenalign.grpo.vllm_engine import check_vllm
 
@@ -245,7 +245,13 @@ class Builder:
     def check_inputs(self, tokenizer: Any, train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]],
                      rewards: Sequence[BoundReward]) -> None:
         """What ``validate`` and ``run`` check before step 1: a warning for each field a reward
-        reads that training records lack; and, with the tokenizer, :meth:`check_prompts`."""
+        reads that training records lack, and for a KL coefficient that outweighs the advantages;
+        and, with the tokenizer, :meth:`check_prompts`."""
+        kl_coef = self.recipe.grpo.kl_coef
+        if kl_coef > KL_COEF_WARNING:
+            log.warning("grpo.kl_coef is %g: above %g the KL penalty outweighs the policy-gradient term (advantages are "
+                        "about 1 in size) and the policy barely moves from the reference; the GRPO paper uses 0.01",
+                        kl_coef, KL_COEF_WARNING)
         for bound in rewards:
             for name in getattr(bound.source, "reads_fields", ()):
                 missing = sum(record.get(name) is None for record in train)
