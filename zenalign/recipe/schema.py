@@ -60,6 +60,13 @@ class EntrySection(BaseModel):
     model_config = SECTION_CONFIG
 
 
+def _a_path(value: Optional[str]) -> Optional[str]:
+    """A path field: null leaves it out, but an empty string would name the recipe's own directory."""
+    if value is not None and not value.strip():
+        raise ValueError("empty; give a directory, or leave the field out")
+    return value
+
+
 class LoraSection(Section):
     """Low-rank adapters (LoRA, arXiv 2106.09685) through peft: only the adapters train."""
 
@@ -105,6 +112,11 @@ class ModelSection(Section):
         "reference is then the same model with its adapters switched off: no second copy of the weights. "
         "Checkpoints hold the adapters; `zenalign export --merge` writes a merged model.",
     )
+
+    @field_validator("path", "reference_path", "tokenizer_path")
+    @classmethod
+    def _not_empty(cls, value):
+        return _a_path(value)
 
 
 class VLLMSection(Section):
@@ -282,8 +294,26 @@ class GRPOSection(Section):
         "constant", description="Learning-rate schedule after warm-up, over `run.steps` optimizer steps."
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `learning_rate`.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW decoupled weight decay: each step multiplies the weights by 1 - learning_rate "
+        "x weight_decay, so their product must stay below 1.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay_keeps_the_weights(cls, value, info):
+        rate = info.data.get("learning_rate")
+        if rate is not None and rate * value >= 1.0:
+            raise ValueError(f"learning_rate x weight_decay = {rate * value:g}: each step would multiply the weights by "
+                             f"1 - {rate * value:g} <= 0; keep the product below 1")
+        return value
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, value):
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError("each beta must be in [0, 1) (AdamW's moving averages)")
+        return value
 
     @property
     def upper_clip_epsilon(self) -> float:
@@ -361,7 +391,7 @@ class EngineSection(Section):
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "
-        "(for example {zero_optimization: {overlap_comm: true}}).",
+        "(for example {zero_optimization: {overlap_comm: true}}). Only with backend deepspeed.",
     )
     consolidate_checkpoints: bool = Field(
         True,
@@ -399,9 +429,11 @@ class EngineSection(Section):
     )
     collective_timeout_s: float = Field(
         600.0,
-        gt=0.0,
+        ge=1.0,
+        le=30 * 86400.0,
         description="Longest a process waits in a collective operation (several processes) before the run stops "
-        "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes.",
+        "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes. From 1 s "
+        "(less would stop a run whose processes are merely a little apart) to 30 days.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Keep only each layer's input during the update's forward pass and recompute the rest in "
@@ -409,10 +441,19 @@ class EngineSection(Section):
         "update time. The same gradients (tests/test_memory.py).",
     )
     num_threads: Optional[int] = Field(
-        None, ge=1, description="CPU threads torch uses in this process (torch.set_num_threads). null: torch's "
+        None, ge=1, le=1024, description="CPU threads torch uses in this process (torch.set_num_threads), at most "
+        "1024 (threads beyond the cores only slow torch down; a count far beyond exhausts the process's threads). "
+        "null: torch's "
         "choice, one per core. Lower it when other jobs share the cores: on a 2-core machine running another "
         "job, 1 thread was 5x faster than 2 (docs/performance.md). The run prints the count it uses.",
     )
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _deepspeed_config_needs_deepspeed(cls, value, info):
+        if value and info.data.get("backend") == "torch":
+            raise ValueError("is read only by engine.backend: deepspeed; the torch backend would ignore these keys")
+        return value
 
     @field_validator("on_nonfinite")
     @classmethod
@@ -427,7 +468,9 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 
 
 class RunSection(Section):
-    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data order, sampling and initialisation: 0 to "
+                      "2^32 - 1, numpy's range (the sampling keys multiply it in 64-bit integers, which a seed of 2^60 "
+                      "overflowed).")
     steps: int = Field(100, ge=1, description="Training steps (one batch of generations each).")
     output_dir: str = Field(
         "runs/{recipe}",
@@ -491,10 +534,14 @@ class RunSection(Section):
     def _a_directory_of_its_own(cls, value):
         if not value.strip():
             raise ValueError("empty; give a directory for the run (default: runs/{recipe})")
-        path = Path(value).expanduser().resolve()
+        try:
+            path = Path(value).expanduser().resolve()
+            is_file = path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+            raise ValueError(f"not a usable path ({type(exc).__name__}: {exc.args[-1]})") from None
         if path == path.parent:
             raise ValueError(f"'{value}' is the file system's root; give a directory of the run's own")
-        if path.is_file():
+        if is_file:
             raise ValueError(f"'{value}' is an existing file; give a directory")
         return value
 
@@ -562,6 +609,13 @@ class RewardEntry(EntrySection):
         None,
         description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("empty; give the objective a name, or leave the field out for the type's")
+        return value
     weight: float = Field(1.0, allow_inf_nan=False, description="Weight of this objective when objectives are combined.")
     timeout_s: Optional[float] = Field(
         600.0, gt=0.0, allow_inf_nan=False,
