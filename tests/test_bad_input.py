@@ -420,6 +420,36 @@ CASES = [
         command="validate",
     ),
     # --- bounds (issue 30.5) ------------------------------------------------------------------
+    # 2 prompts x 10^9 completions of 12 + 4 tokens: the KV cache (2 layers x 2 x 1 head x 16 values
+    # x 4 bytes = 256 bytes a token) 2e9 x 16 x 256 = 8.19e12 bytes, one step's logits 2e9 x 384 x 4
+    # = 3.07e12: 1.126e13 bytes = 10.2 TiB. Was an out-of-memory traceback at step 1.
+    Case(
+        "group-size-beyond-memory-at-validate",
+        {},
+        ["recipe.yaml: the sampling batch holds 2,000,000,000 rows of up to 16 tokens per process: at least 10.2 TiB",
+         "of this machine's memory available", "lower sampling.group_size, grpo.prompts_per_step or sampling.max_new_tokens"],
+        overrides=["sampling.group_size=1000000000"],
+        command="validate",
+    ),
+    Case(
+        "group-size-beyond-memory-at-run",
+        {},
+        ["the sampling batch holds 2,000,000,000 rows", "lower sampling.group_size"],
+        overrides=["sampling.group_size=1000000000"],
+        during_run=True,
+    ),
+    Case(
+        "prompts-per-step-beyond-memory",
+        {"grpo": {"prompts_per_step": 10**12}},
+        ["the sampling batch holds 2,000,000,000,000 rows", "lower sampling.group_size, grpo.prompts_per_step"],
+        command="validate",
+    ),
+    Case(
+        "eval-group-size-beyond-memory",
+        {"data": {"eval_prompts": ["reverse dog:"]}, "run": {"eval_group_size": 10**10}},
+        ["an evaluation batch holds 10,000,000,000 rows", "lower run.eval_batch_size or run.eval_group_size"],
+        command="validate",
+    ),
     Case(
         "temperature-infinite",
         {"sampling": {"temperature": float("inf")}},

@@ -183,7 +183,8 @@ class SamplingSection(Section):
         ge=1,
         description="Completions sampled per prompt (k). Advantages are relative to this group, so it "
         "needs at least 2 (1 only with a normalizer that needs no group: a learned critic); the GRPO paper "
-        "uses 8-16.",
+        "uses 8-16. validate refuses a group_size x prompts_per_step whose KV cache and logits cannot fit in the "
+        "memory available (docs/scaling.md, \"Memory\").",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     temperature: float = Field(
@@ -287,7 +288,8 @@ class GRPOSection(Section):
         "generation; with 1, the ratio is exactly 1 and that forward pass is skipped.",
     )
     prompts_per_step: int = Field(
-        8, ge=1, description="Prompts sampled per step; each yields `sampling.group_size` completions."
+        8, ge=1, description="Prompts sampled per step, over all processes; each yields `sampling.group_size` "
+        "completions. The sampling batch's memory is checked at validate (docs/scaling.md, \"Memory\")."
     )
     learning_rate: float = Field(1e-6, gt=0.0, description="Peak AdamW learning rate.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(

@@ -22,6 +22,7 @@ from zenalign.recipe.loader import LoadedRecipe
 from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
 from zenalign.grpo.scoring import BoundReward, bind_reward
 from zenalign.grpo.vllm_engine import check_vllm
+from zenalign.train.budget import check_memory
 
 log = logging.getLogger("zenalign")
 
@@ -287,8 +288,12 @@ class Builder:
             raise RecipeError(f"sampling.max_new_tokens: the longest prompt ({at}) is {longest} tokens, and "
                               f"{longest} + {new} = {longest + new} exceeds the model's {positions} positions "
                               f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
+        device = self.context.device.type if self.context.device is not None else pick_device(self.recipe.engine.device).type
         if self.recipe.sampling.decoder == "vllm":
-            check_vllm(self.recipe, config, longest, at, pick_device(self.recipe.engine.device).type)
+            check_vllm(self.recipe, config, longest, at, device)
+        given = getattr(self.inputs.model, "config", None)  # a model object: its config, as config.json would hold it
+        check_memory(self.recipe, given.to_dict() if hasattr(given, "to_dict") else config, longest, len(evals), device,
+                     self.loaded.source)
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
         prompts = prompts if prompts is not None else self.inputs.train_dataset
