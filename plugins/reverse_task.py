@@ -17,11 +17,17 @@ from zenalign import hookimpl
 from zenalign.plugins import Options, TaskType
 
 
+# The words are drawn one by one in Python (a million take about 10 s), so the counts and lengths
+# are bounded: a recipe asking for a billion would hang at validate instead of failing.
+MAX_WORDS = 1_000_000
+MAX_LENGTH = 100
+
+
 class ReverseOptions(Options):
-    train_size: int = Field(20000, ge=1, description="Number of distinct training words.")
-    eval_size: int = Field(200, ge=0, description="Number of held-out words for evaluation.")
-    min_length: int = Field(3, ge=1, description="Shortest word.")
-    max_length: int = Field(6, ge=1, description="Longest word.")
+    train_size: int = Field(20000, ge=1, le=MAX_WORDS, description="Number of distinct training words.")
+    eval_size: int = Field(200, ge=0, le=MAX_WORDS, description="Number of held-out words for evaluation.")
+    min_length: int = Field(3, ge=1, le=MAX_LENGTH, description="Shortest word.")
+    max_length: int = Field(6, ge=1, le=MAX_LENGTH, description="Longest word.")
     alphabet: str = Field("abcdefghijklmnopqrstuvwxyz", min_length=2, description="Letters words are made of.")
     seed: int = Field(1234, description="Seed of the word lists (fixed, so every run evaluates on the same words).")
 
@@ -51,6 +57,12 @@ class ReverseTask:
     def __init__(self, options: ReverseOptions):
         if options.max_length < options.min_length:
             raise ValueError("max_length must be >= min_length")
+        letters = len(set(options.alphabet))
+        distinct = sum(letters**length for length in range(options.min_length, options.max_length + 1))
+        if options.train_size + options.eval_size > distinct:
+            raise ValueError(f"train_size + eval_size = {options.train_size + options.eval_size:,} words, but "
+                             f"{letters} letters make only {distinct:,} distinct words of {options.min_length}-"
+                             f"{options.max_length} letters; widen the lengths or the alphabet")
         rng = random.Random(options.seed)
         self.eval = make_words(options, options.eval_size, rng)
         self.train = make_words(options, options.train_size, rng, exclude=frozenset(self.eval))

@@ -60,10 +60,10 @@ PYFN_REWARD = {"rewards": [{"type": "python_function", "function": "myreward.py:
 @dataclass
 class Case:
     id: str
-    # A patch merged into base_recipe, raw YAML text written as is, or None (no recipe file).
-    recipe: Union[dict[str, Any], str, None]
+    # A patch merged into base_recipe, raw YAML text (or bytes) written as is, or None (no recipe file).
+    recipe: Union[dict[str, Any], str, bytes, None]
     expect: list[str]  # substrings the error line must contain: the place, and what is accepted
-    files: dict[str, str] = field(default_factory=dict)  # extra files written next to the recipe
+    files: dict[str, Union[str, bytes]] = field(default_factory=dict)  # extra files written next to the recipe
     command: str = "run"
     overrides: list[str] = field(default_factory=list)
     # True: the error happens after the run started (earlier log lines may precede it).
@@ -419,14 +419,103 @@ CASES = [
         overrides=["rewards.3.weight=2"],
         command="validate",
     ),
+    # --- bounds (issue 30.5) ------------------------------------------------------------------
+    # 2 prompts x 10^9 completions of 12 + 4 tokens: the KV cache (2 layers x 2 x 1 head x 16 values
+    # x 4 bytes = 256 bytes a token) 2e9 x 16 x 256 = 8.19e12 bytes, one step's logits 2e9 x 384 x 4
+    # = 3.07e12: 1.126e13 bytes = 10.2 TiB. Was an out-of-memory traceback at step 1.
+    Case(
+        "group-size-beyond-memory-at-validate",
+        {},
+        ["recipe.yaml: the sampling batch holds 2,000,000,000 rows of up to 16 tokens per process: at least 10.2 TiB",
+         "of this machine's memory available", "lower sampling.group_size, grpo.prompts_per_step or sampling.max_new_tokens"],
+        overrides=["sampling.group_size=1000000000"],
+        command="validate",
+    ),
+    Case(
+        "group-size-beyond-memory-at-run",
+        {},
+        ["the sampling batch holds 2,000,000,000 rows", "lower sampling.group_size"],
+        overrides=["sampling.group_size=1000000000"],
+        during_run=True,
+    ),
+    Case(
+        "prompts-per-step-beyond-memory",
+        {"grpo": {"prompts_per_step": 10**12}},
+        ["the sampling batch holds 2,000,000,000,000 rows", "lower sampling.group_size, grpo.prompts_per_step"],
+        command="validate",
+    ),
+    Case(
+        "eval-group-size-beyond-memory",
+        {"data": {"eval_prompts": ["reverse dog:"]}, "run": {"eval_group_size": 10**10}},
+        ["an evaluation batch holds 10,000,000,000 rows", "lower run.eval_batch_size or run.eval_group_size"],
+        command="validate",
+    ),
+    Case(
+        "temperature-infinite",
+        {"sampling": {"temperature": float("inf")}},
+        ["recipe.yaml: sampling.temperature: expected a finite number (got inf)"],
+        command="validate",
+    ),
+    Case(
+        "kl-coef-infinite",
+        {"grpo": {"kl_coef": float("inf")}},
+        ["recipe.yaml: grpo.kl_coef: expected a finite number (got inf)"],
+        command="validate",
+    ),
+    Case(
+        "learning-rate-infinite",
+        {"grpo": {"learning_rate": float("inf")}},
+        ["recipe.yaml: grpo.learning_rate: expected a finite number (got inf)"],
+        command="validate",
+    ),
+    Case(
+        "true-for-a-number",
+        {"run": {"eval_interval": True}},
+        ["recipe.yaml: run.eval_interval: expected a number (got True)"],
+        command="validate",
+    ),
+    Case(
+        "prompt-file-all-empty",
+        {},
+        ["recipe.yaml: data (jsonl, prompts.jsonl): all 3 prompts are empty or whitespace only; give prompts with text"],
+        files={"prompts.jsonl": '{"prompt": ""}\n{"prompt": "  "}\n{"prompt": "\\n\\t"}\n'},
+        command="validate",
+        replace={"data": {"type": "jsonl", "path": "prompts.jsonl"}},
+    ),
+    Case(
+        # was `RuntimeError: cannot reshape tensor of 0 elements` at step 1
+        "inline-prompts-all-empty-at-run",
+        {"data": {"prompts": ["", ""]}},
+        ["data (inline): all 2 prompts are empty or whitespace only"],
+        during_run=True,
+    ),
+    Case(
+        "prompt-file-not-utf8",
+        {},
+        ["prompts.jsonl:2: not valid UTF-8 (byte 0xe9 at byte 16 of the line); save the file as UTF-8"],
+        files={"prompts.jsonl": b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n'},  # Latin-1
+        command="validate",
+        replace={"data": {"type": "jsonl", "path": "prompts.jsonl"}},
+    ),
+    Case(
+        "recipe-not-utf8",
+        b"model:\n  path: m\nrun:\n  output_dir: caf\xe9\n",
+        ["recipe.yaml:4: not valid UTF-8 (byte 0xe9 at byte 18 of the line)"],
+        command="validate",
+    ),
 ]
 
 
 def write_case(case: Case, tmp_path: Path, model_dir: Path) -> Path:
     for name, text in case.files.items():
-        (tmp_path / name).write_text(text, encoding="utf-8")
+        if isinstance(text, bytes):
+            (tmp_path / name).write_bytes(text)
+        else:
+            (tmp_path / name).write_text(text, encoding="utf-8")
     recipe_path = tmp_path / case.recipe_name
-    if isinstance(case.recipe, str):
+    if isinstance(case.recipe, bytes):
+        recipe_path.write_bytes(case.recipe)
+    elif isinstance(case.recipe, str):
         recipe_path.write_text(case.recipe, encoding="utf-8")
     elif isinstance(case.recipe, dict):
         data = {**merge(base_recipe(model_dir, tmp_path / "run"), case.recipe), **case.replace}
@@ -634,3 +723,48 @@ def test_the_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_model_dir):
     assert done.returncode == 0, done.stderr
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["lr"] for m in metrics] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])  # warm-up: (s + 1) / 4 of the peak
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds at validate (issue 30.5)
+
+
+def test_some_empty_prompts_are_counted_and_left_out(tmp_path, tiny_model_dir):
+    """An empty prompt among others was sampled: it has no token for the first completion token to
+    attend to, so the lean forward's first-prompt check disagreed with transformers ("differ by
+    1.42e+01") and the run fell back to transformers' forward. Now such prompts are counted, warned
+    about and left out, at validate and at run."""
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"), {"data": {"prompts": ["", "reverse abc:", " \n "]},
+                                                                 "run": {"log_interval": 1}})
+    warning = "recipe.yaml: data (inline): 2 of 3 prompts are empty or whitespace only; they are left out"
+    checked = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert checked.returncode == 0 and warning in checked.stderr, checked.stderr
+    done = run_cli("run", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0 and warning in done.stderr, done.stderr
+    assert "disagrees" not in done.stderr
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples if not s.get("eval")} == {"reverse abc:"}
+
+
+def test_a_prompt_file_starting_with_a_byte_order_mark_is_read(tmp_path, tiny_model_dir):
+    (tmp_path / "prompts.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "reverse abc:"}\n{"prompt": "reverse dog:"}\n')
+    data = {**base_recipe(tiny_model_dir, tmp_path / "run"), "data": {"type": "jsonl", "path": "prompts.jsonl"}}
+    done = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_kl_coef_above_10_is_warned_about_at_validate(tmp_path, tiny_model_dir):
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"), {"grpo": {"kl_coef": 20}})
+    done = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0, done.stderr
+    assert "grpo.kl_coef is 20: above 10 the KL penalty outweighs the policy-gradient term" in done.stderr
+
+
+def test_export_to_an_existing_file_is_one_line(tmp_path, tiny_model_dir):
+    """Was a NotADirectoryError traceback, after the checkpoint had been read."""
+    done = run_cli("run", str(write_recipe(tmp_path, base_recipe(tiny_model_dir, tmp_path / "run"))))
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "notes.txt").write_text("not a directory\n")
+    message = error_line(run_cli("export", str(tmp_path / "run"), str(tmp_path / "notes.txt")), during_run=False)
+    assert f"export: '{tmp_path / 'notes.txt'}' is an existing file; give a new directory" in message
+    assert (tmp_path / "notes.txt").read_text() == "not a directory\n"

@@ -197,3 +197,71 @@ def test_yaml_booleans_are_yaml_1_2(tmp_path):
     assert load_yaml_text("yes: y\nno: n\non: off\na: true\nb: False") == {"yes": "y", "no": "n", "on": "off", "a": True, "b": False}
     assert parse_override("run.overwrite=true") == (["run", "overwrite"], True)
     assert parse_override("rewards.0.yes=yes") == (["rewards", "0", "yes"], "yes")
+
+
+@pytest.mark.parametrize("override, message", [
+    # NaN and infinity in any number, plugin options included (pydantic accepts both by default)
+    ("sampling.temperature=.inf", "sampling.temperature: expected a finite number (got inf)"),
+    ("grpo.kl_coef=.inf", "grpo.kl_coef: expected a finite number (got inf)"),
+    ("grpo.learning_rate=.inf", "grpo.learning_rate: expected a finite number (got inf)"),
+    ("grpo.clip_epsilon_high=.nan", "grpo.clip_epsilon_high: expected a finite number (got nan)"),
+    ("grpo.weight_decay=.inf", "grpo.weight_decay: expected a finite number (got inf)"),
+    ("engine.max_grad_norm=.inf", "engine.max_grad_norm: expected a finite number (got inf)"),
+    ("rewards.0.correct_score=.nan", "rewards[0].correct_score: expected a finite number (got nan)"),
+    ("normalizer.eps=.inf", "normalizer.eps: expected a finite number (got inf)"),
+    # true/false for a number (pydantic reads them as 1 and 0)
+    ("run.eval_interval=true", "run.eval_interval: expected a number (got True)"),
+    ("sampling.max_new_tokens=true", "sampling.max_new_tokens: expected a number (got True)"),
+    ("rewards.0.wrong_score=false", "rewards[0].wrong_score: expected a number (got False)"),
+    # bounds
+    ("sampling.temperature=1.0e-300", "sampling.temperature: must be >= 0.001 (got 1e-300)"),
+    ("run.seed=4294967296", "run.seed: must be <= 4294967295 (got 4294967296)"),
+    ("grpo.adam_betas=[0.9, 1.0]", "grpo.adam_betas: each beta must be in [0, 1)"),
+    ("engine.num_threads=1000000000", "engine.num_threads: must be <= 1024 (got 1000000000)"),
+    ("engine.collective_timeout_s=1e12", "engine.collective_timeout_s: must be <= 2592000.0"),
+    ("engine.deepspeed_config={train_batch_size: 8}", "engine.deepspeed_config: is read only by engine.backend: deepspeed"),
+    ("model.reference_path=''", "model.reference_path: empty; give a directory, or leave the field out"),
+    ("rewards.0.name=' '", "rewards[0].name: empty; give the objective a name"),
+    ("data.train_size=1000000000", "data.train_size: must be <= 1000000 (got 1000000000)"),  # hung drawing words
+    ("data.max_length=1000000000", "data.max_length: must be <= 100 (got 1000000000)"),
+])
+def test_out_of_bounds_values_are_refused_with_one_line(override, message):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(RECIPES / "quickstart.yaml", [override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_values_within_the_new_bounds_are_accepted():
+    r = load_recipe(RECIPES / "quickstart.yaml", ["sampling.temperature=0.001", "run.seed=4294967295", "grpo.kl_coef=100",
+                                                  "engine.backend=deepspeed", "engine.deepspeed_config={x: 1}"]).recipe
+    assert (r.sampling.temperature, r.run.seed, r.grpo.kl_coef, r.engine.deepspeed_config) == (0.001, 2**32 - 1, 100, {"x": 1})
+
+
+def test_a_long_value_is_cut_short_in_the_error_line():
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(RECIPES / "quickstart.yaml", ["grpo.kl_coef=" + "x" * 5000])
+    assert str(caught.value) == (f"override 'grpo.kl_coef={'x' * 47}... (5,013 characters)': grpo.kl_coef: expected a "
+                                 f"number (got '{'x' * 60}'... (5,000 characters))")
+
+
+def test_a_path_the_file_system_cannot_look_up_is_one_line(tmp_path):
+    """A name too long for the file system was an OSError traceback at validate."""
+    from zenalign.errors import ModelLoadError
+    from zenalign.models.loading import check_model_dir
+
+    with pytest.raises(ModelLoadError, match=r"^model\.path: '.*\.\.\. \(5,\d{3} characters\)' is not a usable path "
+                                             r"\(OSError: File name too long\); give a local Hugging Face model directory$"):
+        check_model_dir(tmp_path / ("x" * 5000), "model.path")
+    with pytest.raises(RecipeError, match=r"run\.output_dir: not a usable path \(OSError: File name too long\)"):
+        load_recipe(RECIPES / "quickstart.yaml", ["run.output_dir=" + "x" * 5000])
+
+
+def test_the_reverse_task_refuses_more_words_than_its_letters_make():
+    """It drew words until 50 x train_size + 1,000 attempts had failed (a million for the quickstart)."""
+    from zenalign.errors import PluginError
+
+    with pytest.raises(PluginError, match=r"data \(reverse\): could not be built: ValueError: train_size \+ eval_size = "
+                                          r"20,200 words, but 2 letters make only 120 distinct words of 3-6 letters"):
+        from zenalign.train.trainer import GRPOTrainer
+
+        GRPOTrainer.from_recipe(load_recipe(RECIPES / "quickstart.yaml", ["data.alphabet=ab"])).check()

@@ -8,6 +8,7 @@ position (epoch, index) is all that is needed to continue exactly where a run st
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +16,43 @@ from typing import Any, Iterable, Iterator
 
 from zenalign.errors import DataError
 
+log = logging.getLogger("zenalign")
+
+
+def not_utf8(path: Path, line_no: int, exc: UnicodeDecodeError, error: type[Exception] = DataError) -> Exception:
+    """The one-line error for a file that is not UTF-8 text, naming the file, the line and the byte."""
+    byte = exc.object[exc.start:exc.start + 1].hex()
+    return error(f"{path}:{line_no}: not valid UTF-8 (byte 0x{byte} at byte {exc.start + 1} of the line); "
+                 f"save the file as UTF-8")
+
+
+def read_utf8(path: Path, error: type[Exception] = DataError) -> str:
+    """A whole text file as UTF-8 (a byte-order mark at its start is dropped); bytes that are not
+    UTF-8 are an ``error`` naming the file and the line."""
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # by hand: utf-8-sig's error offsets skip it
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = UnicodeDecodeError(exc.encoding, data[line_start:exc.end], exc.start - line_start,
+                                  exc.end - line_start, exc.reason)
+        raise not_utf8(path, data.count(b"\n", 0, exc.start) + 1, line, error) from None
+
 
 def jsonl_objects(path: Path, missing: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file; a missing file, a line that
-    is not JSON, or one that is not an object is a DataError naming the file and line.
-    ``missing``: the error message when the file does not exist."""
+    is not UTF-8 or not JSON, or one that is not an object is a DataError naming the file and line.
+    A byte-order mark before the first line is accepted. ``missing``: the error message when the
+    file does not exist."""
     if not path.is_file():
         raise DataError(missing)
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded line by line: an encoding error can then name its line
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8(path, line_no, exc) from None
             if not line.strip():
                 continue
             try:
@@ -35,8 +64,31 @@ def jsonl_objects(path: Path, missing: str) -> Iterator[tuple[int, dict[str, Any
             yield line_no, record
 
 
+def is_blank(record: dict[str, Any]) -> bool:
+    """A prompt without text: ``""`` or whitespace, or chat messages whose every text content is."""
+    if isinstance(record.get("prompt"), str):
+        return not record["prompt"].strip()
+    messages = prompt_messages(record)
+    return all(isinstance(m.get("content"), str) and not m["content"].strip() for m in messages)
+
+
 def check_records(records: Iterable[Any], where: str) -> list[dict[str, Any]]:
-    """Turn strings into ``{"prompt": s}`` and check every record has a prompt."""
+    """Turn strings into ``{"prompt": s}``, check every record has a prompt, and leave out the
+    prompts without text (:func:`is_blank`), with a warning that counts them; if every prompt is
+    blank, a DataError naming ``where``. An empty prompt has no token for the first completion
+    token to attend to: the lean forward and transformers' disagree on it (next-token log-probs
+    14 apart), and a batch of only empty prompts has no prompt columns at all."""
+    out = _checked(records, where)
+    kept = [record for record in out if not is_blank(record)]
+    if out and not kept:
+        raise DataError(f"{where}: all {len(out)} prompts are empty or whitespace only; give prompts with text")
+    if len(kept) < len(out):
+        log.warning("%s: %d of %d prompts are empty or whitespace only; they are left out (the policy would have "
+                    "nothing to continue from)", where, len(out) - len(kept), len(out))
+    return kept
+
+
+def _checked(records: Iterable[Any], where: str) -> list[dict[str, Any]]:
     out = []
     for i, record in enumerate(records):
         if isinstance(record, str):

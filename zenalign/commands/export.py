@@ -25,11 +25,14 @@ TOKENIZER_FILES = {"special_tokens_map.json", "added_tokens.json", "vocab.json",
 
 
 def export_checkpoint(source: Path, out: Path, merge: bool = False, base: Path | None = None) -> tuple[Path, str]:
-    """Write the checkpoint's policy to ``out``; returns ``out`` and how it loads."""
-    directory = ckpt.find_checkpoint(str(source), source)
-    state = ckpt.verify(directory)
+    """Write the checkpoint's policy to ``out``; returns ``out`` and how it loads. ``out`` is checked
+    first: nothing is read from the checkpoint for an export that could not be written."""
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"export: '{out}' is an existing file; give a new directory to write the policy into")
     if out.exists() and any(out.iterdir()):
         raise ModelLoadError(f"export: '{out}' already exists and is not empty; choose a new directory")
+    directory = ckpt.find_checkpoint(str(source), source)
+    state = ckpt.verify(directory)
     policy = directory / "policy"
     if holds_adapter(policy):
         if merge:

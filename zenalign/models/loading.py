@@ -18,9 +18,20 @@ from zenalign.errors import ModelLoadError, one_line
 log = logging.getLogger("zenalign")
 
 
+def is_directory(path: Path, field: str) -> bool:
+    """``path.is_dir()``, with a path the file system cannot even look up (a name too long, a NUL
+    byte) a one-line error instead of an OSError."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError) as exc:
+        shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:60]}... ({len(str(path)):,} characters)"
+        raise ModelLoadError(f"{field}: '{shown}' is not a usable path ({type(exc).__name__}: {exc.args[-1]}); "
+                             f"give a local Hugging Face model directory") from None
+
+
 def check_model_dir(path: Path, field: str) -> Path:
     """A directory with config.json and safetensors weights, or a one-line error saying what is wrong."""
-    if not path.exists():
+    if not is_directory(path, field) and not path.exists():
         raise ModelLoadError(f"{field}: '{path}' does not exist; give a local Hugging Face model directory")
     if not path.is_dir():
         raise ModelLoadError(f"{field}: '{path}' is a file; give the directory that holds config.json")
@@ -60,7 +71,7 @@ def load_tokenizer(path: Path, field: str, trust_remote_code: bool = False) -> A
     """Load a tokenizer set up for batched generation: left padding and a pad token."""
     from transformers import AutoTokenizer
 
-    if not path.is_dir():
+    if not is_directory(path, field):
         raise ModelLoadError(f"{field}: '{path}' does not exist; give a local Hugging Face model directory (with its tokenizer files)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{field}: '{path}' holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 from pydantic import ValidationError
 
+from zenalign.data import read_utf8
 from zenalign.errors import RecipeError, one_line
 from zenalign.plugins import PluginRegistry, collect_registry, load_plugins
 from zenalign.recipe.messages import format_validation_error
@@ -61,8 +62,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_utf8(path, RecipeError)
+    except OSError as exc:
         raise RecipeError(f"{path}: cannot be read: {one_line(exc)}") from exc
     try:
         data = load_yaml_text(text)

@@ -24,7 +24,7 @@ def format_validation_error(
         origin = source
         for key, text in override_keys.items():
             if display == key or display.startswith(key + ".") or key.startswith(display + "."):
-                origin = f"override '{text}'"
+                origin = f"override '{_cut(text)}'"
         parts.append(f"{origin}: {display or '(recipe)'}: {_describe(err, model)}")
     return "; ".join(parts)
 
@@ -84,10 +84,23 @@ def _unwrap(annotation: Any) -> Any:
     return None
 
 
+def _cut(text: str) -> str:
+    """Text shown in an error, cut short: a 5,000-character value would make a 5,000-character line."""
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short."""
+    text = repr(value)
+    if len(text) <= 80:
+        return text
+    return f"{value[:60]!r}... ({len(value):,} characters)" if isinstance(value, str) else _cut(text)
+
+
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 _EXPECTED = {
     "int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
-    "float_parsing": "a number", "float_type": "a number",
+    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
     "bool_parsing": "true or false", "bool_type": "true or false",
     "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
     "model_type": "a mapping of fields", "model_attributes_type": "a mapping of fields", "dict_type": "a mapping",
@@ -106,22 +119,22 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
         return "unknown field; see `zenalign schema` for what is accepted"
     if kind == "union_tag_invalid":
         expected = str(ctx.get("expected_tags", "")).replace("'", "")
-        return f"unknown type '{ctx.get('tag')}'; installed types: {expected}"
+        return f"unknown type '{_cut(str(ctx.get('tag')))}'; installed types: {expected}"
     if kind == "union_tag_not_found":
         return "missing 'type'; name the plugin type of this entry (see `zenalign plugins`)"
     if kind == "missing":
         return "required field is missing"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')} (got {value!r})"
+        return f"must be one of {ctx.get('expected')} (got {_shown(value)})"
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()), "?")
-        return f"must be {_BOUNDS[kind]} {bound} (got {value!r})"
+        return f"must be {_BOUNDS[kind]} {bound} (got {_shown(value)})"
     if kind == "too_short":
         need = ctx.get("min_length", 1)
         return f"needs at least {need} {'entry' if need == 1 else 'entries'} (got {ctx.get('actual_length', 0)})"
     if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]} (got {value!r})"
+        return f"expected {_EXPECTED[kind]} (got {_shown(value)})"
     if kind == "value_error":
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"  # a whole section says nothing more
+        shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"  # a whole section says nothing more
         return one_line(err["msg"]).removeprefix("Value error, ") + shown
-    return f"{one_line(err['msg'])} (got {value!r})"
+    return f"{one_line(err['msg'])} (got {_shown(value)})"

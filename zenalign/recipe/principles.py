@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence, Union
 
 from pydantic import BaseModel, Field
 
+from zenalign.data import read_utf8
 from zenalign.errors import RecipeError
 from zenalign.recipe.loader import load_yaml_text
 
@@ -26,7 +27,7 @@ def load_principles(items: Sequence[Union[str, Principle, dict]], file: Optional
         path = Path(file) if Path(file).is_absolute() else base_dir / file
         if not path.is_file():
             raise RecipeError(f"{where}_file: '{path}' does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path, RecipeError)
         loaded: Any = load_yaml_text(text) if path.suffix in (".yaml", ".yml", ".json") else [
             line.strip() for line in text.splitlines() if line.strip()]
         if not isinstance(loaded, list):

@@ -12,6 +12,8 @@ type, so a single validation pass checks the whole recipe.
 from __future__ import annotations
 
 import importlib.util
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -22,10 +24,47 @@ from zenalign.errors import PluginError
 from zenalign.plugins import KINDS, PluginRegistry
 
 
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors."""
+def _is_number(annotation: Any) -> bool:
+    """int or float, possibly Optional or Annotated."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_is_number(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation in (int, float)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _no_booleans(cls, value, info):
+    """true/false given for a number: pydantic would read them as 1 and 0 (`eval_interval: true`
+    would evaluate every step)."""
+    field = cls.model_fields.get(info.field_name) if info.field_name else None
+    if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+        raise ValueError("expected a number")
+    return value
+
+
+# Unknown keys are errors, and so are NaN and infinity in any number: no field means "unbounded"
+# by them (those that can be off take null).
+SECTION_CONFIG = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys, NaN, infinity, and true/false for a number are errors."""
+
+    model_config = SECTION_CONFIG
+    _numbers_are_not_booleans = field_validator("*", mode="before")(_no_booleans)
+
+
+class EntrySection(BaseModel):
+    """Base of the common fields of plugin entries (rewards, data, ...): a section's rules, with the
+    true/false check attached by :func:`entry_model` to the number fields alone (pydantic allows no
+    before-validator on the `type` tag that tells the entries apart)."""
+
+    model_config = SECTION_CONFIG
+
+
+def _a_path(value: Optional[str]) -> Optional[str]:
+    """A path field: null leaves it out, but an empty string would name the recipe's own directory."""
+    if value is not None and not value.strip():
+        raise ValueError("empty; give a directory, or leave the field out")
+    return value
 
 
 class LoraSection(Section):
@@ -73,6 +112,11 @@ class ModelSection(Section):
         "reference is then the same model with its adapters switched off: no second copy of the weights. "
         "Checkpoints hold the adapters; `zenalign export --merge` writes a merged model.",
     )
+
+    @field_validator("path", "reference_path", "tokenizer_path")
+    @classmethod
+    def _not_empty(cls, value):
+        return _a_path(value)
 
 
 class VLLMSection(Section):
@@ -139,14 +183,16 @@ class SamplingSection(Section):
         ge=1,
         description="Completions sampled per prompt (k). Advantages are relative to this group, so it "
         "needs at least 2 (1 only with a normalizer that needs no group: a learned critic); the GRPO paper "
-        "uses 8-16.",
+        "uses 8-16. validate refuses a group_size x prompts_per_step whose KV cache and logits cannot fit in the "
+        "memory available (docs/scaling.md, \"Memory\").",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     temperature: float = Field(
         1.0,
-        gt=0.0,
-        description="Sampling temperature. Log-probabilities in the loss use the same temperature, so the "
-        "gradient is that of the distribution actually sampled.",
+        ge=1e-3,
+        description="Sampling temperature, finite and at least 0.001. Log-probabilities in the loss use the same "
+        "temperature, so the gradient is that of the distribution actually sampled (the loss divides the logits by "
+        "it: near 0 they overflow). Greedy decoding is not a temperature of 0: evaluation decodes greedily anyway.",
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1.0 turns it off.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 turns it off.")
@@ -189,6 +235,9 @@ class SamplingSection(Section):
         return value
 
 
+KL_COEF_WARNING = 10.0  # grpo.kl_coef above this is warned about
+
+
 class GRPOSection(Section):
     clip_epsilon: float = Field(
         0.2,
@@ -207,7 +256,9 @@ class GRPOSection(Section):
         0.01,
         ge=0.0,
         description="Weight beta of the KL penalty to the frozen reference policy. 0.01 as in the GRPO "
-        "paper (lower than PPO's usual 0.1); 0 disables the penalty and skips loading the reference.",
+        "paper (lower than PPO's usual 0.1); 0 disables the penalty and skips loading the reference. Above "
+        f"{KL_COEF_WARNING:g} validate and run warn: the penalty then outweighs the policy-gradient term (advantages "
+        "are about 1 in size), so the policy barely moves from the reference.",
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
         "k3",
@@ -237,15 +288,34 @@ class GRPOSection(Section):
         "generation; with 1, the ratio is exactly 1 and that forward pass is skipped.",
     )
     prompts_per_step: int = Field(
-        8, ge=1, description="Prompts sampled per step; each yields `sampling.group_size` completions."
+        8, ge=1, description="Prompts sampled per step, over all processes; each yields `sampling.group_size` "
+        "completions. The sampling batch's memory is checked at validate (docs/scaling.md, \"Memory\")."
     )
     learning_rate: float = Field(1e-6, gt=0.0, description="Peak AdamW learning rate.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Learning-rate schedule after warm-up, over `run.steps` optimizer steps."
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `learning_rate`.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW decoupled weight decay: each step multiplies the weights by 1 - learning_rate "
+        "x weight_decay, so their product must stay below 1.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay_keeps_the_weights(cls, value, info):
+        rate = info.data.get("learning_rate")
+        if rate is not None and rate * value >= 1.0:
+            raise ValueError(f"learning_rate x weight_decay = {rate * value:g}: each step would multiply the weights by "
+                             f"1 - {rate * value:g} <= 0; keep the product below 1")
+        return value
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, value):
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError("each beta must be in [0, 1) (AdamW's moving averages)")
+        return value
 
     @property
     def upper_clip_epsilon(self) -> float:
@@ -323,7 +393,7 @@ class EngineSection(Section):
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config keys, deep-merged over the config generated from this section "
-        "(for example {zero_optimization: {overlap_comm: true}}).",
+        "(for example {zero_optimization: {overlap_comm: true}}). Only with backend deepspeed.",
     )
     consolidate_checkpoints: bool = Field(
         True,
@@ -361,9 +431,11 @@ class EngineSection(Section):
     )
     collective_timeout_s: float = Field(
         600.0,
-        gt=0.0,
+        ge=1.0,
+        le=30 * 86400.0,
         description="Longest a process waits in a collective operation (several processes) before the run stops "
-        "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes.",
+        "with an error saying another process stopped, hung or died. gloo's own default is 30 minutes. From 1 s "
+        "(less would stop a run whose processes are merely a little apart) to 30 days.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Keep only each layer's input during the update's forward pass and recompute the rest in "
@@ -371,10 +443,19 @@ class EngineSection(Section):
         "update time. The same gradients (tests/test_memory.py).",
     )
     num_threads: Optional[int] = Field(
-        None, ge=1, description="CPU threads torch uses in this process (torch.set_num_threads). null: torch's "
+        None, ge=1, le=1024, description="CPU threads torch uses in this process (torch.set_num_threads), at most "
+        "1024 (threads beyond the cores only slow torch down; a count far beyond exhausts the process's threads). "
+        "null: torch's "
         "choice, one per core. Lower it when other jobs share the cores: on a 2-core machine running another "
         "job, 1 thread was 5x faster than 2 (docs/performance.md). The run prints the count it uses.",
     )
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _deepspeed_config_needs_deepspeed(cls, value, info):
+        if value and info.data.get("backend") == "torch":
+            raise ValueError("is read only by engine.backend: deepspeed; the torch backend would ignore these keys")
+        return value
 
     @field_validator("on_nonfinite")
     @classmethod
@@ -389,7 +470,9 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 
 
 class RunSection(Section):
-    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data order, sampling and initialisation: 0 to "
+                      "2^32 - 1, numpy's range (the sampling keys multiply it in 64-bit integers, which a seed of 2^60 "
+                      "overflowed).")
     steps: int = Field(100, ge=1, description="Training steps (one batch of generations each).")
     output_dir: str = Field(
         "runs/{recipe}",
@@ -453,10 +536,14 @@ class RunSection(Section):
     def _a_directory_of_its_own(cls, value):
         if not value.strip():
             raise ValueError("empty; give a directory for the run (default: runs/{recipe})")
-        path = Path(value).expanduser().resolve()
+        try:
+            path = Path(value).expanduser().resolve()
+            is_file = path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+            raise ValueError(f"not a usable path ({type(exc).__name__}: {exc.args[-1]})") from None
         if path == path.parent:
             raise ValueError(f"'{value}' is the file system's root; give a directory of the run's own")
-        if path.is_file():
+        if is_file:
             raise ValueError(f"'{value}' is an existing file; give a directory")
         return value
 
@@ -517,13 +604,20 @@ class SweepSection(Section):
     )
 
 
-class RewardEntry(Section):
+class RewardEntry(EntrySection):
     """Fields every reward source entry has, besides its plugin's own options."""
 
     name: Optional[str] = Field(
         None,
         description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("empty; give the objective a name, or leave the field out for the type's")
+        return value
     weight: float = Field(1.0, allow_inf_nan=False, description="Weight of this objective when objectives are combined.")
     timeout_s: Optional[float] = Field(
         600.0, gt=0.0, allow_inf_nan=False,
@@ -533,23 +627,23 @@ class RewardEntry(Section):
         "keep working) and is interrupted there; one stuck in C code ends the process 30 s later. null: no limit.")
 
 
-class NormalizerEntry(Section):
+class NormalizerEntry(EntrySection):
     """Fields every normalizer entry has, besides its plugin's own options."""
 
 
-class TaskEntry(Section):
+class TaskEntry(EntrySection):
     """Fields every data entry has, besides its plugin's own options."""
 
 
-class LossEntry(Section):
+class LossEntry(EntrySection):
     """Fields every policy loss entry has, besides its plugin's own options."""
 
 
-class FilterEntry(Section):
+class FilterEntry(EntrySection):
     """Fields every rollout filter entry has, besides its plugin's own options."""
 
 
-ENTRY_BASES: dict[str, type[Section]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
+ENTRY_BASES: dict[str, type[EntrySection]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
                                          "loss": LossEntry, "filter": FilterEntry}
 
 
@@ -612,9 +706,13 @@ def entry_model(kind: str, plugin_type) -> type[BaseModel]:
             f"{KINDS[kind][2]} type '{plugin_type.name}': option names {sorted(clash | {'type'} & set(plugin_type.options.model_fields))} "
             f"are reserved by the recipe"
         )
+    fields = {**base.model_fields, **plugin_type.options.model_fields}
+    numbers = [name for name, field in fields.items() if _is_number(field.annotation)]
     model = create_model(
         f"{kind}:{plugin_type.name}",
         __base__=(base, plugin_type.options),
+        __validators__={"_numbers_are_not_booleans": field_validator(*numbers, mode="before")(_no_booleans)}
+        if numbers else None,
         type=(Literal[plugin_type.name], Field(description=plugin_type.summary() or plugin_type.name)),
     )
     model.model_config["extra"] = "forbid"

@@ -19,9 +19,10 @@ from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_cau
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
-from zenalign.recipe.schema import RewardEntry
+from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
 from zenalign.grpo.scoring import BoundReward, bind_reward
 from zenalign.grpo.vllm_engine import check_vllm
+from zenalign.train.budget import check_memory
 
 log = logging.getLogger("zenalign")
 
@@ -245,7 +246,13 @@ class Builder:
     def check_inputs(self, tokenizer: Any, train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]],
                      rewards: Sequence[BoundReward]) -> None:
         """What ``validate`` and ``run`` check before step 1: a warning for each field a reward
-        reads that training records lack; and, with the tokenizer, :meth:`check_prompts`."""
+        reads that training records lack, and for a KL coefficient that outweighs the advantages;
+        and, with the tokenizer, :meth:`check_prompts`."""
+        kl_coef = self.recipe.grpo.kl_coef
+        if kl_coef > KL_COEF_WARNING:
+            log.warning("grpo.kl_coef is %g: above %g the KL penalty outweighs the policy-gradient term (advantages are "
+                        "about 1 in size) and the policy barely moves from the reference; the GRPO paper uses 0.01",
+                        kl_coef, KL_COEF_WARNING)
         for bound in rewards:
             for name in getattr(bound.source, "reads_fields", ()):
                 missing = sum(record.get(name) is None for record in train)
@@ -281,8 +288,12 @@ class Builder:
             raise RecipeError(f"sampling.max_new_tokens: the longest prompt ({at}) is {longest} tokens, and "
                               f"{longest} + {new} = {longest + new} exceeds the model's {positions} positions "
                               f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
+        device = self.context.device.type if self.context.device is not None else pick_device(self.recipe.engine.device).type
         if self.recipe.sampling.decoder == "vllm":
-            check_vllm(self.recipe, config, longest, at, pick_device(self.recipe.engine.device).type)
+            check_vllm(self.recipe, config, longest, at, device)
+        given = getattr(self.inputs.model, "config", None)  # a model object: its config, as config.json would hold it
+        check_memory(self.recipe, given.to_dict() if hasattr(given, "to_dict") else config, longest, len(evals), device,
+                     self.loaded.source)
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
         prompts = prompts if prompts is not None else self.inputs.train_dataset
@@ -292,8 +303,10 @@ class Builder:
             evals = check_records(eval_prompts or [], "eval_prompts")
         elif self.recipe.data is not None:
             task = self.plugin("task", "data", self.recipe.data)
-            train = check_records(task.train_prompts(), f"data ({self.recipe.data.type})")
-            evals = check_records(task.eval_prompts(), f"data ({self.recipe.data.type}) eval")
+            path = getattr(self.recipe.data, "path", None)
+            source = f"{self.loaded.source}: data ({self.recipe.data.type}{f', {path}' if isinstance(path, str) else ''})"
+            train = check_records(task.train_prompts(), source)
+            evals = check_records(task.eval_prompts(), f"{source} eval")
         else:
             raise RecipeError(
                 f"{self.loaded.source}: data: required field is missing; name a prompt source "

@@ -246,6 +246,8 @@ class GRPOTrainer:
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=r, base_dir=self.loaded.base_dir, device=self.device))
         self.tokenizer = builder.tokenizer()
         builder.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device)
+        train_records, eval_records = builder.prompts(prompts, eval_prompts)
+        builder.check_prompts(self.tokenizer, train_records, eval_records)  # lengths and memory, before the weights load
         policy = builder.policy(self.resumed_from / "policy" if saved and saved.get("consolidated") else None)
         self.policy_config_dir = builder.policy_dir
         self.eos_ids = eos_token_ids(policy, self.tokenizer)
@@ -257,8 +259,7 @@ class GRPOTrainer:
         wants_kl = r.grpo.kl_coef > 0 or critic_kl > 0  # PPO's critic puts a KL term in its reward
         reference = builder.reference(policy, wants_kl)
         builder.warn_unenforced_constraints(self.objectives, self.normalizer)
-        train_records, eval_records = builder.prompts(prompts, eval_prompts)
-        builder.check_inputs(self.tokenizer, train_records, eval_records, rewards)
+        builder.check_inputs(None, train_records, eval_records, rewards)  # the prompts were checked above
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
