@@ -195,11 +195,12 @@ class GRPOTrainer:
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
         saved = self._join_run(resume)
-        if self.finished is not None:  # nothing to run: build nothing, write nothing
-            return
         self._build_parts(prompts, eval_prompts, saved)
         if saved is not None:
             ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
+            if self.finished is not None:  # checked, and nothing to run: write nothing
+                log.info("the run finished at step %d already (raise run.steps to continue it)", self.finished)
+                return
             ckpt.restore(self.resumed_from, saved, self.state, self._checkpoint_parts())
             self.sampler.reorder()
         own = saved is not None and self.run_dir.holds(self.resumed_from)  # else: this directory starts afresh
@@ -229,9 +230,8 @@ class GRPOTrainer:
         done = (saved is not None and saved["step"] >= r.run.steps and self.run_dir.holds(self.resumed_from)
                 and (self.run_dir.path / "final").is_dir())
         self.finished: Optional[int] = saved["step"] if done else None  # the step it finished at
-        if saved is not None and self.dist.is_main:
-            log.info("the run finished at step %d already (raise run.steps to continue it)" if done
-                     else f"resuming from {self.resumed_from} (step %d)", saved["step"])
+        if saved is not None and not done and self.dist.is_main:
+            log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
         seed_everything(r.run.seed)
         set_threads(r.engine.num_threads, self.dist.is_main)
         device = pick_device(r.engine.device)
