@@ -214,7 +214,7 @@ def test_yaml_booleans_are_yaml_1_2(tmp_path):
     ("sampling.max_new_tokens=true", "sampling.max_new_tokens: expected a number (got True)"),
     ("rewards.0.wrong_score=false", "rewards[0].wrong_score: expected a number (got False)"),
     # bounds
-    ("sampling.temperature=1.0e-300", "sampling.temperature: must be >= 0.001 (got 1e-300)"),
+    ("sampling.temperature=1.0e-300", "sampling.temperature: must be >= 1e-06 (got 1e-300)"),
     ("run.seed=4294967296", "run.seed: must be <= 4294967295 (got 4294967296)"),
     ("grpo.adam_betas=[0.9, 1.0]", "grpo.adam_betas: each beta must be in [0, 1)"),
     ("engine.num_threads=1000000000", "engine.num_threads: must be <= 1024 (got 1000000000)"),
@@ -232,9 +232,9 @@ def test_out_of_bounds_values_are_refused_with_one_line(override, message):
 
 
 def test_values_within_the_new_bounds_are_accepted():
-    r = load_recipe(RECIPES / "quickstart.yaml", ["sampling.temperature=0.001", "run.seed=4294967295", "grpo.kl_coef=100",
+    r = load_recipe(RECIPES / "quickstart.yaml", ["sampling.temperature=1.0e-6", "run.seed=4294967295", "grpo.kl_coef=100",
                                                   "engine.backend=deepspeed", "engine.deepspeed_config={x: 1}"]).recipe
-    assert (r.sampling.temperature, r.run.seed, r.grpo.kl_coef, r.engine.deepspeed_config) == (0.001, 2**32 - 1, 100, {"x": 1})
+    assert (r.sampling.temperature, r.run.seed, r.grpo.kl_coef, r.engine.deepspeed_config) == (1e-6, 2**32 - 1, 100, {"x": 1})
 
 
 def test_a_long_value_is_cut_short_in_the_error_line():

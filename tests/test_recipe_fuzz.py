@@ -246,7 +246,7 @@ ACCEPTABLE = [
     Acceptable(("rewards[0].correct_score", "rewards[0].wrong_score"),
                LARGE + ("negative", "negative_float", "fraction", "tiny"), "a score: any finite number"),
     Acceptable(("sampling.temperature",), LARGE + ("fraction",),
-               "a finite temperature of at least 0.001: a high one samples near-uniform tokens, as asked"),
+               "a finite temperature of at least 1e-6: a high one samples near-uniform tokens, as asked"),
     Acceptable(("sampling.top_p",), ("tiny", "fraction"),
                "in (0, 1]: a tiny one keeps only the most likely token (the filter keeps at least one)"),
     Acceptable(("data.alphabet",), ("string", "unicode", "nul"), "the letters words are made of: any two or more"),

@@ -189,8 +189,8 @@ class SamplingSection(Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     temperature: float = Field(
         1.0,
-        ge=1e-3,
-        description="Sampling temperature, finite and at least 0.001. Log-probabilities in the loss use the same "
+        ge=1e-6,
+        description="Sampling temperature, finite and at least 1e-6. Log-probabilities in the loss use the same "
         "temperature, so the gradient is that of the distribution actually sampled (the loss divides the logits by "
         "it: near 0 they overflow). Greedy decoding is not a temperature of 0: evaluation decodes greedily anyway.",
     )
