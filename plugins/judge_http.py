@@ -11,7 +11,8 @@ SGLang's server, TGI, a hosted API) as a reward source.
         template: "Request: {prompt}\nReply: {completion}\nIs the reply correct? Answer Yes or No."
 
 For each completion the judge gets ``template`` filled with ``{prompt}``, ``{completion}`` and any
-field of the prompt record (``{answer}``) as the user message. ``score: text`` reads the first
+field of the prompt record (``{answer}``) as the user message; a completion whose record lacks a
+field the template reads abstains without a request. ``score: text`` reads the first
 number of its reply and maps ``score_range`` [lo, hi] onto [0, 1] (a number outside the range, or
 none, abstains); ``score: logprobs`` asks for one token and scores P(yes) / (P(yes) + P(no)) from
 its top log-probs, as the local ``constitution`` judge does. Requests, retries, the cache (in the
