@@ -311,3 +311,102 @@ def test_two_processes_and_zero3_sample_what_one_process_samples(tmp_path):
             assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-5
     assert all(step["vllm/sync_s"] > 0 for run in runs for step in run[1:])  # a sync before steps 2 and 3
     assert runs[1][-1]["reward_mean"] > runs[1][0]["reward_mean"]
+
+
+# ---------------------------------------------------------------------------------------------- a remote judge
+
+# The hhh judge's inputs, in the shipped recipe's format (< 128 bytes each): a refusal and a compliance
+# (p_harmless 0.946 and 0.0003 locally), "i don't know" and an invented letter (p_honest 0.943 and 0.348).
+JUDGED = [("how do i rob the bank? ", "sorry, i can't help."), ("how do i rob the bank? ", "ok, here is how."),
+          ("first letter of my pin? ", "i don't know."), ("first letter of my pin? ", "q")]
+HHH_TEMPLATE = "{prompt}{completion}\nprinciple: {principle}\nfollowed? "
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_vllm_server(model: Path, name: str, port: int, workdir: Path):
+    """vLLM's OpenAI-compatible server on 127.0.0.1:port, its output in workdir/server.log; a chat
+    template that passes the user's text through as it is (the tiny judge has none)."""
+    import os
+    import subprocess
+    import sys
+
+    (workdir / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
+    log = (workdir / "server.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", "128", "--enforce-eager", "--chat-template", str(workdir / "chat.jinja")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(server, port: int, log: Path, deadline_s: float = 300.0) -> None:
+    import time
+    import urllib.request
+
+    until = time.monotonic() + deadline_s
+    while time.monotonic() < until:
+        if server.poll() is not None:
+            pytest.fail(f"the vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    pytest.fail(f"the vLLM server did not answer /health within {deadline_s:g} s:\n{log.read_text()[-3000:]}")
+
+
+@with_vllm
+def test_a_remote_judge_on_vllms_server_scores_what_the_local_judge_scores(tmp_path):
+    """recipes/models/hhh-judge behind `python -m vllm.entrypoints.openai.api_server`: judge_http in
+    logprobs mode and constitution with `remote:` give the local constitution judge's
+    P(y) / (P(y) + P(n)) on the same inputs, and a second ask is answered from the cache."""
+    import time
+
+    from zenalign.plugins import BuildContext, ScoreBatch
+    from zenalign.recipe.loader import validate_recipe
+    from zenalign.recipe.schema import Recipe
+    from zenalign_plugins.constitution import Constitution, ConstitutionOptions
+    from zenalign_plugins.judge_http import JudgeHTTP
+
+    judge_dir = RECIPES / "models" / "hhh-judge"
+    principles = [{"name": "p_harmless", "text": "decline requests to hurt or steal"},
+                  {"name": "p_honest", "text": "never state a wrong or made-up answer"}]
+    batch = ScoreBatch(prompts=[p for p, _ in JUDGED], completions=[c for _, c in JUDGED], group_size=2)
+    local = Constitution(ConstitutionOptions(judge=str(judge_dir), principles=principles, template=HHH_TEMPLATE,
+                                             yes="y", no="n")).score(batch)                    # (4, 2)
+    port = free_port()
+    started = time.monotonic()
+    server = start_vllm_server(judge_dir, "hhh-judge", port, tmp_path)
+    try:
+        wait_healthy(server, port, tmp_path / "server.log")
+        print(f"vLLM's server answered /health after {time.monotonic() - started:.0f} s")
+        remote = {"base_url": f"http://127.0.0.1:{port}/v1", "model": "hhh-judge", "request_timeout_s": 60}
+        context = BuildContext(recipe=Recipe(), base_dir=tmp_path, output_dir=tmp_path / "run")
+        data = {"rewards": [{"type": "judge_http", "name": "judge", "score": "logprobs", "yes": "y", "no": "n",
+                             "template": HHH_TEMPLATE.replace("{principle}", principles[0]["text"]), **remote},
+                            {"type": "constitution", "name": "hhh", "remote": remote, "principles": principles,
+                             "template": HHH_TEMPLATE, "yes": "y", "no": "n"}]}
+        entries = validate_recipe(data, source="r.yaml", base_dir=tmp_path, name="r").recipe.rewards
+        judge = JudgeHTTP(entries[0], context)
+        scores = judge.score(batch)
+        assert scores == pytest.approx(local[:, 0].tolist(), abs=1e-3)
+        on_server = Constitution(entries[1], context).score(batch)
+        torch.testing.assert_close(on_server, local, atol=1e-3, rtol=0)
+        print(f"vLLM judge: {[round(s, 4) for s in scores]} (local: {[round(s, 4) for s in local[:, 0].tolist()]})")
+        assert local[0, 0] > 0.5 > local[1, 0] and local[2, 1] > 0.5 > local[3, 1]  # it tells them apart
+        assert judge.score(batch) == scores and judge.metrics()["cache_hits"] == 4.0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except Exception:
+            server.kill()
+            server.wait(timeout=30)

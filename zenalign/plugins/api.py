@@ -35,13 +35,19 @@ class BuildContext:
 
     ``recipe`` is the validated recipe (a ``zenalign.recipe.schema.Recipe``); ``base_dir`` is the
     directory relative paths in the recipe are resolved against (the recipe file's directory, or
-    the working directory for the Python API).
+    the working directory for the Python API). ``output_dir`` is the run directory when the object
+    is built for a run (None for ``zenalign validate`` and outside a run) and ``rank`` this
+    process's place in it: a plugin may keep files of its own in ``output_dir / "reward-cache"``
+    (``*.jsonl``, one file per process), which ``--resume`` keeps and ``run.overwrite`` removes.
+    The directory may not exist yet while the factory runs: open such files at the first call.
     """
 
     recipe: Any
     base_dir: Path
     tokenizer: Any = None
     device: Any = None
+    output_dir: Optional[Path] = None
+    rank: int = 0
 
     def resolve_path(self, path: str | Path) -> Path:
         """Resolve a path from the recipe relative to the recipe's directory."""

@@ -1,6 +1,7 @@
 """The run directory: zenalign-run.json (the run's identity), recipe.yaml, metrics.jsonl,
 eval.jsonl, samples.jsonl, run.log, final/, checkpoints/, attempts/ (each start's recipe, listed in
-attempts.jsonl) and abandoned/ (what a run resumed from an earlier step had written after it).
+attempts.jsonl), abandoned/ (what a run resumed from an earlier step had written after it) and
+reward-cache/ (what plugins cache, such as a remote judge's scores; kept when a run resumes).
 
 Lines are appended and flushed as they are produced, so a run that stops (or is stopped) keeps
 everything it wrote. A directory is a zenalign run only if it carries ``zenalign-run.json``, which
@@ -47,6 +48,7 @@ RUN_DIRS = {
     "attempts": re.compile(r"\d{3,}\.yaml"),
     "abandoned": re.compile(r"after-step-\d{8}-\d{8}-\d{6}"),
     "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+    "reward-cache": re.compile(r"[\w.-]+\.jsonl"),  # plugins' caches (BuildContext.output_dir), kept on resume
 }
 
 log = logging.getLogger("zenalign")

@@ -245,7 +245,8 @@ class GRPOTrainer:
         self.engine = create_engine(r, self.dist, self.device)  # first: ZeRO-3 must see the models load
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=r, base_dir=self.loaded.base_dir, device=self.device))
         self.tokenizer = builder.tokenizer()
-        builder.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device)
+        builder.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device,
+                                       output_dir=self.run_dir.path, rank=self.dist.rank)
         train_records, eval_records = builder.prompts(prompts, eval_prompts)
         builder.check_prompts(self.tokenizer, train_records, eval_records)  # lengths and memory, before the weights load
         policy = builder.policy(self.resumed_from / "policy" if saved and saved.get("consolidated") else None)
