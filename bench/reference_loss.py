@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from zenalign.grpo.gumbel import completion_keys
-from zenalign.grpo.loss import token_weights
+from zenalign.plugins.losses import token_weights
 
 
 def sequences_of(rollout) -> list[tuple[list[int], list[int]]]:

@@ -14,8 +14,7 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import combine_objectives, finish, nan_mean, nan_std, zero_variance
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, combine_objectives, finish, nan_mean, nan_std, zero_variance
 
 
 class BatchZScoreOptions(Options):

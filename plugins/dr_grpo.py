@@ -8,8 +8,7 @@ length bias. Source: "Understanding R1-Zero-Like Training: A Critical Perspectiv
 """
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import combine_objectives, finish, nan_mean
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, combine_objectives, finish, nan_mean
 
 
 class MeanOnly:

@@ -11,8 +11,7 @@ Source: Shao et al., DeepSeekMath, arXiv 2402.03300, section 4.1.2 (outcome supe
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import combine_objectives, standardize_groups
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, combine_objectives, standardize_groups
 
 
 class GroupZScoreOptions(Options):

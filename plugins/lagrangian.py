@@ -25,8 +25,7 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import all_abstain, standardize_objectives
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, all_abstain, standardize_objectives
 
 
 class LagrangianOptions(Options):

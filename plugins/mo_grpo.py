@@ -11,8 +11,7 @@ Hacking of Group Relative Policy Optimization on Multi-Objective Problems", arXi
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import all_abstain, standardize_objectives, weighted_sum
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, all_abstain, standardize_objectives, weighted_sum
 
 
 class MOGRPOOptions(Options):

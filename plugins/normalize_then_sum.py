@@ -18,8 +18,7 @@ import torch
 from pydantic import Field
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import all_abstain, finish, nan_std, standardize_objectives, weighted_sum, zero_variance
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, all_abstain, finish, nan_std, standardize_objectives, weighted_sum, zero_variance
 
 
 class NormalizeThenSumOptions(Options):

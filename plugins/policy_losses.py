@@ -16,8 +16,7 @@ from pydantic import Field
 
 from zenalign import hookimpl
 from zenalign.errors import PluginError
-from zenalign.grpo.loss import GRPOLoss, add_kl_penalty, per_token_advantages, token_weights
-from zenalign.plugins import Options, PolicyLossType, TokenLoss
+from zenalign.plugins import GRPOLoss, Options, PolicyLossType, TokenLoss, add_kl_penalty, per_token_advantages, token_weights
 
 
 def grpo_loss(context) -> GRPOLoss:

@@ -24,12 +24,10 @@ import torch
 from pydantic import Field
 
 from zenalign import NormalizerType, Options, hookimpl
-from zenalign.errors import PluginError, RecipeError
-from zenalign.grpo.advantages import combine_objectives
-from zenalign.grpo.gae import clipped_value_loss, gae, token_rewards, whiten
-from zenalign.grpo.loss import kl_estimate
+from zenalign.errors import RecipeError
 from zenalign.models.critic import ValueModel
-from zenalign.train.engine import load_tensors_only
+from zenalign.models.loading import load_tensors_only
+from zenalign.plugins import clipped_value_loss, combine_objectives, gae, kl_estimate, token_rewards, whiten
 
 
 class GAEOptions(Options):
@@ -84,9 +82,6 @@ class GAECritic:
             self.optimizer = torch.optim.AdamW([p for p in self._critic.parameters() if p.requires_grad],
                                                lr=self.learning_rate, betas=self.betas, weight_decay=0.0)
         return self._critic
-
-    def __call__(self, rewards, objectives):
-        raise PluginError("normalizer 'gae' gives every token its own advantage; the trainer calls token_advantages()")
 
     def rows(self, n: int) -> list[slice]:
         size = self.micro_batch_size or n

@@ -20,8 +20,7 @@ from pydantic import Field, field_validator
 
 from zenalign import hookimpl
 from zenalign.errors import RecipeError, one_line
-from zenalign.plugins import Options, RewardSourceType
-from zenalign.grpo.scoring import FunctionReward
+from zenalign.plugins import FunctionReward, Options, RewardSourceType
 
 
 class PythonFunctionOptions(Options):

@@ -11,8 +11,7 @@ cannot dominate. Abstaining completions (NaN) are not ranked and get 0.
 import torch
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import combine_objectives, finish, valid_count
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, combine_objectives, finish, valid_count
 
 
 class Rank:

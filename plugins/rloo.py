@@ -10,8 +10,7 @@ REINFORCE Style Optimization for Learning from Human Feedback", arXiv 2402.14740
 import torch
 
 from zenalign import hookimpl
-from zenalign.grpo.advantages import combine_objectives, finish, valid_count
-from zenalign.plugins import NormalizerType, Options
+from zenalign.plugins import NormalizerType, Options, combine_objectives, finish, valid_count
 
 
 class LeaveOneOut:

@@ -17,8 +17,7 @@ from pydantic import Field
 
 from zenalign import hookimpl
 from zenalign.errors import RecipeError
-from zenalign.grpo.advantages import zero_variance
-from zenalign.plugins import Objectives, Options, RolloutFilterType, RolloutGroups
+from zenalign.plugins import Objectives, Options, RolloutFilterType, RolloutGroups, zero_variance
 
 
 class DynamicSamplingOptions(Options):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from zenalign.grpo.advantages import combine_objectives, nan_std, zero_variance
+from zenalign.plugins.advantages import combine_objectives, nan_std, zero_variance
 from zenalign.plugins import Objectives
 from zenalign.plugins import collect_registry
 

@@ -251,7 +251,7 @@ step 4 is being written (once: it leaves a marker file)."""
 import os, signal
 from pathlib import Path
 from zenalign import NormalizerType, Options, hookimpl
-from zenalign.grpo.advantages import combine_objectives, standardize_groups
+from zenalign.plugins.advantages import combine_objectives, standardize_groups
 
 MARKER = Path(__file__).with_name("killed-once")
 

@@ -101,6 +101,34 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# What a built-in plugin (plugins/, importable as zenalign_plugins) may import: the plugin API and its
+# helpers, the leaves, recipe helpers (principles files) and model code (a judge, a reward model, a
+# critic load models). Never the engine: grpo, train, generation or commands.
+PLUGINS_MAY_IMPORT = ("zenalign.plugins", "zenalign.errors", "zenalign.data", "zenalign.recipe", "zenalign.models")
+
+
+def zenalign_imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "zenalign"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "zenalign":
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_built_in_plugins_use_the_plugin_api_never_the_engine():
+    """Issue 31: built-in plugins are written as a third party's would be, on zenalign.plugins (which
+    exports the helpers they need) and model code; they never reach into the engine."""
+    allowed = lambda module: module == "zenalign" or module.startswith(tuple(f"{m}." for m in PLUGINS_MAY_IMPORT)) \
+        or module in PLUGINS_MAY_IMPORT
+    reaching = [f"{path.relative_to(REPO)}:{line} imports {module}" for path in sorted((REPO / "plugins").glob("*.py"))
+                for line, module in zenalign_imports(path) if not allowed(module)]
+    assert reaching == [], "built-in plugins that import the engine:\n" + "\n".join(reaching)
+    assert allowed("zenalign.plugins") and allowed("zenalign.models.loading") and not allowed("zenalign.train.engine") \
+        and not allowed("zenalign.grpo.advantages") and not allowed("zenalign.pluginsx")
+
+
 def test_layers_are_the_subpackages():
     top = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith("__"))
     assert top == sorted(["_moved.py", "commands", "data.py", "errors.py", "grpo", "models", "plugins", "recipe", "train"])

@@ -190,10 +190,10 @@ def test_a_model_that_soft_caps_its_logits_after_the_head_keeps_its_own_logits(m
     model = tiny_gemma2(softcap=0.5)
     rollout = ragged_rollout(model)
     plain, plain_grads, _ = transformers_logprobs(model, rollout, True, monkeypatch, chunked=False)
-    assert not hasattr(model, "_zenalign_logits_after_head")  # not known yet: the first chunked attempt finds it out
+    assert model not in lp.LOGITS_AFTER_HEAD  # not known yet: the first chunked attempt finds it out
     for attempt in range(2):
         got, grads, chunks = transformers_logprobs(model, rollout, True, monkeypatch, chunked=True)
-        assert chunks == [] and model._zenalign_logits_after_head, attempt
+        assert chunks == [] and model in lp.LOGITS_AFTER_HEAD, attempt
         torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)

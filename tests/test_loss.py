@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from zenalign.grpo.loss import GRPOLoss, kl_estimate, token_weights
+from zenalign.plugins.losses import GRPOLoss, kl_estimate, token_weights
 from zenalign.recipe.schema import Recipe
 
 

@@ -14,9 +14,12 @@ import torch
 from conftest import REPO, run_cli
 from zenalign import GRPOTrainer
 from zenalign.errors import PluginError
-from zenalign.plugins import (CAPABILITIES, EnforcesConstraints, ObservesScores, ReportsMetrics, RunContext, Stateful,
-                              StatefulDirectory, enforces_constraints, get_plugin_manager, hookimpl, register,
+from zenalign.plugins import (CAPABILITIES, KIND_PROTOCOLS, AdvantageNormalizer, Critic, EnforcesConstraints,
+                              NormalizerType, ObservesScores, Options, PolicyLossType, ReportsMetrics,
+                              RewardSourceType, RolloutFilterType, RunContext, Stateful, StatefulDirectory, TaskType,
+                              check_kind, enforces_constraints, get_plugin_manager, hookimpl, register,
                               trace_hook_calls)
+from zenalign.plugins.api import protocol_members
 from zenalign.plugins import hookspecs
 from zenalign.train.state import stateful_plugins
 
@@ -72,14 +75,94 @@ def test_capabilities_are_recognised_by_their_methods():
     assert stateful_plugins(counter, [plain, observer]) == {"normalizer": counter, "rewards-1": observer}
 
 
-def test_the_engine_asks_for_capabilities_with_isinstance_not_hasattr():
+def declared_members() -> set[str]:
+    """Every method and attribute a capability or a kind's protocol declares."""
+    return {name for protocol in (*CAPABILITIES, *(p for ps in KIND_PROTOCOLS.values() for p in ps))
+            for name in protocol_members(protocol)}
+
+
+def probes(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """``getattr``/``hasattr`` calls that look up one of ``names``, and attributes named ``_zenalign...``."""
     found = []
-    for path in (REPO / "zenalign").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr" and len(node.args) == 2
-                    and isinstance(node.args[1], ast.Constant) and node.args[1].value in CAPABILITY_NAMES):
-                found.append(f"{path.relative_to(REPO)}:{node.lineno} hasattr(..., {node.args[1].value!r})")
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr")
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                and (node.args[1].value in names or str(node.args[1].value).startswith("_zenalign"))):
+            found.append((node.lineno, f"{node.func.id}(..., {node.args[1].value!r})"))
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_zenalign"):
+            found.append((node.lineno, f".{node.attr}"))
+    return found
+
+
+def test_the_engine_asks_for_capabilities_with_isinstance_never_a_probe():
+    """Issue 31: every capability the engine looks for is declared in zenalign.plugins and tested
+    with isinstance; nothing is looked up by name on a plugin object, and nothing of zenalign's is
+    stored on a model object. plugins/api.py is where the declared contract is checked."""
+    names = declared_members() | {"choose", "objectives", "reads_fields", "takes_token_advantages", "state_dict"}
+    found = [f"{path.relative_to(REPO)}:{line} {what}" for path in sorted((REPO / "zenalign").rglob("*.py"))
+             if path.name != "api.py" for line, what in probes(path.read_text(encoding="utf-8"), names)]
     assert found == []
+    # the scan finds what it looks for
+    assert [w for _, w in probes("getattr(loss, 'takes_token_advantages', True)\nmodel._zenalign_lean = 1", names)] == \
+        ["getattr(..., 'takes_token_advantages')", "._zenalign_lean"]
+
+
+class NoScore:
+    def __init__(self, options):
+        pass
+
+
+class HalfALoss:
+    skips_zero_advantage_rows = True
+
+    def __init__(self, options):
+        pass
+
+    def token_weights(self, mask, num_sequences=None, num_tokens=None):
+        return mask
+
+
+@pytest.mark.parametrize("type_cls, factory, expected", [
+    (RewardSourceType, NoScore, "type 'odd' built a NoScore without score; it needs score(batch)"),
+    (NormalizerType, NoScore, "type 'odd' built a NoScore without __call__; it needs __call__(rewards, objectives) or "
+                              "token_advantages(tokens, rewards, objectives, context), train_critic(tokens, context) and "
+                              "reference_kl_coef"),
+    (TaskType, NoScore, "type 'odd' built a NoScore without train_prompts, eval_prompts; it needs train_prompts() and "
+                        "eval_prompts()"),
+    (PolicyLossType, HalfALoss, "type 'odd' built a HalfALoss without per_token; it needs per_token(logp, old_logp, "
+                                "advantages, ref_logp, mask), token_weights(mask, ...) and skips_zero_advantage_rows"),
+    (RolloutFilterType, NoScore, "type 'odd' built a NoScore without __call__; it needs __call__(groups, objectives)"),
+], ids=["reward", "normalizer", "task", "loss", "filter"])
+def test_each_kind_checks_what_its_factory_built(type_cls, factory, expected):
+    with pytest.raises(PluginError) as caught:
+        type_cls("odd", Options, factory).build(Options())
+    assert str(caught.value) == expected
+
+
+def test_a_critic_is_not_a_normalizer_and_needs_no_call():
+    from zenalign_plugins.ppo_critic import GAECritic
+
+    assert not isinstance(GAECritic, type(None)) and "__call__" not in vars(GAECritic)
+    critic = GAECritic.__new__(GAECritic)
+    critic.reference_kl_coef = 0.0
+    assert isinstance(critic, Critic) and not isinstance(critic, AdvantageNormalizer)
+    assert check_kind(NormalizerType("gae", Options, GAECritic), critic) is critic
+
+
+@pytest.mark.slow
+def test_a_reward_type_without_score_is_one_line_at_validate(tmp_path):
+    (tmp_path / "noscore.py").write_text(
+        "from zenalign import Options, RewardSourceType, hookimpl\n\n"
+        "class Judge:\n    def __init__(self, options):\n        pass\n\n"
+        "    def rate(self, batch):\n        return [0.0] * len(batch)\n\n"
+        "@hookimpl\ndef zenalign_reward_source_types():\n    return [RewardSourceType('judge', Options, Judge)]\n")
+    recipe = (REPO / "recipes" / "quickstart.yaml").read_text().replace("model:\n  path: models/reverse-policy",
+                                                                         f"model:\n  path: {REPO}/recipes/models/reverse-policy")
+    (tmp_path / "r.yaml").write_text(recipe + "plugins: [noscore.py]\n")
+    result = run_cli("validate", str(tmp_path / "r.yaml"), "rewards=[{type: judge}]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "r.yaml: rewards[0] (judge): type 'judge' built a Judge without score" in lines[0], lines
 
 
 class Watcher:
@@ -230,8 +313,15 @@ def test_old_module_names_are_the_new_modules():
     with pytest.warns(FutureWarning, match="zenalign.plugin_types moved to zenalign.plugins.api"):
         import zenalign.plugin_types as old
     assert old is zenalign.plugins.api
-    import zenalign.advantages as again  # noqa: F401  (cached: no second warning needed)
-    assert again is zenalign.grpo.advantages
+    import zenalign.plugins.advantages
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import zenalign.advantages as split  # its names now live in two modules
+        import zenalign.grpo.loss as loss  # issue 31: the formulas plugins use moved down to zenalign.plugins
+    assert split.compute_advantages is zenalign.grpo.advantages.compute_advantages
+    assert split.combine_objectives is zenalign.plugins.advantages.combine_objectives
+    assert loss.GRPOLoss is zenalign.plugins.GRPOLoss
 
 
 def test_every_hookspec_documents_its_call_rule():

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zenalign.grpo.loss import GRPOLoss
+from zenalign.plugins.losses import GRPOLoss
 from zenalign.plugins import PolicyLoss, collect_registry
 from zenalign.recipe.schema import Recipe
 from zenalign_plugins.policy_losses import CISPOLoss, CISPOOptions, GSPOLoss, GSPOOptions
@@ -119,7 +119,7 @@ def test_the_guides_policy_loss_example_runs_from_a_recipe(tmp_path):
     from zenalign.plugins import BuildContext
 
     doc = (REPO / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
-    example = doc[doc.index("```python\nimport torch\nfrom zenalign import Options, hookimpl\nfrom zenalign.grpo.loss"):]
+    example = doc[doc.index("```python\nimport torch\nfrom zenalign import Options, hookimpl\nfrom zenalign.plugins import PolicyLossType"):]
     (tmp_path / "reinforce.py").write_text(example[len("```python\n"):example.index("```", 10)])
     loaded = validate_recipe({"plugins": ["reinforce.py"], "loss": {"type": "reinforce"}, "grpo": {"loss_aggregation": "dapo"}},
                              source="r.yaml", base_dir=tmp_path, name="r")

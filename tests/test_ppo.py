@@ -14,8 +14,8 @@ import torch
 
 from conftest import RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
 from zenalign.errors import RecipeError
-from zenalign.grpo.gae import clipped_value_loss, gae, token_rewards, whiten
-from zenalign.grpo.loss import GRPOLoss
+from zenalign.plugins.ppo import clipped_value_loss, gae, token_rewards, whiten
+from zenalign.plugins.losses import GRPOLoss
 from zenalign.models.critic import ValueModel
 
 

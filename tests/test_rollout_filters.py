@@ -17,7 +17,7 @@ from conftest import RECIPES, run_cli
 from zenalign.errors import PluginError, RecipeError
 from zenalign.grpo.filtering import apply_filters, select_groups
 from zenalign.grpo.logprobs import completion_logprobs, token_entropy
-from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
+from zenalign.plugins.losses import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import Objectives, RolloutGroups, collect_registry
 from zenalign_plugins.rollout_filters import DynamicSampling, MaskTruncated
 
@@ -287,7 +287,7 @@ def first_letter_right(completions, answer):
 
 def test_dynamic_sampling_in_a_run_refills_the_batch_with_informative_groups(tmp_path, tiny_model_dir, register_plugin):
     from zenalign import GRPOTrainer, NormalizerType, Options, hookimpl
-    from zenalign.grpo.advantages import combine_objectives, standardize_groups
+    from zenalign.plugins.advantages import combine_objectives, standardize_groups
 
     seen = []
 
@@ -378,7 +378,7 @@ def test_the_update_masks_the_policy_term_of_low_entropy_tokens(tmp_path, tiny_m
     out here, with the policy term on the top 30% of tokens by entropy and the KL term everywhere."""
     from zenalign import GRPOTrainer
     from zenalign.grpo.gumbel import completion_keys
-    from zenalign.grpo.loss import token_weights
+    from zenalign.plugins.losses import token_weights
     from zenalign.train.update import PolicyUpdate
 
     prompts = [{"prompt": f"reverse {w}:"} for w in ["abc", "hello"]]

@@ -10,7 +10,7 @@ import torch
 from zenalign.errors import RewardError
 from zenalign.plugins import ScoreBatch
 from zenalign.plugins import collect_registry
-from zenalign.grpo.scoring import FunctionReward, Scorer, bind_reward
+from zenalign.grpo.scoring import Scorer, bind_reward
 
 NAN = float("nan")
 

@@ -27,8 +27,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "zenalign.gumbel": ("zenalign.grpo.gumbel",),
     "zenalign.sampling": ("zenalign.grpo.rollout", "zenalign.models.primitives"),
     "zenalign.scoring": ("zenalign.grpo.scoring",),
-    "zenalign.advantages": ("zenalign.grpo.advantages",),
-    "zenalign.loss": ("zenalign.grpo.loss", "zenalign.grpo.logprobs", "zenalign.models.primitives"),
+    "zenalign.advantages": ("zenalign.grpo.advantages", "zenalign.plugins.advantages"),
+    "zenalign.loss": ("zenalign.plugins.losses", "zenalign.grpo.logprobs", "zenalign.models.primitives"),
     "zenalign.metrics": ("zenalign.grpo.metrics",),
     "zenalign.trainer": ("zenalign.train.trainer", "zenalign.train.update"),
     "zenalign.components": ("zenalign.train.build", "zenalign.recipe.loader"),
@@ -44,9 +44,12 @@ MOVED: dict[str, tuple[str, ...]] = {
     "zenalign.critique": ("zenalign.commands.critique_revise",),
     "zenalign.plotting": ("zenalign.commands.plot",),
     "zenalign.pareto": ("zenalign.commands.pareto",),
+    # zenalign 0.2: the formulas plugins build on moved down to zenalign.plugins, where plugins import them
+    "zenalign.grpo.loss": ("zenalign.plugins.losses",),
+    "zenalign.grpo.gae": ("zenalign.plugins.ppo",),
 }
 RENAMED = {
-    "grpo_token_loss": "zenalign.grpo.loss.GRPOLoss(...).per_token",
+    "grpo_token_loss": "zenalign.plugins.GRPOLoss(...).per_token",
     "lean_decode": "zenalign.grpo.rollout.decode_groups",
     "masked_mean": "nothing (it was unused)",
 }

@@ -200,12 +200,15 @@ def cmd_schema(args) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """The CLI's own handler, known by its class so that it is added once."""
+
+
 def configure_logging() -> None:
     """zenalign's messages go to stderr, once (the progress bar redirects them around itself)."""
-    if not any(getattr(h, "_zenalign", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._zenalign = True
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False

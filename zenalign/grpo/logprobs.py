@@ -7,6 +7,7 @@ distribution the completions were drawn from (a departure from the paper, which 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -109,13 +110,18 @@ def _transformers_pass(model, sequences, attention_mask, prompt_length, share_pr
     return run, hidden, lambda logits: logits[:, -(completion_length + 1) : -1, :]
 
 
+# Models found (by _HeadInputs.faithful) to change their logits after the LM head, for as long as they
+# live: kept beside the model rather than as a flag on it.
+LOGITS_AFTER_HEAD: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
 def _capturable_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
     """The model's LM head where :class:`_HeadInputs` may take its place: a plain ``nn.Linear``
     whose weight is whole on this process (not partitioned by ZeRO-3), on a model not found
     (by an earlier :meth:`_HeadInputs.faithful`) to change its logits after the head."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id") or getattr(model, "_zenalign_logits_after_head", False):
+    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id") or model in LOGITS_AFTER_HEAD:
         return None
     return head
 
@@ -158,10 +164,7 @@ class _HeadInputs:
         same = logits.shape[-1] == expected.shape[-1] and torch.allclose(logits[:, -1].detach().float(), expected,
                                                                           rtol=1e-3, atol=1e-3)
         if not same:
-            try:
-                object.__setattr__(model, "_zenalign_logits_after_head", True)
-            except AttributeError:
-                pass
+            LOGITS_AFTER_HEAD.add(model)
         return same
 
 

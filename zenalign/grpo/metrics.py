@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from zenalign.grpo.advantages import combine_objectives, nan_std, zero_variance
+from zenalign.plugins.advantages import combine_objectives, zero_variance
 from zenalign.plugins import Objectives
 
 

@@ -44,7 +44,8 @@ class ValueModel(torch.nn.Module):
         finally:
             hf_logging.set_verbosity(verbosity)
         if fresh_head:
-            head = getattr(model, "score", None) or getattr(model, "classifier", None)
+            children = dict(model.named_children())
+            head = children.get("score") or children.get("classifier")
             if head is None:
                 raise ModelLoadError(f"{field}: '{path}' ({type(model).__name__}) has no score or classifier head to "
                                      f"start at zero")

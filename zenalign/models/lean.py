@@ -35,6 +35,7 @@ with a model, the lean forward is checked against transformers' on the prompts a
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -82,9 +83,14 @@ def why_not_lean(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+# Each model's lean forward (or False: not eligible), for as long as the model lives: kept beside the
+# model rather than on it, so nothing of zenalign's is added to a user's model object.
+_LEAN: "weakref.WeakKeyDictionary[torch.nn.Module, LeanLM | bool]" = weakref.WeakKeyDictionary()
+
+
 def lean_model(model: torch.nn.Module) -> Optional["LeanLM"]:
-    """The lean forward for ``model`` (cached on the model), or None if it is not eligible."""
-    cached = getattr(model, "_zenalign_lean", None)
+    """The lean forward for ``model`` (built once per model), or None if it is not eligible."""
+    cached = _LEAN.get(model)
     if cached is not None:
         return cached or None
     reason = why_not_lean(model)
@@ -113,10 +119,7 @@ def checked_lean_model(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
 
 
 def _remember(model: torch.nn.Module, lean) -> None:
-    try:
-        object.__setattr__(model, "_zenalign_lean", lean)  # not a submodule: kept out of state_dict
-    except AttributeError:
-        pass
+    _LEAN[model] = lean
 
 
 @dataclass
@@ -476,7 +479,7 @@ class LeanLM:
     """The lean forward of one eligible model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self._model = weakref.ref(model)  # the model owns this (see _LEAN), not the other way round
         config = model.config
         self.body = model.model
         attn = self.body.layers[0].self_attn
@@ -488,6 +491,10 @@ class LeanLM:
         self.qk_norm = hasattr(attn, "q_norm")
         self.vocab = config.vocab_size
         self.checked = False  # against transformers' forward, see checked_lean_model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     # ------------------------------------------------------------------------------------- parts
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -173,3 +175,24 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def load_tensors_only(path: Path, device: Any) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers, never pickled code. A file
+    that holds anything else is a one-line error naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"--resume: '{path}' could not be read as plain tensors ({unpickling_reason(exc)}); "
+                             f"zenalign never unpickles code, so this file was not written by zenalign or is "
+                             f"damaged") from None
+
+
+def unpickling_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load the file with
+    ``weights_only=False`` (which would run the code) or its terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc))
+    found = re.search(r"Unsupported (global|operand)[^.]*", text)
+    return f"{type(exc).__name__}: {found.group(0) if found else text[:160]}"

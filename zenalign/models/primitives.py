@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import inspect
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class ChoosesTokens(Protocol):
+    """A logits processor that picks the next tokens itself (the Gumbel sampler): last in the list
+    the token loop is given, its ``choose`` replaces the argmax."""
+
+    def choose(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor: ...
 
 
 @lru_cache(maxsize=None)
@@ -96,7 +104,7 @@ def _chooser(processors: Any) -> Any:
     if not isinstance(processors, list):
         return lambda input_ids, scores: processors(input_ids, scores).argmax(dim=-1)
     *others, last = processors or [None]
-    if last is not None and callable(getattr(last, "choose", None)):
+    if isinstance(last, ChoosesTokens):
         process = _each_in_turn(others)
         return lambda input_ids, scores: last.choose(input_ids, process(input_ids, scores))
     process = _each_in_turn(processors)

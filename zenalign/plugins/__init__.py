@@ -10,10 +10,13 @@ entry-point group as third-party ones.
 
 from zenalign.plugins.api import (
     CAPABILITIES,
+    KIND_PROTOCOLS,
     AdvantageNormalizer,
     BuildContext,
+    Critic,
     EnforcesConstraints,
     LearnsValues,
+    NamesObjectives,
     NormalizerType,
     Objectives,
     ObservesScores,
@@ -21,6 +24,7 @@ from zenalign.plugins.api import (
     PluginType,
     PolicyLoss,
     PolicyLossType,
+    ReadsFields,
     RefillsGroups,
     ReportsMetrics,
     RewardSource,
@@ -30,24 +34,53 @@ from zenalign.plugins.api import (
     RolloutGroups,
     RunContext,
     ScoreBatch,
+    SequenceAdvantagesOnly,
     Stateful,
     StatefulDirectory,
     Task,
     TaskType,
     TokenBatch,
     TokenLoss,
+    check_kind,
     enforces_constraints,
+    fields_read,
+    objective_names,
+    takes_token_advantages,
 )
 from zenalign.plugins.deadline import DeadlineExceeded, call_with_deadline
+from zenalign.plugins.functions import FunctionReward
 from zenalign.plugins.hookspecs import hookimpl, hookspec
 from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugin_manager, register, trace_hook_calls
 from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
 
+# The arithmetic the built-in plugins are made of, for yours too. Imported when first asked for, so
+# that `import zenalign.plugins` (and `zenalign validate`) does not load torch.
+HELPERS = {
+    "zenalign.plugins.advantages": ("all_abstain", "combine_objectives", "finish", "nan_mean", "nan_std",
+                                    "standardize_groups", "standardize_objectives", "valid_count", "weighted_sum",
+                                    "zero_variance"),
+    "zenalign.plugins.losses": ("GRPOLoss", "add_kl_penalty", "high_entropy_tokens", "kl_estimate",
+                                "per_token_advantages", "token_weights"),
+    "zenalign.plugins.ppo": ("clipped_value_loss", "gae", "token_rewards", "whiten"),
+}
+_HELPER_MODULE = {name: module for module, names in HELPERS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _HELPER_MODULE:
+        import importlib
+
+        return getattr(importlib.import_module(_HELPER_MODULE[name]), name)
+    raise AttributeError(f"module 'zenalign.plugins' has no attribute {name!r}")
+
+
 __all__ = [
-    "CAPABILITIES", "KINDS", "AdvantageNormalizer", "BuildContext", "DeadlineExceeded", "EnforcesConstraints", "LearnsValues", "NormalizerType",
+    "CAPABILITIES", "KINDS", "KIND_PROTOCOLS", "AdvantageNormalizer", "BuildContext", "Critic", "DeadlineExceeded", "EnforcesConstraints", "FunctionReward", "LearnsValues", "NamesObjectives", "NormalizerType",
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
-    "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
-    "RolloutGroups", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
-    "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
-    "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls",
+    "ReadsFields", "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
+    "RolloutGroups", "RunContext", "ScoreBatch", "SequenceAdvantagesOnly", "Stateful", "StatefulDirectory",
+    "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "check_kind", "collect_registry", "enforces_constraints", "fields_read", "get_plugin_manager", "hookimpl",
+    "hookspec", "load_plugins", "new_plugin_manager", "objective_names", "register", "takes_token_advantages",
+    "trace_hook_calls",
+    *_HELPER_MODULE,
 ]

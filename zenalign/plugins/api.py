@@ -15,9 +15,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
+
+from zenalign.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,16 +75,17 @@ class PluginType:
         return doc.splitlines()[0] if doc else ""
 
     def build(self, options: BaseModel, context: BuildContext | None = None) -> Any:
-        """Call the factory with the arguments it names (``options`` and/or ``context``)."""
+        """Call the factory with the arguments it names (``options`` and/or ``context``), and check
+        that what it built has what its kind needs (:func:`check_kind`)."""
         available = {"options": options, "context": context}
         try:
             params = inspect.signature(self.factory).parameters
         except (TypeError, ValueError):  # builtins without a signature
-            return self.factory(options)
+            return check_kind(self, self.factory(options))
         if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return self.factory(**available)
+            return check_kind(self, self.factory(**available))
         wanted = {k: v for k, v in available.items() if k in params}
-        return self.factory(**wanted)
+        return check_kind(self, self.factory(**wanted))
 
 
 class RewardSourceType(PluginType):
@@ -370,14 +373,16 @@ class TokenBatch:
 
 
 @runtime_checkable
-class LearnsValues(Protocol):
-    """A normalizer with a learned critic (PPO): it gives every completion token its own advantage.
+class Critic(Protocol):
+    """An advantage estimator with a learned critic (PPO): it gives every completion token its own
+    advantage. It goes in the recipe's ``normalizer`` section in place of an advantage normalizer
+    (a :class:`NormalizerType` whose factory builds a critic), and needs no ``__call__``.
 
     ``reference_kl_coef`` > 0 asks for the reference model's log-probs (``TokenBatch.ref_logp``), for a
     KL penalty folded into the reward. Each step the engine calls ``token_advantages(tokens, rewards,
     objectives, context)`` with this process's rows of the ``(N_local, K)`` rewards and expects
     ``(N_local, Tc)`` advantages; after the policy update it calls ``train_critic(tokens, context)``
-    on the same batch. Every process calls both (collectives are allowed). ``__call__`` is not used."""
+    on the same batch. Every process calls both (collectives are allowed)."""
 
     reference_kl_coef: float
 
@@ -385,6 +390,9 @@ class LearnsValues(Protocol):
                          context: RunContext) -> "torch.Tensor": ...
 
     def train_critic(self, tokens: TokenBatch, context: RunContext) -> None: ...
+
+
+LearnsValues = Critic  # its name in zenalign 0.1
 
 
 @runtime_checkable
@@ -396,10 +404,98 @@ class RefillsGroups(Protocol):
     max_extra_rounds: int
 
 
+@runtime_checkable
+class NamesObjectives(Protocol):
+    """A reward source (or reward function) that scores several objectives names them in
+    ``objectives``, and returns ``{name: scores}`` or an ``(N, K)`` tensor in that order. Without it
+    a source is one objective, named after its recipe entry."""
+
+    objectives: Sequence[str]
+
+
+@runtime_checkable
+class ReadsFields(Protocol):
+    """A reward source that reads prompt-record fields names them in ``reads_fields``: ``validate``
+    and ``run`` then count the training records that lack them (the source abstains there)."""
+
+    reads_fields: Sequence[str]
+
+
+@runtime_checkable
+class SequenceAdvantagesOnly(Protocol):
+    """A policy loss that takes one advantage per completion only (GSPO's sequence ratio) sets
+    ``takes_token_advantages = False``; a critic's per-token advantages are then refused at the
+    start of the run. Without it a loss takes either."""
+
+    takes_token_advantages: bool
+
+
 def enforces_constraints(normalizer: Any) -> bool:
     """Whether ``normalizer`` declares :class:`EnforcesConstraints` and has it switched on."""
     return isinstance(normalizer, EnforcesConstraints) and bool(normalizer.enforces_constraints)
 
 
+def takes_token_advantages(loss: Any) -> bool:
+    """Whether a policy loss accepts ``(N, Tc)`` advantages (see :class:`SequenceAdvantagesOnly`)."""
+    return not isinstance(loss, SequenceAdvantagesOnly) or bool(loss.takes_token_advantages)
+
+
+def objective_names(source: Any) -> list[str]:
+    """The objectives a reward source declares (:class:`NamesObjectives`); empty when it declares none."""
+    return list(source.objectives or ()) if isinstance(source, NamesObjectives) else []
+
+
+def fields_read(source: Any) -> tuple[str, ...]:
+    """The record fields a reward source reads (:class:`ReadsFields`); empty when it does not say."""
+    return tuple(source.reads_fields or ()) if isinstance(source, ReadsFields) else ()
+
+
 CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints, RefillsGroups,
-                LearnsValues)
+                Critic, NamesObjectives, ReadsFields, SequenceAdvantagesOnly)
+
+
+# ----------------------------------------------------------------------------------------------
+# What each kind's objects must have: a built object satisfies one of its kind's protocols.
+
+KIND_PROTOCOLS: dict[type, tuple[type, ...]] = {
+    RewardSourceType: (RewardSource,),
+    NormalizerType: (AdvantageNormalizer, Critic),
+    TaskType: (Task,),
+    PolicyLossType: (PolicyLoss,),
+    RolloutFilterType: (RolloutFilter,),
+}
+_NEEDS = {
+    RewardSource: "score(batch)",
+    AdvantageNormalizer: "__call__(rewards, objectives)",
+    Critic: "token_advantages(tokens, rewards, objectives, context), train_critic(tokens, context) and "
+            "reference_kl_coef",
+    Task: "train_prompts() and eval_prompts()",
+    PolicyLoss: "per_token(logp, old_logp, advantages, ref_logp, mask), token_weights(mask, ...) and "
+                "skips_zero_advantage_rows",
+    RolloutFilter: "__call__(groups, objectives)",
+}
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The methods and attributes a protocol declares (its own and its protocol bases')."""
+    names: list[str] = []
+    for cls in reversed(protocol.__mro__):
+        if cls in (object, Protocol) or not getattr(cls, "_is_protocol", False):
+            continue
+        declared = list(cls.__dict__.get("__annotations__", {}))
+        declared += [n for n, v in cls.__dict__.items() if callable(v) and (not n.startswith("_") or n == "__call__")]
+        names += [n for n in declared if n not in names]
+    return names
+
+
+def check_kind(plugin_type: PluginType, obj: Any) -> Any:
+    """``obj`` if it has what ``plugin_type``'s kind needs, else a one-line :class:`PluginError`
+    naming what is missing (the caller adds the recipe entry)."""
+    protocols = next((p for cls, p in KIND_PROTOCOLS.items() if isinstance(plugin_type, cls)), ())
+    if not protocols or any(isinstance(obj, protocol) for protocol in protocols):
+        return obj
+    missing = {protocol: [n for n in protocol_members(protocol) if not hasattr(obj, n)] for protocol in protocols}
+    closest = min(protocols, key=lambda protocol: len(missing[protocol]))
+    needs = " or ".join(_NEEDS[protocol] for protocol in protocols)
+    raise PluginError(f"type '{plugin_type.name}' built a {type(obj).__name__} without {', '.join(missing[closest])}; "
+                      f"it needs {needs}")

@@ -1,6 +1,6 @@
 """The reference and normalize phases of a step: the reference log-probs (when a KL term needs
 them), then the advantages, one per completion from an advantage normalizer, or one per token
-from a normalizer that learns values (:class:`~zenalign.plugins.LearnsValues`, PPO's critic).
+from a critic (:class:`~zenalign.plugins.Critic`, PPO's).
 
 A token-level normalizer needs pi_old's log-probs before the update (for the KL in its reward):
 they come from a no-gradient pass here and are reused by the update when ``num_iterations`` > 1.
@@ -17,7 +17,7 @@ from zenalign.errors import PluginError
 from zenalign.grpo.advantages import compute_advantages
 from zenalign.grpo.metrics import PhaseTimer
 from zenalign.grpo.rollout import Rollout
-from zenalign.plugins import LearnsValues, Objectives, RunContext, TokenBatch
+from zenalign.plugins import Critic, Objectives, RunContext, TokenBatch
 from zenalign.train.update import PolicyUpdate
 
 
@@ -44,7 +44,7 @@ def step_advantages(normalizer: Any, name: str, updater: PolicyUpdate, rollout: 
         with timer("reference"):
             ref_logp = updater.reference_logprobs(rollout)                           # (N_local, Tc)
     with timer("normalize"):
-        if not isinstance(normalizer, LearnsValues):
+        if not isinstance(normalizer, Critic):
             everything = compute_advantages(normalizer, rewards, objectives, group_size, name)  # (N,)
             local = everything[first : first + len(rollout)]
             return StepAdvantages(local, local, everything, ref_logp)

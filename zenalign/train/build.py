@@ -17,7 +17,8 @@ from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError,
 from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
                                      pick_device, prepare_tokenizer)
 from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
-from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
+from zenalign.plugins import (BuildContext, Critic, Objectives, enforces_constraints, fields_read, get_plugin_manager,
+                              takes_token_advantages)
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
 from zenalign.grpo.scoring import BoundReward, bind_reward
@@ -220,7 +221,7 @@ class Builder:
         """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out);
         one that declares ``takes_token_advantages = False`` is refused with a per-token normalizer."""
         loss = self.plugin("loss", "loss", self.recipe.loss)
-        if isinstance(normalizer, LearnsValues) and getattr(loss, "takes_token_advantages", True) is False:
+        if isinstance(normalizer, Critic) and not takes_token_advantages(loss):
             raise RecipeError(f"{self.loaded.source}: loss ({self.recipe.loss.type}): takes one advantage per completion, "
                               f"but normalizer '{getattr(self.recipe.normalizer, 'type', 'given')}' gives one per token; "
                               f"use a per-token loss such as grpo or cispo")
@@ -254,7 +255,7 @@ class Builder:
                         "about 1 in size) and the policy barely moves from the reference; the GRPO paper uses 0.01",
                         kl_coef, KL_COEF_WARNING)
         for bound in rewards:
-            for name in getattr(bound.source, "reads_fields", ()):
+            for name in fields_read(bound.source):
                 missing = sum(record.get(name) is None for record in train)
                 if missing:
                     log.warning("%s reads the field '%s', which %d of %d training prompts lack (or hold null): it "

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from zenalign.errors import ModelLoadError, NonFiniteError, one_line
 from zenalign.models.lora import is_adapted
-from zenalign.plugins import StatefulDirectory
+from zenalign.plugins import Stateful, StatefulDirectory
 from zenalign.train.distributed import Dist
 from zenalign.train.state import TrainState
 
@@ -305,7 +305,7 @@ def save_plugin_state(obj: Any, directory: Path) -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         obj.save_state(directory)
         return True
-    if callable(getattr(obj, "state_dict", None)):
+    if isinstance(obj, Stateful):
         state = obj.state_dict()
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
         plain = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,9 +25,10 @@ from typing import Any
 import torch
 
 from zenalign.models.attention import float32_attention_on_cpu
+from zenalign.models.loading import load_tensors_only, unpickling_reason
 from zenalign.models.lora import forward_module
 from zenalign.train.distributed import Dist, prepare_deepspeed_env
-from zenalign.errors import ModelLoadError, NonFiniteError, RecipeError, one_line
+from zenalign.errors import ModelLoadError, NonFiniteError, RecipeError
 
 log = logging.getLogger("zenalign")
 
@@ -197,27 +197,6 @@ def refuse_pickled_code(directory: Path, what: str = "--resume") -> None:
             raise ModelLoadError(f"{what}: '{path}' holds more than tensors and DeepSpeed's own state "
                                  f"({unpickling_reason(exc)}); it was not loaded, because loading it could run "
                                  f"code. zenalign and DeepSpeed never write such a file") from None
-
-
-def load_tensors_only(path: Path, device: Any) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers, never pickled code. A file
-    that holds anything else is a one-line error naming it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"--resume: '{path}' could not be read as plain tensors ({unpickling_reason(exc)}); "
-                             f"zenalign never unpickles code, so this file was not written by zenalign or is "
-                             f"damaged") from None
-
-
-def unpickling_reason(exc: BaseException) -> str:
-    """What torch's weights-only unpickler refused, without its advice to load the file with
-    ``weights_only=False`` (which would run the code) or its terminal colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc))
-    found = re.search(r"Unsupported (global|operand)[^.]*", text)
-    return f"{type(exc).__name__}: {found.group(0) if found else text[:160]}"
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from zenalign.grpo.rollout import Rollout
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
 from zenalign.models.lora import is_adapted, require_peft
-from zenalign.plugins import BuildContext, LearnsValues, Objectives, ReportsMetrics, get_plugin_manager
+from zenalign.plugins import BuildContext, Critic, Objectives, ReportsMetrics, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
@@ -256,7 +256,7 @@ class GRPOTrainer:
         self.scorer = Scorer(rewards, on_stuck=self.run_dir.unlock)
         self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
-        critic_kl = self.normalizer.reference_kl_coef if isinstance(self.normalizer, LearnsValues) else 0.0
+        critic_kl = self.normalizer.reference_kl_coef if isinstance(self.normalizer, Critic) else 0.0
         wants_kl = r.grpo.kl_coef > 0 or critic_kl > 0  # PPO's critic puts a KL term in its reward
         reference = builder.reference(policy, wants_kl)
         builder.warn_unenforced_constraints(self.objectives, self.normalizer)

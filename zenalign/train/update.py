@@ -20,7 +20,7 @@ import torch
 from zenalign.errors import NonFiniteError, PluginError, RecipeError
 from zenalign.grpo.importance import importance_weights
 from zenalign.grpo.logprobs import completion_logprobs, update_pass_kind
-from zenalign.grpo.loss import GRPOLoss, high_entropy_tokens
+from zenalign.plugins.losses import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
 from zenalign.models.lora import adapters_off, forward_module, is_adapted

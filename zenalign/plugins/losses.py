@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from zenalign.plugins import TokenLoss
+from zenalign.plugins.api import TokenLoss
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
