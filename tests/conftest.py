@@ -176,6 +176,38 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     )
 
 
+def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`zenalign ARGS` by calling the CLI's ``main`` in this process: the exit code, stdout and
+    stderr that :func:`run_cli` gives, without starting Python, torch and transformers again. For
+    commands that end before a run trains (``validate``, a refused ``run``); zenalign's logger and
+    the working directory are restored afterwards. A traceback here is an exception in the test."""
+    import contextlib
+    import io
+    import logging
+
+    from zenalign.commands.cli import main
+    from zenalign.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    before = set(pm.get_plugins())  # a recipe's plugins: are registered on it; unregistered afterwards
+    logger = logging.getLogger("zenalign")
+    saved = (list(logger.handlers), logger.level, logger.propagate, os.getcwd())
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+        os.chdir(saved[3])
+        for plugin in set(pm.get_plugins()) - before:
+            pm.unregister(plugin)
+    return subprocess.CompletedProcess(["zenalign", *args], code, out.getvalue(), err.getvalue())
+
+
 def saved_bytes(fn):
     """The bytes of the tensors (other than parameters) autograd keeps for backward while ``fn``
     runs, and its result."""

@@ -20,7 +20,7 @@ from typing import Any, Union
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 
 ERROR_PREFIX = "zenalign: error:"
 
@@ -542,8 +542,11 @@ def error_line(proc, during_run: bool) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Cases refused before a run starts call the CLI's main() in this process (the same exit code
+    and output, without a new Python); those refused during a run, and sweeps, are real processes."""
     recipe_path = write_case(case, tmp_path, tiny_model_dir)
-    proc = run_cli(case.command, str(recipe_path), *case.overrides, cwd=tmp_path)
+    runner = run_cli if case.during_run or case.command == "sweep" else cli_in_process
+    proc = runner(case.command, str(recipe_path), *case.overrides, cwd=tmp_path)
     message = error_line(proc, case.during_run)
     for text in case.expect:
         assert text in message, f"{text!r} not in the error line:\n{message}"

@@ -201,13 +201,22 @@ def cmd_schema(args) -> int:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """The CLI's own handler, known by its class so that it is added once."""
+    """The CLI's own handler, known by its class so that it is added once. It writes to whatever
+    ``sys.stderr`` is when a message comes, so a caller that redirects stderr gets the messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def configure_logging() -> None:
     """zenalign's messages go to stderr, once (the progress bar redirects them around itself)."""
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
