@@ -1,4 +1,7 @@
-"""Checkpoints and exact resume (torch backend, CPU), in real subprocesses killed with SIGKILL."""
+"""Checkpoints and exact resume (torch backend, CPU), in real subprocesses killed with SIGKILL.
+
+A resume that is refused before any step runs calls the CLI in this process (``cli_in_process``:
+the same exit code and output, without a new Python); every run that trains is a real process."""
 
 import json
 import shutil
@@ -13,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, REPO, run_cli
+from conftest import RECIPES, REPO, cli_in_process, run_cli
 from zenalign.train import checkpoint as ckpt
 
 COMMON = ["run.steps=10", "run.checkpoint_interval=2", "run.eval_interval=4", "data.eval_size=16",
@@ -316,7 +319,7 @@ def copy_run(uninterrupted: Path, tmp_path: Path) -> Path:
 
 
 def test_resume_from_a_missing_path(tmp_path):
-    message = error_of(run_cli("run", QUICKSTART, f"run.output_dir={tmp_path / 'run'}", "--resume", str(tmp_path / "nope")))
+    message = error_of(cli_in_process("run", QUICKSTART, f"run.output_dir={tmp_path / 'run'}", "--resume", str(tmp_path / "nope")))
     assert "--resume" in message and "does not exist" in message and "auto" in message
 
 
@@ -327,7 +330,7 @@ def test_resume_from_a_corrupt_checkpoint_changes_nothing(tmp_path, uninterrupte
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     before = snapshot(out)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
     assert "step-00000010' is corrupt: policy/model.safetensors does not match its manifest" in message
     assert snapshot(out) == before
 
@@ -335,7 +338,7 @@ def test_resume_from_a_corrupt_checkpoint_changes_nothing(tmp_path, uninterrupte
 def test_resume_from_an_incomplete_checkpoint(tmp_path, uninterrupted):
     out = copy_run(uninterrupted, tmp_path)
     (out / "checkpoints" / "step-00000010" / "MANIFEST.json").unlink()
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume",
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume",
                                str(out / "checkpoints" / "step-00000010")))
     assert "incomplete checkpoint" in message
 
@@ -350,7 +353,7 @@ def test_resume_from_an_incomplete_checkpoint(tmp_path, uninterrupted):
 def test_resume_with_a_different_recipe_is_refused(tmp_path, uninterrupted, override, expected):
     out = copy_run(uninterrupted, tmp_path)
     before = snapshot(out)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, override, f"run.output_dir={out}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, override, f"run.output_dir={out}", "--resume", "auto"))
     assert expected in message and "start a new run" in message
     assert snapshot(out) == before
 
@@ -358,7 +361,7 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path, uninterrupted, over
 def test_resume_with_a_different_model_is_refused(tmp_path, uninterrupted, tiny_model_dir):
     out = copy_run(uninterrupted, tmp_path)
     before = snapshot(out)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"model.path={tiny_model_dir}", "model.reference_path=null",
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, f"model.path={tiny_model_dir}", "model.reference_path=null",
                                f"run.output_dir={out}", "--resume", "auto"))
     assert "the model (config.json)" in message
     assert snapshot(out) == before
@@ -391,7 +394,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path, uninterrupted):
     out = copy_run(uninterrupted, tmp_path)
     write_lock(out, os.getpid())
     before = snapshot(out)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
     assert f"is in use by process {os.getpid()}" in message and "remove" in message and "run.lock" in message
     assert snapshot(out) == before
 
@@ -444,7 +447,7 @@ def test_resume_auto_never_overwrites_a_finished_run_without_checkpoints(tmp_pat
     out = copy_run(uninterrupted, tmp_path)
     shutil.rmtree(out / "checkpoints")
     before = snapshot(out)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto"))
     assert "already holds a run" in message and snapshot(out) == before
 
 
@@ -536,7 +539,7 @@ def test_a_manifest_must_list_exactly_the_checkpoints_files(tmp_path, uninterrup
 def test_a_file_the_manifest_does_not_list_is_refused(tmp_path, uninterrupted):
     out = copy_run(uninterrupted, tmp_path)
     (out / LATEST / "engine" / "extra.pt").write_bytes(b"planted")
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
     assert "holds engine/extra.pt, which its MANIFEST.json does not list" in message
 
 
@@ -558,7 +561,7 @@ def test_symbolic_links_in_or_as_a_checkpoint_are_refused(tmp_path, uninterrupte
     shutil.move(linked / LATEST, real)
     (linked / LATEST).symlink_to(real, target_is_directory=True)
     before = snapshot(linked)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={linked}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={linked}", "--resume", "auto"))
     assert f"checkpoint '{linked / LATEST}' is a symbolic link" in message and "already holds" not in message
     assert snapshot(linked) == before
 
@@ -568,7 +571,7 @@ def test_resuming_a_finished_run_writes_nothing(tmp_path, uninterrupted):
     verified) and final/."""
     out = copy_run(uninterrupted, tmp_path)
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()}
-    done = run_cli("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
+    done = cli_in_process("run", QUICKSTART, *COMMON, f"run.output_dir={out}", "--resume", "auto")
     assert done.returncode == 0, done.stderr
     assert "the run finished at step 10 already" in done.stderr and "eval accuracy:" in done.stdout
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()} == before
@@ -594,7 +597,7 @@ def test_malformed_rng_or_sampler_state_is_one_line(tmp_path, uninterrupted, dam
     damage(out / LATEST)
     resign(out / LATEST)
     before = snapshot(out)
-    message = error_of(run_cli("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
+    message = error_of(cli_in_process("run", QUICKSTART, *COMMON, "run.steps=12", f"run.output_dir={out}", "--resume", "auto"))
     assert expected in message
     assert snapshot(out) == before
 
