@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
+from conftest import RECIPES, REPO, build_tiny_llama, byte_tokenizer, cli_in_process, run_cli
 from test_checkpoint import kill_after, read, start, without_timing
 from zenalign import GRPOTrainer
 from zenalign.errors import RecipeError
@@ -158,7 +158,7 @@ def test_export_writes_the_adapter_or_a_merged_model_and_both_load(tmp_path):
         a, m, b = (model(input_ids=ids).logits for model in (adapted.eval(), merged.eval(), base.eval()))
     assert torch.allclose(a, m, atol=1e-4) and (a - b).abs().max() > 1e-3
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
-    refused = run_cli("export", str(RECIPES.parent / "nowhere"), str(tmp_path / "x"), "--merge")
+    refused = cli_in_process("export", str(RECIPES.parent / "nowhere"), str(tmp_path / "x"), "--merge")
     assert refused.returncode == 2
 
 
@@ -193,7 +193,7 @@ def test_lora_learns_the_quickstart_task(tmp_path):
 
 
 def test_r_of_zero_is_a_one_line_error():
-    done = run_cli("validate", QUICKSTART, "model.lora={r: 0}")
+    done = cli_in_process("validate", QUICKSTART, "model.lora={r: 0}")
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert "model.lora.r: must be >= 1 (got 0)" in done.stderr
 
@@ -211,7 +211,7 @@ def test_lora_without_peft_names_the_install_command(tmp_path):
 
 
 def test_target_modules_naming_nothing_is_a_one_line_error_at_run(tmp_path):
-    done = run_cli("run", QUICKSTART, "model.lora={target_modules: [qkv]}", "run.steps=1",
+    done = cli_in_process("run", QUICKSTART, "model.lora={target_modules: [qkv]}", "run.steps=1",
                    f"run.output_dir={tmp_path / 'run'}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "model.lora.target_modules: qkv names no linear module of the model; its linear modules:" in done.stderr
@@ -223,9 +223,9 @@ def test_resuming_across_lora_and_full_checkpoints_is_refused(tmp_path):
     base = ["run.steps=2", "run.checkpoint_interval=0", "run.eval_interval=0", "data.eval_size=8", "-q"]
     assert run_cli("run", QUICKSTART, *base, f"run.output_dir={full}").returncode == 0
     assert run_cli("run", QUICKSTART, *base, *LORA, f"run.output_dir={lora}").returncode == 0
-    into_lora = run_cli("run", QUICKSTART, *base, "run.steps=3", f"run.output_dir={lora}", "--resume", "auto")
+    into_lora = cli_in_process("run", QUICKSTART, *base, "run.steps=3", f"run.output_dir={lora}", "--resume", "auto")
     assert into_lora.returncode == 2 and "holds LoRA adapters (its run set model.lora)" in into_lora.stderr
-    into_full = run_cli("run", QUICKSTART, *base, *LORA, "run.steps=3", f"run.output_dir={full}", "--resume", "auto")
+    into_full = cli_in_process("run", QUICKSTART, *base, *LORA, "run.steps=3", f"run.output_dir={full}", "--resume", "auto")
     assert into_full.returncode == 2 and "holds a full model (its run had no model.lora)" in into_full.stderr
     for done in (into_lora, into_full):
         assert done.stderr.strip().count("\n") == 0
