@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECIPES, REPO, byte_tokenizer, run_cli
+from conftest import RECIPES, REPO, byte_tokenizer, cli_in_process, run_cli
 from zenalign.errors import DataError, ModelLoadError, RecipeError
 from zenalign.plugins import BuildContext, ScoreBatch
 from zenalign.plugins import collect_registry
@@ -300,7 +300,7 @@ model: {{path: {tiny_model_dir}}}
 data: {{type: inline, prompts: ["a"]}}
 rewards: [{{type: learned_rm, path: {rm}, labels: [helpful]}}]
 """)
-    message = one_error_line(run_cli("validate", str(recipe), cwd=tmp_path))
+    message = one_error_line(cli_in_process("validate", str(recipe), cwd=tmp_path))
     assert "rewards[0] (learned_rm)" in message and "has 2 output label(s)" in message and "1 objective name(s)" in message
 
 
@@ -308,8 +308,8 @@ def test_cli_train_rm_preference_file_missing_field(tmp_path, tiny_model_dir):
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "rejected": "b"}\n')
     recipe = tmp_path / "rm.yaml"
     recipe.write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{path: pairs.jsonl, eval_size: 0}}\noutput_dir: {tmp_path / 'rm'}\n")
-    message = one_error_line(run_cli("train-rm", str(recipe), cwd=tmp_path))
+    message = one_error_line(cli_in_process("train-rm", str(recipe), cwd=tmp_path))
     assert "pairs.jsonl:2: missing field(s) chosen" in message
     assert not (tmp_path / "rm").exists()
     recipe.write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{path: pairs.jsonl}}\ntrain: {{epoch: 2}}\n")
-    assert "train.epoch: unknown field; accepted here: epochs" in one_error_line(run_cli("train-rm", str(recipe), cwd=tmp_path))
+    assert "train.epoch: unknown field; accepted here: epochs" in one_error_line(cli_in_process("train-rm", str(recipe), cwd=tmp_path))

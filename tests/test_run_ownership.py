@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RECIPES, run_cli
+from conftest import RECIPES, cli_in_process, run_cli
 from zenalign.errors import RecipeError
 from zenalign.recipe.loader import load_recipe
 from zenalign.train.rundir import MARKER, RunDir
@@ -38,7 +38,7 @@ def test_resume_auto_refuses_a_directory_zenalign_did_not_write(tmp_path):
     out = planted(tmp_path / "x")
     before = tree(out)
     for extra in ([], ["run.overwrite=true"]):
-        done = run_cli("run", QUICKSTART, *ONE_STEP, f"run.output_dir={out}", "--resume", "auto", *extra)
+        done = cli_in_process("run", QUICKSTART, *ONE_STEP, f"run.output_dir={out}", "--resume", "auto", *extra)
         assert done.returncode == 2, done.stderr
         message = done.stderr.strip().splitlines()[-1]
         assert message.startswith("zenalign: error: run.output_dir: ") and str(out) in message
@@ -71,7 +71,7 @@ def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
         (out / name).write_text(text)
     assert (out / "checkpoints" / "step-00000001").is_dir()
 
-    done = run_cli("run", QUICKSTART, *ONE_STEP, f"run.output_dir={out}")  # without overwrite: refused
+    done = cli_in_process("run", QUICKSTART, *ONE_STEP, f"run.output_dir={out}")  # without overwrite: refused
     assert done.returncode == 2 and "already holds a run" in done.stderr
 
     RunDir(out).prepare(overwrite=True)
@@ -111,5 +111,5 @@ def test_output_dirs_that_cannot_hold_a_run_are_refused_at_validate(tmp_path, va
         Path(value).write_text("x")
     with pytest.raises(RecipeError, match=expected):
         load_recipe(Path(QUICKSTART), [f"run.output_dir={value}"])
-    done = run_cli("validate", QUICKSTART, f"run.output_dir={value}")
+    done = cli_in_process("validate", QUICKSTART, f"run.output_dir={value}")
     assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
