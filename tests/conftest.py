@@ -77,6 +77,22 @@ def byte_tokenizer():
     return prepare_tokenizer(ByT5Tokenizer())
 
 
+# ---------------------------------------------------------------------------------------------- devices
+
+# The devices a device test runs on: the CPU always, CUDA under the gpu marker (skipped without one).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped, with one line, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.py runs pytest -m gpu on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # ---------------------------------------------------------------------------------------------- rollouts
 
 def sample_groups(model, group_size: int = 4, max_new_tokens: int = 10, seed: int = 0, step: int = 1,
@@ -121,16 +137,16 @@ def rollout(model):
 def logprobs_and_grads(model, rollout, rows, *, share: bool = True, lean: bool = False, temperature: float = 0.7,
                        autocast: bool = False):
     """Completion log-probs of ``rollout[rows]`` (``share``: each group's prompt run once; ``lean``:
-    the lean forward; ``autocast``: under CPU bf16 autocast), masked, and every parameter's
-    gradient of a loss that weighs each token differently (so any misplaced log-prob shows)."""
+    the lean forward; ``autocast``: under bf16 autocast on the rollout's device), masked, and every
+    parameter's gradient of a loss that weighs each token differently (so any misplaced log-prob shows)."""
     from zenalign.grpo.logprobs import completion_logprobs
 
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(rollout.sequences.device.type, dtype=torch.bfloat16, enabled=autocast):
         logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
                                    temperature, share_prompts=share, lean=lean)
     mask = rollout.completion_mask[rows]
-    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask
+    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape).to(mask.device) * mask
     (logp * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
