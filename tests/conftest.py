@@ -6,6 +6,7 @@ the fixtures (``tiny_model_dir``, ``rollout``, ``register_plugin``) arrive by na
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -205,3 +206,23 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(sizes.values()), out
+
+
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square quantile at the normal quantile z (3.29: one in 2,000), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_draws_follow(draws: torch.Tensor, probs: torch.Tensor) -> None:
+    """Pearson's chi-square of the draws' counts against ``probs`` (cells expecting under 5 draws
+    pooled into one), below the one-in-2,000 critical value."""
+    counts = torch.bincount(draws.cpu(), minlength=len(probs)).double()
+    probs = probs.cpu()
+    expected = probs.double() * len(draws)
+    assert counts[probs == 0].sum() == 0, "a token of probability 0 was drawn"
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    wanted = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = wanted > 0
+    statistic = float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum())
+    assert statistic < chi_square_critical(int(keep.sum()) - 1), statistic
