@@ -112,8 +112,9 @@ sys.exit(1 if any(v.startswith("missing") for k, v in found.items() if k not in 
 # ---------------------------------------------------------------------------------------------- runs
 
 def cli_run(recipe: str, out: Path, device: str, *overrides: str) -> list[str]:
+    """``zenalign run`` on the device, writing no checkpoint (a run's final policy only)."""
     return python() + ["-m", "zenalign", "run", recipe, f"run.output_dir={out}", f"engine.device={device}",
-                       "run.overwrite=true", "-q", *overrides]
+                       "run.overwrite=true", "run.checkpoint_interval=0", "-q", *overrides]
 
 
 def quickstart_commands(device: str, dry: bool, scratch: Path) -> list[list[str]]:
