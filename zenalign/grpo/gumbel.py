@@ -161,7 +161,7 @@ class GumbelSampler:
             self._tokens = token_hashes(vocab + 2, device)  # ids V and V + 1: the tail's two draws
         if self._rows is None or self._rows.device != device or position >= self._rows.shape[1]:
             end = (position // ROW_BLOCK + 1) * ROW_BLOCK
-            self._rows = row_hashes(self.keys.to(device), 0, end)  # callers hand over keys on the device already
+            self._rows = row_hashes(self.keys.to(device), 0, end)  # generate_groups moves the keys before decoding
         return scores, self._rows[:, position : position + 1]                           # (N, 1)
 
 
