@@ -98,8 +98,7 @@ def build_llama_135m(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 49
     word-level fast tokenizer (whitespace/punctuation pre-tokenizer, built in-process from
     :func:`word_vocabulary`, so nothing is downloaded), saved into ``out_dir``; returns its
     parameter count. ``words`` go into the vocabulary first (the benchmark's prompt words)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=None, **SMOL_135M)
@@ -107,12 +106,21 @@ def build_llama_135m(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 49
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    word_tokenizer(vocab_size, words).save_pretrained(out)
+    return count_parameters(model)
+
+
+def word_tokenizer(vocab_size: int, words=()):
+    """A left-padding word-level fast tokenizer over :func:`word_vocabulary` (whitespace and
+    punctuation pre-tokenizer; ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), built in-process."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer(models.WordLevel(word_vocabulary(vocab_size, words), unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out)
-    return count_parameters(model)
+    return tokenizer
 
 
 def build_size(name: str, out_dir: str | Path, seed: int = 0, words=()) -> int:

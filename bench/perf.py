@@ -6,6 +6,7 @@
     python bench/perf.py --sizes "" --learning-seeds 16        # learning per sample only
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning [--precision bf16]   # a realistic shape
     python bench/perf.py --sizes "" --no-learning --memory-probe   # the update's peak RSS at V = 151,936
+    python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning --precision bf16 --device cuda   # on a GPU
 
 Both frameworks load the same saved model, get the same prompts ("reverse WORD:"), the same reward,
 up to the size's new tokens at temperature 1, beta = 0 (no reference model), one optimizer step
@@ -30,6 +31,9 @@ starts the peak RSS it reports again after it (VmHWM, reset through /proc/self/c
 Printed: completions/s and s/step (median over the timed steps, after warm-up steps), zenalign's
 per-phase times, peak RSS, model-FLOP utilisation (the useful FLOPs of a step, counted the same way
 for both, over the fp32 matmul peak measured by the same process), and the zenalign/TRL ratios.
+``--device cuda`` runs both frameworks on the GPU (TRL without ``use_cpu``), adds each one's peak
+GPU memory (``torch.cuda.max_memory_allocated``; zenalign's from after its gate) and measures the
+matmul peak on the GPU, at 8192^3 (a 1024^3 product does not fill it).
 ``--learning`` (on by default) then trains the quickstart task with both frameworks and the same
 hyperparameters and compares reward against completions seen.
 """
@@ -102,27 +106,46 @@ def quickstart_records(n: int) -> tuple[list[dict], list[dict]]:
 # --------------------------------------------------------------------------------------------- measure
 
 
-def matmul_peak(dtype_name: str = "float32", n: int = 1024, repeats: int = 8) -> float:
-    """Best observed GFLOP/s of an n x n x n matmul with this process's torch threads."""
+def matmul_peak(dtype_name: str = "float32", n: int = 1024, repeats: int = 8, device: str = "cpu") -> float:
+    """Best observed GFLOP/s of an n x n x n matmul with this process's torch threads (on a GPU:
+    each product timed to its end)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
 
-def matmul_peaks(before: dict | None = None) -> dict:
+def matmul_peaks(before: dict | None = None, device: str = "cpu") -> dict:
     """fp32 and bf16 peaks; called before and after a run's steps, the higher reading is kept
-    (a shared machine's momentary slowdowns otherwise show up as MFU swings)."""
-    now = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
+    (a shared machine's momentary slowdowns otherwise show up as MFU swings). On a GPU at 8192^3."""
+    n = 8192 if device == "cuda" else 1024
+    now = {name: matmul_peak(name, n, device=device) for name in ("float32", "bfloat16")}
     return {k: max(v, (before or {}).get(k, 0.0)) for k, v in now.items()}
+
+
+def peak_gpu_mb(reset: bool = False) -> float | None:
+    """The GPU memory torch has held at most since the process started or the last ``reset``
+    (``torch.cuda.max_memory_allocated``), or None without a GPU in use."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def model_shape(model_dir: Path) -> dict:
@@ -181,7 +204,8 @@ def warmup_count(steps: int) -> int:
 
 
 def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, learning_rate: float, kl_coef: float,
-                     max_new_tokens: int, seed: int = 0, eval_interval: int = 0, size: str | None = None):
+                     max_new_tokens: int, seed: int = 0, eval_interval: int = 0, size: str | None = None,
+                     device: str = "cpu"):
     from zenalign import GRPOTrainer
 
     prompts, group, _ = work_of(size)
@@ -190,7 +214,7 @@ def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, 
         max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, clip_epsilon=0.2, kl_coef=kl_coef,
         loss_aggregation="grpo", num_iterations=1, learning_rate=learning_rate, max_grad_norm=1.0,
         precision=precision, steps=steps, seed=seed, output_dir=str(out), overwrite=True, eval_interval=eval_interval,
-        log_samples=0, checkpoint_interval=0, progress_bar=False,
+        log_samples=0, checkpoint_interval=0, progress_bar=False, device=device,
         # A random model earns no reward here, so every advantage is 0 and, at beta = 0, zenalign's
         # default would leave every completion but one per micro-batch out of the update. TRL runs
         # them all; so does this benchmark, to time the same work.
@@ -203,19 +227,20 @@ def worker_zenalign(args) -> dict:
 
     from reference_loss import check_loss
 
-    peak = matmul_peaks()
+    peak = matmul_peaks(device=args.device)
     prompts = reverse_prompts(256, args.seed)
     per_step, _, max_new_tokens = work_of(args.size)
     with tempfile.TemporaryDirectory(prefix="zenalign-bench-") as tmp:
         trainer = zenalign_trainer(Path(args.model_dir), Path(tmp) / "run", steps=args.steps, precision=args.precision,
                                    learning_rate=1e-6, kl_coef=0.0, max_new_tokens=max_new_tokens, seed=args.seed,
-                                   size=args.size)
+                                   size=args.size, device=args.device)
         trainer.setup(prompts, prompts[:8])
-        check = check_loss(trainer, prompts[:per_step])  # raises before any timing if it disagrees
+        check = check_loss(trainer, prompts[:args.gate_prompts or per_step])  # raises before any timing if it disagrees
         # The gate's own passes (two full-batch gradients beside a per-sequence reference) are the
         # benchmark's, not training's: the reported peak is that of the steps. TRL runs no gate.
         check["peak_rss_mb"] = peak_rss_mb()
         check["peak_reset"] = reset_peak_rss()
+        check["peak_gpu_mb"] = peak_gpu_mb(reset=True)
         walls, phases, lengths, rewards = [], [], [], []
         for _ in range(args.steps):
             trainer.state.step += 1
@@ -226,7 +251,7 @@ def worker_zenalign(args) -> dict:
             lengths.append(metrics["completion_len"])
             rewards.append(metrics["reward_mean"])
         prompt_len = statistics.fmean(len(trainer.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
-        rss = peak_rss_mb()  # before sampling_token's 1 GiB bandwidth probe
+        rss, gpu = peak_rss_mb(), peak_gpu_mb()  # before sampling_token's 1 GiB bandwidth probe
         token = sampling_token(trainer, completions_per_step(args.size), args.precision)
         trainer.cleanup()
     skip = warmup_count(args.steps)
@@ -236,7 +261,8 @@ def worker_zenalign(args) -> dict:
         "seconds_per_step": statistics.median(walls[skip:]), "per_step_seconds": walls, "warmup_steps_skipped": skip,
         "phases": {name: statistics.median(p.get(name, 0.0) for p in timed) for name in timed[0]},
         "completion_len": statistics.fmean(lengths[skip:]), "prompt_len": prompt_len,
-        "reward_mean_per_step": rewards, "peak_rss_mb": rss, "matmul_peak_gflops": matmul_peaks(peak),
+        "reward_mean_per_step": rewards, "peak_rss_mb": rss, "peak_gpu_mb": gpu, "device": args.device,
+        "matmul_peak_gflops": matmul_peaks(peak, args.device),
         "loss_check": check, "sampling_token": token,
     }
 
@@ -255,15 +281,17 @@ def sampling_token(trainer, rows: int, precision: str) -> dict:
     params = sum(p.numel() for p in model.parameters())
     bf16 = precision == "bf16"  # sampling casts the weights to bf16 once per decode under autocast
     head = model.get_output_embeddings().weight
+    device = head.device
     with torch.inference_mode():
-        logits = torch.randn(rows, head.shape[1]) @ head.float().T
-        sampler = GumbelSampler(completion_keys(0, 1, 0, rows), 16, 1.0)
-        ids = torch.zeros(rows, 24, dtype=torch.long)
-        sampler_s = timed(lambda: sampler(ids, logits).argmax(-1), 10)
+        logits = torch.randn(rows, head.shape[1], device=device) @ head.float().T
+        sampler = GumbelSampler(completion_keys(0, 1, 0, rows, device), 16, 1.0)
+        ids = torch.zeros(rows, 24, dtype=torch.long, device=device)
+        sampler_s = timed(lambda: sampler(ids, logits).argmax(-1), 10, device.type)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    peak = 2 * 1024 ** 3 / timed(lambda: a @ b, 8)
-    bandwidth = bandwidth_gb_s() * 1e9
+    side = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(side, side, dtype=dtype, device=device), torch.randn(side, side, dtype=dtype, device=device)
+    peak = 2 * side ** 3 / timed(lambda: a @ b, 8, device.type)
+    bandwidth = bandwidth_gb_s(device.type) * 1e9
     weight_bytes = params * (2 if bf16 else 4)
     return {"sampler_s": sampler_s, "bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": weight_bytes,
             "bandwidth_floor_s": weight_bytes / bandwidth, "compute_floor_s": 2 * params * rows / peak}
@@ -272,21 +300,22 @@ def sampling_token(trainer, rows: int, precision: str) -> dict:
 def worker_trl(args) -> dict:
     import trl_runner  # sets the offline environment first
 
-    peak = matmul_peaks()
+    peak = matmul_peaks(device=args.device)
     prompts = reverse_prompts(256, args.seed)
     per_step, group, max_new_tokens = work_of(args.size)
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
         result = trl_runner.run_trl(args.model_dir, prompts, reward_of(args.size), steps=args.steps,
                                     max_new_tokens=max_new_tokens, prompts_per_step=per_step, group_size=group,
                                     learning_rate=1e-6, beta=0.0, seed=args.seed, output_dir=tmp,
-                                    bf16=args.precision == "bf16")
+                                    bf16=args.precision == "bf16", use_cpu=args.device == "cpu")
     result["peak_rss_mb"] = peak_rss_mb()  # read the same way as zenalign's (its child has no gate to leave out)
+    result["peak_gpu_mb"], result["device"] = peak_gpu_mb(), args.device
     result["peak_rss_note"] = "VmHWM of the whole process (model load, dataset, the steps)"
     tokenizer = trl_runner._load_tokenizer(args.model_dir, add_special_tokens=False)
     result["prompt_len"] = statistics.fmean(len(tokenizer(p["prompt"])["input_ids"]) for p in prompts)
     lengths = [x for x in result["completion_mean_length_per_step"][result["warmup_steps_skipped"]:] if x is not None]
     result["completion_len"] = statistics.fmean(lengths) if lengths else float(max_new_tokens)
-    result["matmul_peak_gflops"] = matmul_peaks(peak)
+    result["matmul_peak_gflops"] = matmul_peaks(peak, args.device)
     return result
 
 
@@ -424,11 +453,12 @@ def memory_probe(tmp: Path, args) -> tuple[dict, list[str]]:
 
 
 def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str, seed: int, threads: int,
-              size: str | None = None, setting: str | None = None) -> dict:
+              size: str | None = None, setting: str | None = None, device: str = "cpu", gate_prompts: int = 0) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--steps", str(steps),
-               "--precision", precision, "--seed", str(seed), "--json", str(out)]
+               "--precision", precision, "--seed", str(seed), "--json", str(out), "--device", device,
+               "--gate-prompts", str(gate_prompts)]
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
     if size is not None:
@@ -465,17 +495,21 @@ def median_round(rounds: list[dict]) -> dict:
 
 
 def report(results: dict, shapes: dict, params: dict, precision: str) -> list[str]:
-    lines = [f"| model | framework | s/step | completions/s | MFU ({precision} peak) | peak RSS MB | zenalign/TRL |", "|---|---|---|---|---|---|---|"]
+    gpu = any(r.get("peak_gpu_mb") is not None for pair in results.values() for r in pair.values())
+    lines = [f"| model | framework | s/step | completions/s | MFU ({precision} peak) | peak RSS MB |"
+             + (" peak GPU MB |" if gpu else "") + " zenalign/TRL |", "|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|"]
     for size, pair in results.items():
         z, t = pair.get("zenalign"), pair.get("trl")
         for name, r in (("TRL", t), ("zenalign", z)):
             if r is None:
                 continue
             cps = completions_per_step(size) / r["seconds_per_step"]
-            ratio = (f"**{t['seconds_per_step'] / z['seconds_per_step']:.2f}x** (RSS {z['peak_rss_mb'] / t['peak_rss_mb']:.2f}x)"
-                     if name == "zenalign" and t else "")
+            memory = (f"GPU memory {z['peak_gpu_mb'] / t['peak_gpu_mb']:.2f}x" if gpu and t and t.get("peak_gpu_mb")
+                      else f"RSS {z['peak_rss_mb'] / t['peak_rss_mb']:.2f}x" if t else "")
+            ratio = f"**{t['seconds_per_step'] / z['seconds_per_step']:.2f}x** ({memory})" if name == "zenalign" and t else ""
+            gpu_cell = f" {r['peak_gpu_mb']:.0f} |" if gpu and r.get("peak_gpu_mb") is not None else " - |" if gpu else ""
             lines.append(f"| {size} ({params[size] / 1e6:.2f}M) | {name} | {r['seconds_per_step']:.3f} | {cps:.2f} | "
-                         f"{100 * mfu(r, shapes[size], precision, size):.1f}% | {r['peak_rss_mb']:.0f} | {ratio} |")
+                         f"{100 * mfu(r, shapes[size], precision, size):.1f}% | {r['peak_rss_mb']:.0f} |{gpu_cell} {ratio} |")
     for size, pair in results.items():
         ratios = pair.get("zenalign", {}).get("round_ratios", [])
         if len(ratios) > 1:
@@ -548,6 +582,10 @@ def main() -> int:
     parser.add_argument("--learning-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both frameworks run (the learning comparison stays on the CPU)")
+    parser.add_argument("--gate-prompts", type=int, default=0,
+                        help="prompts (of a group each) the loss and gradient gate checks; 0: a whole step's")
     parser.add_argument("--out", type=Path, help="also write all results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -577,7 +615,7 @@ def main() -> int:
             sys.exit('bench/perf.py: TRL is not installed; pip install -e ".[bench]" (or --frameworks zenalign)')
         trl_version = "-"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, "
-          f"{args.threads} threads, precision {args.precision} (both frameworks)", flush=True)
+          f"{args.threads} threads, precision {args.precision} (both frameworks), device {args.device}", flush=True)
     results, shapes, params, everything = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for size in [s for s in args.sizes.split(",") if s]:  # --sizes "": learning per sample only
@@ -587,10 +625,16 @@ def main() -> int:
             shapes[size] = model_shape(model_dir)
             print(f"{size}: {params[size]:,} parameters", flush=True)
             rounds = [{fw: run_child(fw, model_dir=model_dir, steps=args.steps, precision=args.precision, seed=args.seed,
-                                     threads=args.threads, size=size) for fw in args.frameworks.split(",")}
+                                     threads=args.threads, size=size, device=args.device, gate_prompts=args.gate_prompts)
+                       for fw in args.frameworks.split(",")}
                       for _ in range(args.repeats)]
             results[size] = median_round(rounds)
         everything["throughput"] = results
+        everything["parameters"] = params
+        everything["completions_per_s"] = {size: {fw: completions_per_step(size) / r["seconds_per_step"]
+                                                  for fw, r in pair.items()} for size, pair in results.items()}
+        everything["mfu"] = {size: {fw: mfu(r, shapes[size], args.precision, size) for fw, r in pair.items()}
+                             for size, pair in results.items()}
         if results:
             print("\n".join(report(results, shapes, params, args.precision)), flush=True)
         if args.memory_probe:

@@ -88,7 +88,8 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     keys = completion_keys(recipe.run.seed + 1, 0, 0, len(records) * group)
     rollout = trainer.sample(records, keys)
     n = len(rollout)
-    advantages = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    device = rollout.sequences.device  # the trainer's (the draws below are made on the CPU, so they match on any device)
+    advantages = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
     weights = token_weights(rollout.completion_mask, "grpo", recipe.sampling.max_new_tokens)
     model = trainer.engine.model
     pairs = sequences_of(rollout)
@@ -99,7 +100,7 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     ref = plain_loss(logps, logps, advantages, eps)
 
     shift = torch.Generator().manual_seed(1)
-    olds = [lp + 0.6 * (torch.rand(lp.shape, generator=shift) - 0.5) for lp in logps]
+    olds = [lp + 0.6 * (torch.rand(lp.shape, generator=shift) - 0.5).to(device) for lp in logps]
     old_padded = torch.zeros_like(rollout.completion_mask, dtype=torch.float32)
     for i, old in enumerate(olds):
         old_padded[i, : len(old)] = old

@@ -47,22 +47,28 @@ def build_model(vocab: int, precision: str):
     return model.to(torch.bfloat16) if precision == "bf16" else model
 
 
-def timed(fn, repeats: int = 5) -> float:
+def timed(fn, repeats: int = 5, device: str = "cpu") -> float:
+    """Median seconds of ``fn()`` after a warm-up call; on a GPU each call is timed to its end."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bandwidth_gb_s() -> float:
-    """Read bandwidth: summing a 1 GiB fp32 tensor (best of 5)."""
+def bandwidth_gb_s(device: str = "cpu") -> float:
+    """Read bandwidth: summing a 1 GiB fp32 tensor (median of 5)."""
     import torch
 
-    x = torch.ones(1 << 28)
-    return (x.numel() * 4) / timed(lambda: x.sum(), 5) / 1e9
+    x = torch.ones(1 << 28, device=device)
+    return (x.numel() * 4) / timed(lambda: x.sum(), 5, device) / 1e9
 
 
 def sampling(precision: str) -> None:

@@ -120,8 +120,10 @@ def trl_config(
     loss_type: str = "grpo",
     bf16: bool = False,
     activation_checkpointing: bool = False,
+    use_cpu: bool = True,
 ):
-    """The GRPOConfig used by :func:`run_trl` (exposed so the benchmark can print it)."""
+    """The GRPOConfig used by :func:`run_trl` (exposed so the benchmark can print it); ``use_cpu``
+    False lets accelerate place the model on the GPU."""
     from trl import GRPOConfig
 
     batch = prompts_per_step * group_size
@@ -164,8 +166,8 @@ def trl_config(
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=1.0,
-        # --- precision / memory: plain fp32 on CPU
-        use_cpu=True,
+        # --- precision / memory: plain fp32 on CPU (or the GPU with use_cpu=False)
+        use_cpu=use_cpu,
         bf16=bf16,
         fp16=False,
         activation_checkpointing=activation_checkpointing,  # TRL's default is True; off unless asked

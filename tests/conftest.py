@@ -6,6 +6,7 @@ the fixtures (``tiny_model_dir``, ``rollout``, ``register_plugin``) arrive by na
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -77,6 +78,22 @@ def byte_tokenizer():
     return prepare_tokenizer(ByT5Tokenizer())
 
 
+# ---------------------------------------------------------------------------------------------- devices
+
+# The devices a device test runs on: the CPU always, CUDA under the gpu marker (skipped without one).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped, with one line, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.py runs pytest -m gpu on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # ---------------------------------------------------------------------------------------------- rollouts
 
 def sample_groups(model, group_size: int = 4, max_new_tokens: int = 10, seed: int = 0, step: int = 1,
@@ -121,16 +138,16 @@ def rollout(model):
 def logprobs_and_grads(model, rollout, rows, *, share: bool = True, lean: bool = False, temperature: float = 0.7,
                        autocast: bool = False):
     """Completion log-probs of ``rollout[rows]`` (``share``: each group's prompt run once; ``lean``:
-    the lean forward; ``autocast``: under CPU bf16 autocast), masked, and every parameter's
-    gradient of a loss that weighs each token differently (so any misplaced log-prob shows)."""
+    the lean forward; ``autocast``: under bf16 autocast on the rollout's device), masked, and every
+    parameter's gradient of a loss that weighs each token differently (so any misplaced log-prob shows)."""
     from zenalign.grpo.logprobs import completion_logprobs
 
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(rollout.sequences.device.type, dtype=torch.bfloat16, enabled=autocast):
         logp = completion_logprobs(model, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
                                    temperature, share_prompts=share, lean=lean)
     mask = rollout.completion_mask[rows]
-    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape) * mask
+    weights = torch.linspace(0.5, 2.0, mask.numel()).reshape(mask.shape).to(mask.device) * mask
     (logp * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -221,3 +238,23 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(sizes.values()), out
+
+
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square quantile at the normal quantile z (3.29: one in 2,000), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_draws_follow(draws: torch.Tensor, probs: torch.Tensor) -> None:
+    """Pearson's chi-square of the draws' counts against ``probs`` (cells expecting under 5 draws
+    pooled into one), below the one-in-2,000 critical value."""
+    counts = torch.bincount(draws.cpu(), minlength=len(probs)).double()
+    probs = probs.cpu()
+    expected = probs.double() * len(draws)
+    assert counts[probs == 0].sum() == 0, "a token of probability 0 was drawn"
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    wanted = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = wanted > 0
+    statistic = float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum())
+    assert statistic < chi_square_critical(int(keep.sum()) - 1), statistic

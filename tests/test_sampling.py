@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import EOS, PAD, PROMPTS, build_tiny_llama, byte_tokenizer
+from conftest import EOS, PAD, PROMPTS, assert_draws_follow, build_tiny_llama, byte_tokenizer
 from zenalign.grpo.logprobs import completion_logprobs
 from zenalign.recipe.schema import SamplingSection
 from zenalign.grpo import gumbel
@@ -129,25 +129,6 @@ def test_gumbel_sampler_draws_from_softmax_over_temperature():
             scaled[scaled < scaled.topk(top_k).values[-1]] = -float("inf")
         expected = torch.softmax(scaled, -1)
         assert torch.allclose(freq, expected, atol=0.01), (temperature, top_k, freq, expected)
-
-
-def chi_square_critical(df: int, z: float = 3.29) -> float:
-    """The chi-square quantile at the normal quantile z (3.29: one in 2,000), Wilson-Hilferty."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def assert_draws_follow(draws: torch.Tensor, probs: torch.Tensor) -> None:
-    """Pearson's chi-square of the draws' counts against ``probs`` (cells expecting under 5 draws
-    pooled into one), below the one-in-2,000 critical value."""
-    counts = torch.bincount(draws, minlength=len(probs)).double()
-    expected = probs.double() * len(draws)
-    assert counts[probs == 0].sum() == 0, "a token of probability 0 was drawn"
-    big = expected >= 5
-    observed = torch.cat([counts[big], counts[~big].sum()[None]])
-    wanted = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = wanted > 0
-    statistic = float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum())
-    assert statistic < chi_square_critical(int(keep.sum()) - 1), statistic
 
 
 @pytest.mark.parametrize("case", ["flat tail", "peaked", "top-k inside the candidates", "top-p", "temperature"])

@@ -161,7 +161,7 @@ class GumbelSampler:
             self._tokens = token_hashes(vocab + 2, device)  # ids V and V + 1: the tail's two draws
         if self._rows is None or self._rows.device != device or position >= self._rows.shape[1]:
             end = (position // ROW_BLOCK + 1) * ROW_BLOCK
-            self._rows = row_hashes(self.keys.to(device), 0, end)
+            self._rows = row_hashes(self.keys.to(device), 0, end)  # generate_groups moves the keys before decoding
         return scores, self._rows[:, position : position + 1]                           # (N, 1)
 
 
@@ -185,6 +185,9 @@ def _candidates_and_tail(scores: torch.Tensor, rows: torch.Tensor, tokens: torch
     chosen = index.gather(1, at[:, None]).squeeze(1)
     tail_noise = _gumbel(rows, tokens[:, vocab : vocab + 1]).squeeze(1)                   # (N,)
     bound = math.log(vocab - m) + top[:, -1].double() + tail_noise
+    if _waits_for_device(scores):
+        return _tail_in_every_row(scores, index, peak=top[:, :1], best=best, chosen=chosen, opened=bound > best,
+                                  rows=rows, tokens=tokens, tail_noise=tail_noise)
     open_rows = torch.nonzero(bound > best).flatten()
     if not len(open_rows):
         return chosen
@@ -204,6 +207,34 @@ def _candidates_and_tail(scores: torch.Tensor, rows: torch.Tensor, tokens: torch
         u = _uniform(rows[won], tokens[:, vocab + 1 : vocab + 2]).squeeze(1)              # (w,)
         chosen[won] = _inverse_cdf(blocks, block_sums, u, wins)
     return chosen
+
+
+def _waits_for_device(scores: torch.Tensor) -> bool:
+    """Whether finding the rows that need the tail would make the host wait for the device: on a
+    GPU, ``nonzero`` and every shape that depends on the data are host-device syncs, once per
+    token in a decode. There :func:`_tail_in_every_row` does the same work in every row instead."""
+    return scores.device.type != "cpu"
+
+
+def _tail_in_every_row(scores: torch.Tensor, index: torch.Tensor, *, peak: torch.Tensor, best: torch.Tensor,
+                       chosen: torch.Tensor, opened: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                       tail_noise: torch.Tensor) -> torch.Tensor:
+    """The tail's part of :func:`_candidates_and_tail` with no shape that depends on the data: every
+    row sums its tail and draws inside it, and a row keeps its best candidate unless its tail could
+    win (``opened``) and did. Each row's numbers are those the CPU path computes for it (the same
+    operations, row by row), so the ids are the same; a GPU does this extra work faster than it
+    would wait for the host."""
+    n, vocab = scores.shape
+    weights = (scores - peak).exp_().scatter_(1, index, 0.0)                              # the tail's exp(s - peak)
+    if vocab % TAIL_BLOCK:
+        weights = F.pad(weights, (0, -vocab % TAIL_BLOCK))
+    blocks = weights.view(n, -1, TAIL_BLOCK)
+    block_sums = blocks.sum(dim=-1).double()                                              # (N, V / block)
+    tail_best = block_sums.sum(dim=-1).log() + peak.squeeze(1).double() + tail_noise
+    wins = opened & (tail_best > best)                                                    # (N,)
+    u = _uniform(rows, tokens[:, vocab + 1 : vocab + 2]).squeeze(1)                       # (N,)
+    drawn = _inverse_cdf(blocks, block_sums, u, torch.arange(n, device=scores.device))
+    return torch.where(wins, drawn, chosen)
 
 
 def _inverse_cdf(blocks: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -220,6 +220,7 @@ def generate_groups(
     if keys is not None:
         if keys.numel() != input_ids.shape[0]:
             raise ValueError(f"{keys.numel()} sampling keys for {len(prompts)} prompts x {group_size} completions")
+        keys = keys.to(device, non_blocking=True)  # here, not at the decode loop's first token (a wait there)
         processors.append(GumbelSampler(keys, input_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p))
     was_training = model.training
     model.eval()
@@ -255,7 +256,8 @@ def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Se
     tokens, mask = tokens[:, :keep], mask[:, :keep]
     sequences = torch.cat([sequences[:, :prompt_length], tokens], dim=1)
     lengths = mask.sum(dim=1) - (~truncated).long()  # real tokens without the EOS
-    ids = [row[: int(n)].tolist() for row, n in zip(tokens, lengths)]
+    # one copy to the host, not one per row (each a wait for the device on a GPU)
+    ids = [row[:n] for row, n in zip(tokens.cpu().tolist(), lengths.tolist())]
     texts = decode_without_special_tokens(tokenizer, ids)
     return Rollout(
         sequences=sequences,

@@ -620,7 +620,9 @@ class LeanLM:
         autocast it runs in float32 (torch's bf16 CPU attention kernels are slow, above all
         backward) and its output is cast to autocast's dtype, unless ``cast`` is false; on a CPU
         with at most :data:`SMALL_ATTENTION` scores it is written out as two batched products
-        (:func:`attention_products`)."""
+        (:func:`attention_products`). On a GPU: :meth:`attend_on_device`."""
+        if q.device.type != "cpu":
+            return self.attend_on_device(q, k, v, mask)
         gqa = self.kv_heads != self.heads
         if gqa and not _SDPA_GQA:  # torch < 2.5: repeat each key/value head for its query heads
             k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
@@ -631,8 +633,6 @@ class LeanLM:
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=bias, scale=self.scaling,
                                                   **({"enable_gqa": gqa} if gqa else {}))
 
-        if q.device.type != "cpu":
-            return fused(q, k, v)
         autocast = torch.is_autocast_enabled("cpu")
         small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_ATTENTION
         if not (small or autocast):
@@ -643,14 +643,34 @@ class LeanLM:
                    else fused(q.float(), k, v))
         return out.to(dtype) if cast else out
 
+    def attend_on_device(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` on a GPU: torch's fused kernel in autocast's dtype where autocast is on.
+        Every lean call has a mask, which SDPA's flash kernel does not take, and its
+        memory-efficient kernel takes no ``enable_gqa``: a masked call with ``enable_gqa`` would
+        run the math kernel, which holds every score (transformers repeats the heads for the same
+        reason). So each key/value head is repeated for its query heads here, and the call runs
+        the memory-efficient kernel (``tests/test_device.py`` pins that under ``sdpa_kernel``)."""
+        device = q.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        if self.kv_heads != self.heads:
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+        bias = mask if mask.dtype == torch.bool else mask.to(dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
+
     def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Attention of one new token per row, written out: ``(N, H, D)`` queries over
-        ``(N, KV, S, D)`` cached keys/values with an additive ``(N, 1, 1, S)`` mask (0 or -inf).
-        Query heads are grouped under their key/value head, so nothing is repeated. On a CPU this
-        beats the fused kernel at one query per row; elsewhere the fused kernel runs."""
-        if q.device.type != "cpu":
-            return self.attend(q[:, :, None], k, v, bias == 0).squeeze(2)
+        """Attention of one new token per row: ``(N, H, D)`` queries over ``(N, KV, S, D)`` cached
+        keys/values with an additive ``(N, 1, 1, S)`` mask (0 or -inf). Query heads are grouped
+        under their key/value head, so nothing is repeated. On a CPU it is written out (two
+        batched products, faster than the fused kernel at one query per row). On a GPU it is the
+        fused kernel with each key/value head's query heads as its queries (one query per row
+        makes them a short sequence over the same keys and the same mask row), so the
+        memory-efficient kernel runs on the cache as it is, in the cache's dtype."""
         n, s = q.shape[0], k.shape[2]
+        if q.device.type != "cpu":
+            grouped = q.to(k.dtype).reshape(n, self.kv_heads, -1, self.head_dim)             # (N, KV, H/KV, D)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=bias.to(k.dtype), scale=self.scaling)
+            return out.reshape(n, self.heads, self.head_dim)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
         with _CpuAutocastOff():  # float32 products: autocast would cast the whole cache per step
             q = q.float().view(n, self.kv_heads, -1, self.head_dim)  # (N, KV, H/KV, D)
@@ -792,9 +812,14 @@ class LeanLM:
             pack_for_rows(weights, n)
             head = _Packed.of(self.model.lm_head.weight, n)
         total = tp + max_new_tokens
+        # The cache's dtype: float32 on a CPU, where single-query attention runs in float32 (see
+        # attend_one); on a GPU under autocast, autocast's dtype, which its attention kernel reads
+        # (half the memory and bandwidth of float32, and no cast of the whole cache per token).
+        cache_dtype = torch.get_autocast_dtype(device.type) if autocast and device.type != "cpu" else None
         caches = []
         for k, v in prompt_kv:  # the group's rows start from the same prompt cache, preallocated for every new token
-            cache = k.new_empty(2, n, self.kv_heads, total, self.head_dim)  # every column is written before it is read
+            # every column is written before it is read
+            cache = k.new_empty(2, n, self.kv_heads, total, self.head_dim, dtype=cache_dtype or k.dtype)
             cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
             cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
             caches.append(cache)

@@ -87,16 +87,45 @@ def sample_loop(tokens: torch.Tensor, logits: torch.Tensor, step_logits: Any, ma
     itself, with no scores built for the argmax."""
     unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     choose = _chooser(processors)
+    all_ended = RowsEnded(tokens.device)
     for step in range(max_new_tokens):
         if step:
             logits = step_logits(next_tokens)
         next_tokens = choose(tokens, logits.float())
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        unfinished &= ~torch.isin(next_tokens, eos)
-        if not bool(unfinished.any()):
+        unfinished &= ~(next_tokens[:, None] == eos).any(dim=1)  # isin, without its sorting path's syncs
+        if all_ended(unfinished):
             break
     return tokens
+
+
+class RowsEnded:
+    """Whether every row of a decode has ended, asked once per token. On a CPU the flag is read
+    at once. On a GPU reading it would make the host wait for the device at every token (a
+    host-device sync, after which the GPU idles while the next token's kernels are launched), so
+    there the flag is copied into pinned host memory without waiting and read once a CUDA event
+    says the copy has landed: the loop stops a token or two after the last row ended. The tokens
+    of those extra steps are padding in every row, which :func:`zenalign.grpo.rollout.rollout_from`
+    trims."""
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self.landed: Any = None  # the event recorded after the last copy
+        self.host = torch.ones((), dtype=torch.bool, pin_memory=True) if self.lagged else None
+
+    def __call__(self, unfinished: torch.Tensor) -> bool:
+        if not self.lagged:
+            return not bool(unfinished.any())
+        if self.landed is not None:
+            if not self.landed.query():  # the last copy is still on its way
+                return False
+            if not bool(self.host):  # a host tensor: no wait
+                return True
+        self.host.copy_(unfinished.any(), non_blocking=True)
+        self.landed = torch.cuda.Event()
+        self.landed.record()
+        return False
 
 
 def _chooser(processors: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from zenalign.errors import DistributedError, one_line
+from zenalign.errors import DistributedError, RecipeError, one_line
 
 
 def launched_world_size() -> int:
@@ -37,9 +37,15 @@ def single_process_env() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
-def prepare_deepspeed_env() -> None:
-    """Environment DeepSpeed reads when it is imported: the CPU accelerator when there is no GPU."""
-    if not torch.cuda.is_available():
+def prepare_deepspeed_env(device_type: Optional[str] = None) -> None:
+    """Environment DeepSpeed reads when it first picks its accelerator: that of the run's device
+    (``engine.device`` resolved, ``"cuda"`` or ``"cpu"``), not DeepSpeed's own guess, which is CUDA
+    wherever a GPU is visible, also for a run on the CPU. Before the device is known (the CLI's
+    start), the CPU where no GPU is visible. A DS_ACCELERATOR set by hand is kept (and checked
+    against the device by :func:`check_deepspeed_accelerator`)."""
+    if device_type is not None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    elif not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zenalign", "torch_extensions"))
 
@@ -128,23 +134,40 @@ def _collective_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str, timeout_s: float = 600.0) -> Dist:
+def check_deepspeed_accelerator(device_type: str) -> None:
+    """DeepSpeed picks its accelerator once per process; a run whose device is not that
+    accelerator's would have DeepSpeed move its tensors elsewhere. One line instead."""
+    from deepspeed.accelerator import get_accelerator
+
+    chosen = get_accelerator().device_name()
+    if chosen != device_type:
+        raise RecipeError(f"engine.backend deepspeed: DeepSpeed's accelerator is {chosen!r} but engine.device is "
+                          f"{device_type!r} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', 'unset')}); set "
+                          f"DS_ACCELERATOR={device_type} before DeepSpeed starts, or engine.device: {chosen}")
+
+
+def init_distributed(backend: str, timeout_s: float = 600.0, device_type: Optional[str] = None) -> Dist:
     """Join the launcher's process group (if any). ``backend`` is the recipe's engine backend;
     ``timeout_s`` bounds every collective, so a rank that stops or hangs ends the job instead of
-    leaving the others waiting (gloo's own default is 30 minutes)."""
+    leaving the others waiting (gloo's own default is 30 minutes). ``device_type`` is where the
+    run's models live (``"cuda"``: NCCL, and each rank on its local GPU; ``"cpu"``: gloo; None:
+    CUDA wherever torch sees it), and so DeepSpeed's accelerator."""
     timeout = timedelta(seconds=timeout_s)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    group_backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "deepspeed":
-        prepare_deepspeed_env()
+        prepare_deepspeed_env(device_type)
         single_process_env()
         import deepspeed
 
+        check_deepspeed_accelerator(device_type)
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+            deepspeed.init_distributed(dist_backend=group_backend, timeout=timeout)
     elif launched_world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        dist.init_process_group(backend=group_backend, timeout=timeout)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device_type == "cuda":
         torch.cuda.set_device(local)
     return Dist(rank=rank, world_size=world, local_rank=local)

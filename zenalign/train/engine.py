@@ -83,6 +83,32 @@ def enable_gradient_checkpointing(model: torch.nn.Module, recipe: Any) -> None:
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def cuda_matmuls_use_tf32() -> bool:
+    """Whether this process lets CUDA run float32 matrix products in TF32 (a 10-bit mantissa)."""
+    matmul = torch.backends.cuda.matmul
+    mode = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; "none" defers to the global setting
+    if mode is None:
+        return bool(matmul.allow_tf32)
+    return mode == "tf32" or (mode == "none" and getattr(torch.backends, "fp32_precision", "none") == "tf32")
+
+
+def check_fp32_matmuls(device: torch.device, precision: str) -> None:
+    """How a GPU multiplies, chosen here rather than inherited by accident:
+
+    - ``engine.precision: fp32`` means IEEE float32 products, torch's default on CUDA, which
+      zenalign leaves as it is: TF32 would round every product's inputs to a 10-bit mantissa, and
+      the tolerances the device tests hold fp32 to (the lean forward within 2e-5 of transformers'
+      log-probs, as on a CPU) assume float32. A process that turned TF32 on (for instance with
+      ``torch.set_float32_matmul_precision("high")``) gets one warning: its "fp32" runs are TF32.
+    - ``engine.precision: bf16`` is bf16 autocast over float32 weights and optimizer state, on a
+      GPU as on a CPU (:meth:`TorchEngine.autocast`); TF32 does not enter into it. Attention runs
+      in bf16 on a GPU (the CPU's float32 attention is for its slow bf16 kernels only)."""
+    if device.type == "cuda" and precision == "fp32" and cuda_matmuls_use_tf32():
+        log.warning("engine.precision fp32 on %s: this process has TF32 matrix products turned on, so float32 "
+                    "products are rounded to TF32 (torch.backends.cuda.matmul.fp32_precision = 'ieee' turns it off)",
+                    device)
+
+
 def create_engine(recipe: Any, dist: Dist, device: torch.device):
     if recipe.engine.backend == "deepspeed":
         return DeepSpeedEngine(recipe, dist, device)
@@ -101,6 +127,7 @@ class TorchEngine:
 
     def attach(self, model: torch.nn.Module, optimizer_steps: int, micro_batches: int) -> None:
         enable_gradient_checkpointing(model, self.recipe)
+        check_fp32_matmuls(self.device, self.recipe.engine.precision)
         self.model = model.to(self.device)
         float32_attention_on_cpu(self.model, self.device, self.recipe.engine.precision)
         self.train_model: torch.nn.Module = self.model
@@ -119,7 +146,8 @@ class TorchEngine:
         return reference.to(self.device)
 
     def autocast(self):
-        """bf16 autocast for forward passes when ``engine.precision`` is bf16."""
+        """bf16 autocast for forward passes when ``engine.precision`` is bf16, on the run's device
+        (see :func:`check_fp32_matmuls`)."""
         if self.recipe.engine.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -219,14 +247,16 @@ def adamw(params: list[torch.nn.Parameter], **options) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **options)
 
 
-def deepspeed_config(recipe: Any, micro_batch_size: int, micro_batches: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config, generated from the recipe's engine and grpo sections."""
+def deepspeed_config(recipe: Any, micro_batch_size: int, micro_batches: int, device_type: str = "cpu") -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the recipe's engine and grpo sections (offloaded
+    states in pinned memory when the run is on a GPU, where copies from it need not wait)."""
     e, g = recipe.engine, recipe.grpo
     zero: dict[str, Any] = {"stage": e.zero_stage}
+    pinned = device_type == "cuda"
     if e.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}
     if e.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pinned}
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": micro_batches,
@@ -250,7 +280,7 @@ class DeepSpeedEngine:
     ``HfDeepSpeedConfig`` alive so ``from_pretrained`` loads the weights already partitioned."""
 
     def __init__(self, recipe: Any, dist: Dist, device: torch.device):
-        prepare_deepspeed_env()
+        prepare_deepspeed_env(device.type)
         try:
             import deepspeed  # noqa: F401
         except ImportError as exc:
@@ -263,7 +293,7 @@ class DeepSpeedEngine:
         n_local = recipe.grpo.prompts_per_step // dist.world_size * recipe.sampling.group_size
         self.micro_batch_size = min(recipe.engine.micro_batch_size or n_local, n_local)
         self.micro_batches = math.ceil(n_local / self.micro_batch_size)
-        self.config = deepspeed_config(recipe, self.micro_batch_size, self.micro_batches)
+        self.config = deepspeed_config(recipe, self.micro_batch_size, self.micro_batches, device.type)
         self._hf_config = None
         if self.stage == 3:
             try:

@@ -215,7 +215,8 @@ class GRPOTrainer:
         """Join the launcher's process group, find the run directory and the checkpoint to resume
         (its trainer_state.json, verified), and pick the device. Nothing is loaded yet."""
         r = self.recipe
-        self.dist = init_distributed(r.engine.backend, r.engine.collective_timeout_s)
+        device = pick_device(r.engine.device)  # first: it decides the process group's backend and DeepSpeed's accelerator
+        self.dist = init_distributed(r.engine.backend, r.engine.collective_timeout_s, device.type)
         if r.grpo.prompts_per_step % self.dist.world_size:
             raise RecipeError(
                 f"{self.loaded.source}: grpo.prompts_per_step ({r.grpo.prompts_per_step}) must be divisible by the "
@@ -234,7 +235,6 @@ class GRPOTrainer:
             log.info("resuming from %s (step %d)", self.resumed_from, saved["step"])
         seed_everything(r.run.seed)
         set_threads(r.engine.num_threads, self.dist.is_main)
-        device = pick_device(r.engine.device)
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         if self.device.type == "cpu" and r.engine.keep_freed_memory:
             keep_freed_memory()
