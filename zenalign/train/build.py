@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from zenalign.data import check_records, render_prompt
+from zenalign.data import check_records, messages_field, render_prompt
 from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
                                      pick_device, prepare_tokenizer)
@@ -271,11 +271,12 @@ class Builder:
         model_dir = self.policy_dir
         check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
+        source = self.recipe.model.tokenizer_path or self.recipe.model.path
         for where, i, record in rows:
-            if not isinstance(record.get("prompt"), str) and getattr(tokenizer, "chat_template", None) is None:
-                raise DataError(f"{where}[{i}]: the record has chat 'messages' but the tokenizer of "
-                                f"'{self.recipe.model.tokenizer_path or self.recipe.model.path}' has no chat template; "
-                                f"give a tokenizer with one (model.tokenizer_path) or 'prompt' text")
+            if messages_field(record) and getattr(tokenizer, "chat_template", None) is None:
+                raise DataError(f"{where}[{i}]: '{messages_field(record)}' is a list of chat messages but the tokenizer "
+                                f"{f'of {source!r}' if source else 'given'} has no chat template; give a tokenizer "
+                                f"with one (model.tokenizer_path) or 'prompt' as text")
         texts = [render_prompt(record, tokenizer) for _, _, record in rows]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else [0]
         longest = self.longest_prompt = max(lengths)
