@@ -163,3 +163,28 @@ def test_hf_data_errors_are_one_line(tmp_path, tiny_model_dir, data, expected):
     done = run_cli("validate", str(hf_recipe(tmp_path, tiny_model_dir, data)))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert expected.format(ds=tmp_path / "ds", tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
+
+
+def test_python_function_rewards_are_named_after_their_functions(tmp_path, tiny_model_dir):
+    """Issue 35: two python_function rewards without `name:` both took the type's name (and
+    clashed); they take their functions' names, as GRPOTrainer(reward_funcs=[...]) names them."""
+    (tmp_path / "my_rewards.py").write_text("def reward_len(completions, **kwargs):\n"
+                                            "    return [-float(len(c)) for c in completions]\n\n"
+                                            "def always_one(completions, **kwargs):\n"
+                                            "    return [1.0] * len(completions)\n")
+    recipe = {"model": {"path": str(tiny_model_dir)}, "data": {"type": "inline", "prompts": ["a", "b"], "eval_prompts": []},
+              "sampling": {"group_size": 2, "max_new_tokens": 4}, "grpo": {"prompts_per_step": 2},
+              "rewards": [{"type": "python_function", "function": "my_rewards.py:reward_len"},
+                          {"type": "python_function", "function": "my_rewards.py:always_one", "name": "one"},
+                          {"type": "python_function", "function": "my_rewards.py:always_one"}],
+              "run": {"steps": 1, "output_dir": str(tmp_path / "run")}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    checked = run_cli("validate", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert "objectives: reward_len, one, always_one;" in checked.stdout
+    done = run_cli("run", str(path))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert metrics["reward_mean/one"] == metrics["reward_mean/always_one"] == 1.0
+    assert metrics["reward_mean/reward_len"] <= 0.0

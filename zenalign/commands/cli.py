@@ -154,9 +154,9 @@ def cmd_validate(args) -> int:
     check_model_dir(loaded.base_dir / r.model.path, "model.path")
     if r.model.reference_path and r.grpo.kl_coef > 0:
         check_model_dir(loaded.base_dir / r.model.reference_path, "model.reference_path")
-    GRPOTrainer.from_recipe(loaded).check()  # builds data, rewards and normalizer; loads no policy
-    rewards = ", ".join(f"{e.name or e.type} [{e.type}]" for e in r.rewards)
-    print(f"{loaded.source}: valid (data: {r.data.type}; rewards: {rewards}; normalizer: {r.normalizer.type}; output: {loaded.output_dir})")
+    objectives = GRPOTrainer.from_recipe(loaded).check()  # builds data, rewards and normalizer; loads no policy
+    print(f"{loaded.source}: valid (data: {r.data.type}; rewards: {', '.join(e.type for e in r.rewards)}; objectives: "
+          f"{', '.join(objectives.names)}; normalizer: {r.normalizer.type}; output: {loaded.output_dir})")
     return 0
 
 

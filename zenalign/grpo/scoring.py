@@ -50,15 +50,19 @@ class FunctionReward:
         self.function = function
         self.extra_kwargs = dict(extra_kwargs or {})
         self.name = name or getattr(function, "__name__", type(function).__name__)
+        # the objective's name when its recipe entry gives none: the function's, as the Python API names it
+        own = getattr(function, "__name__", None)
+        self.default_name = own if own and own != "<lambda>" else None
         try:
             self._params = inspect.signature(function).parameters
         except (TypeError, ValueError):
             self._params = {}
         self._takes_all = any(p.kind is p.VAR_KEYWORD for p in self._params.values())
-        # the record fields it asks for by name (a warning at start counts the records that lack them)
+        # the record fields it needs by name (parameters without a default): completions whose records
+        # lack one are not passed to it, and abstain (Scorer); a warning at start counts those records
         self.reads_fields = tuple(name for name, p in self._params.items()
-                                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in BATCH_FIELDS
-                                  and name not in self.extra_kwargs)
+                                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is p.empty
+                                  and name not in BATCH_FIELDS and name not in self.extra_kwargs)
         objectives = getattr(function, "objectives", None)
         if objectives is not None:
             self.objectives = list(objectives)
@@ -76,18 +80,9 @@ class FunctionReward:
         }
         if self._takes_all:
             return self.function(**available)
-        kwargs = {}
-        for pname, param in self._params.items():
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            if pname in available:
-                kwargs[pname] = available[pname]
-            elif param.default is param.empty:
-                raise RewardError(
-                    f"reward function '{self.name}' asks for '{pname}', which the batch does not have; "
-                    f"available: {', '.join(available)}"
-                )
-        return self.function(**kwargs)
+        # every parameter without a default is available: a batch field, an extra keyword, or a record
+        # field that the Scorer checked every completion of this batch has (reads_fields)
+        return self.function(**{name: available[name] for name in self._params if name in available})
 
 
 @dataclass
@@ -166,6 +161,17 @@ class Scorer:
         return torch.cat(columns, dim=1)  # (N, K)
 
     def _score_one(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
+        """The source's ``(N, K)`` scores; completions whose records lack (or hold null in) a field it
+        reads (``reads_fields``) are not passed to it, and abstain (NaN)."""
+        rows = rows_with_fields(batch, getattr(bound.source, "reads_fields", ()))
+        if len(rows) == len(batch):
+            return self._call(bound, batch)
+        scores = torch.full((len(batch), len(bound.objectives)), math.nan, dtype=torch.float64)  # (N, K)
+        if rows:
+            scores[rows] = self._call(bound, select_rows(batch, rows))
+        return scores
+
+    def _call(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
         view = reward_view(batch)
         try:
             raw = call_with_deadline(lambda: bound.source.score(view), bound.timeout_s,
@@ -238,6 +244,23 @@ def reward_view(batch: ScoreBatch) -> ScoreBatch:
                    columns={name: _own_copy(values) for name, values in batch.columns.items()},
                    prompt_messages=_own_copy(batch.prompt_messages),
                    completion_ids=[ids if isinstance(ids, tuple) else tuple(ids) for ids in batch.completion_ids])
+
+
+def rows_with_fields(batch: ScoreBatch, fields: Sequence[str]) -> list[int]:
+    """The completions whose records hold every one of ``fields`` (not missing, not null)."""
+    columns = [batch.columns.get(name) for name in fields]
+    return [i for i in range(len(batch)) if all(values is not None and values[i] is not None for values in columns)]
+
+
+def select_rows(batch: ScoreBatch, rows: Sequence[int]) -> ScoreBatch:
+    """The batch of ``rows`` only. Fields come from the prompt records, so ``rows`` (from
+    :func:`rows_with_fields`) are whole groups, and ``group_size`` still holds."""
+    def pick(values: list) -> list:
+        return [values[i] for i in rows] if values else values
+
+    return replace(batch, prompts=pick(batch.prompts), completions=pick(batch.completions),
+                   columns={name: pick(values) for name, values in batch.columns.items()},
+                   completion_ids=pick(batch.completion_ids), prompt_messages=pick(batch.prompt_messages))
 
 
 def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],

@@ -134,7 +134,10 @@ class RewardSource(Protocol):
 
     ``score`` returns one score per completion, or, for a source that produces several named
     objectives, a mapping ``{objective: scores}`` (or an ``(N, K)`` tensor in the order of the
-    optional ``objectives`` attribute).
+    optional ``objectives`` attribute). An optional ``default_name`` names its objective when the
+    recipe entry gives no ``name`` (otherwise the entry's type names it). An optional
+    ``reads_fields`` lists the record fields it needs: completions whose records lack one (or hold
+    null) are not passed to it, and abstain.
     """
 
     def score(self, batch: ScoreBatch) -> Any: ...

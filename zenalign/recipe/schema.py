@@ -609,7 +609,8 @@ class RewardEntry(EntrySection):
 
     name: Optional[str] = Field(
         None,
-        description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
+        description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the source's own name where "
+        "it has one (`default_name`; python_function: the function's, as the Python API names it), else the type.",
     )
 
     @field_validator("name")

@@ -162,7 +162,8 @@ class Builder:
         bound = []
         for i, entry in enumerate(self.recipe.rewards):
             source = self.plugin("reward", f"rewards[{i}]", entry)
-            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]",
+            name = entry.name or getattr(source, "default_name", None) or entry.type
+            bound.append(bind_reward(source, name, entry.type, entry.weight, where=f"rewards[{i}]",
                                      timeout_s=entry.timeout_s))
         given = self.inputs.rewards
         given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
@@ -256,10 +257,13 @@ class Builder:
         for bound in rewards:
             for name in getattr(bound.source, "reads_fields", ()):
                 missing = sum(record.get(name) is None for record in train)
-                if missing:
+                patience = self.recipe.run.hacking_patience
+                if missing:  # the Scorer keeps those completions from it: they abstain
                     log.warning("%s reads the field '%s', which %d of %d training prompts lack (or hold null): it "
-                                "abstains on their completions (abstain_frac/%s in metrics.jsonl)", bound.label, name,
-                                missing, len(train), bound.objectives[0])
+                                "abstains on their completions (abstain_frac/%s in metrics.jsonl)%s", bound.label, name,
+                                missing, len(train), bound.objectives[0],
+                                f"; with every prompt lacking it, the run stops after {patience} steps without a score "
+                                f"(run.hacking_patience)" if missing == len(train) and patience else "")
         if tokenizer is not None:
             self.check_prompts(tokenizer, train, evals)
 
