@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -95,3 +96,33 @@ def test_api_and_cli_run_the_same_engine(tmp_path):
 def test_model_directory_is_used_by_path():
     trainer = GRPOTrainer(model=str(REVERSE_POLICY), reward_model=len)
     assert trainer.recipe.model.path == str(REVERSE_POLICY)
+
+
+def test_save_model_writes_the_policy_as_trl_does(tmp_path, tiny_model_dir):
+    """Issue 35: TRL's trainer.save_model(dir): the trained policy and its tokenizer, loadable with
+    from_pretrained; the run directory itself (TRL's output_dir) means the run's final/."""
+    from transformers import AutoTokenizer
+
+    from zenalign.errors import ModelLoadError
+
+    def token_sum(completion_ids):  # a dense reward: every group varies, so the step moves the weights
+        return [float(sum(ids) % 7) for ids in completion_ids]
+
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=token_sum, steps=1, group_size=4, prompts_per_step=2,
+                          max_new_tokens=6, learning_rate=0.05, kl_coef=0.0, output_dir=str(tmp_path / "run"),
+                          progress_bar=False)
+    with pytest.raises(RecipeError, match=r"^save_model: the policy is built by train\(\); call train\(\) first$"):
+        trainer.save_model(tmp_path / "early")
+    trainer.train(PROMPTS)
+    assert trainer.save_model(tmp_path / "saved") == tmp_path / "saved"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    trained = trainer.model.state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in trained)
+    assert any(not torch.equal(saved[k], initial[k]) for k in initial)  # the trained weights, not the initial ones
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved")("abc").input_ids == trainer.tokenizer("abc").input_ids
+    assert trainer.save_model() == trainer.save_model(str(tmp_path / "run")) == tmp_path / "run" / "final"
+    with pytest.raises(ModelLoadError, match=f"save_model: '{tmp_path / 'saved'}' already exists and is not empty"):
+        trainer.save_model(tmp_path / "saved")
+    with pytest.raises(RecipeError, match=r"save_model\(merge=True\): the policy has no LoRA adapters to merge"):
+        trainer.save_model(tmp_path / "merged", merge=True)

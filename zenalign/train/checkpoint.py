@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -399,13 +400,21 @@ def check_finite(state: Optional[dict[str, torch.Tensor]], where: str) -> None:
 
 
 def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
-    """The trained policy as ``RUN/final``, a save_pretrained directory (safetensors) with its
-    tokenizer, written to ``final.tmp`` and renamed into place; its path on rank 0."""
+    """The trained policy as ``RUN/final``; see :func:`save_policy`."""
+    return save_policy(run_path / "final", parts, run_path / "final.tmp")
+
+
+def save_policy(target: Path, parts: CheckpointParts, staging: Optional[Path] = None) -> Optional[Path]:
+    """The policy as a save_pretrained directory (safetensors; a LoRA policy's adapter) with its
+    tokenizer, written to ``staging`` (default: a new hidden directory beside ``target``) and renamed
+    into place, replacing ``target``; its path on rank 0. Every rank takes part (ZeRO-3 gathers)."""
     state = parts.engine.policy_state_dict()  # collective at ZeRO-3
     if not parts.dist.is_main:
         return None
-    check_finite(state, "final")
-    final, staging = run_path / "final", run_path / "final.tmp"
+    check_finite(state, target.name)
+    if staging is None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     shutil.rmtree(staging, ignore_errors=True)
     try:
         parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
@@ -413,9 +422,17 @@ def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    return final
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def check_new_directory(out: Path, where: str) -> None:
+    """``out`` may be written: it does not exist, or is an empty directory."""
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"{where}: '{out}' is an existing file; give a new directory to write the policy into")
+    if out.exists() and any(out.iterdir()):
+        raise ModelLoadError(f"{where}: '{out}' already exists and is not empty; choose a new directory")
 
 
 def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> None:

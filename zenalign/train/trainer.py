@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sam
 from zenalign.grpo.rollout import Rollout
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
-from zenalign.models.lora import is_adapted, require_peft
+from zenalign.models.lora import is_adapted, merge_adapter, require_peft
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, ReportsMetrics, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
@@ -414,6 +415,35 @@ class GRPOTrainer:
     def save_final(self) -> Optional[Path]:
         """The trained policy as a save_pretrained directory (safetensors), written atomically."""
         return ckpt.save_final(self.run_dir.path, self._checkpoint_parts())
+
+    def save_model(self, output_dir: Optional[str | Path] = None, merge: bool = False,
+                   base: Optional[str | Path] = None) -> Optional[Path]:
+        """TRL's ``trainer.save_model``: the policy as it is now, with its tokenizer, in a new (or
+        empty) directory that loads with ``AutoModelForCausalLM.from_pretrained``; a LoRA policy as its
+        adapter (``PeftModel.from_pretrained(base, DIR)``), or with ``merge=True`` merged into its base
+        model (``base``, or the directory the adapter records), as ``zenalign export`` writes them.
+        Without ``output_dir``, or with the run directory (TRL saves there), it is written to the run's
+        ``final/``. Call it after ``train()``, on every process (ZeRO-3 gathers); returns the
+        directory on rank 0."""
+        if getattr(self, "engine", None) is None or self.engine.model is None:
+            raise RecipeError("save_model: the policy is built by train(); call train() first")
+        parts, run = self._checkpoint_parts(), self.run_dir.path
+        into_run = output_dir is None or Path(output_dir).resolve() == run.resolve()
+        if merge and not is_adapted(self.engine.model):
+            raise RecipeError("save_model(merge=True): the policy has no LoRA adapters to merge; save it without merge")
+        if merge and into_run:
+            raise RecipeError("save_model(merge=True): give an output_dir for the merged model; the run's final/ keeps "
+                              "its adapter")
+        if into_run:
+            return ckpt.save_final(run, parts)
+        out = Path(output_dir)
+        ckpt.check_new_directory(out, "save_model")
+        if not merge:
+            return ckpt.save_policy(out, parts)
+        with tempfile.TemporaryDirectory() as scratch:  # the adapter as a checkpoint holds it, then merged
+            adapter = ckpt.save_policy(Path(scratch) / "adapter", parts)
+            return merge_adapter(adapter, out, Path(base) if base else None, "save_model(merge=True)", "base=DIR") \
+                if self.dist.is_main else None
 
     def cleanup(self) -> None:
         """Stop the vLLM engine, close run.log and release the run directory's lock (safe after a setup that failed)."""
