@@ -126,3 +126,78 @@ def test_save_model_writes_the_policy_as_trl_does(tmp_path, tiny_model_dir):
         trainer.save_model(tmp_path / "saved")
     with pytest.raises(RecipeError, match=r"save_model\(merge=True\): the policy has no LoRA adapters to merge"):
         trainer.save_model(tmp_path / "merged", merge=True)
+
+
+def test_the_api_prints_what_the_cli_prints(tmp_path, tiny_model_dir, capfd):
+    """Issue 35: GRPOTrainer.train() printed nothing while `zenalign run` shows its step and eval
+    lines and a summary. Both now print the same (here not on a terminal: plain lines, no bar);
+    TRL's log_level silences it."""
+    def exact(completions, answer):
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    def run(name, **options):
+        trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=exact, max_steps=2, logging_steps=1,
+                              num_generations=2, prompts_per_step=2, max_completion_length=4,
+                              output_dir=str(tmp_path / name), train_dataset=PROMPTS, eval_dataset=PROMPTS[:2], **options)
+        return trainer.train(), capfd.readouterr()
+
+    result, (out, err) = run("shown")
+    before, after = result.initial_eval["eval/reward_mean/exact"], result.final_eval["eval/reward_mean/exact"]
+    assert out == (f"eval exact: {before:.3f} -> {after:.3f} (step 0 -> 2)\n"
+                   f"run directory: {tmp_path / 'shown'} (final policy in {tmp_path / 'shown' / 'final'})\n")
+    lines = err.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert [line.split(":")[0] for line in lines if line.startswith("eval at")] == ["eval at step 0", "eval at step 2"]
+    assert "\r" not in err and "GRPO:" not in err  # stderr is not a terminal here: no bar
+    run_log = (tmp_path / "shown" / "run.log").read_text()
+    assert all(line in run_log for line in lines if line.startswith(("step ", "eval at")))
+
+    result, (out, err) = run("quiet", log_level="warning")  # `zenalign run -q`: the summary alone
+    assert out.startswith("eval exact:") and "step 1/2" not in err and "step 1/2" in (tmp_path / "quiet" / "run.log").read_text()
+    assert run("silent", log_level="error")[1] == ("", "")
+
+
+def test_on_a_terminal_the_api_shows_the_progress_bar(tmp_path, tiny_model_dir):
+    """With stderr a terminal (a pseudo-terminal here), train() draws tqdm's bar with the step lines
+    printed above it, as `zenalign run` does; TRL's disable_tqdm=True leaves the lines alone."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    (tmp_path / "train.py").write_text(
+        "import sys\nfrom zenalign import GRPOTrainer\n"
+        "for name, hide in (('bar', False), ('nobar', True)):\n"
+        "    print(f'=== {name}', file=sys.stderr, flush=True)\n"
+        f"    GRPOTrainer(model={str(tiny_model_dir)!r}, reward_funcs=lambda completions: [1.0] * len(completions),\n"
+        "                max_steps=2, logging_steps=1, num_generations=2, prompts_per_step=2, max_completion_length=4,\n"
+        f"                output_dir={str(tmp_path)!r} + '/' + name, progress_bar=not hide).train(['a', 'b'])\n")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns (0: tqdm draws nothing)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "train.py")], stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert proc.wait(timeout=300) == 0
+    reader.join(timeout=30)
+    os.close(leader)
+    shown = b"".join(chunks).decode(errors="replace")
+    with_bar, without = shown.split("=== nobar")
+    assert "GRPO: 100%" in with_bar and "\r" in with_bar and "step 2/2" in with_bar
+    assert "GRPO:" not in without and "step 2/2" in without

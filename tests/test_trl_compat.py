@@ -182,7 +182,7 @@ def test_python_function_rewards_are_named_after_their_functions(tmp_path, tiny_
     path.write_text(yaml.safe_dump(recipe))
     checked = run_cli("validate", str(path))
     assert checked.returncode == 0, checked.stderr
-    assert "objectives: reward_len, one, always_one;" in checked.stdout
+    assert "rewards: reward_len [python_function], one [python_function], always_one [python_function];" in checked.stdout
     done = run_cli("run", str(path))
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())

@@ -502,7 +502,14 @@ class RunSection(Section):
     )
     progress_bar: bool = Field(True, description="Show a progress bar with the current reward, when stderr is a "
                                "terminal (piped or redirected output gets the log lines only, never the bar's "
-                               "carriage-return fragments).")
+                               "carriage-return fragments) and log_level is info or debug. TRL's disable_tqdm is its "
+                               "opposite.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="What `zenalign run` and `GRPOTrainer.train()` print (TRL's log_level). info: a step line "
+        "every log_interval steps and the evaluation lines on stderr (above the progress bar on a terminal), and a "
+        "summary of the first and last evaluations on stdout at the end. warning: only warnings and the summary "
+        "(`zenalign run -q`). error: nothing (errors are raised). debug: also debug lines. run.log gets every line "
+        "regardless.")
     checkpoint_interval: int = Field(
         0,
         ge=0,

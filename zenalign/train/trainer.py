@@ -18,8 +18,8 @@ counts, so the update equals the single-process one. Rank 0 writes the run direc
 from __future__ import annotations
 
 import logging
+import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from zenalign.train import checkpoint as ckpt
 from zenalign.train.advantage import step_advantages
 from zenalign.train.build import Builder, Inputs, take_trl_arguments
 from zenalign.train.collect import BatchCollector
+from zenalign.train.console import console, shows_progress_bar, shows_summary, summary
 from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, collective_failure, init_distributed
 from zenalign.train.engine import create_engine
@@ -188,7 +189,7 @@ class GRPOTrainer:
         rewards = builder.rewards()
         has_tokenizer = self.recipe.model.path or self.recipe.model.tokenizer_path or self.inputs.tokenizer is not None
         builder.check_inputs(builder.tokenizer() if has_tokenizer else None, train, evals, rewards)  # not the model
-        Scorer(rewards)
+        self.scorer = Scorer(rewards)
         objectives = builder.objectives(rewards)
         builder.loss(builder.normalizer())
         builder.filters()
@@ -302,7 +303,19 @@ class GRPOTrainer:
 
         ``resume``: ``"auto"`` continues from the newest checkpoint in the run directory (or starts
         fresh if there is none); a path continues from that checkpoint.
+
+        It shows what ``zenalign run`` shows (:mod:`zenalign.train.console`): step and evaluation
+        lines on stderr, a progress bar on a terminal, and the summary on stdout at the end;
+        ``log_level="warning"`` leaves only warnings and the summary, ``"error"`` nothing.
         """
+        level, main = self.recipe.run.log_level, os.environ.get("RANK", "0") == "0"
+        with console(level, main):
+            result = self._train(prompts, eval_prompts, resume)
+        if main and shows_summary(level):
+            print(summary(result), flush=True)
+        return result
+
+    def _train(self, prompts, eval_prompts, resume: Optional[str]) -> TrainResult:
         try:
             with StopSignals(on_exit=self.run_dir.unlock) as self.signals:
                 self.setup(prompts, eval_prompts, resume)
@@ -332,7 +345,7 @@ class GRPOTrainer:
         result.initial_eval = evals[0] if evals else self.evaluate()
         last_eval = evals[-1]["step"] if evals else 0
         with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
-                  disable=not (r.progress_bar and main and sys.stderr.isatty())) as progress:
+                  disable=not (shows_progress_bar(r) and main)) as progress:
             while self.state.step < r.steps:
                 self.signals.stop_here(self.dist, self.state.step, saved, self.save_checkpoint)
                 self.state.step += 1
