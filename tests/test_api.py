@@ -175,7 +175,7 @@ def test_on_a_terminal_the_api_shows_the_progress_bar(tmp_path, tiny_model_dir):
         "    print(f'=== {name}', file=sys.stderr, flush=True)\n"
         f"    GRPOTrainer(model={str(tiny_model_dir)!r}, reward_funcs=lambda completions: [1.0] * len(completions),\n"
         "                max_steps=2, logging_steps=1, num_generations=2, prompts_per_step=2, max_completion_length=4,\n"
-        f"                output_dir={str(tmp_path)!r} + '/' + name, progress_bar=not hide).train(['a', 'b'])\n")
+        f"                output_dir={str(tmp_path)!r} + '/' + name, disable_tqdm=hide).train(['a', 'b'])\n")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns (0: tqdm draws nothing)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "train.py")], stderr=follower, stdout=subprocess.DEVNULL)

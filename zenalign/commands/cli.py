@@ -3,7 +3,7 @@
     zenalign run RECIPE [key.path=value ...] [--resume auto|PATH]   train (or continue)
     zenalign validate RECIPE [key.path=value ...]   check the recipe and every plugin's options
     zenalign plugins [RECIPE]                       list reward sources, normalizers, tasks and options
-    zenalign schema [--format json|markdown]        the recipe's JSON Schema (editor completion)
+    zenalign schema [--format json|markdown|trl]    the recipe's JSON Schema (editor completion), its docs
     zenalign export CHECKPOINT OUT [--merge]        a checkpoint's policy as a plain HF directory
     zenalign sweep RECIPE [key.path=value ...]      one run per point of the recipe's sweep section
     zenalign train-rm RECIPE [key.path=value ...]   a Bradley-Terry reward model from preference pairs
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(handler=cmd_plugins)
 
     schema = sub.add_parser("schema", help="print the recipe schema")
-    schema.add_argument("--format", choices=("json", "markdown"), default="json")
+    schema.add_argument("--format", choices=("json", "markdown", "trl"), default="json")  # trl: docs/from-trl.md's table
     schema.set_defaults(handler=cmd_schema)
 
     sweep = sub.add_parser("sweep", help="run a recipe once per point of its sweep section")
@@ -174,6 +174,11 @@ def cmd_schema(args) -> int:
     from zenalign.recipe.schema import build_recipe_model
     from zenalign.recipe.docs import recipe_reference
 
+    if args.format == "trl":
+        from zenalign.recipe.docs import trl_table
+
+        sys.stdout.write(trl_table())
+        return 0
     registry = collect_registry()
     if args.format == "markdown":
         sys.stdout.write(recipe_reference(registry))

@@ -17,6 +17,7 @@ from pathlib import Path
 from zenalign.errors import ModelLoadError, one_line
 from zenalign.models.lora import holds_adapter, merge_adapter
 from zenalign.train import checkpoint as ckpt
+from zenalign.train.saving import check_new_directory
 
 
 PLAIN = "loads with AutoModelForCausalLM.from_pretrained"
@@ -25,7 +26,7 @@ PLAIN = "loads with AutoModelForCausalLM.from_pretrained"
 def export_checkpoint(source: Path, out: Path, merge: bool = False, base: Path | None = None) -> tuple[Path, str]:
     """Write the checkpoint's policy to ``out``; returns ``out`` and how it loads. ``out`` is checked
     first: nothing is read from the checkpoint for an export that could not be written."""
-    ckpt.check_new_directory(out, "export")
+    check_new_directory(out, "export")
     directory = ckpt.find_checkpoint(str(source), source)
     state = ckpt.verify(directory)
     policy = directory / "policy"

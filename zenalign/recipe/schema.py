@@ -187,6 +187,14 @@ class SamplingSection(Section):
         "memory available (docs/scaling.md, \"Memory\").",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    max_prompt_length: Optional[int] = Field(
+        None, ge=1, description="Longest prompt, in tokens (TRL's max_prompt_length); what happens to a longer one is "
+        "`long_prompts`. null: no limit (the model's positions still bound prompt + completion).")
+    long_prompts: Literal["truncate", "refuse"] = Field(
+        "truncate", description="A prompt longer than `max_prompt_length`: truncate keeps its last max_prompt_length "
+        "tokens (TRL's left truncation: the end of the prompt, next to the completion, stays), in sampling, the loss "
+        "and evaluation; reward functions still get the whole prompt. refuse: validate and run stop with an error "
+        "naming the prompt.")
     temperature: float = Field(
         1.0,
         ge=1e-6,
@@ -525,11 +533,14 @@ class RunSection(Section):
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
-        description="Experiment trackers to log to, each through its own library (an optional extra: pip install "
+        description="Experiment trackers to log to, a list (or, as TRL takes it, one name, `all` for every installed "
+        "one, or `none`), each through its own library (an optional extra: pip install "
         "'zenalign[tensorboard]', '[wandb]', '[mlflow]'): every step's metrics, eval metrics, the resolved recipe "
         "as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; wandb and mlflow "
         "follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME).",
     )
+    name: Optional[str] = Field(
+        None, description="The run's name in experiment trackers (TRL's run_name). null: the run directory's name.")
     hacking_patience: int = Field(
         3,
         ge=0,
@@ -553,6 +564,16 @@ class RunSection(Section):
         if is_file:
             raise ValueError(f"'{value}' is an existing file; give a directory")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_all_or_none(cls, value):
+        """TRL's forms: one tracker's name, "all" (every installed one) or "none"."""
+        if value == "none":
+            return []
+        if value == "all":
+            return [name for name, module in TRACKER_MODULES.items() if importlib.util.find_spec(module) is not None]
+        return [value] if isinstance(value, str) else value
 
     @field_validator("report_to")
     @classmethod

@@ -16,11 +16,12 @@ from zenalign.data import check_records, messages_field, render_prompt
 from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
                                      pick_device, prepare_tokenizer)
-from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
+from zenalign.models.lora import (add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights,
+                                  require_peft)
 from zenalign.plugins import BuildContext, LearnsValues, Objectives, enforces_constraints, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
-from zenalign.grpo.scoring import BoundReward, bind_reward
+from zenalign.grpo.scoring import BoundReward, Scorer, bind_reward
 from zenalign.grpo.vllm_engine import check_vllm
 from zenalign.train.budget import check_memory
 
@@ -71,6 +72,21 @@ class Builder:
         if self.inputs.model is not None or self.recipe.model.path is None:
             return None
         return self.path(self.recipe.model.path)
+
+    def check(self) -> tuple[Objectives, Scorer]:
+        """Every part but the policy, each built as ``run`` builds it (what ``validate`` runs):
+        the prompts, the reward sources, their inputs, the objectives, normalizer, loss and filters."""
+        if self.recipe.model.lora is not None:
+            require_peft()
+        train, evals = self.prompts(None, None)
+        rewards = self.rewards()
+        m = self.recipe.model
+        has_tokenizer = m.path or m.tokenizer_path or self.inputs.tokenizer is not None
+        self.check_inputs(self.tokenizer() if has_tokenizer else None, train, evals, rewards)  # not the model
+        scorer, objectives = Scorer(rewards), self.objectives(rewards)
+        self.loss(self.normalizer())
+        self.filters()
+        return objectives, scorer
 
     def tokenizer(self):
         m = self.recipe.model
@@ -283,22 +299,38 @@ class Builder:
                                 f"with one (model.tokenizer_path) or 'prompt' as text")
         texts = [render_prompt(record, tokenizer) for _, _, record in rows]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else [0]
-        longest = self.longest_prompt = max(lengths)
+        longest = max(lengths)
         where, i, _ = rows[lengths.index(longest)] if texts else ("prompts", 0, None)
         at = f"{where}[{i}]"
+        longest = self.longest_prompt = self._prompt_limit(lengths, longest, at)
         config = model_config(model_dir)
         positions = config.get("text_config", config).get("max_position_embeddings")
         new = self.recipe.sampling.max_new_tokens
         if isinstance(positions, int) and longest + new > positions:
             raise RecipeError(f"sampling.max_new_tokens: the longest prompt ({at}) is {longest} tokens, and "
                               f"{longest} + {new} = {longest + new} exceeds the model's {positions} positions "
-                              f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
+                              f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts "
+                              f"(sampling.max_prompt_length)")
         device = self.context.device.type if self.context.device is not None else pick_device(self.recipe.engine.device).type
         if self.recipe.sampling.decoder == "vllm":
             check_vllm(self.recipe, config, longest, at, device)
         given = getattr(self.inputs.model, "config", None)  # a model object: its config, as config.json would hold it
         check_memory(self.recipe, given.to_dict() if hasattr(given, "to_dict") else config, longest, len(evals), device,
                      self.loaded.source)
+
+    def _prompt_limit(self, lengths: list[int], longest: int, at: str) -> int:
+        """The longest prompt as sampled: ``sampling.max_prompt_length`` truncates longer ones (and
+        says how many) or refuses them (naming the longest, ``at``)."""
+        limit, how = self.recipe.sampling.max_prompt_length, self.recipe.sampling.long_prompts
+        over = sum(length > limit for length in lengths) if limit is not None else 0
+        if over and how == "refuse":
+            raise RecipeError(f"sampling.max_prompt_length: {over} prompt(s) are longer than {limit} tokens, the longest "
+                              f"({at}) {longest}; shorten them, raise max_prompt_length, or set sampling.long_prompts: "
+                              f"truncate (each keeps its last {limit} tokens)")
+        if over:
+            log.info("sampling.max_prompt_length: %d of %d prompts are longer than %d tokens; they keep their last %d "
+                     "(sampling.long_prompts: truncate)", over, len(lengths), limit, limit)
+        return min(longest, limit) if limit is not None else longest
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
         prompts = prompts if prompts is not None else self.inputs.train_dataset

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -397,42 +396,6 @@ def check_finite(state: Optional[dict[str, torch.Tensor]], where: str) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"{where}: the policy's {name} holds NaN or infinite values; it was not written "
                                  f"(the checkpoints already written are intact)")
-
-
-def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
-    """The trained policy as ``RUN/final``; see :func:`save_policy`."""
-    return save_policy(run_path / "final", parts, run_path / "final.tmp")
-
-
-def save_policy(target: Path, parts: CheckpointParts, staging: Optional[Path] = None) -> Optional[Path]:
-    """The policy as a save_pretrained directory (safetensors; a LoRA policy's adapter) with its
-    tokenizer, written to ``staging`` (default: a new hidden directory beside ``target``) and renamed
-    into place, replacing ``target``; its path on rank 0. Every rank takes part (ZeRO-3 gathers)."""
-    state = parts.engine.policy_state_dict()  # collective at ZeRO-3
-    if not parts.dist.is_main:
-        return None
-    check_finite(state, target.name)
-    if staging is None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        parts.tokenizer.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
-
-
-def check_new_directory(out: Path, where: str) -> None:
-    """``out`` may be written: it does not exist, or is an empty directory."""
-    if out.exists() and not out.is_dir():
-        raise ModelLoadError(f"{where}: '{out}' is an existing file; give a new directory to write the policy into")
-    if out.exists() and any(out.iterdir()):
-        raise ModelLoadError(f"{where}: '{out}' already exists and is not empty; choose a new directory")
 
 
 def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> None:

@@ -12,9 +12,11 @@ run.log always gets every line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -53,13 +55,13 @@ def prints_to_console(logger: logging.Logger) -> bool:
 
 
 @contextmanager
-def console(level: str, main: bool) -> Iterator[None]:
+def console(level: str) -> Iterator[None]:
     """zenalign's messages of ``level`` and above on stderr while a run trains (warnings and above
     on ranks other than 0), kept clear of the progress bar. A handler added here is removed
     afterwards; while it is there, records do not also reach a root handler that prints to the
     console (no line twice), as the CLI's never do."""
     handler, added = console_handler()
-    only = AtLeast(LEVELS[level] if main else max(LEVELS[level], logging.WARNING))
+    only = AtLeast(LEVELS[level] if rank_zero() else max(LEVELS[level], logging.WARNING))
     handler.addFilter(only)
     saved_level, saved_propagate = log.level, log.propagate
     wanted = min(LEVELS[level], logging.INFO)  # run.log gets every line, whatever the console shows
@@ -93,6 +95,31 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def print_summary(result: Any, level: str) -> Any:
+    """Print a training run's summary on stdout (rank 0, at ``level`` warning and below); returns ``result``."""
+    if rank_zero() and shows_summary(level):
+        print(summary(result), flush=True)
+    return result
+
+
+def rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def open_run_log(path: Path) -> logging.Handler:
+    """Every zenalign line, with its time and level, into ``path`` (a run's run.log) too."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def close_run_log(handler: Optional[logging.Handler]) -> None:
+    if handler is not None:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def shows_summary(level: str) -> bool:
