@@ -355,6 +355,9 @@ def test_trl_names_in_a_recipe_and_overrides_follow_the_conflict_rule(tmp_path, 
     assert load_recipe(path, ["num_train_epochs=2", "max_steps=9"]).recipe.run.steps == 9  # TRL lets max_steps win
     with pytest.raises(RecipeError, match=r"reward_weights=\[1, 2\]' gives 2 weights, but the recipe has 1 rewards"):
         load_recipe(path, ["reward_weights=[1, 2]"])
+    with pytest.raises(RecipeError, match=r"^adam_betas=\(0.1, 0.2\) and adam_beta1=0.5 \(TRL's name for "
+                                          r"grpo.adam_betas\[0\]\) both set grpo.adam_betas.0 \(0.1 vs 0.5\)"):
+        GRPOTrainer(model="m", reward_funcs=len, adam_betas=(0.1, 0.2), adam_beta1=0.5)  # one item of a pair
     installed = [name for name in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(name)]
     assert load_recipe(path, ["report_to=all"]).recipe.run.report_to == installed  # TRL's "all": every installed one
     assert load_recipe(path, ["report_to=none"]).recipe.run.report_to == []

@@ -128,10 +128,22 @@ def check_conflicts(sources: Sources, origin: str, value: Any, prefix: tuple[str
     key = prefix if key is None else key
     for path, item in leaf_paths(prefix, value).items():
         direct = key if path == prefix else None  # the key names this very field
-        seen = sources.get(path)
-        if seen is not None and seen[1] != item and not (direct is not None and seen[2] == direct):
-            raise RecipeError(f"{seen[0]} and {origin} both set {'.'.join(path)} ({seen[1]!r} vs {item!r}); give it once")
+        for where, (seen, mine) in [(path, (sources.get(path), item)), *_items_apart(sources, path, item)]:
+            if seen is not None and seen[1] != mine and not (direct is not None and seen[2] == direct):
+                raise RecipeError(f"{seen[0]} and {origin} both set {'.'.join(where)} ({seen[1]!r} vs {mine!r}); give it once")
         sources[path] = (origin, item, direct)
+
+
+def _items_apart(sources: Sources, path: tuple[str, ...], item: Any) -> list:
+    """A list and one of its items set apart (``grpo.adam_betas`` and TRL's ``adam_beta1``, which sets
+    ``grpo.adam_betas.0``): the item's path, what was set there before and what is set now."""
+    found = []
+    parent = sources.get(path[:-1]) if path[-1].isdigit() else None
+    if parent is not None and isinstance(parent[1], (list, tuple)) and int(path[-1]) < len(parent[1]):
+        found.append((path, ((parent[0], parent[1][int(path[-1])], None), item)))
+    for i, element in enumerate(item if isinstance(item, (list, tuple)) else ()):
+        found.append(((*path, str(i)), (sources.get((*path, str(i))), element)))
+    return found
 
 
 def apply_override(data: dict[str, Any], text: str, sources: Optional[Sources] = None,
@@ -176,8 +188,8 @@ def assign(data: dict[str, Any], path: tuple[str, ...], value: Any, where: str) 
     indexes a list (one made from the schema's default where the recipe has none: adam_betas)."""
     node: Any = data
     for depth, key in enumerate(path[:-1]):
-        if isinstance(node, dict) and path[depth + 1].isdigit() and node.get(key) is None:
-            node[key] = list(schema_default(path[: depth + 1]))
+        if depth == 1 and path[0] in FLAT_SECTIONS and path[2].isdigit() and isinstance(node, dict) and node.get(key) is None:
+            node[key] = list(schema_default(path[:2]))  # grpo.adam_betas.0: the default pair, then its first item
         node = _child(node, key, where)
     last = path[-1]
     if isinstance(value, Append):
@@ -194,8 +206,10 @@ def assign(data: dict[str, Any], path: tuple[str, ...], value: Any, where: str) 
 
 
 def schema_default(path: tuple[str, ...]) -> Any:
-    """The schema's default of ``section.field``."""
-    field = Recipe.model_fields[path[0]].annotation.model_fields[path[1]]
+    """The schema's default of ``section.field`` (an empty list for a field the section does not have)."""
+    field = Recipe.model_fields[path[0]].annotation.model_fields.get(path[1])
+    if field is None:
+        return []
     return field.default_factory() if field.default_factory is not None else field.default
 
 
