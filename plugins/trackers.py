@@ -13,7 +13,7 @@ Each goes through its own library's API, on the main process only:
 TensorBoard writes ``RUN/tensorboard``. W&B writes under ``RUN/wandb`` and follows its own settings
 (``WANDB_MODE=offline`` to log without an account, ``WANDB_PROJECT``, default project
 ``zenalign``); MLflow follows ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME`` (default
-``zenalign``). The run is named after the run directory.
+``zenalign``). The run is named run.name, or after the run directory.
 
 A resumed run continues the same tracker run: TensorBoard purges the steps after the checkpoint
 (``purge_step``), so a step the killed attempt logged past it is shown once, with the resumed
@@ -95,13 +95,18 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
+def run_name(context) -> str:
+    """run.name (TRL's run_name), or the run directory's name."""
+    return context.recipe.get("run", {}).get("name") or context.output_dir.name
+
+
 class WandB(Tracker):
     def __init__(self, context, start_step):
         import wandb
 
         self.wandb = wandb
         try:  # the run directory's id: every attempt of the run logs to the same W&B run
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zenalign"), name=context.output_dir.name,
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zenalign"), name=run_name(context),
                                   id=context.run_id or None, resume="allow", dir=str(context.output_dir),
                                   config=context.recipe, reinit="create_new")
         except Exception as exc:
@@ -129,7 +134,7 @@ class MLflow(Tracker):
         earlier = recorded(record).get("mlflow") if start_step else None
         try:
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "zenalign"))
-            self.run = self._start(earlier, context.output_dir.name)
+            self.run = self._start(earlier, run_name(context))
         except Exception as exc:
             raise RecipeError(f"run.report_to: mlflow could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
                               f"set MLFLOW_TRACKING_URI to a tracking server or database") from exc

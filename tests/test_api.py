@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -95,3 +96,108 @@ def test_api_and_cli_run_the_same_engine(tmp_path):
 def test_model_directory_is_used_by_path():
     trainer = GRPOTrainer(model=str(REVERSE_POLICY), reward_model=len)
     assert trainer.recipe.model.path == str(REVERSE_POLICY)
+
+
+def test_save_model_writes_the_policy_as_trl_does(tmp_path, tiny_model_dir):
+    """Issue 35: TRL's trainer.save_model(dir): the trained policy and its tokenizer, loadable with
+    from_pretrained; the run directory itself (TRL's output_dir) means the run's final/."""
+    from transformers import AutoTokenizer
+
+    from zenalign.errors import ModelLoadError
+
+    def token_sum(completion_ids):  # a dense reward: every group varies, so the step moves the weights
+        return [float(sum(ids) % 7) for ids in completion_ids]
+
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=token_sum, steps=1, group_size=4, prompts_per_step=2,
+                          max_new_tokens=6, learning_rate=0.05, kl_coef=0.0, output_dir=str(tmp_path / "run"),
+                          progress_bar=False)
+    with pytest.raises(RecipeError, match=r"^save_model: the policy is built by train\(\); call train\(\) first$"):
+        trainer.save_model(tmp_path / "early")
+    trainer.train(PROMPTS)
+    assert trainer.save_model(tmp_path / "saved") == tmp_path / "saved"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    trained = trainer.model.state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in trained)
+    assert any(not torch.equal(saved[k], initial[k]) for k in initial)  # the trained weights, not the initial ones
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved")("abc").input_ids == trainer.tokenizer("abc").input_ids
+    assert trainer.save_model() == trainer.save_model(str(tmp_path / "run")) == tmp_path / "run" / "final"
+    with pytest.raises(ModelLoadError, match=f"save_model: '{tmp_path / 'saved'}' already exists and is not empty"):
+        trainer.save_model(tmp_path / "saved")
+    with pytest.raises(RecipeError, match=r"save_model\(merge=True\): the policy has no LoRA adapters to merge"):
+        trainer.save_model(tmp_path / "merged", merge=True)
+
+
+def test_the_api_prints_what_the_cli_prints(tmp_path, tiny_model_dir, capfd):
+    """Issue 35: GRPOTrainer.train() printed nothing while `zenalign run` shows its step and eval
+    lines and a summary. Both now print the same (here not on a terminal: plain lines, no bar);
+    TRL's log_level silences it."""
+    def exact(completions, answer):
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    def run(name, **options):
+        trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=exact, max_steps=2, logging_steps=1,
+                              num_generations=2, prompts_per_step=2, max_completion_length=4,
+                              output_dir=str(tmp_path / name), train_dataset=PROMPTS, eval_dataset=PROMPTS[:2], **options)
+        return trainer.train(), capfd.readouterr()
+
+    result, (out, err) = run("shown")
+    before, after = result.initial_eval["eval/reward_mean/exact"], result.final_eval["eval/reward_mean/exact"]
+    assert out == (f"eval exact: {before:.3f} -> {after:.3f} (step 0 -> 2)\n"
+                   f"run directory: {tmp_path / 'shown'} (final policy in {tmp_path / 'shown' / 'final'})\n")
+    lines = err.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert [line.split(":")[0] for line in lines if line.startswith("eval at")] == ["eval at step 0", "eval at step 2"]
+    assert "\r" not in err and "GRPO:" not in err  # stderr is not a terminal here: no bar
+    run_log = (tmp_path / "shown" / "run.log").read_text()
+    assert all(line in run_log for line in lines if line.startswith(("step ", "eval at")))
+
+    result, (out, err) = run("quiet", log_level="warning")  # `zenalign run -q`: the summary alone
+    assert out.startswith("eval exact:") and "step 1/2" not in err and "step 1/2" in (tmp_path / "quiet" / "run.log").read_text()
+    assert run("silent", log_level="error")[1] == ("", "")
+
+
+def test_on_a_terminal_the_api_shows_the_progress_bar(tmp_path, tiny_model_dir):
+    """With stderr a terminal (a pseudo-terminal here), train() draws tqdm's bar with the step lines
+    printed above it, as `zenalign run` does; TRL's disable_tqdm=True leaves the lines alone."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    (tmp_path / "train.py").write_text(
+        "import sys\nfrom zenalign import GRPOTrainer\n"
+        "for name, hide in (('bar', False), ('nobar', True)):\n"
+        "    print(f'=== {name}', file=sys.stderr, flush=True)\n"
+        f"    GRPOTrainer(model={str(tiny_model_dir)!r}, reward_funcs=lambda completions: [1.0] * len(completions),\n"
+        "                max_steps=2, logging_steps=1, num_generations=2, prompts_per_step=2, max_completion_length=4,\n"
+        f"                output_dir={str(tmp_path)!r} + '/' + name, disable_tqdm=hide).train(['a', 'b'])\n")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns (0: tqdm draws nothing)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "train.py")], stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert proc.wait(timeout=300) == 0
+    reader.join(timeout=30)
+    os.close(leader)
+    shown = b"".join(chunks).decode(errors="replace")
+    with_bar, without = shown.split("=== nobar")
+    assert "GRPO: 100%" in with_bar and "\r" in with_bar and "step 2/2" in with_bar
+    assert "GRPO:" not in without and "step 2/2" in without

@@ -216,7 +216,7 @@ CASES = [
     Case(
         "reward-raises",
         PYFN_REWARD,
-        ["rewards[0] 'python_function' (python_function)", "raised ValueError", "reward exploded",
+        ["rewards[0] 'fn' (python_function)", "raised ValueError", "reward exploded",
          "myreward.py:4 (in fn)", "at step 1", "run.log has the traceback"],
         files={"myreward.py": reward_file("raise ValueError('reward exploded')")},
         during_run=True,
@@ -224,21 +224,21 @@ CASES = [
     Case(
         "reward-wrong-number-of-scores",
         PYFN_REWARD,
-        ["rewards[0] 'python_function' (python_function)", "returned 1 scores for 4 completions", "one score per completion"],
+        ["rewards[0] 'fn' (python_function)", "returned 1 scores for 4 completions", "one score per completion"],
         files={"myreward.py": reward_file("return [1.0]")},
         during_run=True,
     ),
     Case(
         "reward-returns-string",
         PYFN_REWARD,
-        ["rewards[0] 'python_function' (python_function)", "returned str 'good'", "scores must be numbers", "NaN or None to abstain"],
+        ["rewards[0] 'fn' (python_function)", "returned str 'good'", "scores must be numbers", "NaN or None to abstain"],
         files={"myreward.py": reward_file("return ['good' for _ in completions]")},
         during_run=True,
     ),
     Case(  # issue 15, finding 8: a reward that hangs hung the run forever
         "reward-hangs-past-its-timeout",
         {"rewards": [{"type": "python_function", "function": "myreward.py:fn", "timeout_s": 0.5}]},
-        ["rewards[0] 'python_function' (python_function)", "took longer than its timeout_s (0.5 s)", "at step 1",
+        ["rewards[0] 'fn' (python_function)", "took longer than its timeout_s (0.5 s)", "at step 1",
          "raise timeout_s"],
         files={"myreward.py": "import time\n\ndef fn(completions, step):\n    time.sleep(3600)\n"},
         during_run=True,
@@ -246,7 +246,7 @@ CASES = [
     Case(  # issue 15, finding 8: a reward returning None for everything ran to the end
         "reward-never-scores",
         merge(PYFN_REWARD, {"run": {"hacking_patience": 1}}),
-        ["rewards[0] 'python_function' (python_function)", "scored no completion", "objective 'python_function'",
+        ["rewards[0] 'fn' (python_function)", "scored no completion", "objective 'fn'",
          "1 consecutive steps", "run.hacking_patience"],
         files={"myreward.py": reward_file("return [None for _ in completions]")},
         during_run=True,
@@ -254,7 +254,7 @@ CASES = [
     Case(
         "reward-returns-infinity",
         PYFN_REWARD,
-        ["rewards[0] 'python_function' (python_function)", "returned inf", "scores must be finite", "NaN or None to abstain"],
+        ["rewards[0] 'fn' (python_function)", "returned inf", "scores must be finite", "NaN or None to abstain"],
         files={"myreward.py": reward_file("return [math.inf for _ in completions]")},
         during_run=True,
     ),
@@ -580,7 +580,7 @@ def test_run_failing_midway_keeps_metrics(tmp_path: Path, tiny_model_dir: Path) 
 
     proc = run_cli("run", str(recipe_path), cwd=tmp_path)
     message = error_line(proc, during_run=True)
-    assert "rewards[0] 'python_function'" in message
+    assert "rewards[0] 'fn' (python_function)" in message
     assert "raised RuntimeError: second step went wrong at " in message
     assert f"{tmp_path / 'myreward.py'}:5 (in fn) (at step 2)" in message  # the user's file and line
     logged = (out / "run.log").read_text(encoding="utf-8")  # the whole traceback, for the user to read
@@ -673,11 +673,16 @@ def test_validate_checks_prompt_length_against_the_models_positions(tmp_path, ti
            f"model's {positions} positions" in message
 
 
-def test_validate_checks_the_chat_template_for_messages(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("field", ["messages", "prompt"])
+def test_validate_checks_the_chat_template_for_messages(tmp_path, tiny_model_dir, field):
+    """The error names the field that holds the messages: zenalign's `messages`, or TRL's
+    conversational `prompt` (issue 35: it said 'messages' for both)."""
     data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
-                 {"data": {"prompts": [{"messages": [{"role": "user", "content": "hi"}]}]}})
+                 {"data": {"prompts": ["reverse abc:", {field: [{"role": "user", "content": "hi"}]}]}})
     message = error_line(run_cli("validate", str(write_recipe(tmp_path, data))), during_run=False)
-    assert "prompts[0]: the record has chat 'messages' but the tokenizer of" in message and "no chat template" in message
+    assert message.endswith(f"prompts[1]: '{field}' is a list of chat messages but the tokenizer of "
+                            f"'{tiny_model_dir}' has no chat template; give a tokenizer with one (model.tokenizer_path) "
+                            f"or 'prompt' as text")
 
 
 def test_records_missing_a_field_a_reward_reads_are_counted_and_logged(tmp_path, tiny_model_dir):
@@ -771,3 +776,39 @@ def test_export_to_an_existing_file_is_one_line(tmp_path, tiny_model_dir):
     message = error_line(run_cli("export", str(tmp_path / "run"), str(tmp_path / "notes.txt")), during_run=False)
     assert f"export: '{tmp_path / 'notes.txt'}' is an existing file; give a new directory" in message
     assert (tmp_path / "notes.txt").read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("signature", ["completions, answer, **kwargs", "completions, answer"])
+def test_a_reward_function_needing_a_missing_field_abstains_as_validate_says(tmp_path, tiny_model_dir, signature):
+    """Issue 35: validate warned that a reward reading a missing column 'abstains on their
+    completions', and the run then stopped with `TypeError: missing 1 required positional argument`
+    (or, without **kwargs, an error that the batch lacks it). The completions of records without the
+    field are kept from the function and abstain; the function sees only the others."""
+    # the score is the number of completions the function was given: 2 (one group) if the record
+    # without an answer is kept from it, 4 if it is passed along with answer None
+    (tmp_path / "myreward.py").write_text(f"def fn({signature}):\n    return [float(len(answer))] * len(answer)\n")
+    data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
+                 {"data": {"prompts": [{"prompt": "reverse abc:", "answer": "cba"}, {"prompt": "reverse dog:"}]},
+                  **PYFN_REWARD, "run": {"steps": 2}})
+    warning = ("rewards[0] 'fn' (python_function) reads the field 'answer', which 1 of 2 training prompts lack (or hold "
+               "null): it abstains on their completions (abstain_frac/fn in metrics.jsonl)")
+    checked = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert checked.returncode == 0 and warning in checked.stderr, checked.stderr
+    done = run_cli("run", str(write_recipe(tmp_path, data)))
+    assert done.returncode == 0 and warning in done.stderr, done.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["reward_mean"], m["abstain_frac/fn"]) for m in metrics] == [(2.0, 0.5), (2.0, 0.5)]
+
+    data = merge(data, {"data": {"prompts": ["reverse abc:", "reverse dog:"]}, "run": {"overwrite": True}})
+    warning = ("rewards[0] 'fn' (python_function) reads the field 'answer', which 2 of 2 training prompts lack (or hold "
+               "null): it abstains on their completions (abstain_frac/fn in metrics.jsonl); with every prompt lacking "
+               "it, the run stops after 3 steps without a score (run.hacking_patience)")
+    checked = run_cli("validate", str(write_recipe(tmp_path, data)))
+    assert checked.returncode == 0 and warning in checked.stderr, checked.stderr
+    done = run_cli("run", str(write_recipe(tmp_path, data)), "run.steps=4")
+    message = error_line(done, during_run=True)
+    assert message == ("zenalign: error: rewards[0] 'fn' (python_function) scored no completion (every score NaN or None) "
+                       "for objective 'fn' in 3 consecutive steps (steps 1-3); check what it returns "
+                       "(run.hacking_patience sets the number of steps, 0 turns this check off)")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["abstain_frac/fn"] for m in metrics] == [1.0, 1.0]  # steps 1 and 2 written; step 3 stopped the run

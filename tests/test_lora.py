@@ -294,3 +294,24 @@ def test_a_lora_checkpoint_without_consolidation_still_holds_the_adapter(tmp_pat
     merged = run_cli("export", str(out), str(tmp_path / "merged"), "--merge")
     assert merged.returncode == 0, merged.stderr
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+
+
+def test_save_model_writes_the_adapter_or_the_merged_model(tmp_path, tiny_model_dir):
+    """Issue 35: trainer.save_model(dir), as in TRL: a LoRA policy's adapter, or with merge=True the
+    model with the adapter merged in (what `zenalign export [--merge]` writes); both load back."""
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=token_sum, lora={"r": 4}, kl_coef=0.0, group_size=4,
+                          prompts_per_step=2, max_new_tokens=6, learning_rate=0.05, steps=1, seed=3,
+                          output_dir=str(tmp_path / "run"), progress_bar=False)
+    trainer.train(PROMPTS)
+    adapter, merged = trainer.save_model(tmp_path / "adapter"), trainer.save_model(tmp_path / "merged", merge=True)
+    assert (adapter / "adapter_model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        live, a, m, b = (model.eval()(input_ids=ids).logits for model in (
+            trainer.model, reloaded, AutoModelForCausalLM.from_pretrained(merged),
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir)))
+    assert torch.equal(live, a) and torch.allclose(a, m, atol=1e-5) and (a - b).abs().max() > 1e-4
+    assert (merged / "tokenizer_config.json").is_file()
+    with pytest.raises(RecipeError, match=r"save_model\(merge=True\): give an output_dir for the merged model"):
+        trainer.save_model(merge=True)

@@ -402,3 +402,35 @@ def test_zenalign_decoder_output_can_be_differentiated_through(model):
     (logp * rollout.completion_mask).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("decoder", ["zenalign", "generate"])
+def test_max_prompt_length_keeps_the_last_tokens_of_a_prompt(model, decoder):
+    """TRL's max_prompt_length (sampling.max_prompt_length, long_prompts: truncate): a longer prompt
+    keeps its last tokens. With byte tokens, the prompt "a much longer prompt than the others:" cut
+    to 12 tokens is the text "the others:" plus the space before it; sampling from the truncated
+    prompts gives exactly what sampling from those texts gives."""
+    from zenalign.grpo.rollout import encode_prompts, rollout_from_rows
+
+    tokenizer = byte_tokenizer()
+    ids, mask = encode_prompts(tokenizer, PROMPTS, max_length=12)
+    assert ids.shape == (3, 12)
+    assert tokenizer.decode(ids[2]) == " the others:" and tokenizer.decode(ids[0]) == "reverse abc:"  # 12 bytes already
+    assert mask.tolist()[1] == [0] * 10 + [1, 1]  # "hi", left-padded
+    keys = completion_keys(seed=0, step=1, first_completion=0, count=6)
+    cut = generate_groups(model, tokenizer, PROMPTS, SamplingSection(max_new_tokens=5, max_prompt_length=12, decoder=decoder),
+                          [EOS], group_size=2, keys=keys)
+    by_hand = [p[-12:] for p in PROMPTS]  # one byte is one token
+    assert by_hand[2] == " the others:"
+    same = generate_groups(model, tokenizer, by_hand, SamplingSection(max_new_tokens=5, decoder=decoder), [EOS],
+                           group_size=2, keys=keys)
+    assert cut.prompt_length == 12 and torch.equal(cut.sequences, same.sequences)
+    assert cut.completions == same.completions
+    whole = generate_groups(model, tokenizer, PROMPTS, SamplingSection(max_new_tokens=5, decoder=decoder), [EOS],
+                            group_size=2, keys=keys)
+    assert whole.prompt_length == len(PROMPTS[2])
+    # groups joined from their token rows (dynamic sampling's later rounds) are truncated alike
+    from zenalign.grpo.rollout import completion_rows
+
+    rebuilt = rollout_from_rows(tokenizer, PROMPTS, completion_rows(cut), 2, [EOS], max_prompt_length=12)
+    assert torch.equal(rebuilt.sequences, cut.sequences) and torch.equal(rebuilt.attention_mask, cut.attention_mask)

@@ -51,12 +51,25 @@ def test_function_with_kwargs_gets_everything_trl_style():
     assert matrix(fn, b=batch(["abc", "d"], ["x", "y"])).tolist() == [[3.0], [1.0]]
 
 
-def test_function_asking_for_a_missing_field_is_a_clear_error():
-    def fn(completions, solution):
-        return [0.0] * len(completions)
+def test_completions_whose_records_lack_a_field_the_function_needs_abstain():
+    """Issue 35: a function needing a field its batch lacks raised (TypeError with **kwargs) while
+    validate promised it would abstain. Those completions are kept from it and abstain; it gets the
+    others, whole groups, and a parameter with a default gets None where the field is missing."""
+    calls = []
 
-    with pytest.raises(RewardError, match="asks for 'solution', which the batch does not have; available: .*answer"):
-        matrix(fn, b=batch(["a", "b"], ["a", "b"]))
+    def fn(completions, answer, hint=None, **kwargs):
+        calls.append((completions, answer, hint, kwargs["group_size"]))
+        return {"right": [float(c == a) for c, a in zip(completions, answer)], "count": [len(answer)] * len(answer)}
+
+    fn.objectives = ["right", "count"]
+    groups = batch(["a", "b", "c", "d", "e", "f"], [None, None, "c", "c", None, None], group_size=2)
+    out = Scorer([bind_reward(fn, "fn", "test")])(groups)
+    assert calls == [(["c", "d"], ["c", "c"], None, 2)]  # the one group whose record has an answer
+    assert [["nan" if math.isnan(x) else x for x in row] for row in out.tolist()] == [
+        ["nan", "nan"], ["nan", "nan"], [1.0, 2.0], [0.0, 2.0], ["nan", "nan"], ["nan", "nan"]]
+    calls.clear()
+    out = Scorer([bind_reward(fn, "fn", "test")])(batch(["a", "b"]))  # no record has the field: never called
+    assert calls == [] and torch.isnan(out).all()
 
 
 @pytest.mark.parametrize(

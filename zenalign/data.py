@@ -140,7 +140,13 @@ def is_conversational(record: dict[str, Any]) -> bool:
 
 def prompt_messages(record: dict[str, Any]) -> Any:
     """The chat messages of a record (``prompt`` as a list, or ``messages``), or None for text."""
-    return record["prompt"] if is_conversational(record) else record.get("messages") if "prompt" not in record else None
+    return record[messages_field(record)] if messages_field(record) else None
+
+
+def messages_field(record: dict[str, Any]) -> str | None:
+    """The field that holds a record's chat messages: ``prompt`` (a list, TRL's conversational
+    format) or ``messages``; None for a text prompt."""
+    return "prompt" if is_conversational(record) else "messages" if "prompt" not in record and "messages" in record else None
 
 
 def render_prompt(record: dict[str, Any], tokenizer: Any) -> str:
@@ -150,7 +156,8 @@ def render_prompt(record: dict[str, Any], tokenizer: Any) -> str:
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("a prompt record has chat messages but the tokenizer has no chat template; give 'prompt' text instead")
+        raise DataError(f"a prompt record's '{messages_field(record)}' is a list of chat messages but the tokenizer has no "
+                        f"chat template; give a tokenizer with one, or 'prompt' as text")
     return tokenizer.apply_chat_template(prompt_messages(record), tokenize=False, add_generation_prompt=True)
 
 

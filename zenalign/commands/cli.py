@@ -3,7 +3,7 @@
     zenalign run RECIPE [key.path=value ...] [--resume auto|PATH]   train (or continue)
     zenalign validate RECIPE [key.path=value ...]   check the recipe and every plugin's options
     zenalign plugins [RECIPE]                       list reward sources, normalizers, tasks and options
-    zenalign schema [--format json|markdown]        the recipe's JSON Schema (editor completion)
+    zenalign schema [--format json|markdown|trl]    the recipe's JSON Schema (editor completion), its docs
     zenalign export CHECKPOINT OUT [--merge]        a checkpoint's policy as a plain HF directory
     zenalign sweep RECIPE [key.path=value ...]      one run per point of the recipe's sweep section
     zenalign train-rm RECIPE [key.path=value ...]   a Bradley-Terry reward model from preference pairs
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(handler=cmd_plugins)
 
     schema = sub.add_parser("schema", help="print the recipe schema")
-    schema.add_argument("--format", choices=("json", "markdown"), default="json")
+    schema.add_argument("--format", choices=("json", "markdown", "trl"), default="json")  # trl: docs/from-trl.md's table
     schema.set_defaults(handler=cmd_schema)
 
     sweep = sub.add_parser("sweep", help="run a recipe once per point of its sweep section")
@@ -110,36 +110,17 @@ def quiet_libraries() -> None:
 
 
 def cmd_run(args) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
+    """The run prints its own progress and summary (zenalign.train.console), as the Python API's does."""
     from zenalign.recipe.loader import load_recipe
     from zenalign.train.trainer import GRPOTrainer
 
     loaded = load_recipe(args.recipe, args.overrides)
     if args.quiet:
-        log.setLevel(logging.WARNING)
-        loaded.recipe.run.progress_bar = False
-    import os
-
-    main_process = os.environ.get("RANK", "0") == "0"
-    if not main_process:
-        log.setLevel(logging.WARNING)  # one voice: rank 0 reports
-    log.info("recipe %s -> %s", loaded.source, loaded.output_dir)
-    with logging_redirect_tqdm(loggers=[log]):
-        result = GRPOTrainer.from_recipe(loaded).train(resume=args.resume)
-    if main_process:
-        print(summary(result, loaded))
+        loaded.recipe.run.log_level = "warning"
+    if loaded.recipe.run.log_level in ("debug", "info") and os.environ.get("RANK", "0") == "0":
+        log.info("recipe %s -> %s", loaded.source, loaded.output_dir)
+    GRPOTrainer.from_recipe(loaded).train(resume=args.resume)
     return 0
-
-
-def summary(result, loaded) -> str:
-    lines = []
-    before, after = result.initial_eval, result.final_eval
-    for key in sorted(k for k in after if k.startswith("eval/reward_mean/")):
-        name = key.removeprefix("eval/reward_mean/")
-        lines.append(f"eval {name}: {before.get(key, float('nan')):.3f} -> {after[key]:.3f} (step 0 -> {result.steps})")
-    lines.append(f"run directory: {result.output_dir} (final policy in {result.output_dir / 'final'})")
-    return "\n".join(lines)
 
 
 def cmd_validate(args) -> int:
@@ -154,8 +135,9 @@ def cmd_validate(args) -> int:
     check_model_dir(loaded.base_dir / r.model.path, "model.path")
     if r.model.reference_path and r.grpo.kl_coef > 0:
         check_model_dir(loaded.base_dir / r.model.reference_path, "model.reference_path")
-    GRPOTrainer.from_recipe(loaded).check()  # builds data, rewards and normalizer; loads no policy
-    rewards = ", ".join(f"{e.name or e.type} [{e.type}]" for e in r.rewards)
+    trainer = GRPOTrainer.from_recipe(loaded)
+    trainer.check()  # builds data, rewards and normalizer; loads no policy
+    rewards = ", ".join(f"{bound.name} [{bound.type_name}]" for bound in trainer.scorer.rewards)
     print(f"{loaded.source}: valid (data: {r.data.type}; rewards: {rewards}; normalizer: {r.normalizer.type}; output: {loaded.output_dir})")
     return 0
 
@@ -192,6 +174,11 @@ def cmd_schema(args) -> int:
     from zenalign.recipe.schema import build_recipe_model
     from zenalign.recipe.docs import recipe_reference
 
+    if args.format == "trl":
+        from zenalign.recipe.docs import trl_table
+
+        sys.stdout.write(trl_table())
+        return 0
     registry = collect_registry()
     if args.format == "markdown":
         sys.stdout.write(recipe_reference(registry))
@@ -200,25 +187,11 @@ def cmd_schema(args) -> int:
     return 0
 
 
-class _StderrHandler(logging.StreamHandler):
-    """The CLI's own handler, known by its class so that it is added once. It writes to whatever
-    ``sys.stderr`` is when a message comes, so a caller that redirects stderr gets the messages."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 def configure_logging() -> None:
-    """zenalign's messages go to stderr, once (the progress bar redirects them around itself)."""
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    """zenalign's messages go to stderr, once (a run keeps them clear of its progress bar)."""
+    from zenalign.train.console import console_handler
+
+    console_handler()
     log.setLevel(logging.INFO)
     log.propagate = False
 
@@ -226,12 +199,9 @@ def configure_logging() -> None:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from zenalign.commands.sweep import run_sweep
 
-    with logging_redirect_tqdm(loggers=[log]):
-        results = run_sweep(Path(args.recipe), args.overrides)
+    results = run_sweep(Path(args.recipe), args.overrides)  # each run keeps its lines clear of its progress bar
     for point, out, final in results:
         scores = "  ".join(f"{k.removeprefix('eval/reward_mean/')} {v:.3f}" for k, v in final.items()
                            if k.startswith("eval/reward_mean/") and isinstance(v, float))

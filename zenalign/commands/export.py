@@ -15,22 +15,18 @@ import shutil
 from pathlib import Path
 
 from zenalign.errors import ModelLoadError, one_line
-from zenalign.models.loading import load_causal_lm
-from zenalign.models.lora import adapter_base_path, holds_adapter, load_adapter
+from zenalign.models.lora import holds_adapter, merge_adapter
 from zenalign.train import checkpoint as ckpt
+from zenalign.train.saving import check_new_directory
 
 
 PLAIN = "loads with AutoModelForCausalLM.from_pretrained"
-TOKENIZER_FILES = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"}
 
 
 def export_checkpoint(source: Path, out: Path, merge: bool = False, base: Path | None = None) -> tuple[Path, str]:
     """Write the checkpoint's policy to ``out``; returns ``out`` and how it loads. ``out`` is checked
     first: nothing is read from the checkpoint for an export that could not be written."""
-    if out.exists() and not out.is_dir():
-        raise ModelLoadError(f"export: '{out}' is an existing file; give a new directory to write the policy into")
-    if out.exists() and any(out.iterdir()):
-        raise ModelLoadError(f"export: '{out}' already exists and is not empty; choose a new directory")
+    check_new_directory(out, "export")
     directory = ckpt.find_checkpoint(str(source), source)
     state = ckpt.verify(directory)
     policy = directory / "policy"
@@ -46,22 +42,6 @@ def export_checkpoint(source: Path, out: Path, merge: bool = False, base: Path |
         shutil.copytree(policy, out, dirs_exist_ok=True)
         return out, PLAIN
     return from_zero_shards(directory, policy, out), PLAIN
-
-
-def merge_adapter(policy: Path, out: Path, base: Path | None) -> Path:
-    """The adapter in ``policy`` merged into its base model (``base``, or the directory the
-    adapter records), saved as a plain model with the checkpoint's tokenizer."""
-    recorded = adapter_base_path(policy)
-    base = base or (Path(recorded) if recorded else None)
-    if base is None or not base.is_dir():
-        raise ModelLoadError(f"export --merge: the adapter's base model '{recorded}' is not a local directory; "
-                             f"give it with --base DIR")
-    model = load_adapter(load_causal_lm(base, "--base"), policy, trainable=False).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
-    for item in policy.iterdir():  # the tokenizer the run used, as the checkpoint saved it
-        if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_FILES):
-            shutil.copy(item, out / item.name)
-    return out
 
 
 def from_zero_shards(directory: Path, policy: Path, out: Path) -> Path:

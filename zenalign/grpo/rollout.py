@@ -196,6 +196,17 @@ def _skips_special_ids_by_filtering(cls: type) -> bool:
             and all(getattr(cls, name) is getattr(PreTrainedTokenizerBase, name) for name in ("decode", "batch_decode")))
 
 
+def encode_prompts(tokenizer: Any, prompts: list[str], max_length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' ids and attention mask, left-padded, ``(P, Tp)`` each. With ``max_length``, a
+    longer prompt keeps only its last ``max_length`` tokens (TRL's left truncation): the padding is
+    on the left, so the last columns hold the end of every prompt."""
+    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]                    # (P, Tp)
+    if max_length is not None and ids.shape[1] > max_length:
+        ids, mask = ids[:, -max_length:], mask[:, -max_length:]                    # (P, max_length)
+    return ids, mask
+
+
 def generate_groups(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -213,9 +224,9 @@ def generate_groups(
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-    input_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)  # (N, Tp), prompt-major
-    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
+    ids, mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, sampling.max_prompt_length))  # (P, Tp)
+    input_ids = ids.repeat_interleave(group_size, dim=0)  # (N, Tp), prompt-major
+    prompt_mask = mask.repeat_interleave(group_size, dim=0)
     processors = LogitsProcessorList()
     if keys is not None:
         if keys.numel() != input_ids.shape[0]:
@@ -228,7 +239,7 @@ def generate_groups(
     with autocast or nullcontext():
         if own_loop:
             with torch.inference_mode():
-                sequences = decode_groups(model, encoded["input_ids"], encoded["attention_mask"], group_size,
+                sequences = decode_groups(model, ids, mask, group_size,
                                         sampling.max_new_tokens, eos_ids, tokenizer.pad_token_id, processors,
                                         lean=lean_forward)
             sequences = sequences.clone()  # a normal tensor again: the update differentiates through it
@@ -286,14 +297,15 @@ def sampler_logp_rows(rollout: Rollout) -> list[list[float]]:
 
 def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]], group_size: int,
                       eos_ids: Sequence[int], device: Any = None,
-                      sampler_rows: Optional[list[list[float]]] = None) -> Rollout:
+                      sampler_rows: Optional[list[list[float]]] = None, max_prompt_length: Optional[int] = None) -> Rollout:
     """A :class:`Rollout` of ``group_size`` completions per prompt from their token rows (see
-    :func:`completion_rows`): the prompts encoded as for sampling (left-padded), the completions
-    right-padded. Groups drawn in different rounds or on different processes join one batch this way.
-    ``sampler_rows`` (see :func:`sampler_logp_rows`) rebuild ``sampler_logp``."""
-    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)   # (N, Tp)
-    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
+    :func:`completion_rows`): the prompts encoded as for sampling (left-padded, truncated to
+    ``max_prompt_length``), the completions right-padded. Groups drawn in different rounds or on
+    different processes join one batch this way. ``sampler_rows`` (see :func:`sampler_logp_rows`)
+    rebuild ``sampler_logp``."""
+    ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
+    prompt_ids = ids.repeat_interleave(group_size, dim=0)   # (N, Tp)
+    prompt_mask = mask.repeat_interleave(group_size, dim=0)
     width = max((len(row) for row in rows), default=0)
     tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=prompt_ids.dtype)
     for i, row in enumerate(rows):

@@ -28,7 +28,7 @@ import torch
 from zenalign.data import is_conversational, metadata_columns
 from zenalign.errors import RewardError, one_line
 from zenalign.plugins import (DeadlineExceeded, FunctionReward, Objectives, ObservesScores, ReportsMetrics, RewardSource, RunContext,
-                              ScoreBatch, call_with_deadline, objective_names)
+                              ScoreBatch, call_with_deadline, fields_read, objective_names)
 
 @dataclass
 class BoundReward:
@@ -105,6 +105,17 @@ class Scorer:
         return torch.cat(columns, dim=1)  # (N, K)
 
     def _score_one(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
+        """The source's ``(N, K)`` scores; completions whose records lack (or hold null in) a field it
+        reads (``reads_fields``) are not passed to it, and abstain (NaN)."""
+        rows = rows_with_fields(batch, fields_read(bound.source))
+        if len(rows) == len(batch):
+            return self._call(bound, batch)
+        scores = torch.full((len(batch), len(bound.objectives)), math.nan, dtype=torch.float64)  # (N, K)
+        if rows:
+            scores[rows] = self._call(bound, select_rows(batch, rows))
+        return scores
+
+    def _call(self, bound: BoundReward, batch: ScoreBatch) -> torch.Tensor:
         view = reward_view(batch)
         try:
             raw = call_with_deadline(lambda: bound.source.score(view), bound.timeout_s,
@@ -177,6 +188,23 @@ def reward_view(batch: ScoreBatch) -> ScoreBatch:
                    columns={name: _own_copy(values) for name, values in batch.columns.items()},
                    prompt_messages=_own_copy(batch.prompt_messages),
                    completion_ids=[ids if isinstance(ids, tuple) else tuple(ids) for ids in batch.completion_ids])
+
+
+def rows_with_fields(batch: ScoreBatch, fields: Sequence[str]) -> list[int]:
+    """The completions whose records hold every one of ``fields`` (not missing, not null)."""
+    columns = [batch.columns.get(name) for name in fields]
+    return [i for i in range(len(batch)) if all(values is not None and values[i] is not None for values in columns)]
+
+
+def select_rows(batch: ScoreBatch, rows: Sequence[int]) -> ScoreBatch:
+    """The batch of ``rows`` only. Fields come from the prompt records, so ``rows`` (from
+    :func:`rows_with_fields`) are whole groups, and ``group_size`` still holds."""
+    def pick(values: list) -> list:
+        return [values[i] for i in rows] if values else values
+
+    return replace(batch, prompts=pick(batch.prompts), completions=pick(batch.completions),
+                   columns={name: pick(values) for name, values in batch.columns.items()},
+                   completion_ids=pick(batch.completion_ids), prompt_messages=pick(batch.prompt_messages))
 
 
 def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],

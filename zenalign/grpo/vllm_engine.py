@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from zenalign.errors import ModelLoadError, RecipeError, one_line
-from zenalign.grpo.rollout import Rollout, rollout_from
+from zenalign.grpo.rollout import Rollout, encode_prompts, rollout_from
 
 log = logging.getLogger("zenalign")
 
@@ -248,8 +248,7 @@ def vllm_rollout(engine: VLLMEngine, tokenizer: Any, prompts: list[str], samplin
     """A :class:`Rollout` of ``group_size`` vLLM completions per prompt (rows prompt-major), laid out as
     zenalign's decoder lays them out, with ``sampler_logp`` ``(N, Tc)``; without keys, one greedy
     completion per prompt."""
-    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]          # (P, Tp), left-padded
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, sampling.max_prompt_length)  # (P, Tp), left-padded
     if keys is not None and keys.numel() != len(prompts) * group_size:
         raise ValueError(f"{keys.numel()} sampling keys for {len(prompts)} prompts x {group_size} completions")
     seeds = None if keys is None else [group_seed(keys[p * group_size]) for p in range(len(prompts))]

@@ -11,6 +11,7 @@ layers and falls back to transformers' forward (logged once per model).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from zenalign.errors import ModelLoadError, RecipeError
+from zenalign.models.loading import load_causal_lm
 
 INSTALL = "pip install 'zenalign[lora]'"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -126,3 +128,24 @@ def adapter_base_path(directory: Path) -> str | None:
     """The base model an adapter directory was saved from, as peft recorded it."""
     config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     return config.get("base_model_name_or_path")
+
+
+TOKENIZER_FILES = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"}
+
+
+def merge_adapter(policy: Path, out: Path, base: Path | None, where: str = "export --merge",
+                  base_option: str = "--base DIR") -> Path:
+    """The adapter in ``policy`` merged into its base model (``base``, or the directory the
+    adapter records), saved to ``out`` as a plain model with the tokenizer saved beside the
+    adapter. ``where`` and ``base_option`` name the command and its option in errors."""
+    recorded = adapter_base_path(policy)
+    base = base or (Path(recorded) if recorded else None)
+    if base is None or not base.is_dir():
+        raise ModelLoadError(f"{where}: the adapter's base model '{recorded}' is not a local directory; "
+                             f"give it with {base_option}")
+    model = load_adapter(load_causal_lm(base, base_option.split()[0]), policy, trainable=False).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    for item in policy.iterdir():  # the tokenizer the run used, as it was saved
+        if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_FILES):
+            shutil.copy(item, out / item.name)
+    return out

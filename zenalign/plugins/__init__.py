@@ -16,6 +16,7 @@ from zenalign.plugins.api import (
     Critic,
     EnforcesConstraints,
     LearnsValues,
+    NamesItself,
     NamesObjectives,
     NormalizerType,
     Objectives,
@@ -42,6 +43,7 @@ from zenalign.plugins.api import (
     TokenBatch,
     TokenLoss,
     check_kind,
+    default_name,
     enforces_constraints,
     fields_read,
     objective_names,
@@ -75,11 +77,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CAPABILITIES", "KINDS", "KIND_PROTOCOLS", "AdvantageNormalizer", "BuildContext", "Critic", "DeadlineExceeded", "EnforcesConstraints", "FunctionReward", "LearnsValues", "NamesObjectives", "NormalizerType",
+    "CAPABILITIES", "KINDS", "KIND_PROTOCOLS", "AdvantageNormalizer", "BuildContext", "Critic", "DeadlineExceeded", "EnforcesConstraints", "FunctionReward", "LearnsValues", "NamesItself", "NamesObjectives", "NormalizerType",
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
     "ReadsFields", "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
     "RolloutGroups", "RunContext", "ScoreBatch", "SequenceAdvantagesOnly", "Stateful", "StatefulDirectory",
-    "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "check_kind", "collect_registry", "enforces_constraints", "fields_read", "get_plugin_manager", "hookimpl",
+    "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "check_kind", "collect_registry", "default_name", "enforces_constraints", "fields_read", "get_plugin_manager", "hookimpl",
     "hookspec", "load_plugins", "new_plugin_manager", "objective_names", "register", "takes_token_advantages",
     "trace_hook_calls",
     *_HELPER_MODULE,

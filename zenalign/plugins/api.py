@@ -143,7 +143,10 @@ class RewardSource(Protocol):
 
     ``score`` returns one score per completion, or, for a source that produces several named
     objectives, a mapping ``{objective: scores}`` (or an ``(N, K)`` tensor in the order of the
-    optional ``objectives`` attribute).
+    optional ``objectives`` attribute). An optional ``default_name`` names its objective when the
+    recipe entry gives no ``name`` (otherwise the entry's type names it). An optional
+    ``reads_fields`` lists the record fields it needs: completions whose records lack one (or hold
+    null) are not passed to it, and abstain.
     """
 
     def score(self, batch: ScoreBatch) -> Any: ...
@@ -414,6 +417,15 @@ class NamesObjectives(Protocol):
 
 
 @runtime_checkable
+class NamesItself(Protocol):
+    """A reward source that names its objective when its recipe entry gives no ``name`` sets
+    ``default_name`` (a reward function: the function's name, as the Python API names it; None:
+    the entry's type)."""
+
+    default_name: Optional[str]
+
+
+@runtime_checkable
 class ReadsFields(Protocol):
     """A reward source that reads prompt-record fields names them in ``reads_fields``: ``validate``
     and ``run`` then count the training records that lack them (the source abstains there)."""
@@ -445,13 +457,18 @@ def objective_names(source: Any) -> list[str]:
     return list(source.objectives or ()) if isinstance(source, NamesObjectives) else []
 
 
+def default_name(source: Any) -> Optional[str]:
+    """The objective name a reward source gives itself (:class:`NamesItself`), or None."""
+    return source.default_name if isinstance(source, NamesItself) else None
+
+
 def fields_read(source: Any) -> tuple[str, ...]:
     """The record fields a reward source reads (:class:`ReadsFields`); empty when it does not say."""
     return tuple(source.reads_fields or ()) if isinstance(source, ReadsFields) else ()
 
 
 CAPABILITIES = (Stateful, StatefulDirectory, ReportsMetrics, ObservesScores, EnforcesConstraints, RefillsGroups,
-                Critic, NamesObjectives, ReadsFields, SequenceAdvantagesOnly)
+                Critic, NamesObjectives, NamesItself, ReadsFields, SequenceAdvantagesOnly)
 
 
 # ----------------------------------------------------------------------------------------------

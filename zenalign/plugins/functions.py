@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
-from zenalign.errors import RewardError
 from zenalign.plugins.api import ScoreBatch, objective_names
 
 BATCH_FIELDS = ("prompts", "completions", "completion_ids", "group_size", "step")
@@ -27,15 +26,19 @@ class FunctionReward:
         self.function = function
         self.extra_kwargs = dict(extra_kwargs or {})
         self.name = name or getattr(function, "__name__", type(function).__name__)
+        # the objective's name when its recipe entry gives none: the function's, as the Python API names it
+        own = getattr(function, "__name__", None)
+        self.default_name = own if own and own != "<lambda>" else None
         try:
             self._params = inspect.signature(function).parameters
         except (TypeError, ValueError):
             self._params = {}
         self._takes_all = any(p.kind is p.VAR_KEYWORD for p in self._params.values())
-        # the record fields it asks for by name (a warning at start counts the records that lack them)
+        # the record fields it needs by name (parameters without a default): completions whose records
+        # lack one are not passed to it, and abstain (Scorer); a warning at start counts those records
         self.reads_fields = tuple(name for name, p in self._params.items()
-                                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in BATCH_FIELDS
-                                  and name not in self.extra_kwargs)
+                                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is p.empty
+                                  and name not in BATCH_FIELDS and name not in self.extra_kwargs)
         if objective_names(function):
             self.objectives = objective_names(function)
 
@@ -52,15 +55,6 @@ class FunctionReward:
         }
         if self._takes_all:
             return self.function(**available)
-        kwargs = {}
-        for pname, param in self._params.items():
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            if pname in available:
-                kwargs[pname] = available[pname]
-            elif param.default is param.empty:
-                raise RewardError(
-                    f"reward function '{self.name}' asks for '{pname}', which the batch does not have; "
-                    f"available: {', '.join(available)}"
-                )
-        return self.function(**kwargs)
+        # every parameter without a default is available: a batch field, an extra keyword, or a record
+        # field that the Scorer checked every completion of this batch has (reads_fields)
+        return self.function(**{name: available[name] for name in self._params if name in available})

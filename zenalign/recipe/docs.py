@@ -118,3 +118,24 @@ def recipe_reference(registry: PluginRegistry) -> str:
         else:
             out += [f"Type: {type_name(annotation)}; default: {default_text(field)}.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def trl_table() -> str:
+    """docs/from-trl.md's table of every field of TRL's GRPOConfig, by group, from
+    :data:`~zenalign.recipe.trl_fields.GROUPS` (``zenalign schema --format trl``)."""
+    from zenalign.recipe.trl_fields import ANY, GROUPS
+
+    lines = []
+    for group, fields in GROUPS.items():
+        lines += [f"### {group}", "", "| TRL | zenalign | notes |", "|---|---|---|"]
+        for name, field in fields.items():
+            legacy = f" (from {field.legacy})" if field.legacy else ""
+            if field.target:
+                lines.append(f"| `{name}`{legacy} | `{field.target}` | {field.note} |")
+                continue
+            quiet = [a for a in field.accepts if a is not None]
+            also = ("; any value is accepted, with no effect" if ANY in quiet else
+                    f"; {', '.join(f'`{a!r}`' for a in quiet)} accepted, with no effect" if quiet else "")
+            lines.append(f"| `{name}`{legacy} | no equivalent | because {field.note}{also} |")
+        lines.append("")
+    return "\n".join(lines)

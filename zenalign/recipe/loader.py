@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 from pydantic import ValidationError
@@ -18,7 +18,8 @@ from zenalign.errors import RecipeError, one_line
 from zenalign.plugins import PluginRegistry, collect_registry, load_plugins
 from zenalign.recipe.messages import format_validation_error
 from zenalign.recipe.schema import Recipe, build_recipe_model
-from zenalign.recipe.trl import translate_trl_options
+from zenalign.recipe.trl import FLAT_SECTIONS, Requirement, Setting, is_trl_name, split_recipe, split_trl, trl_settings
+from zenalign.recipe.trl_fields import GRPO_CONFIG, Append, PerReward
 
 
 class RecipeYAMLLoader(yaml.SafeLoader):
@@ -115,52 +116,152 @@ def leaf_paths(prefix: tuple[str, ...], value: Any) -> dict[tuple[str, ...], Any
     return {prefix: value}
 
 
-def check_conflicts(sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]], origin: str, value: Any,
-                    prefix: tuple[str, ...]) -> None:
+Sources = dict[tuple[str, ...], tuple[str, Any, Optional[tuple[str, ...]]]]
+
+
+def check_conflicts(sources: Sources, origin: str, value: Any, prefix: tuple[str, ...],
+                    key: Optional[tuple[str, ...]] = None) -> None:
     """Refuse a field set to two different values by two options written differently (a dotted
-    key and a section mapping, or two mappings), naming both. The very same key given again
-    (``run.steps=10 ... run.steps=12``) is a plain override: the last one wins."""
+    key and a section mapping, two mappings, a TRL name and the field it sets), naming both. The
+    very same key given again (``run.steps=10 ... run.steps=12``) is a plain override: the last one
+    wins. ``prefix`` is the field the value sets; ``key`` how it was written (default: the same)."""
+    key = prefix if key is None else key
     for path, item in leaf_paths(prefix, value).items():
-        seen = sources.get(path)
-        if seen is not None and seen[1] != item and not (seen[2] == prefix == path):
-            raise RecipeError(f"{seen[0]} and {origin} both set {'.'.join(path)} ({seen[1]!r} vs {item!r}); give it once")
-        sources[path] = (origin, item, prefix)
+        direct = key if path == prefix else None  # the key names this very field
+        for where, (seen, mine) in [(path, (sources.get(path), item)), *_items_apart(sources, path, item)]:
+            if seen is not None and seen[1] != mine and not (direct is not None and seen[2] == direct):
+                raise RecipeError(f"{seen[0]} and {origin} both set {'.'.join(where)} ({seen[1]!r} vs {mine!r}); give it once")
+        sources[path] = (origin, item, direct)
 
 
-def apply_override(data: dict[str, Any], text: str,
-                   sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]] | None = None) -> None:
+def _items_apart(sources: Sources, path: tuple[str, ...], item: Any) -> list:
+    """A list and one of its items set apart (``grpo.adam_betas`` and TRL's ``adam_beta1``, which sets
+    ``grpo.adam_betas.0``): the item's path, what was set there before and what is set now."""
+    found = []
+    parent = sources.get(path[:-1]) if path[-1].isdigit() else None
+    if parent is not None and isinstance(parent[1], (list, tuple)) and int(path[-1]) < len(parent[1]):
+        found.append((path, ((parent[0], parent[1][int(path[-1])], None), item)))
+    for i, element in enumerate(item if isinstance(item, (list, tuple)) else ()):
+        found.append(((*path, str(i)), (sources.get((*path, str(i))), element)))
+    return found
+
+
+def apply_override(data: dict[str, Any], text: str, sources: Optional[Sources] = None,
+                   requirements: Optional[list[Requirement]] = None) -> None:
+    """One ``key.path=value`` override into ``data``. With ``requirements`` (a GRPO recipe), TRL's
+    names are taken too (``grpo.beta=0.02``, ``beta=0.02``, ``grpo={beta: 0.02}``)."""
     keys, value = parse_override(text)
-    if sources is not None:
-        check_conflicts(sources, f"override '{text}'", value, tuple(keys))
+    where = f"override '{text}'"
+    assignments = [Setting(tuple(keys), value, where, tuple(keys))]
+    if requirements is not None:
+        section = keys[0] if len(keys) == 2 else None
+        if len(keys) <= 2 and is_trl_name(section, keys[-1]):
+            assignments = trl_settings(keys[-1], value, ".".join(keys), where, requirements, origin=where)
+        elif len(keys) == 1 and keys[0] in FLAT_SECTIONS and isinstance(value, dict):
+            own, settings = split_trl(keys[0], value, where, requirements, f"{keys[0]}.")
+            assignments = [Setting(tuple(keys), own, where, tuple(keys)), *(replace(s, origin=where) for s in settings)]
+    for item in expand(assignments, data):
+        if sources is not None and not isinstance(item.value, Append):
+            check_conflicts(sources, item.origin, item.value, item.path, item.key)
+        assign(data, item.path, item.value, where)
+
+
+def expand(settings: Sequence[Setting], data: dict[str, Any]) -> list[Setting]:
+    """Settings with ``PerReward`` values (TRL's reward_weights) as one setting per reward entry."""
+    out = []
+    for item in settings:
+        if not isinstance(item.value, PerReward):
+            out.append(item)
+            continue
+        rewards = data.get("rewards")
+        count = len(rewards) if isinstance(rewards, list) else 0
+        if count != len(item.value.values):
+            raise RecipeError(f"{item.origin} gives {len(item.value.values)} weights, but the recipe has {count} "
+                              f"rewards; give one weight per reward")
+        out += [replace(item, path=("rewards", str(i), "weight"), value=w) for i, w in enumerate(item.value.values)]
+    return out
+
+
+def assign(data: dict[str, Any], path: tuple[str, ...], value: Any, where: str) -> None:
+    """``data`` at ``path`` = ``value``: a mapping given for a section merges into it
+    (:func:`merge_section`), ``Append`` adds its entry to the list there (once), and a number
+    indexes a list (one made from the schema's default where the recipe has none: adam_betas)."""
     node: Any = data
-    for depth, key in enumerate(keys[:-1]):
-        node = _child(node, key, text, create=True)
-    last = keys[-1]
-    if isinstance(node, list):
-        node[_index(node, last, text)] = value
+    for depth, key in enumerate(path[:-1]):
+        if depth == 1 and path[0] in FLAT_SECTIONS and path[2].isdigit() and isinstance(node, dict) and node.get(key) is None:
+            node[key] = list(schema_default(path[:2]))  # grpo.adam_betas.0: the default pair, then its first item
+        node = _child(node, key, where)
+    last = path[-1]
+    if isinstance(value, Append):
+        if not isinstance(node, dict):
+            raise RecipeError(f"{where}: '{'.'.join(path[:-1])}' is not a section")
+        entries = node[last] if isinstance(node.get(last), list) else []
+        node[last] = entries if value.entry in entries else [*entries, dict(value.entry)]
+    elif isinstance(node, list):
+        node[_index(node, last, where)] = value
     elif isinstance(node, dict):
         merge_section(node, last, value)
     else:
-        raise RecipeError(f"override '{text}': '{'.'.join(keys[:-1])}' is not a section")
+        raise RecipeError(f"{where}: '{'.'.join(path[:-1])}' is not a section")
 
 
-def _child(node: Any, key: str, text: str, create: bool) -> Any:
+def schema_default(path: tuple[str, ...]) -> Any:
+    """The schema's default of ``section.field`` (an empty list for a field the section does not have)."""
+    field = Recipe.model_fields[path[0]].annotation.model_fields.get(path[1])
+    if field is None:
+        return []
+    return field.default_factory() if field.default_factory is not None else field.default
+
+
+def lookup(data: Any, path: tuple[str, ...]) -> Any:
+    """``data`` at ``path`` (dict keys, list indices), or MISSING."""
+    for key in path:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, (list, tuple)) and key.isdigit() and int(key) < len(data):
+            data = data[int(key)]
+        else:
+            return MISSING
+    return data
+
+
+MISSING = object()
+
+
+def translate_trl(data: dict[str, Any], source: str, requirements: list[Requirement]) -> dict[str, Any]:
+    """A recipe file's TRL names (at its top level and in its sections) as the fields they set;
+    one that sets a field the file also sets, to another value, is refused naming both."""
+    own, settings = split_recipe(data, source, requirements)
+    sources: Sources = {}
+    for item in expand(settings, own):
+        if isinstance(item.value, Append):
+            assign(own, item.path, item.value, source)
+            continue
+        present = lookup(own, item.path)
+        if present is not MISSING:
+            check_conflicts(sources, f"{source}: {'.'.join(item.path)}", present, item.path)
+        check_conflicts(sources, item.origin, item.value, item.path, item.key)
+        assign(own, item.path, item.value, source)
+    return own
+
+
+def _child(node: Any, key: str, where: str) -> Any:
     if isinstance(node, list):
-        return node[_index(node, key, text)]
+        return node[_index(node, key, where)]
     if not isinstance(node, dict):
-        raise RecipeError(f"override '{text}': cannot descend into '{key}' (not a section)")
+        raise RecipeError(f"{where}: cannot descend into '{key}' (not a section)")
     if key not in node or node[key] is None:
         node[key] = {}
     return node[key]
 
 
-def _index(node: list, key: str, text: str) -> int:
+def _index(node: list, key: str, where: str) -> int:
     try:
         i = int(key)
     except ValueError:
-        raise RecipeError(f"override '{text}': '{key}' must be a list index (0..{len(node) - 1})") from None
+        raise RecipeError(f"{where}: '{key}' must be a list index (0..{len(node) - 1})") from None
     if not 0 <= i < len(node):
-        raise RecipeError(f"override '{text}': index {i} is out of range; the list has {len(node)} entries")
+        raise RecipeError(f"{where}: index {i} is out of range; the list has {len(node)} entries")
     return i
 
 
@@ -179,12 +280,18 @@ def validate_recipe(
     base_dir: Path,
     name: str,
     overrides: Sequence[str] = (),
+    requirements: Sequence[Requirement] = (),
 ) -> LoadedRecipe:
-    """Apply overrides, load the recipe's plugins, and validate against the installed types."""
-    data = copy.deepcopy(data)
-    sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]] = {}
+    """Take TRL's names as the fields they set, apply overrides, load the recipe's plugins, and
+    validate against the installed types. ``requirements``: those of TRL names already translated."""
+    pending = list(requirements)
+    data = translate_trl(copy.deepcopy(data), source, pending)
+    sources: Sources = {}
     for text in overrides:
-        apply_override(data, text, sources)
+        apply_override(data, text, sources, pending)
+    for requirement in pending:
+        if lookup(data, requirement.path) is MISSING:
+            raise RecipeError(requirement.message)
     plugin_specs = data.get("plugins") or []
     if not isinstance(plugin_specs, list) or not all(isinstance(s, str) for s in plugin_specs):
         raise RecipeError(f"{source}: plugins: expected a list of module names or .py paths")
@@ -214,27 +321,33 @@ def check_group_size(recipe: Recipe, registry: PluginRegistry, source: str, over
                       f"(installed: {', '.join(sorted(single)) or 'none'})")
 
 
-# Recipe sections whose fields GRPOTrainer accepts as plain keyword arguments.
-FLAT_SECTIONS = ("model", "sampling", "grpo", "engine", "run")
-
-
 def recipe_from_options(options: dict[str, Any], name: str) -> LoadedRecipe:
-    """Build a recipe from keyword arguments: section names (``grpo={...}``) or any field of
-    model/sampling/grpo/engine/run by its own name (``group_size=12``)."""
+    """Build a recipe from keyword arguments: section names (``grpo={...}``), any field of
+    model/sampling/grpo/engine/run by its own name (``group_size=12``), or TRL's name for it
+    (``num_generations=12``)."""
     owner = {field: section for section in FLAT_SECTIONS for field in Recipe.model_fields[section].annotation.model_fields}
-    options = translate_trl_options(options)
     data: dict[str, Any] = {}
-    sources: dict[tuple[str, ...], tuple[str, Any, tuple[str, ...]]] = {}
+    sources: Sources = {}
+    requirements: list[Requirement] = []
     for key, value in options.items():
+        given = f"{key}={value!r}"
         if key in Recipe.model_fields:  # a section: merged with flat fields given for it, in any order
-            check_conflicts(sources, f"{key}={value!r}", value, (key,))
-            merge_section(data, key, value)
+            own, settings = split_trl(key, value, "GRPOTrainer", requirements) if key in FLAT_SECTIONS and \
+                isinstance(value, dict) else (value, [])
+            items = [Setting((key,), own, given, (key,)), *(replace(s, origin=given) for s in settings)]
+        elif key in GRPO_CONFIG:  # TRL's name (some are zenalign's too, for the same field: TRL's values then also work)
+            items = trl_settings(key, value, key, "GRPOTrainer", requirements,
+                                 origin=given if key in owner else f"{given} (TRL's name for {GRPO_CONFIG[key].target})")
         elif key in owner:
-            check_conflicts(sources, f"{key}={value!r}", value, (owner[key], key))
-            merge_section(data.setdefault(owner[key], {}), key, value)
+            items = [Setting((owner[key], key), value, given, (key,))]
         else:
             raise RecipeError(
-                f"GRPOTrainer: unknown option '{key}'; options are recipe sections ({', '.join(Recipe.model_fields)}) "
-                f"or fields of {', '.join(FLAT_SECTIONS)} such as group_size, clip_epsilon, kl_coef, learning_rate, steps"
+                f"GRPOTrainer: unknown option '{key}'; options are recipe sections ({', '.join(Recipe.model_fields)}), "
+                f"fields of {', '.join(FLAT_SECTIONS)} such as group_size, clip_epsilon, kl_coef, learning_rate, steps, "
+                f"or TRL's GRPOConfig names (docs/from-trl.md)"
             )
-    return validate_recipe(data, source="GRPOTrainer(...)", base_dir=Path.cwd(), name=name)
+        for item in expand(items, data):
+            if not isinstance(item.value, Append):
+                check_conflicts(sources, item.origin, item.value, item.path, item.key)
+            assign(data, item.path, item.value, "GRPOTrainer")
+    return validate_recipe(data, source="GRPOTrainer(...)", base_dir=Path.cwd(), name=name, requirements=requirements)

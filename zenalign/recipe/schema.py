@@ -187,6 +187,14 @@ class SamplingSection(Section):
         "memory available (docs/scaling.md, \"Memory\").",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    max_prompt_length: Optional[int] = Field(
+        None, ge=1, description="Longest prompt, in tokens (TRL's max_prompt_length); what happens to a longer one is "
+        "`long_prompts`. null: no limit (the model's positions still bound prompt + completion).")
+    long_prompts: Literal["truncate", "refuse"] = Field(
+        "truncate", description="A prompt longer than `max_prompt_length`: truncate keeps its last max_prompt_length "
+        "tokens (TRL's left truncation: the end of the prompt, next to the completion, stays), in sampling, the loss "
+        "and evaluation; reward functions still get the whole prompt. refuse: validate and run stop with an error "
+        "naming the prompt.")
     temperature: float = Field(
         1.0,
         ge=1e-6,
@@ -502,7 +510,14 @@ class RunSection(Section):
     )
     progress_bar: bool = Field(True, description="Show a progress bar with the current reward, when stderr is a "
                                "terminal (piped or redirected output gets the log lines only, never the bar's "
-                               "carriage-return fragments).")
+                               "carriage-return fragments) and log_level is info or debug. TRL's disable_tqdm is its "
+                               "opposite.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="What `zenalign run` and `GRPOTrainer.train()` print (TRL's log_level). info: a step line "
+        "every log_interval steps and the evaluation lines on stderr (above the progress bar on a terminal), and a "
+        "summary of the first and last evaluations on stdout at the end. warning: only warnings and the summary "
+        "(`zenalign run -q`). error: nothing (errors are raised). debug: also debug lines. run.log gets every line "
+        "regardless.")
     checkpoint_interval: int = Field(
         0,
         ge=0,
@@ -518,11 +533,14 @@ class RunSection(Section):
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
-        description="Experiment trackers to log to, each through its own library (an optional extra: pip install "
+        description="Experiment trackers to log to, a list (or, as TRL takes it, one name, `all` for every installed "
+        "one, or `none`), each through its own library (an optional extra: pip install "
         "'zenalign[tensorboard]', '[wandb]', '[mlflow]'): every step's metrics, eval metrics, the resolved recipe "
         "as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; wandb and mlflow "
         "follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME).",
     )
+    name: Optional[str] = Field(
+        None, description="The run's name in experiment trackers (TRL's run_name). null: the run directory's name.")
     hacking_patience: int = Field(
         3,
         ge=0,
@@ -546,6 +564,16 @@ class RunSection(Section):
         if is_file:
             raise ValueError(f"'{value}' is an existing file; give a directory")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_all_or_none(cls, value):
+        """TRL's forms: one tracker's name, "all" (every installed one) or "none"."""
+        if value == "none":
+            return []
+        if value == "all":
+            return [name for name, module in TRACKER_MODULES.items() if importlib.util.find_spec(module) is not None]
+        return [value] if isinstance(value, str) else value
 
     @field_validator("report_to")
     @classmethod
@@ -609,7 +637,8 @@ class RewardEntry(EntrySection):
 
     name: Optional[str] = Field(
         None,
-        description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the type.",
+        description="Objective name used in metrics (`reward_mean/<name>`). Defaults to the source's own name where "
+        "it has one (`default_name`; python_function: the function's, as the Python API names it), else the type.",
     )
 
     @field_validator("name")

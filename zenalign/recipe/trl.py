@@ -1,50 +1,119 @@
-"""TRL's option names for the Python API: ``GRPOTrainer(beta=0.04, num_generations=8, ...)``.
+"""TRL's option names, wherever zenalign takes options: ``GRPOTrainer(beta=0.04)``, a recipe's top
+level or one of its sections (``beta: 0.04``, ``grpo: {beta: 0.04}``), and dotted overrides
+(``grpo.beta=0.04``, ``beta=0.04``).
 
-Each maps to the zenalign field that means the same (docs/from-trl.md has the table). Two of them,
-``loss_type`` and ``scale_rewards``, select built-in plugins by name, which is why this mapping
-lives in a module of its own: it is the one place in the core that names specific normalizers
-and losses, on purpose.
+Each name is looked up in :data:`~zenalign.recipe.trl_fields.GRPO_CONFIG`, which gives the
+zenalign fields it sets or why it has no equivalent. A TRL name is one that is not already a field
+where it is written: ``run.seed`` is zenalign's own, ``seed`` at the top level is TRL's (it sets
+``run.seed``).
+
+Giving a TRL name and the field it sets with different values is refused, naming both
+(:mod:`zenalign.recipe.loader` applies the settings and checks that).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from zenalign.errors import RecipeError
+from zenalign.recipe.schema import Recipe
+from zenalign.recipe.trl_fields import ANY, GRPO_CONFIG, TRLField
 
-# TRL's GRPOConfig names that the Python API accepts, and the field each one sets (docs/from-trl.md).
-TRL_NAMES = {"beta": "kl_coef", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
-             "epsilon": "clip_epsilon", "epsilon_high": "clip_epsilon_high", "max_steps": "steps",
-             "lr_scheduler_type": "lr_schedule", "logging_steps": "log_interval", "save_steps": "checkpoint_interval",
-             "eval_steps": "eval_interval", "save_total_limit": "keep_checkpoints"}
-TRL_LOSS_TYPES = {"grpo": "grpo", "bnpo": "dapo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
-TRL_SCALE_REWARDS = {True: "group_zscore", "group": "group_zscore", False: "dr_grpo", "none": "dr_grpo",
-                     "batch": "batch_zscore"}
+# Recipe sections whose fields GRPOTrainer takes by name, and where TRL's names may be written.
+FLAT_SECTIONS = ("model", "sampling", "grpo", "engine", "run")
 
 
-def translate_trl_options(options: dict[str, Any]) -> dict[str, Any]:
-    """TRL's option names as zenalign's: ``beta`` -> ``kl_coef``, ``loss_type`` ->
-    ``grpo.loss_aggregation`` (or ``loss``), ``scale_rewards`` -> ``normalizer``; see TRL_NAMES."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        target = TRL_NAMES.get(key) or {"loss_type": "loss_aggregation", "scale_rewards": "normalizer"}.get(key)
-        if target and target in options:
-            raise RecipeError(f"GRPOTrainer: {key} (TRL's name) and {target} both set {target}; give it once")
-        if key in TRL_NAMES:
-            out[TRL_NAMES[key]] = value
-        elif key == "loss_type":
-            if value == "cispo":
-                out["loss"] = {"type": "cispo"}
-            elif value in TRL_LOSS_TYPES:
-                out["loss_aggregation"] = TRL_LOSS_TYPES[value]
-            else:
-                raise RecipeError(f"GRPOTrainer: loss_type={value!r} (TRL) has no zenalign equivalent; accepted: "
-                                  f"{', '.join([*TRL_LOSS_TYPES, 'cispo'])}")
-        elif key == "scale_rewards":
-            if value not in TRL_SCALE_REWARDS or isinstance(value, int) and not isinstance(value, bool):
-                raise RecipeError(f"GRPOTrainer: scale_rewards={value!r} (TRL); accepted: group, batch, none, True, False")
-            kind = TRL_SCALE_REWARDS[value]
-            out["normalizer"] = {"type": kind, "center": "group"} if kind == "batch_zscore" else {"type": kind}
+@dataclass(frozen=True)
+class Setting:
+    """A zenalign field set by a TRL name: its path, its value, and how the user wrote it."""
+
+    path: tuple[str, ...]
+    value: Any
+    origin: str  # for messages: "grpo.beta (TRL's name for grpo.kl_coef)"
+    key: tuple[str, ...]  # the name as written, as a path: ("grpo", "beta")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A TRL field accepted only if the finished recipe sets ``path`` too (num_train_epochs: max_steps)."""
+
+    path: tuple[str, ...]
+    message: str
+
+
+def section_fields(section: str) -> set[str]:
+    return set(Recipe.model_fields[section].annotation.model_fields)
+
+
+def is_trl_name(section: Optional[str], key: Any) -> bool:
+    """``key``, written at the top level (``section`` None) or in ``section``, is a TRL name to
+    translate: a GRPOConfig field that is not a field there already."""
+    if not isinstance(key, str) or key not in GRPO_CONFIG:
+        return False
+    if section is None:
+        return key not in Recipe.model_fields
+    return section in FLAT_SECTIONS and key not in section_fields(section)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as TRL would read them: 1 and 1.0 alike, but True is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def accepted(field: TRLField, value: Any) -> bool:
+    return any(a == ANY or _same(a, value) for a in field.accepts)
+
+
+def trl_settings(name: str, value: Any, spelled: str, where: str, requirements: list[Requirement],
+                 origin: Optional[str] = None) -> list[Setting]:
+    """What TRL's field ``name`` given as ``value`` sets: the zenalign fields it maps to, or nothing
+    for a value that asks for nothing; any other value is a RecipeError naming it (``spelled``, as
+    written) and saying why. ``where`` prefixes messages (the file, GRPOTrainer, the override);
+    ``origin`` names the setting in conflict messages (default: ``spelled (TRL's name for ...)``)."""
+    field = GRPO_CONFIG[name]
+    if not field.target:
+        if accepted(field, value):
+            return []
+        others = [repr(a) for a in field.accepts if a is not None and a != ANY]
+        message = (f"{where}: {spelled}={value!r} (TRL) has no zenalign equivalent: {field.note}"
+                   f"{'; accepted: ' + ', '.join(others) if others else ''}")
+        if field.unless:
+            requirements.append(Requirement(tuple(field.unless.split(".")), message))
+            return []
+        raise RecipeError(message)
+    try:
+        settings = field.convert(value)
+    except ValueError as exc:
+        raise RecipeError(f"{where}: {spelled}={value!r} (TRL) {exc}") from None
+    origin = origin or f"{spelled} (TRL's name for {field.target})"
+    key = tuple(spelled.split("."))
+    return [Setting(tuple(path.split(".")), item, origin, key) for path, item in settings.items()]
+
+
+def split_trl(section: Optional[str], mapping: dict[str, Any], where: str, requirements: list[Requirement],
+              prefix: str = "") -> tuple[dict[str, Any], list[Setting]]:
+    """A mapping (a recipe's top level, or one of its sections) without its TRL names, and what
+    those set. ``prefix`` is the section's path as written (``grpo.``), for messages."""
+    own: dict[str, Any] = {}
+    settings: list[Setting] = []
+    for key, value in mapping.items():
+        if is_trl_name(section, key):
+            settings += trl_settings(key, value, f"{prefix}{key}", where, requirements)
         else:
-            out[key] = value
-    return out
+            own[key] = value
+    return own, settings
+
+
+def split_recipe(data: dict[str, Any], where: str, requirements: list[Requirement]) -> tuple[dict[str, Any], list[Setting]]:
+    """A whole recipe mapping without TRL's names (at its top level and in its sections), and what they set."""
+    own, settings = split_trl(None, data, where, requirements)
+    for section in FLAT_SECTIONS:
+        if isinstance(own.get(section), dict):
+            own[section], more = split_trl(section, own[section], where, requirements, f"{section}.")
+            settings += more
+    return own, settings

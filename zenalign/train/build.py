@@ -12,16 +12,17 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from zenalign.data import check_records, render_prompt
+from zenalign.data import check_records, messages_field, render_prompt
 from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
                                      pick_device, prepare_tokenizer)
-from zenalign.models.lora import add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights
-from zenalign.plugins import (BuildContext, Critic, Objectives, enforces_constraints, fields_read, get_plugin_manager,
-                              takes_token_advantages)
+from zenalign.models.lora import (add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights,
+                                  require_peft)
+from zenalign.plugins import (BuildContext, Critic, Objectives, default_name, enforces_constraints, fields_read,
+                              get_plugin_manager, takes_token_advantages)
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
-from zenalign.grpo.scoring import BoundReward, bind_reward
+from zenalign.grpo.scoring import BoundReward, Scorer, bind_reward
 from zenalign.grpo.vllm_engine import check_vllm
 from zenalign.train.budget import check_memory
 
@@ -72,6 +73,21 @@ class Builder:
         if self.inputs.model is not None or self.recipe.model.path is None:
             return None
         return self.path(self.recipe.model.path)
+
+    def check(self) -> tuple[Objectives, Scorer]:
+        """Every part but the policy, each built as ``run`` builds it (what ``validate`` runs):
+        the prompts, the reward sources, their inputs, the objectives, normalizer, loss and filters."""
+        if self.recipe.model.lora is not None:
+            require_peft()
+        train, evals = self.prompts(None, None)
+        rewards = self.rewards()
+        m = self.recipe.model
+        has_tokenizer = m.path or m.tokenizer_path or self.inputs.tokenizer is not None
+        self.check_inputs(self.tokenizer() if has_tokenizer else None, train, evals, rewards)  # not the model
+        scorer, objectives = Scorer(rewards), self.objectives(rewards)
+        self.loss(self.normalizer())
+        self.filters()
+        return objectives, scorer
 
     def tokenizer(self):
         m = self.recipe.model
@@ -163,7 +179,8 @@ class Builder:
         bound = []
         for i, entry in enumerate(self.recipe.rewards):
             source = self.plugin("reward", f"rewards[{i}]", entry)
-            bound.append(bind_reward(source, entry.name or entry.type, entry.type, entry.weight, where=f"rewards[{i}]",
+            name = entry.name or default_name(source) or entry.type
+            bound.append(bind_reward(source, name, entry.type, entry.weight, where=f"rewards[{i}]",
                                      timeout_s=entry.timeout_s))
         given = self.inputs.rewards
         given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
@@ -257,10 +274,13 @@ class Builder:
         for bound in rewards:
             for name in fields_read(bound.source):
                 missing = sum(record.get(name) is None for record in train)
-                if missing:
+                patience = self.recipe.run.hacking_patience
+                if missing:  # the Scorer keeps those completions from it: they abstain
                     log.warning("%s reads the field '%s', which %d of %d training prompts lack (or hold null): it "
-                                "abstains on their completions (abstain_frac/%s in metrics.jsonl)", bound.label, name,
-                                missing, len(train), bound.objectives[0])
+                                "abstains on their completions (abstain_frac/%s in metrics.jsonl)%s", bound.label, name,
+                                missing, len(train), bound.objectives[0],
+                                f"; with every prompt lacking it, the run stops after {patience} steps without a score "
+                                f"(run.hacking_patience)" if missing == len(train) and patience else "")
         if tokenizer is not None:
             self.check_prompts(tokenizer, train, evals)
 
@@ -272,29 +292,46 @@ class Builder:
         model_dir = self.policy_dir
         check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
+        source = self.recipe.model.tokenizer_path or self.recipe.model.path
         for where, i, record in rows:
-            if not isinstance(record.get("prompt"), str) and getattr(tokenizer, "chat_template", None) is None:
-                raise DataError(f"{where}[{i}]: the record has chat 'messages' but the tokenizer of "
-                                f"'{self.recipe.model.tokenizer_path or self.recipe.model.path}' has no chat template; "
-                                f"give a tokenizer with one (model.tokenizer_path) or 'prompt' text")
+            if messages_field(record) and getattr(tokenizer, "chat_template", None) is None:
+                raise DataError(f"{where}[{i}]: '{messages_field(record)}' is a list of chat messages but the tokenizer "
+                                f"{f'of {source!r}' if source else 'given'} has no chat template; give a tokenizer "
+                                f"with one (model.tokenizer_path) or 'prompt' as text")
         texts = [render_prompt(record, tokenizer) for _, _, record in rows]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else [0]
-        longest = self.longest_prompt = max(lengths)
+        longest = max(lengths)
         where, i, _ = rows[lengths.index(longest)] if texts else ("prompts", 0, None)
         at = f"{where}[{i}]"
+        longest = self.longest_prompt = self._prompt_limit(lengths, longest, at)
         config = model_config(model_dir)
         positions = config.get("text_config", config).get("max_position_embeddings")
         new = self.recipe.sampling.max_new_tokens
         if isinstance(positions, int) and longest + new > positions:
             raise RecipeError(f"sampling.max_new_tokens: the longest prompt ({at}) is {longest} tokens, and "
                               f"{longest} + {new} = {longest + new} exceeds the model's {positions} positions "
-                              f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts")
+                              f"(max_position_embeddings in {model_dir}/config.json); lower max_new_tokens or shorten the prompts "
+                              f"(sampling.max_prompt_length)")
         device = self.context.device.type if self.context.device is not None else pick_device(self.recipe.engine.device).type
         if self.recipe.sampling.decoder == "vllm":
             check_vllm(self.recipe, config, longest, at, device)
         given = getattr(self.inputs.model, "config", None)  # a model object: its config, as config.json would hold it
         check_memory(self.recipe, given.to_dict() if hasattr(given, "to_dict") else config, longest, len(evals), device,
                      self.loaded.source)
+
+    def _prompt_limit(self, lengths: list[int], longest: int, at: str) -> int:
+        """The longest prompt as sampled: ``sampling.max_prompt_length`` truncates longer ones (and
+        says how many) or refuses them (naming the longest, ``at``)."""
+        limit, how = self.recipe.sampling.max_prompt_length, self.recipe.sampling.long_prompts
+        over = sum(length > limit for length in lengths) if limit is not None else 0
+        if over and how == "refuse":
+            raise RecipeError(f"sampling.max_prompt_length: {over} prompt(s) are longer than {limit} tokens, the longest "
+                              f"({at}) {longest}; shorten them, raise max_prompt_length, or set sampling.long_prompts: "
+                              f"truncate (each keeps its last {limit} tokens)")
+        if over:
+            log.info("sampling.max_prompt_length: %d of %d prompts are longer than %d tokens; they keep their last %d "
+                     "(sampling.long_prompts: truncate)", over, len(lengths), limit, limit)
+        return min(longest, limit) if limit is not None else longest
 
     def prompts(self, prompts: Optional[Sequence[Any]], eval_prompts: Optional[Sequence[Any]]):
         prompts = prompts if prompts is not None else self.inputs.train_dataset

@@ -398,26 +398,6 @@ def check_finite(state: Optional[dict[str, torch.Tensor]], where: str) -> None:
                                  f"(the checkpoints already written are intact)")
 
 
-def save_final(run_path: Path, parts: CheckpointParts) -> Optional[Path]:
-    """The trained policy as ``RUN/final``, a save_pretrained directory (safetensors) with its
-    tokenizer, written to ``final.tmp`` and renamed into place; its path on rank 0."""
-    state = parts.engine.policy_state_dict()  # collective at ZeRO-3
-    if not parts.dist.is_main:
-        return None
-    check_finite(state, "final")
-    final, staging = run_path / "final", run_path / "final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        parts.engine.model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        parts.tokenizer.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    return final
-
-
 def _save_policy(directory: Path, parts: CheckpointParts, consolidate: bool) -> None:
     """The policy as a save_pretrained directory with its tokenizer (only its config when not
     consolidated: the weights are then in DeepSpeed's shards). A LoRA policy always saves its

@@ -12,7 +12,7 @@ are gathered as token rows and each process rebuilds its slice of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -139,7 +139,8 @@ class BatchCollector:
             logps = [row for r, i in chosen for row in rounds[r].sampler_rows[i * group_size:(i + 1) * group_size]]
             prompts = [rounds[r].groups.prompts[i] for r, i in chosen]
             rollout = rollout_from_rows(self.tokenizer, prompts, rows, group_size, self.eos_ids,
-                                        rounds[0].rollout.sequences.device, sampler_rows=logps)
+                                        rounds[0].rollout.sequences.device, sampler_rows=logps,
+                                        max_prompt_length=self.recipe.sampling.max_prompt_length)
         sampled = torch.cat([r.groups.rewards.reshape(-1, k) for r in rounds])
         masked = loss_mask[mine].reshape(-1)  # (N_local,)
         metrics = {"filter/rounds": float(len(rounds)),

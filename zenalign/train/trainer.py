@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +34,16 @@ from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sam
 from zenalign.grpo.rollout import Rollout
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
-from zenalign.models.lora import is_adapted, require_peft
+from zenalign.models.lora import is_adapted
 from zenalign.plugins import BuildContext, Critic, Objectives, ReportsMetrics, get_plugin_manager
 from zenalign.recipe.loader import LoadedRecipe, recipe_from_options
 from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
+from zenalign.train import saving
 from zenalign.train.advantage import step_advantages
 from zenalign.train.build import Builder, Inputs, take_trl_arguments
 from zenalign.train.collect import BatchCollector
+from zenalign.train.console import close_run_log, console, open_run_log, print_summary, shows_progress_bar
 from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, collective_failure, init_distributed
 from zenalign.train.engine import create_engine
@@ -179,18 +180,9 @@ class GRPOTrainer:
     def check(self) -> Objectives:
         """Build the prompt source, reward sources and normalizer without loading the policy:
         what ``zenalign validate`` runs, so it catches what ``run`` would reject before step 1.
-        Returns the run's objectives."""
+        Returns the run's objectives (``self.scorer`` holds the reward sources)."""
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=self.recipe, base_dir=self.loaded.base_dir))
-        if self.recipe.model.lora is not None:
-            require_peft()
-        train, evals = builder.prompts(None, None)
-        rewards = builder.rewards()
-        has_tokenizer = self.recipe.model.path or self.recipe.model.tokenizer_path or self.inputs.tokenizer is not None
-        builder.check_inputs(builder.tokenizer() if has_tokenizer else None, train, evals, rewards)  # not the model
-        Scorer(rewards)
-        objectives = builder.objectives(rewards)
-        builder.loss(builder.normalizer())
-        builder.filters()
+        objectives, self.scorer = builder.check()
         return objectives
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
@@ -206,9 +198,7 @@ class GRPOTrainer:
         own = saved is not None and self.run_dir.holds(self.resumed_from)  # else: this directory starts afresh
         self.run_dir.begin(self.dist, self.state.step if own else None, self.overwrite, self.recipe.model_dump(mode="json"))
         if self.dist.is_main:
-            self._log_handler = logging.FileHandler(self.run_dir.path / "run.log", encoding="utf-8")
-            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(self._log_handler)
+            self._log_handler = open_run_log(self.run_dir.path / "run.log")
         self.dist.barrier()
 
     def _join_run(self, resume: Optional[str]) -> Optional[dict[str, Any]]:
@@ -298,15 +288,17 @@ class GRPOTrainer:
 
     def train(self, prompts: Optional[Sequence[Any]] = None, eval_prompts: Optional[Sequence[Any]] = None,
               resume: Optional[str] = None) -> TrainResult:
-        """Run ``run.steps`` GRPO steps; evaluate before, every ``run.eval_interval`` steps, and after.
+        """Run ``run.steps`` GRPO steps; evaluate before, every ``run.eval_interval`` steps, and after;
+        print what ``zenalign run`` prints, as ``run.log_level`` says (:mod:`zenalign.train.console`).
 
         ``resume``: ``"auto"`` continues from the newest checkpoint in the run directory (or starts
         fresh if there is none); a path continues from that checkpoint.
         """
         try:
-            with StopSignals(on_exit=self.run_dir.unlock) as self.signals:
+            with console(self.recipe.run.log_level), StopSignals(on_exit=self.run_dir.unlock) as self.signals:
                 self.setup(prompts, eval_prompts, resume)
-                return self._loop() if self.finished is None else finished_result(self.run_dir, self.finished)
+                result = self._loop() if self.finished is None else finished_result(self.run_dir, self.finished)
+            return print_summary(result, self.recipe.run.log_level)
         except Stopped as exc:
             log_to_file(getattr(self, "_log_handler", None), logging.WARNING, f"zenalign: {exc}")  # the CLI prints it
             raise
@@ -332,7 +324,7 @@ class GRPOTrainer:
         result.initial_eval = evals[0] if evals else self.evaluate()
         last_eval = evals[-1]["step"] if evals else 0
         with tqdm(total=r.steps, initial=self.state.step, desc="GRPO", unit="step", dynamic_ncols=True,
-                  disable=not (r.progress_bar and main and sys.stderr.isatty())) as progress:
+                  disable=not (shows_progress_bar(r) and main)) as progress:
             while self.state.step < r.steps:
                 self.signals.stop_here(self.dist, self.state.step, saved, self.save_checkpoint)
                 self.state.step += 1
@@ -414,15 +406,21 @@ class GRPOTrainer:
 
     def save_final(self) -> Optional[Path]:
         """The trained policy as a save_pretrained directory (safetensors), written atomically."""
-        return ckpt.save_final(self.run_dir.path, self._checkpoint_parts())
+        return saving.save_final(self.run_dir.path, self._checkpoint_parts())
+
+    def save_model(self, output_dir: Optional[str | Path] = None, merge: bool = False,
+                   base: Optional[str | Path] = None) -> Optional[Path]:
+        """TRL's ``trainer.save_model``, after ``train()``: the policy and its tokenizer in a new
+        directory (a LoRA policy's adapter, or merged with ``merge=True``), or without one in the
+        run's ``final/``; see :func:`zenalign.train.saving.save_model`."""
+        if getattr(self, "engine", None) is None or self.engine.model is None:
+            raise RecipeError("save_model: the policy is built by train(); call train() first")
+        return saving.save_model(self._checkpoint_parts(), self.run_dir.path, output_dir, merge, base)
 
     def cleanup(self) -> None:
         """Stop the vLLM engine, close run.log and release the run directory's lock (safe after a setup that failed)."""
         if getattr(self, "generator", None) is not None:
             self.generator.close()
-        handler = getattr(self, "_log_handler", None)
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-            self._log_handler = None
+        close_run_log(getattr(self, "_log_handler", None))
+        self._log_handler = None
         self.run_dir.unlock()
