@@ -225,6 +225,21 @@ def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedP
     return subprocess.CompletedProcess(["zenalign", *args], code, out.getvalue(), err.getvalue())
 
 
+def assert_lean_bf16_as_close_as_transformers(model, rollout, rows) -> None:
+    """Under bf16 autocast neither forward equals fp32: the lean pass's largest log-prob error is at
+    most twice transformers' bf16 error + 1e-3, and its gradients' largest relative error likewise."""
+    exact, exact_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
+    plain, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False, autocast=True)
+    lean, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, autocast=True)
+    plain_err, lean_err = float((plain - exact).abs().max()), float((lean - exact).abs().max())
+    assert lean_err <= 2 * plain_err + 1e-3, (lean_err, plain_err)
+
+    def grad_err(grads):
+        return max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_grads.items())
+
+    assert grad_err(lean_grads) <= 2 * grad_err(plain_grads) + 1e-3, (grad_err(lean_grads), grad_err(plain_grads))
+
+
 def saved_bytes(fn):
     """The bytes of the tensors (other than parameters) autograd keeps for backward while ``fn``
     runs, and its result."""

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICES, EOS, PROMPTS, assert_draws_follow, build_tiny_causal_lm, byte_tokenizer,
+from conftest import (DEVICES, EOS, PROMPTS, assert_draws_follow, assert_lean_bf16_as_close_as_transformers, build_tiny_causal_lm, byte_tokenizer,
                       logprobs_and_grads, ragged_rollout, run_cli, saved_bytes)
 from zenalign.grpo import gumbel
 from zenalign.grpo import logprobs as lp
@@ -66,16 +66,7 @@ def test_lean_forward_under_bf16_autocast_is_as_close_to_fp32_as_transformers(de
     model = tiny_on(device, "qwen2", checkpointing)
     rollout = ragged_rollout(model)
     rows = slice(0, 12)
-    exact, exact_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
-    plain, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False, autocast=True)
-    lean, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, autocast=True)
-    plain_err, lean_err = float((plain - exact).abs().max()), float((lean - exact).abs().max())
-    assert lean_err <= 2 * plain_err + 1e-3, (lean_err, plain_err)
-
-    def grad_err(grads):
-        return max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_grads.items())
-
-    assert grad_err(lean_grads) <= 2 * grad_err(plain_grads) + 1e-3, (grad_err(lean_grads), grad_err(plain_grads))
+    assert_lean_bf16_as_close_as_transformers(model, rollout, rows)
 
 
 @pytest.mark.gpu

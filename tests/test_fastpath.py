@@ -5,7 +5,7 @@ sampled tokens; and the models it must leave to transformers."""
 import pytest
 import torch
 
-from conftest import (EOS, PROMPTS, TINY_ARCHS, build_tiny_causal_lm, build_tiny_llama, byte_tokenizer, logprobs_and_grads, sample_groups,
+from conftest import (EOS, PROMPTS, TINY_ARCHS, assert_lean_bf16_as_close_as_transformers, build_tiny_causal_lm, build_tiny_llama, byte_tokenizer, logprobs_and_grads, sample_groups,
                       saved_bytes)
 from zenalign.models import lean as fastpath
 from zenalign.models.lean import attention_products, lean_model, why_not_lean
@@ -54,16 +54,7 @@ def test_lean_bf16_autocast_is_as_close_to_float32_as_transformers_bf16(model, r
     """Under bf16 autocast neither path equals float32; the lean one must not be further off."""
     monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
     rows = slice(0, 12)
-    exact, exact_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
-    plain, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False, autocast=True)
-    lean, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, autocast=True)
-    plain_err, lean_err = float((plain - exact).abs().max()), float((lean - exact).abs().max())
-    assert lean_err <= 2 * plain_err + 1e-3, (lean_err, plain_err)
-
-    def grad_err(grads):
-        return max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_grads.items())
-
-    assert grad_err(lean_grads) <= 2 * grad_err(plain_grads) + 1e-3, (grad_err(lean_grads), grad_err(plain_grads))
+    assert_lean_bf16_as_close_as_transformers(model, rollout, rows)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
