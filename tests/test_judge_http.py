@@ -99,8 +99,9 @@ def test_logprobs_score_is_p_yes_over_p_yes_plus_p_no(server):
     assert scores[0] == pytest.approx((0.6 + 0.1) / (0.6 + 0.1 + 0.2))  # " Yes" and "yes" are both yes
     assert scores[1] == pytest.approx(0.05 / 0.95)
     assert scores[2] is None  # neither answer among the alternatives: abstain
-    assert server.requests[0]["body"] == {"model": "judge-7b", "temperature": 0.0, "max_tokens": 1, "logprobs": True,
-                                          "top_logprobs": 20, "messages": [{"role": "user", "content": "good"}]}
+    good = [r["body"] for r in server.requests if r["body"]["messages"][-1]["content"] == "good"]  # sent concurrently:
+    assert good == [{"model": "judge-7b", "temperature": 0.0, "max_tokens": 1, "logprobs": True,    # in any order
+                     "top_logprobs": 20, "messages": [{"role": "user", "content": "good"}]}]
     assert judge.metrics()["no_score"] == 1.0
 
 
@@ -266,8 +267,9 @@ def test_a_replaced_run_loses_its_caches_and_keeps_files_zenalign_did_not_write(
     (tmp_path / "run" / "reward-cache").mkdir()
     (tmp_path / "run" / "reward-cache" / "judge.rank0.jsonl").write_text('{"key": "k", "score": 0.5}\n')
     (tmp_path / "run" / "reward-cache" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "reward-cache" / "notes.jsonl").write_text("mine too\n")  # not a cache's name
     run.prepare(overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "run" / "reward-cache").iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "reward-cache").iterdir()) == ["notes.jsonl", "notes.txt"]
 
 
 def test_latency_p95_is_the_nearest_rank():

@@ -48,7 +48,7 @@ RUN_DIRS = {
     "attempts": re.compile(r"\d{3,}\.yaml"),
     "abandoned": re.compile(r"after-step-\d{8}-\d{8}-\d{6}"),
     "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
-    "reward-cache": re.compile(r"[\w.-]+\.jsonl"),  # plugins' caches (BuildContext.output_dir), kept on resume
+    "reward-cache": re.compile(r"[\w.-]+\.rank\d+\.jsonl"),  # plugins' caches, NAME.rankN.jsonl, kept on resume
 }
 
 log = logging.getLogger("zenalign")
