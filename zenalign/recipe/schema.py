@@ -12,6 +12,7 @@ type, so a single validation pass checks the whole recipe.
 from __future__ import annotations
 
 import importlib.util
+import re
 import types
 import typing
 import warnings
@@ -516,6 +517,26 @@ class RunSection(Section):
         description="Besides greedy decoding, sample this many completions per held-out prompt at each evaluation, "
         "for sampled reward means and the fraction of zero-variance groups per objective. 0 turns it off.",
     )
+    eval_k: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="With run.eval_group_size n, also report for each k here (1 <= k <= n) pass@k, the unbiased "
+        "estimate 1 - C(n-c, k)/C(n, k) from the c correct of the n samples (Chen et al. 2021, arXiv 2107.03374), and "
+        "maj@k, whether the answer most of the first k samples give is correct (ties: the answer given first). Per "
+        "prompt, averaged: eval/sampled/pass@k, eval/sampled/maj@k. Empty: neither.",
+    )
+    eval_temperature: Optional[float] = Field(
+        None, ge=1e-6, description="Temperature of the sampled evaluation (run.eval_group_size); null: "
+        "sampling.temperature. Greedy evaluation is unaffected.",
+    )
+    eval_correct_reward: float = Field(
+        1.0, description="A sampled completion counts as correct for pass@k and maj@k when its reward (weighted "
+        "over objectives) is at least this; exact_answer scores a right answer 1.0. An abstention is not correct.",
+    )
+    eval_answer_pattern: Optional[str] = Field(
+        None, description="The answer maj@k votes on: the last match of this regular expression in a completion "
+        "(its first group, if it has one), e.g. '\\\\boxed\\{([^}]*)\\}'; a completion without a match casts no vote. "
+        "null: the whole completion, stripped of surrounding whitespace.",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers to log to, each through its own library (an optional extra: pip install "
@@ -546,6 +567,25 @@ class RunSection(Section):
         if is_file:
             raise ValueError(f"'{value}' is an existing file; give a directory")
         return value
+
+    @field_validator("eval_answer_pattern")
+    @classmethod
+    def _pattern_compiles(cls, value):
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _k_within_samples(self):
+        n = self.eval_group_size
+        over = [k for k in self.eval_k if k > n]
+        if over:
+            raise ValueError(f"eval_k: k = {over[0]} needs at least {over[0]} samples per prompt but "
+                             f"run.eval_group_size is {n}; raise eval_group_size to {max(self.eval_k)} or drop that k")
+        return self
 
     @field_validator("report_to")
     @classmethod
