@@ -467,7 +467,7 @@ class EngineSection(Section):
         return value
 
 
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 class RunSection(Section):
@@ -537,12 +537,14 @@ class RunSection(Section):
         "(its first group, if it has one), e.g. '\\\\boxed\\{([^}]*)\\}'; a completion without a match casts no vote. "
         "null: the whole completion, stripped of surrounding whitespace.",
     )
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list,
         description="Experiment trackers to log to, each through its own library (an optional extra: pip install "
-        "'zenalign[tensorboard]', '[wandb]', '[mlflow]'): every step's metrics, eval metrics, the resolved recipe "
-        "as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; wandb and mlflow "
-        "follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME).",
+        "'zenalign[tensorboard]', '[wandb]', '[mlflow]', '[trackio]'): every step's metrics, eval metrics, the "
+        "resolved recipe as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; "
+        "wandb and mlflow follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, "
+        "MLFLOW_EXPERIMENT_NAME); trackio logs locally to TRACKIO_DIR (default ~/.cache/huggingface/trackio), "
+        "project TRACKIO_PROJECT (default zenalign).",
     )
     hacking_patience: int = Field(
         3,
