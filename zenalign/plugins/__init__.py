@@ -37,6 +37,7 @@ from zenalign.plugins.api import (
     TokenBatch,
     TokenLoss,
     enforces_constraints,
+    valid_regex,
 )
 from zenalign.plugins.deadline import DeadlineExceeded, call_with_deadline
 from zenalign.plugins.hookspecs import hookimpl, hookspec
@@ -49,5 +50,5 @@ __all__ = [
     "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
     "RolloutGroups", "RunContext", "ScoreBatch", "Stateful", "StatefulDirectory",
     "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "collect_registry", "enforces_constraints", "get_plugin_manager", "hookimpl",
-    "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls",
+    "hookspec", "load_plugins", "new_plugin_manager", "register", "trace_hook_calls", "valid_regex",
 ]

@@ -12,7 +12,6 @@ type, so a single validation pass checks the whole recipe.
 from __future__ import annotations
 
 import importlib.util
-import re
 import types
 import typing
 import warnings
@@ -22,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from zenalign.errors import PluginError
-from zenalign.plugins import KINDS, PluginRegistry
+from zenalign.plugins import KINDS, PluginRegistry, valid_regex
 
 
 def _is_number(annotation: Any) -> bool:
@@ -570,15 +569,7 @@ class RunSection(Section):
             raise ValueError(f"'{value}' is an existing file; give a directory")
         return value
 
-    @field_validator("eval_answer_pattern")
-    @classmethod
-    def _pattern_compiles(cls, value):
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+    _pattern_compiles = field_validator("eval_answer_pattern")(valid_regex)
 
     @model_validator(mode="after")
     def _k_within_samples(self):
