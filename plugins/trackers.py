@@ -103,11 +103,22 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
-class WandB(Tracker):
+class TableRun(Tracker):
+    """W&B and trackio: a run object that logs a dict at a step, and the library's Table."""
+
+    def log(self, metrics, step):
+        self.run.log(metrics, step=step)
+
+    def completions(self, samples, step):
+        columns, rows = table(samples)
+        self.run.log({"completions": self.library.Table(columns=columns, data=rows)}, step=step)
+
+
+class WandB(TableRun):
     def __init__(self, context, start_step):
         import wandb
 
-        self.wandb = wandb
+        self.library = wandb
         try:  # the run directory's id: every attempt of the run logs to the same W&B run
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zenalign"), name=context.output_dir.name,
                                   id=context.run_id or None, resume="allow", dir=str(context.output_dir),
@@ -116,13 +127,6 @@ class WandB(Tracker):
             raise RecipeError(f"run.report_to: wandb could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
                               f"log in with `wandb login`, or set WANDB_MODE=offline to write it to "
                               f"{context.output_dir}/wandb and `wandb sync` it later") from exc
-
-    def log(self, metrics, step):
-        self.run.log(metrics, step=step)
-
-    def completions(self, samples, step):
-        columns, rows = table(samples)
-        self.run.log({"completions": self.wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self):
         self.run.finish()
@@ -170,7 +174,7 @@ class MLflow(Tracker):
         self.mlflow.end_run()
 
 
-class Trackio(Tracker):
+class Trackio(TableRun):
     def __init__(self, context, start_step):
         remote = [name for name in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL") if os.environ.get(name)]
         if remote:
@@ -178,7 +182,7 @@ class Trackio(Tracker):
                               f"publish the project afterwards with `trackio sync`")
         import trackio
 
-        self.trackio = trackio
+        self.library = trackio
         project = os.environ.get("TRACKIO_PROJECT", "zenalign")
         name = f"{context.output_dir.name}-{context.run_id[:8]}" if context.run_id else context.output_dir.name
         try:
@@ -191,16 +195,9 @@ class Trackio(Tracker):
         log.info("trackio: run '%s' of project '%s' in %s (view it with `trackio show --project %s`)", name, project,
                  os.environ.get("TRACKIO_DIR", "~/.cache/huggingface/trackio"), project)
 
-    def log(self, metrics, step):
-        self.run.log(metrics, step=step)
-
-    def completions(self, samples, step):
-        columns, rows = table(samples)
-        self.run.log({"completions": self.trackio.Table(columns=columns, data=rows)}, step=step)
-
     def finish(self):
         with quiet():  # waits for trackio's writer thread to store what is queued; clears trackio's current run
-            self.trackio.finish()
+            self.library.finish()
 
 
 @contextmanager

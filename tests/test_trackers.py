@@ -95,7 +95,7 @@ def test_wandb_offline_run_holds_history_config_and_tables(tracked):
     assert [history[s]["reward_mean"] for s in (1, 2, 3, 4)] == pytest.approx([m["reward_mean"] for m in metrics])
     assert [history[s]["eval/reward_mean/accuracy"] for s in (0, 2, 4)] == pytest.approx(
         [e["eval/reward_mean/accuracy"] for e in evals])
-    assert config["grpo"]["kl_coef"] == 0.01 and config["run"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
+    assert config["grpo"]["kl_coef"] == 0.01 and config["run"]["report_to"] == ["tensorboard", "wandb", "mlflow", "trackio"]
     assert history[2]["completions/_type"] == "table-file"
     tables = sorted((run_dir / "files" / "media" / "table").glob("completions_*.table.json"))
     assert len(tables) == 2
