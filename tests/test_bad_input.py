@@ -670,11 +670,14 @@ def test_validate_checks_prompt_length_against_the_models_positions(tmp_path, ti
            f"model's {positions} positions" in message
 
 
-def test_validate_checks_the_chat_template_for_messages(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("field", ["messages", "prompt"])
+def test_validate_checks_the_chat_template_for_messages(tmp_path, tiny_model_dir, field):
+    """zenalign's `messages`, or TRL's conversational `prompt` (issue 35: that one was called 'messages' too)."""
     data = merge(base_recipe(tiny_model_dir, tmp_path / "run"),
-                 {"data": {"prompts": [{"messages": [{"role": "user", "content": "hi"}]}]}})
+                 {"data": {"prompts": [{field: [{"role": "user", "content": "hi"}]}]}})
     message = error_line(run_cli("validate", str(write_recipe(tmp_path, data))), during_run=False)
-    assert "prompts[0]: the record has chat 'messages' but the tokenizer of" in message and "no chat template" in message
+    assert f"prompts[0]: the record's '{field}' holds chat messages but the tokenizer of" in message
+    assert "no chat template" in message
 
 
 def test_records_missing_a_field_a_reward_reads_are_counted_and_logged(tmp_path, tiny_model_dir):

@@ -150,7 +150,9 @@ def render_prompt(record: dict[str, Any], tokenizer: Any) -> str:
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("a prompt record has chat messages but the tokenizer has no chat template; give 'prompt' text instead")
+        field = "prompt" if is_conversational(record) else "messages"
+        raise DataError(f"a prompt record's '{field}' holds chat messages but the tokenizer has no chat template; "
+                        f"give a tokenizer with one, or 'prompt' text")
     return tokenizer.apply_chat_template(prompt_messages(record), tokenize=False, add_generation_prompt=True)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from zenalign.data import check_records, render_prompt
+from zenalign.data import check_records, is_conversational, render_prompt
 from zenalign.errors import DataError, ModelLoadError, PluginError, RecipeError, ZenalignError, one_line
 from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_causal_lm, load_tokenizer, model_config,
                                      pick_device, prepare_tokenizer)
@@ -273,7 +273,8 @@ class Builder:
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
         for where, i, record in rows:
             if not isinstance(record.get("prompt"), str) and getattr(tokenizer, "chat_template", None) is None:
-                raise DataError(f"{where}[{i}]: the record has chat 'messages' but the tokenizer of "
+                field = "prompt" if is_conversational(record) else "messages"  # TRL's list-of-messages prompt, or ours
+                raise DataError(f"{where}[{i}]: the record's '{field}' holds chat messages but the tokenizer of "
                                 f"'{self.recipe.model.tokenizer_path or self.recipe.model.path}' has no chat template; "
                                 f"give a tokenizer with one (model.tokenizer_path) or 'prompt' text")
         texts = [render_prompt(record, tokenizer) for _, _, record in rows]
