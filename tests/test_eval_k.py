@@ -96,3 +96,17 @@ def test_eval_temperature_near_zero_samples_the_greedy_answer(tmp_path):
         for k in (1, 2, 4):
             assert line[f"eval/sampled/pass@{k}"] == pytest.approx(greedy)
             assert line[f"eval/sampled/maj@{k}"] == pytest.approx(greedy)
+
+
+@pytest.mark.slow
+def test_one_sample_per_prompt_is_sampled_not_greedy(tmp_path):
+    """run.eval_group_size 1 with eval_k [1]: the one completion per prompt is sampled (at temperature
+    1 the quickstart's policy samples right reversals that its greedy echo misses), so pass@1 = maj@1 =
+    the sampled mean, above greedy accuracy at step 0."""
+    out = tmp_path / "run"
+    done = run_cli("run", str(RECIPES / "quickstart.yaml"), "run.steps=1", "data.eval_size=24", "run.eval_group_size=1",
+                   "run.eval_k=[1]", f"run.output_dir={out}", "-q")
+    assert done.returncode == 0, done.stderr
+    first = json.loads((out / "eval.jsonl").read_text().splitlines()[0])
+    assert first["eval/sampled/pass@1"] == first["eval/sampled/maj@1"] == pytest.approx(first["eval/sampled/reward_mean"])
+    assert first["eval/sampled/pass@1"] > first["eval/reward_mean/accuracy"]

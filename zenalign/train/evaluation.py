@@ -49,7 +49,7 @@ class Evaluator:
         metrics.update(reward_metrics(greedy, self.objectives, 1, prefix="eval/"))
         n = self.run.eval_group_size
         if n > 1 or self.run.eval_k:
-            sampled, _, completions = self._pass(mine, group_size=n, first=rank * share)
+            sampled, _, completions = self._pass(mine, group_size=n, first=rank * share, sampled=True)
             if self.run.eval_k:
                 metrics.update(self._k_metrics(sampled, completions, valid))
             keep = self.dist.gather_rows(valid).repeat_interleave(n)
@@ -73,22 +73,22 @@ class Evaluator:
         names = [f"eval/sampled/pass@{k}" for k in ks] + [f"eval/sampled/maj@{k}" for k in ks]
         return dict(zip(names, per_prompt.tolist()))
 
-    def _pass(self, records: list[dict[str, Any]], group_size: int, first: int = 0):
+    def _pass(self, records: list[dict[str, Any]], group_size: int, first: int = 0, sampled: bool = False):
         """Scores ``(len(records) * group_size, K)``, the first records' greedy completions to show,
-        and every completion: greedy (group_size 1) or sampled groups with keys of their own
+        and every completion: greedy (one per record), or ``sampled`` groups with keys of their own
         (independent of the training samples) at run.eval_temperature."""
         size = self.run.eval_batch_size
         scores, shown, completions = [], [], []
         for start in range(0, len(records), size):
             chunk = records[start : start + size]
             keys = None
-            if group_size > 1:
+            if sampled:
                 keys = completion_keys(self.run.seed + 1_000_003, self.state.step, (first + start) * group_size,
                                        len(chunk) * group_size)
-            rollout = self.sample(chunk, keys, group_size, self.run.eval_temperature if keys is not None else None)
+            rollout = self.sample(chunk, keys, group_size, self.run.eval_temperature if sampled else None)
             scores.append(self.score(chunk, rollout, group_size))
             completions += rollout.completions
-            if start == 0 and self.dist.is_main and group_size == 1:
+            if start == 0 and self.dist.is_main and not sampled:
                 shown = [{"step": self.state.step, "eval": True, "prompt": self.render(rec), "completion": c}
                          for rec, c in zip(chunk[:4], rollout.completions)]
         return torch.cat(scores), shown, completions
