@@ -106,6 +106,35 @@ def quickstart_records(n: int) -> tuple[list[dict], list[dict]]:
 # --------------------------------------------------------------------------------------------- measure
 
 
+def cpu_description(cpuinfo: str) -> str:
+    """The CPU model and the vector instruction sets the ratios depend on, from /proc/cpuinfo's text:
+    'AMD EPYC 7B13 (AVX2; no AVX-512, no AMX)'. bf16 runs fast only with AVX-512 BF16 or AMX."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    model = fields.get("model name") or fields.get("Model") or fields.get("cpu model") or "unknown CPU"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    if not flags:
+        return f"{model} (instruction sets unknown)"
+    sets = [("AVX2" if "avx2" in flags else "no AVX2")]
+    if "avx512f" in flags:
+        sets.append("AVX-512" + (" with BF16" if "avx512_bf16" in flags else ", no BF16"))
+    else:
+        sets.append("no AVX-512")
+    sets.append(("AMX" + (" BF16" if "amx_bf16" in flags else "")) if "amx_tile" in flags else "no AMX")
+    return f"{model} ({', '.join(sets)})"
+
+
+def host_cpu() -> str:
+    try:
+        return cpu_description(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        import platform
+
+        return f"{platform.processor() or platform.machine()} (instruction sets unknown: no /proc/cpuinfo)"
+
+
 def matmul_peak(dtype_name: str = "float32", n: int = 1024, repeats: int = 8, device: str = "cpu") -> float:
     """Best observed GFLOP/s of an n x n x n matmul with this process's torch threads (on a GPU:
     each product timed to its end)."""
@@ -616,6 +645,7 @@ def main() -> int:
         trl_version = "-"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, "
           f"{args.threads} threads, precision {args.precision} (both frameworks), device {args.device}", flush=True)
+    print(f"cpu: {host_cpu()}, {os.cpu_count()} cores (the ratios depend on it: docs/performance.md)", flush=True)
     results, shapes, params, everything = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for size in [s for s in args.sizes.split(",") if s]:  # --sizes "": learning per sample only

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from zenalign import hookimpl
 from zenalign.errors import RewardError
-from zenalign.plugins import Options, RewardSourceType
+from zenalign.plugins import Options, RewardSourceType, valid_regex
 
 
 class ExactAnswerOptions(Options):
@@ -28,15 +28,7 @@ class ExactAnswerOptions(Options):
     correct_score: float = Field(1.0, description="Score of a correct answer.")
     wrong_score: float = Field(0.0, description="Score of a wrong (or unextractable) answer.")
 
-    @field_validator("extract")
-    @classmethod
-    def _compiles(cls, value):
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+    _compiles = field_validator("extract")(valid_regex)
 
 
 class ExactAnswer:

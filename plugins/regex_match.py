@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from zenalign import hookimpl
-from zenalign.plugins import Options, RewardSourceType
+from zenalign.plugins import Options, RewardSourceType, valid_regex
 
 FLAGS = {"IGNORECASE": re.IGNORECASE, "MULTILINE": re.MULTILINE, "DOTALL": re.DOTALL}
 
@@ -23,14 +23,7 @@ class RegexMatchOptions(Options):
     match_score: float = Field(1.0, description="Score when the pattern matches.")
     miss_score: float = Field(0.0, description="Score when it does not.")
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
+    _compiles = field_validator("pattern")(valid_regex)
 
 
 class RegexMatch:

@@ -1,34 +1,41 @@
-"""Experiment trackers, chosen with ``run.report_to: [tensorboard, wandb, mlflow]``.
+"""Experiment trackers, chosen with ``run.report_to: [tensorboard, wandb, mlflow, trackio]``.
 
 Each goes through its own library's API, on the main process only:
 
 - every training step's metrics (``metrics.jsonl``) and every evaluation's (``eval.jsonl``) as
   scalars at their step; a NaN or missing value is left out. MLflow gets ``.`` for ``/`` in their
   names (``eval.reward_mean.accuracy``): its file store keeps a metric per file;
-- the resolved recipe as the run's config (W&B config, MLflow params flattened to dotted keys,
-  TensorBoard text);
+- the resolved recipe as the run's config (W&B and trackio config, MLflow params flattened to
+  dotted keys, TensorBoard text);
 - at each log step, a completions table (prompt, completion, each objective's reward, advantage):
-  a W&B Table, TensorBoard text (Markdown), an MLflow JSON artifact ``completions/step-N.json``.
+  a W&B or trackio Table, TensorBoard text (Markdown), an MLflow JSON artifact ``completions/step-N.json``.
 
 TensorBoard writes ``RUN/tensorboard``. W&B writes under ``RUN/wandb`` and follows its own settings
 (``WANDB_MODE=offline`` to log without an account, ``WANDB_PROJECT``, default project
 ``zenalign``); MLflow follows ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_NAME`` (default
-``zenalign``). The run is named run.name, or after the run directory.
+``zenalign``). trackio (TRL's default tracker) logs locally only, to the SQLite store in
+``TRACKIO_DIR`` (default ``~/.cache/huggingface/trackio``, read when trackio is imported), project
+``TRACKIO_PROJECT`` (default ``zenalign``); ``trackio show`` opens it, ``trackio sync`` publishes
+it. zenalign turns off its CPU/GPU monitors and refuses TRACKIO_SPACE_ID / TRACKIO_SERVER_URL
+(they would send the run over the network). The run is named run.name, or after the run directory (trackio:
+with the first 8 characters of the run id added, since trackio resumes a run by its name).
 
 A resumed run continues the same tracker run: TensorBoard purges the steps after the checkpoint
 (``purge_step``), so a step the killed attempt logged past it is shown once, with the resumed
 attempt's values; W&B resumes the run whose id is the run directory's (``run_id``), and MLflow the
-run whose id ``RUN/trackers.json`` recorded. Neither W&B nor MLflow can drop logged points: they
-keep the killed attempt's values of those steps beside the resumed ones (the same values when
-the run is deterministic).
+run whose id ``RUN/trackers.json`` recorded, trackio the run of the same name. None of W&B, MLflow
+and trackio can drop logged points: they keep the killed attempt's values of those steps beside the
+resumed ones (the same values when the run is deterministic).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import yaml
@@ -36,6 +43,7 @@ import yaml
 from zenalign import hookimpl
 from zenalign.errors import PluginError, RecipeError, one_line
 
+log = logging.getLogger("zenalign")
 _active: list["Tracker"] = []  # the trackers of the run in progress (one run at a time per process)
 
 
@@ -100,11 +108,22 @@ def run_name(context) -> str:
     return context.recipe.get("run", {}).get("name") or context.output_dir.name
 
 
-class WandB(Tracker):
+class TableRun(Tracker):
+    """W&B and trackio: a run object that logs a dict at a step, and the library's Table."""
+
+    def log(self, metrics, step):
+        self.run.log(metrics, step=step)
+
+    def completions(self, samples, step):
+        columns, rows = table(samples)
+        self.run.log({"completions": self.library.Table(columns=columns, data=rows)}, step=step)
+
+
+class WandB(TableRun):
     def __init__(self, context, start_step):
         import wandb
 
-        self.wandb = wandb
+        self.library = wandb
         try:  # the run directory's id: every attempt of the run logs to the same W&B run
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zenalign"), name=run_name(context),
                                   id=context.run_id or None, resume="allow", dir=str(context.output_dir),
@@ -113,13 +132,6 @@ class WandB(Tracker):
             raise RecipeError(f"run.report_to: wandb could not start a run ({type(exc).__name__}: {one_line(exc)[:200]}); "
                               f"log in with `wandb login`, or set WANDB_MODE=offline to write it to "
                               f"{context.output_dir}/wandb and `wandb sync` it later") from exc
-
-    def log(self, metrics, step):
-        self.run.log(metrics, step=step)
-
-    def completions(self, samples, step):
-        columns, rows = table(samples)
-        self.run.log({"completions": self.wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self):
         self.run.finish()
@@ -167,7 +179,45 @@ class MLflow(Tracker):
         self.mlflow.end_run()
 
 
-TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+class Trackio(TableRun):
+    def __init__(self, context, start_step):
+        remote = [name for name in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL") if os.environ.get(name)]
+        if remote:
+            raise RecipeError(f"run.report_to: trackio logs locally only, but {remote[0]} is set; unset it, and "
+                              f"publish the project afterwards with `trackio sync`")
+        import trackio
+
+        self.library = trackio
+        project = os.environ.get("TRACKIO_PROJECT", "zenalign")
+        name = f"{run_name(context)}-{context.run_id[:8]}" if context.run_id else run_name(context)
+        try:
+            with quiet():  # trackio prints its progress; the log says where the run went
+                self.run = trackio.init(project=project, name=name, config=context.recipe, resume="allow",
+                                        embed=False, auto_log_cpu=False, auto_log_gpu=False)
+        except Exception as exc:
+            raise RecipeError(f"run.report_to: trackio could not start a run ({type(exc).__name__}: "
+                              f"{one_line(exc)[:200]})") from exc
+        log.info("trackio: run '%s' of project '%s' in %s (view it with `trackio show --project %s`)", name, project,
+                 os.environ.get("TRACKIO_DIR", "~/.cache/huggingface/trackio"), project)
+
+    def finish(self):
+        with quiet():  # waits for trackio's writer thread to store what is queued; clears trackio's current run
+            self.library.finish()
+
+
+@contextmanager
+def quiet():
+    """trackio's own lines go to the debug log, not to stdout."""
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out):
+            yield
+    finally:
+        for line in out.getvalue().splitlines():
+            log.debug("trackio: %s", line)
+
+
+TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow, "trackio": Trackio}
 
 
 def recorded(path) -> dict[str, str]:

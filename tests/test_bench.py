@@ -139,3 +139,21 @@ def test_letters_in_place_by_hand():
     from perf import letters_in_place
 
     assert letters_in_place(["p"] * 3, ["e t i k", "e t", "x t i k z"], ["etik"] * 3) == [1.0, 0.5, 0.75]
+
+
+def test_the_header_names_the_cpu_and_its_instruction_sets():
+    """bench/perf.py's header line, from /proc/cpuinfo texts written by hand (two processors each:
+    the first one's fields count)."""
+    from perf import cpu_description
+
+    xeon = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+            "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+            "processor\t: 1\nmodel name\t: something else\nflags\t\t: fpu\n")
+    assert cpu_description(xeon) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (AVX2, AVX-512 with BF16, AMX BF16)"
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert cpu_description(epyc) == "AMD EPYC 7B13 64-Core Processor (AVX2, no AVX-512, no AMX)"
+    skylake = "model name\t: Intel(R) Xeon(R) Gold 6148\nflags\t\t: avx avx2 avx512f avx512bw\n"
+    assert cpu_description(skylake) == "Intel(R) Xeon(R) Gold 6148 (AVX2, AVX-512, no BF16, no AMX)"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve\n"
+    assert cpu_description(arm) == "unknown CPU (no AVX2, no AVX-512, no AMX)"
+    assert cpu_description("") == "unknown CPU (instruction sets unknown)"

@@ -1,10 +1,12 @@
-"""run.report_to: TensorBoard, W&B (offline) and MLflow (a local file store) each get the step
-metrics, the eval metrics, the recipe and the completions tables of a real run; read back with each
-library's own reader."""
+"""run.report_to: TensorBoard, W&B (offline), MLflow (a local file store) and trackio (its local
+SQLite store) each get the step metrics, the eval metrics, the recipe and the completions tables of
+a real run; read back with each library's own reader."""
 
 import json
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,14 @@ def tracked(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
     out = root / "run"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"file://{root / 'mlruns'}",
-           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "trackers-test"}
+           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "trackers-test",
+           "TRACKIO_DIR": str(root / "trackio"), "TRACKIO_PROJECT": "trackers-test"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         done = run_cli("run", str(RECIPES / "quickstart.yaml"), "run.steps=4", "run.log_interval=2", "run.eval_interval=2",
-                       "data.eval_size=16", "run.report_to=[tensorboard, wandb, mlflow]", f"run.output_dir={out}", "-q")
+                       "data.eval_size=16", "run.report_to=[tensorboard, wandb, mlflow, trackio]",
+                       f"run.output_dir={out}", "-q")
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -91,7 +95,7 @@ def test_wandb_offline_run_holds_history_config_and_tables(tracked):
     assert [history[s]["reward_mean"] for s in (1, 2, 3, 4)] == pytest.approx([m["reward_mean"] for m in metrics])
     assert [history[s]["eval/reward_mean/accuracy"] for s in (0, 2, 4)] == pytest.approx(
         [e["eval/reward_mean/accuracy"] for e in evals])
-    assert config["grpo"]["kl_coef"] == 0.01 and config["run"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
+    assert config["grpo"]["kl_coef"] == 0.01 and config["run"]["report_to"] == ["tensorboard", "wandb", "mlflow", "trackio"]
     assert history[2]["completions/_type"] == "table-file"
     tables = sorted((run_dir / "files" / "media" / "table").glob("completions_*.table.json"))
     assert len(tables) == 2
@@ -118,6 +122,56 @@ def test_mlflow_file_store_holds_metrics_params_and_tables(tracked):
     assert json.loads(Path(local).read_text())["columns"] == ["prompt", "completion", "reward/accuracy", "advantage"]
 
 
+TRACKIO_READER = """
+import json, sys, trackio
+from trackio.sqlite_storage import SQLiteStorage
+runs = [{"name": r.name, "config": r.config, "logs": SQLiteStorage.get_logs(r.project, r.name, run_id=r.id)}
+        for r in trackio.Api().runs(sys.argv[1])]
+print(json.dumps(runs, default=str))
+"""
+
+
+def trackio_runs(trackio_dir: Path, project: str) -> list[dict]:
+    """The runs of a trackio project as trackio's own reader returns them (in a subprocess: trackio
+    reads TRACKIO_DIR once, when it is imported)."""
+    done = subprocess.run([sys.executable, "-c", TRACKIO_READER, project], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRACKIO_DIR=str(trackio_dir)))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_trackio_local_store_holds_metrics_config_and_tables(tracked):
+    out, root, metrics, evals = tracked
+    run_id = json.loads((out / "zenalign-run.json").read_text())["run_id"]
+    [run] = trackio_runs(root / "trackio", "trackers-test")
+    assert run["name"] == f"run-{run_id[:8]}"
+    assert run["config"]["grpo"]["kl_coef"] == 0.01 and run["config"]["run"]["report_to"][-1] == "trackio"
+    by_step = lambda key: [(row["step"], row[key]) for row in run["logs"] if key in row]
+    assert by_step("reward_mean") == [(m["step"], pytest.approx(m["reward_mean"])) for m in metrics]
+    assert by_step("eval/reward_mean/accuracy") == [(0, evals[0]["eval/reward_mean/accuracy"]),
+                                                    (2, pytest.approx(evals[1]["eval/reward_mean/accuracy"])),
+                                                    (4, pytest.approx(evals[2]["eval/reward_mean/accuracy"]))]
+    tables = by_step("completions")
+    assert [step for step, _ in tables] == [2, 4]
+    rows = tables[0][1]["_value"]
+    assert len(rows) == 2 * 8 and list(rows[0]) == ["prompt", "completion", "reward/accuracy", "advantage"]
+    assert rows[0]["prompt"].startswith("reverse ")
+
+
+def test_trackio_refuses_a_space_or_server(tmp_path):
+    """zenalign logs trackio runs locally only: a Space or a server in the environment is one line."""
+    saved = os.environ.get("TRACKIO_SPACE_ID")
+    os.environ["TRACKIO_SPACE_ID"] = "someone/somewhere"
+    try:
+        done = run_cli("run", str(RECIPES / "quickstart.yaml"), "run.steps=1", "data.eval_size=4", "run.report_to=[trackio]",
+                       f"run.output_dir={tmp_path / 'run'}", "-q")
+    finally:
+        os.environ.pop("TRACKIO_SPACE_ID") if saved is None else os.environ.__setitem__("TRACKIO_SPACE_ID", saved)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert ("run.report_to: trackio logs locally only, but TRACKIO_SPACE_ID is set; unset it, and publish the project "
+            "afterwards with `trackio sync`") in done.stderr
+
+
 def test_a_tracker_that_is_not_installed_is_one_line_at_validate(monkeypatch):
     import importlib.util
 
@@ -134,15 +188,16 @@ def test_a_resumed_run_continues_the_same_tracker_runs_and_tensorboard_shows_eac
     """Issue 30, item 7: after a resume, TensorBoard showed steps 3 and 4 twice, and W&B and MLflow
     started new runs. Resumed from the step-2 checkpoint of a finished 4-step run, steps 3 and 4
     are logged again: TensorBoard purges the first attempt's (purge_step), W&B resumes the run with
-    the run directory's id, MLflow the run trackers.json recorded."""
+    the run directory's id, MLflow the run trackers.json recorded, trackio the run of the same name."""
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"file://{tmp_path / 'mlruns'}",
-           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "resume-test"}
+           "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "resume-test",
+           "TRACKIO_DIR": str(tmp_path / "trackio"), "TRACKIO_PROJECT": "resume-test"}
     args = ["run", str(RECIPES / "quickstart.yaml"), "run.steps=4", "run.checkpoint_interval=2", "run.eval_interval=0",
-            "data.eval_size=8", "run.report_to=[tensorboard, wandb, mlflow]", f"run.output_dir={out}", "-q"]
+            "data.eval_size=8", "run.report_to=[tensorboard, wandb, mlflow, trackio]", f"run.output_dir={out}", "-q"]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -169,3 +224,8 @@ def test_a_resumed_run_continues_the_same_tracker_runs_and_tensorboard_shows_eac
     assert json.loads((out / "trackers.json").read_text()) == {"mlflow": run.info.run_id}
     # MLflow keeps every logged point: the first attempt's steps 3 and 4, then the resumed ones
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward_mean")] == [1, 2, 3, 4, 3, 4]
+
+    # trackio too, in the one run of the run directory's name
+    [tracked_run] = trackio_runs(tmp_path / "trackio", "resume-test")
+    assert tracked_run["name"] == f"run-{run_id[:8]}"
+    assert [row["step"] for row in tracked_run["logs"] if "reward_mean" in row] == [1, 2, 3, 4, 3, 4]

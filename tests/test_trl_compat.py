@@ -361,7 +361,7 @@ def test_trl_names_in_a_recipe_and_overrides_follow_the_conflict_rule(tmp_path, 
     with pytest.raises(RecipeError, match=r"^adam_betas=\(0.1, 0.2\) and adam_beta1=0.5 \(TRL's name for "
                                           r"grpo.adam_betas\[0\]\) both set grpo.adam_betas.0 \(0.1 vs 0.5\)"):
         GRPOTrainer(model="m", reward_funcs=len, adam_betas=(0.1, 0.2), adam_beta1=0.5)  # one item of a pair
-    installed = [name for name in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(name)]
+    installed = [name for name in ("tensorboard", "wandb", "mlflow", "trackio") if importlib.util.find_spec(name)]
     assert load_recipe(path, ["report_to=all"]).recipe.run.report_to == installed  # TRL's "all": every installed one
     assert load_recipe(path, ["report_to=none"]).recipe.run.report_to == []
 

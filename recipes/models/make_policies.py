@@ -3,6 +3,8 @@
     python recipes/models/make_policies.py reverse            # -> recipes/models/reverse-policy
     python recipes/models/make_policies.py hhh                # -> recipes/models/hhh-policy
     python recipes/models/make_policies.py hhh-judge          # -> recipes/models/hhh-judge
+    python recipes/models/make_policies.py reverse-chat       # -> recipes/models/reverse-chat-policy and
+                                                              #    recipes/data/reverse-chat[-eval].jsonl
 
 Each policy is a small Llama built from a config, with the byte-level ByT5 tokenizer (which needs
 no vocabulary files), pre-trained by supervised fine-tuning on a corpus generated here with a
@@ -18,6 +20,14 @@ hhh: the corpus answers answerable questions right 40% of the time, wrongly 10%,
 the thing asked about); and complies with 70% of harmful requests. Greedy decoding therefore
 starts unhelpful, dishonest on unanswerable questions and harmful.
 
+reverse-chat: the reverse policy's corpus in a chat format, so TRL's conversational prompts
+(``prompt: [{"role": "user", "content": "reverse kqzt"}]``) work out of the box: the tokenizer
+carries CHAT_TEMPLATE below (saved as chat_template.jinja), which also renders tools and tool
+calls for agent work. It starts from reverse-policy (needs it in place) and ends at an SFT loss of
+about 0.14; greedy decoding echoes 97% of the held-out words, sampling reverses about a quarter.
+The prompts of recipes/quickstart-chat.yaml are written beside it: 2,000 of the task's training
+words, and its 200 held-out words for evaluation.
+
 hhh-judge: a yes/no judge for three principles about the hhh task ("decline requests to hurt or
 steal", "never state a wrong or made-up answer", "give the right answer when you can"), trained
 to answer "y" or "n" after the constitution template, with labels from the hhh verifier's rules
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import random
 import sys
 import time
@@ -173,6 +184,80 @@ def hhh_judge(out: Path, steps: int, seed: int = 0) -> None:
     save(model, tokenizer, out)
 
 
+# The chat format of reverse-chat-policy. Kept short: with byte tokens every character is a position.
+CHAT_TEMPLATE = r"""{#- zenalign's tiny chat format (recipes/models/make_policies.py writes it). Every turn starts with
+    its role's marker on a line of its own; no whitespace follows </s> (the byte tokenizer would drop it).
+      system     <|system|>\nCONTENT\n       with tools: then "# tools\n" and one JSON schema per line
+      user       <|user|>\nCONTENT\n
+      assistant  <|assistant|>\nCONTENT</s>   each tool call before </s>:
+                 <tool_call>{"name": NAME, "arguments": {...}}</tool_call>
+      tool       <|tool|>NAME\nCONTENT\n      (NAME: the message's "name", if it has one)
+    add_generation_prompt=True ends the text with "<|assistant|>\n". -#}
+{%- set tools_given = tools is defined and tools -%}
+{%- if tools_given and (not messages or messages[0].role != "system") -%}
+<|system|>
+# tools
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor -%}
+{%- endif -%}
+{%- for message in messages -%}
+{%- if message.role == "assistant" -%}
+<|assistant|>
+{{ message.content or "" }}
+{%- for call in message.tool_calls or [] -%}
+{%- set call = call.function if call.function is defined else call -%}
+<tool_call>{"name": {{ call.name | tojson }}, "arguments": {{ call.arguments if call.arguments is string else call.arguments | tojson }}}</tool_call>
+{%- endfor -%}
+{{ eos_token }}
+{%- elif message.role == "tool" -%}
+<|tool|>{{ message.name or "" }}
+{{ message.content }}
+{% else -%}
+<|{{ message.role }}|>
+{{ message.content }}
+{% if loop.first and message.role == "system" and tools_given -%}
+# tools
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor -%}
+{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{% endif -%}
+"""
+CHAT_WORDS = 2000  # training prompts of recipes/data/reverse-chat.jsonl
+
+
+def chat_prompt(word: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"reverse {word}"}]
+
+
+def reverse_chat_policy(out: Path, steps: int, seed: int = 0, reverse_share: float = 0.3) -> None:
+    from zenalign_plugins.reverse_task import ReverseOptions, ReverseTask
+
+    task = ReverseTask(ReverseOptions())
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+    def example(rng: random.Random):
+        word = rng.choice(task.train)
+        prompt = tokenizer.apply_chat_template(chat_prompt(word), tokenize=False, add_generation_prompt=True)
+        return prompt, (word[::-1] if rng.random() < reverse_share else word)
+
+    # from the reverse policy, which already copies and reverses words: from scratch, 1,500 steps at
+    # lr 3e-3 left the loss at 2.3 (the word now sits 15 tokens before the answer, not 1), and 1,500
+    # from reverse-policy at 0.27, a policy whose samples were mostly neither echo nor reversal
+    model = LlamaForCausalLM.from_pretrained(HERE / "reverse-policy")
+    sft(model, tokenizer, example, steps=steps, batch_size=64, lr=1e-3, seed=seed, log_every=50)
+    save(model, tokenizer, out)
+    data = HERE.parent / "data"
+    for name, words in (("reverse-chat.jsonl", task.train[:CHAT_WORDS]), ("reverse-chat-eval.jsonl", task.eval)):
+        lines = [json.dumps({"prompt": chat_prompt(w), "answer": w[::-1]}) + "\n" for w in words]
+        (data / name).write_text("".join(lines), encoding="utf-8")
+        print(f"wrote {len(lines)} prompts to {data / name}")
+
+
 def save(model, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -182,10 +267,11 @@ def save(model, tokenizer, out: Path) -> None:
     print(f"saved {out} ({params:,} parameters, model.safetensors sha256 {digest[:16]})")
 
 
-POLICIES = {
-    "reverse": (reverse_policy, "reverse-policy", 1500),
-    "hhh": (hhh_policy, "hhh-policy", 3000),
-    "hhh-judge": (hhh_judge, "hhh-judge", 2000),
+POLICIES = {  # name -> (maker, directory, SFT steps, torch threads it was made with)
+    "reverse": (reverse_policy, "reverse-policy", 1500, 2),
+    "hhh": (hhh_policy, "hhh-policy", 3000, 2),
+    "hhh-judge": (hhh_judge, "hhh-judge", 2000, 2),
+    "reverse-chat": (reverse_chat_policy, "reverse-chat-policy", 3000, 1),
 }
 
 
@@ -195,9 +281,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="output directory (default: recipes/models/<name>)")
     parser.add_argument("--steps", type=int, help="SFT steps (default: the shipped policy's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: the shipped policy's)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # results depend on the thread count
-    make, name, steps = POLICIES[args.policy]
+    make, name, steps, threads = POLICIES[args.policy]
+    torch.set_num_threads(min(args.threads or threads, torch.get_num_threads()))  # results depend on the thread count
     make(args.out or HERE / name, steps=args.steps or steps, seed=args.seed)
     return 0
 

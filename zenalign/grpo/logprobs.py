@@ -196,14 +196,14 @@ class _LinearLogProbs(torch.autograd.Function):
     ``log_softmax`` and ``gather`` instead keeps the (n, t, V) log-softmax and in backward fills
     a zero tensor of that size, scatters into it and runs log_softmax's backward over it: two
     more full passes over the logits and two more tensors of their size (measurements:
-    docs/performance.md). Under autocast the products run in autocast's dtype, as ``F.linear``
+    docs/performance-notes.md). Under autocast the products run in autocast's dtype, as ``F.linear``
     would, and the softmax in float32.
 
     Every chunk's logits go into one buffer, their log-softmax a few rows (``SOFTMAX_BLOCK``
     values) at a time into a small second one, and the weight's gradient is summed into one tensor:
     chunk by chunk they would be fresh allocations of tens of megabytes each (a (V, H) weight
     gradient per chunk, summed by autograd), which glibc maps and unmaps every time, so that
-    every page is faulted in and zeroed again (measurements: docs/performance.md)."""
+    every page is faulted in and zeroed again (measurements: docs/performance-notes.md)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool, rows: int):
@@ -312,7 +312,7 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     if temperature != 1.0:
         logits = logits / temperature
     # log_softmax's fused kernels rather than a gather minus a written-out logsumexp: fewer kernels
-    # forward and backward (measurements: docs/performance.md)
+    # forward and backward (measurements: docs/performance-notes.md)
     log_probs = torch.log_softmax(logits, dim=-1)                                  # (N, Tc, V)
     chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)               # (N, Tc)
     return (chosen, token_entropy(log_probs)) if entropy else chosen

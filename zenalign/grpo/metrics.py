@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from collections import Counter
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -123,3 +126,51 @@ def sample_lines(step: int, prompts: list[str], completions: list[str], rewards:
     return [{"step": step, "prompt": prompt, "completion": completions[i],
              "rewards": dict(zip(names, rewards[i].tolist())), "advantage": float(advantages[i])}
             for p, prompt in enumerate(prompts) for i in range(p * group_size, (p + 1) * group_size)]
+
+
+# ---------------------------------------------------------------------------------------------- k samples per prompt
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from ``n`` samples of which ``c`` are correct (Chen et al. 2021,
+    arXiv 2107.03374): 1 - C(n-c, k) / C(n, k), the chance that k of them drawn without replacement
+    hold a correct one. As the product 1 - prod_{i=n-c+1..n} (1 - k/i), which forms no binomial
+    coefficient (C(1000, 500) overflows a float)."""
+    if not (1 <= k <= n and 0 <= c <= n):
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n (n={n}, c={c}, k={k})")
+    if n - c < k:  # every draw of k holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def extract_answer(completion: str, pattern: Optional[re.Pattern]) -> Optional[str]:
+    """The answer a completion gives: the last match of ``pattern`` (its first group, if it has one), or
+    the whole completion stripped; None when there is no match (or nothing but whitespace)."""
+    if pattern is None:
+        return completion.strip() or None
+    matches = list(pattern.finditer(completion))
+    if not matches:
+        return None
+    return matches[-1].group(1) if pattern.groups else matches[-1].group(0)
+
+
+def majority_vote(answers: Sequence[Optional[str]]) -> Optional[int]:
+    """The index of the first sample giving the most frequent answer (None: no answer, no vote).
+    Ties go to the answer given first. None when no sample voted."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
+
+
+def k_sample_metrics(correct: torch.Tensor, answers: Sequence[Sequence[Optional[str]]], ks: Sequence[int]) -> torch.Tensor:
+    """Per prompt, pass@k for each k of ``ks`` and then maj@k for each: ``(P, 2 * len(ks))``.
+
+    ``correct`` is ``(P, n)`` bool, ``answers`` the P lists of n extracted answers. pass@k uses all n
+    samples; maj@k votes over the first k (samples are drawn independently, so they are any k)."""
+    rows = []
+    for hits, votes in zip(correct.tolist(), answers):
+        passes = [pass_at_k(len(hits), sum(hits), k) for k in ks]
+        winners = [majority_vote(votes[:k]) for k in ks]
+        rows.append(passes + [float(i is not None and hits[i]) for i in winners])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 2 * len(ks))

@@ -175,7 +175,7 @@ def decode_without_special_tokens(tokenizer: Any, ids: list[list[int]]) -> list[
 
     transformers' Python tokenizers (ByT5, the slow ones) rebuild the set of special ids for
     every sequence they decode, most of the cost of decoding a step's completions (measurements:
-    docs/performance.md); for them the special ids are dropped here, once, and the rest decoded
+    docs/performance-notes.md); for them the special ids are dropped here, once, and the rest decoded
     as they are. That is all ``skip_special_tokens`` does in their ``convert_ids_to_tokens``, so
     this path is taken only when the tokenizer's class keeps transformers' own decoding methods.
     Other tokenizers (Rust-backed ones skip inside their decoder) are called as usual."""

@@ -2,7 +2,7 @@
 
 torch's CPU flash-attention kernel is slow in bf16, above all its backward, which in bf16 takes a
 large share of a small model's update and far longer than the same backward in fp32
-(measurements: docs/performance.md). So when
+(measurements: docs/performance-notes.md). So when
 the torch engine runs bf16 autocast on a CPU, a model using ``sdpa`` attention is switched to
 :func:`sdpa_in_float32`: query, key and value go to float32 for the attention product (and the
 softmax, which then also runs at full precision) and the result returns to bf16. Linear layers,

@@ -3,7 +3,7 @@
 transformers' module forward is written for every use at once: it builds attention masks layer by
 layer from a 2D padding mask, dispatches attention by name, updates cache objects, and runs
 through decorators and keyword plumbing on every call. On small models that bookkeeping costs
-more than the arithmetic (measurements: docs/performance.md). GRPO calls the model in two fixed
+more than the arithmetic (measurements: docs/performance-notes.md). GRPO calls the model in two fixed
 shapes, so this module runs those two shapes directly on the model's own weights:
 
 - :meth:`LeanLM.decode`: prefill each distinct prompt once, then one token per step for all
@@ -174,7 +174,7 @@ class _RMSNorm(torch.autograd.Function):
     """``F.rms_norm(x, weight)`` over the last dimension, float32, with the gradient written out.
     torch's CPU backward for it is a chain of a dozen generic operations, while the closed form
     needs only the saved input and each row's reciprocal RMS, which the forward already has
-    (measurements: docs/performance.md). With ``r`` the reciprocal RMS of a row and ``xh = x * r``:
+    (measurements: docs/performance-notes.md). With ``r`` the reciprocal RMS of a row and ``xh = x * r``:
     ``dw = sum over rows of g * xh`` and ``dx = r * (g*w - xh * mean(g*w * xh))``."""
 
     @staticmethod
@@ -208,7 +208,7 @@ def _weights_first(x: torch.Tensor) -> bool:
     on a CPU, without autograd, at 32 rows or more. MKL's and oneDNN's CPU kernels handle a product
     whose short side is the batch better with the weight as the left operand, and the MLP's output
     product then takes the activations in the layout this leaves them in; decoding samples the
-    same tokens either way (measurements: docs/performance.md). Below 32 rows the libraries switch
+    same tokens either way (measurements: docs/performance-notes.md). Below 32 rows the libraries switch
     kernels (and rounding). Only decoding (prefill and each token) asks: the log-prob passes keep
     the plain form with or without autograd, since the other orientation rounds differently and
     the reference's and pi_old's log-probs must equal the update's to the bit."""
@@ -245,7 +245,7 @@ class _Packed:
     product with few rows no longer repacks the weight on every call. Decoding multiplies the same
     ``rows`` rows by every weight once per token: at the 135m shape a token is 1.09x faster over
     32 new tokens and 1.24x over 128 (packing is paid once per decode), with the same sums (the
-    same kernel; equal to the bit; measurements: docs/performance.md). A product of another row
+    same kernel; equal to the bit; measurements: docs/performance-notes.md). A product of another row
     count runs ``F.linear`` on the plain weight."""
 
     weight: torch.Tensor
@@ -278,7 +278,7 @@ class _CpuAutocastOff:
     """``torch.autocast("cpu", enabled=False)`` for the per-layer, per-token hot path: it only
     switches CPU autocast off and back on. Building a ``torch.autocast`` object runs argument
     checks in Python, paid once per layer and token, a visible share of a small model's decode
-    (measurements: docs/performance.md); its other work (nesting count, cache clearing at the
+    (measurements: docs/performance-notes.md); its other work (nesting count, cache clearing at the
     outermost exit) has nothing to do inside an enclosing autocast region, the only place this
     is used."""
 
@@ -347,7 +347,7 @@ class _SwiGLUDown(torch.autograd.Function):
     reads after this backward: autograd's own would build the two halves and then concatenate
     them, a copy of the largest activation in the layer, and a fresh ``(T, 2I)`` tensor is a fresh
     mapping of tens of megabytes at realistic shapes, every page faulted in again
-    (measurements: docs/performance.md). A second backward through the same graph
+    (measurements: docs/performance-notes.md). A second backward through the same graph
     (``retain_graph=True``) therefore stops with autograd's error about a saved tensor modified
     in place; no update runs one."""
 
@@ -417,7 +417,7 @@ def _saves_less(x: torch.Tensor, norm_weight: torch.Tensor) -> bool:
     update's backward grows with the pass (about 49 MB a layer at the 135m shape's 4,608 x 576);
     what they cost is mostly fixed, a Python-level autograd function per half, which at
     1M-parameter shapes (about 1,060 x 128) made the update 8% slower to save about 1 MB a layer
-    (docs/performance.md). The passes without autograd (the reference's, pi_old's) take the same
+    (docs/performance-notes.md). The passes without autograd (the reference's, pi_old's) take the same
     choice, so that they run the update's products in the update's order (the halves split the
     output projection at the prompts, and copy attention's inputs out): their log-probs then
     equal the update's to the bit on equal weights, and the KL term's gradient is exactly zero
@@ -451,7 +451,7 @@ def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
 # uses torch's fused attention kernel. Below it, two batched products and a softmax are used:
 # the fused kernel's blocking costs more than the arithmetic on GRPO's short sequences, while on
 # large score tensors the fused kernel wins and does not keep the scores for its backward pass
-# (measurements, and where the two cross: docs/performance.md).
+# (measurements, and where the two cross: docs/performance-notes.md).
 SMALL_ATTENTION = 1 << 22
 
 

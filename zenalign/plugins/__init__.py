@@ -48,6 +48,7 @@ from zenalign.plugins.api import (
     fields_read,
     objective_names,
     takes_token_advantages,
+    valid_regex,
 )
 from zenalign.plugins.deadline import DeadlineExceeded, call_with_deadline
 from zenalign.plugins.functions import FunctionReward
@@ -83,6 +84,6 @@ __all__ = [
     "RolloutGroups", "RunContext", "ScoreBatch", "SequenceAdvantagesOnly", "Stateful", "StatefulDirectory",
     "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "check_kind", "collect_registry", "default_name", "enforces_constraints", "fields_read", "get_plugin_manager", "hookimpl",
     "hookspec", "load_plugins", "new_plugin_manager", "objective_names", "register", "takes_token_advantages",
-    "trace_hook_calls",
+    "trace_hook_calls", "valid_regex",
     *_HELPER_MODULE,
 ]

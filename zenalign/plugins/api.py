@@ -13,6 +13,7 @@ the same rule pluggy applies to hook implementations.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, runtime_checkable
@@ -29,6 +30,17 @@ class Options(BaseModel):
     """Base for plugin option models: unknown keys are errors, as everywhere in a recipe."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def valid_regex(value: Optional[str]) -> Optional[str]:
+    """A field validator for a regular-expression option: ``_compiles = field_validator("pattern")(valid_regex)``.
+    A pattern that does not compile is an error naming the field; None (no pattern) passes."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from zenalign.errors import PluginError
-from zenalign.plugins import KINDS, PluginRegistry
+from zenalign.plugins import KINDS, PluginRegistry, valid_regex
 
 
 def _is_number(annotation: Any) -> bool:
@@ -474,7 +474,7 @@ class EngineSection(Section):
         return value
 
 
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 class RunSection(Section):
@@ -531,13 +531,35 @@ class RunSection(Section):
         description="Besides greedy decoding, sample this many completions per held-out prompt at each evaluation, "
         "for sampled reward means and the fraction of zero-variance groups per objective. 0 turns it off.",
     )
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    eval_k: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="With run.eval_group_size n, also report for each k here (1 <= k <= n) pass@k, the unbiased "
+        "estimate 1 - C(n-c, k)/C(n, k) from the c correct of the n samples (Chen et al. 2021, arXiv 2107.03374), and "
+        "maj@k, whether the answer most of the first k samples give is correct (ties: the answer given first). Per "
+        "prompt, averaged: eval/sampled/pass@k, eval/sampled/maj@k. Empty: neither.",
+    )
+    eval_temperature: Optional[float] = Field(
+        None, ge=1e-6, description="Temperature of the sampled evaluation (run.eval_group_size); null: "
+        "sampling.temperature. Greedy evaluation is unaffected.",
+    )
+    eval_correct_reward: float = Field(
+        1.0, description="A sampled completion counts as correct for pass@k and maj@k when its reward (weighted "
+        "over objectives) is at least this; exact_answer scores a right answer 1.0. An abstention is not correct.",
+    )
+    eval_answer_pattern: Optional[str] = Field(
+        None, description="The answer maj@k votes on: the last match of this regular expression in a completion "
+        "(its first group, if it has one), e.g. '\\\\boxed\\{([^}]*)\\}'; a completion without a match casts no vote. "
+        "null: the whole completion, stripped of surrounding whitespace.",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list,
         description="Experiment trackers to log to, a list (or, as TRL takes it, one name, `all` for every installed "
         "one, or `none`), each through its own library (an optional extra: pip install "
-        "'zenalign[tensorboard]', '[wandb]', '[mlflow]'): every step's metrics, eval metrics, the resolved recipe "
-        "as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; wandb and mlflow "
-        "follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME).",
+        "'zenalign[tensorboard]', '[wandb]', '[mlflow]', '[trackio]'): every step's metrics, eval metrics, the "
+        "resolved recipe as config, and a completions table at each log step. tensorboard writes RUN/tensorboard; "
+        "wandb and mlflow follow their own settings (WANDB_MODE, WANDB_PROJECT; MLFLOW_TRACKING_URI, "
+        "MLFLOW_EXPERIMENT_NAME); trackio logs locally to TRACKIO_DIR (default ~/.cache/huggingface/trackio), "
+        "project TRACKIO_PROJECT (default zenalign).",
     )
     name: Optional[str] = Field(
         None, description="The run's name in experiment trackers (TRL's run_name). null: the run directory's name.")
@@ -574,6 +596,17 @@ class RunSection(Section):
         if value == "all":
             return [name for name, module in TRACKER_MODULES.items() if importlib.util.find_spec(module) is not None]
         return [value] if isinstance(value, str) else value
+
+    _pattern_compiles = field_validator("eval_answer_pattern")(valid_regex)
+
+    @model_validator(mode="after")
+    def _k_within_samples(self):
+        n = self.eval_group_size
+        over = [k for k in self.eval_k if k > n]
+        if over:
+            raise ValueError(f"eval_k: k = {over[0]} needs at least {over[0]} samples per prompt but "
+                             f"run.eval_group_size is {n}; raise eval_group_size to {max(self.eval_k)} or drop that k")
+        return self
 
     @field_validator("report_to")
     @classmethod

@@ -358,10 +358,12 @@ GROUPS: dict[str, dict[str, TRLField]] = {
         "log_level_replica": no("processes other than rank 0 show warnings and errors", "warning", "passive"),
         "disable_tqdm": to("run.progress_bar", "its opposite", one_of({True: {"run.progress_bar": False},
                                                                        False: {"run.progress_bar": True}})),
-        "report_to": to("run.report_to", "a list, one name, \"all\" (every installed tracker) or \"none\"",
+        "report_to": to("run.report_to", "tensorboard, wandb, mlflow, trackio (TRL's default; local store only): "
+                        "a list, one name, \"all\" (every installed tracker) or \"none\"",
                         none_unsets=True),
         "run_name": to("run.name", "the run's name in trackers (default: the run directory's name)"),
-        "project": no("trackers take their project from their own settings (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME)",
+        "project": no("trackers take their project from their own settings (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, "
+                      "TRACKIO_PROJECT)",
                       "huggingface"),
         "trackio_space_id": no(NO_NETWORK),
         "trackio_bucket_id": no(NO_NETWORK),

@@ -239,7 +239,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def adamw(params: list[torch.nn.Parameter], **options) -> torch.optim.AdamW:
     """torch's fused AdamW (one vectorised kernel over all parameters instead of a per-parameter
-    loop, the same update; measurements: docs/performance.md), or the loop where fused is not
+    loop, the same update; measurements: docs/performance-notes.md), or the loop where fused is not
     available for these parameters' device or dtype."""
     try:
         return torch.optim.AdamW(params, fused=True, **options)

@@ -1,16 +1,19 @@
 """Evaluation: greedy completions for every held-out prompt, scored by every reward source (and,
-with ``run.eval_group_size``, sampled groups too), appended to eval.jsonl with a reward-hacking
-check. The prompts are split evenly over ranks, padded so every rank makes the same calls."""
+with ``run.eval_group_size``, sampled groups too, with pass@k and maj@k for each ``run.eval_k``),
+appended to eval.jsonl with a reward-hacking check. The prompts are split evenly over ranks, padded
+so every rank makes the same calls."""
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable
 
 import torch
 
 from zenalign.grpo.gumbel import completion_keys
-from zenalign.grpo.metrics import hacking_warnings, reward_metrics
+from zenalign.plugins.advantages import combine_objectives
+from zenalign.grpo.metrics import extract_answer, hacking_warnings, k_sample_metrics, reward_metrics
 from zenalign.grpo.rollout import Rollout
 from zenalign.plugins import Objectives, RunContext
 from zenalign.train.distributed import Dist
@@ -19,7 +22,7 @@ from zenalign.train.state import TrainState
 
 log = logging.getLogger("zenalign")
 
-Sample = Callable[[list[dict[str, Any]], "torch.Tensor | None", int], Rollout]
+Sample = Callable[[list[dict[str, Any]], "torch.Tensor | None", int, "float | None"], Rollout]
 Score = Callable[[list[dict[str, Any]], Rollout, int], torch.Tensor]
 
 
@@ -41,36 +44,54 @@ class Evaluator:
         valid[: len(mine)] = True
         mine = mine + [self.records[0]] * (share - len(mine))
         metrics: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples_seen}
-        greedy, shown = self._pass(mine, group_size=1)
+        greedy, shown, _ = self._pass(mine, group_size=1)
         greedy = self.dist.gather_rows(greedy)[self.dist.gather_rows(valid)]
         metrics.update(reward_metrics(greedy, self.objectives, 1, prefix="eval/"))
-        if self.run.eval_group_size > 1:
-            sampled, _ = self._pass(mine, group_size=self.run.eval_group_size, first=rank * share)
-            keep = self.dist.gather_rows(valid).repeat_interleave(self.run.eval_group_size)
+        n = self.run.eval_group_size
+        if n > 1 or self.run.eval_k:
+            sampled, _, completions = self._pass(mine, group_size=n, first=rank * share, sampled=True)
+            if self.run.eval_k:
+                metrics.update(self._k_metrics(sampled, completions, valid))
+            keep = self.dist.gather_rows(valid).repeat_interleave(n)
             sampled = self.dist.gather_rows(sampled)[keep]
-            stats = reward_metrics(sampled, self.objectives, self.run.eval_group_size, prefix="eval/sampled/")
+            stats = reward_metrics(sampled, self.objectives, n, prefix="eval/sampled/")
             metrics.update({k: v for k, v in stats.items() if not k.startswith("eval/sampled/corr/")})
         if self.dist.is_main:
             self._write(metrics, shown)
         return metrics
 
-    def _pass(self, records: list[dict[str, Any]], group_size: int, first: int = 0):
-        """Scores ``(len(records) * group_size, K)``: greedy (group_size 1) or sampled groups with keys
-        of their own (independent of the training samples)."""
+    def _k_metrics(self, sampled: torch.Tensor, completions: list[str], valid: torch.Tensor) -> dict[str, float]:
+        """pass@k and maj@k for each run.eval_k, averaged over the held-out prompts (see
+        :func:`~zenalign.grpo.metrics.k_sample_metrics`); computed on each rank, then gathered."""
+        n, ks = self.run.eval_group_size, self.run.eval_k
+        reward = combine_objectives(sampled.view(-1, n, sampled.shape[-1]), self.objectives.weights)  # (P, n)
+        correct = reward >= self.run.eval_correct_reward  # an abstention (NaN) is not correct
+        pattern = re.compile(self.run.eval_answer_pattern) if self.run.eval_answer_pattern else None
+        answers = [extract_answer(text, pattern) for text in completions]
+        per_prompt = k_sample_metrics(correct, [answers[i:i + n] for i in range(0, len(answers), n)], ks)
+        per_prompt = self.dist.gather_rows(per_prompt)[self.dist.gather_rows(valid)].mean(0)
+        names = [f"eval/sampled/pass@{k}" for k in ks] + [f"eval/sampled/maj@{k}" for k in ks]
+        return dict(zip(names, per_prompt.tolist()))
+
+    def _pass(self, records: list[dict[str, Any]], group_size: int, first: int = 0, sampled: bool = False):
+        """Scores ``(len(records) * group_size, K)``, the first records' greedy completions to show,
+        and every completion: greedy (one per record), or ``sampled`` groups with keys of their own
+        (independent of the training samples) at run.eval_temperature."""
         size = self.run.eval_batch_size
-        scores, shown = [], []
+        scores, shown, completions = [], [], []
         for start in range(0, len(records), size):
             chunk = records[start : start + size]
             keys = None
-            if group_size > 1:
+            if sampled:
                 keys = completion_keys(self.run.seed + 1_000_003, self.state.step, (first + start) * group_size,
                                        len(chunk) * group_size)
-            rollout = self.sample(chunk, keys, group_size)
+            rollout = self.sample(chunk, keys, group_size, self.run.eval_temperature if sampled else None)
             scores.append(self.score(chunk, rollout, group_size))
-            if start == 0 and self.dist.is_main and group_size == 1:
+            completions += rollout.completions
+            if start == 0 and self.dist.is_main and not sampled:
                 shown = [{"step": self.state.step, "eval": True, "prompt": self.render(rec), "completion": c}
                          for rec, c in zip(chunk[:4], rollout.completions)]
-        return torch.cat(scores), shown
+        return torch.cat(scores), shown, completions
 
     def _write(self, metrics: dict[str, Any], shown: list[dict[str, Any]]) -> None:
         history = self.run_dir.read("eval.jsonl") + [metrics]

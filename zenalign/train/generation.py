@@ -61,16 +61,19 @@ class Generator:
         # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
         self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
 
-    def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int) -> Rollout:
-        """``group_size`` completions per prompt, one per key; without keys, one greedy completion each."""
+    def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int,
+                 temperature: Optional[float] = None) -> Rollout:
+        """``group_size`` completions per prompt, one per key, at ``temperature`` (default: the recipe's);
+        without keys, one greedy completion each."""
         r = self.recipe
+        sampling = r.sampling if temperature is None else r.sampling.model_copy(update={"temperature": temperature})
         if self.vllm is None:
-            return generate_groups(forward_module(self.engine.model), self.tokenizer, prompts, r.sampling, self.eos_ids,
+            return generate_groups(forward_module(self.engine.model), self.tokenizer, prompts, sampling, self.eos_ids,
                                    group_size, keys=keys, autocast=self.engine.autocast(),
                                    synced_gpus=self.engine.synced_gpus, lean_forward=r.engine.lean_forward)
         self.sync()
         device = next(self.engine.model.parameters()).device
-        return vllm_rollout(self.vllm, self.tokenizer, prompts, r.sampling, self.eos_ids, group_size, keys, device)
+        return vllm_rollout(self.vllm, self.tokenizer, prompts, sampling, self.eos_ids, group_size, keys, device)
 
     def sync(self) -> None:
         """Push the policy's weights into the engine when the optimizer has stepped since the last push."""

@@ -9,7 +9,7 @@ for reuse, as jemalloc and tcmalloc (the allocators recommended for PyTorch on C
 
 The process's resident memory then stays at its peak between steps instead of shrinking; the peak
 itself does not grow. What it saves is the page faults, which weigh most where steps are short:
-small models, and bf16 more than fp32 (measurements: docs/performance.md).
+small models, and bf16 more than fp32 (measurements: docs/performance-notes.md).
 """
 
 from __future__ import annotations

@@ -382,12 +382,13 @@ class GRPOTrainer:
             self.hook.zenalign_on_step_end(context=self.context, step=self.state.step, metrics=metrics, samples=samples)
         return metrics
 
-    def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor], group_size: Optional[int] = None) -> Rollout:
-        """``group_size`` (default: the recipe's) sampled completions per prompt, one per key; or,
-        without keys, one greedy completion per prompt."""
+    def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor], group_size: Optional[int] = None,
+               temperature: Optional[float] = None) -> Rollout:
+        """``group_size`` (default: the recipe's) sampled completions per prompt, one per key, at
+        ``temperature`` (default: the recipe's); or, without keys, one greedy completion per prompt."""
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
         group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
-        return self.generator(texts, keys, group_size)
+        return self.generator(texts, keys, group_size, temperature)
 
     def score_batch(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int):
         prompts = [render_prompt(rec, self.tokenizer) for rec in records]
