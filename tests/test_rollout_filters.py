@@ -259,7 +259,7 @@ def test_the_loss_mask_leaves_masked_completions_out_of_the_gradient(tmp_path, t
     dapo (a mean over the unmasked tokens), times 5/8 under grpo (a mean over all 8 completions)."""
     from zenalign import GRPOTrainer
     from zenalign.grpo.gumbel import completion_keys
-    from zenalign.train.update import PolicyUpdate
+    from zenalign.train.batch import StepBatch
 
     prompts = [{"prompt": f"reverse {w}:"} for w in ["abc", "hello"]]
     trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=lambda completions: [0.0] * len(completions),
@@ -270,10 +270,10 @@ def test_the_loss_mask_leaves_masked_completions_out_of_the_gradient(tmp_path, t
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.75, -0.25, 0.5, -1.5])
     loss_mask = torch.tensor([True, False, True, True, False, True, False, True])
     seen = captured_gradients(trainer, monkeypatch)
-    updater = PolicyUpdate(trainer.recipe, trainer.engine, trainer.dist)
-    updater(rollout, advantages, None, loss_mask=loss_mask)
+    updater = trainer.updater
+    updater(StepBatch.for_update(rollout, advantages, completion_mask=loss_mask))
     kept = loss_mask.nonzero().squeeze(1).tolist()
-    updater(rows_of(rollout, kept), advantages[kept], None)
+    updater(StepBatch.for_update(rows_of(rollout, kept), advantages[kept]))
     trainer.cleanup()
     masked, subset = seen
     assert max(float(g.abs().max()) for g in subset.values()) > 0
@@ -379,7 +379,7 @@ def test_the_update_masks_the_policy_term_of_low_entropy_tokens(tmp_path, tiny_m
     from zenalign import GRPOTrainer
     from zenalign.grpo.gumbel import completion_keys
     from zenalign.plugins.losses import token_weights
-    from zenalign.train.update import PolicyUpdate
+    from zenalign.train.batch import StepBatch
 
     prompts = [{"prompt": f"reverse {w}:"} for w in ["abc", "hello"]]
     trainer = GRPOTrainer(model=str(tiny_model_dir), reward_model=lambda completions: [0.0] * len(completions),
@@ -388,10 +388,10 @@ def test_the_update_masks_the_policy_term_of_low_entropy_tokens(tmp_path, tiny_m
     trainer.setup(prompts, prompts[:1])
     rollout = trainer.sample(prompts, completion_keys(seed=0, step=1, first_completion=0, count=8))
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.75, -0.25, 0.5, -1.5])
-    updater = PolicyUpdate(trainer.recipe, trainer.engine, trainer.dist)
+    updater = trainer.updater
     ref_logp = updater.reference_logprobs(rollout)
     seen = captured_gradients(trainer, monkeypatch)
-    result = updater(rollout, advantages, ref_logp)
+    result = updater(StepBatch.for_update(rollout, advantages, ref_logp=ref_logp))
 
     mask = rollout.completion_mask
     logp, entropy = updater.forward(trainer.model, rollout, slice(0, 8), entropy=True)

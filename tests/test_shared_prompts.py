@@ -103,7 +103,7 @@ def test_the_trainer_passes_give_the_same_log_probs_and_gradients(tmp_path, tiny
     for shared in (True, False):
         # the run's update, as built from the recipe, with engine.shared_prompts set either way
         trainer.recipe.engine.shared_prompts = shared
-        updater = PolicyUpdate(trainer.recipe, trainer.engine, trainer.dist)
+        updater = PolicyUpdate.from_recipe(trainer.recipe, trainer.engine, trainer.dist, trainer.updater.loss)
         assert updater.share_prompts is shared
         ref_logp = updater.logprobs(trainer.reference, rollout)
         old_logp = updater.logprobs(trainer.model, rollout) + 0.05  # off pi_theta, so the ratio is not 1
