@@ -16,7 +16,7 @@ import torch
 from zenalign.errors import PluginError
 from zenalign.grpo.advantages import compute_advantages
 from zenalign.grpo.metrics import PhaseTimer
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.plugins import Critic, Objectives, RunContext, TokenBatch
 from zenalign.train.update import PolicyUpdate
 

@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import torch
 
-from zenalign.grpo.gumbel import completion_keys
+from zenalign.generation.gumbel import completion_keys
 from zenalign.plugins.advantages import combine_objectives
 from zenalign.grpo.metrics import extract_answer, hacking_warnings, k_sample_metrics, reward_metrics
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.plugins import Objectives, RunContext
 from zenalign.train.distributed import Dist
 from zenalign.train.rundir import RunDir

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.errors import RecipeError, ZenalignError
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.models.loading import eos_token_ids, pick_device
 from zenalign.models.lora import is_adapted
@@ -48,7 +48,7 @@ from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, collective_failure, init_distributed
 from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
-from zenalign.train.generation import Generator
+from zenalign.generation.generator import Generator
 from zenalign.train.memory import keep_freed_memory
 from zenalign.train.preemption import StopSignals, Stopped
 from zenalign.train.rundir import RunDir, storage_failure
@@ -254,8 +254,8 @@ class GRPOTrainer:
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
-        self.generator = Generator(r, self.engine, self.tokenizer, self.eos_ids, self.dist, builder.policy_dir,
-                                   builder.longest_prompt, fresh=saved is None)
+        self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids, self.dist,
+                                   builder.policy_dir, builder.longest_prompt, fresh=saved is None)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(self.normalizer), reference=self.reference,
                                     base_reference=wants_kl and reference is None and is_adapted(policy))

@@ -19,10 +19,10 @@ import torch
 
 from zenalign.errors import NonFiniteError, PluginError, RecipeError
 from zenalign.grpo.importance import importance_weights
-from zenalign.grpo.logprobs import completion_logprobs, update_pass_kind
+from zenalign.models.logprobs import completion_logprobs, update_pass_kind
 from zenalign.plugins.losses import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.models.lora import adapters_off, forward_module, is_adapted
 from zenalign.train.distributed import Dist
 
