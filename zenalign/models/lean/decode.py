@@ -54,6 +54,26 @@ class LeanDecoder:
             out = torch.bmm(scores.softmax(dim=-1), v.float().reshape(-1, s, self.head_dim))
         return out.view(n, self.heads, self.head_dim).to(dtype)
 
+    def grouped_caches(self, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], group_size: int,
+                       total: int) -> list[torch.Tensor]:
+        """Each layer's ``(2, P*k, KV, total, D)`` key/value cache, its first ``Tp`` columns the prompts'
+        ``(P, KV, Tp, D)`` keys and values repeated out to their ``group_size`` rows, the rest
+        preallocated for every new token (each column is written before it is read)."""
+        device, autocast = prompt_kv[0][0].device.type, torch.is_autocast_enabled(prompt_kv[0][0].device.type)
+        # The cache's dtype: float32 on a CPU, where single-query attention runs in float32 (see
+        # attend_one); on a GPU under autocast, autocast's dtype, which its attention kernel reads
+        # (half the memory and bandwidth of float32, and no cast of the whole cache per token).
+        cache_dtype = torch.get_autocast_dtype(device) if autocast and device != "cpu" else None
+        caches = []
+        for k, v in prompt_kv:
+            tp = k.shape[2]
+            cache = k.new_empty(2, k.shape[0] * group_size, self.kv_heads, total, self.head_dim,
+                                dtype=cache_dtype or k.dtype)
+            cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
+            cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
+            caches.append(cache)
+        return caches
+
     @torch.inference_mode()
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
               max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -77,17 +97,7 @@ class LeanDecoder:
             pack_for_rows(weights, n)
             head = _Packed.of(lean.model.lm_head.weight, n)
         total = tp + max_new_tokens
-        # The cache's dtype: float32 on a CPU, where single-query attention runs in float32 (see
-        # attend_one); on a GPU under autocast, autocast's dtype, which its attention kernel reads
-        # (half the memory and bandwidth of float32, and no cast of the whole cache per token).
-        cache_dtype = torch.get_autocast_dtype(device.type) if autocast and device.type != "cpu" else None
-        caches = []
-        for k, v in prompt_kv:  # the group's rows start from the same prompt cache, preallocated for every new token
-            # every column is written before it is read
-            cache = k.new_empty(2, n, lean.kv_heads, total, lean.head_dim, dtype=cache_dtype or k.dtype)
-            cache[0, :, :, :tp] = k.repeat_interleave(group_size, dim=0)
-            cache[1, :, :, :tp] = v.repeat_interleave(group_size, dim=0)
-            caches.append(cache)
+        caches = self.grouped_caches(prompt_kv, group_size, total)
         positions = mask_positions(prompt_mask)
         logits = lean.head(last).repeat_interleave(group_size, dim=0)
         tokens = prompt_ids.repeat_interleave(group_size, dim=0)
