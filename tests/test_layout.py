@@ -132,8 +132,8 @@ def test_built_in_plugins_use_the_plugin_api_never_the_engine():
 
 def test_layers_are_the_subpackages():
     top = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith("__"))
-    assert top == sorted(["_moved.py", "commands", "data.py", "errors.py", "generation", "grpo", "models", "plugins", "recipe",
-                          "train"])
+    assert top == sorted(["_moved.py", "commands", "data.py", "errors.py", "generation", "grpo", "models", "plugins",
+                          "recipe", "train"])
 
 
 def imports_of(source: str, library: str) -> list[int]:
@@ -157,8 +157,25 @@ def test_grpo_is_tensor_math_that_never_imports_transformers():
     assert imports_of("import transformersx\nimport torch\n", "transformers") == []
 
 
+def recipe_parameters(source: str) -> list[str]:
+    """The functions of ``source`` that take the whole recipe: a parameter named ``recipe``."""
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [node.name for node in functions
+            for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs if arg.arg == "recipe"]
+
+
+def test_generation_takes_the_recipe_sections_it_uses_not_the_recipe():
+    """Issue 31: the Generator and the vLLM check receive the typed sections they read (sampling,
+    engine, model.lora), never the whole recipe."""
+    found = [f"{path.relative_to(REPO)}: {name}" for path in sorted((PACKAGE / "generation").rglob("*.py"))
+             for name in recipe_parameters(path.read_text(encoding="utf-8"))]
+    assert found == [], "generation/ functions that take the whole recipe:\n" + "\n".join(found)
+    assert recipe_parameters("class G:\n    def __init__(self, recipe: Any, engine): ...\n") == ["__init__"]
+
+
 def test_generation_sits_between_grpo_and_train():
-    assert layer_of("zenalign.grpo.scoring") < layer_of("zenalign.generation.rollout") < layer_of("zenalign.train.trainer")
+    assert layer_of("zenalign.grpo.scoring") < layer_of("zenalign.generation.rollout") \
+        < layer_of("zenalign.train.trainer")
     assert layer_of("zenalign.models.lean.decode") < layer_of("zenalign.generation.decode")
 
 
