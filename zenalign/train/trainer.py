@@ -254,8 +254,8 @@ class GRPOTrainer:
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
-        self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids, self.dist,
-                                   builder.policy_dir, builder.longest_prompt, fresh=saved is None)
+        self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids,
+                                   self.dist, builder.policy_dir, builder.longest_prompt, fresh=saved is None)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(self.normalizer), reference=self.reference,
                                     base_reference=wants_kl and reference is None and is_adapted(policy))
