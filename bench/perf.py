@@ -304,7 +304,7 @@ def sampling_token(trainer, rows: int, precision: str) -> dict:
     import torch
 
     from shapes import bandwidth_gb_s, timed
-    from zenalign.grpo.gumbel import GumbelSampler, completion_keys
+    from zenalign.generation.gumbel import GumbelSampler, completion_keys
 
     model = trainer.engine.model
     params = sum(p.numel() for p in model.parameters())
@@ -392,7 +392,7 @@ def worker_memory_zenalign(args) -> dict:
     import torch
 
     from zenalign import GRPOTrainer
-    from zenalign.grpo.rollout import Rollout
+    from zenalign.generation.rollout import Rollout
     from zenalign.train.batch import StepBatch
 
     prompt, completion, advantages = memory_batch()

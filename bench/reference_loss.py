@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from zenalign.grpo.gumbel import completion_keys
+from zenalign.generation.gumbel import completion_keys
 from zenalign.plugins.losses import token_weights
 
 

@@ -83,7 +83,7 @@ def fixed_batch(rows: int, prompt: int, completion: int, vocab: int, device: str
     """A Rollout of random tokens (one prompt per group of 8 rows) and advantages."""
     import torch
 
-    from zenalign.grpo.rollout import Rollout
+    from zenalign.generation.rollout import Rollout
 
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, vocab, (max(1, rows // 8), prompt), generator=g).repeat_interleave(8, dim=0)[:rows]
@@ -98,7 +98,7 @@ def fixed_batch(rows: int, prompt: int, completion: int, vocab: int, device: str
 
 def logprob_pass(model, rollout, autocast, lean: bool):
     """One log-prob pass of the update's kind, forward and backward (each group's prompt once)."""
-    from zenalign.grpo.logprobs import completion_logprobs
+    from zenalign.models.logprobs import completion_logprobs
 
     model.zero_grad(set_to_none=True)
     with autocast():

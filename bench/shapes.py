@@ -74,8 +74,9 @@ def bandwidth_gb_s(device: str = "cpu") -> float:
 def sampling(precision: str) -> None:
     import torch
 
-    from zenalign.grpo.gumbel import FULL_VOCAB, GumbelSampler, completion_keys
-    from zenalign.models.lean import lean_model
+    from zenalign.generation.gumbel import FULL_VOCAB, GumbelSampler, completion_keys
+    from zenalign.generation.decode import sample_loop
+    from zenalign.models.lean import LeanDecoder, lean_model
 
     vocab, prompts_n, group, prompt_len, new_tokens = 49_152, 4, 8, 16, 32
     rows = prompts_n * group
@@ -89,7 +90,8 @@ def sampling(precision: str) -> None:
 
     def decode(processor):
         with torch.inference_mode():
-            return lean.decode(prompts, mask, group, new_tokens, never, 0, processor)
+            tokens, logits, step_logits = LeanDecoder(lean).start(prompts, mask, group, new_tokens)
+            return sample_loop(tokens, logits, step_logits, new_tokens, never, 0, processor)
 
     seen = []
     greedy = timed(lambda: decode(lambda ids, scores: seen.append(scores) or scores), 3) / new_tokens
@@ -155,11 +157,12 @@ def fastpaths(precision: str, only: str = "") -> None:
     import torch
     import torch.nn.functional as F
 
-    from zenalign.grpo.gumbel import GumbelSampler, completion_keys
-    from zenalign.grpo import logprobs as logprobs_module
-    from zenalign.grpo.logprobs import completion_logprobs
-    from zenalign.grpo.rollout import decode_groups
-    from zenalign.models import lean as lean_module
+    from zenalign.generation.gumbel import GumbelSampler, completion_keys
+    from zenalign.models import logprobs as logprobs_module
+    from zenalign.models.logprobs import completion_logprobs
+    from zenalign.generation.rollout import decode_groups
+    from zenalign.models.lean import LeanDecoder, kernels
+    from zenalign.models.lean import model as lean_lm
     from zenalign.models.attention import float32_attention_on_cpu
 
     vocab, prompts_n, group, prompt_len, new_tokens, update_tokens = 49_152, 4, 8, 16, 32, 128
@@ -210,13 +213,13 @@ def fastpaths(precision: str, only: str = "") -> None:
         report("lean forward, update pass (log-probs + backward)", "transformers' forward", "lean",
                *ab(update(False), update(True), 2))
     if "decode" in groups:
-        if not bf16 and lean_module._MKL_LINEAR is not None:  # packed copies are float32 only
-            plain = patched(lean_module, "_MKL_LINEAR", None, decode(True))
+        if not bf16 and kernels._MKL_LINEAR is not None:  # packed copies are float32 only
+            plain = patched(kernels, "_MKL_LINEAR", None, decode(True))
             report("MKL packed weights, decoding (per token)", "unpacked", "packed", *ab(plain, decode(True), 5),
                    new_tokens)
-        plain = patched(lean_module, "_weights_first", lambda x: False,
-                        patched(lean_module, "_MKL_LINEAR", None, decode(True)))
-        fast = patched(lean_module, "_MKL_LINEAR", None, decode(True))
+        plain = patched(lean_lm, "_weights_first", lambda x: False,
+                        patched(kernels, "_MKL_LINEAR", None, decode(True)))
+        fast = patched(kernels, "_MKL_LINEAR", None, decode(True))
         report("MLP weights-first products, decoding (per token; without MKL packing, or bf16)", "plain x @ W.T",
                "weights-first", *ab(plain, fast, 5), new_tokens)
 
@@ -225,7 +228,7 @@ def fastpaths(precision: str, only: str = "") -> None:
                                                  scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
             return out.squeeze(2)
 
-        plain = patched(lean_module.LeanLM, "attend_one", fused_one, decode(True))
+        plain = patched(LeanDecoder, "attend_one", fused_one, decode(True))
         report("written-out single-query attention, decoding (per token)", "fused sdpa", "written out",
                *ab(plain, decode(True), 5), new_tokens)
     if "update" in groups:
@@ -245,7 +248,7 @@ def fastpaths(precision: str, only: str = "") -> None:
         plain = patched(logprobs_module, "chunked_token_logprobs", through_autograd, update(True))
         report("LM-head log-probs as one function, update pass", "log_softmax + gather, checkpointed chunks",
                "_LinearLogProbs", *ab(plain, update(True), 2))
-        plain = patched(lean_module, "_saves_less", lambda x, w: False, update(True))
+        plain = patched(lean_lm, "_saves_less", lambda x, w: False, update(True))
         report("layer halves that recompute (norm + product, SwiGLU + down), update pass", "autograd", "recomputing",
                *ab(plain, update(True), 2))
     if bf16 and "update" in groups:
@@ -265,7 +268,7 @@ def memory_child(setting: str) -> dict:
     """One update pass at V = 151,936 with 512-token completions; this process's peak RSS."""
     import torch
 
-    from zenalign.grpo import logprobs as lp
+    from zenalign.models import logprobs as lp
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     vocab, rows, prompt_len, completion_len = 151_936, 8, 16, 512

@@ -96,8 +96,8 @@ def sample_groups(model, group_size: int = 4, max_new_tokens: int = 10, seed: in
     """``group_size`` sampled completions of each of PROMPTS (rows prompt-major), drawn with the
     Gumbel keys of completions 0, 1, ... of (``seed``, ``step``); ``sampling`` sets the other
     SamplingSection fields (temperature, top_k, top_p, decoder)."""
-    from zenalign.grpo.gumbel import completion_keys
-    from zenalign.grpo.rollout import generate_groups
+    from zenalign.generation.gumbel import completion_keys
+    from zenalign.generation.rollout import generate_groups
     from zenalign.recipe.schema import SamplingSection
 
     keys = completion_keys(seed=seed, step=step, first_completion=0, count=len(PROMPTS) * group_size)
@@ -129,7 +129,7 @@ def logprobs_and_grads(model, rollout, rows, *, share: bool = True, lean: bool =
     """Completion log-probs of ``rollout[rows]`` (``share``: each group's prompt run once; ``lean``:
     the lean forward; ``autocast``: under bf16 autocast on the rollout's device), masked, and every
     parameter's gradient of a loss that weighs each token differently (so any misplaced log-prob shows)."""
-    from zenalign.grpo.logprobs import completion_logprobs
+    from zenalign.models.logprobs import completion_logprobs
 
     model.zero_grad(set_to_none=True)
     with torch.autocast(rollout.sequences.device.type, dtype=torch.bfloat16, enabled=autocast):

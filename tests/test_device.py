@@ -16,12 +16,11 @@ import torch
 
 from helpers import (DEVICES, EOS, PROMPTS, assert_draws_follow, assert_lean_bf16_as_close_as_transformers, build_tiny_causal_lm, byte_tokenizer,
                       logprobs_and_grads, ragged_rollout, run_cli, saved_bytes)
-from zenalign.grpo import gumbel
-from zenalign.grpo import logprobs as lp
-from zenalign.grpo.gumbel import GumbelSampler, completion_keys
-from zenalign.grpo.rollout import decode_groups, rollout_from
-from zenalign.models import lean as lean_module
-from zenalign.models import primitives
+from zenalign.generation import decode, gumbel, rollout
+from zenalign.generation.gumbel import GumbelSampler, completion_keys
+from zenalign.generation.rollout import decode_groups, rollout_from
+from zenalign.models import logprobs as lp
+from zenalign.models.lean import LeanDecoder, lean_model
 
 V_REAL = 151_936  # Qwen2's vocabulary
 
@@ -79,7 +78,7 @@ def test_lean_attention_runs_sdpas_fused_kernels_on_cuda(precision):
 
     model = tiny_on(torch.device("cuda"), "qwen2")  # 4 query heads over 2 key/value heads
     rollout = ragged_rollout(model)
-    lean_module.lean_model(model).checked = True  # its first-use check runs transformers' attention, not tested here
+    lean_model(model).checked = True  # its first-use check runs transformers' attention, not tested here
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), \
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
         logp = lp.completion_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, lean=True)
@@ -154,7 +153,7 @@ def test_the_decode_loop_never_waits_for_the_gpu(precision, monkeypatch):
     Qwen2's 151,936 ids (so the sampler's candidates-and-tail path runs): any host-device sync
     in the loop (``.item()``, ``nonzero``, a blocking copy, reading the end-of-rows flag) raises."""
     model = tiny_on(torch.device("cuda"), "qwen2", vocab_size=V_REAL)
-    real_loop = lean_module.sample_loop
+    real_loop = rollout.sample_loop
     runs = []
 
     def loop_without_syncs(*args, **kwargs):
@@ -166,7 +165,7 @@ def test_the_decode_loop_never_waits_for_the_gpu(precision, monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
             runs.append(True)
 
-    monkeypatch.setattr(lean_module, "sample_loop", loop_without_syncs)
+    monkeypatch.setattr(rollout, "sample_loop", loop_without_syncs)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = decode_tiny(model, new_tokens=12)
     assert runs and out.shape[0] == 12
@@ -176,8 +175,8 @@ def test_the_kv_cache_is_bf16_on_a_gpu_and_float32_on_a_cpu_under_autocast(devic
     """Decoding under bf16 autocast: the cache that single-query attention reads holds float32 on
     a CPU (its attention runs in float32) and bf16 on a GPU (what its kernel reads)."""
     model = tiny_on(device, "qwen2")
-    seen, real = [], lean_module.LeanLM.attend_one
-    monkeypatch.setattr(lean_module.LeanLM, "attend_one", lambda self, q, k, v, bias: seen.append(k.dtype) or
+    seen, real = [], LeanDecoder.attend_one
+    monkeypatch.setattr(LeanDecoder, "attend_one", lambda self, q, k, v, bias: seen.append(k.dtype) or
                         real(self, q, k, v, bias))
     with torch.autocast(device.type, dtype=torch.bfloat16):
         decode_tiny(model, new_tokens=3)
@@ -186,7 +185,7 @@ def test_the_kv_cache_is_bf16_on_a_gpu_and_float32_on_a_cpu_under_autocast(devic
 
 def test_stopping_a_few_tokens_late_changes_no_completion(device, monkeypatch):
     """On a GPU the decode loop learns that every row has ended a token or two late
-    (primitives.RowsEnded). Never stopping early at all, the extra steps are padding in every
+    (decode.RowsEnded). Never stopping early at all, the extra steps are padding in every
     row, and the rollout (trimmed) is the same."""
     model = tiny_on(device, "llama")
 
@@ -202,7 +201,7 @@ def test_stopping_a_few_tokens_late_changes_no_completion(device, monkeypatch):
     rollouts = {}
     for late in (False, True):
         if late:
-            monkeypatch.setattr(primitives.RowsEnded, "__call__", lambda self, unfinished: False)
+            monkeypatch.setattr(decode.RowsEnded, "__call__", lambda self, unfinished: False)
         sampler = GumbelSampler(keys, prompt_length, 1.0)
         out = decode_tiny(model, new_tokens=9, processors=lambda t, s: eos_at_third(t, sampler(t, s)))
         mask = (out[:, :prompt_length] != 0).long()  # PROMPTS hold no padding id

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
 
-    errors, data  <  plugins  <  recipe  <  models  <  grpo  <  train  <  commands  <  the package root
+    errors, data  <  plugins  <  recipe  <  models  <  generation  <  grpo  <  train  <  commands  <  the package root
 
 Every import of a zenalign module counts, whether at the top of a module, inside a function or
 under ``if TYPE_CHECKING``: an import moved into a function to dodge a cycle is still that cycle.
@@ -17,9 +17,10 @@ from pathlib import Path
 from helpers import REPO
 
 PACKAGE = REPO / "zenalign"
-LAYERS = ["errors", "data", "plugins", "recipe", "models", "grpo", "train", "commands"]
-RANK = {"errors": 0, "data": 0, "plugins": 1, "recipe": 2, "models": 3, "grpo": 4, "train": 5, "commands": 6}
-ROOT_RANK = 7  # zenalign/__init__.py, __main__.py and _moved.py: the public face, above everything
+LAYERS = ["errors", "data", "plugins", "recipe", "models", "generation", "grpo", "train", "commands"]
+RANK = {"errors": 0, "data": 0, "plugins": 1, "recipe": 2, "models": 3, "generation": 4, "grpo": 5, "train": 6,
+        "commands": 7}
+ROOT_RANK = 8  # zenalign/__init__.py, __main__.py and _moved.py: the public face, above everything
 MAX_FUNCTION_LINES = 60
 
 
@@ -131,7 +132,53 @@ def test_built_in_plugins_use_the_plugin_api_never_the_engine():
 
 def test_layers_are_the_subpackages():
     top = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith("__"))
-    assert top == sorted(["_moved.py", "commands", "data.py", "errors.py", "grpo", "models", "plugins", "recipe", "train"])
+    assert top == sorted(["_moved.py", "commands", "data.py", "errors.py", "generation", "grpo", "models", "plugins",
+                          "recipe", "train"])
+
+
+def imports_of(source: str, library: str) -> list[int]:
+    """The lines of ``source`` that import ``library`` or one of its modules, wherever they stand."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        found += [node.lineno for name in names if name.split(".")[0] == library]
+    return found
+
+
+def test_grpo_is_tensor_math_that_never_imports_transformers():
+    """Issue 31: grpo/ is pure tensor math; what calls a model (log-prob passes, the LM head's capture)
+    is model code, and sampling lives in generation/."""
+    found = [f"{path.relative_to(REPO)}:{line}" for path in sorted((PACKAGE / "grpo").rglob("*.py"))
+             for line in imports_of(path.read_text(encoding="utf-8"), "transformers")]
+    assert found == [], "grpo/ modules that import transformers:\n" + "\n".join(found)
+    # the check sees an import inside a function, and a module of the library
+    assert imports_of("def f():\n    from transformers.cache_utils import DynamicCache\n", "transformers") == [2]
+    assert imports_of("import transformersx\nimport torch\n", "transformers") == []
+
+
+def recipe_parameters(source: str) -> list[str]:
+    """The functions of ``source`` that take the whole recipe: a parameter named ``recipe``."""
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [node.name for node in functions
+            for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs if arg.arg == "recipe"]
+
+
+def test_generation_takes_the_recipe_sections_it_uses_not_the_recipe():
+    """Issue 31: the Generator and the vLLM check receive the typed sections they read (sampling,
+    engine, model.lora), never the whole recipe."""
+    found = [f"{path.relative_to(REPO)}: {name}" for path in sorted((PACKAGE / "generation").rglob("*.py"))
+             for name in recipe_parameters(path.read_text(encoding="utf-8"))]
+    assert found == [], "generation/ functions that take the whole recipe:\n" + "\n".join(found)
+    assert recipe_parameters("class G:\n    def __init__(self, recipe: Any, engine): ...\n") == ["__init__"]
+
+
+def test_generation_sits_between_models_and_grpo():
+    """As ../shared/DESIGN.md orders them: producing completions needs model code; the step's
+    tensor math may use what generation produces, never the other way."""
+    assert layer_of("zenalign.models.loading") < layer_of("zenalign.generation.rollout") \
+        < layer_of("zenalign.grpo.scoring") < layer_of("zenalign.train.trainer")
+    assert layer_of("zenalign.models.lean.decode") < layer_of("zenalign.generation.decode")
 
 
 def test_no_function_is_longer_than_sixty_lines():

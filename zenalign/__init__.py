@@ -5,7 +5,8 @@
 
 Plugins: ``from zenalign.plugins import hookimpl`` (also re-exported here) and see
 docs/writing-a-plugin.md. The package is split by concept, imports flowing one way:
-errors/data < plugins < recipe < models < grpo < train < commands (tests/test_layout.py).
+errors/data < plugins < recipe < models < generation < grpo < train < commands
+(tests/test_layout.py).
 """
 
 from zenalign._moved import install_moved_module_aliases

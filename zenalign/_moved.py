@@ -21,14 +21,14 @@ MOVED: dict[str, tuple[str, ...]] = {
     "zenalign.recipe_loader": ("zenalign.recipe.loader", "zenalign.recipe.messages"),
     "zenalign.reference": ("zenalign.recipe.docs",),
     "zenalign.principles": ("zenalign.recipe.principles",),
-    "zenalign.fastpath": ("zenalign.models.lean",),
+    "zenalign.fastpath": ("zenalign.models.lean", "zenalign.models.lean.model", "zenalign.models.lean.kernels"),
     "zenalign.attention": ("zenalign.models.attention",),
     "zenalign.reward_model": ("zenalign.models.reward_model",),
-    "zenalign.gumbel": ("zenalign.grpo.gumbel",),
-    "zenalign.sampling": ("zenalign.grpo.rollout", "zenalign.models.primitives"),
+    "zenalign.gumbel": ("zenalign.generation.gumbel",),
+    "zenalign.sampling": ("zenalign.generation.rollout", "zenalign.generation.decode", "zenalign.models.primitives"),
     "zenalign.scoring": ("zenalign.grpo.scoring",),
     "zenalign.advantages": ("zenalign.grpo.advantages", "zenalign.plugins.advantages"),
-    "zenalign.loss": ("zenalign.plugins.losses", "zenalign.grpo.logprobs", "zenalign.models.primitives"),
+    "zenalign.loss": ("zenalign.plugins.losses", "zenalign.models.logprobs", "zenalign.models.primitives"),
     "zenalign.metrics": ("zenalign.grpo.metrics",),
     "zenalign.trainer": ("zenalign.train.trainer", "zenalign.train.update"),
     "zenalign.components": ("zenalign.train.build", "zenalign.recipe.loader"),
@@ -47,10 +47,16 @@ MOVED: dict[str, tuple[str, ...]] = {
     # zenalign 0.2: the formulas plugins build on moved down to zenalign.plugins, where plugins import them
     "zenalign.grpo.loss": ("zenalign.plugins.losses",),
     "zenalign.grpo.gae": ("zenalign.plugins.ppo",),
+    # zenalign 0.2: every way a completion is produced lives in zenalign.generation; log-probs are model code
+    "zenalign.grpo.rollout": ("zenalign.generation.rollout",),
+    "zenalign.grpo.gumbel": ("zenalign.generation.gumbel",),
+    "zenalign.grpo.vllm_engine": ("zenalign.generation.vllm_engine",),
+    "zenalign.train.generation": ("zenalign.generation.generator",),
+    "zenalign.grpo.logprobs": ("zenalign.models.logprobs",),
 }
 RENAMED = {
     "grpo_token_loss": "zenalign.plugins.GRPOLoss(...).per_token",
-    "lean_decode": "zenalign.grpo.rollout.decode_groups",
+    "lean_decode": "zenalign.generation.rollout.decode_groups",
     "masked_mean": "nothing (it was unused)",
 }
 

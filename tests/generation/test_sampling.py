@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import EOS, PAD, PROMPTS, assert_draws_follow, build_tiny_llama, byte_tokenizer
-from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.models.logprobs import completion_logprobs
 from zenalign.recipe.schema import SamplingSection
-from zenalign.grpo import gumbel
-from zenalign.grpo.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
-from zenalign.grpo.rollout import completion_mask_from, decode_without_special_tokens, generate_groups, generation_config, neutral_generation_defaults
+from zenalign.generation import gumbel
+from zenalign.generation.gumbel import ROW_BLOCK, GumbelSampler, completion_keys, uniform
+from zenalign.generation.rollout import completion_mask_from, decode_without_special_tokens, generate_groups, generation_config, neutral_generation_defaults
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -182,7 +182,7 @@ def test_a_vocabulary_of_whole_tail_blocks_draws_from_softmax_and_choose_picks_t
 def test_the_decoding_loop_lets_the_sampler_choose_and_runs_other_processors_first():
     """sample_loop hands the scores, after the processors before it, to the keyed sampler's
     ``choose`` instead of an argmax over built scores; the ids are the same as the argmax's."""
-    from zenalign.models.primitives import sample_loop
+    from zenalign.generation.decode import sample_loop
 
     generator = torch.Generator().manual_seed(4)
     vocab, rows, steps = 5000, 6, 5
@@ -317,7 +317,7 @@ def _rows_with_special_ids(tokenizer):
 def test_decoding_completions_equals_batch_decode_skipping_special_tokens():
     """The byte tokenizer (a transformers Python tokenizer) takes the path that drops the special
     ids once; what it returns is what batch_decode(skip_special_tokens=True) returns."""
-    from zenalign.grpo.rollout import _skips_special_ids_by_filtering
+    from zenalign.generation.rollout import _skips_special_ids_by_filtering
 
     tokenizer = byte_tokenizer()
     rows = _rows_with_special_ids(tokenizer)
@@ -334,7 +334,7 @@ def test_tokenizers_that_decode_their_own_way_are_called_as_usual():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-    from zenalign.grpo.rollout import _skips_special_ids_by_filtering
+    from zenalign.generation.rollout import _skips_special_ids_by_filtering
 
     class Shouting(ByT5Tokenizer):
         def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
@@ -410,7 +410,7 @@ def test_max_prompt_length_keeps_the_last_tokens_of_a_prompt(model, decoder):
     keeps its last tokens. With byte tokens, the prompt "a much longer prompt than the others:" cut
     to 12 tokens is the text "the others:" plus the space before it; sampling from the truncated
     prompts gives exactly what sampling from those texts gives."""
-    from zenalign.grpo.rollout import encode_prompts, rollout_from_rows
+    from zenalign.generation.rollout import encode_prompts, rollout_from_rows
 
     tokenizer = byte_tokenizer()
     ids, mask = encode_prompts(tokenizer, PROMPTS, max_length=12)
@@ -430,7 +430,7 @@ def test_max_prompt_length_keeps_the_last_tokens_of_a_prompt(model, decoder):
                             group_size=2, keys=keys)
     assert whole.prompt_length == len(PROMPTS[2])
     # groups joined from their token rows (dynamic sampling's later rounds) are truncated alike
-    from zenalign.grpo.rollout import completion_rows
+    from zenalign.generation.rollout import completion_rows
 
     rebuilt = rollout_from_rows(tokenizer, PROMPTS, completion_rows(cut), 2, [EOS], max_prompt_length=12)
     assert torch.equal(rebuilt.sequences, cut.sequences) and torch.equal(rebuilt.attention_mask, cut.attention_mask)

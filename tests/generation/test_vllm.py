@@ -23,9 +23,9 @@ import torch
 from helpers import PROMPTS, RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
 from helpers import base_recipe, error_line, write_recipe
 from zenalign.errors import RecipeError
-from zenalign.grpo.gumbel import completion_keys
+from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.importance import importance_weights
-from zenalign.grpo.vllm_engine import check_vllm, vllm_installed
+from zenalign.generation.vllm_engine import check_vllm, vllm_installed
 from zenalign.recipe.loader import load_recipe
 
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not vllm_installed(), reason="vllm not installed")]
@@ -156,12 +156,15 @@ def small_recipe(model_dir: Path, tmp_path: Path, **sampling) -> dict:
 def test_check_vllm_refuses_a_max_model_len_shorter_than_prompt_plus_completion():
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=10"]).recipe
     with pytest.raises(RecipeError) as err:
-        check_vllm(recipe, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]", "cpu")
+        check_vllm(recipe.sampling, recipe.model.lora, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5,
+                   "prompts[3]", "cpu")
     assert str(err.value) == ("sampling.vllm.max_model_len: 10 is shorter than the longest prompt (prompts[3], 5 tokens) "
                               "+ sampling.max_new_tokens (8) = 13; give at least 13, or null for exactly that")
     check_vllm_ok = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=13"])
     if vllm_installed():
-        check_vllm(check_vllm_ok.recipe, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]", "cpu")
+        ok = check_vllm_ok.recipe
+        check_vllm(ok.sampling, ok.model.lora, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]",
+                   "cpu")
 
 
 @pytest.mark.skipif(vllm_installed(), reason="vllm is installed here")
@@ -207,7 +210,8 @@ def test_validate_refuses_what_vllm_cannot_run(tmp_path, tiny_model_dir):
     assert "sampling.vllm.max_model_len: 8 is shorter than" in message
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm"]).recipe
     with pytest.raises(RecipeError, match=r"vllm does not support the architecture FooBarForCausalLM of model.path"):
-        check_vllm(recipe, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5, "prompts[0]", "cpu")
+        check_vllm(recipe.sampling, recipe.model.lora, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5,
+                   "prompts[0]", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +244,7 @@ def vllm_sequence_logprobs(trainer, rollout) -> torch.Tensor:
 @with_vllm
 def test_greedy_completions_and_log_probs_equal_zenalign_and_a_sync_is_real(tmp_path, vllm_model_dir):
     from zenalign import GRPOTrainer
-    from zenalign.grpo.rollout import generate_groups
+    from zenalign.generation.rollout import generate_groups
     from zenalign.recipe.schema import SamplingSection
 
     prompts = [{"prompt": p} for p in PROMPTS + ["reverse kite:"]]

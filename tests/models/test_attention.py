@@ -6,7 +6,7 @@ import torch
 
 from helpers import build_tiny_llama
 from zenalign.models.attention import NAME, float32_attention_on_cpu, sdpa_in_float32
-from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.models.logprobs import completion_logprobs
 
 
 def batch():

@@ -7,11 +7,12 @@ import torch
 
 from helpers import (EOS, PROMPTS, TINY_ARCHS, assert_lean_bf16_as_close_as_transformers, build_tiny_causal_lm, build_tiny_llama, byte_tokenizer, logprobs_and_grads, sample_groups,
                       saved_bytes)
-from zenalign.models import lean as fastpath
-from zenalign.models.lean import attention_products, lean_model, why_not_lean
-from zenalign.grpo.gumbel import GumbelSampler, completion_keys
-from zenalign.grpo.logprobs import completion_logprobs
-from zenalign.grpo.rollout import decode_groups
+from zenalign.models.lean import kernels
+from zenalign.models.lean import model as lean_lm
+from zenalign.models.lean import LeanDecoder, attention_products, lean_model, why_not_lean
+from zenalign.generation.gumbel import GumbelSampler, completion_keys
+from zenalign.models.logprobs import completion_logprobs
+from zenalign.generation.rollout import decode_groups
 
 SEED = 3  # the weights of this module's models, unless a test says otherwise
 
@@ -29,15 +30,15 @@ def model(request):
 @pytest.mark.parametrize("rows", [slice(0, 12), slice(3, 10)], ids=["whole-batch", "micro-batch-across-groups"])
 def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, share, attention, halves, monkeypatch):
     """Both of the lean pass's attention kernels: products (what these small shapes use) and the
-    fused one (what shapes above fastpath.SMALL_ATTENTION use); both ways of running a layer with
+    fused one (what shapes above lean_lm.SMALL_ATTENTION use); both ways of running a layer with
     autograd: plain autograd (what these small shapes use) and the layer halves that recompute
-    (what passes from fastpath.RECOMPUTE_FROM residual elements use)."""
+    (what passes from kernels.RECOMPUTE_FROM residual elements use)."""
     assert rollout.truncated.any() and not rollout.truncated.all()
     if attention == "fused":
-        monkeypatch.setattr(fastpath, "SMALL_ATTENTION", 0)
-    monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
-    gates, saves_less = [], fastpath._saves_less
-    monkeypatch.setattr(fastpath, "_saves_less", lambda x, w: gates.append(saves_less(x, w)) or gates[-1])
+        monkeypatch.setattr(lean_lm, "SMALL_ATTENTION", 0)
+    monkeypatch.setattr(kernels, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
+    gates, saves_less = [], kernels._saves_less
+    monkeypatch.setattr(lean_lm, "_saves_less", lambda x, w: gates.append(saves_less(x, w)) or gates[-1])
     plain_logp, plain_grads = logprobs_and_grads(model, rollout, rows, lean=False, share=False)
     lean_logp, lean_grads = logprobs_and_grads(model, rollout, rows, lean=True, share=share)
     assert gates and set(gates) == {halves == "recomputing"}
@@ -52,7 +53,7 @@ def test_lean_log_probs_and_gradients_equal_transformers(model, rollout, rows, s
 @pytest.mark.parametrize("halves", ["autograd", "recomputing"])
 def test_lean_bf16_autocast_is_as_close_to_float32_as_transformers_bf16(model, rollout, halves, monkeypatch):
     """Under bf16 autocast neither path equals float32; the lean one must not be further off."""
-    monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
+    monkeypatch.setattr(kernels, "RECOMPUTE_FROM", 0 if halves == "recomputing" else 1 << 62)
     rows = slice(0, 12)
     assert_lean_bf16_as_close_as_transformers(model, rollout, rows)
 
@@ -70,7 +71,7 @@ def test_decoding_indexes_a_rotary_table_equal_to_the_models_rotation(model):
     bit for bit the rotation the model's rotary module gives that position."""
     lean = lean_model(model)
     x = torch.zeros(3, model.config.hidden_size)
-    table = lean.rotary_table(x, 40)
+    table = LeanDecoder(lean).rotary_table(x, 40)
     positions = torch.tensor([0, 7, 39])
     assert table.shape[0] == 40 and torch.equal(table.index_select(0, positions), lean.rotary(x, positions))
 
@@ -82,7 +83,7 @@ def test_rotary_scaling_that_depends_on_the_positions_is_recomputed_every_token(
     model = build_tiny_causal_lm("qwen2", seed=SEED, max_position_embeddings=16,
                                  rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     lean = lean_model(model)
-    assert lean.rotary_table(torch.zeros(1, model.config.hidden_size), 40) is None
+    assert LeanDecoder(lean).rotary_table(torch.zeros(1, model.config.hidden_size), 40) is None
     plain, fast = sample_groups(model, lean_forward=False), sample_groups(model, lean_forward=True)
     assert plain.sequences.shape[1] > 16 + 5
     assert torch.equal(fast.sequences, plain.sequences)
@@ -97,53 +98,54 @@ def test_weights_first_products_equal_linear(dtype, bias):
     weight, down = torch.randn(96, 32, dtype=dtype), torch.randn(32, 96, dtype=dtype)
     b = torch.randn(96, dtype=dtype) if bias else None
     tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0.05)
-    torch.testing.assert_close(fastpath._linear_weights_first(x, weight, b), torch.nn.functional.linear(x, weight, b), **tol)
-    got = fastpath._add_linear_weights_first(x, a, down, b[:32] if bias else None)
+    torch.testing.assert_close(kernels._linear_weights_first(x, weight, b), torch.nn.functional.linear(x, weight, b), **tol)
+    got = kernels._add_linear_weights_first(x, a, down, b[:32] if bias else None)
     torch.testing.assert_close(got, x + torch.nn.functional.linear(a, down, b[:32] if bias else None), **tol)
     assert got.is_contiguous()  # the residual keeps its layout
 
 
 def test_weights_first_products_are_for_cpu_inference_at_32_rows_or_more():
     with torch.no_grad():
-        assert fastpath._weights_first(torch.zeros(32, 8)) and not fastpath._weights_first(torch.zeros(31, 8))
-    assert not fastpath._weights_first(torch.zeros(64, 8))  # autograd on: the update keeps x @ W.T
+        assert kernels._weights_first(torch.zeros(32, 8)) and not kernels._weights_first(torch.zeros(31, 8))
+    assert not kernels._weights_first(torch.zeros(64, 8))  # autograd on: the update keeps x @ W.T
     with torch.inference_mode():
-        assert fastpath._weights_first(torch.zeros(64, 8))
+        assert kernels._weights_first(torch.zeros(64, 8))
 
 
 def test_lean_decoding_with_weights_first_products_samples_what_transformers_samples(model, monkeypatch):
     """36 rows (3 prompts x 12): the MLP's products run weights-first in every decoding step, and
     the tokens are still transformers' own. (In float32 with MKL the packed products take their
     place, so MKL is switched off here; bf16 decoding and builds without MKL use this path.)"""
-    monkeypatch.setattr(fastpath, "_MKL_LINEAR", None)
+    monkeypatch.setattr(kernels, "_MKL_LINEAR", None)
     calls = []
-    monkeypatch.setattr(fastpath, "_linear_weights_first",
-                        lambda *a, f=fastpath._linear_weights_first: calls.append(a[0].shape[0]) or f(*a))
+    counted = lambda *a, f=kernels._linear_weights_first: calls.append(a[0].shape[0]) or f(*a)
+    monkeypatch.setattr(kernels, "_linear_weights_first", counted)  # the down product's, in _add_linear_weights_first
+    monkeypatch.setattr(lean_lm, "_linear_weights_first", counted)  # the gate/up product's, in LeanLM.mlp
     out = {lean: sample_groups(model, group_size=12, max_new_tokens=8, seed=1, step=2, lean_forward=lean)
            for lean in (True, False)}
     assert calls.count(36) >= 2 * 7  # two products per layer and token after the first
     assert torch.equal(out[True].sequences, out[False].sequences)
 
 
-@pytest.mark.skipif(fastpath._MKL_LINEAR is None, reason="this torch has no MKL")
+@pytest.mark.skipif(kernels._MKL_LINEAR is None, reason="this torch has no MKL")
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_mkl_packed_products_equal_linear_to_the_bit_and_fall_back_for_other_row_counts(bias):
     torch.manual_seed(0)
     weight, b = torch.randn(48, 20), (torch.randn(48) if bias else None)
-    packed = fastpath._Packed.of(weight, 9)
+    packed = kernels._Packed.of(weight, 9)
     for rows in (9, 4, 13):  # its own row count, and two it was not packed for
         x = torch.randn(rows, 20)
         assert torch.equal(packed(x, b), torch.nn.functional.linear(x, weight, b)), rows
-    assert fastpath._Packed.of(weight.to(torch.bfloat16), 9) is None  # float32 only
+    assert kernels._Packed.of(weight.to(torch.bfloat16), 9) is None  # float32 only
 
 
-@pytest.mark.skipif(fastpath._MKL_LINEAR is None, reason="this torch has no MKL")
+@pytest.mark.skipif(kernels._MKL_LINEAR is None, reason="this torch has no MKL")
 def test_float32_decoding_on_packed_weights_samples_what_transformers_samples(model, monkeypatch):
     """Every product of a decoding step runs on MKL's packed weights (4 per layer and the LM head),
     for exactly the decoding rows, and the sampled tokens are transformers' own; under bf16
     autocast nothing is packed."""
     rows = []
-    monkeypatch.setattr(fastpath, "_MKL_LINEAR", lambda x, *a, f=fastpath._MKL_LINEAR: rows.append(x.shape[0]) or f(x, *a))
+    monkeypatch.setattr(kernels, "_MKL_LINEAR", lambda x, *a, f=kernels._MKL_LINEAR: rows.append(x.shape[0]) or f(x, *a))
     out = {lean: sample_groups(model, group_size=4, max_new_tokens=8, seed=1, step=2, lean_forward=lean)
            for lean in (True, False)}
     layers = model.config.num_hidden_layers
@@ -170,8 +172,8 @@ def test_bf16_decoding_casts_the_lm_head_once_and_samples_what_the_per_token_cas
     once = run()
     assert len(calls) == 1, calls
     calls.clear()
-    head = fastpath.LeanLM.head
-    monkeypatch.setattr(fastpath.LeanLM, "head", lambda self, h, product=None: head(self, h))  # through the module
+    head = lean_lm.LeanLM.head
+    monkeypatch.setattr(lean_lm.LeanLM, "head", lambda self, h, product=None: head(self, h))  # through the module
     per_token = run()
     new_tokens = once.sequences.shape[1] - once.prompt_length
     assert new_tokens > 1 and len(calls) == new_tokens, calls  # the prompts' step, then one per token after the first
@@ -185,22 +187,22 @@ def test_rms_norm_with_written_out_gradient_equals_torchs(shape, fused_forward, 
     gradients of input and weight that autograd takes through F.rms_norm (also without the
     fused forward that returns the reciprocal RMS, as on torch < 2.8)."""
     if not fused_forward:
-        monkeypatch.setattr(fastpath, "_FUSED_RMS_NORM", None)
+        monkeypatch.setattr(kernels, "_FUSED_RMS_NORM", None)
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3).requires_grad_()
     weight = torch.randn(shape[-1]).requires_grad_()
     grad_out = torch.randn(shape)
-    out = fastpath._rms_norm(x, weight, 1e-5)
+    out = kernels._rms_norm(x, weight, 1e-5)
     expected = torch.nn.functional.rms_norm(x, (shape[-1],), weight, 1e-5)
     assert torch.equal(out, expected) if fused_forward else torch.allclose(out, expected, rtol=0, atol=1e-6)
     grads = torch.autograd.grad(out, (x, weight), grad_out)
     for got, want in zip(grads, torch.autograd.grad(expected, (x, weight), grad_out)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     frozen = weight.detach()
-    (grad_x,) = torch.autograd.grad(fastpath._rms_norm(x, frozen, 1e-5), (x,), grad_out)
+    (grad_x,) = torch.autograd.grad(kernels._rms_norm(x, frozen, 1e-5), (x,), grad_out)
     torch.testing.assert_close(grad_x, grads[0], rtol=0, atol=0)
     with torch.no_grad():  # decoding, reference and old-policy passes: the fused kernel, F.rms_norm's values
-        assert torch.equal(fastpath._rms_norm(x, weight, 1e-5), expected)
+        assert torch.equal(kernels._rms_norm(x, weight, 1e-5), expected)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])
@@ -232,17 +234,17 @@ def test_lean_attention_switches_to_the_fused_kernel_above_the_size_limit(model,
     memory does not grow with them); one at or below it to the products; the two agree."""
     lean = lean_model(model)
     calls = []
-    monkeypatch.setattr(fastpath, "attention_products", lambda *a: calls.append(a) or attention_products(*a))
+    monkeypatch.setattr(lean_lm, "attention_products", lambda *a: calls.append(a) or attention_products(*a))
     torch.manual_seed(1)
     b, t, s = 2, 3, 7
     q = torch.randn(b, lean.heads, t, lean.head_dim)
     k, v = torch.randn(2, b, lean.kv_heads, s, lean.head_dim)
     mask = torch.rand(b, 1, t, s) > 0.3
     mask[..., 0] = True
-    monkeypatch.setattr(fastpath, "SMALL_ATTENTION", b * lean.heads * t * s)
+    monkeypatch.setattr(lean_lm, "SMALL_ATTENTION", b * lean.heads * t * s)
     products = lean.attend(q, k, v, mask)
     assert len(calls) == 1
-    monkeypatch.setattr(fastpath, "SMALL_ATTENTION", b * lean.heads * t * s - 1)
+    monkeypatch.setattr(lean_lm, "SMALL_ATTENTION", b * lean.heads * t * s - 1)
     fused = lean.attend(q, k, v, mask)
     assert len(calls) == 1
     torch.testing.assert_close(products, fused, rtol=0, atol=1e-5)
@@ -264,7 +266,7 @@ def test_single_query_attention_runs_in_float32_under_autocast(model):
         q[:, :, None], k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), attn_mask=bias == 0,
         scale=lean.scaling).squeeze(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = lean.attend_one(q, k, v, bias)
+        got = LeanDecoder(lean).attend_one(q, k, v, bias)
         assert torch.is_autocast_enabled("cpu") and torch.mm(q[0], q[0].T).dtype == torch.bfloat16  # back on after it
     assert not torch.is_autocast_enabled("cpu")
     assert got.dtype == torch.bfloat16
@@ -431,8 +433,8 @@ def test_the_layer_halves_that_save_less_give_autograds_values_and_gradients(bia
         return x + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_w, down_b)
 
     def fused():
-        gate_up = fastpath._NormLinear.apply(x, norm_w, gate_up_w, gate_up_b, eps, torch.float32)
-        return fastpath._SwiGLUDown.apply(x, gate_up, down_w, down_b, torch.float32)
+        gate_up = kernels._NormLinear.apply(x, norm_w, gate_up_w, gate_up_b, eps, torch.float32)
+        return kernels._SwiGLUDown.apply(x, gate_up, down_w, down_b, torch.float32)
 
     results = {}
     for name, fn in (("plain", plain), ("fused", fused)):
@@ -467,7 +469,7 @@ def test_the_mlp_half_writes_the_gate_up_gradient_over_the_saved_product():
     product = gate_up * 1.0  # a non-leaf, as the gate/up product is in a layer
     seen = []
     product.register_hook(lambda grad: seen.append(grad))
-    out = fastpath._SwiGLUDown.apply(x, product, down, None, torch.float32)
+    out = kernels._SwiGLUDown.apply(x, product, down, None, torch.float32)
     address = product.data_ptr()
     out.mul(weights).sum().backward(retain_graph=True)
     assert seen[0].data_ptr() == address
@@ -482,8 +484,8 @@ def test_a_lean_update_pass_keeps_one_mask_the_queries_alone_and_no_cast_attenti
     mask once for all layers (a boolean one is converted, and kept, in every layer), the
     completions' queries without the rotated keys beside them, and under autocast no bf16 copy
     of its float32 output."""
-    monkeypatch.setattr(fastpath, "RECOMPUTE_FROM", 0)
-    monkeypatch.setattr(fastpath, "SMALL_ATTENTION", 0)
+    monkeypatch.setattr(kernels, "RECOMPUTE_FROM", 0)
+    monkeypatch.setattr(lean_lm, "SMALL_ATTENTION", 0)
     layers, heads, kv_heads, head_dim = 3, 2, 1, 16
     model = build_tiny_llama(seed=SEED, layers=layers).train()
     groups, group, tp, tc = 2, 3, 4, 6

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from helpers import RECIPES, build_tiny_llama, ragged_rollout, run_cli
-from zenalign.grpo.logprobs import completion_logprobs
-from zenalign.models import lean as lean_module
+from zenalign.models.logprobs import completion_logprobs
+from zenalign.models.lean import kernels
 
 
 def saved_bytes_and_grads(model, rollout, lean: bool):
@@ -35,7 +35,7 @@ def saved_bytes_and_grads(model, rollout, lean: bool):
 def test_checkpointing_keeps_the_gradients_and_saves_fewer_activations(lean, halves, monkeypatch):
     """With the recomputing layer halves too (which the 135m shape runs): under checkpointing the
     MLP half's backward writes its gradient over a gate/up product that checkpointing recomputed."""
-    monkeypatch.setattr(lean_module, "RECOMPUTE_FROM", 0 if halves else 1 << 62)
+    monkeypatch.setattr(kernels, "RECOMPUTE_FROM", 0 if halves else 1 << 62)
     model = build_tiny_llama(layers=4, hidden=64).train()
     rollout = ragged_rollout(model)
     plain_bytes, plain_logp, plain_grads = saved_bytes_and_grads(model, rollout, lean)

@@ -22,9 +22,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from helpers import EOS, PAD, REVERSE_POLICY, byte_tokenizer
 from zenalign import GRPOTrainer
-from zenalign.grpo.logprobs import update_pass_kind
-from zenalign.grpo.rollout import Rollout
-from zenalign.models import lean as lean_module
+from zenalign.models.logprobs import update_pass_kind
+from zenalign.generation.rollout import Rollout
+from zenalign.models.lean import kernels, lean_model
+from zenalign.models.lean import model as lean_lm
 
 PROMPTS = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "tree"]]
 
@@ -77,11 +78,11 @@ def test_reference_and_old_policy_passes_equal_the_update_pass_to_the_bit(tmp_pa
     frozen copy of the policy, or with LoRA the policy itself with its adapters off: its B
     matrices start at zero, so the weights are equal) and pi_old's, both without autograd,
     against the update's pass with autograd. On the lean forward the layers run on plain
-    autograd (this batch's 300k residual elements are below lean.RECOMPUTE_FROM) or forced onto
+    autograd (this batch's 300k residual elements are below kernels.RECOMPUTE_FROM) or forced onto
     the halves that recompute (what the 135m shape runs); LoRA runs transformers' forward."""
-    monkeypatch.setattr(lean_module, "RECOMPUTE_FROM", 0 if layers == "lean-recomputing" else 1 << 62)
-    gates, saves_less = [], lean_module._saves_less
-    monkeypatch.setattr(lean_module, "_saves_less", lambda x, w: gates.append(saves_less(x, w)) or gates[-1])
+    monkeypatch.setattr(kernels, "RECOMPUTE_FROM", 0 if layers == "lean-recomputing" else 1 << 62)
+    gates, saves_less = [], kernels._saves_less
+    monkeypatch.setattr(lean_lm, "_saves_less", lambda x, w: gates.append(saves_less(x, w)) or gates[-1])
     lora = {"lora": {"r": 4, "alpha": 8}} if layers == "lora" else {}
     trainer = trainer_for(tmp_path, one_wide_layer(), precision=precision, gradient_checkpointing=checkpointing, **lora)
     trainer.setup(PROMPTS)
@@ -126,7 +127,7 @@ def test_a_first_step_with_zero_advantages_has_zero_kl_and_zero_gradient(tmp_pat
     frozen copy, so the KL and its gradient, the whole loss here, are exactly 0."""
     trainer = trainer_for(tmp_path, one_wide_layer(), precision=precision, steps=1, eval_interval=0)
     trainer.train(PROMPTS[:2], PROMPTS[:1])
-    assert lean_module.lean_model(trainer.model) is not None  # the run was on the lean forward
+    assert lean_model(trainer.model) is not None  # the run was on the lean forward
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert (metrics["kl"], metrics["grad_norm"]) == (0.0, 0.0)
 

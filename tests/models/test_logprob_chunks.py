@@ -1,4 +1,4 @@
-"""Log-probs a chunk of positions at a time (zenalign.grpo.logprobs.chunked_token_logprobs): the
+"""Log-probs a chunk of positions at a time (zenalign.models.logprobs.chunked_token_logprobs): the
 same values, entropies and gradients as the plain computation, while autograd keeps only the
 chunks' hidden states instead of every logit."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import build_tiny_llama, ragged_rollout, saved_bytes
-from zenalign.grpo import logprobs as lp
+from zenalign.models import logprobs as lp
 
 
 def plain_and_chunked(linear, hidden, targets, temperature, entropy, budget, weights):

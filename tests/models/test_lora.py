@@ -19,8 +19,8 @@ from helpers import RECIPES, REPO, build_tiny_llama, byte_tokenizer, cli_in_proc
 from helpers import kill_after, read, start, without_timing
 from zenalign import GRPOTrainer
 from zenalign.errors import RecipeError
-from zenalign.grpo.gumbel import completion_keys
-from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.generation.gumbel import completion_keys
+from zenalign.models.logprobs import completion_logprobs
 from zenalign.models.lora import add_adapters, forward_module, is_adapted, linear_module_names
 from zenalign.recipe.schema import LoraSection
 from zenalign.train import checkpoint as ckpt

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from helpers import EOS, PROMPTS, build_tiny_causal_lm, byte_tokenizer, logprobs_and_grads, sample_groups
-from zenalign.grpo.gumbel import completion_keys
-from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.generation.gumbel import completion_keys
+from zenalign.models.logprobs import completion_logprobs
 from zenalign.models.primitives import prompt_groups
 from zenalign.recipe.schema import SamplingSection
-from zenalign.grpo.rollout import generate_groups
+from zenalign.generation.rollout import generate_groups
 from zenalign.train.update import PolicyUpdate
 
 
@@ -131,8 +131,8 @@ def test_static_and_dynamic_decoding_caches_sample_the_same_tokens(model):
     layouts fall back to; both are pinned to `generate` through tests/generation/test_sampling.py's check."""
     from transformers import LogitsProcessorList
 
-    from zenalign.grpo.gumbel import GumbelSampler
-    from zenalign.grpo.rollout import decode_groups
+    from zenalign.generation.gumbel import GumbelSampler
+    from zenalign.generation.rollout import decode_groups
 
     encoded = byte_tokenizer()(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
     keys = completion_keys(seed=2, step=1, first_completion=0, count=12)
@@ -152,7 +152,7 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, "tests")
 from helpers import build_tiny_llama
-from zenalign.grpo.logprobs import completion_logprobs
+from zenalign.models.logprobs import completion_logprobs
 
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
 torch.manual_seed(0)

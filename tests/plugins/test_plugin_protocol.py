@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 import warnings
 
 import pytest
@@ -322,6 +323,47 @@ def test_old_module_names_are_the_new_modules():
     assert split.compute_advantages is zenalign.grpo.advantages.compute_advantages
     assert split.combine_objectives is zenalign.plugins.advantages.combine_objectives
     assert loss.GRPOLoss is zenalign.plugins.GRPOLoss
+
+
+@pytest.mark.parametrize("old, new", [
+    ("zenalign.grpo.rollout", "zenalign.generation.rollout"),
+    ("zenalign.grpo.gumbel", "zenalign.generation.gumbel"),
+    ("zenalign.grpo.vllm_engine", "zenalign.generation.vllm_engine"),
+    ("zenalign.train.generation", "zenalign.generation.generator"),
+    ("zenalign.grpo.logprobs", "zenalign.models.logprobs"),
+    ("zenalign.gumbel", "zenalign.generation.gumbel"),
+])
+def test_the_modules_that_moved_to_the_generation_package_import_from_their_old_names(old, new):
+    """Issue 31: every way a completion is produced moved to zenalign.generation, the log-prob passes
+    to model code; the old names are the new modules, with a warning naming the new import."""
+    import importlib
+
+    sys.modules.pop(old, None)  # a name imported before (by another test) warns no more
+    with pytest.warns(FutureWarning, match=f"{old} moved to {new}; import from there"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+
+
+def test_the_flat_names_whose_contents_split_find_them_in_their_new_homes():
+    """zenalign 0.1's zenalign.sampling, zenalign.loss and zenalign.fastpath serve each name from where
+    it lives now: the decode loop in zenalign.generation.decode, the log-prob pass in
+    zenalign.models.logprobs, the lean forward's parts in the zenalign.models.lean package."""
+    from zenalign.generation import decode, rollout
+    from zenalign.models import lean, logprobs, primitives
+    from zenalign.models.lean import kernels
+    from zenalign.plugins import losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import zenalign.fastpath as fastpath
+        import zenalign.loss as loss
+        import zenalign.sampling as sampling
+    assert sampling.generate_groups is rollout.generate_groups and sampling.sample_loop is decode.sample_loop
+    assert sampling.mask_positions is primitives.mask_positions
+    assert loss.completion_logprobs is logprobs.completion_logprobs and loss.kl_estimate is losses.kl_estimate
+    assert fastpath.LeanLM is lean.LeanLM and fastpath._rms_norm is kernels._rms_norm
+    with pytest.raises(AttributeError, match="now zenalign.generation.rollout.decode_groups"):
+        sampling.lean_decode
 
 
 def test_every_hookspec_documents_its_call_rule():

@@ -128,7 +128,7 @@ PROMPTS = [{"prompt": f"reverse {w}:"} for w in ["abc", "hello", "xyz", "kite"]]
 
 
 def test_with_a_zero_critic_and_no_discount_every_token_gets_the_reward(tmp_path, critic_dir):
-    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.generation.gumbel import completion_keys
     from zenalign.plugins import TokenBatch
 
     trainer = make_trainer(tmp_path, critic_dir, normalizer={"type": "gae", "gamma": 1.0, "lam": 1.0, "kl_coef": 0.0,
@@ -145,7 +145,7 @@ def test_with_a_zero_critic_and_no_discount_every_token_gets_the_reward(tmp_path
 
 
 def test_the_critic_learns_the_returns_of_a_batch(tmp_path, critic_dir):
-    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.generation.gumbel import completion_keys
     from zenalign.plugins import TokenBatch
 
     trainer = make_trainer(tmp_path, critic_dir, normalizer={"type": "gae", "kl_coef": 0.0, "learning_rate": 3e-3,
@@ -187,7 +187,7 @@ def test_a_loss_of_one_ratio_per_completion_is_refused_with_per_token_advantages
 
 
 def test_a_completion_that_abstains_gets_no_advantage_and_does_not_train_the_critic(tmp_path, critic_dir):
-    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.generation.gumbel import completion_keys
     from zenalign.plugins import TokenBatch
 
     trainer = make_trainer(tmp_path, critic_dir, normalizer={"type": "gae", "kl_coef": 0.0, "whiten": False,

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO on CPU (DS_ACCELERATOR=cpu, gloo) and 2-process runs under torchrun and the
 deepspeed launcher, against the torch backend on one process.
 
-Tolerance: sampling is batch-invariant (zenalign.grpo.gumbel), so every configuration samples the same
+Tolerance: sampling is batch-invariant (zenalign.generation.gumbel), so every configuration samples the same
 completions and must give *identical* rewards; losses, KL and gradient norms may differ only by
 floating-point operation order: 1e-4 relative (plus 1e-7 absolute). The orders do differ: the
 single-process torch run uses torch's fused AdamW and runs each group's prompt once

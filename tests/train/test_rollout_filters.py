@@ -16,7 +16,7 @@ import torch
 from helpers import RECIPES, run_cli
 from zenalign.errors import PluginError, RecipeError
 from zenalign.grpo.filtering import apply_filters, select_groups
-from zenalign.grpo.logprobs import completion_logprobs, token_entropy
+from zenalign.models.logprobs import completion_logprobs, token_entropy
 from zenalign.plugins.losses import GRPOLoss, high_entropy_tokens
 from zenalign.plugins import Objectives, RolloutGroups, collect_registry
 from zenalign_plugins.rollout_filters import DynamicSampling, MaskTruncated
@@ -258,7 +258,7 @@ def test_the_loss_mask_leaves_masked_completions_out_of_the_gradient(tmp_path, t
     """Masking 3 of 8 completions gives the gradient of the update on the other 5: the same under
     dapo (a mean over the unmasked tokens), times 5/8 under grpo (a mean over all 8 completions)."""
     from zenalign import GRPOTrainer
-    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.generation.gumbel import completion_keys
     from zenalign.train.batch import StepBatch
 
     prompts = [{"prompt": f"reverse {w}:"} for w in ["abc", "hello"]]
@@ -359,7 +359,7 @@ def test_a_rebuilt_batch_equals_the_sampled_one(model):
     """Groups from several rounds or processes join one batch through their token rows: the
     round trip gives back the same tokens, masks, truncation flags and texts."""
     from helpers import PROMPTS, byte_tokenizer, end_some_completions_early, sample_groups
-    from zenalign.grpo.rollout import completion_rows, rollout_from, rollout_from_rows
+    from zenalign.generation.rollout import completion_rows, rollout_from, rollout_from_rows
 
     sampled = end_some_completions_early(sample_groups(model, lean_forward=False))
     rebuilt = rollout_from_rows(byte_tokenizer(), PROMPTS, completion_rows(sampled), 4, [1])
@@ -377,7 +377,7 @@ def test_the_update_masks_the_policy_term_of_low_entropy_tokens(tmp_path, tiny_m
     """Through PolicyUpdate: with top_entropy_quantile 0.3 the gradient is that of a loss written
     out here, with the policy term on the top 30% of tokens by entropy and the KL term everywhere."""
     from zenalign import GRPOTrainer
-    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.generation.gumbel import completion_keys
     from zenalign.plugins.losses import token_weights
     from zenalign.train.batch import StepBatch
 

@@ -76,11 +76,11 @@ def load_critique_recipe(path: Path, overrides=()):
 
 def critique_revise(path: Path, overrides=()) -> dict[str, Any]:
     from zenalign.data import check_records, render_prompt
-    from zenalign.grpo.gumbel import completion_keys
+    from zenalign.generation.gumbel import completion_keys
     from zenalign.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
     from zenalign.plugins import BuildContext
     from zenalign.recipe.schema import Recipe
-    from zenalign.grpo.rollout import generate_groups
+    from zenalign.generation.rollout import generate_groups
 
     recipe, registry = load_critique_recipe(path, overrides)
     base = path.resolve().parent

@@ -1,2 +1,3 @@
-"""One module per phase of a GRPO step: rollout (sampling groups, the Gumbel sampler), scoring,
-advantages, log-probs, the loss, and metrics."""
+"""One module per phase of a GRPO step, as tensor math (no transformers): scoring, rollout filters,
+advantages, importance weights and metrics. Sampling lives in zenalign.generation, the log-prob
+passes with the model code (zenalign.models.logprobs)."""

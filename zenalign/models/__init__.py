@@ -1,6 +1,7 @@
-"""Everything that knows transformers: loading models and tokenizers, the lean forward for
-Llama-family policies, attention settings, the primitives every model path shares, and reward
-models (sequence classifiers)."""
+"""Model code: loading models and tokenizers, the lean forward for Llama-family policies (a
+package), attention settings, the primitives every model path shares, the log-prob passes of
+sampled completions (chunked over the LM head), reward models (sequence classifiers), LoRA and
+the critic."""
 
 from zenalign.models.loading import (
     check_model_dir,

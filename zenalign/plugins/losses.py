@@ -17,7 +17,7 @@ Where this departs from the paper:
 1. the ``dr_grpo`` and ``dapo`` aggregations are offered besides the paper's per-sequence mean;
 2. the upper clip range may differ from the lower one (DAPO's clip-higher);
 3. the log-probabilities this loss receives are taken at the sampling temperature
-   (:mod:`zenalign.grpo.logprobs`).
+   (:mod:`zenalign.models.logprobs`).
 """
 
 from __future__ import annotations

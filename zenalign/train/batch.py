@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.plugins import TokenBatch
 
 

@@ -23,7 +23,7 @@ from zenalign.plugins import (BuildContext, Critic, Objectives, default_name, en
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
 from zenalign.grpo.scoring import BoundReward, Scorer, bind_reward
-from zenalign.grpo.vllm_engine import check_vllm
+from zenalign.generation.vllm_engine import check_vllm
 from zenalign.train.budget import check_memory
 
 log = logging.getLogger("zenalign")
@@ -288,7 +288,7 @@ class Builder:
         """With the tokenizer loaded: its ids fit the model's embedding table, every prompt renders
         (chat messages need a chat template), and the longest prompt plus
         ``sampling.max_new_tokens`` fits the model's positions; with ``sampling.decoder: vllm``, what
-        vLLM needs (:func:`~zenalign.grpo.vllm_engine.check_vllm`)."""
+        vLLM needs (:func:`~zenalign.generation.vllm_engine.check_vllm`)."""
         model_dir = self.policy_dir
         check_tokenizer_fits(tokenizer, model_dir, "model.tokenizer_path" if self.recipe.model.tokenizer_path else "model.path")
         rows = [("prompts", i, r) for i, r in enumerate(train)] + [("eval prompts", i, r) for i, r in enumerate(evals)]
@@ -314,7 +314,7 @@ class Builder:
                               f"(sampling.max_prompt_length)")
         device = self.context.device.type if self.context.device is not None else pick_device(self.recipe.engine.device).type
         if self.recipe.sampling.decoder == "vllm":
-            check_vllm(self.recipe, config, longest, at, device)
+            check_vllm(self.recipe.sampling, self.recipe.model.lora, config, longest, at, device)
         given = getattr(self.inputs.model, "config", None)  # a model object: its config, as config.json would hold it
         check_memory(self.recipe, given.to_dict() if hasattr(given, "to_dict") else config, longest, len(evals), device,
                      self.loaded.source)

@@ -19,15 +19,15 @@ import torch
 
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
-from zenalign.grpo.gumbel import completion_keys
+from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
-from zenalign.grpo.rollout import Rollout, completion_rows, rollout_from_rows, sampler_logp_rows
+from zenalign.generation.rollout import Rollout, completion_rows, rollout_from_rows, sampler_logp_rows
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.plugins import Objectives, RolloutGroups, RunContext
 from zenalign.recipe.schema import RunSection, SamplingSection
 from zenalign.train.batch import StepBatch
 from zenalign.train.distributed import Dist
-from zenalign.train.generation import Generator
+from zenalign.generation.generator import Generator
 
 
 @dataclass

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from zenalign.data import render_prompt
-from zenalign.grpo.gumbel import completion_keys
+from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.metrics import extract_answer, hacking_warnings, k_sample_metrics, reward_metrics
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.plugins import Objectives, RunContext
 from zenalign.plugins.advantages import combine_objectives
 from zenalign.recipe.schema import RunSection
 from zenalign.train.distributed import Dist
-from zenalign.train.generation import Generator
+from zenalign.generation.generator import Generator
 from zenalign.train.rundir import RunDir
 from zenalign.train.state import TrainState
 

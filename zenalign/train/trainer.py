@@ -6,7 +6,7 @@
 ``setup()`` builds the parts, ``train()`` runs the loop, ``cleanup()`` ends it. The CLI
 (``zenalign run``) and the Python API (``GRPOTrainer(model=..., reward_model=...)``) both end up
 here with the same recipe object. Each phase lives in its own module: rollout
-(:mod:`zenalign.grpo.rollout`), scoring, advantages, the loss (:mod:`zenalign.grpo.loss`), and the
+(:mod:`zenalign.generation`), scoring, advantages, the loss (:mod:`zenalign.plugins.losses`), and the
 update (:mod:`zenalign.train.update`); checkpoints save the :class:`TrainState`.
 
 Several processes (torchrun or the deepspeed launcher): every rank draws the same global batch of
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from zenalign.data import PromptSampler, render_prompt
 from zenalign.errors import RecipeError, ZenalignError
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.grpo.scoring import Scorer
 from zenalign.models.loading import eos_token_ids, pick_device
 from zenalign.models.lora import is_adapted
@@ -49,7 +49,7 @@ from zenalign.train.context import TrainerContext
 from zenalign.train.distributed import Dist, collective_failure, init_distributed
 from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
-from zenalign.train.generation import Generator
+from zenalign.generation.generator import Generator
 from zenalign.train.memory import keep_freed_memory
 from zenalign.train.preemption import StopSignals, Stopped
 from zenalign.train.rundir import RunDir, storage_failure
@@ -255,8 +255,8 @@ class GRPOTrainer:
         builder.check_inputs(None, train_records, eval_records, rewards)  # the prompts were checked above
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
-        self.generator = Generator(r, self.engine, self.tokenizer, self.eos_ids, self.dist, builder.policy_dir,
-                                   builder.longest_prompt, fresh=saved is None)
+        self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids,
+                                   self.dist, builder.policy_dir, builder.longest_prompt, fresh=saved is None)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate.from_recipe(r, self.engine, self.dist, builder.loss(self.normalizer),
                                                 reference=self.reference,

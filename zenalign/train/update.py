@@ -19,10 +19,10 @@ import torch
 
 from zenalign.errors import NonFiniteError, PluginError, RecipeError
 from zenalign.grpo.importance import importance_weights
-from zenalign.grpo.logprobs import completion_logprobs, update_pass_kind
+from zenalign.models.logprobs import completion_logprobs, update_pass_kind
 from zenalign.plugins.losses import high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
-from zenalign.grpo.rollout import Rollout
+from zenalign.generation.rollout import Rollout
 from zenalign.models.lora import adapters_off, forward_module, is_adapted
 from zenalign.recipe.schema import EngineSection, GRPOSection, Recipe, SamplingSection
 from zenalign.train.batch import StepBatch
@@ -126,7 +126,7 @@ class PolicyUpdate:
         """Log-probs ``(n, Tc)`` of the sampled tokens of ``rows`` under ``model``, at the sampling
         temperature; with ``entropy``, also the policy's entropy at each position ``(n, Tc)``.
         Every pass (the update's, pi_old's, the reference's) runs as the update's model does
-        (:func:`~zenalign.grpo.logprobs.update_pass_kind`): on equal weights they give equal
+        (:func:`~zenalign.models.logprobs.update_pass_kind`): on equal weights they give equal
         log-probs to the bit, so a step with no learning signal has a gradient of exactly 0."""
         lean, share = update_pass_kind(forward_module(self.engine.train_model), self.lean_forward, self.share_prompts)
         with self.engine.autocast():

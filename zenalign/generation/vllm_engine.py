@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from zenalign.errors import ModelLoadError, RecipeError, one_line
-from zenalign.grpo.rollout import Rollout, encode_prompts, rollout_from
+from zenalign.generation.rollout import Rollout, encode_prompts, rollout_from
+from zenalign.recipe.schema import LoraSection, SamplingSection, VLLMSection
 
 log = logging.getLogger("zenalign")
 
@@ -55,11 +56,13 @@ def head_dim(config: dict[str, Any]) -> Optional[int]:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
-def check_vllm(recipe: Any, config: dict[str, Any], longest: int, at: str, device_type: str) -> None:
+def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: dict[str, Any], longest: int, at: str,
+               device_type: str) -> None:
     """What ``decoder: vllm`` needs, one line each, before any engine exists: the mistakes in the
-    recipe first (they hold whether or not vLLM is installed), then vLLM itself, then the model."""
-    sampling, options = recipe.sampling, recipe.sampling.vllm
-    if recipe.model.lora is not None:
+    recipe (``sampling:`` and ``model.lora``) first (they hold whether or not vLLM is installed), then
+    vLLM itself, then the model."""
+    options = sampling.vllm
+    if lora is not None:
         raise RecipeError("sampling.decoder: vllm samples from a plain Hugging Face directory, and model.lora trains "
                           "adapters vLLM would not see; use decoder zenalign with LoRA")
     needed = longest + sampling.max_new_tokens
@@ -133,7 +136,7 @@ def directory_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 class VLLMEngine:
     """One in-process vLLM engine over the policy's directory: sample groups, take new weights."""
 
-    def __init__(self, model_dir: Path, options: Any, precision: str, max_model_len: int, seed: int,
+    def __init__(self, model_dir: Path, options: VLLMSection, precision: str, max_model_len: int, seed: int,
                  device_type: str, distributed: bool = False):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, beside the trainer
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -197,7 +200,7 @@ class VLLMEngine:
                                  f"{wrong[:3]}")
         return dict(weights)
 
-    def generate(self, prompts: list[list[int]], group_size: int, seeds: Optional[list[int]], sampling: Any,
+    def generate(self, prompts: list[list[int]], group_size: int, seeds: Optional[list[int]], sampling: SamplingSection,
                  eos_ids: Sequence[int]) -> list[list[tuple[list[int], list[float]]]]:
         """``group_size`` completions of each prompt (token ids, unpadded): per prompt, a list of
         (completion ids through the EOS, the sampler's log-prob of each). Without ``seeds``, one
@@ -243,7 +246,7 @@ class VLLMEngine:
             gc.collect()
 
 
-def vllm_rollout(engine: VLLMEngine, tokenizer: Any, prompts: list[str], sampling: Any, eos_ids: Sequence[int],
+def vllm_rollout(engine: VLLMEngine, tokenizer: Any, prompts: list[str], sampling: SamplingSection, eos_ids: Sequence[int],
                  group_size: int, keys: Optional[torch.Tensor], device: Any = None) -> Rollout:
     """A :class:`Rollout` of ``group_size`` vLLM completions per prompt (rows prompt-major), laid out as
     zenalign's decoder lays them out, with ``sampler_logp`` ``(N, Tc)``; without keys, one greedy

@@ -15,15 +15,15 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 
 from zenalign.errors import RecipeError
-from zenalign.grpo.rollout import Rollout, generate_groups
-from zenalign.grpo.vllm_engine import VLLMEngine, vllm_rollout
+from zenalign.generation.rollout import Rollout, generate_groups
+from zenalign.generation.vllm_engine import VLLMEngine, vllm_rollout
 from zenalign.models.lora import forward_module, is_adapted
-from zenalign.train.distributed import Dist
+from zenalign.recipe.schema import EngineSection, SamplingSection
 
 log = logging.getLogger("zenalign")
 
@@ -41,36 +41,53 @@ def full_weights(engine: Any) -> Iterator[dict[str, torch.Tensor]]:
         yield model.state_dict()
 
 
-class Generator:
-    """Samples a step's groups (or greedy completions) with the recipe's decoder."""
+class Collectives(Protocol):
+    """What the generator needs of the run's processes (``zenalign.train.distributed.Dist``): whether
+    there are several, and sums and maxima of floats over them."""
 
-    def __init__(self, recipe: Any, engine: Any, tokenizer: Any, eos_ids: Sequence[int], dist: Dist,
-                 policy_dir: Optional[Path], longest_prompt: int, fresh: bool):
-        self.recipe, self.engine, self.tokenizer, self.eos_ids, self.dist = recipe, engine, tokenizer, eos_ids, dist
+    @property
+    def active(self) -> bool: ...
+
+    def sum(self, values: list[float]) -> list[float]: ...
+
+    def max(self, values: list[float]) -> list[float]: ...
+
+
+class Generator:
+    """Samples a step's groups (or greedy completions) with the decoder ``sampling`` names.
+
+    ``engine`` is the update's engine (the policy, its device, autocast and optimizer steps);
+    ``precision`` and ``lean_forward`` come from the recipe's ``engine:`` section, ``seed`` from
+    ``run.seed`` (vLLM's)."""
+
+    def __init__(self, sampling: SamplingSection, engine_options: EngineSection, seed: int, engine: Any,
+                 tokenizer: Any, eos_ids: Sequence[int], dist: Collectives, policy_dir: Optional[Path],
+                 longest_prompt: int, fresh: bool):
+        self.sampling, self.lean_forward = sampling, engine_options.lean_forward
+        self.engine, self.tokenizer, self.eos_ids, self.dist = engine, tokenizer, eos_ids, dist
         self.vllm: Optional[VLLMEngine] = None
         self.sync_seconds, self.syncs = 0.0, 0
-        if recipe.sampling.decoder != "vllm":
+        if sampling.decoder != "vllm":
             return
         if policy_dir is None or is_adapted(engine.model):
             raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
                               "directory); a model object or a peft model was given; use decoder zenalign")
-        options = recipe.sampling.vllm
-        self.vllm = VLLMEngine(policy_dir, options, recipe.engine.precision,
-                               options.max_model_len or longest_prompt + recipe.sampling.max_new_tokens,
-                               recipe.run.seed, engine.device.type, distributed=dist.active)
+        options = sampling.vllm
+        self.vllm = VLLMEngine(policy_dir, options, engine_options.precision,
+                               options.max_model_len or longest_prompt + sampling.max_new_tokens,
+                               seed, engine.device.type, distributed=dist.active)
         # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
         self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
 
     def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int,
                  temperature: Optional[float] = None) -> Rollout:
-        """``group_size`` completions per prompt, one per key, at ``temperature`` (default: the recipe's);
+        """``group_size`` completions per prompt, one per key, at ``temperature`` (default: ``sampling``'s);
         without keys, one greedy completion each."""
-        r = self.recipe
-        sampling = r.sampling if temperature is None else r.sampling.model_copy(update={"temperature": temperature})
+        sampling = self.sampling if temperature is None else self.sampling.model_copy(update={"temperature": temperature})
         if self.vllm is None:
             return generate_groups(forward_module(self.engine.model), self.tokenizer, prompts, sampling, self.eos_ids,
                                    group_size, keys=keys, autocast=self.engine.autocast(),
-                                   synced_gpus=self.engine.synced_gpus, lean_forward=r.engine.lean_forward)
+                                   synced_gpus=self.engine.synced_gpus, lean_forward=self.lean_forward)
         self.sync()
         device = next(self.engine.model.parameters()).device
         return vllm_rollout(self.vllm, self.tokenizer, prompts, sampling, self.eos_ids, group_size, keys, device)

@@ -1,6 +1,6 @@
 """Group sampling: k completions per prompt with ``generate`` (KV cache, left padding).
 
-Sampling is Gumbel-max over greedy decoding (see ``zenalign.grpo.gumbel``): each completion is a
+Sampling is Gumbel-max over greedy decoding (see ``zenalign.generation.gumbel``): each completion is a
 function of its key alone, so it does not depend on batch layout, process count or RNG state.
 The distribution is set explicitly here (temperature, top-k, top-p and nothing else) rather than
 inherited from the model's generation_config, so the log-probabilities the loss computes are
@@ -15,10 +15,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from zenalign.grpo.gumbel import GumbelSampler
-from zenalign.models.lean import checked_lean_model
-from zenalign.models.primitives import (accepts_logits_to_keep, cache_argument, full_attention_only, new_cache,
-                                        sample_loop)
+from zenalign.generation.decode import sample_loop
+from zenalign.generation.gumbel import GumbelSampler
+from zenalign.models.lean import LeanDecoder, checked_lean_model
+from zenalign.models.primitives import accepts_logits_to_keep, cache_argument, full_attention_only, new_cache
+from zenalign.recipe.schema import SamplingSection
 
 
 @dataclass
@@ -61,7 +62,7 @@ def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> tuple[
     return mask, ~has_eos
 
 
-def generation_config(sampling: Any, eos_ids: Sequence[int], pad_id: int):
+def generation_config(sampling: SamplingSection, eos_ids: Sequence[int], pad_id: int):
     """Greedy decoding with the KV cache; sampling comes from the Gumbel logits processor."""
     from transformers import GenerationConfig
 
@@ -118,13 +119,16 @@ def decode_groups(
 
     The decoding cache is preallocated (``static_cache``, see :func:`grouped_cache`) where the
     model's cache allows it, so a step writes one column instead of copying the whole cache.
-    With ``lean`` and an eligible model, the same loop runs on :mod:`zenalign.models.lean`.
+    With ``lean`` and an eligible model, the same loop runs on :mod:`zenalign.models.lean`
+    (:class:`~zenalign.models.lean.decode.LeanDecoder`).
     """
     device = prompt_ids.device
     eos = torch.tensor(list(eos_ids), device=device)
     fast = checked_lean_model(model, prompt_ids, prompt_mask) if lean else None
     if fast is not None:
-        return fast.decode(prompt_ids, prompt_mask, group_size, max_new_tokens, eos, pad_id, processors)
+        with torch.inference_mode():  # the lean cache is written in place by every step
+            tokens, logits, step_logits = LeanDecoder(fast).start(prompt_ids, prompt_mask, group_size, max_new_tokens)
+            return sample_loop(tokens, logits, step_logits, max_new_tokens, eos, pad_id, processors)
     cache_name = cache_argument(type(model))
     head = {"logits_to_keep": 1} if accepts_logits_to_keep(type(model)) else {}  # LM head on the last position only
     cache = new_cache(model)
@@ -211,7 +215,7 @@ def generate_groups(
     model: torch.nn.Module,
     tokenizer: Any,
     prompts: list[str],
-    sampling: Any,
+    sampling: SamplingSection,
     eos_ids: Sequence[int],
     group_size: int,
     keys: torch.Tensor | None = None,
