@@ -18,7 +18,7 @@ from zenalign.train.engine import TorchEngine
 
 def generator_for(overrides: list[str]):
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.max_new_tokens=6", *overrides]).recipe
-    engine = TorchEngine(recipe, Dist(), torch.device("cpu"))
+    engine = TorchEngine(recipe.engine, recipe.grpo, Dist(), torch.device("cpu"))
     engine.attach(build_tiny_llama(seed=5), optimizer_steps=1, micro_batches=1)
     generator = Generator(recipe.sampling, recipe.engine, recipe.run.seed, engine, byte_tokenizer(), [EOS], Dist(),
                           policy_dir=None, longest_prompt=40, fresh=True)
