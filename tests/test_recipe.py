@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from conftest import REPO, RECIPES
 from zenalign.errors import RecipeError
