@@ -188,9 +188,9 @@ def pytest_commands(device: str, dry: bool, scratch: Path) -> list[list[str]]:
 
 
 def device_test_files() -> list[str]:
-    """The test files that hold gpu-marked tests (the marker, or conftest's DEVICES): collecting
-    the whole suite would import every test module for nothing."""
-    return [f"tests/{path.name}" for path in sorted((REPO / "tests").glob("test_*.py"))
+    """The test files that hold gpu-marked tests (the marker, or tests/helpers.py's DEVICES):
+    collecting the whole suite would import every test module for nothing."""
+    return [path.relative_to(REPO).as_posix() for path in sorted((REPO / "tests").rglob("test_*.py"))
             if "mark.gpu" in path.read_text(encoding="utf-8") or "DEVICES" in path.read_text(encoding="utf-8")]
 
 

@@ -393,6 +393,7 @@ def worker_memory_zenalign(args) -> dict:
 
     from zenalign import GRPOTrainer
     from zenalign.grpo.rollout import Rollout
+    from zenalign.train.batch import StepBatch
 
     prompt, completion, advantages = memory_batch()
     with tempfile.TemporaryDirectory(prefix="zenalign-memory-") as tmp:
@@ -409,7 +410,7 @@ def worker_memory_zenalign(args) -> dict:
                           completions=[""] * MEMORY_ROWS, completion_ids=completion.tolist())
         loaded = peak_rss_mb()
         start = time.perf_counter()
-        update = trainer.updater(rollout, advantages, None)
+        update = trainer.updater(StepBatch.for_update(rollout, advantages))
         seconds = time.perf_counter() - start
         peak = peak_rss_mb()
         trainer.cleanup()

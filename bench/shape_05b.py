@@ -113,6 +113,7 @@ def run(args) -> dict:
 
     from perf import letters_in_place, reverse_prompts
     from zenalign import GRPOTrainer
+    from zenalign.train.batch import StepBatch
 
     size = "toy" if args.toy else "0.5b"
     shape = TOY if args.toy else QWEN2_05B
@@ -142,8 +143,8 @@ def run(args) -> dict:
                        "completion_len": metrics["completion_len"], "phases": phases[-1], **memory}
         rollout, advantages = fixed_batch(rows, prompt_len, completion_len, shape["vocab_size"], args.device)
         tokens = rows * (prompt_len + completion_len)
-        trainer.updater(rollout, advantages, None)  # warm-up
-        update, seconds, memory = meter(lambda: trainer.updater(rollout, advantages, None))
+        trainer.updater(StepBatch.for_update(rollout, advantages))  # warm-up
+        update, seconds, memory = meter(lambda: trainer.updater(StepBatch.for_update(rollout, advantages)))
         out["update"] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "rows": rows, "tokens": tokens,
                          "loss": update["loss"], "grad_norm": update["grad_norm"], **memory}
         model = trainer.engine.model

@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import RECIPES, REVERSE_POLICY, run_cli
+from helpers import RECIPES, REVERSE_POLICY, run_cli
 from zenalign import GRPOTrainer, load_recipe
 from zenalign.errors import RecipeError
 

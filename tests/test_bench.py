@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICES, REPO
+from helpers import DEVICES, REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICES, EOS, PROMPTS, assert_draws_follow, assert_lean_bf16_as_close_as_transformers, build_tiny_causal_lm, byte_tokenizer,
+from helpers import (DEVICES, EOS, PROMPTS, assert_draws_follow, assert_lean_bf16_as_close_as_transformers, build_tiny_causal_lm, byte_tokenizer,
                       logprobs_and_grads, ragged_rollout, run_cli, saved_bytes)
 from zenalign.grpo import gumbel
 from zenalign.grpo import logprobs as lp
@@ -44,7 +44,7 @@ def tiny_on(device: torch.device, arch: str = "qwen2", checkpointing: bool = Fal
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lean_forward_equals_transformers_in_fp32(device, arch, checkpointing):
     """Log-probs and every parameter's gradient, the lean pass (shared prompts) against
-    transformers' forward (SDPA), within the CPU tests' fp32 tolerance (tests/test_fastpath.py)."""
+    transformers' forward (SDPA), within the CPU tests' fp32 tolerance (tests/models/test_fastpath.py)."""
     model = tiny_on(device, arch, checkpointing)
     rollout = ragged_rollout(model)
     assert rollout.sequences.device.type == device.type
@@ -135,7 +135,7 @@ def test_the_tail_in_every_row_draws_the_ids_of_the_open_rows_path(device, monke
 @pytest.mark.parametrize("path", ["every-id-its-noise", "candidates-and-tail"])
 def test_the_sampler_draws_from_softmax_on_the_device(device, path):
     """20,000 draws from one row of logits repeated, made on the device, pass the chi-square test
-    against softmax (tests/test_sampling.py's check): at 384 ids with every id's own noise, and at
+    against softmax (tests/generation/test_sampling.py's check): at 384 ids with every id's own noise, and at
     2,048 ids through the candidates and the tail (8 candidates, the tail holding most of the mass)."""
     n, vocab = 20_000, 384 if path == "every-id-its-noise" else 2048
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(6)) * 0.5

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "zenalign"
 LAYERS = ["errors", "data", "plugins", "recipe", "models", "grpo", "train", "commands"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quickstart-10-steps.metrics.jsonl"
 REDUCTIONS = {"loss": 1e-5, "kl": 1e-5, "ratio_mean": 1e-5, "grad_norm": 1e-4}  # relative tolerances

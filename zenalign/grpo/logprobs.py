@@ -47,7 +47,7 @@ def completion_logprobs(
     runs the completion tokens on top of it. Attention is causal, so a prompt's keys and values do not depend on the
     completion that follows; the result and its gradient (which flows back through the
     gathered cache into the prompt pass) are those of the plain pass, with the prompt's share
-    of the work divided by the group size (``tests/test_shared_prompts.py`` pins both paths
+    of the work divided by the group size (``tests/models/test_shared_prompts.py`` pins both paths
     together). Under DDP the prompt pass calls the wrapped module and the completion pass the
     wrapper; autograd sums each parameter's gradient over both before DDP's hook fires.
 

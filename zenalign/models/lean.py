@@ -18,10 +18,10 @@ the MLP's gate and up projections, the rotary embedding is applied to queries an
 and masks and rotary tables are built once per pass, not once per layer. The arithmetic is the
 model's own: its RMSNorm in float32, its rotary embedding module, its attention scaling, SiLU
 MLP, tied or untied LM head. Autograd runs through it unchanged, so the update differentiates
-the same function. ``tests/test_fastpath.py`` pins log-probs, every parameter's gradient and the
+the same function. ``tests/models/test_fastpath.py`` pins log-probs, every parameter's gradient and the
 sampled tokens to transformers' own forward and ``generate``. A log-prob pass without autograd
 (the reference's, pi_old's) runs the operations of the update's pass in its order, so on equal
-weights it gives the update's log-probs to the bit (``tests/test_lean_bitwise.py``): a KL term
+weights it gives the update's log-probs to the bit (``tests/models/test_lean_bitwise.py``): a KL term
 against the policy's own weights is then exactly 0, and so is its gradient.
 
 A model is eligible when it is one of those classes with plain ``nn.Linear`` projections (no

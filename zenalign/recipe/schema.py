@@ -447,7 +447,7 @@ class EngineSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Keep only each layer's input during the update's forward pass and recompute the rest in "
         "backward: activation memory falls from every layer's intermediates to one layer's, for about a third more "
-        "update time. The same gradients (tests/test_memory.py).",
+        "update time. The same gradients (tests/models/test_memory.py).",
     )
     num_threads: Optional[int] = Field(
         None, ge=1, le=1024, description="CPU threads torch uses in this process (torch.set_num_threads), at most "

@@ -2,7 +2,7 @@
 ``TrainingArguments``), and what zenalign makes of it: the zenalign field it sets, or why there is
 none. This table is the one place that says so: :mod:`zenalign.recipe.trl` applies it wherever
 zenalign takes options, docs/from-trl.md's table is generated from it (``python -m
-zenalign.recipe.trl``), and tests/test_trl_compat.py checks it against ``trl.GRPOConfig`` itself.
+zenalign.recipe.trl``), and tests/recipe/test_trl_compat.py checks it against ``trl.GRPOConfig`` itself.
 
 A field with no equivalent is refused, with its reason, unless its value asks for nothing zenalign
 does not do (``accepts``: usually TRL's "off" value), which is accepted and has no effect. Two

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zenalign.errors import RecipeError
+from zenalign.recipe.schema import Recipe
 
 log = logging.getLogger("zenalign")
 
@@ -117,7 +118,7 @@ def size_text(count: float) -> str:
     return f"{count:.1f} PiB"
 
 
-def batches(recipe: Any, longest_prompt: int, eval_prompts: int, world_size: int) -> list[tuple[Batch, str]]:
+def batches(recipe: Recipe, longest_prompt: int, eval_prompts: int, world_size: int) -> list[tuple[Batch, str]]:
     """The batches a step and an evaluation hold at once, per process: (batch, 'sampling' or 'update')."""
     s, run = recipe.sampling, recipe.run
     length = longest_prompt + s.max_new_tokens
@@ -134,7 +135,7 @@ def batches(recipe: Any, longest_prompt: int, eval_prompts: int, world_size: int
     return found
 
 
-def check_memory(recipe: Any, config: dict[str, Any], longest_prompt: int, eval_prompts: int, device_type: str,
+def check_memory(recipe: Recipe, config: dict[str, Any], longest_prompt: int, eval_prompts: int, device_type: str,
                  source: str, world_size: Optional[int] = None) -> Optional[int]:
     """Refuse (RecipeError) a batch whose memory floor exceeds the available memory, warn when it
     takes more than half. Returns the largest floor in bytes (None when config.json lacks the shape)."""

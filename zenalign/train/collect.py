@@ -12,8 +12,8 @@ are gathered as token rows and each process rebuilds its slice of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -22,33 +22,20 @@ from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.grpo.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
 from zenalign.grpo.rollout import Rollout, completion_rows, rollout_from_rows, sampler_logp_rows
-from zenalign.grpo.scoring import Scorer
+from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.plugins import Objectives, RolloutGroups, RunContext
+from zenalign.recipe.schema import RunSection, SamplingSection
+from zenalign.train.batch import StepBatch
 from zenalign.train.distributed import Dist
-
-
-@dataclass
-class Collected:
-    """A step's batch after the filters.
-
-    ``rollout`` and ``records`` are this process's slice of the groups trained on; ``rewards``
-    ``(N, K)`` are the global batch's as the normalizer sees them (NaN for groups a filter dropped,
-    so they never move the statistics); ``loss_mask`` ``(N_local,)`` says which of this process's
-    completions count in the loss (None: all); ``sampled_rewards`` are every completion sampled
-    this step, over all rounds (reward metrics are about the policy, not the filtered batch).
-    """
-
-    records: list[dict[str, Any]]
-    rollout: Rollout
-    rewards: torch.Tensor
-    sampled_rewards: torch.Tensor
-    loss_mask: Optional[torch.Tensor] = None
-    metrics: dict[str, float] = field(default_factory=dict)
+from zenalign.train.generation import Generator
 
 
 @dataclass
 class Round:
+    """One round of sampling, scoring and filtering (a refilling filter may ask for more)."""
+
     records: list[dict[str, Any]]  # global
+    prompts: list[str]  # global, rendered
     rollout: Rollout  # this process's slice
     groups: RolloutGroups  # global, after the filters
     rows: list[list[int]]  # global completion token rows (gathered only when a later round may replace groups)
@@ -58,54 +45,63 @@ class Round:
 class BatchCollector:
     """Runs the sample -> score -> filter phases of a step (see the module docstring)."""
 
-    def __init__(self, recipe: Any, dist: Dist, sampler: PromptSampler, scorer: Scorer, objectives: Objectives,
-                 filters: Sequence[tuple[str, Any]], sample: Callable[..., Rollout], score_batch: Callable[..., Any],
-                 tokenizer: Any, eos_ids: Sequence[int], context: RunContext):
-        self.recipe, self.dist, self.sampler, self.scorer = recipe, dist, sampler, scorer
+    def __init__(self, sampling: SamplingSection, prompts_per_step: int, run: RunSection, dist: Dist,
+                 sampler: PromptSampler, generator: Generator, scorer: Scorer, objectives: Objectives,
+                 filters: Sequence[tuple[str, Any]], tokenizer: Any, eos_ids: Sequence[int], context: RunContext):
+        self.sampling, self.prompts_per_step, self.run, self.dist = sampling, prompts_per_step, run, dist
+        self.sampler, self.generator, self.scorer = sampler, generator, scorer
         self.objectives, self.filters, self.context = objectives, list(filters), context
-        self.sample, self.score_batch, self.tokenizer, self.eos_ids = sample, score_batch, tokenizer, eos_ids
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.max_rounds = 1 + extra_rounds(self.filters)
 
-    def __call__(self, step: int, timer: PhaseTimer) -> Collected:
+    def __call__(self, step: int, timer: PhaseTimer) -> StepBatch:
         """The step's batch; the time goes to ``timer``'s sample, score and filter phases. A run
         whose reward scored nothing for ``run.hacking_patience`` steps stops here."""
         batch = self.collect(step, timer)
-        self.scorer.check_abstentions(batch.sampled_rewards, self.objectives.names, self.recipe.run.hacking_patience, step)
+        self.scorer.check_abstentions(batch.sampled_rewards, self.objectives.names, self.run.hacking_patience, step)
         return batch
 
-    def collect(self, step: int, timer: PhaseTimer) -> Collected:
-        target = self.recipe.grpo.prompts_per_step
+    def collect(self, step: int, timer: PhaseTimer) -> StepBatch:
+        target = self.prompts_per_step
         rounds: list[Round] = []
         while True:
-            records, rollout, rewards = self.sample_round(step, len(rounds), timer)
+            records, prompts, rollout, rewards = self.sample_round(step, len(rounds), timer)
             if not self.filters:
-                return Collected(records[self.local(target)], rollout, rewards, rewards)
+                mine = self.local(target)
+                grouped = rewards.view(target, self.sampling.group_size, -1)
+                return StepBatch(step, self.sampling.group_size, records[mine], prompts[mine], rollout, grouped, rewards,
+                                 torch.ones(target, dtype=torch.bool), mine.start * self.sampling.group_size)
             with timer("filter"):
-                rounds.append(self.filter_round(step, records, rollout, rewards))
+                rounds.append(self.filter_round(step, records, prompts, rollout, rewards))
                 kept = sum(int(r.groups.keep.sum()) for r in rounds)
                 if kept >= target or len(rounds) >= self.max_rounds:
-                    return self.assemble(rounds, target)
+                    return self.assemble(step, rounds, target)
 
     def local(self, count: int) -> slice:
         per_rank = count // self.dist.world_size
         return slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
-    def sample_round(self, step: int, index: int, timer: PhaseTimer) -> tuple[list[dict[str, Any]], Rollout, torch.Tensor]:
-        """Draw a global batch of prompts, sample this process's groups, score them; the global ``(N, K)`` rewards."""
-        g, group_size = self.recipe.grpo, self.recipe.sampling.group_size
+    def sample_round(self, step: int, index: int,
+                     timer: PhaseTimer) -> tuple[list[dict[str, Any]], list[str], Rollout, torch.Tensor]:
+        """Draw a global batch of prompts (rendered once), sample this process's groups, score
+        them; the global ``(N, K)`` rewards."""
+        count, group_size = self.prompts_per_step, self.sampling.group_size
+        mine = self.local(count)
         with timer("sample"):
-            records = self.sampler.next_batch(g.prompts_per_step)  # the same global batch on every rank
-            mine = records[self.local(g.prompts_per_step)]
-            first = (index * g.prompts_per_step + self.local(g.prompts_per_step).start) * group_size
-            rollout = self.sample(mine, completion_keys(self.recipe.run.seed, step, first, len(mine) * group_size))
+            records = self.sampler.next_batch(count)  # the same global batch on every rank
+            prompts = [render_prompt(record, self.tokenizer) for record in records]  # the filters see every group
+            first = (index * count + mine.start) * group_size
+            rollout = self.generator(prompts[mine], completion_keys(self.run.seed, step, first, len(prompts[mine]) * group_size),
+                                     group_size)
         with timer("score"):
-            batch = self.score_batch(mine, rollout, group_size)
+            batch = make_batch(prompts[mine], records[mine], rollout.completions, rollout.completion_ids, group_size, step)
             local_rewards = self.scorer(batch)  # (N_local, K)
             self.scorer.observe(batch, local_rewards, self.objectives, self.context)
-            return records, rollout, self.dist.gather_rows(local_rewards)
+            return records, prompts, rollout, self.dist.gather_rows(local_rewards)
 
-    def filter_round(self, step: int, records: list[dict[str, Any]], rollout: Rollout, rewards: torch.Tensor) -> Round:
-        group_size, dist = self.recipe.sampling.group_size, self.dist
+    def filter_round(self, step: int, records: list[dict[str, Any]], prompts: list[str], rollout: Rollout,
+                     rewards: torch.Tensor) -> Round:
+        group_size, dist = self.sampling.group_size, self.dist
         p = len(records)
         lengths = dist.gather_rows(rollout.completion_mask.sum(dim=1).long().cpu())  # with the EOS
         truncated = dist.gather_rows(rollout.truncated.cpu())
@@ -115,14 +111,14 @@ class BatchCollector:
         groups = RolloutGroups(
             rewards=rewards.view(p, group_size, -1).clone(), keep=torch.ones(p, dtype=torch.bool),
             loss_mask=torch.ones(p, group_size, dtype=torch.bool), lengths=lengths.view(p, group_size),
-            truncated=truncated.view(p, group_size), prompts=[render_prompt(rec, self.tokenizer) for rec in records],
+            truncated=truncated.view(p, group_size), prompts=list(prompts),
             completions=[texts[i * group_size:(i + 1) * group_size] for i in range(p)], records=list(records),
-            max_new_tokens=self.recipe.sampling.max_new_tokens, step=step)
-        return Round(records, rollout, apply_filters(self.filters, groups, self.objectives), rows, sampler_rows)
+            max_new_tokens=self.sampling.max_new_tokens, step=step)
+        return Round(records, prompts, rollout, apply_filters(self.filters, groups, self.objectives), rows, sampler_rows)
 
-    def assemble(self, rounds: list[Round], target: int) -> Collected:
+    def assemble(self, step: int, rounds: list[Round], target: int) -> StepBatch:
         """The groups chosen over the rounds, as this process's rollout and the global rewards."""
-        group_size, k = self.recipe.sampling.group_size, len(self.objectives)
+        group_size, k = self.sampling.group_size, len(self.objectives)
         selection = select_groups([r.groups.keep for r in rounds], target)
         rewards = torch.stack([rounds[r].groups.rewards[i] for r, i in selection.chosen])          # (P, G, K)
         loss_mask = torch.stack([rounds[r].groups.loss_mask[i] for r, i in selection.chosen])      # (P, G)
@@ -131,21 +127,21 @@ class BatchCollector:
         loss_mask[dropped] = False
         mine = self.local(target)
         if selection.is_first_round:
-            records, rollout = rounds[0].records[mine], rounds[0].rollout
+            records, prompts, rollout = rounds[0].records[mine], rounds[0].prompts[mine], rounds[0].rollout
         else:
             chosen = selection.chosen[mine]
             records = [rounds[r].records[i] for r, i in chosen]
+            prompts = [rounds[r].prompts[i] for r, i in chosen]
             rows = [row for r, i in chosen for row in rounds[r].rows[i * group_size:(i + 1) * group_size]]
             logps = [row for r, i in chosen for row in rounds[r].sampler_rows[i * group_size:(i + 1) * group_size]]
-            prompts = [rounds[r].groups.prompts[i] for r, i in chosen]
             rollout = rollout_from_rows(self.tokenizer, prompts, rows, group_size, self.eos_ids,
                                         rounds[0].rollout.sequences.device, sampler_rows=logps,
-                                        max_prompt_length=self.recipe.sampling.max_prompt_length)
+                                        max_prompt_length=self.sampling.max_prompt_length)
         sampled = torch.cat([r.groups.rewards.reshape(-1, k) for r in rounds])
         masked = loss_mask[mine].reshape(-1)  # (N_local,)
         metrics = {"filter/rounds": float(len(rounds)),
                    "filter/groups_dropped": float(sum(int((~r.groups.keep).sum()) for r in rounds)),
                    "filter/groups_trained": float(target - int(dropped.sum())),
                    "filter/masked_frac": float((~loss_mask).float().mean())}
-        return Collected(records, rollout, rewards.reshape(-1, k), sampled,
-                         None if bool(masked.all()) else masked.to(rollout.sequences.device), metrics)
+        return StepBatch(step, group_size, records, prompts, rollout, rewards, sampled, ~dropped, mine.start * group_size,
+                         None if bool(masked.all()) else masked.to(rollout.sequences.device), metrics=metrics)

@@ -1,6 +1,6 @@
 """What runs the update, behind one small interface.
 
-    engine = create_engine(recipe, dist, device)   # before the policy is loaded (ZeRO-3 needs that)
+    engine = create_engine(recipe.engine, recipe.grpo, dist, device, local_batch)   # before the policy loads (ZeRO-3)
     engine.attach(policy, optimizer_steps, micro_batches)
     with engine.micro_batch(last): loss = ...(engine.train_model ...); engine.backward(loss)
     grad_norm = engine.optimizer_step()
@@ -27,8 +27,9 @@ import torch
 from zenalign.models.attention import float32_attention_on_cpu
 from zenalign.models.loading import load_tensors_only, unpickling_reason
 from zenalign.models.lora import forward_module
-from zenalign.train.distributed import Dist, prepare_deepspeed_env
 from zenalign.errors import ModelLoadError, NonFiniteError, RecipeError
+from zenalign.recipe.schema import EngineSection, GRPOSection
+from zenalign.train.distributed import Dist, prepare_deepspeed_env
 
 log = logging.getLogger("zenalign")
 
@@ -50,8 +51,13 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def _scheduler(optimizer, grpo: Any, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(grpo.lr_schedule, grpo.warmup_steps, total_steps))
+def _scheduler(optimizer, optim: GRPOSection, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.lr_schedule, optim.warmup_steps, total_steps))
+
+
+def adamw_options(optim: GRPOSection) -> dict[str, Any]:
+    """AdamW's settings from the recipe's ``grpo`` section, for both engines."""
+    return {"lr": optim.learning_rate, "betas": tuple(optim.adam_betas), "weight_decay": optim.weight_decay}
 
 
 def retarget_learning_rate(scheduler: Any, lr: float) -> None:
@@ -70,10 +76,10 @@ def retarget_learning_rate(scheduler: Any, lr: float) -> None:
                 "with the new peak rate", old, lr, scheduler.last_epoch)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, recipe: Any) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, settings: EngineSection) -> None:
     """``engine.gradient_checkpointing``: transformers' own, non-reentrant (it needs no input that
     requires grad, so frozen embeddings and LoRA work); the lean forward reads the same flag."""
-    if recipe.engine.gradient_checkpointing:
+    if settings.gradient_checkpointing:
         target = forward_module(model)
         if not getattr(target, "supports_gradient_checkpointing", False):
             raise RecipeError(f"engine.gradient_checkpointing: {type(target).__name__} does not support it; set it to false")
@@ -109,46 +115,50 @@ def check_fp32_matmuls(device: torch.device, precision: str) -> None:
                     device)
 
 
-def create_engine(recipe: Any, dist: Dist, device: torch.device):
-    if recipe.engine.backend == "deepspeed":
-        return DeepSpeedEngine(recipe, dist, device)
-    return TorchEngine(recipe, dist, device)
+def create_engine(settings: EngineSection, optim: GRPOSection, dist: Dist, device: torch.device, local_batch: int):
+    """The engine ``engine.backend`` names; ``optim`` holds the optimizer's settings (the recipe's
+    ``grpo`` section) and ``local_batch`` is the number of completions each process updates on."""
+    if settings.backend == "deepspeed":
+        return DeepSpeedEngine(settings, optim, dist, device, local_batch)
+    return TorchEngine(settings, optim, dist, device)
 
 
-class TorchEngine:
+class _Engine:
+    def __init__(self, settings: EngineSection, optim: GRPOSection, dist: Dist, device: torch.device):
+        self.settings, self.optim, self.dist, self.device = settings, optim, dist, device
+
+    def _continue_schedule(self) -> None:
+        retarget_learning_rate(self.scheduler, self.optim.learning_rate)
+
+
+class TorchEngine(_Engine):
     """AdamW on one process, or DistributedDataParallel across a torchrun launch."""
 
     synced_gpus = False
 
-    def __init__(self, recipe: Any, dist: Dist, device: torch.device):
-        self.recipe = recipe
-        self.dist = dist
-        self.device = device
-
     def attach(self, model: torch.nn.Module, optimizer_steps: int, micro_batches: int) -> None:
-        enable_gradient_checkpointing(model, self.recipe)
-        check_fp32_matmuls(self.device, self.recipe.engine.precision)
+        enable_gradient_checkpointing(model, self.settings)
+        check_fp32_matmuls(self.device, self.settings.precision)
         self.model = model.to(self.device)
-        float32_attention_on_cpu(self.model, self.device, self.recipe.engine.precision)
+        float32_attention_on_cpu(self.model, self.device, self.settings.precision)
         self.train_model: torch.nn.Module = self.model
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        g = self.recipe.grpo
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adamw(params, lr=g.learning_rate, betas=tuple(g.adam_betas), weight_decay=g.weight_decay)
-        self.scheduler = _scheduler(self.optimizer, g, optimizer_steps)
+        self.optimizer = adamw(params, **adamw_options(self.optim))
+        self.scheduler = _scheduler(self.optimizer, self.optim, optimizer_steps)
 
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
-        float32_attention_on_cpu(reference, self.device, self.recipe.engine.precision)
+        float32_attention_on_cpu(reference, self.device, self.settings.precision)
         return reference.to(self.device)
 
     def autocast(self):
         """bf16 autocast for forward passes when ``engine.precision`` is bf16, on the run's device
         (see :func:`check_fp32_matmuls`)."""
-        if self.recipe.engine.precision == "bf16":
+        if self.settings.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -165,7 +175,7 @@ class TorchEngine:
         """Clip, step the optimizer and the schedule, clear gradients. Returns the grad norm; when
         it is NaN or infinite, nothing is stepped."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.recipe.engine.max_grad_norm
+        max_norm = self.settings.max_grad_norm
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
         if math.isfinite(norm):  # a NaN or infinite gradient never reaches the weights (engine.on_nonfinite)
             self.optimizer.step()
@@ -197,7 +207,7 @@ class TorchEngine:
         state = load_tensors_only(directory / "optimizer.pt", self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        retarget_learning_rate(self.scheduler, self.recipe.grpo.learning_rate)
+        self._continue_schedule()
 
 
 def deepspeed_safe_globals() -> list[Any]:
@@ -247,10 +257,11 @@ def adamw(params: list[torch.nn.Parameter], **options) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **options)
 
 
-def deepspeed_config(recipe: Any, micro_batch_size: int, micro_batches: int, device_type: str = "cpu") -> dict[str, Any]:
+def deepspeed_config(e: EngineSection, optim: GRPOSection, micro_batch_size: int, micro_batches: int,
+                     device_type: str = "cpu") -> dict[str, Any]:
     """DeepSpeed's JSON config, generated from the recipe's engine and grpo sections (offloaded
     states in pinned memory when the run is on a GPU, where copies from it need not wait)."""
-    e, g = recipe.engine, recipe.grpo
+    adam = adamw_options(optim)
     zero: dict[str, Any] = {"stage": e.zero_stage}
     pinned = device_type == "cuda"
     if e.offload_optimizer:
@@ -265,7 +276,7 @@ def deepspeed_config(recipe: Any, micro_batch_size: int, micro_batches: int, dev
         "optimizer": {
             "type": "AdamW",
             # DeepSpeed's CPU Adam is required for offload; otherwise plain torch AdamW, as the torch engine.
-            "params": {"lr": g.learning_rate, "betas": list(g.adam_betas), "eps": 1e-8, "weight_decay": g.weight_decay,
+            "params": {"lr": adam["lr"], "betas": list(adam["betas"]), "eps": 1e-8, "weight_decay": adam["weight_decay"],
                        **({} if e.offload_optimizer else {"torch_adam": True})},
         },
         "bf16": {"enabled": e.precision == "bf16"},
@@ -275,25 +286,23 @@ def deepspeed_config(recipe: Any, micro_batch_size: int, micro_batches: int, dev
     return deep_merge(config, e.deepspeed_config)
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_Engine):
     """DeepSpeed ZeRO. Create it before loading the policy: at stage 3 it keeps transformers'
     ``HfDeepSpeedConfig`` alive so ``from_pretrained`` loads the weights already partitioned."""
 
-    def __init__(self, recipe: Any, dist: Dist, device: torch.device):
+    def __init__(self, settings: EngineSection, optim: GRPOSection, dist: Dist, device: torch.device,
+                 local_batch: int):
         prepare_deepspeed_env(device.type)
         try:
             import deepspeed  # noqa: F401
         except ImportError as exc:
             raise RecipeError("engine.backend: deepspeed is not installed; pip install 'zenalign[deepspeed]'") from exc
-        self.recipe = recipe
-        self.dist = dist
-        self.device = device
-        self.stage = recipe.engine.zero_stage
+        super().__init__(settings, optim, dist, device)
+        self.stage = settings.zero_stage
         self.synced_gpus = self.stage == 3 and dist.world_size > 1
-        n_local = recipe.grpo.prompts_per_step // dist.world_size * recipe.sampling.group_size
-        self.micro_batch_size = min(recipe.engine.micro_batch_size or n_local, n_local)
-        self.micro_batches = math.ceil(n_local / self.micro_batch_size)
-        self.config = deepspeed_config(recipe, self.micro_batch_size, self.micro_batches, device.type)
+        self.micro_batch_size = min(settings.micro_batch_size or local_batch, local_batch)
+        self.micro_batches = math.ceil(local_batch / self.micro_batch_size)
+        self.config = deepspeed_config(settings, optim, self.micro_batch_size, self.micro_batches, device.type)
         self._hf_config = None
         if self.stage == 3:
             try:
@@ -306,14 +315,13 @@ class DeepSpeedEngine:
     def attach(self, model: torch.nn.Module, optimizer_steps: int, micro_batches: int) -> None:
         import deepspeed
 
-        grpo = self.recipe.grpo
-        enable_gradient_checkpointing(model, self.recipe)
+        enable_gradient_checkpointing(model, self.settings)
         try:
             self.train_model, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
                 model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=self.config,
-                lr_scheduler=lambda optimizer: _scheduler(optimizer, grpo, optimizer_steps),
+                lr_scheduler=lambda optimizer: _scheduler(optimizer, self.optim, optimizer_steps),
             )
         except Exception as exc:
             raise RecipeError(f"engine: DeepSpeed rejected the configuration: {type(exc).__name__}: {exc}") from exc
@@ -321,7 +329,7 @@ class DeepSpeedEngine:
 
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy in the policy's precision; at ZeRO-3 an inference-only ZeRO engine."""
-        if self.recipe.engine.precision == "bf16":
+        if self.settings.precision == "bf16":
             reference = reference.to(torch.bfloat16)
         if self.stage != 3:
             return reference.to(self.train_model.device)
@@ -329,7 +337,7 @@ class DeepSpeedEngine:
 
         config = {key: self.config[key] for key in ("train_micro_batch_size_per_gpu", "bf16")}
         config["zero_optimization"] = {"stage": 3, **({"offload_param": self.config["zero_optimization"]["offload_param"]}
-                                                      if self.recipe.engine.offload_params else {})}
+                                                      if self.settings.offload_params else {})}
         engine, *_ = deepspeed.initialize(model=reference, config=config)
         engine.eval()
         return engine
@@ -390,4 +398,4 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise ModelLoadError(f"checkpoint '{directory.parent}': the DeepSpeed engine state in {directory} could not be loaded")
-        retarget_learning_rate(self.scheduler, self.recipe.grpo.learning_rate)
+        self._continue_schedule()

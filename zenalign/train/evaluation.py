@@ -7,32 +7,31 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from zenalign.data import render_prompt
 from zenalign.grpo.gumbel import completion_keys
-from zenalign.plugins.advantages import combine_objectives
 from zenalign.grpo.metrics import extract_answer, hacking_warnings, k_sample_metrics, reward_metrics
-from zenalign.grpo.rollout import Rollout
+from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.plugins import Objectives, RunContext
+from zenalign.plugins.advantages import combine_objectives
+from zenalign.recipe.schema import RunSection
 from zenalign.train.distributed import Dist
+from zenalign.train.generation import Generator
 from zenalign.train.rundir import RunDir
 from zenalign.train.state import TrainState
 
 log = logging.getLogger("zenalign")
 
-Sample = Callable[[list[dict[str, Any]], "torch.Tensor | None", int, "float | None"], Rollout]
-Score = Callable[[list[dict[str, Any]], Rollout, int], torch.Tensor]
-
-
 class Evaluator:
-    def __init__(self, records: list[dict[str, Any]], run: Any, objectives: Objectives, dist: Dist,
-                 run_dir: RunDir, state: TrainState, sample: Sample, score: Score,
-                 render: Callable[[dict[str, Any]], str], hook: Any, context: RunContext):
+    def __init__(self, records: list[dict[str, Any]], run: RunSection, objectives: Objectives, dist: Dist,
+                 run_dir: RunDir, state: TrainState, generator: Generator, scorer: Scorer, tokenizer: Any, hook: Any,
+                 context: RunContext):
         self.records, self.run, self.objectives, self.dist = records, run, objectives, dist
         self.run_dir, self.state, self.hook, self.context = run_dir, state, hook, context
-        self.sample, self.score, self.render = sample, score, render
+        self.generator, self.scorer, self.tokenizer = generator, scorer, tokenizer
 
     def __call__(self) -> dict[str, Any]:
         if not self.records:
@@ -85,12 +84,14 @@ class Evaluator:
             if sampled:
                 keys = completion_keys(self.run.seed + 1_000_003, self.state.step, (first + start) * group_size,
                                        len(chunk) * group_size)
-            rollout = self.sample(chunk, keys, group_size, self.run.eval_temperature if sampled else None)
-            scores.append(self.score(chunk, rollout, group_size))
+            prompts = [render_prompt(record, self.tokenizer) for record in chunk]
+            rollout = self.generator(prompts, keys, group_size, self.run.eval_temperature if sampled else None)
+            scores.append(self.scorer(make_batch(prompts, chunk, rollout.completions, rollout.completion_ids, group_size,
+                                                 self.state.step)))
             completions += rollout.completions
             if start == 0 and self.dist.is_main and not sampled:
-                shown = [{"step": self.state.step, "eval": True, "prompt": self.render(rec), "completion": c}
-                         for rec, c in zip(chunk[:4], rollout.completions)]
+                shown = [{"step": self.state.step, "eval": True, "prompt": prompt, "completion": c}
+                         for prompt, c in zip(prompts[:4], rollout.completions)]
         return torch.cat(scores), shown, completions
 
     def _write(self, metrics: dict[str, Any], shown: list[dict[str, Any]]) -> None:

@@ -32,7 +32,7 @@ from zenalign.data import PromptSampler, render_prompt
 from zenalign.errors import RecipeError, ZenalignError
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
 from zenalign.grpo.rollout import Rollout
-from zenalign.grpo.scoring import Scorer, make_batch
+from zenalign.grpo.scoring import Scorer
 from zenalign.models.loading import eos_token_ids, pick_device
 from zenalign.models.lora import is_adapted
 from zenalign.plugins import BuildContext, Critic, Objectives, ReportsMetrics, get_plugin_manager
@@ -41,6 +41,7 @@ from zenalign.recipe.schema import Recipe
 from zenalign.train import checkpoint as ckpt
 from zenalign.train import saving
 from zenalign.train.advantage import step_advantages
+from zenalign.train.batch import StepBatch
 from zenalign.train.build import Builder, Inputs, take_trl_arguments
 from zenalign.train.collect import BatchCollector
 from zenalign.train.console import close_run_log, console, open_run_log, print_summary, shows_progress_bar
@@ -232,7 +233,8 @@ class GRPOTrainer:
 
     def _build_parts(self, prompts, eval_prompts, saved: Optional[dict[str, Any]]) -> None:
         r = self.recipe
-        self.engine = create_engine(r, self.dist, self.device)  # first: ZeRO-3 must see the models load
+        local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size  # this process's completions
+        self.engine = create_engine(r.engine, r.grpo, self.dist, self.device, local)  # first: ZeRO-3 must see the models load
         builder = Builder(self.loaded, self.inputs, BuildContext(recipe=r, base_dir=self.loaded.base_dir, device=self.device))
         self.tokenizer = builder.tokenizer()
         builder.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device,
@@ -252,20 +254,21 @@ class GRPOTrainer:
         builder.warn_unenforced_constraints(self.objectives, self.normalizer)
         builder.check_inputs(None, train_records, eval_records, rewards)  # the prompts were checked above
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
-        local = r.grpo.prompts_per_step // self.dist.world_size * r.sampling.group_size
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.generator = Generator(r, self.engine, self.tokenizer, self.eos_ids, self.dist, builder.policy_dir,
                                    builder.longest_prompt, fresh=saved is None)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
-        self.updater = PolicyUpdate(r, self.engine, self.dist, builder.loss(self.normalizer), reference=self.reference,
-                                    base_reference=wants_kl and reference is None and is_adapted(policy))
+        self.updater = PolicyUpdate.from_recipe(r, self.engine, self.dist, builder.loss(self.normalizer),
+                                                reference=self.reference,
+                                                base_reference=wants_kl and reference is None and is_adapted(policy))
         self.state.plugins = stateful_plugins(self.normalizer, [bound.source for bound in rewards])
         self.context = TrainerContext(self.state, self.dist, r.run.seed, self.run_dir.path, self.reset_reference_to_policy,
                                       r.model_dump(mode="json"))
-        self.collect = BatchCollector(r, self.dist, self.sampler, self.scorer, self.objectives, builder.filters(),
-                                      self.sample, self.score_batch, self.tokenizer, self.eos_ids, self.context)
-        self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state, self.sample,
-                                  self.score, lambda record: render_prompt(record, self.tokenizer), self.hook, self.context)
+        self.collect = BatchCollector(r.sampling, r.grpo.prompts_per_step, r.run, self.dist, self.sampler, self.generator,
+                                      self.scorer, self.objectives, builder.filters(), self.tokenizer, self.eos_ids,
+                                      self.context)
+        self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state,
+                                   self.generator, self.scorer, self.tokenizer, self.hook, self.context)
 
     def _fingerprint(self) -> dict[str, Any]:
         return ckpt.fingerprint(self.recipe, self.dist.world_size, self.objectives.names, self.policy_config_dir)
@@ -347,40 +350,44 @@ class GRPOTrainer:
 
     def train_step(self) -> dict[str, Any]:
         """One step: sample -> score -> filter -> reference -> normalize -> update (-> critic) -> log."""
-        group_size, dist = self.recipe.sampling.group_size, self.dist
         timer = PhaseTimer()
         batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
-        rollout, rewards = batch.rollout, batch.rewards
         name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
-        adv = step_advantages(self.normalizer, name, self.updater, rollout, rewards, self.objectives, group_size,
-                              dist.rank * len(rollout), batch.loss_mask, self.context, timer)
+        step_advantages(batch, self.normalizer, name, self.updater, self.objectives, self.context, timer)
         with timer("update"):
-            update = self.updater(rollout, adv.local, adv.ref_logp, loss_mask=batch.loss_mask, old_logp=adv.old_logp,
-                                  step=self.state.step)
-        if adv.tokens is not None:
+            update = self.updater(batch)
+        if isinstance(self.normalizer, Critic):
             with timer("critic"):
-                self.normalizer.train_critic(adv.tokens, self.context)
+                self.normalizer.train_critic(batch.token_batch(), self.context)
         with timer("log"):
-            self.state.samples_seen += len(batch.sampled_rewards)
-            metrics = step_metrics(self.state, dist, self.recipe, self.objectives, rollout, batch.sampled_rewards, update, timer)
-            if adv.global_ is not None:
-                metrics["adv_collapse_frac"] = collapse_rate(rewards.view(-1, group_size, rewards.shape[1]),
-                                                             adv.global_.view(-1, group_size))
-            metrics.update(batch.metrics)
-            metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
-            metrics.update(self.scorer.metrics())
-            metrics.update(self.generator.step_metrics(update))
-            run, samples = self.recipe.run, []
-            if dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
-                samples = sample_lines(
-                    self.state.step, [render_prompt(rec, self.tokenizer) for rec in batch.records[: run.log_samples]],
-                    rollout.completions, rewards, adv.per_completion, self.objectives.names, group_size)
-                self.run_dir.append("samples.jsonl", samples)
+            metrics, samples = self.log_step(batch, update, timer)
         metrics["time/log"] = round(timer.seconds["log"], 6)
-        if dist.is_main:
+        if self.dist.is_main:
             self.run_dir.append("metrics.jsonl", [metrics])
             self.hook.zenalign_on_step_end(context=self.context, step=self.state.step, metrics=metrics, samples=samples)
         return metrics
+
+    def log_step(self, batch: StepBatch, update: dict[str, float],
+                 timer: PhaseTimer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The step's metrics (every rank computes the same), and the samples.jsonl lines it wrote
+        (the main process only, at run.log_interval)."""
+        run, group_size = self.recipe.run, batch.group_size
+        self.state.samples_seen += len(batch.sampled_rewards)
+        metrics = step_metrics(self.state, self.dist, self.recipe, self.objectives, batch.rollout, batch.sampled_rewards,
+                               update, timer)
+        if batch.advantages_global is not None:
+            metrics["adv_collapse_frac"] = collapse_rate(batch.rewards, batch.advantages_global.view(-1, group_size))
+        metrics.update(batch.metrics)
+        metrics.update(self.normalizer.metrics() if isinstance(self.normalizer, ReportsMetrics) else {})
+        metrics.update(self.scorer.metrics())
+        metrics.update(self.generator.step_metrics(update))
+        samples: list[dict[str, Any]] = []
+        if self.dist.is_main and run.log_samples and self.state.step % run.log_interval == 0:
+            samples = sample_lines(self.state.step, batch.prompts[:run.log_samples], batch.rollout.completions,
+                                   batch.rewards.reshape(-1, batch.rewards.shape[-1]), batch.per_completion_advantages,
+                                   self.objectives.names, group_size)
+            self.run_dir.append("samples.jsonl", samples)
+        return metrics, samples
 
     def sample(self, records: list[dict[str, Any]], keys: Optional[torch.Tensor], group_size: Optional[int] = None,
                temperature: Optional[float] = None) -> Rollout:
@@ -389,13 +396,6 @@ class GRPOTrainer:
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
         group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
         return self.generator(texts, keys, group_size, temperature)
-
-    def score_batch(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int):
-        prompts = [render_prompt(rec, self.tokenizer) for rec in records]
-        return make_batch(prompts, records, rollout.completions, rollout.completion_ids, group_size, self.state.step)
-
-    def score(self, records: list[dict[str, Any]], rollout: Rollout, group_size: int) -> torch.Tensor:
-        return self.scorer(self.score_batch(records, rollout, group_size))
 
     # ------------------------------------------------------------------------------------------
     # saving, cleanup

@@ -20,10 +20,12 @@ import torch
 from zenalign.errors import NonFiniteError, PluginError, RecipeError
 from zenalign.grpo.importance import importance_weights
 from zenalign.grpo.logprobs import completion_logprobs, update_pass_kind
-from zenalign.plugins.losses import GRPOLoss, high_entropy_tokens
+from zenalign.plugins.losses import high_entropy_tokens
 from zenalign.plugins import PolicyLoss, TokenLoss
 from zenalign.grpo.rollout import Rollout
 from zenalign.models.lora import adapters_off, forward_module, is_adapted
+from zenalign.recipe.schema import EngineSection, GRPOSection, Recipe, SamplingSection
+from zenalign.train.batch import StepBatch
 from zenalign.train.distributed import Dist
 
 
@@ -60,25 +62,32 @@ class PolicyUpdate:
     adapters and the reference is the policy with them switched off (no second copy of the weights).
     """
 
-    def __init__(self, recipe: Any, engine: Any, dist: Dist, loss: Optional[PolicyLoss] = None,
-                 reference: Optional[torch.nn.Module] = None, base_reference: bool = False):
+    def __init__(self, grpo: GRPOSection, sampling: SamplingSection, settings: EngineSection, engine: Any, dist: Dist,
+                 loss: PolicyLoss, loss_name: str, reference: Optional[torch.nn.Module] = None,
+                 base_reference: bool = False):
         self.engine = engine
         self.dist = dist
-        self.loss = loss or GRPOLoss.from_recipe(recipe)
+        self.loss = loss
+        self.loss_name = loss_name
         self.reference = reference
         self.base_reference = base_reference
-        self.num_iterations = recipe.grpo.num_iterations
-        self.micro_batch_size = recipe.engine.micro_batch_size
-        self.skip_zero_advantage = recipe.engine.skip_zero_advantage
-        self.temperature = recipe.sampling.temperature
-        self.share_prompts = recipe.engine.shared_prompts
-        self.lean_forward = recipe.engine.lean_forward
-        self.top_entropy_quantile = recipe.grpo.top_entropy_quantile
-        self.on_nonfinite = recipe.engine.on_nonfinite
-        self.loss_name = getattr(recipe.loss, "type", type(self.loss).__name__)
-        correction = recipe.sampling.vllm_is_correction
-        self.correction = (correction.mode, correction.cap) if recipe.sampling.decoder == "vllm" else ("off", 1.0)
+        self.num_iterations = grpo.num_iterations
+        self.top_entropy_quantile = grpo.top_entropy_quantile
+        self.micro_batch_size = settings.micro_batch_size
+        self.skip_zero_advantage = settings.skip_zero_advantage
+        self.share_prompts = settings.shared_prompts
+        self.lean_forward = settings.lean_forward
+        self.on_nonfinite = settings.on_nonfinite
+        self.temperature = sampling.temperature
+        correction = sampling.vllm_is_correction
+        self.correction = (correction.mode, correction.cap) if sampling.decoder == "vllm" else ("off", 1.0)
         self.sampler_stats: list = []  # this call's ISStats, one per micro-batch pass over vLLM samples
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, engine: Any, dist: Dist, loss: PolicyLoss, **kwargs: Any) -> "PolicyUpdate":
+        """The update a recipe describes, with the loss built from its ``loss`` section."""
+        name = getattr(recipe.loss, "type", type(loss).__name__)
+        return cls(recipe.grpo, recipe.sampling, recipe.engine, engine, dist, loss, name, **kwargs)
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.micro_batch_size or n
@@ -125,6 +134,12 @@ class PolicyUpdate:
                                        rollout.prompt_length, self.temperature, share_prompts=share, lean=lean,
                                        entropy=entropy)
 
+    def old_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """pi_old's log-probs ``(N, Tc)``: the policy before this step's update, as the update's
+        passes see it (dropout included)."""
+        self.engine.train_model.train()
+        return self.logprobs(self.engine.train_model, rollout)
+
     @torch.no_grad()
     def logprobs(self, model: torch.nn.Module, rollout: Rollout, entropy: bool = False):
         """Log-probs ``(N, Tc)`` of the sampled tokens under ``model`` (no gradient), micro-batched;
@@ -141,12 +156,13 @@ class PolicyUpdate:
         return high_entropy_tokens(entropy, everything, self.top_entropy_quantile)
 
     def policy_loss(self, rollout: Rollout, rows: slice | torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
-                    old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None,
-                    keep: Optional[torch.Tensor] = None, entropy: bool = False) -> tuple[torch.Tensor, TokenLoss]:
+                    old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
+                    mask: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
+                    entropy: bool = False) -> tuple[torch.Tensor, TokenLoss]:
         """This micro-batch's share of the batch loss, with gradient, and its per-token terms.
         ``old_logp=None`` means pi_old is the current policy (mu = 1); ``mask`` is the batch's loss
-        mask (default: the completion mask); ``keep`` ``(N, Tc)`` restricts the policy-gradient
-        term to high-entropy tokens; with ``entropy`` the policy's entropies come back in
+        mask ``(N, Tc)`` (default: the completion mask); ``keep`` ``(N, Tc)`` restricts the
+        policy-gradient term to high-entropy tokens; with ``entropy`` the policy's entropies come back in
         ``TokenLoss.entropy``."""
         out = self.forward(self.engine.train_model, rollout, rows, entropy)
         logp, ent = out if entropy else (out, None)                                    # (n, Tc) each
@@ -168,20 +184,19 @@ class PolicyUpdate:
         token.entropy = ent
         return (loss * weights).sum(), token                                           # () this micro-batch's share
 
-    def __call__(self, rollout: Rollout, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
-                 loss_mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
-                 step: int = 0) -> dict[str, float]:
-        """mu optimizer steps on this batch. ``advantages`` are ``(N,)``, one per completion, or
-        ``(N, Tc)``, one per token; ``loss_mask`` ``(N,)`` takes completions out of the loss (a
-        rollout filter's choice); ``old_logp`` is pi_old when a caller already computed it. Returns this rank's sums (loss, and KL/clip/ratio over its
-        tokens) per pass, averaged over passes, its token count, and its entropy sum and the tokens
-        that sum covers."""
-        world = self.dist.world_size
+    def __call__(self, batch: StepBatch) -> dict[str, float]:
+        """mu optimizer steps on this batch: its advantages, ``(N,)`` one per completion or
+        ``(N, Tc)`` one per token, over its loss mask (the policy's tokens of the completions that
+        count); its reference log-probs for the KL term, and its pi_old when the normalize phase
+        computed it and mu > 1. Returns this rank's sums (loss, and KL/clip/ratio over its tokens)
+        per pass, averaged over passes, its token count, and its entropy sum and the tokens that
+        sum covers."""
+        world, rollout, ref_logp = self.dist.world_size, batch.rollout, batch.ref_logp
+        old_logp = batch.old_logp if self.num_iterations > 1 else None  # mu = 1: the update's own pass is pi_old
         self.engine.train_model.train()
-        mask = rollout.completion_mask                                                 # (N, Tc)
-        if loss_mask is not None:
-            mask = mask * loss_mask.to(mask.device, mask.dtype).unsqueeze(1)
-        advantages = advantages.to(mask.device)  # rewards are scored on the CPU; the loss runs where the model does
+        policy_mask = batch.policy_mask                                                # (N, Tc)
+        mask = batch.loss_mask                                                         # (N, Tc)
+        advantages = batch.advantages.to(mask.device)  # rewards are scored on the CPU; the loss runs where the model does
         local_tokens = float(mask.sum())
         weights = self.loss.token_weights(mask, num_sequences=len(rollout) * world,
                                           num_tokens=self.dist.sum([local_tokens])[0])  # (N, Tc)
@@ -191,7 +206,7 @@ class PolicyUpdate:
         entropy = {"entropy": 0.0, "entropy_tokens": 0.0}
         if self.top_entropy_quantile < 1.0 or (old_logp is None and self.num_iterations > 1):  # pi_old's pass
             pre_logp, old_entropy = self.logprobs(self.engine.train_model, rollout, entropy=True)
-            self._add_entropy(entropy, old_entropy, rollout.completion_mask)  # every sampled token, in the loss or not
+            self._add_entropy(entropy, old_entropy, policy_mask)  # every sampled token, in the loss or not
             if self.top_entropy_quantile < 1.0:
                 keep, entropy["entropy_threshold"] = self.entropy_mask(old_entropy, mask)
             if old_logp is None and self.num_iterations > 1:  # mu = 1: the update's own detached pass is pi_old
@@ -208,13 +223,13 @@ class PolicyUpdate:
             measure = iteration == 0 and not entropy["entropy_tokens"]
             for i, rows in enumerate(batches):
                 with self.engine.micro_batch(last=i == len(batches) - 1):
-                    loss, token = self.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp, mask=mask,
+                    loss, token = self.policy_loss(rollout, rows, advantages, weights, old_logp, ref_logp, mask,
                                                    keep=keep, entropy=measure)
                     self.engine.backward(loss * world)  # processes' gradients are averaged; this makes them sum
                 self._add_token_sums(sums, loss, token, mask[rows])
                 if token.entropy is not None:
-                    self._add_entropy(entropy, token.entropy, rollout.completion_mask[rows])
-            skipped += self._check_finite(sums, before, self.engine.optimizer_step(), iteration, step)
+                    self._add_entropy(entropy, token.entropy, policy_mask[rows])
+            skipped += self._check_finite(sums, before, self.engine.optimizer_step(), iteration, batch.step)
         passes = max(self.num_iterations - skipped, 1)
         out = {key: value / self.num_iterations for key, value in sums.items()} | {"tokens": local_tokens, "lr": lr} | entropy
         out |= {f"sampler_{name}": sum(getattr(s, name) for s in self.sampler_stats) / self.num_iterations
