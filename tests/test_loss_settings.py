@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import RECIPES, REVERSE_POLICY, cli_in_process, run_cli
+from helpers import RECIPES, REVERSE_POLICY, cli_in_process, run_cli
 from zenalign.errors import ModelLoadError, RecipeError
 from zenalign.plugins import BuildContext
 from zenalign.plugins.losses import GRPOLoss
