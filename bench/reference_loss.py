@@ -83,7 +83,7 @@ def _check_values(trainer, records: list[dict], rtol: float | None) -> dict:
     recipe = trainer.recipe
     if rtol is None:
         rtol = 3e-2 if recipe.engine.precision == "bf16" else 1e-4
-    eps = recipe.grpo.clip_epsilon
+    eps = recipe.loss.clip_epsilon
     group = recipe.sampling.group_size
     keys = completion_keys(recipe.run.seed + 1, 0, 0, len(records) * group)
     rollout = trainer.sample(records, keys)
@@ -143,7 +143,8 @@ def _check_gradients(trainer, batch) -> dict:
         del loss
         zen = flat_grad(model)
         with trainer.engine.autocast():  # under bf16 the reference runs the same autocast: only batching differs
-            ref = plain_gradient(model, pairs, old_list, advantages, recipe.grpo.clip_epsilon, recipe.sampling.temperature)
+            ref = plain_gradient(model, pairs, old_list, advantages, recipe.loss.clip_epsilon,
+                                 recipe.sampling.temperature)
         diff = float((zen - ref).norm() / ref.norm().clamp(min=1e-12))
         assert float(ref.norm()) > 0, "gradient check: the reference gradient is zero"
         assert diff <= tolerance, f"gradient check ({name}): zenalign's gradient is {diff:.2e} (relative) from the plain reference's"

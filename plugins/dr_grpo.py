@@ -3,7 +3,7 @@
     A_i = r_i - mean_G
 
 No division by the group std, which Liu et al. show biases updates towards groups that are
-nearly all right or all wrong. Pair it with ``grpo.loss_aggregation: dr_grpo`` to also remove the
+nearly all right or all wrong. Pair it with ``loss: {type: grpo, aggregation: dr_grpo}`` to also remove the
 length bias. Source: "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783.
 """
 

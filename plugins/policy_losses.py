@@ -3,8 +3,9 @@
 Each is a ``PolicyLossType`` chosen by the recipe's ``loss: {type: NAME, ...}``. A policy loss
 turns per-token log-probs into per-token losses (:meth:`per_token`) and says how they are
 weighted into one number (:meth:`token_weights`); the engine sums ``weights * loss`` over the
-batch's micro-batches. The KL penalty to the reference (``grpo.kl_coef``, ``grpo.kl_estimator``)
-is added per token by every built-in.
+batch's micro-batches. Each loss's options declare its hyperparameters; the KL penalty to the
+reference is added per token by every built-in, weighted by ``grpo.kl_coef`` (given to the factory
+as ``context.kl_coef``) and estimated by the loss's own ``kl_estimator``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from pydantic import Field
 
 from zenalign import hookimpl
 from zenalign.errors import PluginError
-from zenalign.plugins import GRPOLoss, Options, PolicyLossType, TokenLoss, add_kl_penalty, per_token_advantages, token_weights
+from zenalign.plugins import (AggregationOptions, GRPOLoss, GRPOLossOptions, KLOptions, PolicyLossType, TokenLoss,
+                              add_kl_penalty, per_token_advantages, token_weights)
 
 
-def grpo_loss(context) -> GRPOLoss:
-    """The clipped GRPO surrogate (DeepSeekMath, arXiv 2402.03300) with grpo.loss_aggregation."""
-    return GRPOLoss.from_recipe(context.recipe)
+def grpo_loss(options: GRPOLossOptions, context) -> GRPOLoss:
+    """The clipped GRPO surrogate (DeepSeekMath, arXiv 2402.03300) with its clip ranges and aggregation."""
+    return GRPOLoss.from_options(options, context.kl_coef, context.max_new_tokens)
 
 
-class GSPOOptions(Options):
+class GSPOOptions(KLOptions):
     epsilon: float = Field(3e-4, gt=0.0, lt=1.0, description="Lower clip range of the sequence ratio: [1 - epsilon, ...]. "
                            "Sequence ratios stay near 1, so the range is far narrower than a token ratio's; the "
                            "paper uses 3e-4.")
@@ -41,17 +43,16 @@ class GSPOLoss:
     Written per token as GSPO-token: s_it = sg(s_i) * pi(y_it) / sg(pi(y_it)) has the value s_i
     and the gradient s_i * grad log pi(y_it), so the mean over a completion's tokens has the
     gradient of the sequence objective. The weights are always the per-completion mean (the
-    paper's 1/G sum over completions of the sequence loss), whatever grpo.loss_aggregation says.
+    paper's 1/G sum over completions of the sequence loss): it has no `aggregation` option.
     """
 
     skips_zero_advantage_rows = True
     takes_token_advantages = False  # one ratio per completion needs one advantage per completion
 
     def __init__(self, options: GSPOOptions, context):
-        g = context.recipe.grpo
         self.clip_low, self.clip_high = options.epsilon, options.epsilon_high
-        self.kl_coef, self.kl_estimator = g.kl_coef, g.kl_estimator
-        self.max_new_tokens = context.recipe.sampling.max_new_tokens
+        self.kl_coef, self.kl_estimator = context.kl_coef, options.kl_estimator
+        self.max_new_tokens = context.max_new_tokens
 
     def token_weights(self, mask, num_sequences=None, num_tokens=None):
         return token_weights(mask, "grpo", self.max_new_tokens, num_sequences, num_tokens)
@@ -73,7 +74,7 @@ class GSPOLoss:
                          policy=loss)
 
 
-class CISPOOptions(Options):
+class CISPOOptions(KLOptions, AggregationOptions):
     epsilon_low: Optional[float] = Field(None, ge=0.0, le=1.0, description="Lower bound of the importance weight, "
                                          "1 - epsilon_low; null leaves it unbounded below, as the paper does.")
     epsilon_high: float = Field(3.0, gt=0.0, description="Upper bound of the importance weight, 1 + epsilon_high. "
@@ -88,17 +89,16 @@ class CISPOLoss:
 
     Where GRPO's min() drops the gradient of a token whose ratio left the clip range, CISPO only
     bounds that token's weight. The paper averages over all tokens of the batch: set
-    grpo.loss_aggregation: dapo for that (the engine uses the recipe's aggregation).
+    `aggregation: dapo` for that. Its clip range is its own (epsilon_low, epsilon_high), not grpo's.
     """
 
     skips_zero_advantage_rows = True
 
     def __init__(self, options: CISPOOptions, context):
-        g = context.recipe.grpo
         self.low = 0.0 if options.epsilon_low is None else 1.0 - options.epsilon_low
         self.high = 1.0 + options.epsilon_high
-        self.kl_coef, self.kl_estimator = g.kl_coef, g.kl_estimator
-        self.aggregation, self.max_new_tokens = g.loss_aggregation, context.recipe.sampling.max_new_tokens
+        self.kl_coef, self.kl_estimator = context.kl_coef, options.kl_estimator
+        self.aggregation, self.max_new_tokens = options.aggregation, context.max_new_tokens
 
     def token_weights(self, mask, num_sequences=None, num_tokens=None):
         return token_weights(mask, self.aggregation, self.max_new_tokens, num_sequences, num_tokens)
@@ -116,8 +116,8 @@ class CISPOLoss:
 @hookimpl
 def zenalign_policy_loss_types():
     return [
-        PolicyLossType("grpo", Options, grpo_loss, default=True,
-                       description="The clipped GRPO surrogate per token, with grpo.loss_aggregation (arXiv 2402.03300)."),
+        PolicyLossType("grpo", GRPOLossOptions, grpo_loss, default=True,
+                       description="The clipped GRPO surrogate per token, with its clip ranges and aggregation (arXiv 2402.03300)."),
         PolicyLossType("gspo", GSPOOptions, GSPOLoss,
                        description="GSPO: one clipped ratio per completion, the geometric mean of its tokens' (arXiv 2507.18071)."),
         PolicyLossType("cispo", CISPOOptions, CISPOLoss,

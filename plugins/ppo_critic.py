@@ -1,6 +1,7 @@
 """PPO's advantages: a learned critic and GAE, as the ``gae`` normalizer.
 
-    grpo: {kl_coef: 0, loss_aggregation: dapo, num_iterations: 2}   # the KL goes into the reward instead
+    grpo: {kl_coef: 0, num_iterations: 2}                            # the KL goes into the reward instead
+    loss: {type: grpo, aggregation: dapo}
     normalizer: {type: gae, gamma: 1.0, lam: 0.95, kl_coef: 0.1}
     sampling: {group_size: 1}                                       # or 2: PPO needs no group
 

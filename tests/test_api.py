@@ -28,7 +28,7 @@ def test_the_papers_snippet_works_as_written(tmp_path, monkeypatch):
     result = GRPOTrainer(model=model, reward_model=reward_model, group_size=12, clip_epsilon=0.15).train(prompts)
 
     recipe = yaml.safe_load((result.output_dir / "recipe.yaml").read_text())
-    assert recipe["sampling"]["group_size"] == 12 and recipe["grpo"]["clip_epsilon"] == 0.15
+    assert recipe["sampling"]["group_size"] == 12 and recipe["loss"]["clip_epsilon"] == 0.15  # clip_epsilon= sets the loss's option
     metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == recipe["run"]["steps"] == 100
     assert metrics[-1]["samples"] == 100 * 8 * 12  # default 8 prompts per step, 12 completions each

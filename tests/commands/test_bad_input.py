@@ -96,8 +96,21 @@ CASES = [
     ),
     Case(
         "unknown-key-in-section",
-        {"grpo": {"clip_epsilonn": 0.2}},
-        ["recipe.yaml", "grpo.clip_epsilonn", "unknown field", "accepted here:", "clip_epsilon,", "kl_coef"],
+        {"grpo": {"kl_coeff": 0.2}},
+        ["recipe.yaml", "grpo.kl_coeff", "unknown field", "accepted here:", "kl_coef,", "learning_rate"],
+        command="validate",
+    ),
+    Case(
+        "unknown-loss-option",
+        {"loss": {"type": "grpo", "clip_epsilonn": 0.2}},
+        ["recipe.yaml", "loss.clip_epsilonn", "unknown field", "accepted here:", "clip_epsilon,", "aggregation"],
+        command="validate",
+    ),
+    Case(
+        "loss-option-and-its-older-name-differ",
+        {"grpo": {"clip_epsilon": 0.1}, "loss": {"clip_epsilon": 0.3}},
+        ["recipe.yaml: loss.clip_epsilon and grpo.clip_epsilon (now loss.clip_epsilon) both set loss.clip_epsilon "
+         "(0.3 vs 0.1); give it once"],
         command="validate",
     ),
     # --- wrong types and bounds -------------------------------------------------------------
@@ -125,8 +138,14 @@ CASES = [
     ),
     Case(
         "bad-literal-kl-estimator",
+        {"loss": {"kl_estimator": "k4"}},
+        ["recipe.yaml", "loss.kl_estimator", "must be one of", "k1", "k3", "'k4'"],
+        command="validate",
+    ),
+    Case(
+        "bad-literal-kl-estimator-older-name",
         {"grpo": {"kl_estimator": "k4"}},
-        ["recipe.yaml", "grpo.kl_estimator", "must be one of", "k1", "k3", "'k4'"],
+        ["recipe.yaml", "loss.kl_estimator", "must be one of", "k1", "k3", "'k4'"],
         command="validate",
     ),
     # --- plugin types and options -----------------------------------------------------------

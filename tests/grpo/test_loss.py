@@ -2,12 +2,13 @@
 values and gradients worked out by hand."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from zenalign.plugins.losses import GRPOLoss, kl_estimate, token_weights
-from zenalign.recipe.schema import Recipe
+from zenalign.recipe.loader import validate_recipe
 
 
 def one_token(ratio, advantage, clip_low=0.2, clip_high=0.2):
@@ -204,9 +205,10 @@ def test_calling_the_loss_gives_the_weighted_sum_of_the_per_token_losses():
         (0.3, 0.3, -1.15, -1.15, 0.0),
     ],
 )
-def test_from_recipe_takes_the_upper_clip_range_from_the_recipe(clip_epsilon_high, upper, loss, grad, clipped):
-    recipe = Recipe.model_validate({"grpo": {"clip_epsilon": 0.1, "clip_epsilon_high": clip_epsilon_high}})
-    grpo_loss = GRPOLoss.from_recipe(recipe)
+@pytest.mark.parametrize("section", ["loss", "grpo"])  # the loss's own options, and their older place
+def test_from_recipe_takes_the_upper_clip_range_from_the_recipe(section, clip_epsilon_high, upper, loss, grad, clipped):
+    data = {section: {"clip_epsilon": 0.1, "clip_epsilon_high": clip_epsilon_high}}
+    grpo_loss = GRPOLoss.from_recipe(validate_recipe(data, "r.yaml", Path("."), "r").recipe)
     assert (grpo_loss.clip_low, grpo_loss.clip_high) == (0.1, upper)
     logp = torch.tensor([[math.log(1.15)]], dtype=torch.float64, requires_grad=True)
     out = grpo_loss.per_token(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))

@@ -161,7 +161,7 @@ def test_core_modules_name_no_specific_reward_source_or_normalizer():
         name = path.relative_to(package).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in plugin_names:
-                # "dr_grpo" is also the name of a loss aggregation mode (grpo.loss_aggregation)
+                # "dr_grpo" is also the name of a loss aggregation mode (loss.aggregation)
                 if node.value == "dr_grpo" and name in ("recipe/schema.py", "plugins/losses.py"):
                     continue
                 # the helper functions zenalign.plugins exports include gae(), generalized advantage estimation

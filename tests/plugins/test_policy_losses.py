@@ -4,21 +4,21 @@ GSPO and CISPO losses against values and gradients worked out by hand."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 
-from zenalign.plugins.losses import GRPOLoss
-from zenalign.plugins import PolicyLoss, collect_registry
-from zenalign.recipe.schema import Recipe
+from zenalign.plugins.losses import GRPOLoss, GRPOLossOptions
+from zenalign.plugins import BuildContext, PolicyLoss, collect_registry
 from zenalign_plugins.policy_losses import CISPOLoss, CISPOOptions, GSPOLoss, GSPOOptions
 
 log = math.log
 
 
-def context(**grpo):
-    return SimpleNamespace(recipe=Recipe(grpo=grpo))
+def context(kl_coef=0.01):
+    """What a policy loss's factory gets besides its options: the KL weight and max_new_tokens."""
+    return BuildContext(recipe=None, base_dir=Path.cwd(), kl_coef=kl_coef, max_new_tokens=64)
 
 
 def leaf(*probs):
@@ -41,8 +41,9 @@ def value_and_grad(loss, logp, old_logp, advantage, mask=None):
 def test_every_built_in_loss_is_a_policy_loss_plugin_and_grpo_is_the_default():
     registry = collect_registry()
     assert {"grpo", "gspo", "cispo"} <= set(registry.names("loss")) and registry.default("loss") == "grpo"
-    built = registry.get("loss", "grpo").build(registry.get("loss", "grpo").options(), context(clip_epsilon=0.1))
-    assert isinstance(built, GRPOLoss) and isinstance(built, PolicyLoss) and built.clip_low == 0.1
+    built = registry.get("loss", "grpo").build(GRPOLossOptions(clip_epsilon=0.1, kl_estimator="k2"), context(0.05))
+    assert isinstance(built, GRPOLoss) and isinstance(built, PolicyLoss)
+    assert (built.clip_low, built.clip_high, built.kl_estimator, built.kl_coef, built.max_new_tokens) == (0.1, 0.1, "k2", 0.05, 64)
 
 
 GSPO = GSPOOptions(epsilon=0.2, epsilon_high=0.2)  # a wide range, so the hand values sit inside and outside it
@@ -96,7 +97,7 @@ def test_cispo_clips_the_weight_and_keeps_every_tokens_gradient():
 
 
 def test_cispo_lower_bound_and_token_level_aggregation():
-    loss = CISPOLoss(CISPOOptions(epsilon_low=0.2, epsilon_high=0.5), context(loss_aggregation="dapo"))
+    loss = CISPOLoss(CISPOOptions(epsilon_low=0.2, epsilon_high=0.5, aggregation="dapo"), context())
     # ratio 0.4 < 0.8: weight 0.8; dapo divides by the batch's 1 token
     value, grad, token = value_and_grad(loss, leaf(0.2), old(0.5), 1.0)
     assert value == pytest.approx(-0.8 * log(0.2)) and grad == pytest.approx([-0.8]) and token.clipped[0, 0] == 1.0
@@ -116,14 +117,14 @@ def test_the_guides_policy_loss_example_runs_from_a_recipe(tmp_path):
     from helpers import REPO
     from zenalign.recipe.loader import validate_recipe
     from zenalign.train.build import Builder, Inputs
-    from zenalign.plugins import BuildContext
 
     doc = (REPO / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
-    example = doc[doc.index("```python\nimport torch\nfrom zenalign import Options, hookimpl\nfrom zenalign.plugins import PolicyLossType"):]
+    example = doc[doc.index("```python\nimport torch\nfrom zenalign import hookimpl\nfrom zenalign.plugins import AggregationOptions, PolicyLossType"):]
     (tmp_path / "reinforce.py").write_text(example[len("```python\n"):example.index("```", 10)])
-    loaded = validate_recipe({"plugins": ["reinforce.py"], "loss": {"type": "reinforce"}, "grpo": {"loss_aggregation": "dapo"}},
+    loaded = validate_recipe({"plugins": ["reinforce.py"], "loss": {"type": "reinforce", "aggregation": "dapo"}},
                              source="r.yaml", base_dir=tmp_path, name="r")
     loss = Builder(loaded, Inputs(), BuildContext(recipe=loaded.recipe, base_dir=tmp_path)).loss()
+    assert (loss.aggregation, loss.max_new_tokens) == ("dapo", 64)  # its own option; sampling.max_new_tokens
     assert isinstance(loss, PolicyLoss)
     logp = leaf(0.5, 0.25)
     value, grad, _ = value_and_grad(loss, logp, logp.detach().clone(), 2.0)

@@ -20,10 +20,11 @@ SHIPPED = sorted(RECIPES.glob("*.yaml"))
 def test_defaults_follow_the_paper():
     r = Recipe()
     assert r.grpo.kl_coef == 0.01  # lower than PPO's usual 0.1
-    assert r.grpo.kl_estimator == "k3"
-    assert r.grpo.clip_epsilon == 0.2 and r.grpo.clip_epsilon_high is None
+    loss = validate_recipe({}, "r.yaml", Path("."), "r").recipe.loss  # the default loss and its options
+    assert loss.type == "grpo" and loss.kl_estimator == "k3"
+    assert loss.clip_epsilon == 0.2 and loss.clip_epsilon_high is None and loss.upper_clip_epsilon == 0.2
     assert r.sampling.group_size == 8
-    assert r.grpo.loss_aggregation == "grpo" and r.grpo.num_iterations == 1
+    assert loss.aggregation == "grpo" and r.grpo.num_iterations == 1
     assert r.model.trust_remote_code is False
 
 
@@ -102,7 +103,7 @@ def test_override_is_validated_and_blamed():
         load_recipe(RECIPES / "quickstart.yaml", ["sampling.group_size=1"])
     assert "override 'sampling.group_size=1'" in str(err.value) and "must be >= 2" in str(err.value)
     with pytest.raises(RecipeError, match="unknown field; accepted here: .*clip_epsilon"):
-        load_recipe(RECIPES / "quickstart.yaml", ["grpo.clip_epsilonn=0.3"])
+        load_recipe(RECIPES / "quickstart.yaml", ["loss.clip_epsilonn=0.3"])
     with pytest.raises(RecipeError, match="index 3 is out of range"):
         load_recipe(RECIPES / "quickstart.yaml", ["rewards.3.weight=1"])
 
@@ -203,7 +204,8 @@ def test_yaml_booleans_are_yaml_1_2(tmp_path):
     ("sampling.temperature=.inf", "sampling.temperature: expected a finite number (got inf)"),
     ("grpo.kl_coef=.inf", "grpo.kl_coef: expected a finite number (got inf)"),
     ("grpo.learning_rate=.inf", "grpo.learning_rate: expected a finite number (got inf)"),
-    ("grpo.clip_epsilon_high=.nan", "grpo.clip_epsilon_high: expected a finite number (got nan)"),
+    ("loss.clip_epsilon_high=.nan", "loss.clip_epsilon_high: expected a finite number (got nan)"),
+    ("grpo.clip_epsilon_high=.nan", "loss.clip_epsilon_high: expected a finite number (got nan)"),  # the older name
     ("grpo.weight_decay=.inf", "grpo.weight_decay: expected a finite number (got inf)"),
     ("engine.max_grad_norm=.inf", "engine.max_grad_norm: expected a finite number (got inf)"),
     ("rewards.0.correct_score=.nan", "rewards[0].correct_score: expected a finite number (got nan)"),

@@ -83,13 +83,13 @@ def test_trl_option_names_map_to_zenalign_fields():
                           loss_type="dr_grpo", scale_rewards=False, logging_steps=3, save_steps=4, temperature=0.9)
     r = trainer.recipe
     assert (r.grpo.kl_coef, r.sampling.group_size, r.sampling.max_new_tokens) == (0.04, 4, 64)
-    assert (r.grpo.clip_epsilon, r.grpo.clip_epsilon_high, r.grpo.num_iterations, r.grpo.learning_rate) == (0.2, 0.28, 2, 1e-6)
+    assert (r.loss.clip_epsilon, r.loss.clip_epsilon_high, r.grpo.num_iterations, r.grpo.learning_rate) == (0.2, 0.28, 2, 1e-6)
     assert (r.run.steps, r.run.log_interval, r.run.checkpoint_interval, r.sampling.temperature) == (5, 3, 4, 0.9)
-    assert r.grpo.loss_aggregation == "dr_grpo" and r.normalizer.type == "dr_grpo"
+    assert r.loss.aggregation == "dr_grpo" and r.normalizer.type == "dr_grpo"
     r = GRPOTrainer(model="m", reward_funcs=len, loss_type="bnpo", scale_rewards="batch").recipe
-    assert r.grpo.loss_aggregation == "dapo" and (r.normalizer.type, r.normalizer.center) == ("batch_zscore", "group")
+    assert r.loss.aggregation == "dapo" and (r.normalizer.type, r.normalizer.center) == ("batch_zscore", "group")
     r = GRPOTrainer(model="m", reward_funcs=len, loss_type="grpo", scale_rewards=True).recipe
-    assert r.grpo.loss_aggregation == "grpo" and r.normalizer.type == "group_zscore"
+    assert r.loss.aggregation == "grpo" and r.normalizer.type == "group_zscore"
     assert GRPOTrainer(model="m", reward_funcs=len, loss_type="cispo").recipe.loss.type == "cispo"
     with pytest.raises(RecipeError, match="loss_type='sapo' \\(TRL\\) has no zenalign equivalent; accepted: grpo, bnpo"):
         GRPOTrainer(model="m", reward_funcs=len, loss_type="sapo")
@@ -220,9 +220,9 @@ MAPPED = {
     "vllm_importance_sampling_clip_max": (3.0, {"sampling.vllm_is_correction.cap": 3.0}),
     "vllm_importance_sampling_cap": (2.5, {"sampling.vllm_is_correction.cap": 2.5}),
     "beta": (0.04, {"grpo.kl_coef": 0.04}),
-    "epsilon": (0.1, {"grpo.clip_epsilon": 0.1}),
-    "epsilon_high": (0.28, {"grpo.clip_epsilon_high": 0.28}),
-    "loss_type": ("bnpo", {"grpo.loss_aggregation": "dapo"}),
+    "epsilon": (0.1, {"loss.clip_epsilon": 0.1}),
+    "epsilon_high": (0.28, {"loss.clip_epsilon_high": 0.28}),
+    "loss_type": ("bnpo", {"loss.aggregation": "dapo"}),
     "scale_rewards": ("batch", {"normalizer.type": "batch_zscore", "normalizer.center": "group"}),
     "multi_objective_aggregation": ("normalize_then_sum", {"normalizer.type": "normalize_then_sum"}),
     "reward_weights": ([2.0], {"rewards.0.weight": 2.0}),
@@ -388,7 +388,7 @@ def test_a_recipe_in_trl_names_runs(tmp_path, tiny_model_dir):
             "(sampling.long_prompts: truncate)") in done.stderr
     written = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert (written["sampling"]["group_size"], written["sampling"]["max_new_tokens"], written["run"]["steps"]) == (2, 4, 2)
-    assert (written["grpo"]["kl_coef"], written["grpo"]["loss_aggregation"], written["filters"]) == \
+    assert (written["grpo"]["kl_coef"], written["loss"]["aggregation"], written["filters"]) == \
         (0.0, "dr_grpo", [{"type": "mask_truncated"}])
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     done = run_cli("validate", str(path), "sampling.long_prompts=refuse")

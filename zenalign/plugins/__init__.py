@@ -62,8 +62,8 @@ HELPERS = {
     "zenalign.plugins.advantages": ("all_abstain", "combine_objectives", "finish", "nan_mean", "nan_std",
                                     "standardize_groups", "standardize_objectives", "valid_count", "weighted_sum",
                                     "zero_variance"),
-    "zenalign.plugins.losses": ("GRPOLoss", "add_kl_penalty", "high_entropy_tokens", "kl_estimate",
-                                "per_token_advantages", "token_weights"),
+    "zenalign.plugins.losses": ("AggregationOptions", "GRPOLoss", "GRPOLossOptions", "KLOptions", "add_kl_penalty",
+                                "high_entropy_tokens", "kl_estimate", "per_token_advantages", "token_weights"),
     "zenalign.plugins.ppo": ("clipped_value_loss", "gae", "token_rewards", "whiten"),
 }
 _HELPER_MODULE = {name: module for module, names in HELPERS.items() for name in names}

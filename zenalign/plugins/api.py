@@ -54,6 +54,12 @@ class BuildContext:
     process's place in it: a plugin may keep files of its own in ``output_dir / "reward-cache"``
     (``*.jsonl``, one file per process), which ``--resume`` keeps and ``run.overwrite`` removes.
     The directory may not exist yet while the factory runs: open such files at the first call.
+
+    A policy loss's factory also gets the two run settings a loss formula may need besides its own
+    options: ``kl_coef``, the weight of the KL penalty (``grpo.kl_coef``, which stays in ``grpo``
+    because 0 also means that no reference model is loaded), and ``max_new_tokens``
+    (``sampling.max_new_tokens``, for Dr. GRPO's constant normaliser). Both are None in the context
+    of every other kind of plugin.
     """
 
     recipe: Any
@@ -62,6 +68,8 @@ class BuildContext:
     device: Any = None
     output_dir: Optional[Path] = None
     rank: int = 0
+    kl_coef: Optional[float] = None
+    max_new_tokens: Optional[int] = None
 
     def resolve_path(self, path: str | Path) -> Path:
         """Resolve a path from the recipe relative to the recipe's directory."""

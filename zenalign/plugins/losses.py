@@ -10,8 +10,10 @@ eq. 4). Per-token losses become one number through *token weights* computed once
 batch (see :func:`token_weights`), so splitting the batch into micro-batches changes memory use,
 never the loss or its gradient.
 
-:class:`GRPOLoss` holds the hyperparameters, set once from the recipe's ``grpo`` section; the
-training loop never reads the loss fields of the recipe again.
+:class:`GRPOLoss` holds the hyperparameters, set once from its options (the recipe's ``loss:
+{type: grpo, clip_epsilon, clip_epsilon_high, kl_estimator, aggregation}``) and the two run settings
+it needs besides them (``grpo.kl_coef``, ``sampling.max_new_tokens``); the training loop never reads
+the loss fields of the recipe again.
 
 Where this departs from the paper:
 1. the ``dr_grpo`` and ``dapo`` aggregations are offered besides the paper's per-sequence mean;
@@ -22,11 +24,48 @@ Where this departs from the paper:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field
 
-from zenalign.plugins.api import TokenLoss
+from zenalign.plugins.api import Options, TokenLoss
+
+
+class KLOptions(Options):
+    """The KL estimator of a loss that adds the KL penalty per token (its weight is ``grpo.kl_coef``,
+    which also decides whether the reference model is loaded at all)."""
+
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="Per-token KL estimator (Schulman's naming). k3 = pi_ref/pi - log(pi_ref/pi) - 1 is "
+        "unbiased and never negative; the GRPO paper uses it. Also accepted as `grpo.kl_estimator`.")
+
+
+class AggregationOptions(Options):
+    """How a loss's per-token losses become one number (:func:`token_weights`)."""
+
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="How per-token losses become one number. grpo: mean over each completion's tokens, "
+        "then over completions (the paper). dapo: sum over all tokens / total tokens (token-level; long completions "
+        "weigh more). dr_grpo: sum over all tokens / (completions * max_new_tokens), which removes the length bias "
+        "of grpo (Dr. GRPO, arXiv 2503.20783). Also accepted as `grpo.loss_aggregation`.")
+
+
+class GRPOLossOptions(KLOptions, AggregationOptions):
+    """The options of the ``grpo`` loss: ``loss: {type: grpo, clip_epsilon, clip_epsilon_high,
+    kl_estimator, aggregation}``."""
+
+    clip_epsilon: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Lower clip range: the ratio pi/pi_old is clipped to [1 - clip_epsilon, ...]. "
+        "The GRPO paper uses 0.1-0.2. Also accepted as `grpo.clip_epsilon`.")
+    clip_epsilon_high: Optional[float] = Field(
+        None, ge=0.0, description="Upper clip range [..., 1 + clip_epsilon_high]. Defaults to `clip_epsilon`; DAPO's "
+        "clip-higher uses 0.28 to keep exploring low-probability tokens. Also accepted as `grpo.clip_epsilon_high`.")
+
+    @property
+    def upper_clip_epsilon(self) -> float:
+        """The upper clip range in force: `clip_epsilon_high`, or `clip_epsilon` when it is left out."""
+        return self.clip_epsilon if self.clip_epsilon_high is None else self.clip_epsilon_high
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -80,8 +119,8 @@ def high_entropy_tokens(entropy: torch.Tensor, values: torch.Tensor, quantile: f
 class GRPOLoss:
     """The clipped GRPO surrogate plus the KL penalty, aggregated with batch-wide token weights.
 
-    ``GRPOLoss.from_recipe(recipe)`` builds it from the ``grpo`` section (and ``max_new_tokens``,
-    which Dr. GRPO's constant normaliser needs). Calling it on a micro-batch returns that
+    ``GRPOLoss.from_options(options, kl_coef, max_new_tokens)`` builds it from its options and the
+    two run settings it needs besides them (``max_new_tokens`` for Dr. GRPO's constant normaliser). Calling it on a micro-batch returns that
     micro-batch's share of the batch loss, ``sum(weights * per-token loss)``, and the per-token terms.
     It is the default policy loss (``loss: {type: grpo}``), registered by the built-in plugins.
     """
@@ -98,10 +137,15 @@ class GRPOLoss:
         self.max_new_tokens = max_new_tokens
 
     @classmethod
+    def from_options(cls, options: GRPOLossOptions, kl_coef: float, max_new_tokens: int) -> "GRPOLoss":
+        return cls(options.clip_epsilon, options.upper_clip_epsilon, kl_coef, options.kl_estimator, options.aggregation,
+                   max_new_tokens)
+
+    @classmethod
     def from_recipe(cls, recipe: Any) -> "GRPOLoss":
-        g = recipe.grpo
-        return cls(g.clip_epsilon, g.upper_clip_epsilon, g.kl_coef, g.kl_estimator, g.loss_aggregation,
-                   recipe.sampling.max_new_tokens)
+        """The loss a recipe's ``loss`` section gives when it is a grpo entry (else the grpo defaults)."""
+        options = recipe.loss if isinstance(recipe.loss, GRPOLossOptions) else GRPOLossOptions()
+        return cls.from_options(options, recipe.grpo.kl_coef, recipe.sampling.max_new_tokens)
 
     def token_weights(self, mask: torch.Tensor, num_sequences: Optional[int] = None,
                       num_tokens: Optional[float] = None) -> torch.Tensor:
@@ -131,7 +175,7 @@ class GRPOLoss:
 def token_weights(
     mask: torch.Tensor,
     aggregation: str,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int],
     num_sequences: Optional[int] = None,
     num_tokens: Optional[float] = None,
 ) -> torch.Tensor:
@@ -152,5 +196,7 @@ def token_weights(
     if aggregation == "dapo":
         return mask / max(tokens, 1.0)
     if aggregation == "dr_grpo":
+        if max_new_tokens is None:
+            raise ValueError("the dr_grpo aggregation divides by max_new_tokens; none was given")
         return mask / float(rows * max_new_tokens)
     raise ValueError(f"unknown loss aggregation {aggregation!r}; use grpo, dapo or dr_grpo")

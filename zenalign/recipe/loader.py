@@ -5,6 +5,7 @@ Python API's keyword arguments."""
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,8 +19,11 @@ from zenalign.errors import RecipeError, one_line
 from zenalign.plugins import PluginRegistry, collect_registry, load_plugins
 from zenalign.recipe.messages import format_validation_error
 from zenalign.recipe.schema import Recipe, build_recipe_model
-from zenalign.recipe.trl import FLAT_SECTIONS, Requirement, Setting, is_trl_name, split_recipe, split_trl, trl_settings
+from zenalign.recipe.trl import (FLAT_SECTIONS, RENAMED, Moved, Requirement, Setting, is_trl_name, renamed_settings,
+                                 split_recipe, split_trl, trl_settings)
 from zenalign.recipe.trl_fields import GRPO_CONFIG, Append, PerReward
+
+log = logging.getLogger(__name__)
 
 
 class RecipeYAMLLoader(yaml.SafeLoader):
@@ -147,7 +151,7 @@ def _items_apart(sources: Sources, path: tuple[str, ...], item: Any) -> list:
 
 
 def apply_override(data: dict[str, Any], text: str, sources: Optional[Sources] = None,
-                   requirements: Optional[list[Requirement]] = None) -> None:
+                   requirements: Optional[list[Requirement | Moved]] = None) -> None:
     """One ``key.path=value`` override into ``data``. With ``requirements`` (a GRPO recipe), TRL's
     names are taken too (``grpo.beta=0.02``, ``beta=0.02``, ``grpo={beta: 0.02}``)."""
     keys, value = parse_override(text)
@@ -157,6 +161,8 @@ def apply_override(data: dict[str, Any], text: str, sources: Optional[Sources] =
         section = keys[0] if len(keys) == 2 else None
         if len(keys) <= 2 and is_trl_name(section, keys[-1]):
             assignments = trl_settings(keys[-1], value, ".".join(keys), where, requirements, origin=where)
+        elif section == "grpo" and keys[-1] in RENAMED:
+            assignments = renamed_settings(keys[-1], value, ".".join(keys), requirements, origin=where)
         elif len(keys) == 1 and keys[0] in FLAT_SECTIONS and isinstance(value, dict):
             own, settings = split_trl(keys[0], value, where, requirements, f"{keys[0]}.")
             assignments = [Setting(tuple(keys), own, where, tuple(keys)), *(replace(s, origin=where) for s in settings)]
@@ -228,7 +234,7 @@ def lookup(data: Any, path: tuple[str, ...]) -> Any:
 MISSING = object()
 
 
-def translate_trl(data: dict[str, Any], source: str, requirements: list[Requirement]) -> dict[str, Any]:
+def translate_trl(data: dict[str, Any], source: str, requirements: list[Requirement | Moved]) -> dict[str, Any]:
     """A recipe file's TRL names (at its top level and in its sections) as the fields they set;
     one that sets a field the file also sets, to another value, is refused naming both."""
     own, settings = split_recipe(data, source, requirements)
@@ -238,7 +244,7 @@ def translate_trl(data: dict[str, Any], source: str, requirements: list[Requirem
             assign(own, item.path, item.value, source)
             continue
         present = lookup(own, item.path)
-        if present is not MISSING:
+        if present is not MISSING and item.path not in sources:  # the file's own value, not an earlier setting's
             check_conflicts(sources, f"{source}: {'.'.join(item.path)}", present, item.path)
         check_conflicts(sources, item.origin, item.value, item.path, item.key)
         assign(own, item.path, item.value, source)
@@ -290,20 +296,41 @@ def validate_recipe(
     for text in overrides:
         apply_override(data, text, sources, pending)
     for requirement in pending:
-        if lookup(data, requirement.path) is MISSING:
+        if isinstance(requirement, Requirement) and lookup(data, requirement.path) is MISSING:
             raise RecipeError(requirement.message)
     plugin_specs = data.get("plugins") or []
     if not isinstance(plugin_specs, list) or not all(isinstance(s, str) for s in plugin_specs):
         raise RecipeError(f"{source}: plugins: expected a list of module names or .py paths")
     load_plugins(plugin_specs, base_dir)
     registry = collect_registry()
+    older = drop_foreign_loss_settings(data, registry, [item for item in pending if isinstance(item, Moved)], source)
     model = build_recipe_model(registry)
     try:
         recipe = model.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, model, source, overrides)) from exc
+        renamed = {f"grpo.{name}": target for name, target in RENAMED.items()}
+        raise RecipeError(format_validation_error(exc, model, source, overrides, renamed)) from exc
     check_group_size(recipe, registry, source, overrides)
+    recipe.grpo._older = older  # what a plugin reading recipe.grpo.clip_epsilon (the older name) still gets
     return LoadedRecipe(recipe, source, base_dir, name, list(overrides), registry)
+
+
+def drop_foreign_loss_settings(data: dict[str, Any], registry: PluginRegistry, moved: Sequence[Moved],
+                               source: str) -> dict[str, Any]:
+    """Loss options set by an older or a TRL name that the recipe's loss does not have (gspo has no
+    clip_epsilon) are taken out of the loss section, with a warning, and returned: before the loss owned
+    its hyperparameters the built-in losses but grpo ignored them (a plugin that reads them by their
+    older name still gets them). Written under their new names (``loss.clip_epsilon``) they are errors."""
+    loss, dropped = data.get("loss"), {}
+    if not isinstance(loss, dict) or not moved:
+        return dropped
+    loss_type = registry.types.get("loss", {}).get(loss.get("type", registry.default("loss")))
+    for item in moved if loss_type is not None else ():
+        name = item.path[1]
+        if name not in loss_type.options.model_fields and name in loss and loss[name] == item.value:
+            dropped[name] = loss.pop(name)
+            log.warning("%s: %s: loss '%s' has no option '%s'; left out", source, item.origin, loss_type.name, name)
+    return dropped
 
 
 def check_group_size(recipe: Recipe, registry: PluginRegistry, source: str, overrides: Sequence[str]) -> None:
@@ -328,7 +355,7 @@ def recipe_from_options(options: dict[str, Any], name: str) -> LoadedRecipe:
     owner = {field: section for section in FLAT_SECTIONS for field in Recipe.model_fields[section].annotation.model_fields}
     data: dict[str, Any] = {}
     sources: Sources = {}
-    requirements: list[Requirement] = []
+    requirements: list[Requirement | Moved] = []
     for key, value in options.items():
         given = f"{key}={value!r}"
         if key in Recipe.model_fields:  # a section: merged with flat fields given for it, in any order
@@ -340,6 +367,8 @@ def recipe_from_options(options: dict[str, Any], name: str) -> LoadedRecipe:
                                  origin=given if key in owner else f"{given} (TRL's name for {GRPO_CONFIG[key].target})")
         elif key in owner:
             items = [Setting((owner[key], key), value, given, (key,))]
+        elif key in RENAMED:
+            items = renamed_settings(key, value, key, requirements, origin=f"{given} (now {RENAMED[key]})")
         else:
             raise RecipeError(
                 f"GRPOTrainer: unknown option '{key}'; options are recipe sections ({', '.join(Recipe.model_fields)}), "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from pydantic import BaseModel, ValidationError
 
@@ -13,10 +13,14 @@ from zenalign.errors import one_line
 
 
 def format_validation_error(
-    exc: ValidationError, model: type[BaseModel], source: str, overrides: Iterable[str] = ()
+    exc: ValidationError, model: type[BaseModel], source: str, overrides: Iterable[str] = (),
+    renamed: Optional[dict[str, str]] = None,
 ) -> str:
-    """One line: ``where: field: what is wrong; what is accepted`` for each problem."""
-    override_keys = {text.partition("=")[0].strip(): text for text in overrides}
+    """One line: ``where: field: what is wrong; what is accepted`` for each problem. ``renamed``: the
+    fields older keys set (``grpo.clip_epsilon`` -> ``loss.clip_epsilon``), so an override by an old
+    key is blamed for its field's problem."""
+    renamed = renamed or {}
+    override_keys = {renamed.get(key, key): text for key, text in ((t.partition("=")[0].strip(), t) for t in overrides)}
     parts = []
     for err in exc.errors():
         shown, _ = _walk(model, tuple(err["loc"]))

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from zenalign.errors import PluginError
 from zenalign.plugins import KINDS, PluginRegistry, valid_regex
@@ -245,21 +245,15 @@ class SamplingSection(Section):
 
 KL_COEF_WARNING = 10.0  # grpo.kl_coef above this is warned about
 
+# The grpo fields that became options of the loss (`loss: {type: grpo, clip_epsilon, ...}`), old -> new name.
+MOVED_TO_LOSS = {"clip_epsilon": "clip_epsilon", "clip_epsilon_high": "clip_epsilon_high",
+                 "kl_estimator": "kl_estimator", "loss_aggregation": "aggregation"}
+
 
 class GRPOSection(Section):
-    clip_epsilon: float = Field(
-        0.2,
-        ge=0.0,
-        lt=1.0,
-        description="Lower clip range: the ratio pi/pi_old is clipped to [1 - clip_epsilon, ...]. The "
-        "GRPO paper uses 0.1-0.2.",
-    )
-    clip_epsilon_high: Optional[float] = Field(
-        None,
-        ge=0.0,
-        description="Upper clip range [..., 1 + clip_epsilon_high]. Defaults to `clip_epsilon`; DAPO's "
-        "clip-higher uses 0.28 to keep exploring low-probability tokens.",
-    )
+    _loss: Any = PrivateAttr(None)  # the recipe's loss entry, which the older names below read
+    _older: dict[str, Any] = PrivateAttr(default_factory=dict)  # options given by older names to a loss without them
+
     kl_coef: float = Field(
         0.01,
         ge=0.0,
@@ -267,18 +261,6 @@ class GRPOSection(Section):
         "paper (lower than PPO's usual 0.1); 0 disables the penalty and skips loading the reference. Above "
         f"{KL_COEF_WARNING:g} validate and run warn: the penalty then outweighs the policy-gradient term (advantages "
         "are about 1 in size), so the policy barely moves from the reference.",
-    )
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k3",
-        description="Per-token KL estimator (Schulman's naming). k3 = pi_ref/pi - log(pi_ref/pi) - 1 is "
-        "unbiased and never negative; the GRPO paper uses it.",
-    )
-    loss_aggregation: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        "grpo",
-        description="How per-token losses become one number. grpo: mean over each completion's tokens, "
-        "then over completions (the paper). dapo: sum over all tokens / total tokens (token-level; long "
-        "completions weigh more). dr_grpo: sum over all tokens / (completions * max_new_tokens), which "
-        "removes the length bias of grpo (Dr. GRPO, arXiv 2503.20783).",
     )
     top_entropy_quantile: float = Field(
         1.0,
@@ -309,6 +291,28 @@ class GRPOSection(Section):
         "x weight_decay, so their product must stay below 1.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
 
+    def _moved(self, name: str) -> Any:
+        """A loss option read by its older name (a plugin written before the loss owned it): the loss's
+        value, else the one given by the older name to a loss without that option, else grpo's default."""
+        from zenalign.plugins.losses import GRPOLossOptions  # torch: only a plugin being built reads these
+
+        new = MOVED_TO_LOSS[name]
+        warnings.warn(f"recipe.grpo.{name} is now the loss's option loss.{new}; a loss plugin declares it in its "
+                      f"options", FutureWarning, stacklevel=3)
+        if hasattr(self._loss, new):
+            return getattr(self._loss, new)
+        return self._older.get(new, GRPOLossOptions.model_fields[new].default)
+
+    clip_epsilon = property(lambda self: self._moved("clip_epsilon"))
+    clip_epsilon_high = property(lambda self: self._moved("clip_epsilon_high"))
+    kl_estimator = property(lambda self: self._moved("kl_estimator"))
+    loss_aggregation = property(lambda self: self._moved("loss_aggregation"))
+
+    @property
+    def upper_clip_epsilon(self) -> float:
+        low, high = self._moved("clip_epsilon"), self._moved("clip_epsilon_high")
+        return low if high is None else high
+
     @field_validator("weight_decay")
     @classmethod
     def _decay_keeps_the_weights(cls, value, info):
@@ -324,11 +328,6 @@ class GRPOSection(Section):
         if not all(0.0 <= beta < 1.0 for beta in value):
             raise ValueError("each beta must be in [0, 1) (AdamW's moving averages)")
         return value
-
-    @property
-    def upper_clip_epsilon(self) -> float:
-        """The upper clip range in force: `clip_epsilon_high`, or `clip_epsilon` when it is left out."""
-        return self.clip_epsilon if self.clip_epsilon_high is None else self.clip_epsilon_high
 
 
 class EngineSection(Section):
@@ -742,9 +741,11 @@ class Recipe(Section):
     )
     loss: Optional[Any] = Field(
         None,
-        description="The policy loss: `{type: LOSS, ...options}`. Defaults to the installed default loss (grpo: "
-        "the clipped surrogate with grpo.loss_aggregation); gspo and cispo are built in. The KL term and the clip "
-        "ranges of grpo/cispo come from the grpo section.",
+        description="The policy loss and its hyperparameters: `{type: LOSS, ...options}`, e.g. `{type: grpo, "
+        "clip_epsilon: 0.2, clip_epsilon_high: 0.28, kl_estimator: k3, aggregation: dapo}`. Defaults to the installed "
+        "default loss (grpo, the clipped surrogate); gspo and cispo are built in, each with its own clip range. "
+        "Without `type`, the default loss. The KL term's weight is `grpo.kl_coef`. The older spellings "
+        "grpo.clip_epsilon, grpo.clip_epsilon_high, grpo.kl_estimator and grpo.loss_aggregation still work.",
     )
     engine: EngineSection = Field(default_factory=EngineSection, description="How the update runs.")
     run: RunSection = Field(default_factory=RunSection, description="Seeds, length, logging, output.")
@@ -756,6 +757,11 @@ class Recipe(Section):
     sweep: Optional[SweepSection] = Field(
         None, description="Several runs of this recipe over a grid of values or objective weightings (`zenalign sweep`)."
     )
+
+    @model_validator(mode="after")
+    def _grpo_sees_the_loss(self):
+        self.grpo._loss = self.loss  # for the older names of its options (GRPOSection.clip_epsilon, ...)
+        return self
 
 
 def entry_model(kind: str, plugin_type) -> type[BaseModel]:
@@ -807,10 +813,17 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
         return Field(description=fields[name].description, **kw)
 
     normalizer_default = {"type": default_normalizer} if default_normalizer else None
+
+    def default_loss_type(cls, value):
+        """A loss section without `type` holds the default loss's options (`loss: {clip_epsilon: 0.1}`)."""
+        missing = isinstance(value, dict) and "type" not in value and default_loss
+        return {"type": default_loss, **value} if missing else value
+
     return create_model(
         "Recipe",
         __base__=Recipe,
         __doc__=Recipe.__doc__,
+        __validators__={"_default_loss_type": field_validator("loss", mode="before")(default_loss_type)},
         data=(Optional[task], described("data", default=None)),
         rewards=(list[reward], described("rewards", default_factory=list)),
         filters=(list[rollout_filter], described("filters", default_factory=list)),

@@ -9,6 +9,9 @@ where it is written: ``run.seed`` is zenalign's own, ``seed`` at the top level i
 
 Giving a TRL name and the field it sets with different values is refused, naming both
 (:mod:`zenalign.recipe.loader` applies the settings and checks that).
+
+zenalign's own older names of the loss's hyperparameters (:data:`RENAMED`: ``grpo.clip_epsilon``
+is now ``loss.clip_epsilon``) are taken the same way, wherever a TRL name would be.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zenalign.errors import RecipeError
-from zenalign.recipe.schema import Recipe
+from zenalign.recipe.schema import MOVED_TO_LOSS, Recipe
 from zenalign.recipe.trl_fields import ANY, GRPO_CONFIG, TRLField
 
 # Recipe sections whose fields GRPOTrainer takes by name, and where TRL's names may be written.
 FLAT_SECTIONS = ("model", "sampling", "grpo", "engine", "run")
+
+# grpo.NAME (and GRPOTrainer's NAME=) before the loss owned its hyperparameters -> where it is now.
+RENAMED = {old: f"loss.{new}" for old, new in MOVED_TO_LOSS.items()}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,17 @@ class Setting:
     value: Any
     origin: str  # for messages: "grpo.beta (TRL's name for grpo.kl_coef)"
     key: tuple[str, ...]  # the name as written, as a path: ("grpo", "beta")
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A loss option set by an older or a TRL name (``grpo.clip_epsilon``, ``epsilon``). A loss without
+    that option (gspo has no clip_epsilon) leaves it out, as the built-in losses but grpo ignored it
+    before the loss owned its hyperparameters: :func:`zenalign.recipe.loader.drop_foreign_loss_settings`."""
+
+    path: tuple[str, ...]
+    value: Any
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,7 @@ def accepted(field: TRLField, value: Any) -> bool:
     return any(a == ANY or _same(a, value) for a in field.accepts)
 
 
-def trl_settings(name: str, value: Any, spelled: str, where: str, requirements: list[Requirement],
+def trl_settings(name: str, value: Any, spelled: str, where: str, requirements: list[Requirement | Moved],
                  origin: Optional[str] = None) -> list[Setting]:
     """What TRL's field ``name`` given as ``value`` sets: the zenalign fields it maps to, or nothing
     for a value that asks for nothing; any other value is a RecipeError naming it (``spelled``, as
@@ -92,10 +109,24 @@ def trl_settings(name: str, value: Any, spelled: str, where: str, requirements: 
         raise RecipeError(f"{where}: {spelled}={value!r} (TRL) {exc}") from None
     origin = origin or f"{spelled} (TRL's name for {field.target})"
     key = tuple(spelled.split("."))
-    return [Setting(tuple(path.split(".")), item, origin, key) for path, item in settings.items()]
+    return moved([Setting(tuple(path.split(".")), item, origin, key) for path, item in settings.items()], requirements)
 
 
-def split_trl(section: Optional[str], mapping: dict[str, Any], where: str, requirements: list[Requirement],
+def renamed_settings(name: str, value: Any, spelled: str, requirements: list[Requirement | Moved],
+                     origin: Optional[str] = None) -> list[Setting]:
+    """What an older name of a loss option (:data:`RENAMED`), written ``spelled``, sets."""
+    target = RENAMED[name]
+    setting = Setting(tuple(target.split(".")), value, origin or f"{spelled} (now {target})", tuple(spelled.split(".")))
+    return moved([setting], requirements)
+
+
+def moved(settings: list[Setting], requirements: list[Requirement | Moved]) -> list[Setting]:
+    """``settings``, with those of one loss option noted in ``requirements`` (:class:`Moved`)."""
+    requirements += [Moved(s.path, s.value, s.origin) for s in settings if len(s.path) == 2 and s.path[0] == "loss"]
+    return settings
+
+
+def split_trl(section: Optional[str], mapping: dict[str, Any], where: str, requirements: list[Requirement | Moved],
               prefix: str = "") -> tuple[dict[str, Any], list[Setting]]:
     """A mapping (a recipe's top level, or one of its sections) without its TRL names, and what
     those set. ``prefix`` is the section's path as written (``grpo.``), for messages."""
@@ -104,12 +135,14 @@ def split_trl(section: Optional[str], mapping: dict[str, Any], where: str, requi
     for key, value in mapping.items():
         if is_trl_name(section, key):
             settings += trl_settings(key, value, f"{prefix}{key}", where, requirements)
+        elif section == "grpo" and key in RENAMED:
+            settings += renamed_settings(key, value, f"{prefix}{key}", requirements)
         else:
             own[key] = value
     return own, settings
 
 
-def split_recipe(data: dict[str, Any], where: str, requirements: list[Requirement]) -> tuple[dict[str, Any], list[Setting]]:
+def split_recipe(data: dict[str, Any], where: str, requirements: list[Requirement | Moved]) -> tuple[dict[str, Any], list[Setting]]:
     """A whole recipe mapping without TRL's names (at its top level and in its sections), and what they set."""
     own, settings = split_trl(None, data, where, requirements)
     for section in FLAT_SECTIONS:

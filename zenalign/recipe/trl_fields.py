@@ -83,7 +83,7 @@ def loss_type(value: Any) -> dict[str, Any]:
     if value == "cispo":
         return {"loss": {"type": "cispo"}}
     if value in aggregation:
-        return {"grpo.loss_aggregation": aggregation[value]}
+        return {"loss.aggregation": aggregation[value]}
     raise ValueError(f"has no zenalign equivalent; accepted: {', '.join([*aggregation, 'cispo'])}")
 
 
@@ -222,9 +222,9 @@ GROUPS: dict[str, dict[str, TRLField]] = {
     },
     "Loss": {
         "beta": to("grpo.kl_coef", "TRL's default is 0, zenalign's 0.01 (the GRPO paper)"),
-        "epsilon": to("grpo.clip_epsilon"),
-        "epsilon_high": to("grpo.clip_epsilon_high"),
-        "loss_type": to("grpo.loss_aggregation, loss", "grpo, bnpo/dapo, dr_grpo set loss_aggregation (bnpo normalises "
+        "epsilon": to("loss.clip_epsilon"),
+        "epsilon_high": to("loss.clip_epsilon_high"),
+        "loss_type": to("loss.aggregation, loss", "grpo, bnpo/dapo, dr_grpo set loss.aggregation (bnpo normalises "
                         "over all processes); cispo sets loss: {type: cispo}; sapo, luspo and vespo are refused",
                         loss_type),
         "scale_rewards": to("normalizer", "group/True: group_zscore; batch: batch_zscore with center group; none/False: "
@@ -241,7 +241,7 @@ GROUPS: dict[str, dict[str, TRLField]] = {
         "mask_truncated_completions": to("filters: mask_truncated", "True adds the mask_truncated rollout filter",
                                          one_of({True: {"filters": Append({"type": "mask_truncated"})}, False: {}})),
         "top_entropy_quantile": to("grpo.top_entropy_quantile"),
-        "delta": no("two-sided clipping (INTELLECT-2) is not implemented; grpo.clip_epsilon_high bounds the ratio"),
+        "delta": no("two-sided clipping (INTELLECT-2) is not implemented; loss.clip_epsilon_high bounds the ratio"),
         "sapo_temperature_neg": no(ONLY_WITH.format(what="loss_type sapo"), 1.05),
         "sapo_temperature_pos": no(ONLY_WITH.format(what="loss_type sapo"), 1.0),
         "vespo_k_pos": no(ONLY_WITH.format(what="loss_type vespo"), 2.0),

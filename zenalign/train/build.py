@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -162,14 +162,14 @@ class Builder:
         ref.requires_grad_(False)
         return ref
 
-    def plugin(self, kind: str, section: str, entry: Any) -> Any:
+    def plugin(self, kind: str, section: str, entry: Any, context: Optional[BuildContext] = None) -> Any:
         if entry is None:
             installed = ", ".join(self.loaded.registry.names(kind)) or "none"
             raise RecipeError(f"{self.loaded.source}: {section}: is null; give {{type: ...}} (installed: {installed})")
         plugin_type = self.loaded.registry.get(kind, entry.type)
         where = f"{self.loaded.source}: {section} ({entry.type})"
         try:
-            return plugin_type.build(entry, self.context)
+            return plugin_type.build(entry, context or self.context)
         except ZenalignError as exc:
             raise type(exc)(f"{where}: {exc}") from exc
         except Exception as exc:
@@ -237,7 +237,10 @@ class Builder:
     def loss(self, normalizer: Any = None):
         """The policy loss named by the recipe's ``loss`` section (the default loss when it is left out);
         one that declares ``takes_token_advantages = False`` is refused with a per-token normalizer."""
-        loss = self.plugin("loss", "loss", self.recipe.loss)
+        # the two run settings a loss formula needs besides its own options (BuildContext says why)
+        settings = replace(self.context, kl_coef=self.recipe.grpo.kl_coef,
+                           max_new_tokens=self.recipe.sampling.max_new_tokens)
+        loss = self.plugin("loss", "loss", self.recipe.loss, settings)
         if isinstance(normalizer, Critic) and not takes_token_advantages(loss):
             raise RecipeError(f"{self.loaded.source}: loss ({self.recipe.loss.type}): takes one advantage per completion, "
                               f"but normalizer '{getattr(self.recipe.normalizer, 'type', 'given')}' gives one per token; "

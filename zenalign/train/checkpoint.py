@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from zenalign.errors import ModelLoadError, NonFiniteError, one_line
 from zenalign.models.lora import is_adapted
 from zenalign.plugins import Stateful, StatefulDirectory
+from zenalign.recipe.schema import MOVED_TO_LOSS
 from zenalign.train.distributed import Dist
 from zenalign.train.state import TrainState
 
@@ -221,9 +222,15 @@ def weights_signature(model_dir: Path, blocks: int = 64, block_bytes: int = 1 <<
     return digest.hexdigest()
 
 
+# The loss options that were grpo fields before the loss owned them (grpo.clip_epsilon, ...): a resume
+# may change them, as it may the rest of the step's settings, and checkpoints written before hold none.
+STEP_LOSS_OPTIONS = frozenset(MOVED_TO_LOSS.values())
+
+
 def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
                 policy_config_dir: Optional[Path]) -> dict[str, Any]:
     """What must not change between the run that wrote a checkpoint and the one resuming it."""
+    loss = recipe.loss.model_dump(mode="json") if recipe.loss is not None else None
     return {
         "model": model_signature(policy_config_dir) if policy_config_dir else {},
         "model.weights": weights_signature(policy_config_dir) if policy_config_dir else None,
@@ -237,7 +244,7 @@ def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
         "processes": world_size,
         "objectives": list(objective_names),
         "model.lora": recipe.model.lora.model_dump(mode="json") if recipe.model.lora is not None else None,
-        "loss": recipe.loss.model_dump(mode="json") if recipe.loss is not None else None,
+        "loss": {k: v for k, v in loss.items() if k not in STEP_LOSS_OPTIONS} if loss is not None else None,
         "filters": [entry.model_dump(mode="json") for entry in recipe.filters],
         "normalizer.type": getattr(recipe.normalizer, "type", None),  # a stateful one (a critic) must not change
     }
