@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from zenalign.errors import ModelLoadError, NonFiniteError, one_line
 from zenalign.models.lora import is_adapted
 from zenalign.plugins import Stateful, StatefulDirectory
-from zenalign.recipe.schema import MOVED_TO_LOSS
+from zenalign.recipe.schema import MOVED_TO_LOSS, Recipe
 from zenalign.train.distributed import Dist
 from zenalign.train.state import TrainState
 
@@ -227,7 +227,7 @@ def weights_signature(model_dir: Path, blocks: int = 64, block_bytes: int = 1 <<
 STEP_LOSS_OPTIONS = frozenset(MOVED_TO_LOSS.values())
 
 
-def fingerprint(recipe: Any, world_size: int, objective_names: tuple[str, ...],
+def fingerprint(recipe: Recipe, world_size: int, objective_names: tuple[str, ...],
                 policy_config_dir: Optional[Path]) -> dict[str, Any]:
     """What must not change between the run that wrote a checkpoint and the one resuming it."""
     loss = recipe.loss.model_dump(mode="json") if recipe.loss is not None else None
