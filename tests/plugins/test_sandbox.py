@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from zenalign.errors import RewardError
 from zenalign.plugins.sandbox import SandboxOptions, python, run_python
 
 QUICK = SandboxOptions(timeout_s=5, cpu_s=5)
@@ -96,3 +97,21 @@ def test_the_python_tool_returns_the_output_or_the_error():
     assert python("print(6 * 7)") == "42\n"
     failed = python("raise ValueError('no')")
     assert "ValueError: no" in failed and failed.endswith("[the program exited with code 1]")
+
+
+def test_the_code_cannot_make_zenalign_read_a_file_back_to_it(tmp_path):
+    """Its output is read from files with no name: links it plants in its directory are never
+    followed (a file only zenalign's user may read stays unread)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "secret.txt").write_text("the secret")
+    plant = (f"import os\nfor name in ('.stdout', '.stderr', 'out.txt'):\n"
+             f"    os.symlink({str(private / 'secret.txt')!r}, name)\nprint('done')\n")
+    result = run_python(plant, QUICK)
+    assert result.stdout == "done\n" and "the secret" not in result.stdout + result.stderr
+
+
+def test_a_wrapper_that_does_not_exist_is_one_line_naming_sandbox_command():
+    with pytest.raises(RewardError, match=r"^sandbox: 'no-such-wrapper' could not be started \(No such file or "
+                                          r"directory\); check sandbox.command"):
+        run_python("print(1)", SandboxOptions(command=["no-such-wrapper", "--flag"]))

@@ -38,6 +38,7 @@ from typing import Optional
 
 from pydantic import Field
 
+from zenalign.errors import RewardError
 from zenalign.plugins.api import Options
 
 log = logging.getLogger("zenalign")
@@ -125,9 +126,12 @@ class SandboxResult:
         return f"{self.stdout}{self.stderr}[the program {what}]"
 
 
-def cut(data: bytes, limit: int) -> str:
-    text = data[:limit].decode("utf-8", errors="replace")
-    return text if len(data) <= limit else f"{text}\n[... {len(data) - limit} more bytes cut]\n"
+def cut(handle, limit: int) -> str:
+    """The first ``limit`` bytes written to ``handle`` (from its start), with a marker for the rest."""
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(0)
+    text = handle.read(limit).decode("utf-8", errors="replace")
+    return text if size <= limit else f"{text}\n[... {size - limit} more bytes cut]\n"
 
 
 def run_python(code: str, options: SandboxOptions = SandboxOptions(), stdin: str = "") -> SandboxResult:
@@ -187,11 +191,28 @@ def _starts_as_nobody(path: str) -> bool:
 def _run(argv: list[str], directory: Path, options: SandboxOptions, stdin: str) -> SandboxResult:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(directory), "TMPDIR": str(directory),
            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    out, err = directory / ".stdout", directory / ".stderr"
-    start = time.monotonic()
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        process = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-                                   close_fds=True, start_new_session=True)
+    # output goes to unnamed files outside the directory: the code cannot swap them for a link to
+    # a file it may not read, which zenalign would then read back to it
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        start = time.monotonic()
+        try:
+            process = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.PIPE, stdout=stdout,
+                                       stderr=stderr, close_fds=True, start_new_session=True)
+        except OSError as exc:  # sandbox.command names a program this machine lacks
+            raise RewardError(f"sandbox: {argv[0]!r} could not be started ({exc.strerror or exc}); check "
+                              f"sandbox.command (null: no wrapper)") from None
+        status = _wait(process, options, stdin)
+        seconds = time.monotonic() - start
+        out, err = cut(stdout, options.max_output_bytes), cut(stderr, options.max_output_bytes)
+    if status == "ok" and process.returncode:
+        status = "killed" if process.returncode < 0 else "error"
+    marker = directory / ".landlock"
+    landlocked = marker.is_file() and not marker.is_symlink() and marker.read_text().strip() == "1"
+    return SandboxResult(status, process.returncode, out, err, seconds, landlocked, process.pid)
+
+
+def _wait(process: subprocess.Popen, options: SandboxOptions, stdin: str) -> str:
+    """Feed stdin and wait for the run, at most ``timeout_s``; then kill what is left of its session."""
     status = "ok"
     try:
         process.communicate(stdin.encode("utf-8"), timeout=options.timeout_s)
@@ -199,13 +220,7 @@ def _run(argv: list[str], directory: Path, options: SandboxOptions, stdin: str) 
         status = "timeout"
     finally:
         kill_session(process.pid, process)
-    seconds = time.monotonic() - start
-    if status == "ok" and process.returncode:
-        status = "killed" if process.returncode < 0 else "error"
-    marker = directory / ".landlock"
-    landlocked = marker.exists() and marker.read_text().strip() == "1"
-    return SandboxResult(status, process.returncode, cut(out.read_bytes(), options.max_output_bytes),
-                         cut(err.read_bytes(), options.max_output_bytes), seconds, landlocked, process.pid)
+    return status
 
 
 def kill_session(session: int, leader: subprocess.Popen) -> None:
