@@ -40,6 +40,13 @@ class Rollout:
     # (N, Tc): the log-prob each token was drawn with by a sampler other than the trainer's forward
     # (vLLM), 0 at padding; None when the trainer's own model sampled (its pi_old is exact)
     sampler_logp: Optional[torch.Tensor] = None
+    # (N, Tc): 1 on the tokens the policy sampled, 0 on tokens inserted between an episode's turns
+    # (tool and environment messages, the next turn's header) and on padding; None: every completion
+    # token is the policy's (completion_mask)
+    policy_mask: Optional[torch.Tensor] = None
+    # multi-turn episodes (zenalign.generation.environment.EpisodeLog): each row's messages, turns and
+    # tool calls, and its episode object; None for one-turn completions
+    episodes: Any = None
 
     @property
     def completion_tokens(self) -> torch.Tensor:
