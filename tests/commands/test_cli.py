@@ -85,7 +85,7 @@ def test_schema_is_json_schema():
     done = run_cli("schema")
     assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
-    assert set(schema["properties"]) == {"model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "engine", "run", "plugins", "sweep"}
+    assert set(schema["properties"]) == {"model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "environment", "engine", "run", "plugins", "sweep"}
 
 
 @pytest.mark.slow

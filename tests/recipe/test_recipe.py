@@ -51,7 +51,7 @@ def test_every_field_has_a_description():
 
 
 def test_sections_are_exactly_the_documented_ones():
-    assert list(Recipe.model_fields) == ["model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "engine", "run", "plugins", "sweep"]
+    assert list(Recipe.model_fields) == ["model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "environment", "engine", "run", "plugins", "sweep"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

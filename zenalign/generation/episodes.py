@@ -151,74 +151,96 @@ def run_episodes(model: torch.nn.Module, tokenizer: Any, records: list[dict[str,
     """``group_size`` episodes per record, one per key (rows prompt-major), or one greedy episode
     each without keys; a :class:`Rollout` whose completion region is each episode after its prompt,
     with ``policy_mask`` and ``episodes`` (an :class:`EpisodeLog`) filled in."""
-    budgets = environments.budgets
-    n = len(records) * group_size
-    episodes = [environments.open(record) for record in records for _ in range(group_size)]
-    rows_records = [record for record in records for _ in range(group_size)]
-    texts = [render_episode_prompt(r, tokenizer, list(e.tools.values()), e.observation)
-             for r, e in zip(rows_records, episodes)]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    if sampling.max_prompt_length is not None:
-        prompts = [p[-sampling.max_prompt_length:] for p in prompts]
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1 << 30
-    caps = [min(budgets.max_episode_tokens or 1 << 30, context - len(p)) for p in prompts]
-    log = EpisodeLog([[] for _ in range(n)], episodes, [0] * n, [0] * n, [0] * n, [0] * n, texts)
-    region: list[list[int]] = [[] for _ in range(n)]  # each episode's tokens after its prompt
-    policy: list[list[int]] = [[] for _ in range(n)]  # 1 where the policy sampled the token
-    truncated = [False] * n
-    done = [False] * n
+    batch = EpisodeBatch(tokenizer, [r for r in records for _ in range(group_size)], environments, eos_ids,
+                         sampling.max_prompt_length, getattr(getattr(model, "config", None), "max_position_embeddings", None))
     sampler = None
     if keys is not None:
         sampler = GumbelSampler(keys.to(torch.long), 0, sampling.temperature, sampling.top_k, sampling.top_p)
-    suffix = ToolSuffix(tokenizer, eos_ids[0])
-    eos = set(eos_ids)
     was_training = model.training
     model.eval()
     try:
         with autocast or nullcontext(), torch.inference_mode():
             decoder = TurnDecoder(model, tokenizer.pad_token_id, eos_ids)
-            logits = decoder.feed(prompts)
-            sampled = torch.zeros(n, dtype=torch.long, device=decoder.device)
-            for turn in range(1, budgets.max_turns + 1):
-                budget = torch.tensor([0 if done[i] else min(sampling.max_new_tokens - int(sum(policy[i])),
-                                                             caps[i] - len(region[i])) for i in range(n)])
-                new = decoder.turn(logits, budget.to(decoder.device), sampled, sampler)
-                blocks: list[list[int]] = [[] for _ in range(n)]
-                for i, tokens in enumerate(new):
-                    if done[i]:
-                        continue
-                    if not tokens:  # no budget left for another turn
-                        done[i] = truncated[i] = True
-                        continue
-                    region[i] += tokens
-                    policy[i] += [1] * len(tokens)
-                    log.turns[i] = turn
-                    ended = tokens[-1] in eos
-                    text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=False)
-                    content, calls = parse_tool_calls(text)
-                    message: dict[str, Any] = {"role": "assistant", "content": content}
-                    if calls:
-                        message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                                 for c in calls]
-                    log.messages[i].append(message)
-                    if not ended or not calls or turn == budgets.max_turns:
-                        done[i], truncated[i] = True, not ended or bool(calls)
-                        continue
-                    inserted = run_tools(calls, episodes[i], budgets, log, i)
-                    ids = suffix(inserted)
-                    if len(region[i]) + len(ids) >= caps[i]:  # no room for the messages and one more token
-                        done[i] = truncated[i] = True
-                        continue
-                    log.messages[i] += inserted
-                    region[i] += ids
-                    policy[i] += [0] * len(ids)
-                    blocks[i] = [tokens[-1]] + ids
-                if all(done):
+            logits = decoder.feed(batch.prompts)
+            sampled = torch.zeros(len(batch), dtype=torch.long, device=decoder.device)
+            for turn in range(1, environments.budgets.max_turns + 1):
+                new = decoder.turn(logits, batch.budgets(sampling.max_new_tokens).to(decoder.device), sampled, sampler)
+                blocks = [batch.after_turn(i, tokens, turn) for i, tokens in enumerate(new)]
+                if all(batch.done):
                     break
                 logits = decoder.feed(blocks)
     finally:
         model.train(was_training)
-    return episode_rollout(tokenizer, prompts, region, policy, truncated, log, eos, decoder.device)
+    return batch.rollout(decoder.device)
+
+
+class EpisodeBatch:
+    """A batch of episodes as they grow: each row's tokens after its prompt, which of them the
+    policy sampled, and whether it has ended (and was cut short)."""
+
+    def __init__(self, tokenizer: Any, records: list[dict[str, Any]], environments: Environments,
+                 eos_ids: Sequence[int], max_prompt_length: Optional[int], context: Optional[int]):
+        self.tokenizer, self.environments, self.eos = tokenizer, environments, set(eos_ids)
+        self.suffix = ToolSuffix(tokenizer, eos_ids[0])
+        n = len(records)
+        episodes = [environments.open(record) for record in records]
+        texts = [render_episode_prompt(r, tokenizer, list(e.tools.values()), e.observation)
+                 for r, e in zip(records, episodes)]
+        self.prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if max_prompt_length is not None:
+            self.prompts = [p[-max_prompt_length:] for p in self.prompts]
+        cap = environments.budgets.max_episode_tokens or 1 << 30
+        self.caps = [min(cap, (context or 1 << 30) - len(p)) for p in self.prompts]
+        self.log = EpisodeLog([[] for _ in range(n)], episodes, [0] * n, [0] * n, [0] * n, [0] * n, texts)
+        self.region: list[list[int]] = [[] for _ in range(n)]  # each episode's tokens after its prompt
+        self.policy: list[list[int]] = [[] for _ in range(n)]  # 1 where the policy sampled the token
+        self.truncated, self.done = [False] * n, [False] * n
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def budgets(self, max_new_tokens: int) -> torch.Tensor:
+        """How many tokens each row may sample this turn (0: it has ended)."""
+        return torch.tensor([0 if self.done[i] else min(max_new_tokens - sum(self.policy[i]),
+                                                        self.caps[i] - len(self.region[i])) for i in range(len(self))])
+
+    def end(self, i: int, truncated: bool) -> list[int]:
+        self.done[i], self.truncated[i] = True, truncated
+        return []
+
+    def after_turn(self, i: int, tokens: list[int], turn: int) -> list[int]:
+        """Row ``i``'s turn ``turn`` sampled ``tokens``: record them, run the tools it called and
+        append their messages, or end the episode. Returns the tokens to feed before the next turn
+        (the turn's last token and the inserted ones), [] when the row does not go on."""
+        if self.done[i]:
+            return []
+        if not tokens:  # no budget left for another turn
+            return self.end(i, True)
+        self.region[i] += tokens
+        self.policy[i] += [1] * len(tokens)
+        self.log.turns[i] = turn
+        ended = tokens[-1] in self.eos
+        text = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=False)
+        content, calls = parse_tool_calls(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in calls]
+        self.log.messages[i].append(message)
+        if not ended or not calls or turn == self.environments.budgets.max_turns:
+            return self.end(i, not ended or bool(calls))
+        inserted = run_tools(calls, self.log.episodes[i], self.environments.budgets, self.log, i)
+        ids = self.suffix(inserted)
+        if len(self.region[i]) + len(ids) >= self.caps[i]:  # no room for the messages and one more token
+            return self.end(i, True)
+        self.log.messages[i] += inserted
+        self.region[i] += ids
+        self.policy[i] += [0] * len(ids)
+        return [tokens[-1]] + ids
+
+    def rollout(self, device: Any) -> Rollout:
+        return episode_rollout(self.tokenizer, self.prompts, self.region, self.policy, self.truncated, self.log,
+                               self.eos, device)
 
 
 def run_tools(calls: list[Any], episode: Any, budgets: Any, log: EpisodeLog, row: int) -> list[dict[str, Any]]:
