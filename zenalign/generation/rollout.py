@@ -40,10 +40,25 @@ class Rollout:
     # (N, Tc): the log-prob each token was drawn with by a sampler other than the trainer's forward
     # (vLLM), 0 at padding; None when the trainer's own model sampled (its pi_old is exact)
     sampler_logp: Optional[torch.Tensor] = None
+    # (N, Tc): 1 on the tokens the policy sampled, 0 on tokens inserted into the completion region
+    # (tool results, environment text, the next turn's chat headers) and on padding; None: every
+    # completion token is the policy's (see ``policy_token_mask``)
+    policy_mask: Optional[torch.Tensor] = None
 
     @property
     def completion_tokens(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length :]
+
+    @property
+    def policy_token_mask(self) -> torch.Tensor:
+        """``(N, Tc)``: the tokens the policy sampled, the only ones that get a gradient or count in a
+        statistic; ``completion_mask`` (every completion token up to the end) without a ``policy_mask``."""
+        return self.completion_mask if self.policy_mask is None else self.policy_mask
+
+    @property
+    def policy_lengths(self) -> torch.Tensor:
+        """``(N,)``: how many tokens the policy sampled in each completion, its EOS included."""
+        return self.policy_token_mask.sum(dim=1)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]

@@ -258,7 +258,7 @@ class RolloutGroups:
     rewards: "torch.Tensor"  # (P, G, K) float64, NaN = abstain
     keep: "torch.Tensor"  # (P,) bool: groups that go to the update
     loss_mask: "torch.Tensor"  # (P, G) bool: completions whose tokens count in the loss
-    lengths: "torch.Tensor"  # (P, G) completion tokens, with the EOS (max_new_tokens when truncated)
+    lengths: "torch.Tensor"  # (P, G) the tokens the policy sampled, with the EOS (max_new_tokens when truncated)
     truncated: "torch.Tensor"  # (P, G) bool: no EOS within max_new_tokens
     prompts: list[str]  # (P,) rendered prompts
     completions: list[list[str]]  # (P, G) decoded completions

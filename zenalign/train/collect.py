@@ -103,7 +103,7 @@ class BatchCollector:
                      rewards: torch.Tensor) -> Round:
         group_size, dist = self.sampling.group_size, self.dist
         p = len(records)
-        lengths = dist.gather_rows(rollout.completion_mask.sum(dim=1).long().cpu())  # with the EOS
+        lengths = dist.gather_rows(rollout.policy_lengths.long().cpu())  # the policy's tokens, with the EOS
         truncated = dist.gather_rows(rollout.truncated.cpu())
         texts = dist.gather_objects(rollout.completions)
         rows = dist.gather_objects(completion_rows(rollout)) if self.max_rounds > 1 else []  # to rebuild a batch
