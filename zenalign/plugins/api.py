@@ -390,7 +390,7 @@ class TokenBatch:
     sequences: "torch.Tensor"
     attention_mask: "torch.Tensor"
     prompt_length: int
-    completion_mask: "torch.Tensor"  # 1 for completion tokens that count in the loss
+    completion_mask: "torch.Tensor"  # 1 for the policy's tokens that count in the loss (0: padding, inserted tokens)
     logp: "torch.Tensor"  # log pi_old of each sampled token (detached)
     ref_logp: "Optional[torch.Tensor]"  # log pi_ref of each sampled token; None without a reference
 
