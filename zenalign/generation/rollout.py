@@ -60,6 +60,11 @@ class Rollout:
         """``(N,)``: how many tokens the policy sampled in each completion, its EOS included."""
         return self.policy_token_mask.sum(dim=1)
 
+    def scored_lengths(self) -> list[int]:
+        """Each completion's policy tokens without its EOS, as a reward source reads them
+        (``ScoreBatch.policy_lengths``): ``len(completion_ids[i])`` when the policy sampled every token."""
+        return (self.policy_lengths - (~self.truncated).long()).tolist()
+
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
@@ -275,12 +280,25 @@ def generate_groups(
     return rollout_from(sequences, prompt_mask, eos_ids, tokenizer)
 
 
-def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Sequence[int], tokenizer: Any) -> Rollout:
+def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Sequence[int], tokenizer: Any,
+                 ends: Optional[torch.Tensor] = None, truncated: Optional[torch.Tensor] = None) -> Rollout:
     """A :class:`Rollout` from decoded ``(N, Tp + T)`` ids and the prompts' ``(N, Tp)`` mask:
-    completion masks up to each EOS, columns that are padding in every row trimmed, texts decoded."""
+    completion masks up to each EOS, columns that are padding in every row trimmed, texts decoded.
+
+    ``ends`` ``(N,)``: each completion's length instead, for rows whose completion region runs past
+    their first EOS (an episode's rows hold one per policy turn); then ``truncated`` ``(N,)`` gives
+    their flags (default: the row does not end with an EOS)."""
     prompt_length = prompt_mask.shape[1]
     tokens = sequences[:, prompt_length:]
-    mask, truncated = completion_mask_from(tokens, eos_ids)
+    if ends is None:
+        mask, truncated = completion_mask_from(tokens, eos_ids)
+    else:
+        ends = ends.to(tokens.device)
+        mask = (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < ends.unsqueeze(1)).long()
+        if truncated is None:
+            last = tokens.gather(1, (ends - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+            truncated = ~(torch.isin(last, torch.tensor(list(eos_ids), device=tokens.device)) & (ends > 0))
+        truncated = truncated.to(tokens.device, torch.bool)
     # Trim columns that are padding in every row (all completions ended early).
     keep = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
     tokens, mask = tokens[:, :keep], mask[:, :keep]
@@ -300,28 +318,50 @@ def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Se
     )
 
 
+def _rows(rollout: Rollout, values: Optional[torch.Tensor]) -> list[list]:
+    """Each completion's ``values`` ``(N, Tc)`` up to and including its EOS ([] each for None)."""
+    if values is None:
+        return [[] for _ in range(len(rollout))]
+    lengths = rollout.completion_mask.sum(dim=1).tolist()
+    return [row[: int(n)].tolist() for row, n in zip(values.cpu(), lengths)]
+
+
 def completion_rows(rollout: Rollout) -> list[list[int]]:
     """Each completion's tokens up to and including its EOS (what :func:`rollout_from_rows` takes back)."""
-    lengths = rollout.completion_mask.sum(dim=1).tolist()
-    return [row[: int(n)].tolist() for row, n in zip(rollout.completion_tokens, lengths)]
+    return _rows(rollout, rollout.completion_tokens)
 
 
 def sampler_logp_rows(rollout: Rollout) -> list[list[float]]:
     """Each completion's sampler log-probs, as long as its :func:`completion_rows` row ([] without any)."""
-    if rollout.sampler_logp is None:
-        return [[] for _ in range(len(rollout))]
-    lengths = rollout.completion_mask.sum(dim=1).tolist()
-    return [row[: int(n)].tolist() for row, n in zip(rollout.sampler_logp.cpu(), lengths)]
+    return _rows(rollout, rollout.sampler_logp)
+
+
+def policy_mask_rows(rollout: Rollout) -> list[list[int]]:
+    """Each completion's ``policy_mask``, as long as its :func:`completion_rows` row ([] without one:
+    every token is the policy's)."""
+    return _rows(rollout, rollout.policy_mask)
+
+
+def _padded(rows: list[list], shape: torch.Size, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """``rows`` right-padded with 0 into a ``shape`` tensor."""
+    out = torch.zeros(shape, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out.to(device)
 
 
 def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]], group_size: int,
                       eos_ids: Sequence[int], device: Any = None,
-                      sampler_rows: Optional[list[list[float]]] = None, max_prompt_length: Optional[int] = None) -> Rollout:
+                      sampler_rows: Optional[list[list[float]]] = None, max_prompt_length: Optional[int] = None,
+                      policy_rows: Optional[list[list[int]]] = None,
+                      truncated: Optional[torch.Tensor] = None) -> Rollout:
     """A :class:`Rollout` of ``group_size`` completions per prompt from their token rows (see
     :func:`completion_rows`): the prompts encoded as for sampling (left-padded, truncated to
     ``max_prompt_length``), the completions right-padded. Groups drawn in different rounds or on
     different processes join one batch this way. ``sampler_rows`` (see :func:`sampler_logp_rows`)
-    rebuild ``sampler_logp``."""
+    rebuild ``sampler_logp``; ``policy_rows`` (see :func:`policy_mask_rows`) rebuild ``policy_mask``,
+    and when there are any, each row is its whole completion (an episode's holds an EOS per turn),
+    with the ``(N,)`` flags ``truncated`` (default: see :func:`rollout_from`)."""
     ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     prompt_ids = ids.repeat_interleave(group_size, dim=0)   # (N, Tp)
     prompt_mask = mask.repeat_interleave(group_size, dim=0)
@@ -330,10 +370,15 @@ def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]],
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row, dtype=prompt_ids.dtype)
     sequences = torch.cat([prompt_ids, tokens], dim=1).to(device)
-    rollout = rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer)
+    episodes = policy_rows is not None and any(policy_rows)
+    ends = torch.tensor([len(row) for row in rows], dtype=torch.long) if episodes else None
+    rollout = rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer, ends, truncated)
+    shape = rollout.completion_mask.shape                                                   # (N, Tc)
     if sampler_rows is not None and all(len(lp) == len(row) for lp, row in zip(sampler_rows, rows)):
-        logps = torch.zeros(rollout.completion_mask.shape)                              # (N, Tc)
-        for i, lp in enumerate(sampler_rows):
-            logps[i, : len(lp)] = torch.tensor(lp)
-        rollout.sampler_logp = logps.to(rollout.completion_mask.device)
+        rollout.sampler_logp = _padded(sampler_rows, shape, torch.float32, rollout.completion_mask.device)
+    if episodes:
+        policy_rows = [m or [1] * len(row) for m, row in zip(policy_rows, rows)]  # []: a rollout without a policy_mask
+        if not all(len(m) == len(row) for m, row in zip(policy_rows, rows)):
+            raise ValueError("a policy mask row is not as long as its completion row (see policy_mask_rows)")
+        rollout.policy_mask = _padded(policy_rows, shape, rollout.completion_mask.dtype, rollout.completion_mask.device)
     return rollout

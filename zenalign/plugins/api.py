@@ -147,6 +147,10 @@ class ScoreBatch:
     completions: list[str]
     columns: dict[str, list[Any]] = field(default_factory=dict)
     completion_ids: list[list[int]] = field(default_factory=list)
+    # each completion's tokens that the policy sampled, its EOS excluded: ``len(completion_ids[i])``
+    # for a plain completion, less the tokens a tool or an environment inserted into an episode.
+    # Empty: read ``completion_ids``
+    policy_lengths: list[int] = field(default_factory=list)
     group_size: int = 1
     step: int = 0
     # TRL's conversational format (a record's ``prompt`` is a list of messages): each completion's
