@@ -121,6 +121,24 @@ def test_a_batch_rebuilt_from_token_rows_keeps_the_policy_mask_and_the_whole_epi
     assert plain.policy_mask is None and plain.completion_mask.sum(dim=1).tolist() == [3, 5]
 
 
+def test_the_collector_rebuilds_a_refilled_batch_with_its_policy_mask(trainer, monkeypatch):
+    """Round 0's group dropped, round 1's (the episode) kept: the collector's assembled batch is
+    rebuilt from round 1's gathered rows, and trains on its policy tokens only."""
+    from dataclasses import replace
+
+    collector = trainer.collect
+    monkeypatch.setattr(collector, "max_rounds", 2)  # as with a refilling filter: the rows are gathered
+    rewards = torch.zeros(2, 1, dtype=torch.float64)
+    dropped = collector.filter_round(1, [{"prompt": "ab"}], ["ab"], episode_rollout(policy_mask=None), rewards)
+    dropped.groups = replace(dropped.groups, keep=torch.tensor([False]))
+    kept = collector.filter_round(1, [{"prompt": "ab"}], ["ab"], episode_rollout(), rewards)
+    batch = collector.assemble(1, [dropped, kept], 1)
+    assert batch.metrics["filter/rounds"] == 2.0 and batch.metrics["filter/groups_trained"] == 1.0
+    assert torch.equal(batch.rollout.sequences, episode_rollout().sequences)
+    assert torch.equal(batch.rollout.completion_mask, REAL) and torch.equal(batch.policy_mask, POLICY)
+    assert float(batch.loss_mask.sum()) == POLICY_TOKENS
+
+
 # ---------------------------------------------------------------------------------------------- the loss
 
 @pytest.mark.parametrize("aggregation, weight", [

@@ -33,7 +33,7 @@ class Rollout:
     sequences: torch.Tensor  # (N, Tp + Tc)
     attention_mask: torch.Tensor  # (N, Tp + Tc): prompt padding and post-EOS padding are 0
     prompt_length: int  # Tp
-    completion_mask: torch.Tensor  # (N, Tc): 1 for completion tokens up to and including EOS
+    completion_mask: torch.Tensor  # (N, Tc): 1 for the completion's tokens (the policy's or inserted) up to its end
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     completions: list[str]  # decoded, EOS and padding removed
     completion_ids: list[list[int]]  # token ids, EOS and padding removed
