@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import EOS, PAD, byte_tokenizer
+from helpers import EOS, PAD, byte_tokenizer, captured_gradients
 from zenalign.generation.rollout import (Rollout, completion_rows, encode_prompts, policy_mask_rows, rollout_from_rows,
                                          sampler_logp_rows)
 from zenalign.grpo.metrics import PhaseTimer
@@ -64,14 +64,7 @@ def trainer(tmp_path_factory, tiny_model_dir):
 def updater(trainer, monkeypatch):
     """The run's PolicyUpdate with the optimizer step recording the gradients (``updater.seen``) and
     leaving the weights as they are, so every update in a test starts from the same policy."""
-    seen = []
-
-    def record():
-        seen.append({name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None})
-        trainer.model.zero_grad(set_to_none=True)
-        return 0.0
-
-    monkeypatch.setattr(trainer.engine, "optimizer_step", record)
+    seen = captured_gradients(trainer, monkeypatch)
     u = trainer.updater
     monkeypatch.setattr(u, "num_iterations", 1)
     monkeypatch.setattr(u, "loss", GRPOLoss(0.2, 0.2, KL_COEF, "k3", "grpo", MAX_NEW_TOKENS))
