@@ -10,17 +10,14 @@ prompt records' other fields, one entry per completion (TRL's reward-function co
 returns one score per completion (NaN or None to abstain).
 """
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from zenalign import hookimpl
-from zenalign.errors import RecipeError, one_line
 from zenalign.plugins import FunctionReward, Options, RewardSourceType
+from zenalign.plugins.functions import import_object
 
 
 class PythonFunctionOptions(Options):
@@ -38,33 +35,7 @@ class PythonFunctionOptions(Options):
 
 def import_function(spec: str, base_dir: Path):
     """Resolve 'module:attr' or 'file.py:attr' to the object it names."""
-    module_name, _, attr = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            path = (path if path.is_absolute() else base_dir / path).resolve()
-            if not path.is_file():
-                raise RecipeError(f"python_function: file '{module_name}' does not exist (looked for {path})")
-            unique = f"zenalign_reward_fn_{abs(hash(str(path)))}"
-            module = sys.modules.get(unique)
-            if module is None:
-                loader_spec = importlib.util.spec_from_file_location(unique, path)
-                module = importlib.util.module_from_spec(loader_spec)
-                loader_spec.loader.exec_module(module)
-                sys.modules[unique] = module
-        else:
-            module = importlib.import_module(module_name)
-    except RecipeError:
-        raise
-    except Exception as exc:
-        raise RecipeError(f"python_function: cannot import '{module_name}': {type(exc).__name__}: {one_line(exc)}") from exc
-    try:
-        function = getattr(module, attr)
-    except AttributeError:
-        raise RecipeError(f"python_function: '{module_name}' has no attribute '{attr}'") from None
-    if not callable(function):
-        raise RecipeError(f"python_function: '{spec}' is a {type(function).__name__}, not a function")
-    return function
+    return import_object(spec, base_dir, "python_function")
 
 
 def build(options: PythonFunctionOptions, context):

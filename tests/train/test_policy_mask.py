@@ -267,7 +267,7 @@ def test_the_length_reward_and_overlong_shaping_read_the_policy_tokens(trainer):
 
     rollout = episode_rollout()
     batch = make_batch(["ab"], [{"prompt": "ab"}], rollout.completions, rollout.completion_ids, 2, 1,
-                       rollout.scored_lengths())
+                       policy_lengths=rollout.scored_lengths())
     assert LengthReward(LengthOptions()).score(batch) == [-5.0, -4.0]
     assert LengthReward(LengthOptions()).score(make_batch(["ab"], [{"prompt": "ab"}], rollout.completions,
                                                           rollout.completion_ids, 2, 1)) == [-8.0, -4.0]

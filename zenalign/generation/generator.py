@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional, Protocol, Sequence
 import torch
 
 from zenalign.errors import RecipeError
+from zenalign.generation.environment import Environments
+from zenalign.generation.episodes import run_episodes
 from zenalign.generation.rollout import Rollout, generate_groups
 from zenalign.generation.vllm_engine import VLLMEngine, vllm_rollout
 from zenalign.models.lora import forward_module, is_adapted
@@ -58,12 +60,14 @@ class Generator:
 
     ``engine`` is the update's engine (the policy, its device, autocast and optimizer steps);
     ``precision`` and ``lean_forward`` come from the recipe's ``engine:`` section, ``seed`` from
-    ``run.seed`` (vLLM's)."""
+    ``run.seed`` (vLLM's); ``environments``, the run's environment, makes every completion a
+    multi-turn episode (:mod:`zenalign.generation.episodes`)."""
 
     def __init__(self, sampling: SamplingSection, engine_options: EngineSection, seed: int, engine: Any,
                  tokenizer: Any, eos_ids: Sequence[int], dist: Collectives, policy_dir: Optional[Path],
-                 longest_prompt: int, fresh: bool):
+                 longest_prompt: int, fresh: bool, environments: Optional[Environments] = None):
         self.sampling, self.lean_forward = sampling, engine_options.lean_forward
+        self.environments = environments
         self.engine, self.tokenizer, self.eos_ids, self.dist = engine, tokenizer, eos_ids, dist
         self.vllm: Optional[VLLMEngine] = None
         self.sync_seconds, self.syncs = 0.0, 0
@@ -80,10 +84,17 @@ class Generator:
         self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
 
     def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int,
-                 temperature: Optional[float] = None) -> Rollout:
+                 temperature: Optional[float] = None, records: Optional[list[dict[str, Any]]] = None) -> Rollout:
         """``group_size`` completions per prompt, one per key, at ``temperature`` (default: ``sampling``'s);
-        without keys, one greedy completion each."""
+        without keys, one greedy completion each. With an environment, ``group_size`` episodes of
+        each of ``records`` instead (their prompts rendered with the tools; ``prompts`` unused)."""
         sampling = self.sampling if temperature is None else self.sampling.model_copy(update={"temperature": temperature})
+        if self.environments is not None:
+            if self.engine.synced_gpus:
+                raise RecipeError("environment: episodes across processes at ZeRO-3 are not supported yet (each "
+                                  "process would run a different number of forward passes); use engine.zero_stage 0-2")
+            return run_episodes(forward_module(self.engine.model), self.tokenizer, records, group_size, keys, sampling,
+                                self.environments, self.eos_ids, autocast=self.engine.autocast())
         if self.vllm is None:
             return generate_groups(forward_module(self.engine.model), self.tokenizer, prompts, sampling, self.eos_ids,
                                    group_size, keys=keys, autocast=self.engine.autocast(),

@@ -144,25 +144,44 @@ class GumbelSampler:
             return self._perturbed(scores, rows).argmax(dim=-1)
         return _candidates_and_tail(scores, rows, self._tokens, self.candidates)
 
+    def choose_at(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`choose` with each row at a position of its own, ``positions`` ``(N,)``: for episodes,
+        whose rows wait for their tools or stop for the others, a token's noise is keyed by how many
+        tokens its row has sampled, not by a column of the batch."""
+        scores = self._tempered(None, scores)
+        self._hash_tokens(scores)
+        rows = splitmix64(self.keys.to(scores.device, torch.int64)[:, None] * 1_000_003 + positions[:, None])
+        if scores.shape[-1] <= max(self.full_vocab, self.candidates):
+            return self._perturbed(scores, rows).argmax(dim=-1)
+        return _candidates_and_tail(scores, rows, self._tokens, self.candidates)
+
     def _perturbed(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``scores + G`` with every id's own noise, G = -log(-log U)."""
         return scores + _gumbel(rows, self._tokens[:, : scores.shape[-1]]).to(scores.dtype)
 
     def _prepared(self, input_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32, tempered, truncated scores and this position's ``(N, 1)`` row hashes."""
-        scores = scores.float()
-        if self.temperature != 1.0:
-            scores = scores / self.temperature
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
+        scores = self._tempered(input_ids, scores)
         position = input_ids.shape[1] - self.prompt_length  # 0 for the first completion token
-        vocab, device = scores.shape[-1], scores.device
-        if self._tokens is None or self._tokens.shape[-1] != vocab + 2 or self._tokens.device != device:
-            self._tokens = token_hashes(vocab + 2, device)  # ids V and V + 1: the tail's two draws
+        device = scores.device
+        self._hash_tokens(scores)
         if self._rows is None or self._rows.device != device or position >= self._rows.shape[1]:
             end = (position // ROW_BLOCK + 1) * ROW_BLOCK
             self._rows = row_hashes(self.keys.to(device), 0, end)  # generate_groups moves the keys before decoding
         return scores, self._rows[:, position : position + 1]                           # (N, 1)
+
+    def _tempered(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        for warper in self.warpers:  # transformers' top-k and top-p warpers do not read input_ids
+            scores = warper(input_ids, scores)
+        return scores
+
+    def _hash_tokens(self, scores: torch.Tensor) -> None:
+        vocab, device = scores.shape[-1], scores.device
+        if self._tokens is None or self._tokens.shape[-1] != vocab + 2 or self._tokens.device != device:
+            self._tokens = token_hashes(vocab + 2, device)  # ids V and V + 1: the tail's two draws
 
 
 def _gumbel(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

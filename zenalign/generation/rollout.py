@@ -44,6 +44,9 @@ class Rollout:
     # (tool results, environment text, the next turn's chat headers) and on padding; None: every
     # completion token is the policy's (see ``policy_token_mask``)
     policy_mask: Optional[torch.Tensor] = None
+    # multi-turn episodes (zenalign.generation.environment.EpisodeLog): each row's messages, turns and
+    # tool calls, and its episode object; None for one-turn completions
+    episodes: Any = None
 
     @property
     def completion_tokens(self) -> torch.Tensor:

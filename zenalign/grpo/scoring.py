@@ -188,6 +188,7 @@ def reward_view(batch: ScoreBatch) -> ScoreBatch:
                    policy_lengths=list(batch.policy_lengths),
                    columns={name: _own_copy(values) for name, values in batch.columns.items()},
                    prompt_messages=_own_copy(batch.prompt_messages),
+                   completion_messages=_own_copy(batch.completion_messages),
                    completion_ids=[ids if isinstance(ids, tuple) else tuple(ids) for ids in batch.completion_ids])
 
 
@@ -206,14 +207,17 @@ def select_rows(batch: ScoreBatch, rows: Sequence[int]) -> ScoreBatch:
     return replace(batch, prompts=pick(batch.prompts), completions=pick(batch.completions),
                    columns={name: pick(values) for name, values in batch.columns.items()},
                    completion_ids=pick(batch.completion_ids), policy_lengths=pick(batch.policy_lengths),
-                   prompt_messages=pick(batch.prompt_messages))
+                   prompt_messages=pick(batch.prompt_messages), completion_messages=pick(batch.completion_messages),
+                   environments=pick(batch.environments))
 
 
 def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],
-               completion_ids: list[list[int]], group_size: int, step: int,
+               completion_ids: list[list[int]], group_size: int, step: int, episodes: Any = None,
                policy_lengths: Sequence[int] = ()) -> ScoreBatch:
     """The :class:`ScoreBatch` for ``group_size`` completions of each record, prompt-major:
-    ``prompts`` holds each record's rendered prompt text once."""
+    ``prompts`` holds each record's rendered prompt text once; ``episodes`` (a rollout's
+    :class:`~zenalign.generation.environment.EpisodeLog`, for multi-turn episodes) adds their
+    messages and environment objects."""
     return ScoreBatch(
         prompts=[text for text in prompts for _ in range(group_size)],
         completions=completions,
@@ -224,6 +228,8 @@ def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: l
         step=step,
         prompt_messages=([r["prompt"] for r in records for _ in range(group_size)]
                          if records and all(is_conversational(r) for r in records) else []),
+        completion_messages=list(episodes.messages) if episodes is not None else [],
+        environments=episodes.states if episodes is not None else [],
     )
 
 

@@ -15,6 +15,8 @@ from zenalign.plugins.api import (
     BuildContext,
     Critic,
     EnforcesConstraints,
+    Environment,
+    EnvironmentType,
     LearnsValues,
     NamesItself,
     NamesObjectives,
@@ -51,7 +53,7 @@ from zenalign.plugins.api import (
     valid_regex,
 )
 from zenalign.plugins.deadline import DeadlineExceeded, call_with_deadline
-from zenalign.plugins.functions import FunctionReward
+from zenalign.plugins.functions import FunctionReward, import_object
 from zenalign.plugins.hookspecs import hookimpl, hookspec
 from zenalign.plugins.manager import get_plugin_manager, load_plugins, new_plugin_manager, register, trace_hook_calls
 from zenalign.plugins.registry import KINDS, PluginRegistry, collect_registry
@@ -78,12 +80,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CAPABILITIES", "KINDS", "KIND_PROTOCOLS", "AdvantageNormalizer", "BuildContext", "Critic", "DeadlineExceeded", "EnforcesConstraints", "FunctionReward", "LearnsValues", "NamesItself", "NamesObjectives", "NormalizerType",
+    "CAPABILITIES", "KINDS", "KIND_PROTOCOLS", "AdvantageNormalizer", "BuildContext", "Critic", "DeadlineExceeded", "EnforcesConstraints", "Environment", "EnvironmentType", "FunctionReward", "LearnsValues", "NamesItself", "NamesObjectives", "NormalizerType",
     "Objectives", "ObservesScores", "Options", "PluginRegistry", "PluginType", "PolicyLoss", "PolicyLossType",
     "ReadsFields", "RefillsGroups", "ReportsMetrics", "RewardSource", "RewardSourceType", "RolloutFilter", "RolloutFilterType",
     "RolloutGroups", "RunContext", "ScoreBatch", "SequenceAdvantagesOnly", "Stateful", "StatefulDirectory",
     "Task", "TaskType", "TokenBatch", "TokenLoss", "call_with_deadline", "check_kind", "collect_registry", "default_name", "enforces_constraints", "fields_read", "get_plugin_manager", "hookimpl",
-    "hookspec", "load_plugins", "new_plugin_manager", "objective_names", "register", "takes_token_advantages",
+    "hookspec", "import_object", "load_plugins", "new_plugin_manager", "objective_names", "register", "takes_token_advantages",
     "trace_hook_calls", "valid_regex",
     *_HELPER_MODULE,
 ]

@@ -1,5 +1,5 @@
-"""The plugin API: what a plugin hands to zenalign (reward source, normalizer, task, policy loss and
-rollout filter *types*),
+"""The plugin API: what a plugin hands to zenalign (reward source, normalizer, task, policy loss,
+rollout filter and environment *types*),
 the protocols their instances follow, the optional capabilities the engine looks for, and the run
 context plugins receive instead of the trainer.
 
@@ -134,6 +134,10 @@ class RolloutFilterType(PluginType):
     """A rollout filter kind, named in a recipe's ``filters: [{type: NAME, ...}]``."""
 
 
+class EnvironmentType(PluginType):
+    """An environment kind, named in a recipe's ``environment: {type: NAME, ...}``."""
+
+
 @dataclass
 class ScoreBatch:
     """The completions a reward source scores, ``N = prompts_per_step * group_size`` of them.
@@ -156,6 +160,11 @@ class ScoreBatch:
     # TRL's conversational format (a record's ``prompt`` is a list of messages): each completion's
     # prompt messages; plain reward functions then get messages, as in TRL. Empty otherwise.
     prompt_messages: list[list[dict[str, Any]]] = field(default_factory=list)
+    # multi-turn episodes: the messages each episode's policy and tools wrote (assistant and tool
+    # messages; ``completions`` then holds the last assistant message's text), and each episode's
+    # environment object (TRL reward functions' ``environments``; None for tools only). Empty otherwise.
+    completion_messages: list[list[dict[str, Any]]] = field(default_factory=list)
+    environments: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -289,6 +298,22 @@ class Task(Protocol):
     def train_prompts(self) -> list[dict[str, Any]]: ...
 
     def eval_prompts(self) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """What an environment plugin builds: a source of episodes, one per rollout (docs/agents.md).
+
+    ``new_episode()`` returns a fresh object in the shape of TRL's ``environment_factory``
+    products: ``reset(**record)`` (called with every field of the prompt record) returns None or
+    text appended to the last user message; its other public methods are the tools the policy may
+    call (type hints and a Google-style docstring give their schema); an optional ``get_reward()``
+    scores the finished episode as one more objective, named after the environment. It may return
+    None for an environment that is only the recipe's tools (``python_tools``). zenalign makes one
+    episode first, at build time, to check it.
+    """
+
+    def new_episode(self) -> Any: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +529,7 @@ KIND_PROTOCOLS: dict[type, tuple[type, ...]] = {
     TaskType: (Task,),
     PolicyLossType: (PolicyLoss,),
     RolloutFilterType: (RolloutFilter,),
+    EnvironmentType: (Environment,),
 }
 _NEEDS = {
     RewardSource: "score(batch)",
@@ -514,6 +540,7 @@ _NEEDS = {
     PolicyLoss: "per_token(logp, old_logp, advantages, ref_logp, mask), token_weights(mask, ...) and "
                 "skips_zero_advantage_rows",
     RolloutFilter: "__call__(groups, objectives)",
+    Environment: "new_episode()",
 }
 
 

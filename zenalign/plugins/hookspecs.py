@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from zenalign.plugins.api import (BuildContext, NormalizerType, PolicyLossType, RewardSource, RewardSourceType,
+    from zenalign.plugins.api import (BuildContext, EnvironmentType, NormalizerType, PolicyLossType, RewardSource, RewardSourceType,
                                       RolloutFilterType, RunContext, TaskType)
 
 PROJECT = "zenalign"
@@ -66,6 +66,16 @@ def zenalign_policy_loss_types() -> list[PolicyLossType]:
 @hookspec
 def zenalign_rollout_filter_types() -> list[RolloutFilterType]:
     """Return the rollout filter types this plugin provides (see ``RolloutFilter``).
+
+    Call rule: all results are collected. A name provided by two plugins is an error that names
+    both.
+    """
+
+
+@hookspec
+def zenalign_environment_types() -> list[EnvironmentType]:
+    """Return the environment types this plugin provides (see ``Environment``): what a recipe's
+    ``environment: {type: NAME}`` names for multi-turn episodes with tools.
 
     Call rule: all results are collected. A name provided by two plugins is an error that names
     both.

@@ -1,4 +1,4 @@
-"""The registry: every reward source, normalizer, task, policy loss and rollout filter type the
+"""The registry: every reward source, normalizer, task, policy loss, rollout filter and environment type the
 registered plugins provide, by kind and name, with the plugin that provides each."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from zenalign.errors import PluginError, one_line
-from zenalign.plugins.api import (NormalizerType, PluginType, PolicyLossType, RewardSourceType, RolloutFilterType,
+from zenalign.plugins.api import (EnvironmentType, NormalizerType, PluginType, PolicyLossType, RewardSourceType, RolloutFilterType,
                                   TaskType)
 from zenalign.plugins.manager import get_plugin_manager
 
@@ -19,6 +19,7 @@ KINDS: dict[str, tuple[str, type[PluginType], str]] = {
     "task": ("zenalign_task_types", TaskType, "task"),
     "loss": ("zenalign_policy_loss_types", PolicyLossType, "policy loss"),
     "filter": ("zenalign_rollout_filter_types", RolloutFilterType, "rollout filter"),
+    "environment": ("zenalign_environment_types", EnvironmentType, "environment"),
 }
 
 

@@ -704,13 +704,41 @@ class FilterEntry(EntrySection):
     """Fields every rollout filter entry has, besides its plugin's own options."""
 
 
+class EnvironmentEntry(EntrySection):
+    """Fields every environment entry has, besides its plugin's own options: the tools, the episode's
+    budgets and what a tool may cost (docs/agents.md)."""
+
+    name: Optional[str] = Field(
+        None, description="The objective an episode's get_reward() scores, when the environment has one "
+        "(`reward_mean/<name>`). Defaults to the type's name.")
+    tools: list[str] = Field(
+        default_factory=list,
+        description="Plain Python functions the policy may call, as TRL's `tools=` takes them (type hints and a "
+        "Google-style docstring give each one's schema): `file.py:function` (relative to the recipe's directory) "
+        "or `module:function`; the built-in code runner is `zenalign.plugins.sandbox:python`.")
+    max_turns: int = Field(
+        4, ge=1, description="Most assistant turns in an episode (TRL's max_tool_calling_iterations + 1). An "
+        "episode still calling tools at its last turn ends there, marked truncated.")
+    max_episode_tokens: Optional[int] = Field(
+        None, ge=1, description="Most tokens after the prompt in an episode: the policy's (which "
+        "`sampling.max_new_tokens` bounds on its own) plus the tool and environment messages inserted between "
+        "turns. An episode whose next message would pass it ends there, marked truncated. null: the model's "
+        "positions left after the prompt.")
+    tool_timeout_s: float = Field(
+        10.0, gt=0.0, allow_inf_nan=False, description="Longest one tool call may take, in seconds; one that "
+        "runs over becomes an error message to the policy (`tools/timeouts`), and the episode goes on.")
+    max_tool_output_chars: int = Field(
+        2000, ge=16, description="A tool result longer than this many characters is cut to it, with a marker "
+        "saying how much was left out.")
+
+
 ENTRY_BASES: dict[str, type[EntrySection]] = {"reward": RewardEntry, "normalizer": NormalizerEntry, "task": TaskEntry,
-                                         "loss": LossEntry, "filter": FilterEntry}
+                                         "loss": LossEntry, "filter": FilterEntry, "environment": EnvironmentEntry}
 
 
 class Recipe(Section):
-    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, filters, normalizer, loss, engine,
-    run, plugins, sweep."""
+    """A GRPO run. Sections: model, data, sampling, grpo, rewards, objectives, filters, normalizer, loss,
+    environment, engine, run, plugins, sweep."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="The policy to train.")
     data: Optional[Any] = Field(
@@ -746,6 +774,13 @@ class Recipe(Section):
         "default loss (grpo, the clipped surrogate); gspo and cispo are built in, each with its own clip range. "
         "Without `type`, the default loss. The KL term's weight is `grpo.kl_coef`. The older spellings "
         "grpo.clip_epsilon, grpo.clip_epsilon_high, grpo.kl_estimator and grpo.loss_aggregation still work.",
+    )
+    environment: Optional[Any] = Field(
+        None,
+        description="Multi-turn episodes with tools: `{type: ENVIRONMENT, tools: [file.py:function], max_turns, "
+        "max_episode_tokens, tool_timeout_s, ...options}` (docs/agents.md). Each completion is then an episode of "
+        "assistant turns and tool or environment messages; only the policy's tokens are trained. null: one-turn "
+        "completions.",
     )
     engine: EngineSection = Field(default_factory=EngineSection, description="How the update runs.")
     run: RunSection = Field(default_factory=RunSection, description="Seeds, length, logging, output.")
@@ -805,6 +840,7 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
     task = tagged_union("task", registry)
     loss = tagged_union("loss", registry)
     rollout_filter = tagged_union("filter", registry)
+    environment = tagged_union("environment", registry)
     fields = Recipe.model_fields
     default_normalizer = registry.default("normalizer")
     default_loss = registry.default("loss")
@@ -827,6 +863,7 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
         data=(Optional[task], described("data", default=None)),
         rewards=(list[reward], described("rewards", default_factory=list)),
         filters=(list[rollout_filter], described("filters", default_factory=list)),
+        environment=(Optional[environment], described("environment", default=None)),
         normalizer=(Optional[normalizer], described("normalizer", default=normalizer_default, validate_default=True)),
         loss=(Optional[loss], described("loss", default={"type": default_loss} if default_loss else None,
                                         validate_default=True)),

@@ -19,10 +19,12 @@ from zenalign.models.loading import (check_tokenizer_fits, frozen_copy, load_cau
 from zenalign.models.lora import (add_adapters, holds_adapter, is_adapted, load_adapter, load_adapter_weights,
                                   require_peft)
 from zenalign.plugins import (BuildContext, Critic, Objectives, default_name, enforces_constraints, fields_read,
-                              get_plugin_manager, takes_token_advantages)
+                              get_plugin_manager, import_object, takes_token_advantages)
 from zenalign.recipe.loader import LoadedRecipe
-from zenalign.recipe.schema import KL_COEF_WARNING, RewardEntry
+from zenalign.recipe.schema import KL_COEF_WARNING, EnvironmentEntry, RewardEntry
 from zenalign.grpo.scoring import BoundReward, Scorer, bind_reward
+from zenalign.generation.environment import Budgets, EnvironmentReward, Environments
+from zenalign.generation.episodes import render_episode_prompt
 from zenalign.generation.vllm_engine import check_vllm
 from zenalign.train.budget import check_memory
 
@@ -41,17 +43,37 @@ class Inputs:
     reward_weights: Optional[Sequence[float]] = None  # one per given reward (TRL's reward_weights)
     train_dataset: Any = None  # prompts when train() gets none (TRL's train_dataset: a list or datasets.Dataset)
     eval_dataset: Any = None
+    tools: Optional[Sequence[Any]] = None  # TRL's tools=: plain functions the policy may call
+    environment_factory: Any = None  # TRL's environment_factory=: a class or callable, or {name: one}
 
 
 def take_trl_arguments(options: dict[str, Any], reward_model: Any, tokenizer: Any) -> tuple[Any, ...]:
     """TRL's GRPOTrainer argument names, taken out of ``options``: ``reward_funcs`` (our
-    ``reward_model``), ``processing_class`` (``tokenizer``), ``reward_weights``, ``train_dataset``
-    and ``eval_dataset``. Returns (reward_model, tokenizer, reward_weights, train_dataset, eval_dataset)."""
+    ``reward_model``), ``processing_class`` (``tokenizer``), ``reward_weights``, ``train_dataset``,
+    ``eval_dataset``, ``tools`` and ``environment_factory``. Returns (reward_model, tokenizer,
+    reward_weights, train_dataset, eval_dataset, tools, environment_factory)."""
     for ours, theirs, given in (("reward_model", "reward_funcs", reward_model), ("tokenizer", "processing_class", tokenizer)):
         if theirs in options and given is not None:
             raise RecipeError(f"GRPOTrainer: give {ours} or TRL's name for it, {theirs}, not both")
     return (options.pop("reward_funcs", reward_model), options.pop("processing_class", tokenizer),
-            options.pop("reward_weights", None), options.pop("train_dataset", None), options.pop("eval_dataset", None))
+            options.pop("reward_weights", None), options.pop("train_dataset", None), options.pop("eval_dataset", None),
+            options.pop("tools", None), options.pop("environment_factory", None))
+
+
+def api_environment(factory: Any) -> tuple[Any, str]:
+    """The environment source and name for ``GRPOTrainer(environment_factory=...)``."""
+    if isinstance(factory, dict):
+        raise RecipeError("GRPOTrainer: environment_factory as a dict of factories (chosen by an 'environment' "
+                          "column) is not supported yet; give one factory")
+    if not callable(factory):
+        raise RecipeError(f"GRPOTrainer: environment_factory is a {type(factory).__name__}; give a class or a "
+                          f"function returning an environment object (TRL's environment_factory)")
+
+    class Source:
+        def new_episode(self) -> Any:
+            return factory()
+
+    return Source(), getattr(factory, "__name__", type(factory).__name__)
 
 
 class Builder:
@@ -63,6 +85,7 @@ class Builder:
         self.inputs = inputs
         self.context = context
         self.longest_prompt = 0  # tokens, over the training and eval prompts (set by check_prompts)
+        self.environments: Optional[Environments] = None  # set by environment()
 
     def path(self, path: str) -> Path:
         return self.context.resolve_path(path)
@@ -80,7 +103,7 @@ class Builder:
         if self.recipe.model.lora is not None:
             require_peft()
         train, evals = self.prompts(None, None)
-        rewards = self.rewards()
+        rewards = self.rewards(self.environment())
         m = self.recipe.model
         has_tokenizer = m.path or m.tokenizer_path or self.inputs.tokenizer is not None
         self.check_inputs(self.tokenizer() if has_tokenizer else None, train, evals, rewards)  # not the model
@@ -175,7 +198,33 @@ class Builder:
         except Exception as exc:
             raise PluginError(f"{where}: could not be built: {type(exc).__name__}: {one_line(exc)}") from exc
 
-    def rewards(self) -> list[BoundReward]:
+    def environment(self) -> Optional[Environments]:
+        """The run's environment (None for one-turn completions): the recipe's ``environment``
+        section, or the Python API's ``tools=`` and ``environment_factory=``. Its first episode is
+        made here, so a factory that raises, an episode without ``reset`` or a tool the chat
+        template cannot be told about stops the run before it starts."""
+        entry, given_tools, factory = self.recipe.environment, self.inputs.tools, self.inputs.environment_factory
+        if entry is None and not given_tools and factory is None:
+            return None
+        if entry is not None and (given_tools or factory is not None):
+            raise RecipeError("GRPOTrainer: give the environment in the recipe's environment: section or as "
+                              "tools=/environment_factory=, not both")
+        if entry is None:
+            entry = EnvironmentEntry()
+            source, name = (None, "tools") if factory is None else api_environment(factory)
+        else:
+            source = self.plugin("environment", "environment", entry)
+            name = entry.name or entry.type
+        tools = [import_object(spec, self.context.base_dir, f"{self.loaded.source}: environment.tools[{i}]")
+                 for i, spec in enumerate(entry.tools)] + list(given_tools or [])
+        budgets = Budgets(entry.max_turns, entry.max_episode_tokens, entry.tool_timeout_s, entry.max_tool_output_chars)
+        environments = self.environments = Environments(name, source, tools, budgets)
+        if self.recipe.sampling.decoder == "vllm":
+            raise RecipeError(f"{self.loaded.source}: environment: multi-turn episodes run on sampling.decoder zenalign "
+                              f"or generate for now; vLLM episodes are not built yet")
+        return environments
+
+    def rewards(self, environments: Optional[Environments] = None) -> list[BoundReward]:
         bound = []
         for i, entry in enumerate(self.recipe.rewards):
             source = self.plugin("reward", f"rewards[{i}]", entry)
@@ -201,6 +250,9 @@ class Builder:
                                       f"finite number")
                 bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]",
                                          timeout_s=RewardEntry.model_fields["timeout_s"].default))
+        if environments is not None and environments.has_reward:
+            bound.append(bind_reward(EnvironmentReward(environments), environments.name, "environment", 1.0,
+                                     where="environment", timeout_s=RewardEntry.model_fields["timeout_s"].default))
         if not bound:
             raise RecipeError(
                 f"{self.loaded.source}: rewards: no reward source is configured; add at least one "
@@ -301,7 +353,9 @@ class Builder:
                 raise DataError(f"{where}[{i}]: '{messages_field(record)}' is a list of chat messages but the tokenizer "
                                 f"{f'of {source!r}' if source else 'given'} has no chat template; give a tokenizer "
                                 f"with one (model.tokenizer_path) or 'prompt' as text")
-        texts = [render_prompt(record, tokenizer) for _, _, record in rows]
+        environments = self.environments
+        texts = [render_prompt(record, tokenizer) if environments is None else
+                 render_episode_prompt(record, tokenizer, environments.described, None) for _, _, record in rows]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else [0]
         longest = max(lengths)
         where, i, _ = rows[lengths.index(longest)] if texts else ("prompts", 0, None)

@@ -93,10 +93,10 @@ class BatchCollector:
             prompts = [render_prompt(record, self.tokenizer) for record in records]  # the filters see every group
             first = (index * count + mine.start) * group_size
             rollout = self.generator(prompts[mine], completion_keys(self.run.seed, step, first, len(prompts[mine]) * group_size),
-                                     group_size)
+                                     group_size, records=records[mine])
         with timer("score"):
             batch = make_batch(prompts[mine], records[mine], rollout.completions, rollout.completion_ids, group_size, step,
-                               rollout.scored_lengths())
+                               rollout.episodes, rollout.scored_lengths())
             local_rewards = self.scorer(batch)  # (N_local, K)
             self.scorer.observe(batch, local_rewards, self.objectives, self.context)
             return records, prompts, rollout, self.dist.gather_rows(local_rewards)

@@ -85,13 +85,17 @@ class Evaluator:
                 keys = completion_keys(self.run.seed + 1_000_003, self.state.step, (first + start) * group_size,
                                        len(chunk) * group_size)
             prompts = [render_prompt(record, self.tokenizer) for record in chunk]
-            rollout = self.generator(prompts, keys, group_size, self.run.eval_temperature if sampled else None)
+            rollout = self.generator(prompts, keys, group_size, self.run.eval_temperature if sampled else None,
+                                     records=chunk)
             scores.append(self.scorer(make_batch(prompts, chunk, rollout.completions, rollout.completion_ids, group_size,
-                                                 self.state.step, rollout.scored_lengths())))
+                                                 self.state.step, rollout.episodes, rollout.scored_lengths())))
             completions += rollout.completions
             if start == 0 and self.dist.is_main and not sampled:
                 shown = [{"step": self.state.step, "eval": True, "prompt": prompt, "completion": c}
                          for prompt, c in zip(prompts[:4], rollout.completions)]
+                if rollout.episodes is not None:  # the whole episode, as the policy and its tools wrote it
+                    for row, messages in zip(shown, rollout.episodes.messages):
+                        row["messages"] = messages
         return torch.cat(scores), shown, completions
 
     def _write(self, metrics: dict[str, Any], shown: list[dict[str, Any]]) -> None:

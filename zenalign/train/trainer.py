@@ -115,12 +115,28 @@ def step_metrics(state: TrainState, dist: Dist, recipe: Recipe, objectives: Obje
         truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
         entropy=entropy / entropy_tokens if entropy_tokens else None)
     metrics.update({k: update[k] for k in ("entropy_threshold", "nonfinite_skipped") if k in update})
+    if rollout.episodes is not None:
+        metrics.update(episode_metrics(dist, rollout, n))
     metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
     if dist.is_main and state.step % recipe.run.log_interval == 0:
         log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", state.step,
                  recipe.run.steps, metrics["reward_mean"], metrics["kl"], metrics["clip_frac"],
                  metrics["completions_per_s"])
     return metrics
+
+
+def episode_metrics(dist: Dist, rollout: Rollout, n: int) -> dict[str, Any]:
+    """Multi-turn episodes over all ranks: assistant turns per episode, tool calls and how they
+    ended (per step), the time spent in the environment (its slowest process), and an episode's
+    tokens after the prompt split into the policy's and those inserted between turns."""
+    log_ = rollout.episodes
+    policy = float(rollout.policy_mask.sum())
+    turns, calls, errors, timeouts, policy, inserted = dist.sum([
+        float(sum(log_.turns)), float(sum(log_.calls)), float(sum(log_.errors)), float(sum(log_.timeouts)), policy,
+        float(rollout.completion_mask.sum()) - policy])
+    return {"turns/mean": turns / n, "tools/calls": calls, "tools/errors": errors, "tools/timeouts": timeouts,
+            "time/environment": round(dist.max([log_.seconds])[0], 6), "episode/policy_tokens": policy / n,
+            "episode/environment_tokens": inserted / n}
 
 
 def finished_result(run_dir: RunDir, steps: int) -> TrainResult:
@@ -240,11 +256,12 @@ class GRPOTrainer:
         builder.context = BuildContext(recipe=r, base_dir=self.loaded.base_dir, tokenizer=self.tokenizer, device=self.device,
                                        output_dir=self.run_dir.path, rank=self.dist.rank)
         train_records, eval_records = builder.prompts(prompts, eval_prompts)
+        environments = builder.environment()
         builder.check_prompts(self.tokenizer, train_records, eval_records)  # lengths and memory, before the weights load
         policy = builder.policy(self.resumed_from / "policy" if saved and saved.get("consolidated") else None)
         self.policy_config_dir = builder.policy_dir
         self.eos_ids = eos_token_ids(policy, self.tokenizer)
-        rewards = builder.rewards()
+        rewards = builder.rewards(environments)
         self.scorer = Scorer(rewards, on_stuck=self.run_dir.unlock)
         self.objectives = builder.objectives(rewards)
         self.normalizer = builder.normalizer()
@@ -256,7 +273,8 @@ class GRPOTrainer:
         self.sampler = PromptSampler(train_records, seed=r.run.seed, state=self.state.sampler)
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids,
-                                   self.dist, builder.policy_dir, builder.longest_prompt, fresh=saved is None)
+                                   self.dist, builder.policy_dir, builder.longest_prompt, fresh=saved is None,
+                                   environments=environments)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate.from_recipe(r, self.engine, self.dist, builder.loss(self.normalizer),
                                                 reference=self.reference,
@@ -395,7 +413,7 @@ class GRPOTrainer:
         ``temperature`` (default: the recipe's); or, without keys, one greedy completion per prompt."""
         texts = [render_prompt(rec, self.tokenizer) for rec in records]
         group_size = (group_size or self.recipe.sampling.group_size) if keys is not None else 1
-        return self.generator(texts, keys, group_size, temperature)
+        return self.generator(texts, keys, group_size, temperature, records=records)
 
     # ------------------------------------------------------------------------------------------
     # saving, cleanup
