@@ -97,10 +97,32 @@ def test_the_effective_policy_mask_and_the_batch_that_takes_it():
     assert batch.per_completion_advantages.tolist() == [pytest.approx(21 / 6), 0.0]
 
 
+def test_the_episode_runner_lays_out_its_rollouts_as_this_one():
+    """zenalign.generation.episodes builds the same rows, masks and completion_ids from its token
+    lists; the policy's token count a reward reads is completion_ids less the inserted tokens."""
+    from zenalign.generation.environment import EpisodeLog
+    from zenalign.generation.episodes import episode_rollout as runner_rollout
+
+    prompt = episode_rollout().sequences[0, :2].tolist()
+    region = [COMPLETION[0], COMPLETION[1][:5]]
+    policy = [POLICY[0].tolist(), POLICY[1][:5].tolist()]
+    log = EpisodeLog([[{"role": "assistant", "content": "episode"}], [{"role": "assistant", "content": "plain"}]], [])
+    built = runner_rollout(byte_tokenizer(), [prompt, prompt], region, policy, [False, False], log, {EOS}, "cpu")
+    mine = episode_rollout()
+    for name in ("sequences", "attention_mask", "completion_mask", "policy_mask", "truncated"):
+        assert torch.equal(getattr(built, name), getattr(mine, name)), name
+    assert built.completion_ids == mine.completion_ids and built.completions == mine.completions
+    assert built.scored_lengths() == [5, 4]  # 8 - 3 inserted, and 4
+    # an episode cut at its last turn while it called a tool is truncated, its final EOS still excluded
+    cut = runner_rollout(byte_tokenizer(), [prompt, prompt], region, policy, [True, False], log, {EOS}, "cpu")
+    assert cut.scored_lengths() == [5, 4]
+
+
 def test_a_batch_rebuilt_from_token_rows_keeps_the_policy_mask_and_the_whole_episode():
     """A refilling filter rebuilds its batch from the gathered rows: the episode's row is its whole
     completion region (its first turn's EOS does not end it), and the masks come back as they were."""
     rollout = episode_rollout()
+    rollout.truncated[0] = True  # as an episode cut at its last turn while it called a tool (its row ends in an EOS)
     rollout.sampler_logp = torch.arange(18, dtype=torch.float32).view(2, 9).neg() * POLICY  # 0 off the policy's
     rows, policy = completion_rows(rollout), policy_mask_rows(rollout)
     assert [len(r) for r in rows] == [9, 5] and policy == [POLICY[0].tolist(), [1] * 5]
@@ -130,6 +152,7 @@ def test_the_collector_rebuilds_a_refilled_batch_with_its_policy_mask(trainer, m
     assert torch.equal(batch.rollout.sequences, episode_rollout().sequences)
     assert torch.equal(batch.rollout.completion_mask, REAL) and torch.equal(batch.policy_mask, POLICY)
     assert float(batch.loss_mask.sum()) == POLICY_TOKENS
+    assert batch.rollout.completions == ["episode", "plain"]  # as sampled, not decoded again from the rows
 
 
 # ---------------------------------------------------------------------------------------------- the loss

@@ -64,9 +64,10 @@ class Rollout:
         return self.policy_token_mask.sum(dim=1)
 
     def scored_lengths(self) -> list[int]:
-        """Each completion's policy tokens without its EOS, as a reward source reads them
-        (``ScoreBatch.policy_lengths``): ``len(completion_ids[i])`` when the policy sampled every token."""
-        return (self.policy_lengths - (~self.truncated).long()).tolist()
+        """Each completion's policy tokens without its final EOS, as a reward source reads them
+        (``ScoreBatch.policy_lengths``): ``len(completion_ids[i])`` less the tokens inserted into it."""
+        inserted = (self.completion_mask.sum(dim=1) - self.policy_lengths).tolist()
+        return [len(ids) - int(k) for ids, k in zip(self.completion_ids, inserted)]
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -295,18 +296,18 @@ def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Se
     tokens = sequences[:, prompt_length:]
     if ends is None:
         mask, truncated = completion_mask_from(tokens, eos_ids)
+        final_eos = ~truncated
     else:
         ends = ends.to(tokens.device)
         mask = (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < ends.unsqueeze(1)).long()
-        if truncated is None:
-            last = tokens.gather(1, (ends - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-            truncated = ~(torch.isin(last, torch.tensor(list(eos_ids), device=tokens.device)) & (ends > 0))
-        truncated = truncated.to(tokens.device, torch.bool)
+        last = torch.nn.functional.pad(tokens, (1, 0), value=-1).gather(1, ends.unsqueeze(1)).squeeze(1)  # -1: empty
+        final_eos = torch.isin(last, torch.tensor(list(eos_ids), device=tokens.device))
+        truncated = ~final_eos if truncated is None else truncated.to(tokens.device, torch.bool)
     # Trim columns that are padding in every row (all completions ended early).
     keep = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
     tokens, mask = tokens[:, :keep], mask[:, :keep]
     sequences = torch.cat([sequences[:, :prompt_length], tokens], dim=1)
-    lengths = mask.sum(dim=1) - (~truncated).long()  # real tokens without the EOS
+    lengths = mask.sum(dim=1) - final_eos.long()  # real tokens without the final EOS
     # one copy to the host, not one per row (each a wait for the device on a GPU)
     ids = [row[:n] for row, n in zip(tokens.cpu().tolist(), lengths.tolist())]
     texts = decode_without_special_tokens(tokenizer, ids)

@@ -145,6 +145,8 @@ class BatchCollector:
                                         rounds[0].rollout.sequences.device, sampler_rows=rows_of("sampler_rows"),
                                         max_prompt_length=self.sampling.max_prompt_length,
                                         policy_rows=rows_of("policy_rows"), truncated=truncated)
+            # the texts as sampled: an episode's is its last assistant message, not its decoded row
+            rollout.completions = [text for r, i in chosen for text in rounds[r].groups.completions[i]]
         sampled = torch.cat([r.groups.rewards.reshape(-1, k) for r in rounds])
         masked = loss_mask[mine].reshape(-1)  # (N_local,)
         metrics = {"filter/rounds": float(len(rounds)),
