@@ -4,7 +4,9 @@
     prefer: longer   ->  r =  scale * L
     target: T        ->  r = -scale * |L - T|
 
-L counts tokens (EOS excluded) or characters. Group normalizers are invariant to ``scale``; it
+L counts tokens (EOS excluded) or characters. In an episode, tokens counts only the tokens the policy
+sampled (``ScoreBatch.policy_lengths``), not a tool's or an environment's; chars counts the
+completion text as the episode gives it. Group normalizers are invariant to ``scale``; it
 matters when this objective is combined with others by weight.
 """
 
@@ -32,7 +34,7 @@ class LengthReward:
     def score(self, batch):
         o = self.options
         if o.unit == "tokens":
-            lengths = [len(ids) for ids in batch.completion_ids]
+            lengths = batch.policy_lengths or [len(ids) for ids in batch.completion_ids]
         else:
             lengths = [len(c) for c in batch.completions]
         if o.target is not None:

@@ -234,6 +234,20 @@ def assert_draws_follow(draws: torch.Tensor, probs: torch.Tensor) -> None:
     assert statistic < chi_square_critical(int(keep.sum()) - 1), statistic
 
 
+def captured_gradients(trainer, monkeypatch):
+    """Make the engine's optimizer step record the gradients (and not step), so two updates can be
+    compared; the list each step appends its ``{name: gradient}`` to."""
+    seen = []
+
+    def record():
+        seen.append({name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None})
+        trainer.model.zero_grad(set_to_none=True)
+        return 0.0
+
+    monkeypatch.setattr(trainer.engine, "optimizer_step", record)
+    return seen
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 

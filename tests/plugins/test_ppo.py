@@ -44,6 +44,24 @@ def test_gae_by_hand():
     assert returns.tolist() == [pytest.approx([0.56736, 0.738, 1.0]), pytest.approx([1.512, 2.0, 0.0])]
 
 
+def test_tokens_inserted_into_an_episode_are_no_time_step_of_gae():
+    """Policy tokens at 0, 1 and 5, three inserted tokens (a tool's result) at 2-4, padding at 6: the
+    reward goes on token 5, the last of the policy's; the KL only on the policy's tokens; and GAE runs
+    over the policy's three tokens as if the inserted ones were not there: test_gae_by_hand's row 0."""
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 0]])
+    kl = torch.tensor([[0.1, 0.2, 9.0, 9.0, 9.0, 0.3, 9.0]])
+    got = token_rewards(torch.tensor([1.0]), mask, kl, kl_coef=0.1)
+    assert got[0].tolist() == pytest.approx([-0.01, -0.02, 0.0, 0.0, 0.0, 1.0 - 0.03, 0.0])
+    rewards = torch.tensor([[0.0, 0.0, 5.0, 5.0, 5.0, 1.0, 5.0]])  # what an inserted token holds is ignored
+    values = torch.tensor([[0.5, 0.2, 7.0, 7.0, 7.0, 0.1, 7.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert advantages[0].tolist() == pytest.approx([0.06736, 0.538, 0.0, 0.0, 0.0, 0.9, 0.0])
+    assert returns[0].tolist() == pytest.approx([0.56736, 0.738, 0.0, 0.0, 0.0, 1.0, 0.0])
+    # whitened over the policy's tokens only: the inserted ones stay 0 and move neither the mean nor the spread
+    assert torch.equal(whiten(advantages, mask)[0, 2:5], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(whiten(advantages, mask)[:, [0, 1, 5]], whiten(advantages[:, [0, 1, 5]], torch.ones(1, 3)))
+
+
 def test_gae_with_gamma_and_lambda_one_is_the_return_minus_the_value():
     rewards = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
     values = torch.tensor([[0.1, 0.2, 0.3, 0.4]])

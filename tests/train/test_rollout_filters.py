@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import RECIPES, run_cli
+from helpers import RECIPES, captured_gradients, run_cli
 from zenalign.errors import PluginError, RecipeError
 from zenalign.grpo.filtering import apply_filters, select_groups
 from zenalign.models.logprobs import completion_logprobs, token_entropy
@@ -232,19 +232,6 @@ def test_top_entropy_quantile_masks_the_policy_term_and_keeps_the_kl():
 
 
 # ---------------------------------------------------------------------------------------------- in the trainer
-
-def captured_gradients(trainer, monkeypatch):
-    """Make the engine's optimizer step record the gradients (and not step), so two updates can be compared."""
-    seen = []
-
-    def record():
-        seen.append({name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None})
-        trainer.model.zero_grad(set_to_none=True)
-        return 0.0
-
-    monkeypatch.setattr(trainer.engine, "optimizer_step", record)
-    return seen
-
 
 def rows_of(rollout, index):
     return replace(rollout, sequences=rollout.sequences[index], attention_mask=rollout.attention_mask[index],

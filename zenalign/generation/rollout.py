@@ -33,16 +33,16 @@ class Rollout:
     sequences: torch.Tensor  # (N, Tp + Tc)
     attention_mask: torch.Tensor  # (N, Tp + Tc): prompt padding and post-EOS padding are 0
     prompt_length: int  # Tp
-    completion_mask: torch.Tensor  # (N, Tc): 1 for completion tokens up to and including EOS
+    completion_mask: torch.Tensor  # (N, Tc): 1 for the completion's tokens (the policy's or inserted) up to its end
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     completions: list[str]  # decoded, EOS and padding removed
     completion_ids: list[list[int]]  # token ids, EOS and padding removed
     # (N, Tc): the log-prob each token was drawn with by a sampler other than the trainer's forward
     # (vLLM), 0 at padding; None when the trainer's own model sampled (its pi_old is exact)
     sampler_logp: Optional[torch.Tensor] = None
-    # (N, Tc): 1 on the tokens the policy sampled, 0 on tokens inserted between an episode's turns
-    # (tool and environment messages, the next turn's header) and on padding; None: every completion
-    # token is the policy's (completion_mask)
+    # (N, Tc): 1 on the tokens the policy sampled, 0 on tokens inserted into the completion region
+    # (tool results, environment text, the next turn's chat headers) and on padding; None: every
+    # completion token is the policy's (see ``policy_token_mask``)
     policy_mask: Optional[torch.Tensor] = None
     # multi-turn episodes (zenalign.generation.environment.EpisodeLog): each row's messages, turns and
     # tool calls, and its episode object; None for one-turn completions
@@ -51,6 +51,23 @@ class Rollout:
     @property
     def completion_tokens(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length :]
+
+    @property
+    def policy_token_mask(self) -> torch.Tensor:
+        """``(N, Tc)``: the tokens the policy sampled, the only ones that get a gradient or count in a
+        statistic; ``completion_mask`` (every completion token up to the end) without a ``policy_mask``."""
+        return self.completion_mask if self.policy_mask is None else self.policy_mask
+
+    @property
+    def policy_lengths(self) -> torch.Tensor:
+        """``(N,)``: how many tokens the policy sampled in each completion, its EOS included."""
+        return self.policy_token_mask.sum(dim=1)
+
+    def scored_lengths(self) -> list[int]:
+        """Each completion's policy tokens without its final EOS, as a reward source reads them
+        (``ScoreBatch.policy_lengths``): ``len(completion_ids[i])`` less the tokens inserted into it."""
+        inserted = (self.completion_mask.sum(dim=1) - self.policy_lengths).tolist()
+        return [len(ids) - int(k) for ids, k in zip(self.completion_ids, inserted)]
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -267,17 +284,30 @@ def generate_groups(
     return rollout_from(sequences, prompt_mask, eos_ids, tokenizer)
 
 
-def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Sequence[int], tokenizer: Any) -> Rollout:
+def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Sequence[int], tokenizer: Any,
+                 ends: Optional[torch.Tensor] = None, truncated: Optional[torch.Tensor] = None) -> Rollout:
     """A :class:`Rollout` from decoded ``(N, Tp + T)`` ids and the prompts' ``(N, Tp)`` mask:
-    completion masks up to each EOS, columns that are padding in every row trimmed, texts decoded."""
+    completion masks up to each EOS, columns that are padding in every row trimmed, texts decoded.
+
+    ``ends`` ``(N,)``: each completion's length instead, for rows whose completion region runs past
+    their first EOS (an episode's rows hold one per policy turn); then ``truncated`` ``(N,)`` gives
+    their flags (default: the row does not end with an EOS)."""
     prompt_length = prompt_mask.shape[1]
     tokens = sequences[:, prompt_length:]
-    mask, truncated = completion_mask_from(tokens, eos_ids)
+    if ends is None:
+        mask, truncated = completion_mask_from(tokens, eos_ids)
+        final_eos = ~truncated
+    else:
+        ends = ends.to(tokens.device)
+        mask = (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < ends.unsqueeze(1)).long()
+        last = torch.nn.functional.pad(tokens, (1, 0), value=-1).gather(1, ends.unsqueeze(1)).squeeze(1)  # -1: empty
+        final_eos = torch.isin(last, torch.tensor(list(eos_ids), device=tokens.device))
+        truncated = ~final_eos if truncated is None else truncated.to(tokens.device, torch.bool)
     # Trim columns that are padding in every row (all completions ended early).
     keep = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
     tokens, mask = tokens[:, :keep], mask[:, :keep]
     sequences = torch.cat([sequences[:, :prompt_length], tokens], dim=1)
-    lengths = mask.sum(dim=1) - (~truncated).long()  # real tokens without the EOS
+    lengths = mask.sum(dim=1) - final_eos.long()  # real tokens without the final EOS
     # one copy to the host, not one per row (each a wait for the device on a GPU)
     ids = [row[:n] for row, n in zip(tokens.cpu().tolist(), lengths.tolist())]
     texts = decode_without_special_tokens(tokenizer, ids)
@@ -292,28 +322,50 @@ def rollout_from(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: Se
     )
 
 
+def _rows(rollout: Rollout, values: Optional[torch.Tensor]) -> list[list]:
+    """Each completion's ``values`` ``(N, Tc)`` up to and including its EOS ([] each for None)."""
+    if values is None:
+        return [[] for _ in range(len(rollout))]
+    lengths = rollout.completion_mask.sum(dim=1).tolist()
+    return [row[: int(n)].tolist() for row, n in zip(values.cpu(), lengths)]
+
+
 def completion_rows(rollout: Rollout) -> list[list[int]]:
     """Each completion's tokens up to and including its EOS (what :func:`rollout_from_rows` takes back)."""
-    lengths = rollout.completion_mask.sum(dim=1).tolist()
-    return [row[: int(n)].tolist() for row, n in zip(rollout.completion_tokens, lengths)]
+    return _rows(rollout, rollout.completion_tokens)
 
 
 def sampler_logp_rows(rollout: Rollout) -> list[list[float]]:
     """Each completion's sampler log-probs, as long as its :func:`completion_rows` row ([] without any)."""
-    if rollout.sampler_logp is None:
-        return [[] for _ in range(len(rollout))]
-    lengths = rollout.completion_mask.sum(dim=1).tolist()
-    return [row[: int(n)].tolist() for row, n in zip(rollout.sampler_logp.cpu(), lengths)]
+    return _rows(rollout, rollout.sampler_logp)
+
+
+def policy_mask_rows(rollout: Rollout) -> list[list[int]]:
+    """Each completion's ``policy_mask``, as long as its :func:`completion_rows` row ([] without one:
+    every token is the policy's)."""
+    return _rows(rollout, rollout.policy_mask)
+
+
+def _padded(rows: list[list], shape: torch.Size, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """``rows`` right-padded with 0 into a ``shape`` tensor."""
+    out = torch.zeros(shape, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out.to(device)
 
 
 def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]], group_size: int,
                       eos_ids: Sequence[int], device: Any = None,
-                      sampler_rows: Optional[list[list[float]]] = None, max_prompt_length: Optional[int] = None) -> Rollout:
+                      sampler_rows: Optional[list[list[float]]] = None, max_prompt_length: Optional[int] = None,
+                      policy_rows: Optional[list[list[int]]] = None,
+                      truncated: Optional[torch.Tensor] = None) -> Rollout:
     """A :class:`Rollout` of ``group_size`` completions per prompt from their token rows (see
     :func:`completion_rows`): the prompts encoded as for sampling (left-padded, truncated to
     ``max_prompt_length``), the completions right-padded. Groups drawn in different rounds or on
     different processes join one batch this way. ``sampler_rows`` (see :func:`sampler_logp_rows`)
-    rebuild ``sampler_logp``."""
+    rebuild ``sampler_logp``; ``policy_rows`` (see :func:`policy_mask_rows`) rebuild ``policy_mask``,
+    and when there are any, each row is its whole completion (an episode's holds an EOS per turn),
+    with the ``(N,)`` flags ``truncated`` (default: see :func:`rollout_from`)."""
     ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     prompt_ids = ids.repeat_interleave(group_size, dim=0)   # (N, Tp)
     prompt_mask = mask.repeat_interleave(group_size, dim=0)
@@ -322,10 +374,15 @@ def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]],
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row, dtype=prompt_ids.dtype)
     sequences = torch.cat([prompt_ids, tokens], dim=1).to(device)
-    rollout = rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer)
+    episodes = policy_rows is not None and any(policy_rows)
+    ends = torch.tensor([len(row) for row in rows], dtype=torch.long) if episodes else None
+    rollout = rollout_from(sequences, prompt_mask.to(device), eos_ids, tokenizer, ends, truncated)
+    shape = rollout.completion_mask.shape                                                   # (N, Tc)
     if sampler_rows is not None and all(len(lp) == len(row) for lp, row in zip(sampler_rows, rows)):
-        logps = torch.zeros(rollout.completion_mask.shape)                              # (N, Tc)
-        for i, lp in enumerate(sampler_rows):
-            logps[i, : len(lp)] = torch.tensor(lp)
-        rollout.sampler_logp = logps.to(rollout.completion_mask.device)
+        rollout.sampler_logp = _padded(sampler_rows, shape, torch.float32, rollout.completion_mask.device)
+    if episodes:
+        policy_rows = [m or [1] * len(row) for m, row in zip(policy_rows, rows)]  # []: a rollout without a policy_mask
+        if not all(len(m) == len(row) for m, row in zip(policy_rows, rows)):
+            raise ValueError("a policy mask row is not as long as its completion row (see policy_mask_rows)")
+        rollout.policy_mask = _padded(policy_rows, shape, rollout.completion_mask.dtype, rollout.completion_mask.device)
     return rollout

@@ -268,5 +268,5 @@ def vllm_rollout(engine: VLLMEngine, tokenizer: Any, prompts: list[str], samplin
     sequences = torch.cat([prompt_ids.repeat_interleave(repeat, dim=0), tokens], dim=1).to(device)
     rollout = rollout_from(sequences, prompt_mask.repeat_interleave(repeat, dim=0).to(device), eos_ids, tokenizer)
     kept = rollout.completion_mask.shape[1]
-    rollout.sampler_logp = logps[:, :kept].to(rollout.completion_mask.device) * rollout.completion_mask
+    rollout.sampler_logp = logps[:, :kept].to(rollout.completion_mask.device) * rollout.policy_token_mask
     return rollout

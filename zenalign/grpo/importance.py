@@ -40,7 +40,9 @@ class ISStats:
 def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str,
                        cap: float) -> tuple[torch.Tensor, ISStats]:
     """Per-token weights ``(n, Tc)`` (0 at padding) and their statistics, from pi_old's and the
-    sampler's log-probs of the sampled tokens, ``(n, Tc)`` each, and the completion mask ``(n, Tc)``."""
+    sampler's log-probs of the sampled tokens, ``(n, Tc)`` each, and the loss mask ``(n, Tc)``: the
+    policy's tokens, the only ones the sampler drew (an episode's inserted tokens have no sampler
+    log-prob and are 0 in it, so they enter neither a weight, rho nor a statistic)."""
     m = mask.to(old_logp.dtype)                                                     # (n, Tc)
     log_ratio = (old_logp.detach() - sampler_logp.to(old_logp.dtype)) * m          # (n, Tc): log pi_old/pi_vllm
     stats = ISStats(abs_diff=float(log_ratio.abs().sum()), tokens=float(m.sum()))

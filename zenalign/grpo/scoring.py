@@ -185,6 +185,7 @@ def reward_view(batch: ScoreBatch) -> ScoreBatch:
     """What one reward source sees: new lists (TRL's reward functions get lists), with their own
     copy of every mutable element. ``completion_ids`` rows are tuples (:func:`make_batch`), shared."""
     return replace(batch, prompts=_own_copy(batch.prompts), completions=_own_copy(batch.completions),
+                   policy_lengths=list(batch.policy_lengths),
                    columns={name: _own_copy(values) for name, values in batch.columns.items()},
                    prompt_messages=_own_copy(batch.prompt_messages),
                    completion_messages=_own_copy(batch.completion_messages),
@@ -205,12 +206,14 @@ def select_rows(batch: ScoreBatch, rows: Sequence[int]) -> ScoreBatch:
 
     return replace(batch, prompts=pick(batch.prompts), completions=pick(batch.completions),
                    columns={name: pick(values) for name, values in batch.columns.items()},
-                   completion_ids=pick(batch.completion_ids), prompt_messages=pick(batch.prompt_messages),
-                   completion_messages=pick(batch.completion_messages), environments=pick(batch.environments))
+                   completion_ids=pick(batch.completion_ids), policy_lengths=pick(batch.policy_lengths),
+                   prompt_messages=pick(batch.prompt_messages), completion_messages=pick(batch.completion_messages),
+                   environments=pick(batch.environments))
 
 
 def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: list[str],
-               completion_ids: list[list[int]], group_size: int, step: int, episodes: Any = None) -> ScoreBatch:
+               completion_ids: list[list[int]], group_size: int, step: int, episodes: Any = None,
+               policy_lengths: Sequence[int] = ()) -> ScoreBatch:
     """The :class:`ScoreBatch` for ``group_size`` completions of each record, prompt-major:
     ``prompts`` holds each record's rendered prompt text once; ``episodes`` (a rollout's
     :class:`~zenalign.generation.environment.EpisodeLog`, for multi-turn episodes) adds their
@@ -220,6 +223,7 @@ def make_batch(prompts: list[str], records: list[dict[str, Any]], completions: l
         completions=completions,
         columns=metadata_columns(records, group_size),
         completion_ids=[tuple(ids) for ids in completion_ids],  # rows read-only, shared by every source
+        policy_lengths=list(policy_lengths),
         group_size=group_size,
         step=step,
         prompt_messages=([r["prompt"] for r in records for _ in range(group_size)]

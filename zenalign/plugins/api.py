@@ -151,6 +151,10 @@ class ScoreBatch:
     completions: list[str]
     columns: dict[str, list[Any]] = field(default_factory=dict)
     completion_ids: list[list[int]] = field(default_factory=list)
+    # each completion's tokens that the policy sampled, its EOS excluded: ``len(completion_ids[i])``
+    # for a plain completion, less the tokens a tool or an environment inserted into an episode.
+    # Empty: read ``completion_ids``
+    policy_lengths: list[int] = field(default_factory=list)
     group_size: int = 1
     step: int = 0
     # TRL's conversational format (a record's ``prompt`` is a list of messages): each completion's
@@ -267,7 +271,7 @@ class RolloutGroups:
     rewards: "torch.Tensor"  # (P, G, K) float64, NaN = abstain
     keep: "torch.Tensor"  # (P,) bool: groups that go to the update
     loss_mask: "torch.Tensor"  # (P, G) bool: completions whose tokens count in the loss
-    lengths: "torch.Tensor"  # (P, G) completion tokens, with the EOS (max_new_tokens when truncated)
+    lengths: "torch.Tensor"  # (P, G) the tokens the policy sampled, with the EOS (max_new_tokens when truncated)
     truncated: "torch.Tensor"  # (P, G) bool: no EOS within max_new_tokens
     prompts: list[str]  # (P,) rendered prompts
     completions: list[list[str]]  # (P, G) decoded completions
@@ -415,7 +419,7 @@ class TokenBatch:
     sequences: "torch.Tensor"
     attention_mask: "torch.Tensor"
     prompt_length: int
-    completion_mask: "torch.Tensor"  # 1 for completion tokens that count in the loss
+    completion_mask: "torch.Tensor"  # 1 for the policy's tokens that count in the loss (0: padding, inserted tokens)
     logp: "torch.Tensor"  # log pi_old of each sampled token (detached)
     ref_logp: "Optional[torch.Tensor]"  # log pi_ref of each sampled token; None without a reference
 

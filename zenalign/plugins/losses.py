@@ -185,8 +185,10 @@ def token_weights(
     - dapo:    w = 1 / sum_i |o_i|          one mean over all tokens of the batch
     - dr_grpo: w = 1 / (B * max_new_tokens) a constant, so no length bias
 
-    ``num_sequences`` (B) and ``num_tokens`` default to this batch's rows and tokens; pass the
-    global counts when rows are spread over several processes.
+    ``mask`` holds the tokens that count: the policy's, so |o_i| counts the tokens the policy sampled
+    (not those a tool or an environment inserted into an episode). ``num_sequences`` (B) and
+    ``num_tokens`` default to this batch's rows and tokens; pass the global counts when rows are
+    spread over several processes.
     """
     mask = mask.to(torch.float32)
     rows = num_sequences if num_sequences is not None else mask.shape[0]

@@ -15,8 +15,13 @@ al., arXiv 1506.02438), with ``V_T = 0`` after the last token:
     A_t     = delta_t + gamma * lambda * A_{t+1},     A_T = 0
     G_t     = A_t + V_t                               (the critic's regression target)
 
-Every tensor is ``(N, Tc)`` with a completion mask: positions past a completion's end are ignored
-and come out as 0.
+Every tensor is ``(N, Tc)`` with a mask of the policy's tokens: positions past a completion's end
+are ignored and come out as 0. In an episode (tool calls, an environment) the completion region also
+holds tokens the policy did not sample (tool results, the next turn's chat headers); they are 0 in
+the mask and are no time step: T counts the policy's tokens, ``V_{t+1}`` is the value before the
+policy's next token, whatever was inserted before it (the state includes it), and their advantages
+and returns are 0, so neither the policy nor the critic trains on them (verl's multi-turn GAE does
+the same).
 """
 
 from __future__ import annotations
@@ -28,30 +33,34 @@ import torch
 
 def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: Optional[torch.Tensor] = None,
                   kl_coef: float = 0.0) -> torch.Tensor:
-    """``(N, Tc)`` per-token rewards: ``-kl_coef * kl`` everywhere, plus each completion's scalar
-    reward ``rewards`` ``(N,)`` on its last token. A completion with no tokens gets nothing."""
+    """``(N, Tc)`` per-token rewards: ``-kl_coef * kl`` on every token of ``mask``, plus each
+    completion's scalar reward ``rewards`` ``(N,)`` on its last one. A completion with no tokens gets nothing."""
     m = mask.to(torch.float64)
     out = torch.zeros_like(m) if kl is None or kl_coef == 0 else -kl_coef * kl.to(torch.float64) * m
-    lengths = m.sum(dim=1).long()                                                  # (N,)
-    rows = torch.nonzero(lengths > 0).squeeze(1)
-    out[rows, lengths[rows] - 1] += rewards.to(torch.float64)[rows]
+    if m.shape[1] == 0:
+        return out
+    last = (m.long() * torch.arange(1, m.shape[1] + 1, device=m.device)).max(dim=1).values - 1  # (N,) -1: none
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    out[rows, last[rows]] += rewards.to(torch.float64)[rows]
     return out
 
 
 def gae(token_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns ``(N, Tc)`` by generalized advantage estimation (module docstring).
-    Completions are right-padded: position t is real where ``mask[:, t]`` is 1."""
+    Position t is one of the policy's tokens where ``mask[:, t]`` is 1; a masked position (padding,
+    or a token inserted into an episode) is skipped: A and V carry across it unchanged."""
     m = mask.to(torch.float64)
     r, v = token_reward.to(torch.float64) * m, values.to(torch.float64) * m
     advantages = torch.zeros_like(r)
     running = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)       # A_{t+1}
     next_value = torch.zeros_like(running)                                         # V_{t+1}
     for t in reversed(range(r.shape[1])):
+        real = m[:, t] > 0                                                         # (N,)
         delta = r[:, t] + gamma * next_value - v[:, t]
-        running = (delta + gamma * lam * running) * m[:, t]                        # 0 past the end
-        advantages[:, t] = running
-        next_value = v[:, t]
+        running = torch.where(real, delta + gamma * lam * running, running)        # carried over a masked t
+        advantages[:, t] = running * m[:, t]
+        next_value = torch.where(real, v[:, t], next_value)
     return advantages, (advantages + v) * m
 
 

@@ -41,8 +41,8 @@ class StepBatch:
     # (N_local,) bool: which of this process's completions count in the loss (a filter's choice);
     # None: all of them
     completion_mask: Optional[torch.Tensor] = None
-    # (N_local, Tc): 1 on the tokens the policy produced (today every completion token up to and
-    # including its EOS; tokens that tools or environments insert will be 0); default: the rollout's
+    # (N_local, Tc): 1 on the tokens the policy produced, 0 on those tools or environments inserted
+    # and on padding; default: the rollout's (Rollout.policy_token_mask)
     policy_mask: Optional[torch.Tensor] = None
     metrics: dict[str, float] = field(default_factory=dict)  # the filters' metrics
     # from the normalize phase
@@ -53,7 +53,7 @@ class StepBatch:
 
     def __post_init__(self):
         if self.policy_mask is None:
-            self.policy_mask = self.rollout.completion_mask
+            self.policy_mask = self.rollout.policy_token_mask
 
     @classmethod
     def for_update(cls, rollout: Rollout, advantages: torch.Tensor, *, ref_logp: Optional[torch.Tensor] = None,

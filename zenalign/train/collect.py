@@ -21,7 +21,7 @@ from zenalign.data import PromptSampler, render_prompt
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
-from zenalign.generation.rollout import Rollout, completion_rows, rollout_from_rows, sampler_logp_rows
+from zenalign.generation.rollout import Rollout, completion_rows, policy_mask_rows, rollout_from_rows, sampler_logp_rows
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.plugins import Objectives, RolloutGroups, RunContext
 from zenalign.recipe.schema import RunSection, SamplingSection
@@ -40,6 +40,7 @@ class Round:
     groups: RolloutGroups  # global, after the filters
     rows: list[list[int]]  # global completion token rows (gathered only when a later round may replace groups)
     sampler_rows: list[list[float]]  # their sampler log-probs (vLLM), [] each without
+    policy_rows: list[list[int]]  # their policy masks (episodes), [] each without
 
 
 class BatchCollector:
@@ -95,7 +96,7 @@ class BatchCollector:
                                      group_size, records=records[mine])
         with timer("score"):
             batch = make_batch(prompts[mine], records[mine], rollout.completions, rollout.completion_ids, group_size, step,
-                               rollout.episodes)
+                               rollout.episodes, rollout.scored_lengths())
             local_rewards = self.scorer(batch)  # (N_local, K)
             self.scorer.observe(batch, local_rewards, self.objectives, self.context)
             return records, prompts, rollout, self.dist.gather_rows(local_rewards)
@@ -104,18 +105,20 @@ class BatchCollector:
                      rewards: torch.Tensor) -> Round:
         group_size, dist = self.sampling.group_size, self.dist
         p = len(records)
-        lengths = dist.gather_rows(rollout.completion_mask.sum(dim=1).long().cpu())  # with the EOS
+        lengths = dist.gather_rows(rollout.policy_lengths.long().cpu())  # the policy's tokens, with the EOS
         truncated = dist.gather_rows(rollout.truncated.cpu())
         texts = dist.gather_objects(rollout.completions)
         rows = dist.gather_objects(completion_rows(rollout)) if self.max_rounds > 1 else []  # to rebuild a batch
         sampler_rows = dist.gather_objects(sampler_logp_rows(rollout)) if self.max_rounds > 1 else []
+        policy_rows = dist.gather_objects(policy_mask_rows(rollout)) if self.max_rounds > 1 else []
         groups = RolloutGroups(
             rewards=rewards.view(p, group_size, -1).clone(), keep=torch.ones(p, dtype=torch.bool),
             loss_mask=torch.ones(p, group_size, dtype=torch.bool), lengths=lengths.view(p, group_size),
             truncated=truncated.view(p, group_size), prompts=list(prompts),
             completions=[texts[i * group_size:(i + 1) * group_size] for i in range(p)], records=list(records),
             max_new_tokens=self.sampling.max_new_tokens, step=step)
-        return Round(records, prompts, rollout, apply_filters(self.filters, groups, self.objectives), rows, sampler_rows)
+        return Round(records, prompts, rollout, apply_filters(self.filters, groups, self.objectives), rows, sampler_rows,
+                     policy_rows)
 
     def assemble(self, step: int, rounds: list[Round], target: int) -> StepBatch:
         """The groups chosen over the rounds, as this process's rollout and the global rewards."""
@@ -133,11 +136,17 @@ class BatchCollector:
             chosen = selection.chosen[mine]
             records = [rounds[r].records[i] for r, i in chosen]
             prompts = [rounds[r].prompts[i] for r, i in chosen]
-            rows = [row for r, i in chosen for row in rounds[r].rows[i * group_size:(i + 1) * group_size]]
-            logps = [row for r, i in chosen for row in rounds[r].sampler_rows[i * group_size:(i + 1) * group_size]]
-            rollout = rollout_from_rows(self.tokenizer, prompts, rows, group_size, self.eos_ids,
-                                        rounds[0].rollout.sequences.device, sampler_rows=logps,
-                                        max_prompt_length=self.sampling.max_prompt_length)
+
+            def rows_of(field: str) -> list[list]:  # the chosen groups' rows of a Round field, in order
+                return [row for r, i in chosen for row in getattr(rounds[r], field)[i * group_size:(i + 1) * group_size]]
+
+            truncated = torch.cat([rounds[r].groups.truncated[i] for r, i in chosen])                 # (N_local,)
+            rollout = rollout_from_rows(self.tokenizer, prompts, rows_of("rows"), group_size, self.eos_ids,
+                                        rounds[0].rollout.sequences.device, sampler_rows=rows_of("sampler_rows"),
+                                        max_prompt_length=self.sampling.max_prompt_length,
+                                        policy_rows=rows_of("policy_rows"), truncated=truncated)
+            # the texts as sampled: an episode's is its last assistant message, not its decoded row
+            rollout.completions = [text for r, i in chosen for text in rounds[r].groups.completions[i]]
         sampled = torch.cat([r.groups.rewards.reshape(-1, k) for r in rounds])
         masked = loss_mask[mine].reshape(-1)  # (N_local,)
         metrics = {"filter/rounds": float(len(rounds)),

@@ -88,7 +88,7 @@ class Evaluator:
             rollout = self.generator(prompts, keys, group_size, self.run.eval_temperature if sampled else None,
                                      records=chunk)
             scores.append(self.scorer(make_batch(prompts, chunk, rollout.completions, rollout.completion_ids, group_size,
-                                                 self.state.step, rollout.episodes)))
+                                                 self.state.step, rollout.episodes, rollout.scored_lengths())))
             completions += rollout.completions
             if start == 0 and self.dist.is_main and not sampled:
                 shown = [{"step": self.state.step, "eval": True, "prompt": prompt, "completion": c}

@@ -102,7 +102,7 @@ def step_metrics(state: TrainState, dist: Dist, recipe: Recipe, objectives: Obje
     """The step's metrics over all ranks (every rank computes the same numbers)."""
     loss, kl, clip, ratio, tokens, lengths, truncated, entropy, entropy_tokens = dist.sum([
         update["loss"], update["kl"], update["clip"], update["ratio"], update["tokens"],
-        float(rollout.completion_mask.sum()), float(rollout.truncated.sum()), update["entropy"],
+        float(rollout.policy_lengths.sum()), float(rollout.truncated.sum()), update["entropy"],
         update["entropy_tokens"]])
     seconds = dict(zip(timer.seconds, dist.max(list(timer.seconds.values()))))
     n = len(rollout) * dist.world_size

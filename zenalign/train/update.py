@@ -161,14 +161,14 @@ class PolicyUpdate:
                     entropy: bool = False) -> tuple[torch.Tensor, TokenLoss]:
         """This micro-batch's share of the batch loss, with gradient, and its per-token terms.
         ``old_logp=None`` means pi_old is the current policy (mu = 1); ``mask`` is the batch's loss
-        mask ``(N, Tc)`` (default: the completion mask); ``keep`` ``(N, Tc)`` restricts the
+        mask ``(N, Tc)`` (default: the policy's tokens, ``Rollout.policy_token_mask``); ``keep`` ``(N, Tc)`` restricts the
         policy-gradient term to high-entropy tokens; with ``entropy`` the policy's entropies come back in
         ``TokenLoss.entropy``."""
         out = self.forward(self.engine.train_model, rollout, rows, entropy)
         logp, ent = out if entropy else (out, None)                                    # (n, Tc) each
         old = old_logp[rows] if old_logp is not None else logp.detach()                # (n, Tc)
         ref = ref_logp[rows] if ref_logp is not None else None                         # (n, Tc) or None
-        mask = (mask if mask is not None else rollout.completion_mask)[rows]
+        mask = (mask if mask is not None else rollout.policy_token_mask)[rows]
         weights = weights[rows]                                                        # (n, Tc)
         if rollout.sampler_logp is not None:  # sampled by vLLM: pi_old / pi_vllm, bounded (zenalign.grpo.importance)
             correction, stats = importance_weights(old, rollout.sampler_logp[rows], mask, *self.correction)
