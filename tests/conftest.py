@@ -1,4 +1,4 @@
-"""Fixtures, which arrive by name (``tiny_model_dir``, ``rollout``, ``register_plugin``), and the
+"""Fixtures, which arrive by name (``tiny_model_dir``, ``scripted_agent_dir``, ``rollout``, ``register_plugin``), and the
 hook that skips gpu tests without a CUDA device. The functions and constants tests share are in
 tests/helpers.py."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_tiny_llama, byte_tokenizer, ragged_rollout
+from helpers import build_tiny_llama, byte_tokenizer, ragged_rollout, train_scripted_agent
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,6 +35,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     build_tiny_llama().save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def scripted_agent_dir(tmp_path_factory) -> Path:
+    """:func:`helpers.train_scripted_agent`: a tiny chat model that calls echo("a"), echo("b"), then
+    answers "done" (about 7 s to train)."""
+    return train_scripted_agent(tmp_path_factory.mktemp("scripted-agent"))
 
 
 @pytest.fixture

@@ -333,3 +333,65 @@ def write_recipe(tmp_path: Path, data: dict[str, Any]) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- agents
+
+CHAT_TEMPLATE = (RECIPES / "models" / "reverse-chat-policy" / "chat_template.jinja").read_text(encoding="utf-8")
+GO = [{"role": "user", "content": "go"}]  # the scripted agent's prompt
+
+
+def echo(text: str) -> str:
+    """Say the text back in capitals.
+
+    Args:
+        text: what to say back
+    """
+    return text.upper()
+
+
+def scripted_turns() -> list[str]:
+    """What the scripted agent writes: two tool calls, then an answer."""
+    call = '<tool_call>{{"name": "echo", "arguments": {{"text": "{}"}}}}</tool_call>'
+    return [call.format("a"), call.format("b"), "done"]
+
+
+def chat_tokenizer(template: str = CHAT_TEMPLATE):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def train_scripted_agent(path: Path, steps: int = 300, hidden: int = 64) -> Path:
+    """A tiny Llama (head size 32, as vLLM's CPU attention takes) that has learnt one episode by
+    heart: to GO, with the echo tool, it calls echo("a"), then echo("b"), then answers "done". The
+    loss covers the assistant turns only; saved with the byte tokenizer and the tiny chat template."""
+    tokenizer = chat_tokenizer()
+    messages, labels_at = list(GO), []
+    prompt = tokenizer.apply_chat_template(messages, tools=[echo], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for turn, text in enumerate(scripted_turns()):
+        turn_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [EOS]
+        labels_at += range(len(ids), len(ids) + len(turn_ids))
+        ids += turn_ids
+        if turn < 2:
+            arguments = {"text": "ab"[turn]}
+            messages += [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "echo", "arguments": arguments}}]}, {"role": "tool", "name": "echo", "content": echo(**arguments)}]
+            full = tokenizer.apply_chat_template(messages, tools=[echo], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    model = build_tiny_llama(seed=0, hidden=hidden, head_dim=32)
+    model.config.max_position_embeddings = 512  # rotary positions: a number in the config
+    x = torch.tensor([ids])
+    labels = torch.full_like(x, -100)
+    labels[0, labels_at] = x[0, labels_at]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -23,7 +23,7 @@ from zenalign.errors import RecipeError
 from zenalign.generation.environment import Environments
 from zenalign.generation.episodes import run_episodes
 from zenalign.generation.rollout import Rollout, generate_groups
-from zenalign.generation.vllm_engine import VLLMEngine, vllm_rollout
+from zenalign.generation.vllm_engine import VLLMEngine, vllm_episodes, vllm_rollout
 from zenalign.models.lora import forward_module, is_adapted
 from zenalign.recipe.schema import EngineSection, SamplingSection
 
@@ -78,7 +78,7 @@ class Generator:
                               "directory); a model object or a peft model was given; use decoder zenalign")
         options = sampling.vllm
         self.vllm = VLLMEngine(policy_dir, options, engine_options.precision,
-                               options.max_model_len or longest_prompt + sampling.max_new_tokens,
+                               options.max_model_len or self.longest_sequence(longest_prompt),
                                seed, engine.device.type, distributed=dist.active)
         # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
         self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
@@ -89,6 +89,10 @@ class Generator:
         without keys, one greedy completion each. With an environment, ``group_size`` episodes of
         each of ``records`` instead (their prompts rendered with the tools; ``prompts`` unused)."""
         sampling = self.sampling if temperature is None else self.sampling.model_copy(update={"temperature": temperature})
+        if self.environments is not None and self.vllm is not None:
+            self.sync()
+            return vllm_episodes(self.vllm, self.tokenizer, records, group_size, keys, sampling, self.environments,
+                                 self.eos_ids, next(self.engine.model.parameters()).device)
         if self.environments is not None:
             if self.engine.synced_gpus:
                 raise RecipeError("environment: episodes across processes at ZeRO-3 are not supported yet (each "
@@ -102,6 +106,15 @@ class Generator:
         self.sync()
         device = next(self.engine.model.parameters()).device
         return vllm_rollout(self.vllm, self.tokenizer, prompts, sampling, self.eos_ids, group_size, keys, device)
+
+    def longest_sequence(self, longest_prompt: int) -> int:
+        """The longest prompt and completion vLLM must hold: with an environment, the prompt and the
+        whole episode (``environment.max_episode_tokens``, else what the model's positions allow)."""
+        if self.environments is None:
+            return longest_prompt + self.sampling.max_new_tokens
+        positions = getattr(self.engine.model.config, "max_position_embeddings", None) or 1 << 20
+        cap = self.environments.budgets.max_episode_tokens
+        return min(positions, longest_prompt + cap) if cap else positions
 
     def sync(self) -> None:
         """Push the policy's weights into the engine when the optimizer has stepped since the last push."""

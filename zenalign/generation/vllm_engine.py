@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from zenalign.errors import ModelLoadError, RecipeError, one_line
+from zenalign.generation.episodes import EpisodeBatch
+from zenalign.generation.gumbel import splitmix64
 from zenalign.generation.rollout import Rollout, encode_prompts, rollout_from
 from zenalign.recipe.schema import LoraSection, SamplingSection, VLLMSection
 
@@ -215,7 +217,28 @@ class VLLMEngine:
                                  top_k=sampling.top_k, logprobs=0, detokenize=False, ignore_eos=True,
                                  stop_token_ids=list(eos_ids), seed=seeds[p] if seeds is not None else None)
                   for p in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        return self._drawn(self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
+                                             use_tqdm=False))
+
+    def turns(self, rows: list[list[int]], max_tokens: list[int], seeds: Optional[list[int]], sampling: SamplingSection,
+              eos_ids: Sequence[int]) -> list[tuple[list[int], list[float]]]:
+        """One assistant turn for each of ``rows`` (an episode's tokens so far): at most ``max_tokens[i]``
+        tokens through the EOS, and the sampler's log-prob of each; greedy without ``seeds``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        params = [SamplingParams(n=1, max_tokens=budget, temperature=sampling.temperature if seeds is not None else 0.0,
+                                 top_p=sampling.top_p, top_k=sampling.top_k, logprobs=0, detokenize=False,
+                                 ignore_eos=True, stop_token_ids=list(eos_ids),
+                                 seed=seeds[i] if seeds is not None else None)
+                  for i, budget in enumerate(max_tokens)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in rows], params, use_tqdm=False)
+        return [group[0] for group in self._drawn(outputs)]
+
+    def _drawn(self, outputs: Any) -> list[list[tuple[list[int], list[float]]]]:
+        """Each request's completions: (ids through the EOS, their log-probs); the engine put to sleep
+        after a generation when it may sleep."""
         if self.sleep_mode:
             self.llm.sleep(level=1)
             self.asleep = True
@@ -269,4 +292,35 @@ def vllm_rollout(engine: VLLMEngine, tokenizer: Any, prompts: list[str], samplin
     rollout = rollout_from(sequences, prompt_mask.repeat_interleave(repeat, dim=0).to(device), eos_ids, tokenizer)
     kept = rollout.completion_mask.shape[1]
     rollout.sampler_logp = logps[:, :kept].to(rollout.completion_mask.device) * rollout.policy_token_mask
+    return rollout
+
+
+def vllm_episodes(engine: VLLMEngine, tokenizer: Any, records: list[dict[str, Any]], group_size: int,
+                  keys: Optional[torch.Tensor], sampling: SamplingSection, environments: Any, eos_ids: Sequence[int],
+                  device: Any = None) -> Rollout:
+    """:func:`~zenalign.generation.episodes.run_episodes` on vLLM: each turn of each episode is one
+    request on the episode's whole token prefix (vLLM's prefix cache keeps the earlier turns), with a
+    seed of its own from the episode's key and the turn; ``sampler_logp`` holds the log-prob of each
+    token the policy sampled, 0 on inserted tokens."""
+    batch = EpisodeBatch(tokenizer, [r for r in records for _ in range(group_size)], environments, eos_ids,
+                         sampling.max_prompt_length, engine.max_model_len)
+    logps: list[list[float]] = [[] for _ in range(len(batch))]
+    for turn in range(1, environments.budgets.max_turns + 1):
+        budgets = batch.budgets(sampling.max_new_tokens).tolist()
+        active = [i for i, budget in enumerate(budgets) if budget > 0]
+        seeds = None if keys is None else [group_seed(splitmix64(keys[i:i + 1].long() + turn)[0]) for i in active]
+        drawn = dict(zip(active, engine.turns([batch.prompts[i] + batch.region[i] for i in active],
+                                              [budgets[i] for i in active], seeds, sampling, eos_ids) if active else []))
+        for i in range(len(batch)):
+            tokens, lps = drawn.get(i, ([], []))
+            batch.after_turn(i, tokens, turn)
+            logps[i] += lps
+            logps[i] += [0.0] * (len(batch.region[i]) - len(logps[i]))  # the inserted tokens
+        if all(batch.done):
+            break
+    rollout = batch.rollout(device)
+    table = torch.zeros(rollout.completion_mask.shape)
+    for i, row in enumerate(logps):
+        table[i, : len(row)] = torch.tensor(row[: table.shape[1]])
+    rollout.sampler_logp = table.to(rollout.completion_mask.device) * rollout.policy_token_mask
     return rollout

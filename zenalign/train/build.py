@@ -219,9 +219,6 @@ class Builder:
                  for i, spec in enumerate(entry.tools)] + list(given_tools or [])
         budgets = Budgets(entry.max_turns, entry.max_episode_tokens, entry.tool_timeout_s, entry.max_tool_output_chars)
         environments = self.environments = Environments(name, source, tools, budgets)
-        if self.recipe.sampling.decoder == "vllm":
-            raise RecipeError(f"{self.loaded.source}: environment: multi-turn episodes run on sampling.decoder zenalign "
-                              f"or generate for now; vLLM episodes are not built yet")
         return environments
 
     def rewards(self, environments: Optional[Environments] = None) -> list[BoundReward]:
