@@ -60,5 +60,5 @@ def class_environment(options: ClassOptions, context) -> ClassEnvironment:
 
 @hookimpl
 def zenalign_environment_types():
-    return [EnvironmentType("python_tools", PythonToolsOptions, tools_only),
+    return [EnvironmentType("python_tools", PythonToolsOptions, tools_only, default=True),
             EnvironmentType("environment_class", ClassOptions, class_environment)]

@@ -387,11 +387,16 @@ def train_scripted_agent(path: Path, steps: int = 300, hidden: int = 64) -> Path
     labels = torch.full_like(x, -100)
     labels[0, labels_at] = x[0, labels_at]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = model(input_ids=x, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from a second thread, and loses a lot on a busy machine
+    try:
+        for _ in range(steps):
+            loss = model(input_ids=x, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

@@ -220,6 +220,7 @@ MAPPED = {
     "vllm_importance_sampling_clip_max": (3.0, {"sampling.vllm_is_correction.cap": 3.0}),
     "vllm_importance_sampling_cap": (2.5, {"sampling.vllm_is_correction.cap": 2.5}),
     "beta": (0.04, {"grpo.kl_coef": 0.04}),
+    "max_tool_calling_iterations": (2, {"environment.max_turns": 3}),
     "epsilon": (0.1, {"loss.clip_epsilon": 0.1}),
     "epsilon_high": (0.28, {"loss.clip_epsilon_high": 0.28}),
     "loss_type": ("bnpo", {"loss.aggregation": "dapo"}),

@@ -844,6 +844,7 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
     fields = Recipe.model_fields
     default_normalizer = registry.default("normalizer")
     default_loss = registry.default("loss")
+    default_environment = registry.default("environment")
 
     def described(name: str, **kw):
         return Field(description=fields[name].description, **kw)
@@ -855,11 +856,19 @@ def build_recipe_model(registry: PluginRegistry) -> type[Recipe]:
         missing = isinstance(value, dict) and "type" not in value and default_loss
         return {"type": default_loss, **value} if missing else value
 
+    def default_environment_type(cls, value):
+        """An environment section without `type` is the default environment's (`environment: {max_turns: 3}`,
+        or TRL's max_tool_calling_iterations beside the API's tools=)."""
+        missing = isinstance(value, dict) and "type" not in value and default_environment
+        return {"type": default_environment, **value} if missing else value
+
     return create_model(
         "Recipe",
         __base__=Recipe,
         __doc__=Recipe.__doc__,
-        __validators__={"_default_loss_type": field_validator("loss", mode="before")(default_loss_type)},
+        __validators__={"_default_loss_type": field_validator("loss", mode="before")(default_loss_type),
+                        "_default_environment_type": field_validator("environment", mode="before")(
+                            default_environment_type)},
         data=(Optional[task], described("data", default=None)),
         rewards=(list[reward], described("rewards", default_factory=list)),
         filters=(list[rollout_filter], described("filters", default_factory=list)),

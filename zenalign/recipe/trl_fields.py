@@ -260,7 +260,9 @@ GROUPS: dict[str, dict[str, TRLField]] = {
         "entropy_target": no(ONLY_WITH.format(what="an entropy bonus"), 0.2),
         "off_policy_mask_threshold": no("DeepSeek-V3.2's off-policy sequence masking is not implemented"),
         "use_bias_correction_kl": no("the KL term is not weighted by the importance ratio, as TRL's False", False),
-        "max_tool_calling_iterations": no("multi-turn tool calling is not part of the GRPO step here"),
+        "max_tool_calling_iterations": to("environment.max_turns", "tool rounds; zenalign counts assistant turns, one "
+                                          "more (TRL's None, no limit, keeps max_turns' 4)",
+                                          lambda value: {} if value is None else {"environment.max_turns": value + 1}),
         "router_aux_loss_coef": no("the loss has no mixture-of-experts load-balancing term"),
         "cast_lm_head_to_fp32": no("the LM head runs in the engine's precision (engine.precision)", False),
         "disable_dropout": no("the policy keeps its configured dropout in the update (the reference runs without); set "

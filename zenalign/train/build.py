@@ -206,11 +206,11 @@ class Builder:
         entry, given_tools, factory = self.recipe.environment, self.inputs.tools, self.inputs.environment_factory
         if entry is None and not given_tools and factory is None:
             return None
-        if entry is not None and (given_tools or factory is not None):
-            raise RecipeError("GRPOTrainer: give the environment in the recipe's environment: section or as "
-                              "tools=/environment_factory=, not both")
-        if entry is None:
-            entry = EnvironmentEntry()
+        if given_tools or factory is not None:  # the recipe's section may still set the budgets, and add tools
+            if entry is not None and entry.type != "python_tools":
+                raise RecipeError(f"GRPOTrainer: environment_factory/tools given and the recipe's environment is "
+                                  f"'{entry.type}'; give one environment")
+            entry = entry or EnvironmentEntry()
             source, name = (None, "tools") if factory is None else api_environment(factory)
         else:
             source = self.plugin("environment", "environment", entry)

@@ -1,0 +1,87 @@
+"""Training on multi-turn episodes through TRL's API: ``environment_factory=``, ``tools=``, reward
+functions that see the whole episode, ``get_reward()`` as an objective, and the episode metrics."""
+
+import json
+
+import pytest
+
+from helpers import GO, echo
+from zenalign import GRPOTrainer
+from zenalign.errors import PluginError, RecipeError
+
+
+class EchoRoom:
+    """A TRL-style environment: one instance per episode, its public methods the tools."""
+
+    def reset(self, **row):
+        self.said = []
+        assert row["prompt"] == GO and row["want"] == ["a", "b"]  # every column of the row
+        return None
+
+    def echo(self, text: str) -> str:
+        self.said.append(text)
+        return text.upper()
+
+    def get_reward(self) -> float:
+        return float(self.said == ["a", "b"])
+
+
+EchoRoom.echo.__doc__ = echo.__doc__  # the tool the scripted agent learnt to call
+
+
+def test_a_trl_environment_factory_trains_on_episodes(tmp_path, scripted_agent_dir):
+    seen = {}
+
+    def said_done(completions, environments, want, **kwargs):
+        seen.update(completions=completions, environments=environments)
+        return [float(c[-1]["content"] == "done") for c in completions]
+
+    out = tmp_path / "run"
+    trainer = GRPOTrainer(model=str(scripted_agent_dir), reward_funcs=[said_done], environment_factory=EchoRoom,
+                          max_tool_calling_iterations=2, num_generations=4, prompts_per_step=2, max_completion_length=200,
+                          steps=2, kl_coef=0.0, learning_rate=1e-4, output_dir=str(out), progress_bar=False,
+                          log_interval=1, log_samples=2, seed=0)
+    result = trainer.train([{"prompt": GO, "want": ["a", "b"]}] * 4, eval_prompts=[{"prompt": GO, "want": ["a", "b"]}])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for m in lines:
+        assert {"reward_mean/said_done", "reward_mean/EchoRoom"} <= set(m)
+        assert 1 < m["turns/mean"] <= 3 and 0 <= m["tools/errors"] < m["tools/calls"]  # sampling: a call may go wrong
+        assert m["episode/environment_tokens"] > 0 and m["episode/policy_tokens"] > 0 and m["time/environment"] >= 0
+    # TRL's reward-function contract: the messages the policy and its tools wrote, and the episodes' environments
+    first = seen["completions"][0]
+    assert [m["role"] for m in first][:2] == ["assistant", "tool"] and first[1] == {"role": "tool", "name": "echo",
+                                                                                       "content": "A"}
+    assert all(isinstance(e, EchoRoom) for e in seen["environments"])
+    # greedy evaluation runs the whole episode: the scripted agent's calls, then "done"
+    assert result.initial_eval["eval/reward_mean/EchoRoom"] == 1.0
+    assert result.initial_eval["eval/reward_mean/said_done"] == 1.0
+    shown = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert shown[0]["completion"] == "done" and shown[0]["messages"][-1] == {"role": "assistant", "content": "done"}
+
+
+def test_tools_alone_are_an_environment_with_no_state(tmp_path, scripted_agent_dir):
+    trainer = GRPOTrainer(model=str(scripted_agent_dir), reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+                          tools=[echo], num_generations=2, prompts_per_step=1, max_completion_length=200, steps=1,
+                          output_dir=str(tmp_path / "run"), progress_bar=False, seed=0)
+    trainer.setup([{"prompt": GO}], [])
+    try:
+        rollout = trainer.sample([{"prompt": GO}], None)
+        assert rollout.episodes.turns == [3] and rollout.completions == ["done"]
+        assert trainer.generator.environments.budgets.max_turns == 4  # the default (TRL: no limit)
+    finally:
+        trainer.cleanup()
+
+
+def test_environment_mistakes_stop_before_the_first_step(tmp_path, scripted_agent_dir):
+    class NoReset:
+        def echo(self, text: str) -> str:
+            return text
+
+    common = dict(model=str(scripted_agent_dir), reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                  output_dir=str(tmp_path / "run"), progress_bar=False)
+    with pytest.raises(PluginError, match=r"environment 'NoReset': its episode object \(NoReset\) has no reset\(\)"):
+        GRPOTrainer(environment_factory=NoReset, **common).train([{"prompt": GO}])
+    with pytest.raises(RecipeError, match="environment_factory as a dict"):
+        GRPOTrainer(environment_factory={"a": EchoRoom}, **common).train([{"prompt": GO}])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
