@@ -8,6 +8,7 @@ import pytest
 from helpers import GO, echo
 from zenalign import GRPOTrainer
 from zenalign.errors import PluginError, RecipeError
+from zenalign.grpo.metrics import PhaseTimer
 
 
 class EchoRoom:
@@ -85,3 +86,30 @@ def test_environment_mistakes_stop_before_the_first_step(tmp_path, scripted_agen
     with pytest.raises(RecipeError, match="environment_factory as a dict"):
         GRPOTrainer(environment_factory={"a": EchoRoom}, **common).train([{"prompt": GO}])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_groups_refilled_by_dynamic_sampling_keep_each_episodes_own_prompt_and_mask(tmp_path, scripted_agent_dir):
+    """Dynamic sampling drops groups whose episodes all scored the same and samples more; a batch
+    picked over several rounds is rebuilt from token rows, each episode with its own prompt (rendered
+    with the tools) and policy mask, as sampled."""
+    rounds = iter([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # group 0 of round 0 all 0: dropped, refilled
+
+    def coin(completions, **kwargs):
+        return next(rounds)
+
+    trainer = GRPOTrainer(model=str(scripted_agent_dir), reward_funcs=[coin], tools=[echo], num_generations=2,
+                          prompts_per_step=2, max_completion_length=200, steps=1, output_dir=str(tmp_path / "run"),
+                          progress_bar=False, seed=0, filters=[{"type": "dynamic_sampling", "max_extra_rounds": 3}])
+    trainer.setup([{"prompt": GO}] * 4, [])
+    try:
+        batch = trainer.collect(1, PhaseTimer())
+        assert batch.metrics["filter/rounds"] == 2 and batch.metrics["tools/calls"] > 0
+        rollout = batch.rollout
+        prompt = trainer.tokenizer(trainer.tokenizer.apply_chat_template(GO, tools=[echo], tokenize=False,
+                                                                         add_generation_prompt=True),
+                                   add_special_tokens=False)["input_ids"]
+        for row, mask in zip(rollout.sequences, rollout.attention_mask):
+            assert row[: rollout.prompt_length][mask[: rollout.prompt_length].bool()].tolist() == prompt
+        assert rollout.policy_mask is not None and (rollout.policy_mask.sum(1) < rollout.completion_mask.sum(1)).any()
+    finally:
+        trainer.cleanup()

@@ -354,21 +354,42 @@ def _padded(rows: list[list], shape: torch.Size, dtype: torch.dtype, device: Any
     return out.to(device)
 
 
+def prompt_rows(rollout: Rollout) -> list[list[int]]:
+    """Each row's prompt tokens, without the padding."""
+    prompts, mask = rollout.sequences[:, : rollout.prompt_length].cpu(), rollout.attention_mask[:, : rollout.prompt_length].cpu()
+    return [row[m.bool()].tolist() for row, m in zip(prompts, mask)]
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
 def rollout_from_rows(tokenizer: Any, prompts: list[str], rows: list[list[int]], group_size: int,
                       eos_ids: Sequence[int], device: Any = None,
                       sampler_rows: Optional[list[list[float]]] = None, max_prompt_length: Optional[int] = None,
                       policy_rows: Optional[list[list[int]]] = None,
-                      truncated: Optional[torch.Tensor] = None) -> Rollout:
+                      truncated: Optional[torch.Tensor] = None,
+                      prompt_rows: Optional[list[list[int]]] = None) -> Rollout:
     """A :class:`Rollout` of ``group_size`` completions per prompt from their token rows (see
     :func:`completion_rows`): the prompts encoded as for sampling (left-padded, truncated to
     ``max_prompt_length``), the completions right-padded. Groups drawn in different rounds or on
     different processes join one batch this way. ``sampler_rows`` (see :func:`sampler_logp_rows`)
     rebuild ``sampler_logp``; ``policy_rows`` (see :func:`policy_mask_rows`) rebuild ``policy_mask``,
     and when there are any, each row is its whole completion (an episode's holds an EOS per turn),
-    with the ``(N,)`` flags ``truncated`` (default: see :func:`rollout_from`)."""
-    ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
-    prompt_ids = ids.repeat_interleave(group_size, dim=0)   # (N, Tp)
-    prompt_mask = mask.repeat_interleave(group_size, dim=0)
+    with the ``(N,)`` flags ``truncated`` (default: see :func:`rollout_from`). ``prompt_rows`` (see
+    :func:`prompt_rows`), one per completion, replace ``prompts`` where each episode had its own."""
+    if prompt_rows is not None:  # episodes: each row's own prompt, as it was sampled (with tools, observation)
+        prompt_ids, prompt_mask = _left_padded(prompt_rows, tokenizer.pad_token_id)
+    else:
+        ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
+        prompt_ids = ids.repeat_interleave(group_size, dim=0)   # (N, Tp)
+        prompt_mask = mask.repeat_interleave(group_size, dim=0)
     width = max((len(row) for row in rows), default=0)
     tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=prompt_ids.dtype)
     for i, row in enumerate(rows):

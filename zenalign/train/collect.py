@@ -13,7 +13,7 @@ are gathered as token rows and each process rebuilds its slice of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -21,7 +21,8 @@ from zenalign.data import PromptSampler, render_prompt
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
-from zenalign.generation.rollout import Rollout, completion_rows, policy_mask_rows, rollout_from_rows, sampler_logp_rows
+from zenalign.generation.rollout import (Rollout, completion_rows, policy_mask_rows, prompt_rows, rollout_from_rows,
+                                         sampler_logp_rows)
 from zenalign.grpo.scoring import Scorer, make_batch
 from zenalign.plugins import Objectives, RolloutGroups, RunContext
 from zenalign.recipe.schema import RunSection, SamplingSection
@@ -41,6 +42,33 @@ class Round:
     rows: list[list[int]]  # global completion token rows (gathered only when a later round may replace groups)
     sampler_rows: list[list[float]]  # their sampler log-probs (vLLM), [] each without
     policy_rows: list[list[int]]  # their policy masks (episodes), [] each without
+    prompt_rows: list[list[int]]  # episodes: each row's own prompt tokens (gathered as the rows are); [] otherwise
+
+
+class EpisodeTotals:
+    """A step's multi-turn episodes on this process, over every round sampled, for the metrics."""
+
+    def __init__(self):
+        self.episodes = self.turns = self.calls = self.errors = self.timeouts = 0.0
+        self.policy = self.inserted = self.seconds = 0.0
+
+    def add(self, rollout: Rollout) -> None:
+        log, policy = rollout.episodes, float(rollout.policy_token_mask.sum())
+        self.episodes += len(rollout)
+        self.turns, self.calls = self.turns + sum(log.turns), self.calls + sum(log.calls)
+        self.errors, self.timeouts = self.errors + sum(log.errors), self.timeouts + sum(log.timeouts)
+        self.policy, self.inserted = self.policy + policy, self.inserted + float(rollout.completion_mask.sum()) - policy
+        self.seconds += log.seconds
+
+    def metrics(self, dist: Dist) -> dict[str, float]:
+        """Over every process: assistant turns per episode, the step's tool calls and how they ended, the
+        time spent in the environment (the slowest process), and an episode's tokens after its prompt
+        split into the policy's and those inserted between turns."""
+        n, turns, calls, errors, timeouts, policy, inserted = dist.sum([
+            self.episodes, self.turns, self.calls, self.errors, self.timeouts, self.policy, self.inserted])
+        return {"turns/mean": turns / n, "tools/calls": calls, "tools/errors": errors, "tools/timeouts": timeouts,
+                "time/environment": round(dist.max([self.seconds])[0], 6), "episode/policy_tokens": policy / n,
+                "episode/environment_tokens": inserted / n}
 
 
 class BatchCollector:
@@ -54,11 +82,15 @@ class BatchCollector:
         self.objectives, self.filters, self.context = objectives, list(filters), context
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.max_rounds = 1 + extra_rounds(self.filters)
+        self.episodes: Optional[EpisodeTotals] = None  # the step's, with an environment
 
     def __call__(self, step: int, timer: PhaseTimer) -> StepBatch:
         """The step's batch; the time goes to ``timer``'s sample, score and filter phases. A run
         whose reward scored nothing for ``run.hacking_patience`` steps stops here."""
+        self.episodes = EpisodeTotals() if self.generator.environments is not None else None
         batch = self.collect(step, timer)
+        if self.episodes is not None:
+            batch.metrics.update(self.episodes.metrics(self.dist))
         self.scorer.check_abstentions(batch.sampled_rewards, self.objectives.names, self.run.hacking_patience, step)
         return batch
 
@@ -94,6 +126,8 @@ class BatchCollector:
             first = (index * count + mine.start) * group_size
             rollout = self.generator(prompts[mine], completion_keys(self.run.seed, step, first, len(prompts[mine]) * group_size),
                                      group_size, records=records[mine])
+            if rollout.episodes is not None:
+                self.episodes.add(rollout)
         with timer("score"):
             batch = make_batch(prompts[mine], records[mine], rollout.completions, rollout.completion_ids, group_size, step,
                                rollout.episodes, rollout.scored_lengths())
@@ -111,6 +145,8 @@ class BatchCollector:
         rows = dist.gather_objects(completion_rows(rollout)) if self.max_rounds > 1 else []  # to rebuild a batch
         sampler_rows = dist.gather_objects(sampler_logp_rows(rollout)) if self.max_rounds > 1 else []
         policy_rows = dist.gather_objects(policy_mask_rows(rollout)) if self.max_rounds > 1 else []
+        episodes = self.max_rounds > 1 and rollout.episodes is not None
+        own_prompts = dist.gather_objects(prompt_rows(rollout)) if episodes else []
         groups = RolloutGroups(
             rewards=rewards.view(p, group_size, -1).clone(), keep=torch.ones(p, dtype=torch.bool),
             loss_mask=torch.ones(p, group_size, dtype=torch.bool), lengths=lengths.view(p, group_size),
@@ -118,7 +154,7 @@ class BatchCollector:
             completions=[texts[i * group_size:(i + 1) * group_size] for i in range(p)], records=list(records),
             max_new_tokens=self.sampling.max_new_tokens, step=step)
         return Round(records, prompts, rollout, apply_filters(self.filters, groups, self.objectives), rows, sampler_rows,
-                     policy_rows)
+                     policy_rows, own_prompts)
 
     def assemble(self, step: int, rounds: list[Round], target: int) -> StepBatch:
         """The groups chosen over the rounds, as this process's rollout and the global rewards."""
@@ -144,7 +180,8 @@ class BatchCollector:
             rollout = rollout_from_rows(self.tokenizer, prompts, rows_of("rows"), group_size, self.eos_ids,
                                         rounds[0].rollout.sequences.device, sampler_rows=rows_of("sampler_rows"),
                                         max_prompt_length=self.sampling.max_prompt_length,
-                                        policy_rows=rows_of("policy_rows"), truncated=truncated)
+                                        policy_rows=rows_of("policy_rows"), truncated=truncated,
+                                        prompt_rows=rows_of("prompt_rows") if rounds[0].prompt_rows else None)
             # the texts as sampled: an episode's is its last assistant message, not its decoded row
             rollout.completions = [text for r, i in chosen for text in rounds[r].groups.completions[i]]
         sampled = torch.cat([r.groups.rewards.reshape(-1, k) for r in rounds])

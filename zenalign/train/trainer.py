@@ -115,28 +115,12 @@ def step_metrics(state: TrainState, dist: Dist, recipe: Recipe, objectives: Obje
         truncated_frac=truncated / n, completions_per_s=n / step_seconds if step_seconds > 0 else 0.0,
         entropy=entropy / entropy_tokens if entropy_tokens else None)
     metrics.update({k: update[k] for k in ("entropy_threshold", "nonfinite_skipped") if k in update})
-    if rollout.episodes is not None:
-        metrics.update(episode_metrics(dist, rollout, n))
     metrics.update({f"time/{k}": round(v, 6) for k, v in seconds.items()})
     if dist.is_main and state.step % recipe.run.log_interval == 0:
         log.info("step %d/%d  reward %.3f  kl %.4f  clip %.3f  %.1f completions/s", state.step,
                  recipe.run.steps, metrics["reward_mean"], metrics["kl"], metrics["clip_frac"],
                  metrics["completions_per_s"])
     return metrics
-
-
-def episode_metrics(dist: Dist, rollout: Rollout, n: int) -> dict[str, Any]:
-    """Multi-turn episodes over all ranks: assistant turns per episode, tool calls and how they
-    ended (per step), the time spent in the environment (its slowest process), and an episode's
-    tokens after the prompt split into the policy's and those inserted between turns."""
-    log_ = rollout.episodes
-    policy = float(rollout.policy_mask.sum())
-    turns, calls, errors, timeouts, policy, inserted = dist.sum([
-        float(sum(log_.turns)), float(sum(log_.calls)), float(sum(log_.errors)), float(sum(log_.timeouts)), policy,
-        float(rollout.completion_mask.sum()) - policy])
-    return {"turns/mean": turns / n, "tools/calls": calls, "tools/errors": errors, "tools/timeouts": timeouts,
-            "time/environment": round(dist.max([log_.seconds])[0], 6), "episode/policy_tokens": policy / n,
-            "episode/environment_tokens": inserted / n}
 
 
 def finished_result(run_dir: RunDir, steps: int) -> TrainResult:
