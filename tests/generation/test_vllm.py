@@ -6,7 +6,8 @@ recipe's names for the field, and the one-line errors (the recipe's own mistakes
 
 With vLLM installed (``pytest -m vllm tests/generation/test_vllm.py`` in its environment; CPU install in
 docs/scaling.md): greedy completions and log-probs equal zenalign's decoder and lean forward; a
-weight sync makes vLLM's log-probs those of the updated policy; a short quickstart run learns.
+weight sync makes vLLM's log-probs those of the updated policy; multi-turn episodes equal the
+decoder's and train; a short quickstart run learns.
 Elsewhere those tests skip, "vllm not installed".
 """
 
@@ -278,6 +279,37 @@ def test_greedy_completions_and_log_probs_equal_zenalign_and_a_sync_is_real(tmp_
         assert sync_diff < 1e-4 and moved > 0.1
         trainer.generator.sync()  # no optimizer step since: nothing to push
         assert trainer.generator.syncs == 1
+    finally:
+        trainer.cleanup()
+
+
+@with_vllm
+def test_multi_turn_episodes_on_vllm_are_the_decoders_and_train(tmp_path, scripted_agent_dir):
+    """Each turn a request on the episode's whole token prefix: greedy episodes equal zenalign's
+    decoder's token for token (fp32), vLLM's log-probs cover the policy's tokens and nothing inserted,
+    and a training step runs on sampled episodes."""
+    from helpers import GO, echo
+    from zenalign import GRPOTrainer
+    from zenalign.generation.episodes import run_episodes
+
+    trainer = GRPOTrainer(model=str(scripted_agent_dir), reward_model=lambda completions, **kw: [
+        float(c[-1]["content"] == "done") for c in completions], tools=[echo], steps=1, group_size=4, prompts_per_step=1,
+        max_new_tokens=200, kl_coef=0.0, decoder="vllm", vllm={"max_model_len": 512}, progress_bar=False,
+        output_dir=str(tmp_path / "run"), seed=0)
+    trainer.setup([{"prompt": GO}] * 2, [])
+    try:
+        greedy = trainer.sample([{"prompt": GO}], None)
+        ours = run_episodes(trainer.model, trainer.tokenizer, [{"prompt": GO}], 1, None, trainer.recipe.sampling,
+                            trainer.generator.environments, trainer.eos_ids)
+        assert greedy.episodes.turns == [3] and greedy.completions == ["done"]
+        assert torch.equal(greedy.sequences, ours.sequences) and torch.equal(greedy.policy_mask, ours.policy_mask)
+        inserted = (greedy.completion_mask - greedy.policy_mask).bool()
+        assert bool((greedy.sampler_logp[inserted] == 0).all())
+        trained = trainer.updater.logprobs(trainer.model, greedy) * greedy.policy_mask
+        assert float((greedy.sampler_logp - trained).abs().max()) < 1e-4
+        trainer.state.step = 1
+        metrics = trainer.train_step()
+        assert metrics["turns/mean"] > 1 and metrics["tools/calls"] > 0 and metrics["vllm/logp_diff"] < 1e-3
     finally:
         trainer.cleanup()
 
