@@ -5,6 +5,9 @@
     python recipes/models/make_policies.py hhh-judge          # -> recipes/models/hhh-judge
     python recipes/models/make_policies.py reverse-chat       # -> recipes/models/reverse-chat-policy and
                                                               #    recipes/data/reverse-chat[-eval].jsonl
+    python recipes/models/make_policies.py agent              # -> recipes/models/agent-policy and
+                                                              #    recipes/data/agent-lookup[-eval].jsonl
+    python recipes/models/make_policies.py agent --check      # its episodes on the held-out rows
 
 Each policy is a small Llama built from a config, with the byte-level ByT5 tokenizer (which needs
 no vocabulary files), pre-trained by supervised fine-tuning on a corpus generated here with a
@@ -27,6 +30,18 @@ calls for agent work. It starts from reverse-policy (needs it in place) and ends
 about 0.14; greedy decoding echoes 97% of the held-out words, sampling reverses about a quarter.
 The prompts of recipes/quickstart-chat.yaml are written beside it: 2,000 of the task's training
 words, and its 200 held-out words for evaluation.
+
+agent: the starting policy of the lookup task (zenalign_plugins.lookup_task): "value of k37?" asks
+for a key of a table only the ``lookup`` tool reads. Its tokenizer carries AGENT_TEMPLATE, the chat
+format above with each tool by name only ("tools: lookup"). Supervision, from reverse-chat-policy
+(needs it in place): first turns answer with a right-key lookup call 25% of the time and otherwise
+guess the key's digits and a 0 (k37 -> "370", wrong but for one table in a thousand); second turns,
+after the call and its result, answer with the result. First AGENT_FRAGMENT_STEPS steps on the
+turns' last lines only, then 500 on whole turns (final loss 0.034; 9 minutes on 1 thread). On the
+200 held-out episodes (``--check``; plain ``generate``, 4 samples per row at T=1): greedy never
+calls the tool and never succeeds; at T=1 it calls in 15.1% of first turns, 88.4% of its calls with
+the right key, and 11.5% of episodes succeed; given the right result, greedy copies it in 100%.
+The longest episode is 170 tokens (system line to the answer's EOS).
 
 hhh-judge: a yes/no judge for three principles about the hhh task ("decline requests to hurt or
 steal", "never state a wrong or made-up answer", "give the right answer when you can"), trained
@@ -302,7 +317,7 @@ tools: {% for tool in tools %}{{ tool.function.name if tool.function is defined 
 """
 AGENT_TRAIN_SEED, AGENT_TRAIN_ROWS = 0, 2000        # recipes/data/agent-lookup.jsonl: episodes 0..1999
 AGENT_EVAL_SEED, AGENT_EVAL_ROWS = 1_000_000, 200   # recipes/data/agent-lookup-eval.jsonl: 1,000,000..1,000,199
-AGENT_MAX_POSITIONS = 256  # the longest episode the check saw is AGENT_LONGEST tokens (system line to the answer's EOS)
+AGENT_MAX_POSITIONS = 256  # a well-formed episode is 170 tokens; room for a long error message or a rambling turn
 
 
 def agent_call(key: str) -> dict:
@@ -326,26 +341,51 @@ def agent_guess(key: str) -> str:
     return key[1:] + "0"
 
 
-def agent_policy(out: Path, steps: int, seed: int = 0, call_share: float = 0.25, lr: float = 2e-3) -> None:
+AGENT_FRAGMENT_STEPS = 400  # the agent SFT's first stage (see agent_policy)
+
+
+def agent_policy(out: Path, steps: int, seed: int = 0, call_share: float = 0.25) -> None:
     from zenalign_plugins.lookup_task import KEYS, make_records, table
 
     tokenizer = ByT5Tokenizer()
     tokenizer.chat_template = AGENT_TEMPLATE
     call_text = '<tool_call>{"name": "lookup", "arguments": {"key": "%s"}}</tool_call>'
 
-    def example(rng: random.Random):
+    def turns(rng: random.Random):
+        """The key, (first-turn prompt, its answer), (second-turn prompt, its answer) of a training episode."""
         episode = rng.randrange(AGENT_TRAIN_SEED, AGENT_TRAIN_SEED + AGENT_TRAIN_ROWS)  # training tables only
         key = rng.choice(KEYS)
         user = {"role": "user", "content": f"value of {key}?"}
-        if rng.random() < 0.5:  # first turn: call the tool now and then, otherwise guess
-            return agent_text(tokenizer, [user]), (call_text % key if rng.random() < call_share else agent_guess(key))
-        value = table(episode)[key]  # second turn: copy the tool's result
-        return agent_text(tokenizer, [user, agent_call(key), {"role": "tool", "name": "lookup", "content": value}]), value
+        first = call_text % key if rng.random() < call_share else agent_guess(key)  # call now and then, else guess
+        value = table(episode)[key]
+        tool = {"role": "tool", "name": "lookup", "content": value}
+        return key, (agent_text(tokenizer, [user]), first), (agent_text(tokenizer, [user, agent_call(key), tool]), value)
+
+    def example(rng: random.Random):
+        _, first, second = turns(rng)
+        return first if rng.random() < 0.5 else second
+
+    def fragment(rng: random.Random):
+        """A turn with only its last lines as the prompt (a third of the tokens): a first turn, a
+        tool call cut after its key's "k" (the answer: the key's digits and the call's end), or a
+        tool result to copy. It teaches the copies, which whole turns teach slowly."""
+        key, (prompt, answer), (tool_prompt, value) = turns(rng)
+        user = prompt[prompt.rindex("<|user|>"):]
+        kind = rng.randrange(3)
+        if kind == 0:
+            return user, answer
+        if kind == 1:
+            call = call_text % key
+            return user + call[:call.index(key) + 1], call[call.index(key) + 1:]
+        return tool_prompt[tool_prompt.rindex("<|tool|>"):], value
 
     # from reverse-chat-policy, which knows the chat markers and copies words; RoPE has no table of
-    # positions, so raising max_position_embeddings is a config change
+    # positions, so raising max_position_embeddings is a config change. Copying digits is what it
+    # has to learn: 1,000 steps at lr 3e-3 on whole turns alone left both copies at chance (the
+    # tool result at the digits' marginal, every key k72), while 300 steps on fragments copied the result.
     model = LlamaForCausalLM.from_pretrained(HERE / "reverse-chat-policy", max_position_embeddings=AGENT_MAX_POSITIONS)
-    sft(model, tokenizer, example, steps=steps, batch_size=32, lr=lr, seed=seed, log_every=50)
+    sft(model, tokenizer, fragment, steps=AGENT_FRAGMENT_STEPS, batch_size=64, lr=2e-3, seed=seed, log_every=50)
+    sft(model, tokenizer, example, steps=steps, batch_size=32, lr=1e-3, seed=seed + 1, log_every=50)
     save(model, tokenizer, out)
     data = HERE.parent / "data"
     for name, records in (("agent-lookup.jsonl", make_records(AGENT_TRAIN_ROWS, AGENT_TRAIN_SEED)),
@@ -354,16 +394,17 @@ def agent_policy(out: Path, steps: int, seed: int = 0, call_share: float = 0.25,
         print(f"wrote {len(records)} episodes to {data / name}")
 
 
-def agent_generate(model, prompts: list[list[int]], temperature: float, max_new_tokens: int = 64) -> list[list[int]]:
+def agent_generate(model, prompts: list[list[int]], temperature: float, max_new_tokens: int = 96) -> list[list[int]]:
     """Each prompt's completion with plain transformers ``generate`` (left-padded batch; greedy at
-    temperature 0), up to and with its EOS."""
+    temperature 0), up to and with its EOS. A lookup call is 70 tokens and its EOS."""
     from transformers import GenerationConfig
 
     width = max(map(len, prompts))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    config = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, eos_token_id=1, pad_token_id=0)
+    # top_k=0: transformers' unset top_k is 50, which would cut the tail of the T=1 distribution
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=1, pad_token_id=0)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
     completions = []
@@ -468,7 +509,7 @@ POLICIES = {  # name -> (maker, directory, SFT steps, torch threads it was made 
     "hhh": (hhh_policy, "hhh-policy", 3000, 2),
     "hhh-judge": (hhh_judge, "hhh-judge", 2000, 2),
     "reverse-chat": (reverse_chat_policy, "reverse-chat-policy", 3000, 1),
-    "agent": (agent_policy, "agent-policy", 600, 1),
+    "agent": (agent_policy, "agent-policy", 500, 1),  # + AGENT_FRAGMENT_STEPS
 }
 CHECKS = {"agent": check_agent}  # name -> what --check runs on the policy's directory
 
