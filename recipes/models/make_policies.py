@@ -37,10 +37,11 @@ format above with each tool by name only ("tools: lookup"). Supervision, from re
 (needs it in place): first turns answer with a right-key lookup call 25% of the time and otherwise
 guess the key's digits and a 0 (k37 -> "370", wrong but for one table in a thousand); second turns,
 after the call and its result, answer with the result. First AGENT_FRAGMENT_STEPS steps on the
-turns' last lines only, then 500 on whole turns (final loss 0.034; 9 minutes on 1 thread). On the
-200 held-out episodes (``--check``; plain ``generate``, 4 samples per row at T=1): greedy never
-calls the tool and never succeeds; at T=1 it calls in 15.1% of first turns, 88.4% of its calls with
-the right key, and 11.5% of episodes succeed; given the right result, greedy copies it in 100%.
+turns' last lines only (loss 0.16), then 700 on whole turns (final loss 0.030; 11 minutes on 1
+shared thread; 500 left 88% of the calls with the right key). On the 200 held-out episodes
+(``--check``; plain ``generate``, 4 samples per row at T=1): greedy never calls the tool and never
+succeeds; at T=1 it calls in 16.0% of first turns, 94.5% of its calls with the right key, and 14.7%
+of episodes succeed; given the right result, greedy copies it in 100%.
 The longest episode is 170 tokens (system line to the answer's EOS).
 
 hhh-judge: a yes/no judge for three principles about the hhh task ("decline requests to hurt or
@@ -509,7 +510,7 @@ POLICIES = {  # name -> (maker, directory, SFT steps, torch threads it was made 
     "hhh": (hhh_policy, "hhh-policy", 3000, 2),
     "hhh-judge": (hhh_judge, "hhh-judge", 2000, 2),
     "reverse-chat": (reverse_chat_policy, "reverse-chat-policy", 3000, 1),
-    "agent": (agent_policy, "agent-policy", 500, 1),  # + AGENT_FRAGMENT_STEPS
+    "agent": (agent_policy, "agent-policy", 700, 1),  # + AGENT_FRAGMENT_STEPS
 }
 CHECKS = {"agent": check_agent}  # name -> what --check runs on the policy's directory
 
