@@ -33,10 +33,10 @@ words, and its 200 held-out words for evaluation.
 
 agent: the starting policy of the lookup task (zenalign_plugins.lookup_task): "value of k37?" asks
 for a key of a table only the ``lookup`` tool reads. Its tokenizer carries AGENT_TEMPLATE, the chat
-format above with each tool by name only ("tools: lookup"). Supervision, from reverse-chat-policy
+format of reverse-chat with each tool by name only ("tools: lookup"). Supervision, from reverse-chat-policy
 (needs it in place): first turns answer with a right-key lookup call 25% of the time and otherwise
 guess the key's digits and a 0 (k37 -> "370", wrong but for one table in a thousand); second turns,
-after the call and its result, answer with the result. First AGENT_FRAGMENT_STEPS steps on the
+after the call and its result, answer with the result. First 400 steps (AGENT_FRAGMENT_STEPS) on the
 turns' last lines only (loss 0.16), then 700 on whole turns (final loss 0.030; 11 minutes on 1
 shared thread; 500 left 88% of the calls with the right key). On the 200 held-out episodes
 (``--check``; plain ``generate``, 4 samples per row at T=1): greedy never calls the tool and never
