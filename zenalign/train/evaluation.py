@@ -94,8 +94,8 @@ class Evaluator:
                 shown = [{"step": self.state.step, "eval": True, "prompt": prompt, "completion": c}
                          for prompt, c in zip(prompts[:4], rollout.completions)]
                 if rollout.episodes is not None:  # the whole episode, as the policy and its tools wrote it
-                    for row, messages in zip(shown, rollout.episodes.messages):
-                        row["messages"] = messages
+                    for row, prompt, messages in zip(shown, rollout.episodes.prompts, rollout.episodes.messages):
+                        row.update(prompt=prompt, messages=messages)  # the prompt as rendered, with the tools
         return torch.cat(scores), shown, completions
 
     def _write(self, metrics: dict[str, Any], shown: list[dict[str, Any]]) -> None:
