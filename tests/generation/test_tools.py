@@ -68,3 +68,12 @@ def test_huge_output_is_cut_with_a_marker_saying_how_much():
     result = call_tool(ToolCall("flood", {}), {"flood": lambda: "x" * 100_000}, 5, max_chars=50)
     assert result.content == "x" * 50 + "...[99950 more characters cut]"
     assert cut("short", 50) == "short"
+
+
+def test_the_built_in_python_tool_runs_code_in_the_sandbox():
+    from zenalign.plugins.sandbox import python
+
+    ran = call_tool(ToolCall("python", {"code": "print(6 * 7)"}), {"python": python}, timeout_s=30, max_chars=200)
+    assert ran.status == "ok" and ran.content.strip() == "42"
+    failed = call_tool(ToolCall("python", {"code": "1/0"}), {"python": python}, timeout_s=30, max_chars=200)
+    assert failed.status == "ok" and "ZeroDivisionError" in failed.content  # its errors are the tool's answer

@@ -2,7 +2,7 @@
 
     zenalign run RECIPE [key.path=value ...] [--resume auto|PATH]   train (or continue)
     zenalign validate RECIPE [key.path=value ...]   check the recipe and every plugin's options
-    zenalign plugins [RECIPE]                       list reward sources, normalizers, tasks and options
+    zenalign plugins [RECIPE]                       list every plugin type and its options
     zenalign schema [--format json|markdown|trl]    the recipe's JSON Schema (editor completion), its docs
     zenalign export CHECKPOINT OUT [--merge]        a checkpoint's policy as a plain HF directory
     zenalign sweep RECIPE [key.path=value ...]      one run per point of the recipe's sweep section

@@ -13,9 +13,10 @@ from zenalign.plugins import KINDS
 from zenalign.plugins import PluginRegistry
 from zenalign.recipe.schema import ENTRY_BASES, Recipe
 
-SECTIONS = ("model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "engine", "run",
-            "plugins", "sweep")
-PLUGIN_SECTIONS = {"data": "task", "rewards": "reward", "filters": "filter", "normalizer": "normalizer", "loss": "loss"}
+SECTIONS = ("model", "data", "sampling", "grpo", "rewards", "objectives", "filters", "normalizer", "loss", "environment",
+            "engine", "run", "plugins", "sweep")
+PLUGIN_SECTIONS = {"data": "task", "rewards": "reward", "filters": "filter", "normalizer": "normalizer", "loss": "loss",
+                   "environment": "environment"}
 
 
 def type_name(annotation: Any) -> str:
