@@ -21,6 +21,7 @@ take inserted tokens).
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
@@ -245,8 +246,6 @@ class EpisodeBatch:
 
 def run_tools(calls: list[Any], episode: Any, budgets: Any, log: EpisodeLog, row: int) -> list[dict[str, Any]]:
     """Run one turn's tool calls in order; their tool messages, the outcomes counted in ``log``."""
-    import time
-
     messages = []
     for call in calls:
         start = time.perf_counter()

@@ -68,6 +68,10 @@ class Generator:
                  longest_prompt: int, fresh: bool, environments: Optional[Environments] = None):
         self.sampling, self.lean_forward = sampling, engine_options.lean_forward
         self.environments = environments
+        if environments is not None and engine.synced_gpus and sampling.decoder != "vllm":
+            raise RecipeError("environment: episodes across processes at ZeRO-3 are not supported yet (each process "
+                              "would run a different number of forward passes); use engine.zero_stage 0-2, or "
+                              "sampling.decoder vllm")
         self.engine, self.tokenizer, self.eos_ids, self.dist = engine, tokenizer, eos_ids, dist
         self.vllm: Optional[VLLMEngine] = None
         self.sync_seconds, self.syncs = 0.0, 0
@@ -94,9 +98,6 @@ class Generator:
             return vllm_episodes(self.vllm, self.tokenizer, records, group_size, keys, sampling, self.environments,
                                  self.eos_ids, next(self.engine.model.parameters()).device)
         if self.environments is not None:
-            if self.engine.synced_gpus:
-                raise RecipeError("environment: episodes across processes at ZeRO-3 are not supported yet (each "
-                                  "process would run a different number of forward passes); use engine.zero_stage 0-2")
             return run_episodes(forward_module(self.engine.model), self.tokenizer, records, group_size, keys, sampling,
                                 self.environments, self.eos_ids, autocast=self.engine.autocast())
         if self.vllm is None:

@@ -137,7 +137,8 @@ class GRPOTrainer:
     ``model`` is a local Hugging Face directory or a loaded causal LM; ``reward_model`` is a
     reward source, a plain function ``(prompts, completions, **fields) -> scores``, or a list of
     them (one objective each). Any recipe field is accepted by name (``kl_coef=0.0``,
-    ``steps=50``) or a whole section as a dict (``grpo={...}``).
+    ``steps=50``) or a whole section as a dict (``grpo={...}``). TRL's ``tools=[functions]`` and
+    ``environment_factory=Class`` make every completion a multi-turn episode (docs/agents.md).
     """
 
     def __init__(self, model: Any = None, reward_model: Any = None, *, tokenizer: Any = None,
