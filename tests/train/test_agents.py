@@ -113,3 +113,19 @@ def test_groups_refilled_by_dynamic_sampling_keep_each_episodes_own_prompt_and_m
         assert rollout.policy_mask is not None and (rollout.policy_mask.sum(1) < rollout.completion_mask.sum(1)).any()
     finally:
         trainer.cleanup()
+
+
+def test_a_get_reward_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, scripted_agent_dir):
+    class Fragile(EchoRoom):
+        def get_reward(self) -> float:
+            raise ZeroDivisionError("no episodes scored yet")
+
+    Fragile.echo.__doc__ = echo.__doc__
+    trainer = GRPOTrainer(model=str(scripted_agent_dir), environment_factory=Fragile, num_generations=2,
+                          prompts_per_step=1, max_completion_length=200, steps=1, output_dir=str(tmp_path / "run"),
+                          progress_bar=False, eval_interval=0, seed=0)
+    with pytest.raises(Exception) as raised:
+        trainer.train([{"prompt": GO, "want": ["a", "b"]}])
+    message = str(raised.value)
+    assert "environment 'Fragile': get_reward() raised ZeroDivisionError: no episodes scored yet" in message
+    assert "\n" not in message
