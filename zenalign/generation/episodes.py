@@ -29,6 +29,7 @@ import torch
 
 from zenalign.data import prompt_messages
 from zenalign.errors import DataError
+from zenalign.generation.decode import RowsEnded
 from zenalign.generation.environment import Environments, EpisodeLog
 from zenalign.generation.gumbel import GumbelSampler
 from zenalign.generation.rollout import Rollout
@@ -84,25 +85,24 @@ class TurnDecoder:
         row's budget. ``sampled`` ``(N,)`` counts each row's sampled tokens so far (the Gumbel
         position), and is advanced. Returns each row's new tokens ([] for rows not in this turn).
         The last token of each row is not fed yet: the next :meth:`feed` starts with it."""
-        n = budget.shape[0]
         going = budget > 0
         left = budget.clone()
-        out: list[list[int]] = [[] for _ in range(n)]
+        chosen_at, going_at = [], []  # each step's tokens and which rows they belong to, read once at the end
+        all_ended = RowsEnded(self.device)  # on a GPU, without waiting for the device at every token
         while True:
             scores = logits.float()
-            if sampler is None:
-                chosen = scores.argmax(dim=-1)
-            else:
-                chosen = sampler.choose_at(scores, sampled)
+            chosen = scores.argmax(dim=-1) if sampler is None else sampler.choose_at(scores, sampled)
             chosen = torch.where(going, chosen, torch.full_like(chosen, self.pad_id))
-            for i in torch.nonzero(going).flatten().tolist():
-                out[i].append(int(chosen[i]))
+            chosen_at.append(chosen)
+            going_at.append(going)
             sampled += going.long()
             left -= going.long()
             going = going & ~(chosen[:, None] == self.eos).any(dim=1) & (left > 0)
-            if not bool(going.any()):
-                return out
+            if all_ended(going):
+                break
             logits = self.step(chosen, going)
+        tokens, kept = torch.stack(chosen_at, dim=1).cpu(), torch.stack(going_at, dim=1).cpu()
+        return [row[mask].tolist() for row, mask in zip(tokens, kept)]
 
 
 def render_episode_prompt(record: dict[str, Any], tokenizer: Any, tools: list[Any], observation: Optional[str]) -> str:
@@ -127,6 +127,7 @@ class ToolSuffix:
 
     def __init__(self, tokenizer: Any, eos_id: int):
         self.tokenizer, self.eos_id = tokenizer, eos_id
+        self.prefixes: dict[str, list[int]] = {}  # by the first tool's name (some templates' headers name it)
 
     def _ids(self, messages: list[dict[str, Any]], generation: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -136,9 +137,11 @@ class ToolSuffix:
         call = {"role": "assistant", "content": "",
                 "tool_calls": [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]}
         head = [{"role": "user", "content": "x"}, call]
-        prefix = self._ids(head, False)
-        ends = [i for i, t in enumerate(prefix) if t == self.eos_id]
-        prefix = prefix[: ends[-1] + 1] if ends else prefix
+        prefix = self.prefixes.get(tool_messages[0]["name"])
+        if prefix is None:
+            prefix = self._ids(head, False)
+            ends = [i for i, t in enumerate(prefix) if t == self.eos_id]
+            prefix = self.prefixes[tool_messages[0]["name"]] = prefix[: ends[-1] + 1] if ends else prefix
         full = self._ids(head + tool_messages, True)
         if full[: len(prefix)] != prefix:
             raise DataError("the chat template renders an assistant turn differently once tool messages follow it, so "
