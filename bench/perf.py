@@ -6,6 +6,7 @@
     python bench/perf.py --sizes "" --learning-seeds 16        # learning per sample only
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning [--precision bf16]   # a realistic shape
     python bench/perf.py --sizes "" --no-learning --memory-probe   # the update's peak RSS at V = 151,936
+    python bench/perf.py --sizes "" --no-learning --agent --steps 4 --repeats 3   # multi-turn episodes (tool calls)
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning --precision bf16 --device cuda   # on a GPU
 
 Both frameworks load the same saved model, get the same prompts ("reverse WORD:"), the same reward,
@@ -34,6 +35,10 @@ for both, over the fp32 matmul peak measured by the same process), and the zenal
 ``--device cuda`` runs both frameworks on the GPU (TRL without ``use_cpu``), adds each one's peak
 GPU memory (``torch.cuda.max_memory_allocated``; zenalign's from after its gate) and measures the
 matmul peak on the GPU, at 8192^3 (a 1024^3 product does not fill it).
+``--agent`` times multi-turn episodes: recipes/agent-quickstart.yaml's shape (agent-policy, the
+lookup environment through TRL's ``environment_factory`` contract, 8 prompts x 8 episodes, 96 policy
+tokens, 3 assistant turns = TRL's 2 tool-calling iterations), episodes/s and peak RSS
+(docs/performance.md, "Multi-turn episodes", for what differs between the two).
 ``--learning`` (on by default) then trains the quickstart task with both frameworks and the same
 hyperparameters and compares reward against completions seen.
 """
@@ -506,7 +511,7 @@ def _number(v) -> bool:
 
 def agent_report(pair: dict) -> list[str]:
     episodes = AGENT_PROMPTS * AGENT_GROUP
-    lines = ["| framework | s/step | episodes/s | peak RSS MB | tool calls per episode | episode tokens (policy + tool) | reward |",
+    lines = ["| framework | s/step | episodes/s | peak RSS MB | tool calls per episode | policy tokens per episode | reward |",
              "|---|---|---|---|---|---|---|"]
     for name in ("trl", "zenalign"):
         r = pair.get(name)
@@ -518,9 +523,9 @@ def agent_report(pair: dict) -> list[str]:
                  for m in timed]
         rewards = [m.get("reward", m.get("reward_mean")) for m in timed]
         rewards = [x for x in rewards if x is not None]
-        # TRL's completion length counts the tool results' tokens; zenalign logs the two apart
-        tokens = [m["completions/mean_length"] if "completions/mean_length" in m
-                  else m.get("episode/policy_tokens", float("nan")) + m.get("episode/environment_tokens", 0.0) for m in timed]
+        # TRL's logged completion length counts the policy's tokens only (its tool_mask), as zenalign's does
+        tokens = [m["completions/mean_length"] if "completions/mean_length" in m else m.get("episode/policy_tokens", float("nan"))
+                  for m in timed]
         lines.append(f"| {name} | {r['seconds_per_step']:.3f} | {episodes / r['seconds_per_step']:.2f} | {r['peak_rss_mb']:.0f} | "
                      f"{statistics.fmean(calls) if calls else float('nan'):.3f} | {statistics.fmean(tokens) if tokens else float('nan'):.1f} | "
                      f"{statistics.fmean(rewards) if rewards else float('nan'):.3f} |")
