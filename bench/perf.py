@@ -6,6 +6,7 @@
     python bench/perf.py --sizes "" --learning-seeds 16        # learning per sample only
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning [--precision bf16]   # a realistic shape
     python bench/perf.py --sizes "" --no-learning --memory-probe   # the update's peak RSS at V = 151,936
+    python bench/perf.py --sizes "" --no-learning --agent --steps 4 --repeats 3   # multi-turn episodes (tool calls)
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning --precision bf16 --device cuda   # on a GPU
 
 Both frameworks load the same saved model, get the same prompts ("reverse WORD:"), the same reward,
@@ -34,6 +35,10 @@ for both, over the fp32 matmul peak measured by the same process), and the zenal
 ``--device cuda`` runs both frameworks on the GPU (TRL without ``use_cpu``), adds each one's peak
 GPU memory (``torch.cuda.max_memory_allocated``; zenalign's from after its gate) and measures the
 matmul peak on the GPU, at 8192^3 (a 1024^3 product does not fill it).
+``--agent`` times multi-turn episodes: recipes/agent-quickstart.yaml's shape (agent-policy, the
+lookup environment through TRL's ``environment_factory`` contract, 8 prompts x 8 episodes, 96 policy
+tokens, 3 assistant turns = TRL's 2 tool-calling iterations), episodes/s and peak RSS
+(docs/performance.md, "Multi-turn episodes", for what differs between the two).
 ``--learning`` (on by default) then trains the quickstart task with both frameworks and the same
 hyperparameters and compares reward against completions seen.
 """
@@ -372,6 +377,168 @@ def worker_learning(args) -> dict:
             "completions_per_step": PROMPTS_PER_STEP * GROUP_SIZE}
 
 
+# ------------------------------------------------------------------------------------- multi-turn episodes
+
+AGENT_MODEL = REPO / "recipes" / "models" / "agent-policy"
+AGENT_DATA = REPO / "recipes" / "data" / "agent-lookup.jsonl"
+# recipes/agent-quickstart.yaml's shape: 8 prompts x 8 episodes, 96 policy tokens, 3 assistant turns
+# (TRL: 2 tool-calling iterations), beta 0.01 (a reference pass in each), temperature 1. The learning
+# rate is 1e-6, not the recipe's 2e-4, as in the other throughput workloads: at 2e-4 the policy learns
+# to call its tool within a few steps, at a pace that differs between runs, and the episodes each
+# framework times grow apart (a 2-round trial: 0.72 calls per episode in zenalign's timed steps,
+# 0.47 in TRL's). At 1e-6 both time the starting policy's episodes.
+AGENT_PROMPTS, AGENT_GROUP, AGENT_NEW_TOKENS, AGENT_TURNS, AGENT_LR, AGENT_KL = 8, 8, 96, 3, 1e-6, 0.01
+# The agent policy's assistant turn (its chat_template.jinja) as a transformers response template, in
+# the shape of TRL's qwen3_template: content up to </s>, each <tool_call>{json}</tool_call> a call.
+# The tokenizer ships none, and TRL's add_response_schema knows only the templates of named model
+# families, so TRL cannot parse this policy's tool calls without it. Nothing else about the policy
+# or its tokenizer is changed.
+AGENT_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>\n",
+    "fields": {
+        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>", "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"</s>", "content": "text"},
+    },
+}
+
+
+def agent_records() -> list[dict]:
+    return [json.loads(line) for line in AGENT_DATA.read_text().splitlines()]
+
+
+def last_answer(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the episode's last assistant message is the answer (both frameworks pass each
+    episode's messages as a completion)."""
+    out = []
+    for messages, a in zip(completions, answer):
+        said = [m for m in messages if m.get("role") == "assistant"]
+        out.append(float(bool(said) and (said[-1].get("content") or "").strip() == a))
+    return out
+
+
+def trl_agent_budget(tokenizer) -> tuple[int, int]:
+    """TRL's max_completion_length for the agent workload and the tool suffix's length: TRL counts
+    the tool results' tokens in its budget (and drops a tool result that would overflow it), zenalign
+    counts only the policy's; so TRL gets the policy's 96 plus room for two tool results."""
+    prefix = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "value of k37?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"key": "k37"}}}]}],
+        tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "value of k37?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"key": "k37"}}}]},
+         {"role": "tool", "name": "lookup", "content": "604"}], tokenize=True, return_dict=False, add_generation_prompt=True)
+    suffix = len(full) - len(prefix)
+    return AGENT_NEW_TOKENS + (AGENT_TURNS - 1) * suffix, suffix
+
+
+def worker_agent_zenalign(args) -> dict:
+    from zenalign import GRPOTrainer
+    from zenalign_plugins.lookup_task import LookupEnvironment
+
+    records = agent_records()
+    with tempfile.TemporaryDirectory(prefix="zenalign-agent-") as tmp:
+        trainer = GRPOTrainer(model=str(AGENT_MODEL), reward_funcs=[last_answer], environment_factory=LookupEnvironment,
+                              max_tool_calling_iterations=AGENT_TURNS - 1, num_generations=AGENT_GROUP,
+                              prompts_per_step=AGENT_PROMPTS, max_completion_length=AGENT_NEW_TOKENS, temperature=1.0,
+                              learning_rate=AGENT_LR, beta=AGENT_KL, max_steps=args.steps, eval_interval=0, seed=args.seed,
+                              output_dir=str(Path(tmp) / "run"), progress_bar=False, checkpoint_interval=0, log_samples=0)
+        trainer.setup(records, records[:8])
+        loaded = peak_rss_mb()
+        walls, metrics_per_step = [], []
+        for _ in range(args.steps):
+            trainer.state.step += 1
+            start = time.perf_counter()
+            metrics = trainer.train_step()
+            walls.append(time.perf_counter() - start)
+            metrics_per_step.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        trainer.cleanup()
+    skip = warmup_count(args.steps)
+    return {"framework": "zenalign", "seconds_per_step": statistics.median(walls[skip:]), "per_step_seconds": walls,
+            "warmup_steps_skipped": skip, "loaded_rss_mb": loaded, "metrics_per_step": metrics_per_step,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_agent_trl(args) -> dict:
+    import trl_runner  # sets the offline environment first
+
+    trl_runner._force_offline()
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer
+
+    from zenalign_plugins.lookup_task import LookupEnvironment
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    datasets.disable_progress_bars()
+    tokenizer = trl_runner._load_tokenizer(str(AGENT_MODEL), add_special_tokens=False)
+    tokenizer.response_template = AGENT_RESPONSE_TEMPLATE
+    budget, suffix = trl_agent_budget(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(AGENT_MODEL), dtype=torch.float32, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="trl-agent-") as tmp:
+        config = trl_runner.trl_config(steps=args.steps, output_dir=tmp, prompts_per_step=AGENT_PROMPTS,
+                                       group_size=AGENT_GROUP, max_new_tokens=budget, learning_rate=AGENT_LR,
+                                       beta=AGENT_KL, seed=args.seed)
+        config.max_tool_calling_iterations = AGENT_TURNS - 1
+        timer = trl_runner._step_timer()
+        trainer = GRPOTrainer(model=model, reward_funcs=last_answer, args=config,
+                              train_dataset=datasets.Dataset.from_list(agent_records()), processing_class=tokenizer,
+                              environment_factory=LookupEnvironment, callbacks=[timer])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        loaded = peak_rss_mb()
+        trainer.train()
+    skip = warmup_count(args.steps)
+    logs = [{k: float(v) for k, v in e.items() if isinstance(v, (int, float, str)) and _number(v)}
+            for e in trainer.state.log_history if "reward" in e]
+    return {"framework": "trl", "seconds_per_step": statistics.median(timer.wall[skip:]), "per_step_seconds": timer.wall,
+            "warmup_steps_skipped": skip, "loaded_rss_mb": loaded, "metrics_per_step": logs,
+            "max_completion_length": budget, "tool_suffix_tokens": suffix,
+            "chat_template_replaced": trainer.chat_template is not None, "peak_rss_mb": peak_rss_mb()}
+
+
+def _number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def agent_report(pair: dict) -> list[str]:
+    episodes = AGENT_PROMPTS * AGENT_GROUP
+    lines = ["| framework | s/step | episodes/s | peak RSS MB | tool calls per episode | policy tokens per episode | reward |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("trl", "zenalign"):
+        r = pair.get(name)
+        if r is None:
+            continue
+        timed = r["metrics_per_step"][r["warmup_steps_skipped"]:]
+        # TRL logs tool calls per completion (tools/call_frequency), zenalign tool calls per step (tools/calls)
+        calls = [m["tools/call_frequency"] if "tools/call_frequency" in m else m.get("tools/calls", float("nan")) / episodes
+                 for m in timed]
+        rewards = [m.get("reward", m.get("reward_mean")) for m in timed]
+        rewards = [x for x in rewards if x is not None]
+        # TRL's logged completion length counts the policy's tokens only (its tool_mask), as zenalign's does
+        tokens = [m["completions/mean_length"] if "completions/mean_length" in m else m.get("episode/policy_tokens", float("nan"))
+                  for m in timed]
+        lines.append(f"| {name} | {r['seconds_per_step']:.3f} | {episodes / r['seconds_per_step']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{statistics.fmean(calls) if calls else float('nan'):.3f} | {statistics.fmean(tokens) if tokens else float('nan'):.1f} | "
+                     f"{statistics.fmean(rewards) if rewards else float('nan'):.3f} |")
+    if "trl" in pair and "zenalign" in pair:
+        z, t = pair["zenalign"], pair["trl"]
+        lines.append(f"zenalign/TRL: **{t['seconds_per_step'] / z['seconds_per_step']:.2f}x** episodes/s, "
+                     f"RSS {z['peak_rss_mb'] / t['peak_rss_mb']:.2f}x; each round: "
+                     + ", ".join(f"{x:.2f}x" for x in z.get("round_ratios", [])))
+        lines.append(f"TRL's max_completion_length {t['max_completion_length']} (96 policy tokens + 2 tool results of "
+                     f"{t['tool_suffix_tokens']} tokens); chat template replaced by TRL: {t['chat_template_replaced']}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------- memory probe
 
 MEMORY_VOCAB, MEMORY_ROWS, MEMORY_PROMPT, MEMORY_COMPLETION = 151_936, 8, 16, 512
@@ -608,6 +775,8 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="compute precision of both frameworks (bf16: autocast over fp32 weights in each)")
     parser.add_argument("--learning", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--memory-probe", action="store_true", help="the update's peak RSS at V = 151,936 x 512 tokens")
+    parser.add_argument("--agent", action="store_true",
+                        help="the multi-turn workload: recipes/agent-quickstart.yaml's shape, TRL's environment_factory against zenalign's")
     parser.add_argument("--learning-steps", type=int, default=60)
     parser.add_argument("--learning-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -626,7 +795,8 @@ def main() -> int:
 
     if args.worker:
         workers = {"zenalign": worker_zenalign, "trl": worker_trl, "learn-zenalign": worker_learning, "learn-trl": worker_learning,
-                   "memory-zenalign": worker_memory_zenalign, "memory-trl": worker_memory_trl}
+                   "memory-zenalign": worker_memory_zenalign, "memory-trl": worker_memory_trl,
+                   "agent-zenalign": worker_agent_zenalign, "agent-trl": worker_agent_trl}
         result = workers[args.worker](args)
         result.setdefault("peak_rss_mb", peak_rss_mb())
         Path(args.json).write_text(json.dumps(result))
@@ -668,6 +838,13 @@ def main() -> int:
                              for size, pair in results.items()}
         if results:
             print("\n".join(report(results, shapes, params, args.precision)), flush=True)
+        if args.agent:
+            print("multi-turn episodes (agent-policy, lookup environment, 8 x 8 episodes, 96 policy tokens, 3 turns) ...", flush=True)
+            rounds = [{fw: run_child(f"agent-{fw}", model_dir=None, steps=args.steps, precision="fp32", seed=args.seed,
+                                     threads=args.threads) for fw in args.frameworks.split(",")}
+                      for _ in range(args.repeats)]
+            everything["agent"] = median_round(rounds)
+            print("\n".join(agent_report(everything["agent"])), flush=True)
         if args.memory_probe:
             everything["memory"], lines = memory_probe(Path(tmp), args)
             print("\n".join(lines), flush=True)

@@ -157,3 +157,33 @@ def test_the_header_names_the_cpu_and_its_instruction_sets():
     arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve\n"
     assert cpu_description(arm) == "unknown CPU (no AVX2, no AVX-512, no AMX)"
     assert cpu_description("") == "unknown CPU (instruction sets unknown)"
+
+
+def test_agent_workload_reward_and_response_template():
+    """The multi-turn workload's wiring, cheaply: the shared reward reads the last assistant message;
+    the response template bench/perf.py gives TRL parses the agent policy's own rendering of a tool
+    call and of an answer; TRL's budget is the policy's 96 tokens plus two tool results."""
+    from perf import AGENT_MODEL, AGENT_NEW_TOKENS, AGENT_RESPONSE_TEMPLATE, last_answer, trl_agent_budget
+
+    episodes = [[{"role": "assistant", "content": "", "tool_calls": []}, {"role": "tool", "content": "604"},
+                 {"role": "assistant", "content": " 604 "}],
+                [{"role": "assistant", "content": "123"}], [{"role": "tool", "content": "604"}]]
+    assert last_answer(episodes, ["604", "604", "604"]) == [1.0, 0.0, 0.0]
+
+    import transformers
+
+    tokenizer = transformers.ByT5Tokenizer.from_pretrained(str(AGENT_MODEL))
+    tokenizer.response_template = AGENT_RESPONSE_TEMPLATE
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "value of k37?"}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": "k37"}}}
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": "value of k37?"},
+                                           {"role": "assistant", "content": "", "tool_calls": [call]}],
+                                          tokenize=True, return_dict=False)
+    assert whole[:len(prompt)] == prompt
+    parsed = tokenizer.parse_response(whole[len(prompt):], prefix=prompt)
+    assert parsed["tool_calls"] == [call] and not parsed.get("content")
+    answer = tokenizer("604</s>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.parse_response(answer, prefix=prompt)["content"].strip() == "604"
+    budget, suffix = trl_agent_budget(tokenizer)
+    assert suffix == len("<|tool|>lookup\n604\n<|assistant|>\n") and budget == AGENT_NEW_TOKENS + 2 * suffix
