@@ -83,8 +83,8 @@ def test_environment_mistakes_stop_before_the_first_step(tmp_path, scripted_agen
                   output_dir=str(tmp_path / "run"), progress_bar=False)
     with pytest.raises(PluginError, match=r"environment 'NoReset': its episode object \(NoReset\) has no reset\(\)"):
         GRPOTrainer(environment_factory=NoReset, **common).train([{"prompt": GO}])
-    with pytest.raises(RecipeError, match="environment_factory as a dict"):
-        GRPOTrainer(environment_factory={"a": EchoRoom}, **common).train([{"prompt": GO}])
+    with pytest.raises(RecipeError, match=r"environment_factory\['b'\] is a int; give a class"):
+        GRPOTrainer(environment_factory={"a": EchoRoom, "b": 3}, **common).train([{"prompt": GO}])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -129,3 +129,42 @@ def test_a_get_reward_that_raises_stops_the_run_with_one_line_naming_it(tmp_path
     message = str(raised.value)
     assert "environment 'Fragile': get_reward() raised ZeroDivisionError: no episodes scored yet" in message
     assert "\n" not in message
+
+
+class Quiet:
+    """Another environment, without a reward of its own; its reset sees no 'environment' field."""
+
+    def reset(self, **row):
+        assert "environment" not in row
+        self.said = []
+
+    def echo(self, text: str) -> str:
+        return text.upper()
+
+
+Quiet.echo.__doc__ = echo.__doc__
+
+
+def test_a_dict_of_factories_picks_each_records_environment(tmp_path, scripted_agent_dir):
+    """TRL's environment_factory as a dict: each record's 'environment' column picks the factory;
+    get_reward is an objective per class that has one, and the other classes' episodes abstain."""
+    trainer = GRPOTrainer(model=str(scripted_agent_dir), reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+                          environment_factory={"room": EchoRoom, "quiet": Quiet}, num_generations=2, prompts_per_step=2,
+                          max_completion_length=200, steps=1, output_dir=str(tmp_path / "run"), progress_bar=False,
+                          seed=0)
+    records = [{"prompt": GO, "want": ["a", "b"], "environment": "room"}, {"prompt": GO, "environment": "quiet"}]
+    trainer.setup(records, [])
+    try:
+        assert len(trainer.objectives.names) == 2 and trainer.objectives.names[-1] == "EchoRoom"
+        batch = trainer.collect(1, PhaseTimer())
+        states = batch.rollout.episodes.states
+        kinds = [type(s).__name__ for s in states]
+        by_record = {"room": "EchoRoom", "quiet": "Quiet"}
+        assert kinds == [by_record[r["environment"]] for r in batch.records for _ in range(2)]
+        rewards = batch.rewards.reshape(-1, batch.rewards.shape[-1])[:, -1]  # the EchoRoom objective
+        for kind, value in zip(kinds, rewards.tolist()):
+            assert (value == value) == (kind == "EchoRoom")  # NaN: abstained
+        with pytest.raises(PluginError, match="a record's 'environment' is 'cellar'; the environments given are 'room', 'quiet'"):
+            trainer.generator.environments.open({"prompt": GO, "environment": "cellar"})
+    finally:
+        trainer.cleanup()

@@ -42,40 +42,67 @@ class Episode:
     seconds: float = 0.0  # time spent in the environment: reset, tools, get_reward
 
 
+class Choice:
+    """Several episode sources, one chosen by each record's ``environment`` field (TRL's
+    ``environment_factory`` given as a dict of factories)."""
+
+    def __init__(self, sources: dict[str, Any]):
+        self.sources = dict(sources)
+
+
 class Environments:
     """Makes and checks episodes: ``source`` is what the environment plugin built (its
-    ``new_episode()`` gives one episode object per rollout, or None), ``tools`` the plain functions
-    every episode may call. ``name`` names the environment in errors and its reward objective."""
+    ``new_episode()`` gives one episode object per rollout, or None), or a :class:`Choice` of
+    several; ``tools`` the plain functions every episode may call. ``name`` names the environment in
+    errors and its reward objective."""
 
     def __init__(self, name: str, source: Any, tools: list[Callable[..., Any]], budgets: Budgets):
-        self.name, self.source, self.budgets = name, source, budgets
+        self.name, self.budgets = name, budgets
+        self.sources = source.sources if isinstance(source, Choice) else {None: source}
         self.tools = list(tools)
-        probe = self._new()
-        self.has_state = probe is not None
-        self.has_reward = self.has_state and callable(getattr(type(probe), "get_reward", None))
-        if self.has_state and not callable(getattr(probe, "reset", None)):
-            raise PluginError(f"environment '{name}': its episode object ({type(probe).__name__}) has no reset(); "
-                              f"an environment's episodes need reset(**record), returning None or text")
+        probes = [self._new(key) for key in self.sources]  # one episode of each, made here to check it
+        self.has_state = any(p is not None for p in probes)
+        for probe in probes:
+            if probe is not None and not callable(getattr(probe, "reset", None)):
+                raise PluginError(f"environment '{name}': its episode object ({type(probe).__name__}) has no reset(); "
+                                  f"an environment's episodes need reset(**record), returning None or text")
+        # the classes whose episodes score themselves: one objective each (get_reward)
+        self.rewarded = list(dict.fromkeys(type(p) for p in probes
+                                           if p is not None and callable(getattr(type(p), "get_reward", None))))
+        self.has_reward = bool(self.rewarded)
         # every tool an episode offers, as the chat template describes them (prompt lengths are checked with these)
-        self.described = self.tools + (_methods(probe) if self.has_state else [])
+        offered = self.tools + [m for p in probes if p is not None for m in _methods(p)]
+        self.described = list({function.__name__: function for function in offered}.values())
         for function in self.described:
             check_tool(function, name)
 
-    def _new(self) -> Any:
+    def _new(self, key: Optional[str] = None) -> Any:
+        source = self.sources[key]
         try:
-            return self.source.new_episode() if self.source is not None else None
+            return source.new_episode() if source is not None else None
         except Exception as exc:
-            raise PluginError(f"environment '{self.name}': making an episode raised "
+            raise PluginError(f"environment '{key or self.name}': making an episode raised "
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
+
+    def _source_of(self, record: dict[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
+        """The key of the record's source, and the fields its ``reset`` gets (without the choice)."""
+        if None in self.sources:
+            return None, record
+        key = record.get("environment")
+        if key not in self.sources:
+            raise PluginError(f"environment: a record's 'environment' is {key!r}; the environments given are "
+                              f"{', '.join(map(repr, self.sources))}")
+        return key, {k: v for k, v in record.items() if k != "environment"}
 
     def open(self, record: dict[str, Any]) -> Episode:
         """A fresh episode for ``record``, reset with the record's fields."""
         start = time.perf_counter()
-        state = self._new()
+        key, fields = self._source_of(record)
+        state = self._new(key)
         observation = None
         if state is not None:
             try:
-                observation = state.reset(**record)
+                observation = state.reset(**fields)
             except Exception as exc:
                 raise PluginError(f"environment '{self.name}': reset() raised {type(exc).__name__}: {one_line(exc)}") from exc
             if observation is not None and not isinstance(observation, str):
@@ -88,15 +115,20 @@ class Environments:
 
 class EnvironmentReward:
     """An environment's ``get_reward()`` as a reward source: one more objective, named after the
-    environment, scored on each episode's environment object (``ScoreBatch.environments``)."""
+    environment, scored on each episode's environment object (``ScoreBatch.environments``). With a
+    :class:`Choice` of environments, one per class that has ``get_reward``, named after the class;
+    the other classes' episodes abstain, as in TRL."""
 
-    def __init__(self, environments: Environments):
-        self.environments = environments
-        self.default_name = environments.name
+    def __init__(self, environments: Environments, scores: Optional[type] = None):
+        self.environments, self.scores = environments, scores  # scores: with several classes, this one's episodes
+        self.default_name = scores.__name__ if scores is not None else environments.name
 
     def score(self, batch: Any) -> list[Optional[float]]:
         scores = []
         for state in batch.environments:
+            if self.scores is not None and type(state) is not self.scores:
+                scores.append(None)  # another environment's episode: it abstains
+                continue
             try:
                 scores.append(state.get_reward())
             except Exception as exc:

@@ -23,7 +23,7 @@ from zenalign.plugins import (BuildContext, Critic, Objectives, default_name, en
 from zenalign.recipe.loader import LoadedRecipe
 from zenalign.recipe.schema import KL_COEF_WARNING, EnvironmentEntry, RewardEntry
 from zenalign.grpo.scoring import BoundReward, Scorer, bind_reward
-from zenalign.generation.environment import Budgets, EnvironmentReward, Environments
+from zenalign.generation.environment import Budgets, Choice, EnvironmentReward, Environments
 from zenalign.generation.episodes import render_episode_prompt
 from zenalign.generation.vllm_engine import check_vllm
 from zenalign.train.budget import check_memory
@@ -62,18 +62,26 @@ def take_trl_arguments(options: dict[str, Any], reward_model: Any, tokenizer: An
 
 def api_environment(factory: Any) -> tuple[Any, str]:
     """The environment source and name for ``GRPOTrainer(environment_factory=...)``."""
-    if isinstance(factory, dict):
-        raise RecipeError("GRPOTrainer: environment_factory as a dict of factories (chosen by an 'environment' "
-                          "column) is not supported yet; give one factory")
-    if not callable(factory):
-        raise RecipeError(f"GRPOTrainer: environment_factory is a {type(factory).__name__}; give a class or a "
-                          f"function returning an environment object (TRL's environment_factory)")
+    factories = factory if isinstance(factory, dict) else {None: factory}
+    for key, one in factories.items():
+        if not callable(one):
+            raise RecipeError(f"GRPOTrainer: environment_factory{f'[{key!r}]' if key is not None else ''} is a "
+                              f"{type(one).__name__}; give a class or a function returning an environment object "
+                              f"(TRL's environment_factory)")
+    sources = {key: _FactorySource(one) for key, one in factories.items()}
+    if isinstance(factory, dict):  # each record's 'environment' field picks one, as in TRL
+        return Choice(sources), "environment"
+    return sources[None], getattr(factory, "__name__", type(factory).__name__)
 
-    class Source:
-        def new_episode(self) -> Any:
-            return factory()
 
-    return Source(), getattr(factory, "__name__", type(factory).__name__)
+class _FactorySource:
+    """An environment source from a factory given to the API: one call per episode."""
+
+    def __init__(self, factory: Any):
+        self.factory = factory
+
+    def new_episode(self) -> Any:
+        return self.factory()
 
 
 class Builder:
@@ -248,8 +256,11 @@ class Builder:
                 bound.append(bind_reward(source, name, type(source).__name__, weight, where=f"reward_model[{i}]",
                                          timeout_s=RewardEntry.model_fields["timeout_s"].default))
         if environments is not None and environments.has_reward:
-            bound.append(bind_reward(EnvironmentReward(environments), environments.name, "environment", 1.0,
-                                     where="environment", timeout_s=RewardEntry.model_fields["timeout_s"].default))
+            several = len(environments.sources) > 1
+            for cls in environments.rewarded:
+                source = EnvironmentReward(environments, cls if several else None)
+                bound.append(bind_reward(source, source.default_name, "environment", 1.0, where="environment",
+                                         timeout_s=RewardEntry.model_fields["timeout_s"].default))
         if not bound:
             raise RecipeError(
                 f"{self.loaded.source}: rewards: no reward source is configured; add at least one "
