@@ -41,6 +41,11 @@ class StorageError(ZenalignError):
     """The run directory could not be written: a full disk, a quota, a read-only file system."""
 
 
+class GenerationServerError(ZenalignError):
+    """The vLLM server that generates (``sampling.vllm.mode: server``) cannot be reached, stopped
+    answering, or serves another model than the run's."""
+
+
 class DataError(ZenalignError):
     """The prompt source produced no usable prompts, or a prompt file is malformed."""
 

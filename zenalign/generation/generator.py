@@ -11,8 +11,10 @@ it the gap between vLLM's and the trainer's log-probs that the update corrects f
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence
@@ -24,6 +26,7 @@ from zenalign.generation.environment import Environments
 from zenalign.generation.episodes import run_episodes
 from zenalign.generation.rollout import Rollout, generate_groups
 from zenalign.generation.vllm_engine import VLLMEngine, vllm_episodes, vllm_rollout
+from zenalign.models.logprobs import completion_logprobs, update_pass_kind
 from zenalign.models.lora import forward_module, is_adapted
 from zenalign.recipe.schema import EngineSection, SamplingSection
 
@@ -73,8 +76,10 @@ class Generator:
                               "would run a different number of forward passes); use engine.zero_stage 0-2, or "
                               "sampling.decoder vllm")
         self.engine, self.tokenizer, self.eos_ids, self.dist = engine, tokenizer, eos_ids, dist
+        self.engine_options = engine_options
         self.vllm: Optional[VLLMEngine] = None
         self.sync_seconds, self.syncs = 0.0, 0
+        self.lagged = Lagged(self) if sampling.lag else None
         if sampling.decoder != "vllm":
             return
         if policy_dir is None or is_adapted(engine.model):
@@ -86,6 +91,8 @@ class Generator:
                                seed, engine.device.type, distributed=dist.active)
         # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
         self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
+        if self.lagged is not None:
+            self.lagged.held = 0 if fresh else None
 
     def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int,
                  temperature: Optional[float] = None, records: Optional[list[dict[str, Any]]] = None) -> Rollout:
@@ -93,18 +100,26 @@ class Generator:
         without keys, one greedy completion each. With an environment, ``group_size`` episodes of
         each of ``records`` instead (their prompts rendered with the tools; ``prompts`` unused)."""
         sampling = self.sampling if temperature is None else self.sampling.model_copy(update={"temperature": temperature})
-        if self.environments is not None and self.vllm is not None:
+        return self.sample(self.engine.model, sampling, prompts, keys, group_size, records)
+
+    def sample(self, model: torch.nn.Module, sampling: SamplingSection, prompts: list[str], keys: Optional[torch.Tensor],
+               group_size: int, records: Optional[list[dict[str, Any]]]) -> Rollout:
+        """What ``__call__`` does, with ``model`` sampling when the decoder is zenalign's or transformers'
+        (the live policy, or the lagged sampler's copy) and vLLM holding the live policy otherwise."""
+        if self.vllm is not None and model is self.engine.model:
+            if self.lagged is not None:
+                self.lagged.idle()  # a pending generation first: the sync replaces the weights it samples with
             self.sync()
+        if self.environments is not None and self.vllm is not None:
             return vllm_episodes(self.vllm, self.tokenizer, records, group_size, keys, sampling, self.environments,
                                  self.eos_ids, next(self.engine.model.parameters()).device)
         if self.environments is not None:
-            return run_episodes(forward_module(self.engine.model), self.tokenizer, records, group_size, keys, sampling,
+            return run_episodes(forward_module(model), self.tokenizer, records, group_size, keys, sampling,
                                 self.environments, self.eos_ids, autocast=self.engine.autocast())
         if self.vllm is None:
-            return generate_groups(forward_module(self.engine.model), self.tokenizer, prompts, sampling, self.eos_ids,
+            return generate_groups(forward_module(model), self.tokenizer, prompts, sampling, self.eos_ids,
                                    group_size, keys=keys, autocast=self.engine.autocast(),
                                    synced_gpus=self.engine.synced_gpus, lean_forward=self.lean_forward)
-        self.sync()
         device = next(self.engine.model.parameters()).device
         return vllm_rollout(self.vllm, self.tokenizer, prompts, sampling, self.eos_ids, group_size, keys, device)
 
@@ -118,30 +133,153 @@ class Generator:
         return min(positions, longest_prompt + cap) if cap else positions
 
     def sync(self) -> None:
-        """Push the policy's weights into the engine when the optimizer has stepped since the last push."""
+        """Push the policy's weights into the engine when the optimizer has stepped since the last push
+        (or a lagged generation put an older version there)."""
         steps = self.engine.optimizer_steps
         if steps == self.synced_at:
             return
-        start = time.perf_counter()
         with torch.no_grad(), full_weights(self.engine) as weights:
-            self.vllm.load_weights(weights)
+            self.push(weights)
+        self.synced_at = steps
+
+    def push(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load ``weights`` (Hugging Face names) into the vLLM engine, timed for ``vllm/sync_s``."""
+        start = time.perf_counter()
+        self.vllm.load_weights(weights)
         seconds = time.perf_counter() - start
         self.sync_seconds += seconds
         self.syncs += 1
         (log.info if self.syncs == 1 else log.debug)("vLLM weight sync: %.3f s (%d tensors)", seconds, len(weights))
-        self.synced_at = steps
+        self.synced_at = None
+        if self.lagged is not None:
+            self.lagged.held = None
 
     def step_metrics(self, update: dict[str, float]) -> dict[str, Any]:
-        """The step's vLLM metrics over every process, from the update's sums; {} without vLLM."""
-        if self.vllm is None:
+        """The step's sampler metrics over every process, from the update's sums: vLLM's (the gap to
+        the trainer's log-probs, the share the correction capped, the sync's time) and, with a lag,
+        the lag's (the background generation's time); {} for an on-policy run without vLLM."""
+        if self.vllm is None and self.lagged is None:
             return {}
         diff, tokens, capped, units = self.dist.sum([update.get(f"sampler_{k}", 0.0)
                                                      for k in ("abs_diff", "tokens", "capped", "units")])
-        sync, self.sync_seconds = self.dist.max([self.sync_seconds])[0], 0.0
-        return {"vllm/logp_diff": diff / tokens if tokens else None,
-                "vllm/capped_frac": capped / units if units else None, "vllm/sync_s": round(sync, 6)}
+        metrics: dict[str, Any] = {}
+        prefix = "vllm" if self.vllm is not None else "sampler"
+        metrics[f"{prefix}/logp_diff"] = diff / tokens if tokens else None
+        metrics[f"{prefix}/capped_frac"] = capped / units if units else None
+        if self.vllm is not None:
+            sync, self.sync_seconds = self.dist.max([self.sync_seconds])[0], 0.0
+            metrics["vllm/sync_s"] = round(sync, 6)
+        if self.lagged is not None:
+            metrics.update(self.lagged.metrics())
+        return metrics
 
     def close(self) -> None:
+        if self.lagged is not None:
+            self.lagged.close()
         if self.vllm is not None:
             self.vllm.close()
             self.vllm = None
+
+
+class Lagged:
+    """The sampler of a run with ``sampling.lag`` >= 1: one background thread that generates a batch
+    with a given policy version while the trainer's thread goes on (:mod:`zenalign.train.lag` says
+    which version samples which step). vLLM is loaded with that version's weights (colocated or a
+    server); zenalign's and transformers' decoders sample with a frozen copy of the policy, which
+    also gives the log-prob each token was drawn with (``sampler_logp``), for the off-policy
+    correction. Weights change only while nothing is generating, from the trainer's thread."""
+
+    def __init__(self, generator: Generator):
+        sampling, engine = generator.sampling, generator.engine
+        if generator.environments is not None:
+            raise RecipeError("sampling.lag: multi-turn episodes (environment:) are not pipelined yet; use lag 0")
+        if engine.synced_gpus and sampling.decoder != "vllm":
+            raise RecipeError("sampling.lag: decoder zenalign at ZeRO-3 across processes samples with every process's "
+                              "shards; the lagged sampler needs whole weights: use lag 0, ZeRO 0-2, or decoder vllm")
+        self.generator = generator
+        self.held: Optional[int] = None  # the version the sampler holds; None: unknown or the live policy
+        self.copy: Optional[torch.nn.Module] = None
+        if sampling.decoder != "vllm":
+            self.copy = copy.deepcopy(forward_module(engine.model)).requires_grad_(False).eval()
+        self.threads = torch.get_num_threads()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="zenalign-sampler", initializer=torch.set_num_threads,
+                                         initargs=(self.threads,))
+        self.running: Optional[Future] = None
+        self.seconds = 0.0  # the background generations' time this step
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The live policy's weights as the sampler loads them, copied to the CPU: every weight by
+        Hugging Face name for vLLM (gathered at ZeRO-3), the trainable ones for the frozen copy."""
+        with torch.no_grad():
+            if self.copy is None:
+                with full_weights(self.generator.engine) as weights:
+                    return {name: t.detach().to("cpu", copy=True) for name, t in weights.items()}
+            model = forward_module(self.generator.engine.model)
+            return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+    def hold(self, version: int, weights: Optional[dict[str, torch.Tensor]]) -> None:
+        """Make the sampler hold ``version``: ``weights``, or the live policy's when None."""
+        if self.held == version:
+            return
+        self.idle()
+        generator = self.generator
+        if self.copy is not None:
+            with torch.no_grad():
+                if weights is None:
+                    weights = {name: p for name, p in forward_module(generator.engine.model).named_parameters()
+                               if p.requires_grad}
+                self.copy.load_state_dict(weights, strict=False)
+        elif weights is None:
+            generator.synced_at = None
+            generator.sync()
+        else:
+            generator.push(weights)
+        self.held = version
+
+    def submit(self, prompts: list[str], keys: torch.Tensor, group_size: int,
+               records: Optional[list[dict[str, Any]]]) -> Future:
+        """Generate in the background with the version held; the future's result is the Rollout."""
+        self.idle()
+        self.running = self.worker.submit(self._generate, prompts, keys, group_size, records, self.held)
+        return self.running
+
+    def _generate(self, prompts, keys, group_size, records, version) -> Rollout:
+        start = time.perf_counter()
+        generator = self.generator
+        if self.copy is None:
+            rollout = generator.sample(None, generator.sampling, prompts, keys, group_size, records)
+        else:
+            rollout = generator.sample(self.copy, generator.sampling, prompts, keys, group_size, records)
+            rollout.sampler_logp = self.logprobs(rollout)
+        rollout.policy_version = version
+        self.seconds += time.perf_counter() - start
+        return rollout
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``(N, Tc)``: the log-prob the copy drew each sampled token with, computed as the update's
+        passes compute pi_old (the same pass kind, temperature and micro-batches), 0 at padding."""
+        options, engine = self.generator.engine_options, self.generator.engine
+        lean, share = update_pass_kind(forward_module(engine.train_model), options.lean_forward, options.shared_prompts)
+        size = options.micro_batch_size or len(rollout)
+        parts = []
+        with engine.autocast():
+            for start in range(0, len(rollout), size):
+                rows = slice(start, start + size)
+                parts.append(completion_logprobs(self.copy, rollout.sequences[rows], rollout.attention_mask[rows],
+                                                 rollout.prompt_length, self.generator.sampling.temperature,
+                                                 share_prompts=share, lean=lean))
+        return torch.cat(parts) * rollout.policy_token_mask
+
+    def idle(self) -> None:
+        """Wait for the background generation, if one runs (its result stays with its future)."""
+        if self.running is not None:
+            wait([self.running])
+            self.running = None
+
+    def metrics(self) -> dict[str, Any]:
+        seconds, self.seconds = self.generator.dist.max([self.seconds])[0], 0.0
+        return {"time/generate_background": round(seconds, 6)}
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)

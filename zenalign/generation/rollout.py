@@ -47,6 +47,9 @@ class Rollout:
     # multi-turn episodes (zenalign.generation.environment.EpisodeLog): each row's messages, turns and
     # tool calls, and its episode object; None for one-turn completions
     episodes: Any = None
+    # the policy version that sampled the batch: the number of training steps behind the weights it was
+    # drawn with (``sampling.lag``: a step n batch comes from version n - 1 - lag); None when not recorded
+    policy_version: Optional[int] = None
 
     @property
     def completion_tokens(self) -> torch.Tensor:

@@ -166,7 +166,7 @@ class ISCorrectionSection(Section):
         "weighted by min(pi_old / pi_vllm, cap). sequence_mask: masked importance sampling over whole completions: "
         "a completion's loss is weighted by its sequence ratio prod_t pi_old / pi_vllm, or dropped (weight 0) when "
         "that ratio exceeds cap. off: no correction. token_truncate by default: it costs nothing, never drops a "
-        "sample, and leaves the loss as it is where the engines agree. Only with `sampling.decoder: vllm`.",
+        "sample, and leaves the loss as it is where the engines agree. With `sampling.decoder: vllm` or `sampling.lag` >= 1.",
     )
     cap: float = Field(
         2.0, ge=1.0,
@@ -214,10 +214,21 @@ class SamplingSection(Section):
         "`sampling.backend`. (Before 0.2 the first was called `lean`; that name still works, with a warning.)",
     )
     vllm: VLLMSection = Field(default_factory=VLLMSection, description="The vLLM engine, with `decoder: vllm`.")
+    lag: int = Field(
+        0, ge=0, le=8,
+        description="Pipelined (off-policy) training: step n trains on completions sampled by the policy after step "
+        "n-1-lag, generated in the background while the steps between train. 0: on-policy, every step samples with "
+        "the policy it updates (no overlap). 1: the next step's batch is generated while this step's update runs; "
+        "the samples are one update stale, and the loss corrects for it with `sampling.vllm_is_correction` (against "
+        "the trainer's own pi_old). Fixed, not \"whatever is ready\": a run is a function of its seed and recipe, "
+        "and a resumed run equals an uninterrupted one (checkpoints carry the `lag` older policies the pending "
+        "batches come from). Any decoder; not with `environment:` yet, nor with decoder zenalign at ZeRO-3 "
+        "(docs/scaling.md, \"Generation on its own processes\").",
+    )
     vllm_is_correction: ISCorrectionSection = Field(
         default_factory=ISCorrectionSection,
-        description="With `decoder: vllm`: how the loss corrects for vLLM's sampling distribution differing from "
-        "the trainer's pi_old (different kernels, and precision).",
+        description="With `decoder: vllm` or a `lag` of 1 or more: how the loss corrects for the sampler's "
+        "distribution differing from the trainer's pi_old (vLLM's kernels and precision; a stale policy with a lag).",
     )
 
     @model_validator(mode="before")

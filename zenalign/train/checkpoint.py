@@ -6,6 +6,7 @@
       rng/rank-00000.*      python, numpy and torch RNG states of every rank (JSON + safetensors)
       plugins/<slot>/       state of stateful plugins (normalizer, rewards-<i>)
       reference.safetensors the KL reference, only once it was reset to the policy
+      lagged/v<version>.safetensors  sampling.lag: the older policies the next steps sample with
       trainer_state.json    step, samples seen, data position, world size, what must not change
       recipe.yaml           the recipe that wrote it
       MANIFEST.json         size and sha256 of every file above, written last
@@ -237,6 +238,7 @@ def fingerprint(recipe: Recipe, world_size: int, objective_names: tuple[str, ...
         "rewards": [{k: v for k, v in entry.model_dump(mode="json").items() if k != "timeout_s"}
                     for entry in recipe.rewards],
         "sampling.group_size": recipe.sampling.group_size,
+        "sampling.lag": recipe.sampling.lag,
         "grpo.prompts_per_step": recipe.grpo.prompts_per_step,
         "grpo.num_iterations": recipe.grpo.num_iterations,
         "engine.backend": recipe.engine.backend,
@@ -346,6 +348,7 @@ class CheckpointParts:
     dist: Dist
     tokenizer: Any
     reference: Optional[torch.nn.Module] = None  # saved only once it was reset to the policy
+    lagged: Any = None  # sampling.lag: the older policy versions pending batches sample with (zenalign.train.lag)
 
 
 def save_checkpoint(run_path: Path, state: TrainState, parts: CheckpointParts, fingerprint: dict[str, Any],
@@ -395,6 +398,8 @@ def _write_parts(staging: Path, run_path: Path, state: TrainState, parts: Checkp
         _write_json(staging / "trainer_state.json", {"format": FORMAT, **state.to_json(), "plugins": sorted(saved_plugins),
                                                       "fingerprint": fingerprint, "consolidated": consolidate})
         shutil.copy(run_path / "recipe.yaml", staging / "recipe.yaml")
+        if parts.lagged is not None:
+            parts.lagged.save(staging / "lagged", state.step)
 
 
 def check_finite(state: Optional[dict[str, torch.Tensor]], where: str) -> None:
@@ -447,6 +452,8 @@ def restore(directory: Path, saved: dict[str, Any], state: TrainState, parts: Ch
             except Exception as exc:
                 raise ModelLoadError(f"checkpoint '{directory}': the state in plugins/{slot} could not be restored "
                                      f"({type(exc).__name__}: {one_line(exc)[:160]})") from None
+    if parts.lagged is not None:
+        parts.lagged.load(directory / "lagged", state.step, read_tensors)
     if (directory / "reference.safetensors").is_file() and parts.reference is not None:
         parts.reference.load_state_dict(read_tensors(directory / "reference.safetensors"), strict=False)
         state.reference_was_reset = True

@@ -12,12 +12,13 @@ are gathered as token rows and each process rebuilds its slice of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
 
-from zenalign.data import PromptSampler, render_prompt
+from zenalign.data import PromptSampler, SamplerState, render_prompt
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
@@ -28,6 +29,8 @@ from zenalign.plugins import Objectives, RolloutGroups, RunContext
 from zenalign.recipe.schema import RunSection, SamplingSection
 from zenalign.train.batch import StepBatch
 from zenalign.train.distributed import Dist
+from zenalign.train.lag import PolicyVersions, sampling_version
+from zenalign.train.state import TrainState
 from zenalign.generation.generator import Generator
 
 
@@ -43,6 +46,16 @@ class Round:
     sampler_rows: list[list[float]]  # their sampler log-probs (vLLM), [] each without
     policy_rows: list[list[int]]  # their policy masks (episodes), [] each without
     prompt_rows: list[list[int]]  # episodes: each row's own prompt tokens (gathered as the rows are); [] otherwise
+
+
+@dataclass
+class Pending:
+    """A step's first round, drawn and being generated ahead of its step (``sampling.lag``)."""
+
+    step: int
+    records: list[dict[str, Any]]  # global
+    prompts: list[str]  # global, rendered
+    rollout: Future  # this process's slice
 
 
 class EpisodeTotals:
@@ -76,8 +89,15 @@ class BatchCollector:
 
     def __init__(self, sampling: SamplingSection, prompts_per_step: int, run: RunSection, dist: Dist,
                  sampler: PromptSampler, generator: Generator, scorer: Scorer, objectives: Objectives,
-                 filters: Sequence[tuple[str, Any]], tokenizer: Any, eos_ids: Sequence[int], context: RunContext):
+                 filters: Sequence[tuple[str, Any]], tokenizer: Any, eos_ids: Sequence[int], context: RunContext,
+                 state: Optional[TrainState] = None):
         self.sampling, self.prompts_per_step, self.run, self.dist = sampling, prompts_per_step, run, dist
+        self.state = state or TrainState(sampler=sampler.state)
+        # sampling.lag: the versions still sampled with, and the next step's first round, generating
+        self.versions = (PolicyVersions(sampling.lag, generator.lagged.weights) if generator.lagged is not None
+                         else None)
+        self.pending: Optional[Pending] = None
+        self.mark = SamplerState()  # where the sampler stood before this step's batches were drawn
         self.sampler, self.generator, self.scorer = sampler, generator, scorer
         self.objectives, self.filters, self.context = objectives, list(filters), context
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
@@ -88,11 +108,44 @@ class BatchCollector:
         """The step's batch; the time goes to ``timer``'s sample, score and filter phases. A run
         whose reward scored nothing for ``run.hacking_patience`` steps stops here."""
         self.episodes = EpisodeTotals() if self.generator.environments is not None else None
+        self.mark = replace(self.state.pending_sampler or self.sampler.state)
         batch = self.collect(step, timer)
         if self.episodes is not None:
             batch.metrics.update(self.episodes.metrics(self.dist))
         self.scorer.check_abstentions(batch.sampled_rewards, self.objectives.names, self.run.hacking_patience, step)
+        if self.versions is not None:
+            batch.rollout.policy_version = sampling_version(step, self.sampling.lag)
+            batch.metrics["policy_lag"] = float(step - 1 - batch.rollout.policy_version)
+            self.versions.snapshot(step)  # at the last step too: a checkpoint then holds what step + 1 needs
+            if step < self.run.steps:
+                with timer("sample"):
+                    self.prefetch(step)
         return batch
+
+    def prefetch(self, step: int) -> None:
+        """During step ``step``, before its update: draw step + 1's first round and start generating it
+        in the background with its version (:mod:`zenalign.train.lag`)."""
+        self.state.pending_sampler = replace(self.sampler.state)
+        records, prompts, keys = self.draw(step + 1, 0)
+        self.hold(step + 1)
+        mine = self.local(self.prompts_per_step)
+        rollout = self.generator.lagged.submit(prompts[mine], keys, self.sampling.group_size, records[mine])
+        self.pending = Pending(step + 1, records, prompts, rollout)
+
+    def hold(self, step: int) -> None:
+        """The lagged sampler holds the version that samples step ``step`` (while a step collects, the
+        live policy is the version before it)."""
+        version = sampling_version(step, self.sampling.lag)
+        self.generator.lagged.hold(version, self.versions.of(version, live=self.state.step - 1))
+
+    def rewind(self) -> None:
+        """Put the prompt sampler back where it stood before this step's batches were drawn, and drop
+        what is generating ahead (a step that failed before its update is then drawn again)."""
+        self.sampler.state.epoch, self.sampler.state.index = self.mark.epoch, self.mark.index
+        self.sampler.reorder()
+        self.state.pending_sampler, self.pending = None, None
+        if self.generator.lagged is not None:
+            self.generator.lagged.idle()
 
     def collect(self, step: int, timer: PhaseTimer) -> StepBatch:
         target = self.prompts_per_step
@@ -118,14 +171,22 @@ class BatchCollector:
                      timer: PhaseTimer) -> tuple[list[dict[str, Any]], list[str], Rollout, torch.Tensor]:
         """Draw a global batch of prompts (rendered once), sample this process's groups, score
         them; the global ``(N, K)`` rewards."""
-        count, group_size = self.prompts_per_step, self.sampling.group_size
-        mine = self.local(count)
+        group_size = self.sampling.group_size
+        mine = self.local(self.prompts_per_step)
         with timer("sample"):
-            records = self.sampler.next_batch(count)  # the same global batch on every rank
-            prompts = [render_prompt(record, self.tokenizer) for record in records]  # the filters see every group
-            first = (index * count + mine.start) * group_size
-            rollout = self.generator(prompts[mine], completion_keys(self.run.seed, step, first, len(prompts[mine]) * group_size),
-                                     group_size, records=records[mine])
+            if index == 0 and self.pending is not None:  # generated ahead (sampling.lag)
+                pending, self.pending = self.pending, None
+                self.state.pending_sampler = None
+                if pending.step != step:
+                    raise RuntimeError(f"sampling.lag: step {pending.step}'s batch was generated ahead, not step {step}'s")
+                records, prompts, rollout = pending.records, pending.prompts, pending.rollout.result()
+            else:
+                records, prompts, keys = self.draw(step, index)
+                if self.versions is None:
+                    rollout = self.generator(prompts[mine], keys, group_size, records=records[mine])
+                else:  # through the background sampler too, so a step's numbers do not depend on where it ran
+                    self.hold(step)
+                    rollout = self.generator.lagged.submit(prompts[mine], keys, group_size, records[mine]).result()
             if rollout.episodes is not None:
                 self.episodes.add(rollout)
         with timer("score"):
@@ -134,6 +195,16 @@ class BatchCollector:
             local_rewards = self.scorer(batch)  # (N_local, K)
             self.scorer.observe(batch, local_rewards, self.objectives, self.context)
             return records, prompts, rollout, self.dist.gather_rows(local_rewards)
+
+    def draw(self, step: int, index: int) -> tuple[list[dict[str, Any]], list[str], torch.Tensor]:
+        """Round ``index`` of step ``step``: the global batch of prompts (the same on every rank),
+        rendered, and the keys of this process's completions."""
+        count, group_size = self.prompts_per_step, self.sampling.group_size
+        mine = self.local(count)
+        records = self.sampler.next_batch(count)
+        prompts = [render_prompt(record, self.tokenizer) for record in records]  # the filters see every group
+        first = (index * count + mine.start) * group_size
+        return records, prompts, completion_keys(self.run.seed, step, first, len(prompts[mine]) * group_size)
 
     def filter_round(self, step: int, records: list[dict[str, Any]], prompts: list[str], rollout: Rollout,
                      rewards: torch.Tensor) -> Round:

@@ -8,7 +8,7 @@ whether the KL reference has been reset to the policy (then checkpoints carry it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from zenalign.data import SamplerState
 from zenalign.plugins import Stateful, StatefulDirectory
@@ -21,11 +21,15 @@ class TrainState:
     sampler: SamplerState = field(default_factory=SamplerState)
     plugins: dict[str, Any] = field(default_factory=dict)  # slot ("normalizer", "rewards-0") -> stateful plugin
     reference_was_reset: bool = False
+    # sampling.lag: where the prompt sampler stood before the batches generated ahead of the step were
+    # drawn; a checkpoint records it, so the resumed run draws (and samples) those batches again
+    pending_sampler: Optional[SamplerState] = None
 
     def to_json(self) -> dict[str, Any]:
         """The plain part, as trainer_state.json holds it (plugin states are saved beside it)."""
+        sampler = self.pending_sampler or self.sampler
         return {"step": self.step, "samples": self.samples_seen,
-                "sampler": {"epoch": self.sampler.epoch, "index": self.sampler.index}}
+                "sampler": {"epoch": sampler.epoch, "index": sampler.index}}
 
     def load_json(self, saved: dict[str, Any]) -> None:
         self.step = int(saved["step"])

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zenalign.data import PromptSampler, render_prompt
-from zenalign.errors import RecipeError, ZenalignError
+from zenalign.errors import GenerationServerError, RecipeError, ZenalignError
 from zenalign.grpo.metrics import PhaseTimer, collapse_rate, reward_metrics, sample_lines
 from zenalign.generation.rollout import Rollout
 from zenalign.grpo.scoring import Scorer
@@ -269,7 +269,7 @@ class GRPOTrainer:
                                       r.model_dump(mode="json"))
         self.collect = BatchCollector(r.sampling, r.grpo.prompts_per_step, r.run, self.dist, self.sampler, self.generator,
                                       self.scorer, self.objectives, builder.filters(), self.tokenizer, self.eos_ids,
-                                      self.context)
+                                      self.context, self.state)
         self.evaluator = Evaluator(eval_records, r.run, self.objectives, self.dist, self.run_dir, self.state,
                                    self.generator, self.scorer, self.tokenizer, self.hook, self.context)
 
@@ -277,7 +277,7 @@ class GRPOTrainer:
         return ckpt.fingerprint(self.recipe, self.dist.world_size, self.objectives.names, self.policy_config_dir)
 
     def _checkpoint_parts(self) -> ckpt.CheckpointParts:
-        return ckpt.CheckpointParts(self.engine, self.dist, self.tokenizer, self.reference)
+        return ckpt.CheckpointParts(self.engine, self.dist, self.tokenizer, self.reference, self.collect.versions)
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy (and, with run.eval_group_size, sampled) scores on the held-out prompts; see Evaluator."""
@@ -334,12 +334,19 @@ class GRPOTrainer:
             while self.state.step < r.steps:
                 self.signals.stop_here(self.dist, self.state.step, saved, self.save_checkpoint)
                 self.state.step += 1
-                metrics = self.train_step()
-                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}", refresh=False)
-                progress.update(1)
-                if r.eval_interval and self.state.step % r.eval_interval == 0 and self.state.step < r.steps:
-                    self.evaluate()
-                    last_eval = self.state.step
+                try:
+                    metrics = self.train_step()
+                    progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
+                                         refresh=False)
+                    progress.update(1)
+                    if r.eval_interval and self.state.step % r.eval_interval == 0 and self.state.step < r.steps:
+                        self.evaluate()
+                        last_eval = self.state.step
+                except GenerationServerError as exc:  # the generation server went away: keep the run so far
+                    if saved != self.state.step:
+                        self.save_checkpoint()
+                    raise GenerationServerError(f"{exc}; the run stopped after step {self.state.step} with a checkpoint: "
+                                                f"start the server again, then run again with --resume auto") from None
                 if r.checkpoint_interval and self.state.step % r.checkpoint_interval == 0 and self.state.step < r.steps:
                     self.save_checkpoint()
                     saved = self.state.step
@@ -354,7 +361,12 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, Any]:
         """One step: sample -> score -> filter -> reference -> normalize -> update (-> critic) -> log."""
         timer = PhaseTimer()
-        batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
+        try:
+            batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
+        except GenerationServerError:  # before the update: the step is drawn again when the run resumes
+            self.state.step -= 1
+            self.collect.rewind()
+            raise
         name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
         step_advantages(batch, self.normalizer, name, self.updater, self.objectives, self.context, timer)
         with timer("update"):

@@ -80,7 +80,8 @@ class PolicyUpdate:
         self.on_nonfinite = settings.on_nonfinite
         self.temperature = sampling.temperature
         correction = sampling.vllm_is_correction
-        self.correction = (correction.mode, correction.cap) if sampling.decoder == "vllm" else ("off", 1.0)
+        self.correction = ((correction.mode, correction.cap) if sampling.decoder == "vllm" or sampling.lag
+                           else ("off", 1.0))
         self.sampler_stats: list = []  # this call's ISStats, one per micro-batch pass over vLLM samples
 
     @classmethod
