@@ -45,6 +45,11 @@ class DataError(ZenalignError):
     """The prompt source produced no usable prompts, or a prompt file is malformed."""
 
 
+class GenerationServerError(ZenalignError):
+    """The vLLM server generation goes to (``sampling.vllm.mode: server``) is unreachable, serves
+    another model, lacks zenalign's extension, or stopped answering mid-run."""
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace so an error message stays on a single line."""
     return " ".join(str(text).split())
