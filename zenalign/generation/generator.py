@@ -24,7 +24,8 @@ from zenalign.generation.environment import Environments
 from zenalign.generation.episodes import run_episodes
 from zenalign.generation.rollout import Rollout, generate_groups
 from zenalign.generation.vllm_engine import VLLMEngine, vllm_episodes, vllm_rollout
-from zenalign.models.lora import forward_module, is_adapted
+from zenalign.generation.vllm_server import VLLMServer, connect
+from zenalign.models.lora import forward_module, is_adapted, merged_weights
 from zenalign.recipe.schema import EngineSection, SamplingSection
 
 log = logging.getLogger("zenalign")
@@ -45,10 +46,15 @@ def full_weights(engine: Any) -> Iterator[dict[str, torch.Tensor]]:
 
 class Collectives(Protocol):
     """What the generator needs of the run's processes (``zenalign.train.distributed.Dist``): whether
-    there are several, and sums and maxima of floats over them."""
+    there are several and this is the first, a barrier, and sums and maxima of floats over them."""
 
     @property
     def active(self) -> bool: ...
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
 
     def sum(self, values: list[float]) -> list[float]: ...
 
@@ -61,11 +67,13 @@ class Generator:
     ``engine`` is the update's engine (the policy, its device, autocast and optimizer steps);
     ``precision`` and ``lean_forward`` come from the recipe's ``engine:`` section, ``seed`` from
     ``run.seed`` (vLLM's); ``environments``, the run's environment, makes every completion a
-    multi-turn episode (:mod:`zenalign.generation.episodes`)."""
+    multi-turn episode (:mod:`zenalign.generation.episodes`); ``log_dir`` holds the log of a vLLM
+    server the generator starts (``sampling.vllm.mode: server``)."""
 
     def __init__(self, sampling: SamplingSection, engine_options: EngineSection, seed: int, engine: Any,
                  tokenizer: Any, eos_ids: Sequence[int], dist: Collectives, policy_dir: Optional[Path],
-                 longest_prompt: int, fresh: bool, environments: Optional[Environments] = None):
+                 longest_prompt: int, fresh: bool, environments: Optional[Environments] = None,
+                 log_dir: Optional[Path] = None):
         self.sampling, self.lean_forward = sampling, engine_options.lean_forward
         self.environments = environments
         if environments is not None and engine.synced_gpus and sampling.decoder != "vllm":
@@ -73,17 +81,22 @@ class Generator:
                               "would run a different number of forward passes); use engine.zero_stage 0-2, or "
                               "sampling.decoder vllm")
         self.engine, self.tokenizer, self.eos_ids, self.dist = engine, tokenizer, eos_ids, dist
-        self.vllm: Optional[VLLMEngine] = None
+        self.vllm: Optional[VLLMEngine | VLLMServer] = None
         self.sync_seconds, self.syncs = 0.0, 0
         if sampling.decoder != "vllm":
             return
-        if policy_dir is None or is_adapted(engine.model):
-            raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
-                              "directory); a model object or a peft model was given; use decoder zenalign")
         options = sampling.vllm
-        self.vllm = VLLMEngine(policy_dir, options, engine_options.precision,
-                               options.max_model_len or self.longest_sequence(longest_prompt),
-                               seed, engine.device.type, distributed=dist.active)
+        self.shared = options.mode == "server"  # one server for every process: rank 0 pushes the weights
+        if policy_dir is None or (is_adapted(engine.model) and not self.shared):
+            raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
+                              "directory); a model object or a peft model was given; use decoder zenalign, or "
+                              "sampling.vllm.mode server for a peft model")
+        max_model_len = options.max_model_len or self.longest_sequence(longest_prompt)
+        if self.shared:
+            self.vllm = connect(policy_dir, options, max_model_len, engine_options.precision, dist, log_dir)
+        else:
+            self.vllm = VLLMEngine(policy_dir, options, engine_options.precision, max_model_len, seed,
+                                   engine.device.type, distributed=dist.active)
         # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
         self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
 
@@ -124,7 +137,15 @@ class Generator:
             return
         start = time.perf_counter()
         with torch.no_grad(), full_weights(self.engine) as weights:
-            self.vllm.load_weights(weights)
+            if is_adapted(self.engine.model):  # the server holds the base model: W + the adapters' delta
+                weights = merged_weights(self.engine.model)
+            if not self.shared:
+                self.vllm.load_weights(weights)
+            else:  # no rank samples while rank 0 pushes, and none samples before it is done
+                self.dist.barrier()
+                if self.dist.is_main:
+                    self.vllm.load_weights(weights)
+                self.dist.barrier()
         seconds = time.perf_counter() - start
         self.sync_seconds += seconds
         self.syncs += 1
