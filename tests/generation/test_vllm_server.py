@@ -81,7 +81,7 @@ def test_a_quickstart_run_on_a_server_zenalign_starts_learns_and_stops_it(tmp_pa
           f"in 20 steps; syncs {[round(m['vllm/sync_s'], 3) for m in steps[1:4]]} s ...")
     assert first < 0.1 and last - first > 0.25
     assert all(m["vllm/logp_diff"] < 1e-3 for m in steps)  # fp32: the server and the trainer agree, once synced
-    assert sum(m["vllm/sync_s"] > 0 for m in steps) == 19  # a sync before every generation but the first
+    assert all(m["vllm/sync_s"] > 0 for m in steps)  # a sync before every generation: a server may hold old weights
     with pytest.raises(httpx.ConnectError):  # the run stopped its server
         httpx.get(f"{url}/health", timeout=5)
 
@@ -192,6 +192,36 @@ def test_a_run_on_another_model_than_the_server_serves_is_refused_before_step_1(
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_two_processes_share_one_server_and_sample_what_one_process_samples(server_url, tmp_path):
+    """torchrun with 2 ranks on the module's server: each rank sends its own share of the groups, rank
+    0 pushes the weights between barriers; the rewards and completion lengths equal one process's
+    step for step, and the server's log-probs stay the trainer's after every sync."""
+    import sys
+
+    from helpers import launch
+
+    args = [QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={server_url}",
+            "run.steps=2", "run.eval_interval=0", "run.progress_bar=false", "engine.num_threads=1", "-q"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    try:  # the one-process run leaves its step-2 weights on the server: the next run's first sync replaces them
+        done = run_cli("run", *args, f"run.output_dir={one}", timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        done = launch(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      free_port(), "-m", "zenalign", "run", *args, f"run.output_dir={two}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        server = client(server_url)
+        server.load_weights(policy().state_dict())
+        server.close()
+    runs = [metrics(one), metrics(two)]
+    assert [len(run) for run in runs] == [2, 2]
+    for a, b in zip(*runs):
+        assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
+                                                                      b["samples"])
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-5
+        assert a["vllm/sync_s"] > 0 and b["vllm/sync_s"] > 0
+
+
 def test_lora_runs_send_the_server_the_merged_weights(server_url, tmp_path):
     """model.lora with the server: vLLM samples from W + the adapters' delta, so its log-probs stay the
     trainer's (without the merge they would be the base model's, which the KL shows to differ)."""
@@ -199,7 +229,7 @@ def test_lora_runs_send_the_server_the_merged_weights(server_url, tmp_path):
     try:
         done = run_cli("run", QUICKSTART, "model.lora={r: 8, target_modules: all-linear}", "grpo.learning_rate=2.0e-2",
                        "sampling.backend=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={server_url}",
-                       "run.steps=4", "run.eval_interval=0", f"run.output_dir={out}", "run.progress_bar=false",
+                       "run.steps=3", "run.eval_interval=0", f"run.output_dir={out}", "run.progress_bar=false",
                        "engine.num_threads=1", timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
@@ -208,6 +238,6 @@ def test_lora_runs_send_the_server_the_merged_weights(server_url, tmp_path):
         server.close()
     steps = metrics(out)
     print(f"LoRA on vLLM's server: logp_diff {[m['vllm/logp_diff'] for m in steps]}, kl {[m['kl'] for m in steps]}")
-    assert all(m["vllm/sync_s"] > 0 for m in steps[1:])
+    assert all(m["vllm/sync_s"] > 0 for m in steps)
     assert all(m["vllm/logp_diff"] < 1e-4 for m in steps)
     assert steps[-1]["kl"] > 0.1  # the adapters moved the policy away from the base the server started with

@@ -1,5 +1,7 @@
-"""The sample phase's backend: the policy itself (zenalign's decoder or transformers' generate), or a
-colocated vLLM engine kept in step with the policy (``sampling.decoder: vllm``).
+"""The sample phase's backend: the policy itself (zenalign's decoder or transformers' generate), or
+vLLM kept in step with the policy (``sampling.decoder: vllm``): a colocated engine in each process,
+or vLLM's own server that every process shares (``sampling.vllm.mode: server``,
+:mod:`zenalign.generation.vllm_server`; rank 0 pushes the weights, LoRA's merged).
 
 With vLLM, the policy's weights go into the engine before a generation whenever the optimizer has
 stepped since the last time (with ``grpo.num_iterations`` mu > 1, once per generation, not per
@@ -97,8 +99,9 @@ class Generator:
         else:
             self.vllm = VLLMEngine(policy_dir, options, engine_options.precision, max_model_len, seed,
                                    engine.device.type, distributed=dist.active)
-        # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
-        self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
+        # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed;
+        # a server may hold an earlier run's, so it gets the policy's before the first generation
+        self.synced_at: Optional[int] = engine.optimizer_steps if fresh and not self.shared else None
 
     def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int,
                  temperature: Optional[float] = None, records: Optional[list[dict[str, Any]]] = None) -> Rollout:
