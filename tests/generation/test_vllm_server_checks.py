@@ -11,10 +11,13 @@ import json
 import pytest
 import torch
 
-from helpers import RECIPES, REVERSE_POLICY, error_line, free_port, run_cli
+from helpers import RECIPES, REVERSE_POLICY, cli_in_process, error_line, free_port, run_cli
 from zenalign.errors import GenerationServerError
+from zenalign.generation.vllm_engine import vllm_installed
 from zenalign.generation.vllm_server import VLLMServer, weight_buckets
 from zenalign.recipe.schema import SamplingSection, VLLMSection
+
+QUICKSTART = str(RECIPES / "quickstart.yaml")
 
 
 def test_buckets_keep_each_decoder_layer_whole_and_fill_up_to_the_cap():
@@ -33,19 +36,33 @@ def test_buckets_keep_each_decoder_layer_whole_and_fill_up_to_the_cap():
     assert len(weight_buckets(weights, cap_bytes=1)) == 5  # one per group: embed, layer 0, layer 1, norm, head
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("sampling.vllm.server_url=gpu:8000", "sampling.vllm.server_url: 'gpu:8000' is not a URL; give the server's root, "
+                                          "e.g. http://gpu-host:8000 (no /v1)"),
+    ("sampling.vllm.server_python=/nowhere/python", "sampling.vllm.server_python: '/nowhere/python' is not an "
+                                                    "interpreter here; give the path of a Python with vLLM"),
+    pytest.param("sampling.vllm.server_python=null", "sampling.vllm.server_url is null, so the run starts a vLLM server "
+                 "with this interpreter, which has no vLLM; name one that has it in sampling.vllm.server_python",
+                 marks=pytest.mark.skipif(vllm_installed(), reason="vllm is installed here")),
+], ids=["url", "server-python", "no-vllm-here"])
+def test_validate_refuses_a_server_it_could_not_reach_or_start(override, expected, tmp_path):
+    done = cli_in_process("validate", QUICKSTART, "sampling.decoder=vllm", "sampling.vllm.mode=server", override)
+    assert expected in error_line(done, during_run=False)
+
+
 def test_a_server_nobody_answers_at_is_one_line_at_validate_and_at_run(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     server = ["sampling.decoder=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={url}"]
-    done = run_cli("validate", str(RECIPES / "quickstart.yaml"), *server, "--check-server", cwd=tmp_path)
+    done = run_cli("validate", QUICKSTART, *server, "--check-server", cwd=tmp_path)
     message = error_line(done, during_run=False)
     assert message.startswith(f"zenalign: error: sampling.vllm.server_url: the vLLM server at {url}: nobody answers")
     assert "VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model" in message
     assert "--worker-extension-cls zenalign.generation.vllm_worker.WeightReceiver" in message
     assert "leave server_url null" in message
-    assert run_cli("validate", str(RECIPES / "quickstart.yaml"), *server, cwd=tmp_path).returncode == 0  # not asked
+    assert cli_in_process("validate", QUICKSTART, *server).returncode == 0  # not asked
 
     out = tmp_path / "run"
-    done = run_cli("run", str(RECIPES / "quickstart.yaml"), *server, f"run.output_dir={out}", "run.progress_bar=false",
+    done = run_cli("run", QUICKSTART, *server, f"run.output_dir={out}", "run.progress_bar=false",
                    "engine.num_threads=1", cwd=tmp_path)
     assert error_line(done, during_run=True) == message
     assert not (out / "metrics.jsonl").exists()  # refused before step 1

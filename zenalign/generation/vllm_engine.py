@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import random
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -78,6 +79,7 @@ def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: d
     if options.enable_sleep_mode and device_type == "cpu":
         raise RecipeError("sampling.vllm.enable_sleep_mode: vLLM has no sleep mode on CPU; set it to false")
     if server:
+        check_server_python(options)
         return
     if not vllm_installed():
         raise RecipeError(f"sampling.decoder: vllm is not installed; {INSTALL}")
@@ -91,6 +93,19 @@ def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: d
     if device_type == "cpu" and size is not None and size not in CPU_HEAD_DIMS:
         raise RecipeError(f"sampling.decoder: vLLM's CPU attention does not take the model's head size {size}; it "
                           f"takes {', '.join(map(str, CPU_HEAD_DIMS))} (use decoder zenalign on CPU)")
+
+
+def check_server_python(options: VLLMSection) -> None:
+    """The interpreter that would run the server zenalign starts exists and, if it is this one, has vLLM."""
+    if options.server_url is not None:
+        return
+    if options.server_python is None and not vllm_installed():
+        raise RecipeError("sampling.vllm.server_url is null, so the run starts a vLLM server with this interpreter, "
+                          "which has no vLLM; name one that has it in sampling.vllm.server_python (e.g. "
+                          ".venv-vllm/bin/python), or give the URL of a running server")
+    if options.server_python is not None and shutil.which(options.server_python) is None:
+        raise RecipeError(f"sampling.vllm.server_python: '{options.server_python}' is not an interpreter here; give "
+                          f"the path of a Python with vLLM and zenalign installed")
 
 
 def supported_architectures() -> Sequence[str]:

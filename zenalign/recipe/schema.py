@@ -163,8 +163,15 @@ class VLLMSection(Section):
         None,
         description="mode server: a directory the server can read where the trainer writes each push as a "
         "safetensors file (deleted once loaded). null: /dev/shm for a server on this machine (server_url null or "
-        "localhost), else the weights travel inside the request (base64, about 4x slower).",
+        "localhost), else the weights travel inside the request (base64, several times slower).",
     )
+
+    @field_validator("server_url")
+    @classmethod
+    def _a_root_url(cls, value):
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not a URL; give the server's root, e.g. http://gpu-host:8000 (no /v1)")
+        return value.rstrip("/").removesuffix("/v1") if value is not None else None
 
     gpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=1.0,
