@@ -158,14 +158,14 @@ def small_recipe(model_dir: Path, tmp_path: Path, **sampling) -> dict:
 def test_check_vllm_refuses_a_max_model_len_shorter_than_prompt_plus_completion():
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=10"]).recipe
     with pytest.raises(RecipeError) as err:
-        check_vllm(recipe.sampling, recipe.model.lora, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5,
+        check_vllm(recipe.sampling, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5,
                    "prompts[3]", "cpu")
     assert str(err.value) == ("sampling.vllm.max_model_len: 10 is shorter than the longest prompt (prompts[3], 5 tokens) "
                               "+ sampling.max_new_tokens (8) = 13; give at least 13, or null for exactly that")
     check_vllm_ok = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=13"])
     if vllm_installed():
         ok = check_vllm_ok.recipe
-        check_vllm(ok.sampling, ok.model.lora, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]",
+        check_vllm(ok.sampling, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]",
                    "cpu")
 
 
@@ -212,7 +212,7 @@ def test_validate_refuses_what_vllm_cannot_run(tmp_path, tiny_model_dir):
     assert "sampling.vllm.max_model_len: 8 is shorter than" in message
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm"]).recipe
     with pytest.raises(RecipeError, match=r"vllm does not support the architecture FooBarForCausalLM of model.path"):
-        check_vllm(recipe.sampling, recipe.model.lora, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5,
+        check_vllm(recipe.sampling, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5,
                    "prompts[0]", "cpu")
 
 

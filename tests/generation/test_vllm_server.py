@@ -5,9 +5,9 @@ A run on a server zenalign starts learns the quickstart as the colocated engine 
 is gone after it. On one server (started once for the module, on the quickstart's policy): a sync in
 whole-layer buckets through /dev/shm equals a one-shot inline sync and the trainer's forward; the
 server draws what the colocated engine draws from the same seeds; a sync of the wrong shape is
-refused before anything reaches the server; a run on another model is refused before step 1; LoRA
-runs reach the server as merged weights. The errors that need no vLLM are in
-test_vllm_server_checks.py.
+refused before anything reaches the server; a run on another model is refused before step 1; two
+torchrun ranks share it. LoRA runs reach vLLM, colocated or served, as merged weights. The errors
+that need no vLLM are in test_vllm_server_checks.py.
 """
 
 from __future__ import annotations
@@ -222,22 +222,25 @@ def test_two_processes_share_one_server_and_sample_what_one_process_samples(serv
         assert a["vllm/sync_s"] > 0 and b["vllm/sync_s"] > 0
 
 
-def test_lora_runs_send_the_server_the_merged_weights(server_url, tmp_path):
-    """model.lora with the server: vLLM samples from W + the adapters' delta, so its log-probs stay the
-    trainer's (without the merge they would be the base model's, which the KL shows to differ)."""
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_lora_runs_send_vllm_the_merged_weights(mode, request, tmp_path):
+    """model.lora, colocated or on the module's server: vLLM samples from W + the adapters' delta, so its
+    log-probs stay the trainer's (without the merge they would be the base model's, which the KL shows
+    to differ)."""
+    where = [f"sampling.vllm.server_url={request.getfixturevalue('server_url')}"] if mode == "server" else []
     out = tmp_path / "run"
     try:
         done = run_cli("run", QUICKSTART, "model.lora={r: 8, target_modules: all-linear}", "grpo.learning_rate=2.0e-2",
-                       "sampling.backend=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={server_url}",
-                       "run.steps=3", "run.eval_interval=0", f"run.output_dir={out}", "run.progress_bar=false",
-                       "engine.num_threads=1", timeout=300)
+                       "sampling.backend=vllm", f"sampling.vllm.mode={mode}", *where, "run.steps=3", "run.eval_interval=0",
+                       f"run.output_dir={out}", "run.progress_bar=false", "engine.num_threads=1", timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
-        server = client(server_url)
-        server.load_weights(policy().state_dict())
-        server.close()
+        if mode == "server":
+            server = client(request.getfixturevalue("server_url"))
+            server.load_weights(policy().state_dict())
+            server.close()
     steps = metrics(out)
-    print(f"LoRA on vLLM's server: logp_diff {[m['vllm/logp_diff'] for m in steps]}, kl {[m['kl'] for m in steps]}")
-    assert all(m["vllm/sync_s"] > 0 for m in steps)
+    print(f"LoRA, vLLM {mode}: logp_diff {[m['vllm/logp_diff'] for m in steps]}, kl {[m['kl'] for m in steps]}")
+    assert all(m["vllm/sync_s"] > 0 for m in steps[1:])
     assert all(m["vllm/logp_diff"] < 1e-4 for m in steps)
-    assert steps[-1]["kl"] > 0.1  # the adapters moved the policy away from the base the server started with
+    assert steps[-1]["kl"] > 0.1  # the adapters moved the policy away from the base vLLM started with

@@ -1,7 +1,8 @@
 """The sample phase's backend: the policy itself (zenalign's decoder or transformers' generate), or
 vLLM kept in step with the policy (``sampling.decoder: vllm``): a colocated engine in each process,
 or vLLM's own server that every process shares (``sampling.vllm.mode: server``,
-:mod:`zenalign.generation.vllm_server`; rank 0 pushes the weights, LoRA's merged).
+:mod:`zenalign.generation.vllm_server`; rank 0 pushes the weights). With LoRA, vLLM holds the
+base model and is sent the merged weights.
 
 With vLLM, the policy's weights go into the engine before a generation whenever the optimizer has
 stepped since the last time (with ``grpo.num_iterations`` mu > 1, once per generation, not per
@@ -89,10 +90,9 @@ class Generator:
             return
         options = sampling.vllm
         self.shared = options.mode == "server"  # one server for every process: rank 0 pushes the weights
-        if policy_dir is None or (is_adapted(engine.model) and not self.shared):
+        if policy_dir is None:
             raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
-                              "directory); a model object or a peft model was given; use decoder zenalign, or "
-                              "sampling.vllm.mode server for a peft model")
+                              "directory); a model object was given; use decoder zenalign")
         max_model_len = options.max_model_len or self.longest_sequence(longest_prompt)
         if self.shared:
             self.vllm = connect(policy_dir, options, max_model_len, engine_options.precision, dist, log_dir)
@@ -140,7 +140,7 @@ class Generator:
             return
         start = time.perf_counter()
         with torch.no_grad(), full_weights(self.engine) as weights:
-            if is_adapted(self.engine.model):  # the server holds the base model: W + the adapters' delta
+            if is_adapted(self.engine.model):  # vLLM holds the base model: W + the adapters' delta
                 weights = merged_weights(self.engine.model)
             if not self.shared:
                 self.vllm.load_weights(weights)

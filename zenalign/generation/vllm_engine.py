@@ -36,7 +36,7 @@ from zenalign.generation.episodes import EpisodeBatch
 from zenalign.generation.gumbel import splitmix64
 from zenalign.generation.rollout import Rollout, encode_prompts, rollout_from
 from zenalign.generation.vllm_worker import directory_shapes
-from zenalign.recipe.schema import LoraSection, SamplingSection, VLLMSection
+from zenalign.recipe.schema import SamplingSection, VLLMSection
 
 log = logging.getLogger("zenalign")
 
@@ -60,17 +60,12 @@ def head_dim(config: dict[str, Any]) -> Optional[int]:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
-def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: dict[str, Any], longest: int, at: str,
-               device_type: str) -> None:
+def check_vllm(sampling: SamplingSection, config: dict[str, Any], longest: int, at: str, device_type: str) -> None:
     """What ``decoder: vllm`` needs, one line each, before any engine exists: the mistakes in the
-    recipe (``sampling:`` and ``model.lora``) first (they hold whether or not vLLM is installed), then
+    recipe (``sampling:``) first (they hold whether or not vLLM is installed), then
     vLLM itself, then the model; in server mode those two are the server's (checked on connecting)."""
     options = sampling.vllm
     server = options.mode == "server"  # the server's own environment has vLLM; it checks the model it loads
-    if lora is not None and not server:
-        raise RecipeError("sampling.decoder: vllm samples from a plain Hugging Face directory, and model.lora trains "
-                          "adapters vLLM would not see; use decoder zenalign with LoRA, or sampling.vllm.mode server "
-                          "(it is sent the merged weights)")
     needed = longest + sampling.max_new_tokens
     if options.max_model_len is not None and options.max_model_len < needed:
         raise RecipeError(f"sampling.vllm.max_model_len: {options.max_model_len} is shorter than the longest prompt "
