@@ -41,13 +41,13 @@ class StorageError(ZenalignError):
     """The run directory could not be written: a full disk, a quota, a read-only file system."""
 
 
+class GenerationServerError(ZenalignError):
+    """The vLLM server that generates (``sampling.vllm.mode: server``) cannot be reached, stopped
+    answering, or serves another model than the run's."""
+
+
 class DataError(ZenalignError):
     """The prompt source produced no usable prompts, or a prompt file is malformed."""
-
-
-class GenerationServerError(ZenalignError):
-    """The vLLM server generation goes to (``sampling.vllm.mode: server``) is unreachable, serves
-    another model, lacks zenalign's extension, or stopped answering mid-run."""
 
 
 def one_line(text: str) -> str:
