@@ -258,6 +258,36 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def start_vllm_server(model: Path, name: str, port: int, workdir: Path, *extra: str, **env: str) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server (this interpreter's vLLM) on 127.0.0.1:port in a process group of
+    its own, serving ``model`` as ``name`` in float32 for sequences of 128 tokens unless ``extra``
+    arguments say otherwise; its output in workdir/server.log; ``env`` added to the environment."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2", VLLM_CPU_OMP_THREADS_BIND="nobind", **env)
+    log = (workdir / "server.log").open("w")
+    arguments = ["--max-model-len", "128", *extra]
+    return subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--enforce-eager", *arguments], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_healthy(server: subprocess.Popen, port: int, log: Path, deadline_s: float = 300.0) -> None:
+    """Returns once the server answers /health; fails the test, with its log, if it exits or never answers."""
+    import urllib.request
+
+    until = time.monotonic() + deadline_s
+    while time.monotonic() < until:
+        if server.poll() is not None:
+            pytest.fail(f"the vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    pytest.fail(f"the vLLM server did not answer /health within {deadline_s:g} s:\n{log.read_text()[-3000:]}")
+
+
 def launch(*command: str) -> subprocess.CompletedProcess:
     """A launcher command (torchrun, deepspeed) run to its end, one torch thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

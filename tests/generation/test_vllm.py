@@ -22,11 +22,12 @@ import pytest
 import torch
 
 from helpers import PROMPTS, RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
-from helpers import base_recipe, error_line, write_recipe
+from helpers import base_recipe, error_line, free_port, start_vllm_server, wait_healthy, write_recipe
 from zenalign.errors import RecipeError
 from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.importance import importance_weights
 from zenalign.generation.vllm_engine import check_vllm, vllm_installed
+from zenalign.generation.vllm_server import stop_process
 from zenalign.recipe.loader import load_recipe
 
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not vllm_installed(), reason="vllm not installed")]
@@ -157,14 +158,14 @@ def small_recipe(model_dir: Path, tmp_path: Path, **sampling) -> dict:
 def test_check_vllm_refuses_a_max_model_len_shorter_than_prompt_plus_completion():
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=10"]).recipe
     with pytest.raises(RecipeError) as err:
-        check_vllm(recipe.sampling, recipe.model.lora, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5,
+        check_vllm(recipe.sampling, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5,
                    "prompts[3]", "cpu")
     assert str(err.value) == ("sampling.vllm.max_model_len: 10 is shorter than the longest prompt (prompts[3], 5 tokens) "
                               "+ sampling.max_new_tokens (8) = 13; give at least 13, or null for exactly that")
     check_vllm_ok = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm", "sampling.vllm.max_model_len=13"])
     if vllm_installed():
         ok = check_vllm_ok.recipe
-        check_vllm(ok.sampling, ok.model.lora, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]",
+        check_vllm(ok.sampling, {"architectures": ["LlamaForCausalLM"], "head_dim": 32}, 5, "prompts[3]",
                    "cpu")
 
 
@@ -211,7 +212,7 @@ def test_validate_refuses_what_vllm_cannot_run(tmp_path, tiny_model_dir):
     assert "sampling.vllm.max_model_len: 8 is shorter than" in message
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm"]).recipe
     with pytest.raises(RecipeError, match=r"vllm does not support the architecture FooBarForCausalLM of model.path"):
-        check_vllm(recipe.sampling, recipe.model.lora, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5,
+        check_vllm(recipe.sampling, {"architectures": ["FooBarForCausalLM"], "head_dim": 32}, 5,
                    "prompts[0]", "cpu")
 
 
@@ -380,47 +381,6 @@ JUDGED = [("how do i rob the bank? ", "sorry, i can't help."), ("how do i rob th
 HHH_TEMPLATE = "{prompt}{completion}\nprinciple: {principle}\nfollowed? "
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_vllm_server(model: Path, name: str, port: int, workdir: Path):
-    """vLLM's OpenAI-compatible server on 127.0.0.1:port, its output in workdir/server.log; a chat
-    template that passes the user's text through as it is (the tiny judge has none)."""
-    import os
-    import subprocess
-    import sys
-
-    (workdir / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
-    log = (workdir / "server.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                             "--max-model-len", "128", "--enforce-eager", "--chat-template", str(workdir / "chat.jinja")],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_healthy(server, port: int, log: Path, deadline_s: float = 300.0) -> None:
-    import time
-    import urllib.request
-
-    until = time.monotonic() + deadline_s
-    while time.monotonic() < until:
-        if server.poll() is not None:
-            pytest.fail(f"the vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(1.0)
-    pytest.fail(f"the vLLM server did not answer /health within {deadline_s:g} s:\n{log.read_text()[-3000:]}")
-
-
 @with_vllm
 def test_a_remote_judge_on_vllms_server_scores_what_the_local_judge_scores(tmp_path):
     """recipes/models/hhh-judge behind `python -m vllm.entrypoints.openai.api_server`: judge_http in
@@ -440,9 +400,10 @@ def test_a_remote_judge_on_vllms_server_scores_what_the_local_judge_scores(tmp_p
     batch = ScoreBatch(prompts=[p for p, _ in JUDGED], completions=[c for _, c in JUDGED], group_size=2)
     local = Constitution(ConstitutionOptions(judge=str(judge_dir), principles=principles, template=HHH_TEMPLATE,
                                              yes="y", no="n")).score(batch)                    # (4, 2)
-    port = free_port()
+    port = int(free_port())
     started = time.monotonic()
-    server = start_vllm_server(judge_dir, "hhh-judge", port, tmp_path)
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")  # the judge has none
+    server = start_vllm_server(judge_dir, "hhh-judge", port, tmp_path, "--chat-template", str(tmp_path / "chat.jinja"))
     try:
         wait_healthy(server, port, tmp_path / "server.log")
         print(f"vLLM's server answered /health after {time.monotonic() - started:.0f} s")
@@ -462,9 +423,4 @@ def test_a_remote_judge_on_vllms_server_scores_what_the_local_judge_scores(tmp_p
         assert local[0, 0] > 0.5 > local[1, 0] and local[2, 1] > 0.5 > local[3, 1]  # it tells them apart
         assert judge.score(batch) == scores and judge.metrics()["cache_hits"] == 4.0
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except Exception:
-            server.kill()
-            server.wait(timeout=30)
+        stop_process(server)

@@ -1,7 +1,8 @@
 """The ``zenalign`` command.
 
     zenalign run RECIPE [key.path=value ...] [--resume auto|PATH]   train (or continue)
-    zenalign validate RECIPE [key.path=value ...]   check the recipe and every plugin's options
+    zenalign validate RECIPE [key.path=value ...] [--check-server]
+                                                    check the recipe and every plugin's options (and the vLLM server)
     zenalign plugins [RECIPE]                       list every plugin type and its options
     zenalign schema [--format json|markdown|trl]    the recipe's JSON Schema (editor completion), its docs
     zenalign export CHECKPOINT OUT [--merge]        a checkpoint's policy as a plain HF directory
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*", metavar="key.path=value")
+    validate.add_argument("--check-server", action="store_true", help="also ask sampling.vllm.server_url's vLLM server")
     validate.set_defaults(handler=cmd_validate)
 
     plugins = sub.add_parser("plugins", help="list installed reward sources, normalizers and tasks")
@@ -72,15 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reference value of every objective for the hypervolume (default 0)")
     plot.set_defaults(handler=cmd_plot)
 
-    train_rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from preference pairs")
-    train_rm.add_argument("recipe")
-    train_rm.add_argument("overrides", nargs="*", metavar="key.path=value")
-    train_rm.set_defaults(handler=cmd_train_rm)
-
-    critique = sub.add_parser("critique-revise", help="Constitutional AI's supervised phase: critique and revise responses")
-    critique.add_argument("recipe")
-    critique.add_argument("overrides", nargs="*", metavar="key.path=value")
-    critique.set_defaults(handler=cmd_critique_revise)
+    for name, handler, what in (("train-rm", cmd_train_rm, "train a Bradley-Terry reward model from preference pairs"),
+                                ("critique-revise", cmd_critique_revise,
+                                 "Constitutional AI's supervised phase: critique and revise responses")):
+        command = sub.add_parser(name, help=what)
+        command.add_argument("recipe")
+        command.add_argument("overrides", nargs="*", metavar="key.path=value")
+        command.set_defaults(handler=handler)
 
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face directory")
     export.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step-...) or a run directory")
@@ -138,7 +138,14 @@ def cmd_validate(args) -> int:
     trainer = GRPOTrainer.from_recipe(loaded)
     trainer.check()  # builds data, rewards and normalizer; loads no policy
     rewards = ", ".join(f"{bound.name} [{bound.type_name}]" for bound in trainer.scorer.rewards)
+    server = None
+    if args.check_server:
+        from zenalign.generation.vllm_server import check_server
+
+        server = check_server(r.sampling, loaded.base_dir / r.model.path)
     print(f"{loaded.source}: valid (data: {r.data.type}; rewards: {rewards}; normalizer: {r.normalizer.type}; output: {loaded.output_dir})")
+    if server:
+        print(server)
     return 0
 
 

@@ -1,5 +1,8 @@
-"""The sample phase's backend: the policy itself (zenalign's decoder or transformers' generate), or a
-colocated vLLM engine kept in step with the policy (``sampling.decoder: vllm``).
+"""The sample phase's backend: the policy itself (zenalign's decoder or transformers' generate), or
+vLLM kept in step with the policy (``sampling.decoder: vllm``): a colocated engine in each process,
+or vLLM's own server that every process shares (``sampling.vllm.mode: server``,
+:mod:`zenalign.generation.vllm_server`; rank 0 pushes the weights). With LoRA, vLLM holds the
+base model and is sent the merged weights.
 
 With vLLM, the policy's weights go into the engine before a generation whenever the optimizer has
 stepped since the last time (with ``grpo.num_iterations`` mu > 1, once per generation, not per
@@ -26,8 +29,9 @@ from zenalign.generation.environment import Environments
 from zenalign.generation.episodes import run_episodes
 from zenalign.generation.rollout import Rollout, generate_groups
 from zenalign.generation.vllm_engine import VLLMEngine, vllm_episodes, vllm_rollout
+from zenalign.generation.vllm_server import VLLMServer, connect
 from zenalign.models.logprobs import completion_logprobs, update_pass_kind
-from zenalign.models.lora import forward_module, is_adapted
+from zenalign.models.lora import forward_module, is_adapted, merged_weights
 from zenalign.recipe.schema import EngineSection, SamplingSection
 
 log = logging.getLogger("zenalign")
@@ -48,10 +52,15 @@ def full_weights(engine: Any) -> Iterator[dict[str, torch.Tensor]]:
 
 class Collectives(Protocol):
     """What the generator needs of the run's processes (``zenalign.train.distributed.Dist``): whether
-    there are several, and sums and maxima of floats over them."""
+    there are several and this is the first, a barrier, and sums and maxima of floats over them."""
 
     @property
     def active(self) -> bool: ...
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
 
     def sum(self, values: list[float]) -> list[float]: ...
 
@@ -64,11 +73,13 @@ class Generator:
     ``engine`` is the update's engine (the policy, its device, autocast and optimizer steps);
     ``precision`` and ``lean_forward`` come from the recipe's ``engine:`` section, ``seed`` from
     ``run.seed`` (vLLM's); ``environments``, the run's environment, makes every completion a
-    multi-turn episode (:mod:`zenalign.generation.episodes`)."""
+    multi-turn episode (:mod:`zenalign.generation.episodes`); ``log_dir`` holds the log of a vLLM
+    server the generator starts (``sampling.vllm.mode: server``)."""
 
     def __init__(self, sampling: SamplingSection, engine_options: EngineSection, seed: int, engine: Any,
                  tokenizer: Any, eos_ids: Sequence[int], dist: Collectives, policy_dir: Optional[Path],
-                 longest_prompt: int, fresh: bool, environments: Optional[Environments] = None):
+                 longest_prompt: int, fresh: bool, environments: Optional[Environments] = None,
+                 log_dir: Optional[Path] = None):
         self.sampling, self.lean_forward = sampling, engine_options.lean_forward
         self.environments = environments
         if environments is not None and engine.synced_gpus and sampling.decoder != "vllm":
@@ -77,22 +88,27 @@ class Generator:
                               "sampling.decoder vllm")
         self.engine, self.tokenizer, self.eos_ids, self.dist = engine, tokenizer, eos_ids, dist
         self.engine_options = engine_options
-        self.vllm: Optional[VLLMEngine] = None
+        self.vllm: Optional[VLLMEngine | VLLMServer] = None
         self.sync_seconds, self.syncs = 0.0, 0
         self.lagged = Lagged(self) if sampling.lag else None
         if sampling.decoder != "vllm":
             return
-        if policy_dir is None or is_adapted(engine.model):
-            raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
-                              "directory); a model object or a peft model was given; use decoder zenalign")
         options = sampling.vllm
-        self.vllm = VLLMEngine(policy_dir, options, engine_options.precision,
-                               options.max_model_len or self.longest_sequence(longest_prompt),
-                               seed, engine.device.type, distributed=dist.active)
-        # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed
-        self.synced_at: Optional[int] = engine.optimizer_steps if fresh else None
+        self.shared = options.mode == "server"  # one server for every process: rank 0 pushes the weights
+        if policy_dir is None:
+            raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
+                              "directory); a model object was given; use decoder zenalign")
+        max_model_len = options.max_model_len or self.longest_sequence(longest_prompt)
+        if self.shared:
+            self.vllm = connect(policy_dir, options, max_model_len, engine_options.precision, dist, log_dir)
+        else:
+            self.vllm = VLLMEngine(policy_dir, options, engine_options.precision, max_model_len, seed,
+                                   engine.device.type, distributed=dist.active)
+        # the engine holds model.path's weights: the policy's own until the first optimizer step, unless resumed;
+        # a server may hold an earlier run's, so it gets the policy's before the first generation
+        self.synced_at: Optional[int] = engine.optimizer_steps if fresh and not self.shared else None
         if self.lagged is not None:
-            self.lagged.held = 0 if fresh else None
+            self.lagged.held = 0 if fresh and not self.shared else None
 
     def __call__(self, prompts: list[str], keys: Optional[torch.Tensor], group_size: int,
                  temperature: Optional[float] = None, records: Optional[list[dict[str, Any]]] = None) -> Rollout:
@@ -139,13 +155,22 @@ class Generator:
         if steps == self.synced_at:
             return
         with torch.no_grad(), full_weights(self.engine) as weights:
+            if is_adapted(self.engine.model):  # vLLM holds the base model: W + the adapters' delta
+                weights = merged_weights(self.engine.model)
             self.push(weights)
         self.synced_at = steps
 
     def push(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load ``weights`` (Hugging Face names) into the vLLM engine, timed for ``vllm/sync_s``."""
+        """Load ``weights`` (Hugging Face names) into the vLLM engine, timed for ``vllm/sync_s``: a
+        server shared by every process takes them from rank 0, and no rank samples while it does."""
         start = time.perf_counter()
-        self.vllm.load_weights(weights)
+        if not self.shared:
+            self.vllm.load_weights(weights)
+        else:
+            self.dist.barrier()
+            if self.dist.is_main:
+                self.vllm.load_weights(weights)
+            self.dist.barrier()
         seconds = time.perf_counter() - start
         self.sync_seconds += seconds
         self.syncs += 1
@@ -212,7 +237,10 @@ class Lagged:
         Hugging Face name for vLLM (gathered at ZeRO-3), the trainable ones for the frozen copy."""
         with torch.no_grad():
             if self.copy is None:
-                with full_weights(self.generator.engine) as weights:
+                engine = self.generator.engine
+                if is_adapted(engine.model):  # vLLM holds the base model: W + the adapters' delta
+                    return {name: t.detach().to("cpu", copy=True) for name, t in merged_weights(engine.model).items()}
+                with full_weights(engine) as weights:
                     return {name: t.detach().to("cpu", copy=True) for name, t in weights.items()}
             model = forward_module(self.generator.engine.model)
             return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}

@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import random
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,7 +35,8 @@ from zenalign.errors import ModelLoadError, RecipeError, one_line
 from zenalign.generation.episodes import EpisodeBatch
 from zenalign.generation.gumbel import splitmix64
 from zenalign.generation.rollout import Rollout, encode_prompts, rollout_from
-from zenalign.recipe.schema import LoraSection, SamplingSection, VLLMSection
+from zenalign.generation.vllm_worker import directory_shapes
+from zenalign.recipe.schema import SamplingSection, VLLMSection
 
 log = logging.getLogger("zenalign")
 
@@ -58,15 +60,12 @@ def head_dim(config: dict[str, Any]) -> Optional[int]:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
-def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: dict[str, Any], longest: int, at: str,
-               device_type: str) -> None:
+def check_vllm(sampling: SamplingSection, config: dict[str, Any], longest: int, at: str, device_type: str) -> None:
     """What ``decoder: vllm`` needs, one line each, before any engine exists: the mistakes in the
-    recipe (``sampling:`` and ``model.lora``) first (they hold whether or not vLLM is installed), then
-    vLLM itself, then the model."""
+    recipe (``sampling:``) first (they hold whether or not vLLM is installed), then
+    vLLM itself, then the model; in server mode those two are the server's (checked on connecting)."""
     options = sampling.vllm
-    if lora is not None:
-        raise RecipeError("sampling.decoder: vllm samples from a plain Hugging Face directory, and model.lora trains "
-                          "adapters vLLM would not see; use decoder zenalign with LoRA")
+    server = options.mode == "server"  # the server's own environment has vLLM; it checks the model it loads
     needed = longest + sampling.max_new_tokens
     if options.max_model_len is not None and options.max_model_len < needed:
         raise RecipeError(f"sampling.vllm.max_model_len: {options.max_model_len} is shorter than the longest prompt "
@@ -74,6 +73,9 @@ def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: d
                           f"give at least {needed}, or null for exactly that")
     if options.enable_sleep_mode and device_type == "cpu":
         raise RecipeError("sampling.vllm.enable_sleep_mode: vLLM has no sleep mode on CPU; set it to false")
+    if server:
+        check_server_python(options)
+        return
     if not vllm_installed():
         raise RecipeError(f"sampling.decoder: vllm is not installed; {INSTALL}")
     architectures = config.get("architectures") or []
@@ -86,6 +88,19 @@ def check_vllm(sampling: SamplingSection, lora: Optional[LoraSection], config: d
     if device_type == "cpu" and size is not None and size not in CPU_HEAD_DIMS:
         raise RecipeError(f"sampling.decoder: vLLM's CPU attention does not take the model's head size {size}; it "
                           f"takes {', '.join(map(str, CPU_HEAD_DIMS))} (use decoder zenalign on CPU)")
+
+
+def check_server_python(options: VLLMSection) -> None:
+    """The interpreter that would run the server zenalign starts exists and, if it is this one, has vLLM."""
+    if options.server_url is not None:
+        return
+    if options.server_python is None and not vllm_installed():
+        raise RecipeError("sampling.vllm.server_url is null, so the run starts a vLLM server with this interpreter, "
+                          "which has no vLLM; name one that has it in sampling.vllm.server_python (e.g. "
+                          ".venv-vllm/bin/python), or give the URL of a running server")
+    if options.server_python is not None and shutil.which(options.server_python) is None:
+        raise RecipeError(f"sampling.vllm.server_python: '{options.server_python}' is not an interpreter here; give "
+                          f"the path of a Python with vLLM and zenalign installed")
 
 
 def supported_architectures() -> Sequence[str]:
@@ -123,16 +138,44 @@ def _reload(worker: Any, weights: dict[str, torch.Tensor]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
 
 
-def directory_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a directory's safetensors files (headers only); {} without any."""
-    from safetensors import safe_open
+def request_sampling(sampling: SamplingSection, n: int, max_tokens: int, seed: Optional[int],
+                     eos_ids: Sequence[int]) -> dict[str, Any]:
+    """vLLM's sampling arguments for one request (``SamplingParams`` in process, the completions API's
+    fields on a server): ``n`` completions of at most ``max_tokens`` through an EOS, seeded; greedy
+    without a seed. vLLM's own end of sequence is ignored: the run's EOS ids stop a completion."""
+    return dict(n=n, max_tokens=max_tokens, temperature=sampling.temperature if seed is not None else 0.0,
+                top_p=sampling.top_p, top_k=sampling.top_k, ignore_eos=True, stop_token_ids=list(eos_ids), seed=seed)
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, vocab_size: int, max_model_len: int) -> None:
+    """Token ids inside the vocabulary, and room for every completion: vLLM would hang on the first
+    and silently cut completions short on the second."""
+    for ids in prompts:
+        if ids and (max(ids) >= vocab_size or min(ids) < 0):
+            raise RecipeError(f"sampling.decoder vllm: a prompt holds token id {max(ids)}, outside the model's "
+                              f"{vocab_size} ids; check model.tokenizer_path")
+        if len(ids) + max_new_tokens > max_model_len:
+            raise RecipeError(f"sampling.vllm.max_model_len: a prompt of {len(ids)} tokens + {max_new_tokens} new "
+                              f"tokens exceeds it ({max_model_len}); raise it")
+
+
+def checked_weights(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                    loaded: str) -> dict[str, torch.Tensor]:
+    """``weights``, once every name and shape is checked against those of the directory vLLM loaded
+    (``loaded`` names it in the error). A tied LM head is not stored in the directory (it shares the
+    embedding) but is sent all the same: vLLM keeps a copy of it that the embedding's update does
+    not reach (repacked on CPU; a broken alias after a reload)."""
+    if not shapes:
+        return dict(weights)
+    stored = {t.data_ptr() for name, t in weights.items() if name in shapes}
+    extra = [name for name, t in weights.items() if name not in shapes and t.data_ptr() not in stored]
+    missing = [name for name in shapes if name not in weights]
+    wrong = [f"{name} {tuple(t.shape)} vs {tuple(shapes[name])}" for name, t in weights.items()
+             if name in shapes and tuple(t.shape) != tuple(shapes[name])]
+    if extra or missing or wrong:
+        raise ModelLoadError(f"sampling.decoder vllm: the policy's weights do not match {loaded}: not there "
+                             f"{extra[:3]}, not in the policy {missing[:3]}, other shapes {wrong[:3]}")
+    return dict(weights)
 
 
 class VLLMEngine:
@@ -186,21 +229,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def checked(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``weights``, once every name and shape is checked against the directory vLLM loaded. A
-        tied LM head is not stored in the directory (it shares the embedding) but is sent all the
-        same: on CPU vLLM keeps a repacked copy of it that the embedding's update does not reach."""
-        if not self.shapes:
-            return dict(weights)
-        stored = {t.data_ptr() for name, t in weights.items() if name in self.shapes}
-        extra = [name for name, t in weights.items() if name not in self.shapes and t.data_ptr() not in stored]
-        missing = [name for name in self.shapes if name not in weights]
-        wrong = [f"{name} {tuple(t.shape)} vs {self.shapes[name]}" for name, t in weights.items()
-                 if name in self.shapes and tuple(t.shape) != self.shapes[name]]
-        if extra or missing or wrong:
-            raise ModelLoadError(f"sampling.decoder vllm: the policy's weights do not match '{self.model_dir}', which "
-                                 f"vLLM loaded: not there {extra[:3]}, not in the policy {missing[:3]}, other shapes "
-                                 f"{wrong[:3]}")
-        return dict(weights)
+        return checked_weights(weights, self.shapes, f"'{self.model_dir}', which vLLM loaded")
 
     def generate(self, prompts: list[list[int]], group_size: int, seeds: Optional[list[int]], sampling: SamplingSection,
                  eos_ids: Sequence[int]) -> list[list[tuple[list[int], list[float]]]]:
@@ -212,10 +241,9 @@ class VLLMEngine:
 
         self.check_prompts(prompts, sampling.max_new_tokens)
         self.wake()
-        params = [SamplingParams(n=group_size if seeds is not None else 1, max_tokens=sampling.max_new_tokens,
-                                 temperature=sampling.temperature if seeds is not None else 0.0, top_p=sampling.top_p,
-                                 top_k=sampling.top_k, logprobs=0, detokenize=False, ignore_eos=True,
-                                 stop_token_ids=list(eos_ids), seed=seeds[p] if seeds is not None else None)
+        params = [SamplingParams(**request_sampling(sampling, group_size if seeds is not None else 1,
+                                                    sampling.max_new_tokens, None if seeds is None else seeds[p], eos_ids),
+                                 logprobs=0, detokenize=False)
                   for p in range(len(prompts))]
         return self._drawn(self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
                                              use_tqdm=False))
@@ -228,10 +256,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self.wake()
-        params = [SamplingParams(n=1, max_tokens=budget, temperature=sampling.temperature if seeds is not None else 0.0,
-                                 top_p=sampling.top_p, top_k=sampling.top_k, logprobs=0, detokenize=False,
-                                 ignore_eos=True, stop_token_ids=list(eos_ids),
-                                 seed=seeds[i] if seeds is not None else None)
+        params = [SamplingParams(**request_sampling(sampling, 1, budget, None if seeds is None else seeds[i], eos_ids),
+                                 logprobs=0, detokenize=False)
                   for i, budget in enumerate(max_tokens)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in rows], params, use_tqdm=False)
         return [group[0] for group in self._drawn(outputs)]
@@ -250,15 +276,7 @@ class VLLMEngine:
         return groups
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        """Token ids inside the vocabulary, and room for every completion: vLLM would hang on the first
-        and silently cut completions short on the second."""
-        for ids in prompts:
-            if ids and (max(ids) >= self.vocab_size or min(ids) < 0):
-                raise RecipeError(f"sampling.decoder vllm: a prompt holds token id {max(ids)}, outside the model's "
-                                  f"{self.vocab_size} ids; check model.tokenizer_path")
-            if len(ids) + max_new_tokens > self.max_model_len:
-                raise RecipeError(f"sampling.vllm.max_model_len: a prompt of {len(ids)} tokens + {max_new_tokens} new "
-                                  f"tokens exceeds it ({self.max_model_len}); raise it")
+        check_prompts(prompts, max_new_tokens, self.vocab_size, self.max_model_len)
 
     def close(self) -> None:
         """Stop the engine and free its memory (weights and KV cache)."""

@@ -11,6 +11,7 @@ layers and falls back to transformers' forward (logged once per model).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -149,3 +150,26 @@ def merge_adapter(policy: Path, out: Path, base: Path | None, where: str = "expo
         if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_FILES):
             shutil.copy(item, out / item.name)
     return out
+
+
+def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A peft model's weights as its base model names them, each LoRA layer's weight merged
+    (W + its active adapters' ``get_delta_weight``), as ``merge_and_unload`` would leave them, the
+    model itself untouched; a ``modules_to_save`` module's trained copy under the original name. Other
+    tensors are the model's own (a tied LM head stays the embedding's tensor)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            weight = module.get_base_layer().weight.detach()
+            deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
+            merged[f"{name}.weight"] = weight + sum(deltas) if deltas else weight
+    weights = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.replace(".base_layer.", "."))
+        weights[key] = merged.get(key, tensor)
+    return weights

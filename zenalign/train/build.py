@@ -379,7 +379,7 @@ class Builder:
                               f"(sampling.max_prompt_length)")
         device = self.context.device.type if self.context.device is not None else pick_device(self.recipe.engine.device).type
         if self.recipe.sampling.decoder == "vllm":
-            check_vllm(self.recipe.sampling, self.recipe.model.lora, config, longest, at, device)
+            check_vllm(self.recipe.sampling, config, longest, at, device)
         given = getattr(self.inputs.model, "config", None)  # a model object: its config, as config.json would hold it
         check_memory(self.recipe, given.to_dict() if hasattr(given, "to_dict") else config, longest, len(evals), device,
                      self.loaded.source)

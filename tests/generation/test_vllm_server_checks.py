@@ -1,0 +1,158 @@
+"""``sampling.vllm.mode: server`` without vLLM: how the weights are cut into pushes, and the one-line
+errors for a server nobody answers at (``zenalign validate --check-server``, ``zenalign run``), for
+one without dev mode or zenalign's extension, and for one that fails or goes away mid-run (a
+localhost HTTP server answering as vLLM's does). The tests with a real vLLM server are in
+test_vllm_server.py (marked vllm)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import RECIPES, REVERSE_POLICY, cli_in_process, error_line, free_port, run_cli
+from zenalign.errors import GenerationServerError
+from zenalign.generation.vllm_engine import vllm_installed
+from zenalign.generation.vllm_server import VLLMServer, weight_buckets
+from zenalign.recipe.schema import SamplingSection, VLLMSection
+
+QUICKSTART = str(RECIPES / "quickstart.yaml")
+
+
+def test_buckets_keep_each_decoder_layer_whole_and_fill_up_to_the_cap():
+    weights = {"model.embed_tokens.weight": torch.zeros(100),                 # 400 bytes
+               "model.layers.0.self_attn.q_proj.weight": torch.zeros(50),    # layer 0: 200 + 200 = 400 bytes
+               "model.layers.0.self_attn.k_proj.weight": torch.zeros(50),
+               "model.layers.1.self_attn.q_proj.weight": torch.zeros(50),    # layer 1: 200 + 800 = 1000 bytes
+               "model.layers.1.mlp.up_proj.weight": torch.zeros(200),
+               "model.norm.weight": torch.zeros(25),                         # 100 bytes
+               "lm_head.weight": torch.zeros(100)}                           # 400 bytes
+    assert weight_buckets(weights, cap_bytes=800) == [
+        ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"],
+        ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"],  # 1000 > 800: alone
+        ["model.norm.weight", "lm_head.weight"]]                                          # 100 + 400 <= 800
+    assert weight_buckets(weights, cap_bytes=10**6) == [list(weights)]
+    assert len(weight_buckets(weights, cap_bytes=1)) == 5  # one per group: embed, layer 0, layer 1, norm, head
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sampling.vllm.server_url=gpu:8000", "sampling.vllm.server_url: 'gpu:8000' is not a URL; give the server's root, "
+                                          "e.g. http://gpu-host:8000 (no /v1)"),
+    ("sampling.vllm.server_python=/nowhere/python", "sampling.vllm.server_python: '/nowhere/python' is not an "
+                                                    "interpreter here; give the path of a Python with vLLM"),
+    pytest.param("sampling.vllm.server_python=null", "sampling.vllm.server_url is null, so the run starts a vLLM server "
+                 "with this interpreter, which has no vLLM; name one that has it in sampling.vllm.server_python",
+                 marks=pytest.mark.skipif(vllm_installed(), reason="vllm is installed here")),
+], ids=["url", "server-python", "no-vllm-here"])
+def test_validate_refuses_a_server_it_could_not_reach_or_start(override, expected, tmp_path):
+    done = cli_in_process("validate", QUICKSTART, "sampling.decoder=vllm", "sampling.vllm.mode=server", override)
+    assert expected in error_line(done, during_run=False)
+
+
+def test_a_server_nobody_answers_at_is_one_line_at_validate_and_at_run(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    server = ["sampling.decoder=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={url}"]
+    done = run_cli("validate", QUICKSTART, *server, "--check-server", cwd=tmp_path)
+    message = error_line(done, during_run=False)
+    assert message.startswith(f"zenalign: error: sampling.vllm.server_url: the vLLM server at {url}: nobody answers")
+    assert "VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model" in message
+    assert "--worker-extension-cls zenalign.generation.vllm_worker.WeightReceiver" in message
+    assert "leave server_url null" in message
+    assert cli_in_process("validate", QUICKSTART, *server).returncode == 0  # not asked
+
+    out = tmp_path / "run"
+    done = run_cli("run", QUICKSTART, *server, f"run.output_dir={out}", "run.progress_bar=false",
+                   "engine.num_threads=1", cwd=tmp_path)
+    assert error_line(done, during_run=True) == message
+    assert not (out / "metrics.jsonl").exists()  # refused before step 1
+
+
+class VLLMLike:
+    """A real HTTP server on localhost that answers what vLLM's server answers (the shapes observed from
+    vLLM 0.32: /v1/models, /collective_rpc, its 404 without dev mode, its 500 for a worker method it
+    lacks), serving the quickstart's policy; ``routes`` maps a path to (status, JSON body) instead."""
+
+    def __init__(self, **routes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from zenalign.generation.vllm_worker import directory_fingerprint, directory_shapes
+
+        described = {"model": str(REVERSE_POLICY), "vocab_size": 384, "architectures": ["LlamaForCausalLM"],
+                     "max_model_len": 64, "logprobs_mode": "processed_logprobs", "fingerprint":
+                     directory_fingerprint(REVERSE_POLICY), "shapes": directory_shapes(REVERSE_POLICY)}
+        self.routes = {"/v1/models": (200, {"data": [{"id": "policy"}]}),
+                       "/collective_rpc": (200, {"results": [described]}), **routes}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.answer()
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.answer()
+
+            def answer(self) -> None:
+                code, body = outer.routes.get(self.path, (404, {"detail": "Not Found"}))
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def connect_to(server: VLLMLike) -> VLLMServer:
+    return VLLMServer(server.url, REVERSE_POLICY, VLLMSection(mode="server", server_url=server.url, request_timeout_s=5))
+
+
+@pytest.mark.parametrize("route, missing", [
+    ((404, {"detail": "Not Found"}), "has no /collective_rpc route: start it with the environment variable "
+                                     "VLLM_SERVER_DEV_MODE=1"),
+    ((500, {"error": {"message": "Call to collective_rpc method failed: Worker failed with error ''CPUWorker' object "
+                                 "has no attribute 'zenalign_describe''", "code": 500}}),
+     "lacks zenalign's worker extension: start it with --worker-extension-cls "
+     "zenalign.generation.vllm_worker.WeightReceiver"),
+], ids=["no-dev-mode", "no-extension"])
+def test_a_server_without_dev_mode_or_the_extension_is_refused_naming_what_is_missing(route, missing):
+    server = VLLMLike(**{"/collective_rpc": route})
+    try:
+        with pytest.raises(GenerationServerError) as refused:
+            connect_to(server)
+        assert str(refused.value) == f"sampling.vllm.server_url: the vLLM server at {server.url} {missing}"
+    finally:
+        server.close()
+
+
+def test_a_server_that_fails_or_goes_away_mid_run_is_one_line_naming_it():
+    server = VLLMLike(**{"/v1/completions": (500, {"error": {"message": "EngineCore died", "code": 500}})})
+    client = connect_to(server)
+    sampling = SamplingSection(max_new_tokens=4)
+    prompts = [[10, 20, 30], [40, 50]]
+    try:
+        with pytest.raises(GenerationServerError) as failed:
+            client.generate(prompts, 2, [1, 2], sampling, [1])
+        assert str(failed.value).startswith(f"sampling.vllm.server_url: the vLLM server at {server.url} answered 500 "
+                                            f"to /v1/completions: ")
+        assert "EngineCore died" in str(failed.value)
+        server.close()
+        with pytest.raises(GenerationServerError) as gone:
+            client.generate(prompts, 2, [1, 2], sampling, [1])
+        assert str(gone.value).startswith(f"sampling.vllm.server_url: the vLLM server at {server.url} stopped "
+                                          f"answering (/v1/completions: ConnectError")
+        assert "\n" not in str(gone.value)
+    finally:
+        client.close()
