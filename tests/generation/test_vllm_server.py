@@ -244,3 +244,119 @@ def test_lora_runs_send_vllm_the_merged_weights(mode, request, tmp_path):
     assert all(m["vllm/sync_s"] > 0 for m in steps[1:])
     assert all(m["vllm/logp_diff"] < 1e-4 for m in steps)
     assert steps[-1]["kl"] > 0.1  # the adapters moved the policy away from the base vLLM started with
+
+
+# ------------------------------------------------------------------------------ pipelined (sampling.lag)
+
+LAGGED = [QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server", "sampling.lag=1", "run.steps=16",
+          "run.checkpoint_interval=2", "run.eval_interval=0", "run.log_interval=1", "run.progress_bar=false",
+          "engine.num_threads=1"]
+
+
+def restore_policy(url: str) -> None:
+    server = client(url)
+    server.load_weights(policy().state_dict())
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def lagged_run(server_url, tmp_path_factory):
+    """16 quickstart steps with lag 1 on the module's server: step n + 1's batch is generated on the
+    server, from the policy after step n - 1, while step n's update runs."""
+    out = tmp_path_factory.mktemp("lagged") / "run"
+    try:
+        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        restore_policy(server_url)
+    return out
+
+
+def test_lag_0_on_a_server_equals_the_colocated_engine(server_url, tmp_path):
+    """The same 3 steps with the colocated engine and on the server with lag 0: the same draws, so the
+    same rewards and lengths, and the same update to rounding."""
+    args = [QUICKSTART, "sampling.backend=vllm", "run.steps=3", "run.eval_interval=0", "run.progress_bar=false",
+            "engine.num_threads=1"]
+    try:
+        served = run_cli("run", *args, "sampling.vllm.mode=server", "sampling.lag=0",
+                         f"sampling.vllm.server_url={server_url}", f"run.output_dir={tmp_path / 'served'}", timeout=300)
+        assert served.returncode == 0, served.stderr[-3000:]
+    finally:
+        restore_policy(server_url)
+    colocated = run_cli("run", *args, f"run.output_dir={tmp_path / 'colocated'}", timeout=300)
+    assert colocated.returncode == 0, colocated.stderr[-3000:]
+    for a, b in zip(metrics(tmp_path / "colocated"), metrics(tmp_path / "served"), strict=True):
+        assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
+                                                                      b["samples"])
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and "policy_lag" not in b
+
+
+def test_lag_1_on_a_server_learns_from_samples_one_update_stale(lagged_run):
+    steps, evals = metrics(lagged_run), read(lagged_run / "eval.jsonl")
+    first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
+    print(f"lag 1 on vLLM's server: held-out greedy accuracy {first:.3f} -> {last:.3f} in 16 steps; logp_diff "
+          f"{[round(m['vllm/logp_diff'], 3) for m in steps[:4]]} ...; sync {[m['vllm/sync_s'] for m in steps[:4]]} s")
+    assert [m["policy_lag"] for m in steps] == [0.0] + [1.0] * 15
+    assert steps[0]["vllm/logp_diff"] < 1e-5  # step 1 samples with the policy it updates
+    assert all(m["vllm/logp_diff"] > 1e-3 for m in steps[1:])  # later steps train on stale samples, corrected
+    # a push during every step but the last, which starts no next batch
+    assert [m["vllm/sync_s"] > 0 for m in steps] == [True] * 15 + [False]
+    assert first < 0.1 and last - first > 0.15  # 0.020 -> 0.325 here
+
+
+def test_sigkill_then_resume_on_a_server_with_lag_1_equals_the_uninterrupted_run(server_url, lagged_run, tmp_path):
+    """Killed while step 5's batch was generating (from version 3): the checkpoint after step 4 holds
+    version 3, and the resumed run regenerates that batch from its keys on the server."""
+    from helpers import kill_after, start, without_timing
+
+    out = tmp_path / "run"
+    try:
+        kill_after(start(*LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}"),
+                   out / "metrics.jsonl", steps=5, timeout=300)
+        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
+                       "auto", timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        restore_policy(server_url)
+    assert without_timing(metrics(out)) == without_timing(metrics(lagged_run))
+
+
+def test_a_server_that_dies_mid_run_stops_it_at_a_step_boundary_and_resume_continues_exactly(server_url, lagged_run,
+                                                                                           tmp_path):
+    """A second server dies under a lag-1 run: the run stops with one line, a checkpoint of its last
+    whole step and nothing half-written; --resume auto on a live server (the module's) then ends as the
+    uninterrupted run."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, without_timing
+
+    out, workdir, port = tmp_path / "run", tmp_path / "doomed", int(free_port())
+    workdir.mkdir()
+    doomed = start_vllm_server(REVERSE_POLICY, "policy", port, workdir, "--max-model-len", "64", "--logprobs-mode",
+                               "processed_logprobs", "--worker-extension-cls", EXTENSION, VLLM_SERVER_DEV_MODE="1",
+                               PYTHONPATH=str(REPO))
+    try:
+        wait_healthy(doomed, port, workdir / "server.log")
+        run = subprocess.Popen([sys.executable, "-m", "zenalign", "run", *LAGGED,
+                                f"sampling.vllm.server_url=http://127.0.0.1:{port}", f"run.output_dir={out}"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before its server could die"
+            time.sleep(0.05)
+    finally:
+        stop_process(doomed)
+    _, stderr = run.communicate(timeout=300)
+    done = subprocess.CompletedProcess(run.args, run.returncode, "", stderr)
+    line = error_line(done, during_run=True)
+    stopped = int(re.search(r"the run stopped after step (\d+) with a checkpoint", line)[1])
+    assert f"http://127.0.0.1:{port}" in line and "--resume auto" in line
+    assert len(metrics(out)) == stopped and (out / "checkpoints" / f"step-{stopped:08d}").is_dir()
+    try:
+        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
+                       "auto", timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        restore_policy(server_url)
+    assert without_timing(metrics(out)) == without_timing(metrics(lagged_run))
