@@ -180,7 +180,14 @@ def test_a_sync_of_the_wrong_shape_is_refused_before_anything_is_sent(server_url
 
 
 def test_a_run_on_another_model_than_the_server_serves_is_refused_before_step_1(server_url, tmp_path):
-    """recipes/models/hhh-policy has the quickstart policy's shapes, not its weights."""
+    """``validate --check-server`` accepts the server for the quickstart; a run of
+    recipes/models/hhh-policy, which has the quickstart policy's shapes but not its weights, is refused."""
+    done = run_cli("validate", QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server",
+                   f"sampling.vllm.server_url={server_url}", "--check-server")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        f"--check-server: the vLLM server at {server_url} serves model.path with zenalign's extension (vocabulary 384, "
+        f"sequences up to 64 tokens, weights sent through /dev/shm)")
     out = tmp_path / "run"
     done = run_cli("run", QUICKSTART, "model.path=models/hhh-policy", "sampling.backend=vllm", "sampling.vllm.mode=server",
                    f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "run.progress_bar=false",
