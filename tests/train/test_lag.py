@@ -58,6 +58,24 @@ def test_policy_versions_keep_only_what_a_later_step_samples_with(tmp_path):
         PolicyVersions(3, dict).load(tmp_path / "lagged", 5, load_file)
 
 
+def test_a_saved_version_keeps_a_tied_head_tied(tmp_path):
+    """vLLM is sent a tied LM head by name (it keeps its own copy), so a version kept for it holds the
+    head as the embedding's tensor: saved once, and both names again once loaded."""
+    from zenalign.generation.generator import cpu_copy
+
+    embedding = torch.arange(6.0).view(3, 2)
+    kept = cpu_copy({"embed.weight": embedding, "lm_head.weight": embedding, "norm.weight": torch.ones(2)})
+    assert kept["lm_head.weight"].data_ptr() == kept["embed.weight"].data_ptr() != embedding.data_ptr()
+    versions = PolicyVersions(1, lambda: kept)
+    versions.snapshot(2)  # version 1
+    versions.save(tmp_path / "lagged", step=2)
+    assert sorted(load_file(str(tmp_path / "lagged" / "v00000001.safetensors"))) == ["embed.weight", "norm.weight"]
+    again = PolicyVersions(1, dict)
+    again.load(tmp_path / "lagged", 2, load_file)
+    assert sorted(again.kept[1]) == ["embed.weight", "lm_head.weight", "norm.weight"]
+    assert torch.equal(again.kept[1]["lm_head.weight"], embedding)
+
+
 def lagged_trainer(tmp_path: Path, *overrides: str) -> GRPOTrainer:
     loaded = load_recipe(QUICKSTART, ["sampling.lag=1", "run.steps=4", f"run.output_dir={tmp_path / 'run'}", *SHORT,
                                       *overrides])

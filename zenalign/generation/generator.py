@@ -50,6 +50,15 @@ def full_weights(engine: Any) -> Iterator[dict[str, torch.Tensor]]:
         yield model.state_dict()
 
 
+def cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` copied to the CPU, names that share a tensor (a tied LM head) still sharing one."""
+    copies: dict[int, torch.Tensor] = {}
+    for t in weights.values():
+        if t.data_ptr() not in copies:
+            copies[t.data_ptr()] = t.detach().to("cpu", copy=True)
+    return {name: copies[t.data_ptr()] for name, t in weights.items()}
+
+
 class Collectives(Protocol):
     """What the generator needs of the run's processes (``zenalign.train.distributed.Dist``): whether
     there are several and this is the first, a barrier, and sums and maxima of floats over them."""
@@ -239,9 +248,9 @@ class Lagged:
             if self.copy is None:
                 engine = self.generator.engine
                 if is_adapted(engine.model):  # vLLM holds the base model: W + the adapters' delta
-                    return {name: t.detach().to("cpu", copy=True) for name, t in merged_weights(engine.model).items()}
+                    return cpu_copy(merged_weights(engine.model))
                 with full_weights(engine) as weights:
-                    return {name: t.detach().to("cpu", copy=True) for name, t in weights.items()}
+                    return cpu_copy(weights)
             model = forward_module(self.generator.engine.model)
             return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 

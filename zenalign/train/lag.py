@@ -17,10 +17,12 @@ the one before those batches were drawn: :attr:`TrainState.pending_sampler`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zenalign.errors import ModelLoadError
@@ -62,13 +64,27 @@ class PolicyVersions:
         for version, weights in sorted(self.kept.items()):
             if sampling_version(step + 1, self.lag) <= version < step:
                 directory.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / f"v{version:08d}.safetensors"))
+                unique, aliases, first = {}, {}, {}
+                for name, tensor in weights.items():  # a tied LM head is the embedding's tensor: stored once
+                    if tensor.data_ptr() in first:
+                        aliases[name] = first[tensor.data_ptr()]
+                    else:
+                        first[tensor.data_ptr()], unique[name] = name, tensor.contiguous()
+                save_file(unique, str(directory / f"v{version:08d}.safetensors"), metadata={"aliases": json.dumps(aliases)})
 
     def load(self, directory: Path, step: int, read: Callable[[Path], dict[str, torch.Tensor]]) -> None:
         """What :meth:`save` wrote at ``step``; a checkpoint without them (written with another lag) is refused."""
-        self.kept = {int(path.stem[1:]): read(path) for path in sorted(directory.glob("v*.safetensors"))}
+        self.kept = {int(path.stem[1:]): with_aliases(path, read(path)) for path in sorted(directory.glob("v*.safetensors"))}
         needed = [v for v in range(sampling_version(step + 1, self.lag), step) if v not in self.kept]
         if needed:
             raise ModelLoadError(f"--resume: checkpoint '{directory.parent}' holds no weights for policy version "
                                  f"{needed[0]}, which sampling.lag {self.lag} samples the next step with; resume with "
                                  f"the lag the run was written with")
+
+
+def with_aliases(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved version's tensors with the names that share one (a tied LM head) put back."""
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    return weights | {name: weights[target] for name, target in aliases.items()}
+
