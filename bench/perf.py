@@ -9,7 +9,7 @@
     python bench/perf.py --sizes "" --no-learning --agent --steps 4 --repeats 3   # multi-turn episodes (tool calls)
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning --precision bf16 --device cuda   # on a GPU
     python bench/perf.py --sizes "" --no-learning --sampling-backends   # 135m sampling alone: zenalign's decoder vs vLLM
-    python bench/perf.py --sizes "" --no-learning --pipeline --steps 4  # 135m steps: vLLM colocated/server, lag 0/1
+    python bench/perf.py --sizes "" --no-learning --pipeline --steps 3  # 135m steps: vLLM colocated/server, lag 0/1
 
 Both frameworks load the same saved model, get the same prompts ("reverse WORD:"), the same reward,
 up to the size's new tokens at temperature 1, beta = 0 (no reference model), one optimizer step
