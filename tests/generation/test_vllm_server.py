@@ -267,6 +267,17 @@ def untimed(steps: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "vllm/sync_s"} for m in without_timing(steps)]
 
 
+def resumed_as_uninterrupted(server_url: str, out, uninterrupted) -> None:
+    """``--resume auto`` of the lagged run in ``out`` on the module's server ends as ``uninterrupted``."""
+    try:
+        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
+                       "auto", timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        restore_policy(server_url)
+    assert untimed(metrics(out)) == untimed(metrics(uninterrupted))
+
+
 def restore_policy(url: str) -> None:
     server = client(url)
     server.load_weights(policy().state_dict())
@@ -324,15 +335,9 @@ def test_sigkill_then_resume_on_a_server_with_lag_1_equals_the_uninterrupted_run
     from helpers import kill_after, start
 
     out = tmp_path / "run"
-    try:
-        kill_after(start(*LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}"),
-                   out / "metrics.jsonl", steps=5, timeout=300)
-        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
-                       "auto", timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-    finally:
-        restore_policy(server_url)
-    assert untimed(metrics(out)) == untimed(metrics(lagged_run))
+    kill_after(start(*LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}"),
+               out / "metrics.jsonl", steps=5, timeout=300)
+    resumed_as_uninterrupted(server_url, out, lagged_run)
 
 
 def test_a_server_that_dies_mid_run_stops_it_at_a_step_boundary_and_resume_continues_exactly(server_url, lagged_run,
@@ -367,10 +372,4 @@ def test_a_server_that_dies_mid_run_stops_it_at_a_step_boundary_and_resume_conti
     stopped = int(re.search(r"the run stopped after step (\d+) with a checkpoint", line)[1])
     assert f"http://127.0.0.1:{port}" in line and "--resume auto" in line
     assert len(metrics(out)) == stopped and (out / "checkpoints" / f"step-{stopped:08d}").is_dir()
-    try:
-        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
-                       "auto", timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-    finally:
-        restore_policy(server_url)
-    assert untimed(metrics(out)) == untimed(metrics(lagged_run))
+    resumed_as_uninterrupted(server_url, out, lagged_run)
