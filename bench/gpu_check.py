@@ -24,6 +24,8 @@ end of its output, and the next one runs; a part that no time is left for is rec
                  the update alone, the lean forward against transformers' SDPA forward.
     deepspeed    the quickstart for 3 steps on DeepSpeed ZeRO-2, one process (NCCL; gloo on a CPU).
     lora         recipes/quickstart-lora.yaml for 3 steps.
+    lag          the quickstart for 4 steps with sampling.lag 1: the background sampler (a frozen
+                 copy of the policy on the device, in a thread) beside the update.
 
 OUT_DIR receives results.json, results.md and parts.log (every part's command and output).
 """
@@ -182,6 +184,18 @@ def lora_commands(device: str, dry: bool, scratch: Path) -> list[list[str]]:
                     "data.eval_size=16")]
 
 
+def lag_commands(device: str, dry: bool, scratch: Path) -> list[list[str]]:
+    return [cli_run("recipes/quickstart.yaml", scratch / "lag", device, "sampling.lag=1", "run.steps=4",
+                    "run.eval_interval=0", "data.eval_size=16")]
+
+
+def lag_figures(scratch: Path, dry: bool) -> dict:
+    """run_figures, with the lag and the stale samples' log-prob gap of each step."""
+    metrics = [json.loads(line) for line in (scratch / "lag" / "metrics.jsonl").read_text().splitlines()]
+    return {**run_figures(scratch / "lag", dry), "policy_lag": [m["policy_lag"] for m in metrics],
+            "sampler_logp_diff": [m["sampler/logp_diff"] for m in metrics]}
+
+
 def pytest_commands(device: str, dry: bool, scratch: Path) -> list[list[str]]:
     return [python() + ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={scratch / 'junit.xml'}",
                         *device_test_files()]]
@@ -217,6 +231,7 @@ PARTS = [
     Part("deepspeed", "DeepSpeed ZeRO-2, one process", deepspeed_commands, 120,
          lambda scratch, dry: run_figures(scratch / "zero2", dry)),
     Part("lora", "LoRA (quickstart-lora), 3 steps", lora_commands, 90, lambda scratch, dry: run_figures(scratch / "lora", dry)),
+    Part("lag", "sampling.lag 1 (background sampler), 4 steps", lag_commands, 90, lag_figures),
 ]
 
 

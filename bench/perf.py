@@ -870,7 +870,8 @@ def vllm_comparisons(tmp: Path, args) -> dict:
         out["pipeline"] = {name: run_child("pipeline", model_dir=model_dir, steps=args.steps, precision=args.precision,
                                            seed=args.seed, threads=args.threads, size="135m", setting=name,
                                            python=args.vllm_python)
-                           for name in pipeline_configurations(args.vllm_python)}
+                           for name in pipeline_configurations(args.vllm_python)
+                           if not args.configurations or name in args.configurations.split(",")}
         print("\n".join(pipeline_report(out["pipeline"], prompts * group)), flush=True)
     return out
 
@@ -1016,6 +1017,8 @@ def main() -> int:
                         help="the 135m shape's sample phase alone, zenalign's decoder against vLLM's CPU backend, fp32 and bf16")
     parser.add_argument("--pipeline", action="store_true",
                         help="135m training steps with vLLM colocated, as a server, and sampling lags 0 and 1 (--steps each)")
+    parser.add_argument("--configurations", default="",
+                        help="--pipeline: the configurations to run, comma-separated (a-e; default: all)")
     parser.add_argument("--vllm-python", default=str(VLLM_PYTHON),
                         help="the interpreter of vLLM's environment (--sampling-backends, --pipeline)")
     parser.add_argument("--learning-steps", type=int, default=60)

@@ -87,5 +87,6 @@ def test_the_dry_run_runs_every_part_on_the_cpu_and_writes_their_results(tmp_pat
     assert shape["logprob_pass"]["max_logp_diff"] < 0.1  # bf16: the lean pass against transformers' SDPA
     for name in ("deepspeed", "lora"):
         assert parts[name]["figures"]["steps"] == 3 and parts[name]["figures"]["grad_norm"] > 0
+    assert parts["lag"]["figures"]["policy_lag"] == [0.0, 1.0, 1.0, 1.0]
     assert (tmp_path / "parts.log").read_text().count("=====") >= 2 * len(parts)
     print(f"dry run: {seconds:.1f} s")
