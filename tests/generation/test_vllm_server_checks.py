@@ -156,3 +156,32 @@ def test_a_server_that_fails_or_goes_away_mid_run_is_one_line_naming_it():
         assert "\n" not in str(gone.value)
     finally:
         client.close()
+
+
+def test_nccl_weight_transfer_without_a_gpu_is_one_line_before_anything_is_sent():
+    """weight_transfer: nccl is vLLM's GPU route: on a machine without CUDA the first sync says so, and no
+    weight reaches the server (its /collective_rpc sees only the description; a push would be a second
+    call). A server zenalign starts for it gets vLLM's NCCL engine."""
+    from transformers import AutoModelForCausalLM
+
+    from zenalign.generation.vllm_server import server_command
+
+    server = VLLMLike()
+    calls = []
+    handler = server.http.RequestHandlerClass
+    answer = handler.answer
+    handler.answer = lambda self: (calls.append(self.path), answer(self))[1]
+    client = VLLMServer(server.url, REVERSE_POLICY, VLLMSection(mode="server", server_url=server.url,
+                                                                weight_transfer="nccl", request_timeout_s=5))
+    try:
+        calls.clear()
+        with pytest.raises(GenerationServerError, match="^sampling.vllm.weight_transfer: nccl needs a CUDA GPU in the "
+                                                        "trainer; use files$"):
+            client.load_weights(AutoModelForCausalLM.from_pretrained(REVERSE_POLICY).state_dict())
+        assert calls == []
+    finally:
+        client.close()
+        server.close()
+    command = server_command("python", REVERSE_POLICY, nccl=True)
+    assert command[-2:] == ["--weight-transfer-config", '{"backend": "nccl"}']
+    assert "--weight-transfer-config" not in server_command("python", REVERSE_POLICY)

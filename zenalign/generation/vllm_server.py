@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -60,12 +61,44 @@ def require_httpx() -> Any:
 
 
 def server_command(python: str, model_dir: Path, port: int | str = 8000, max_model_len: int | str = "N",
-                   dtype: str = "float32") -> list[str]:
+                   dtype: str = "float32", nccl: bool = False) -> list[str]:
     """vLLM's server on ``model_dir`` with what zenalign needs: its worker extension, and the log-probs
-    of the sampler's distribution (after temperature, top-k, top-p), as the colocated engine returns."""
+    of the sampler's distribution (after temperature, top-k, top-p), as the colocated engine returns;
+    with ``nccl``, vLLM's NCCL weight-transfer engine."""
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
             "--dtype", dtype, "--max-model-len", str(max_model_len), "--enforce-eager",
-            "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", EXTENSION]
+            "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", EXTENSION,
+            *(["--weight-transfer-config", '{"backend": "nccl"}'] if nccl else [])]
+
+
+class NCCLTransfer:
+    """``weight_transfer: nccl`` (GPU only): vLLM's own trainer-side NCCL engine
+    (``NCCLTrainerWeightTransferEngine``) over its HTTP client for the server's weight-transfer routes.
+    This process joins the server's workers as rank 0 of a transfer group once; each sync then
+    declares the names, dtypes and shapes and broadcasts the tensors from this GPU, packed."""
+
+    def __init__(self, url: str, timeout_s: float, world_size: int, address: str):
+        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+        class Weights(WeightSource):  # the sync's weights, re-iterable, in one order for both channels
+            current: dict[str, torch.Tensor] = {}
+
+            def metadata(self) -> list[Any]:
+                return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.current.items()]
+
+            def __iter__(self):
+                return ((name, t.detach().contiguous()) for name, t in self.current.items())
+
+        self.source = Weights()
+        info = NCCLTrainerInitInfo(master_address=address, master_port=free_port(), world_size=world_size + 1, rank=0)
+        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
+            info, client=HTTPVLLMWeightSyncClient(url, timeout_s), source=self.source)
+
+    def send(self, weights: dict[str, torch.Tensor]) -> None:
+        self.source.current = weights
+        self.engine.send_weights()
 
 
 def how_to_start(model_dir: Path) -> str:
@@ -110,7 +143,8 @@ def launch_server(model_dir: Path, options: VLLMSection, max_model_len: int, pre
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path, port = log_dir / "vllm-server.log", free_port()
     dtype = PRECISION_DTYPE[precision] if options.dtype == "auto" else options.dtype
-    command = server_command(options.server_python or sys.executable, model_dir, port, max_model_len, dtype)
+    command = server_command(options.server_python or sys.executable, model_dir, port, max_model_len, dtype,
+                             nccl=options.weight_transfer == "nccl")
     root = str(Path(__file__).resolve().parents[2])  # this zenalign, for the worker extension
     env = dict(os.environ, **SERVER_ENV, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gb))))
@@ -176,6 +210,27 @@ class VLLMServer:
         self.vocab_size, self.shapes = served["vocab_size"], {k: tuple(v) for k, v in served["shapes"].items()}
         self.max_model_len = served["max_model_len"]
         self.check_served(served, max_model_len)
+        self.nccl: Optional[NCCLTransfer] = None
+        self.transfer = options.weight_transfer
+        self.request_timeout_s = options.request_timeout_s
+
+    def start_nccl(self) -> None:
+        """Join the server's workers in vLLM's NCCL transfer group (``weight_transfer: nccl``; rank 0, a
+        GPU, vLLM importable here); a refusal is one line."""
+        if not torch.cuda.is_available():
+            raise GenerationServerError("sampling.vllm.weight_transfer: nccl needs a CUDA GPU in the trainer; use files")
+        if importlib.util.find_spec("vllm") is None:
+            raise GenerationServerError("sampling.vllm.weight_transfer: nccl uses vLLM's trainer-side engine, which "
+                                        "this interpreter cannot import; pip install vllm here, or use files")
+        world = self.request("GET", "/get_world_size")["world_size"]
+        host = urlparse(self.url).hostname
+        address = "127.0.0.1" if host in LOCAL_HOSTS else socket.gethostbyname(socket.gethostname())
+        try:
+            self.nccl = NCCLTransfer(self.url, self.request_timeout_s, int(world), address)
+        except Exception as exc:
+            raise GenerationServerError(f"{self.where} could not join vLLM's NCCL weight transfer ({type(exc).__name__}: "
+                                        f"{one_line(exc)[:200]}); was it started with --weight-transfer-config "
+                                        f"'{{\"backend\": \"nccl\"}}'?") from None
 
     def resolve_sync_dir(self, sync_dir: Optional[str]) -> Optional[Path]:
         if sync_dir is not None:
@@ -292,6 +347,16 @@ class VLLMServer:
         """The policy's weights (Hugging Face names) into the server, in buckets of whole layers, then
         its prefix cache dropped. Names and shapes are checked before anything is sent."""
         checked = checked_weights(weights, self.shapes, f"the model the vLLM server at {self.url} serves")
+        if self.transfer == "nccl":
+            if self.nccl is None:
+                self.start_nccl()
+            try:
+                self.nccl.send(checked)
+            except Exception as exc:
+                raise GenerationServerError(f"{self.where}: vLLM's NCCL weight transfer failed ({type(exc).__name__}: "
+                                            f"{one_line(exc)[:200]})") from None
+            self.request("POST", "/reset_prefix_cache")
+            return
         self.bucket_seconds = []
         for names in weight_buckets(checked, self.bucket_bytes):
             start = time.perf_counter()

@@ -165,6 +165,14 @@ class VLLMSection(Section):
         "safetensors file (deleted once loaded). null: /dev/shm for a server on this machine (server_url null or "
         "localhost), else the weights travel inside the request (base64, several times slower).",
     )
+    weight_transfer: Literal["files", "nccl"] = Field(
+        "files",
+        description="mode server: how the weights reach the server. files: buckets through `sync_dir` or inline "
+        "(any device; tested on CPU). nccl: GPU only: vLLM's own NCCL weight transfer (its trainer-side engine "
+        "broadcasts every weight from rank 0's GPU to the server's workers, packed); the server must be started "
+        "with --weight-transfer-config '{\"backend\": \"nccl\"}' (zenalign adds it to a server it starts) and "
+        "vLLM must be importable by the trainer. Built on vLLM's API, not run on a GPU by zenalign's tests yet.",
+    )
 
     @field_validator("server_url")
     @classmethod
