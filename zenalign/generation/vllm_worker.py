@@ -72,14 +72,14 @@ class WeightReceiver:
         """Load the tensors of a safetensors file the trainer wrote where this worker can read it."""
         from safetensors.torch import load_file
 
-        return self._zenalign_load(load_file(path))
+        return self.zenalign_reload(load_file(path))
 
     def zenalign_load_inline(self, data: str) -> int:
         """Load the tensors of a safetensors file sent in the request itself, base64-encoded."""
         from safetensors.torch import load
 
-        return self._zenalign_load(load(base64.b64decode(data)))
+        return self.zenalign_reload(load(base64.b64decode(data)))
 
-    def _zenalign_load(self, weights: dict[str, torch.Tensor]) -> int:
+    def zenalign_reload(self, weights: dict[str, torch.Tensor]) -> int:
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
         return len(weights)

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from zenalign.data import PromptSampler, SamplerState, render_prompt
+from zenalign.errors import GenerationServerError
 from zenalign.grpo.filtering import apply_filters, extra_rounds, select_groups
 from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.metrics import PhaseTimer
@@ -109,6 +110,14 @@ class BatchCollector:
         whose reward scored nothing for ``run.hacking_patience`` steps stops here."""
         self.episodes = EpisodeTotals() if self.generator.environments is not None else None
         self.mark = replace(self.state.pending_sampler or self.sampler.state)
+        try:
+            return self.collect_step(step, timer)
+        except GenerationServerError:  # before the update: the step is drawn again when the run resumes
+            self.state.step -= 1
+            self.rewind()
+            raise
+
+    def collect_step(self, step: int, timer: PhaseTimer) -> StepBatch:
         batch = self.collect(step, timer)
         if self.episodes is not None:
             batch.metrics.update(self.episodes.metrics(self.dist))

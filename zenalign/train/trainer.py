@@ -18,11 +18,12 @@ counts, so the update equals the single-process one. Rank 0 writes the run direc
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -127,6 +128,19 @@ def finished_result(run_dir: RunDir, steps: int) -> TrainResult:
     """What a run that had already finished returns: its first and last evaluations, as recorded."""
     evals = run_dir.read("eval.jsonl")
     return TrainResult(run_dir.path, steps, evals[0] if evals else {}, evals[-1] if evals else {})
+
+
+@contextmanager
+def checkpointed_on_server_loss(trainer: "GRPOTrainer", saved: Any) -> Iterator[None]:
+    """The generation server went away: keep the run so far in a checkpoint of its last whole step
+    (``saved()``: the step checkpointed last), and say how to go on."""
+    try:
+        yield
+    except GenerationServerError as exc:
+        if saved() != trainer.state.step:
+            trainer.save_checkpoint()
+        raise GenerationServerError(f"{exc}; the run stopped after step {trainer.state.step} with a checkpoint: start "
+                                    f"the server again, then run again with --resume auto") from None
 
 
 class GRPOTrainer:
@@ -334,19 +348,13 @@ class GRPOTrainer:
             while self.state.step < r.steps:
                 self.signals.stop_here(self.dist, self.state.step, saved, self.save_checkpoint)
                 self.state.step += 1
-                try:
+                with checkpointed_on_server_loss(self, lambda: saved):
                     metrics = self.train_step()
-                    progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
-                                         refresh=False)
+                    progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}", refresh=0)
                     progress.update(1)
                     if r.eval_interval and self.state.step % r.eval_interval == 0 and self.state.step < r.steps:
                         self.evaluate()
                         last_eval = self.state.step
-                except GenerationServerError as exc:  # the generation server went away: keep the run so far
-                    if saved != self.state.step:
-                        self.save_checkpoint()
-                    raise GenerationServerError(f"{exc}; the run stopped after step {self.state.step} with a checkpoint: "
-                                                f"start the server again, then run again with --resume auto") from None
                 if r.checkpoint_interval and self.state.step % r.checkpoint_interval == 0 and self.state.step < r.steps:
                     self.save_checkpoint()
                     saved = self.state.step
@@ -361,12 +369,7 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, Any]:
         """One step: sample -> score -> filter -> reference -> normalize -> update (-> critic) -> log."""
         timer = PhaseTimer()
-        try:
-            batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
-        except GenerationServerError:  # before the update: the step is drawn again when the run resumes
-            self.state.step -= 1
-            self.collect.rewind()
-            raise
+        batch = self.collect(self.state.step, timer)  # the sample, score and filter phases (zenalign.train.collect)
         name = getattr(self.recipe.normalizer, "type", type(self.normalizer).__name__)
         step_advantages(batch, self.normalizer, name, self.updater, self.objectives, self.context, timer)
         with timer("update"):
