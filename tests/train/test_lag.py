@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 from helpers import RECIPES, REPO, kill_after, read, run_cli, start, without_timing
 from zenalign.generation.rollout import generate_groups
-from zenalign.grpo.metrics import PhaseTimer
 from zenalign.models.logprobs import completion_logprobs
 from zenalign.models.lora import forward_module
 from zenalign.recipe.loader import load_recipe
@@ -44,7 +43,13 @@ def test_policy_versions_keep_only_what_a_later_step_samples_with(tmp_path):
     for step in range(1, 6):  # during step n, before its update, the live policy is version n - 1
         live["w"].fill_(step - 1)
         versions.snapshot(step)
-    # after step 5's collection: steps 6 and 7 sample with versions 3 and 4; 0-2 are gone
+        if step < 5:
+            versions.prune(step)
+    # step 5's collection failed before it was done (a server lost): a checkpoint after step 4 needs 2 and 3
+    assert sorted(versions.kept) == [2, 3, 4]
+    versions.save(tmp_path / "rewound", step=4)
+    assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["v00000002.safetensors", "v00000003.safetensors"]
+    versions.prune(5)  # it was done: steps 6 and 7 sample with versions 3 and 4; 0-2 are gone
     assert sorted(versions.kept) == [3, 4]
     assert versions.of(3, live=5)["w"].tolist() == [3.0, 3.0] and versions.of(5, live=5) is None
     with pytest.raises(RuntimeError, match="version 2 is needed but not kept"):
@@ -177,6 +182,32 @@ def test_sigkill_then_resume_with_lag_1_equals_the_uninterrupted_run(tmp_path, l
         assert without_timing(read(out / name)) == without_timing(read(lag_run / name)), name
     final, reference = load_file(str(out / "final" / "model.safetensors")), load_file(str(lag_run / "final" / "model.safetensors"))
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_generation_server_lost_while_the_next_batch_starts_keeps_what_the_resume_needs(tmp_path, lag_run,
+                                                                                       monkeypatch):
+    """The server goes away while step 4 starts step 5's batch (its weights push fails): step 4 is
+    drawn again after a resume, so the checkpoint written after step 3 must still hold version 2,
+    which step 4 samples with; the resumed run ends as the uninterrupted one. (In-process, the push
+    made to fail: test_vllm_server.py kills a real server.)"""
+    from zenalign.errors import GenerationServerError
+    from zenalign.train.collect import BatchCollector
+
+    hold = BatchCollector.hold
+
+    def failing(self, step):
+        if step == 5:
+            raise GenerationServerError("sampling.vllm.server_url: the vLLM server at http://127.0.0.1:9 stopped answering")
+        hold(self, step)
+
+    monkeypatch.setattr(BatchCollector, "hold", failing)
+    loaded = load_recipe(QUICKSTART, [*LAG_RUN, f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(GenerationServerError, match="the run stopped after step 3 with a checkpoint"):
+        GRPOTrainer.from_recipe(loaded).train()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "lagged" / "v00000002.safetensors").is_file()
+    monkeypatch.undo()
+    GRPOTrainer.from_recipe(loaded).train(resume="auto")
+    assert without_timing(read(tmp_path / "run" / "metrics.jsonl")) == without_timing(read(lag_run / "metrics.jsonl"))
 
 
 def test_resuming_with_another_lag_is_refused(tmp_path, lag_run):

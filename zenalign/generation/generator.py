@@ -239,7 +239,7 @@ class Lagged:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="zenalign-sampler", initializer=torch.set_num_threads,
                                          initargs=(self.threads,))
         self.running: Optional[Future] = None
-        self.seconds = 0.0  # the background generations' time this step
+        self.seconds = 0.0  # the time the batches this step took in generated (read by :meth:`result`)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The live policy's weights as the sampler loads them, copied to the CPU: every weight by
@@ -275,12 +275,18 @@ class Lagged:
 
     def submit(self, prompts: list[str], keys: torch.Tensor, group_size: int,
                records: Optional[list[dict[str, Any]]]) -> Future:
-        """Generate in the background with the version held; the future's result is the Rollout."""
+        """Generate in the background with the version held; :meth:`result` of the future is the Rollout."""
         self.idle()
         self.running = self.worker.submit(self._generate, prompts, keys, group_size, records, self.held)
         return self.running
 
-    def _generate(self, prompts, keys, group_size, records, version) -> Rollout:
+    def result(self, future: Future) -> Rollout:
+        """A submitted batch, once generated; its generation time counts towards this step's."""
+        rollout, seconds = future.result()
+        self.seconds += seconds
+        return rollout
+
+    def _generate(self, prompts, keys, group_size, records, version) -> tuple[Rollout, float]:
         start = time.perf_counter()
         generator = self.generator
         if self.copy is None:
@@ -289,8 +295,7 @@ class Lagged:
             rollout = generator.sample(self.copy, generator.sampling, prompts, keys, group_size, records)
             rollout.sampler_logp = self.logprobs(rollout)
         rollout.policy_version = version
-        self.seconds += time.perf_counter() - start
-        return rollout
+        return rollout, time.perf_counter() - start
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:

@@ -129,6 +129,7 @@ class BatchCollector:
             if step < self.run.steps:
                 with timer("sample"):
                     self.prefetch(step)
+            self.versions.prune(step)
         return batch
 
     def prefetch(self, step: int) -> None:
@@ -188,14 +189,15 @@ class BatchCollector:
                 self.state.pending_sampler = None
                 if pending.step != step:
                     raise RuntimeError(f"sampling.lag: step {pending.step}'s batch was generated ahead, not step {step}'s")
-                records, prompts, rollout = pending.records, pending.prompts, pending.rollout.result()
+                records, prompts, rollout = pending.records, pending.prompts, self.generator.lagged.result(pending.rollout)
             else:
                 records, prompts, keys = self.draw(step, index)
                 if self.versions is None:
                     rollout = self.generator(prompts[mine], keys, group_size, records=records[mine])
                 else:  # through the background sampler too, so a step's numbers do not depend on where it ran
                     self.hold(step)
-                    rollout = self.generator.lagged.submit(prompts[mine], keys, group_size, records[mine]).result()
+                    lagged = self.generator.lagged
+                    rollout = lagged.result(lagged.submit(prompts[mine], keys, group_size, records[mine]))
             if rollout.episodes is not None:
                 self.episodes.add(rollout)
         with timer("score"):

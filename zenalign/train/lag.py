@@ -44,9 +44,13 @@ class PolicyVersions:
         self.kept: dict[int, dict[str, torch.Tensor]] = {}
 
     def snapshot(self, step: int) -> None:
-        """During step ``step``, before its update: keep the live policy (version ``step - 1``), and drop
-        the versions no later step samples with."""
+        """During step ``step``, before its update: keep the live policy (version ``step - 1``)."""
         self.kept.setdefault(step - 1, self.weights())
+
+    def prune(self, step: int) -> None:
+        """Once step ``step``'s batch is collected and the next one started: drop the versions no later
+        step samples with. Not before: a step whose collection fails (a generation server lost) is drawn
+        again, and the checkpoint of step ``step - 1`` then written still needs its version."""
         oldest = sampling_version(step + 1, self.lag)
         for version in [v for v in self.kept if v < oldest]:
             del self.kept[version]
