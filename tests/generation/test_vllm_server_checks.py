@@ -1,7 +1,7 @@
 """``sampling.vllm.mode: server`` without vLLM: how the weights are cut into pushes, and the one-line
 errors for a server nobody answers at (``zenalign validate --check-server``, ``zenalign run``), for
 one without dev mode or zenalign's extension, and for one that fails or goes away mid-run (a
-localhost HTTP server answering as vLLM's does). The tests with a real vLLM server are in
+localhost HTTP server answering as vLLM's does); stopping a server's whole process group. The tests with a real vLLM server are in
 test_vllm_server.py (marked vllm)."""
 
 from __future__ import annotations
@@ -156,6 +156,27 @@ def test_a_server_that_fails_or_goes_away_mid_run_is_one_line_naming_it():
         assert "\n" not in str(gone.value)
     finally:
         client.close()
+
+
+def test_stopping_a_server_stops_its_whole_process_group_even_after_its_leader_died():
+    """vLLM's engine core and workers outlive a dead API server, in its process group: stop_process
+    ends them too. Here a leader that starts a child (``sleep``) and exits."""
+    import subprocess
+    import sys
+
+    from zenalign.generation.vllm_server import group_members, stop_process
+
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess; print(subprocess.Popen(['sleep', '600']).pid)"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(leader.stdout.readline())
+    leader.wait()
+    leader.stdout.close()
+    try:
+        assert group_members(leader.pid) == [child]  # an orphan, in the dead leader's group
+        stop_process(leader)
+        assert group_members(leader.pid) == []
+    finally:
+        subprocess.run(["kill", "-9", str(child)], stderr=subprocess.DEVNULL)
 
 
 def test_nccl_weight_transfer_without_a_gpu_is_one_line_before_anything_is_sent():

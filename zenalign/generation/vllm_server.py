@@ -112,19 +112,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``; where there is no /proc, ``[pgid]``
+    while the group can be signalled."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        return [pgid]
+    members = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM to the process's whole group (vLLM's engine core and workers), SIGKILL after 30 s."""
-    if process.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    """Stop the server ``process`` leads, its whole process group: SIGTERM, then SIGKILL after 30 s.
+    The group is signalled even when the leader has exited (vLLM's engine core and workers outlive a
+    dead API server); returns once no member is left, or 10 s after the SIGKILL."""
+    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(process.pid, sig)
-            process.wait(timeout=wait_s)
-            return
         except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            process.poll()  # reaps the leader
+            if not group_members(process.pid):
+                return
+            time.sleep(0.1)
+    process.poll()
 
 
 def last_line(path: Path) -> str:

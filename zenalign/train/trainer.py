@@ -139,8 +139,10 @@ def checkpointed_on_server_loss(trainer: "GRPOTrainer", saved: Any) -> Iterator[
     except GenerationServerError as exc:
         if saved() != trainer.state.step:
             trainer.save_checkpoint()
-        raise GenerationServerError(f"{exc}; the run stopped after step {trainer.state.step} with a checkpoint: start "
-                                    f"the server again, then run again with --resume auto") from None
+        again = ("run again with --resume auto (it starts a new server)" if trainer.recipe.sampling.vllm.server_url is None
+                 else "start the server again, then run again with --resume auto")
+        raise GenerationServerError(f"{exc}; the run stopped after step {trainer.state.step} with a checkpoint: "
+                                    f"{again}") from None
 
 
 class GRPOTrainer:
