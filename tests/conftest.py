@@ -1,4 +1,5 @@
-"""Fixtures, which arrive by name (``tiny_model_dir``, ``scripted_agent_dir``, ``rollout``, ``register_plugin``), and the
+"""Fixtures, which arrive by name (``tiny_model_dir``, ``scripted_agent_dir``, ``rollout``, ``register_plugin``,
+``vllm_quickstart``), and the
 hook that skips gpu tests without a CUDA device. The functions and constants tests share are in
 tests/helpers.py."""
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_tiny_llama, byte_tokenizer, ragged_rollout, train_scripted_agent
+from helpers import VLLM_QUICKSTART, build_tiny_llama, byte_tokenizer, ragged_rollout, train_scripted_agent
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +43,19 @@ def scripted_agent_dir(tmp_path_factory) -> Path:
     """:func:`helpers.train_scripted_agent`: a tiny chat model that calls echo("a"), echo("b"), then
     answers "done" (about 7 s to train)."""
     return train_scripted_agent(tmp_path_factory.mktemp("scripted-agent"))
+
+
+@pytest.fixture(scope="session")
+def vllm_quickstart(tmp_path_factory) -> Path:
+    """The run directory of 20 quickstart steps sampled by a colocated vLLM engine (one torch thread,
+    no eval but the first and last), for the vLLM tests that learn from it or compare with it: with
+    the quickstart's constant learning rate, a shorter run of the same recipe is its first steps."""
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("vllm-quickstart") / "run"
+    done = run_cli("run", *VLLM_QUICKSTART, f"run.output_dir={out}", timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
 
 
 @pytest.fixture

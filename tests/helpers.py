@@ -23,6 +23,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 REVERSE_POLICY = RECIPES / "models" / "reverse-policy"
+# The quickstart sampled by a colocated vLLM engine (conftest's vllm_quickstart): what the vLLM tests run,
+# or compare with, step for step.
+VLLM_QUICKSTART = (str(RECIPES / "quickstart.yaml"), "sampling.backend=vllm", "run.steps=20", "run.eval_interval=0",
+                   "run.progress_bar=false", "engine.num_threads=1")
 
 # The byte tokenizer's ids (and the tiny models' config): </s> ends a completion, <pad> pads it.
 EOS, PAD = 1, 0
@@ -297,6 +301,17 @@ def launch(*command: str) -> subprocess.CompletedProcess:
 def metrics(out: Path) -> list[dict]:
     """A run directory's metrics.jsonl records."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_draws(runs: list[list[dict]], reference: list[dict]) -> None:
+    """vLLM runs of one recipe, each the reference's first steps: the same rewards, lengths and sample
+    counts, the KL to rounding, and vLLM's log-probs the trainer's."""
+    for run in runs:
+        assert len(run) <= len(reference)
+        for a, b in zip(reference, run):
+            assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
+                                                                          b["samples"])
+            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-5
 
 
 def read(path: Path) -> list[dict]:

@@ -13,7 +13,6 @@ Elsewhere those tests skip, "vllm not installed".
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 import torch
 
 from helpers import PROMPTS, RECIPES, REPO, build_tiny_llama, byte_tokenizer, run_cli
-from helpers import base_recipe, error_line, free_port, start_vllm_server, wait_healthy, write_recipe
+from helpers import base_recipe, cli_in_process, error_line, free_port, metrics, read, start_vllm_server, wait_healthy
+from helpers import write_recipe
 from zenalign.errors import RecipeError
 from zenalign.generation.gumbel import completion_keys
 from zenalign.grpo.importance import importance_weights
@@ -205,10 +205,10 @@ def test_validate_refuses_what_vllm_cannot_run(tmp_path, tiny_model_dir):
     # conftest's tiny Llama has head size 16, which vLLM's CPU attention does not take
     data = small_recipe(tiny_model_dir, tmp_path)
     data["engine"] = {"device": "cpu"}
-    message = cli_error(run_cli("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path))
+    message = cli_error(cli_in_process("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path))
     assert "vLLM's CPU attention does not take the model's head size 16" in message and "32, 64" in message
     data = small_recipe(tiny_model_dir, tmp_path, vllm={"max_model_len": 8})
-    message = cli_error(run_cli("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path))
+    message = cli_error(cli_in_process("validate", str(write_recipe(tmp_path, data)), cwd=tmp_path))
     assert "sampling.vllm.max_model_len: 8 is shorter than" in message
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["sampling.backend=vllm"]).recipe
     with pytest.raises(RecipeError, match=r"vllm does not support the architecture FooBarForCausalLM of model.path"):
@@ -316,60 +316,39 @@ def test_multi_turn_episodes_on_vllm_are_the_decoders_and_train(tmp_path, script
 
 
 @with_vllm
-def test_a_short_quickstart_run_with_vllm_learns(tmp_path):
+def test_a_short_quickstart_run_with_vllm_learns(vllm_quickstart):
     """recipes/quickstart.yaml (a head size of 32, which vLLM's CPU attention takes) for 20 of its 60 steps."""
-    out = tmp_path / "run"
-    done = run_cli("run", str(RECIPES / "quickstart.yaml"), "sampling.backend=vllm", "run.steps=20", "run.eval_interval=0",
-                   f"run.output_dir={out}", "run.progress_bar=false", "engine.num_threads=2", timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals, steps = read(vllm_quickstart / "eval.jsonl"), metrics(vllm_quickstart)
     first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
     print(f"quickstart with vllm: held-out greedy accuracy {first:.3f} -> {last:.3f} in 20 steps")
     assert first < 0.1 and last - first > 0.25  # 0.020 -> 0.500-0.645 here (60 steps: 0.870, as decoder zenalign)
-    assert all(m["vllm/logp_diff"] < 1e-3 for m in metrics)  # fp32: vLLM and the trainer agree, once synced
-    assert sum(m["vllm/sync_s"] > 0 for m in metrics) == 19  # a sync before every generation but the first
+    assert all(m["vllm/logp_diff"] < 1e-3 for m in steps)  # fp32: vLLM and the trainer agree, once synced
+    assert sum(m["vllm/sync_s"] > 0 for m in steps) == 19  # a sync before every generation but the first
 
 
 @with_vllm
-def test_two_processes_and_zero3_sample_what_one_process_samples(tmp_path):
+def test_two_processes_and_zero3_sample_what_one_process_samples(tmp_path, vllm_quickstart):
     """torchrun with 2 ranks: each rank builds its own engine (vLLM's external_launcher) and samples
     its own share of the groups, seeded per group from the global completion keys, so the run's
-    rewards and completion lengths equal one process's step for step, and its losses to rounding.
-    Under DeepSpeed ZeRO-3 the sync gathers the partitioned weights: the same run again, and
-    vLLM's log-probs stay the trainer's after every sync."""
-    import os
-    import socket
-    import subprocess
+    rewards and completion lengths equal one process's (the first 3 steps of vllm_quickstart) step
+    for step, and its losses to rounding. Under DeepSpeed ZeRO-3 the sync gathers the partitioned
+    weights: the same run again, and vLLM's log-probs stay the trainer's after every sync."""
     import sys
 
-    from helpers import REPO
+    from helpers import VLLM_QUICKSTART, launch, same_draws
 
-    args = [str(RECIPES / "quickstart.yaml"), "sampling.backend=vllm", "run.steps=3", "run.eval_interval=0",
-            "run.progress_bar=false", "engine.num_threads=1", "-q"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    done = run_cli("run", *args, f"run.output_dir={one}", timeout=300)
+    args = [*VLLM_QUICKSTART, "run.steps=3", "-q"]
+    two, zero3 = tmp_path / "two", tmp_path / "zero3"
+    done = launch(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                  "-m", "zenalign", "run", *args, f"run.output_dir={two}")
     assert done.returncode == 0, done.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                           "-m", "zenalign", "run", *args, f"run.output_dir={two}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    zero3 = tmp_path / "zero3"
     done = run_cli("run", *args, "engine.backend=deepspeed", "engine.zero_stage=3", f"run.output_dir={zero3}", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two, zero3)]
-    assert [len(run) for run in runs] == [3, 3, 3]
-    for a, *others in zip(*runs):
-        for b in others:
-            assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
-                                                                          b["samples"])
-            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-5
+    runs = [metrics(two), metrics(zero3)]
+    assert [len(run) for run in runs] == [3, 3]
+    same_draws(runs, metrics(vllm_quickstart))
     assert all(step["vllm/sync_s"] > 0 for run in runs for step in run[1:])  # a sync before steps 2 and 3
-    assert runs[1][-1]["reward_mean"] > runs[1][0]["reward_mean"]
+    assert runs[0][-1]["reward_mean"] > runs[0][0]["reward_mean"]
 
 
 # ---------------------------------------------------------------------------------------------- a remote judge

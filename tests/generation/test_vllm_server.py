@@ -1,25 +1,32 @@
 """Sampling on vLLM's own server (``sampling.vllm.mode: server``), with vLLM installed
 (``pytest -m vllm tests/generation/test_vllm_server.py`` in its environment; elsewhere these skip).
 
-A run on a server zenalign starts learns the quickstart as the colocated engine does, and the server
-is gone after it. On one server (started once for the module, on the quickstart's policy): a sync in
-whole-layer buckets through /dev/shm equals a one-shot inline sync and the trainer's forward; the
-server draws what the colocated engine draws from the same seeds; a sync of the wrong shape is
-refused before anything reaches the server; a run on another model is refused before step 1; two
-torchrun ranks share it. LoRA runs reach vLLM, colocated or served, as merged weights. The errors
-that need no vLLM are in test_vllm_server_checks.py.
+One server, started once for the module on the quickstart's policy, serves nearly all of them: a
+sync in whole-layer buckets through /dev/shm equals a one-shot inline sync and the trainer's
+forward; the server draws what the colocated engine draws from the same seeds; a sync of the wrong
+shape is refused before anything reaches the server; a run on another model is refused before step
+1; the quickstart learns on it with lag 0, step for step as colocated (conftest's vllm_quickstart);
+two torchrun ranks share it; LoRA runs reach vLLM, colocated or served, as merged weights; lag 1
+learns. A second server dies under a lag-1 run, which then resumes, is SIGKILLed, and resumes
+again on a server it starts itself, ending as the uninterrupted run. The errors that need no vLLM
+are in test_vllm_server_checks.py.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import EOS, RECIPES, REVERSE_POLICY, error_line, free_port, metrics, read, run_cli
-from helpers import start_vllm_server, wait_healthy
+from helpers import EOS, RECIPES, REVERSE_POLICY, cli_in_process, error_line, free_port, metrics, read, run_cli
+from helpers import same_draws, start_vllm_server, wait_healthy
 from zenalign.errors import ModelLoadError
 from zenalign.generation.vllm_engine import vllm_installed
 from zenalign.generation.vllm_server import VLLMServer, stop_process
@@ -62,28 +69,6 @@ def forward_logprobs(model: torch.nn.Module, prompt: list[int], completion: list
         logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1: -1]   # (Tc, V)
     logps = torch.log_softmax(logits, dim=-1)
     return logps.argmax(-1).tolist(), logps.gather(1, torch.tensor(completion)[:, None])[:, 0]
-
-
-def test_a_quickstart_run_on_a_server_zenalign_starts_learns_and_stops_it(tmp_path):
-    """What test_a_short_quickstart_run_with_vllm_learns asserts of the colocated engine, with the
-    generation on a vLLM server the run starts (server_url null) and stops."""
-    import httpx
-
-    out = tmp_path / "run"
-    done = run_cli("run", QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server", "run.steps=20",
-                   "run.eval_interval=0", f"run.output_dir={out}", "run.progress_bar=false", "engine.num_threads=1",
-                   timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    url, seconds = re.search(r"vLLM server on (http://127\.0\.0\.1:\d+) answered after (\d+) s", done.stderr).groups()
-    evals, steps = read(out / "eval.jsonl"), metrics(out)
-    first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
-    print(f"quickstart on vLLM's server (up after {seconds} s): held-out greedy accuracy {first:.3f} -> {last:.3f} "
-          f"in 20 steps; syncs {[round(m['vllm/sync_s'], 3) for m in steps[1:4]]} s ...")
-    assert first < 0.1 and last - first > 0.25
-    assert all(m["vllm/logp_diff"] < 1e-3 for m in steps)  # fp32: the server and the trainer agree, once synced
-    assert all(m["vllm/sync_s"] > 0 for m in steps)  # a sync before every generation: a server may hold old weights
-    with pytest.raises(httpx.ConnectError):  # the run stopped its server
-        httpx.get(f"{url}/health", timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +167,14 @@ def test_a_sync_of_the_wrong_shape_is_refused_before_anything_is_sent(server_url
 def test_a_run_on_another_model_than_the_server_serves_is_refused_before_step_1(server_url, tmp_path):
     """``validate --check-server`` accepts the server for the quickstart; a run of
     recipes/models/hhh-policy, which has the quickstart policy's shapes but not its weights, is refused."""
-    done = run_cli("validate", QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server",
+    done = cli_in_process("validate", QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server",
                    f"sampling.vllm.server_url={server_url}", "--check-server")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == (
         f"--check-server: the vLLM server at {server_url} serves model.path with zenalign's extension (vocabulary 384, "
         f"sequences up to 64 tokens, weights sent through /dev/shm)")
     out = tmp_path / "run"
-    done = run_cli("run", QUICKSTART, "model.path=models/hhh-policy", "sampling.backend=vllm", "sampling.vllm.mode=server",
+    done = cli_in_process("run", QUICKSTART, "model.path=models/hhh-policy", "sampling.backend=vllm", "sampling.vllm.mode=server",
                    f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "run.progress_bar=false",
                    "engine.num_threads=1")
     assert error_line(done, during_run=True) == (
@@ -199,34 +184,27 @@ def test_a_run_on_another_model_than_the_server_serves_is_refused_before_step_1(
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_two_processes_share_one_server_and_sample_what_one_process_samples(server_url, tmp_path):
+def test_two_processes_share_one_server_and_sample_what_one_process_samples(server_url, vllm_quickstart, tmp_path):
     """torchrun with 2 ranks on the module's server: each rank sends its own share of the groups, rank
     0 pushes the weights between barriers; the rewards and completion lengths equal one process's
-    step for step, and the server's log-probs stay the trainer's after every sync."""
+    (vllm_quickstart's first 2 steps: one process on a server samples what the colocated engine
+    samples, test_lag_0_...) step for step, and the server's log-probs stay the trainer's after every
+    sync."""
     import sys
 
-    from helpers import launch
+    from helpers import VLLM_QUICKSTART, launch
 
-    args = [QUICKSTART, "sampling.backend=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={server_url}",
-            "run.steps=2", "run.eval_interval=0", "run.progress_bar=false", "engine.num_threads=1", "-q"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    try:  # the one-process run leaves its step-2 weights on the server: the next run's first sync replaces them
-        done = run_cli("run", *args, f"run.output_dir={one}", timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two"
+    try:
         done = launch(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                      free_port(), "-m", "zenalign", "run", *args, f"run.output_dir={two}")
+                      free_port(), "-m", "zenalign", "run", *VLLM_QUICKSTART, "sampling.vllm.mode=server",
+                      f"sampling.vllm.server_url={server_url}", "run.steps=2", "-q", f"run.output_dir={two}")
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
-        server = client(server_url)
-        server.load_weights(policy().state_dict())
-        server.close()
-    runs = [metrics(one), metrics(two)]
-    assert [len(run) for run in runs] == [2, 2]
-    for a, b in zip(*runs):
-        assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
-                                                                      b["samples"])
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and b["vllm/logp_diff"] < 1e-5
-        assert a["vllm/sync_s"] > 0 and b["vllm/sync_s"] > 0
+        restore_policy(server_url)
+    steps = metrics(two)
+    assert len(steps) == 2 and all(m["vllm/sync_s"] > 0 for m in steps)
+    same_draws([steps], metrics(vllm_quickstart))
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
@@ -267,17 +245,6 @@ def untimed(steps: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "vllm/sync_s"} for m in without_timing(steps)]
 
 
-def resumed_as_uninterrupted(server_url: str, out, uninterrupted) -> None:
-    """``--resume auto`` of the lagged run in ``out`` on the module's server ends as ``uninterrupted``."""
-    try:
-        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
-                       "auto", timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-    finally:
-        restore_policy(server_url)
-    assert untimed(metrics(out)) == untimed(metrics(uninterrupted))
-
-
 def restore_policy(url: str) -> None:
     server = client(url)
     server.load_weights(policy().state_dict())
@@ -297,23 +264,30 @@ def lagged_run(server_url, tmp_path_factory):
     return out
 
 
-def test_lag_0_on_a_server_equals_the_colocated_engine(server_url, tmp_path):
-    """The same 3 steps with the colocated engine and on the server with lag 0: the same draws, so the
+def test_lag_0_on_a_server_learns_the_quickstart_step_for_step_as_the_colocated_engine(server_url, vllm_quickstart,
+                                                                                   tmp_path):
+    """20 quickstart steps on the module's server with lag 0: what test_a_short_quickstart_run_with_vllm_learns
+    asserts of the colocated engine (the held-out accuracy), and its very steps: the same draws, so the
     same rewards and lengths, and the same update to rounding."""
-    args = [QUICKSTART, "sampling.backend=vllm", "run.steps=3", "run.eval_interval=0", "run.progress_bar=false",
-            "engine.num_threads=1"]
+    from helpers import VLLM_QUICKSTART
+
+    out = tmp_path / "served"
     try:
-        served = run_cli("run", *args, "sampling.vllm.mode=server", "sampling.lag=0",
-                         f"sampling.vllm.server_url={server_url}", f"run.output_dir={tmp_path / 'served'}", timeout=300)
-        assert served.returncode == 0, served.stderr[-3000:]
+        done = run_cli("run", *VLLM_QUICKSTART, "sampling.vllm.mode=server", "sampling.lag=0",
+                       f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
     finally:
         restore_policy(server_url)
-    colocated = run_cli("run", *args, f"run.output_dir={tmp_path / 'colocated'}", timeout=300)
-    assert colocated.returncode == 0, colocated.stderr[-3000:]
-    for a, b in zip(metrics(tmp_path / "colocated"), metrics(tmp_path / "served"), strict=True):
-        assert (a["reward_mean"], a["completion_len"], a["samples"]) == (b["reward_mean"], b["completion_len"],
-                                                                      b["samples"])
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7) and "policy_lag" not in b
+    evals, steps = read(out / "eval.jsonl"), metrics(out)
+    first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
+    print(f"quickstart on vLLM's server: held-out greedy accuracy {first:.3f} -> {last:.3f} in 20 steps; syncs "
+          f"{[round(m['vllm/sync_s'], 3) for m in steps[1:4]]} s ...")
+    assert first < 0.1 and last - first > 0.25
+    assert all(m["vllm/sync_s"] > 0 for m in steps)  # a sync before every generation: a server may hold old weights
+    assert len(steps) == 20 and all("policy_lag" not in m for m in steps)
+    same_draws([steps], metrics(vllm_quickstart))
+    colocated = [e["eval/reward_mean"] for e in read(vllm_quickstart / "eval.jsonl")]
+    assert [e["eval/reward_mean"] for e in evals] == pytest.approx(colocated, abs=0.011)  # 2 of 200 words: rounding
 
 
 def test_lag_1_on_a_server_learns_from_samples_one_update_stale(lagged_run):
@@ -329,47 +303,70 @@ def test_lag_1_on_a_server_learns_from_samples_one_update_stale(lagged_run):
     assert first < 0.1 and last - first > 0.15  # 0.020 -> 0.325 here
 
 
-def test_sigkill_then_resume_on_a_server_with_lag_1_equals_the_uninterrupted_run(server_url, lagged_run, tmp_path):
-    """Killed while step 5's batch was generating (from version 3): the checkpoint after step 4 holds
-    version 3, and the resumed run regenerates that batch from its keys on the server."""
-    from helpers import kill_after, start
+def api_server_of(run: subprocess.Popen) -> int:
+    """The pid of the vLLM API server ``run`` started (its child), once it is there."""
+    while True:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv, parent = cmdline.read_bytes().split(b"\0"), (cmdline.parent / "stat").read_text()
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in argv and int(parent.rsplit(")", 1)[1].split()[1]) == run.pid:
+                return int(cmdline.parent.name)
+        assert run.poll() is None, "the run ended before it started a server"
+        time.sleep(0.2)
 
-    out = tmp_path / "run"
-    kill_after(start(*LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}"),
-               out / "metrics.jsonl", steps=5, timeout=300)
-    resumed_as_uninterrupted(server_url, out, lagged_run)
 
+def test_a_server_death_then_a_sigkill_each_resumed_end_as_the_uninterrupted_run(server_url, lagged_run, tmp_path):
+    """The lagged run, interrupted twice:
+    1. it starts its own server (``server_url`` null), whose API server process dies (SIGKILL) after
+       step 3: the run stops with one line, a checkpoint of its last whole step and nothing
+       half-written, and it leaves none of that server's processes (vLLM's engine core and worker
+       outlive its API server) behind;
+    2. ``--resume auto`` on a live server (the module's) is SIGKILLed two steps later, its next batch
+       generating (with lag 1 a checkpoint holds the version that batch samples from, and the resumed
+       run regenerates it from its keys);
+    3. ``--resume auto`` on that server again ends as the uninterrupted run."""
+    from helpers import REPO, kill_after, start
+    from zenalign.generation.vllm_server import group_members
 
-def test_a_server_that_dies_mid_run_stops_it_at_a_step_boundary_and_resume_continues_exactly(server_url, lagged_run,
-                                                                                           tmp_path):
-    """A second server dies under a lag-1 run: the run stops with one line, a checkpoint of its last
-    whole step and nothing half-written; --resume auto on a live server (the module's) then ends as the
-    uninterrupted run."""
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    out, workdir, port = tmp_path / "run", tmp_path / "doomed", int(free_port())
-    workdir.mkdir()
-    doomed = start_vllm_server(REVERSE_POLICY, "policy", port, workdir, "--max-model-len", "64", "--logprobs-mode",
-                               "processed_logprobs", "--worker-extension-cls", EXTENSION, VLLM_SERVER_DEV_MODE="1",
-                               PYTHONPATH=str(REPO))
+    out, clock = tmp_path / "run", [time.monotonic()]
+    run = subprocess.Popen([sys.executable, "-m", "zenalign", "run", *LAGGED, f"run.output_dir={out}"], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_healthy(doomed, port, workdir / "server.log")
-        run = subprocess.Popen([sys.executable, "-m", "zenalign", "run", *LAGGED,
-                                f"sampling.vllm.server_url=http://127.0.0.1:{port}", f"run.output_dir={out}"], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server = api_server_of(run)
         deadline = time.monotonic() + 300
         while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
             assert run.poll() is None and time.monotonic() < deadline, "the run ended before its server could die"
             time.sleep(0.05)
+        clock.append(time.monotonic())
+        assert len(group_members(server)) >= 2  # the API server and its engine core (and worker), a group of their own
+        os.kill(server, signal.SIGKILL)
+        _, stderr = run.communicate(timeout=300)
     finally:
-        stop_process(doomed)
-    _, stderr = run.communicate(timeout=300)
-    done = subprocess.CompletedProcess(run.args, run.returncode, "", stderr)
-    line = error_line(done, during_run=True)
+        if run.poll() is None:  # a failed assertion: SIGTERM, and the run stops its server
+            run.terminate()
+            run.communicate(timeout=120)
+    clock.append(time.monotonic())
+    line = error_line(subprocess.CompletedProcess(run.args, run.returncode, "", stderr), during_run=True)
+    url = re.search(r"vLLM server on (http://127\.0\.0\.1:\d+) answered after \d+ s", stderr)[1]
     stopped = int(re.search(r"the run stopped after step (\d+) with a checkpoint", line)[1])
-    assert f"http://127.0.0.1:{port}" in line and "--resume auto" in line
+    assert url in line and "--resume auto" in line
     assert len(metrics(out)) == stopped and (out / "checkpoints" / f"step-{stopped:08d}").is_dir()
-    resumed_as_uninterrupted(server_url, out, lagged_run)
+    assert group_members(server) == []  # the run stopped what was left of its server
+
+    try:
+        killed = kill_after(start(*LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}",
+                                  "--resume", "auto"), out / "metrics.jsonl", steps=stopped + 2, timeout=300)
+        clock.append(time.monotonic())
+        assert stopped + 2 <= killed < 16
+        done = run_cli("run", *LAGGED, f"sampling.vllm.server_url={server_url}", f"run.output_dir={out}", "--resume",
+                       "auto", timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        restore_policy(server_url)
+    clock.append(time.monotonic())
+    print("a server death then a SIGKILL: " + ", ".join(
+        f"{what} {b - a:.0f} s" for what, a, b in zip(["server up and 3 steps", "the run stops", "resumed and killed",
+                                                       "resumed to the end"], clock, clock[1:])))
+    assert untimed(metrics(out)) == untimed(metrics(lagged_run))
