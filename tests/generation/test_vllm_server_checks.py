@@ -179,6 +179,63 @@ def test_stopping_a_server_stops_its_whole_process_group_even_after_its_leader_d
         subprocess.run(["kill", "-9", str(child)], stderr=subprocess.DEVNULL)
 
 
+FAKE_VLLM = """import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+LAUNCHER = """import sys, time
+from pathlib import Path
+from zenalign.generation.vllm_server import launch_server
+from zenalign.recipe.schema import VLLMSection
+
+process, url, log = launch_server(Path(sys.argv[1]), VLLMSection(mode="server", server_python=sys.argv[2]), 64, "fp32")
+print(process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_server_zenalign_started_stops_when_the_trainer_is_sigkilled(tmp_path):
+    """A trainer killed with SIGKILL runs no exit hook, yet the server it started gets SIGTERM from
+    Linux (the parent-death signal) and stops: no orphan holding the GPU when the run is resumed. The
+    server here answers /health and nothing else (``server_python`` a script that ignores
+    ``-m vllm...``); the launch is zenalign's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from zenalign.generation.vllm_server import group_members
+
+    (tmp_path / "fake_vllm.py").write_text(FAKE_VLLM)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {tmp_path / 'fake_vllm.py'} \"$@\"\n")
+    python.chmod(0o755)
+    trainer = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(REVERSE_POLICY), str(python)], cwd=REPO,
+                               stdout=subprocess.PIPE, text=True)
+    server = int(trainer.stdout.readline())
+    try:
+        assert group_members(server) == [server]  # up, answering /health
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        deadline = time.monotonic() + 10
+        while group_members(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert group_members(server) == []
+    finally:
+        trainer.stdout.close()
+        subprocess.run(["kill", "-9", "--", f"-{server}"], stderr=subprocess.DEVNULL)
+
+
 def test_nccl_weight_transfer_without_a_gpu_is_one_line_before_anything_is_sent():
     """weight_transfer: nccl is vLLM's GPU route: on a machine without CUDA the first sync says so, and no
     weight reaches the server (its /collective_rpc sees only the description; a push would be a second

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import ctypes
 import importlib.util
 import json
 import logging
@@ -34,7 +35,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -156,6 +157,27 @@ def last_line(path: Path) -> str:
     return one_line(lines[-1])[:300] if lines else "(no output)"
 
 
+def terminated_with(parent: int) -> Optional[Callable[[], None]]:
+    """For a server zenalign starts: a function for the child, between fork and exec, that asks
+    Linux to send it SIGTERM when ``parent`` (this process; its starting thread, strictly) dies,
+    SIGKILL included, so a killed trainer leaves no server behind (vLLM's API server stops its
+    engine core and workers on SIGTERM). None where there is no ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG, <linux/prctl.h>
+
+    def in_child() -> None:
+        prctl(set_parent_death_signal, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # it died before prctl: nobody will send the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
+
+
 def launch_server(model_dir: Path, options: VLLMSection, max_model_len: int, precision: str,
                   log_dir: Optional[Path] = None) -> tuple[subprocess.Popen, str, Path]:
     """vLLM's server on ``model_dir`` started on a free localhost port with ``options.server_python``
@@ -175,7 +197,8 @@ def launch_server(model_dir: Path, options: VLLMSection, max_model_len: int, pre
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     command += ["--host", "127.0.0.1", "--served-model-name", "policy"]
     with log_path.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   preexec_fn=terminated_with(os.getpid()))
     atexit.register(stop_process, process)
     url, started = f"http://127.0.0.1:{port}", time.monotonic()
     while time.monotonic() - started < options.server_start_timeout_s:
