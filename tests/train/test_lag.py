@@ -189,11 +189,17 @@ def test_a_generation_server_lost_while_the_next_batch_starts_keeps_what_the_res
     """The server goes away while step 4 starts step 5's batch (its weights push fails): step 4 is
     drawn again after a resume, so the checkpoint written after step 3 must still hold version 2,
     which step 4 samples with; the resumed run ends as the uninterrupted one. (In-process, the push
-    made to fail: test_vllm_server.py kills a real server.)"""
+    made to fail: test_vllm_server.py kills a real server.) Reward sources that learn from scored
+    batches were not shown step 4's, which the resumed run scores again."""
     from zenalign.errors import GenerationServerError
+    from zenalign.grpo.scoring import Scorer
     from zenalign.train.collect import BatchCollector
 
-    hold = BatchCollector.hold
+    hold, observe, observed = BatchCollector.hold, Scorer.observe, []
+
+    def observing(self, batch, rewards, objectives, context):
+        observed.append(context.step)
+        observe(self, batch, rewards, objectives, context)
 
     def failing(self, step):
         if step == 5:
@@ -201,10 +207,12 @@ def test_a_generation_server_lost_while_the_next_batch_starts_keeps_what_the_res
         hold(self, step)
 
     monkeypatch.setattr(BatchCollector, "hold", failing)
+    monkeypatch.setattr(Scorer, "observe", observing)
     loaded = load_recipe(QUICKSTART, [*LAG_RUN, f"run.output_dir={tmp_path / 'run'}"])
     with pytest.raises(GenerationServerError, match="the run stopped after step 3 with a checkpoint"):
         GRPOTrainer.from_recipe(loaded).train()
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "lagged" / "v00000002.safetensors").is_file()
+    assert sorted(set(observed)) == [1, 2, 3]
     monkeypatch.undo()
     GRPOTrainer.from_recipe(loaded).train(resume="auto")
     assert without_timing(read(tmp_path / "run" / "metrics.jsonl")) == without_timing(read(lag_run / "metrics.jsonl"))

@@ -395,7 +395,10 @@ class ReportsMetrics(Protocol):
 class ObservesScores(Protocol):
     """A reward source told of every training batch it scored, on every process:
     ``on_scored(batch, rewards, objectives, context)`` with this process's ``(N_local, K)`` rewards
-    and the run's :class:`RunContext` (e.g. a reward model refreshed online from the policy's samples)."""
+    and the run's :class:`RunContext` (e.g. a reward model refreshed online from the policy's samples).
+    Called once the step's batch is complete (every refill round scored and filtered), once per
+    round, so every round of a step is scored by the same source state, and a step that failed
+    before (and is drawn again on resume) was never observed."""
 
     def on_scored(self, batch: ScoreBatch, rewards: "torch.Tensor", objectives: Objectives,
                   context: RunContext) -> None: ...

@@ -26,7 +26,7 @@ from zenalign.grpo.metrics import PhaseTimer
 from zenalign.generation.rollout import (Rollout, completion_rows, policy_mask_rows, prompt_rows, rollout_from_rows,
                                          sampler_logp_rows)
 from zenalign.grpo.scoring import Scorer, make_batch
-from zenalign.plugins import Objectives, RolloutGroups, RunContext
+from zenalign.plugins import Objectives, RolloutGroups, RunContext, ScoreBatch
 from zenalign.recipe.schema import RunSection, SamplingSection
 from zenalign.train.batch import StepBatch
 from zenalign.train.distributed import Dist
@@ -104,12 +104,14 @@ class BatchCollector:
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.max_rounds = 1 + extra_rounds(self.filters)
         self.episodes: Optional[EpisodeTotals] = None  # the step's, with an environment
+        self.scored: list[tuple[ScoreBatch, torch.Tensor]] = []  # the step's rounds, for reward sources that observe
 
     def __call__(self, step: int, timer: PhaseTimer) -> StepBatch:
         """The step's batch; the time goes to ``timer``'s sample, score and filter phases. A run
         whose reward scored nothing for ``run.hacking_patience`` steps stops here."""
         self.episodes = EpisodeTotals() if self.generator.environments is not None else None
         self.mark = replace(self.state.pending_sampler or self.sampler.state)
+        self.scored = []
         try:
             return self.collect_step(step, timer)
         except GenerationServerError:  # before the update: the step is drawn again when the run resumes
@@ -130,6 +132,10 @@ class BatchCollector:
                 with timer("sample"):
                     self.prefetch(step)
             self.versions.prune(step)
+        # Reward sources that learn from scored batches see the step's rounds once the step is sure to
+        # train on them: a step that fails before (a generation server lost) is drawn again on resume.
+        for scored, rewards in self.scored:
+            self.scorer.observe(scored, rewards, self.objectives, self.context)
         return batch
 
     def prefetch(self, step: int) -> None:
@@ -204,7 +210,7 @@ class BatchCollector:
             batch = make_batch(prompts[mine], records[mine], rollout.completions, rollout.completion_ids, group_size, step,
                                rollout.episodes, rollout.scored_lengths())
             local_rewards = self.scorer(batch)  # (N_local, K)
-            self.scorer.observe(batch, local_rewards, self.objectives, self.context)
+            self.scored.append((batch, local_rewards))
             return records, prompts, rollout, self.dist.gather_rows(local_rewards)
 
     def draw(self, step: int, index: int) -> tuple[list[dict[str, Any]], list[str], torch.Tensor]:
