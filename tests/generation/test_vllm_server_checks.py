@@ -158,6 +158,42 @@ def test_a_server_that_fails_or_goes_away_mid_run_is_one_line_naming_it():
         client.close()
 
 
+def test_a_connection_dropped_under_a_request_is_tried_again_then_named():
+    """vLLM's server closes a connection idle for 5 s, which can meet a request on a reused one (seen
+    once in CI as "ReadError: Connection reset by peer" with the server alive): a request whose
+    connection is reset without an answer goes again, up to three tries, then stops the run naming
+    the server."""
+    import socket
+    import struct
+
+    server = VLLMLike(**{"/flaky": (200, {"ok": True}), "/dead": (200, {"ok": True})})
+    drops = {"/flaky": 2, "/dead": 10}
+    handler = server.http.RequestHandlerClass
+    answer = handler.answer
+
+    def dropping(self):
+        if drops.get(self.path, 0) > 0:
+            drops[self.path] -= 1
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.shutdown(socket.SHUT_RDWR)  # a reset, with no answer
+            self.close_connection = True
+            return
+        answer(self)
+
+    handler.answer = dropping
+    client = connect_to(server)
+    try:
+        assert client.request("POST", "/flaky", {}) == {"ok": True} and drops["/flaky"] == 0  # the third try
+        with pytest.raises(GenerationServerError) as gone:
+            client.request("POST", "/dead", {})
+        assert drops["/dead"] == 7  # three tries
+        assert str(gone.value).startswith(f"sampling.vllm.server_url: the vLLM server at {server.url} stopped "
+                                          f"answering (/dead: ")
+    finally:
+        client.close()
+        server.close()
+
+
 def test_stopping_a_server_stops_its_whole_process_group_even_after_its_leader_died():
     """vLLM's engine core and workers outlive a dead API server, in its process group: stop_process
     ends them too. Here a leader that starts a child (``sleep``) and exits."""

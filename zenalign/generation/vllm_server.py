@@ -248,7 +248,10 @@ class VLLMServer:
         httpx = require_httpx()
         self.httpx, self.url, self.model_dir, self.process = httpx, url.rstrip("/"), Path(model_dir), process
         self.where = f"sampling.vllm.server_url: the vLLM server at {self.url}" + (f" (log: {log_path})" if log_path else "")
-        self.http = httpx.Client(timeout=options.request_timeout_s, limits=httpx.Limits(max_connections=64))
+        # vLLM's server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); httpx keeps one for 5 s
+        # too, so a reused connection could be closed under a request: keep them 2 s
+        self.http = httpx.Client(timeout=options.request_timeout_s,
+                                 limits=httpx.Limits(max_connections=64, keepalive_expiry=2.0))
         self.bucket_bytes = options.sync_bucket_mb * 2**20
         self.sync_dir = self.resolve_sync_dir(options.sync_dir)
         self.bucket_seconds: list[float] = []
@@ -290,12 +293,19 @@ class VLLMServer:
 
     def request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
         """The server's JSON answer; a connection error, a timeout or an error status raises
-        :class:`GenerationServerError` naming the server."""
-        try:
-            answer = self.http.request(method, f"{self.url}{path}", json=body)
-        except self.httpx.TransportError as exc:
-            raise GenerationServerError(f"{self.where} stopped answering ({path}: {type(exc).__name__}: "
-                                        f"{one_line(str(exc))[:200]})") from None
+        :class:`GenerationServerError` naming the server. A connection dropped under a request (reset,
+        closed before answering) is tried twice more: a kept-alive connection the server closed as it
+        was reused (every request zenalign sends may be sent again: seeded sampling, file loads)."""
+        dropped = (self.httpx.ReadError, self.httpx.WriteError, self.httpx.RemoteProtocolError)
+        for attempt in range(3):
+            try:
+                answer = self.http.request(method, f"{self.url}{path}", json=body)
+                break
+            except self.httpx.TransportError as exc:
+                if isinstance(exc, dropped) and attempt < 2:
+                    continue
+                raise GenerationServerError(f"{self.where} stopped answering ({path}: {type(exc).__name__}: "
+                                            f"{one_line(str(exc))[:200]})") from None
         if answer.status_code >= 400:
             raise GenerationServerError(f"{self.where} answered {answer.status_code} to {path}: "
                                         f"{one_line(answer.text)[:300]}")
