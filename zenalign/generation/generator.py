@@ -239,7 +239,7 @@ class Lagged:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="zenalign-sampler", initializer=torch.set_num_threads,
                                          initargs=(self.threads,))
         self.running: Optional[Future] = None
-        self.seconds = 0.0  # the time the batches this step took in generated (read by :meth:`result`)
+        self.seconds = 0.0  # the generation time of the batches this step trained on (added by :meth:`result`)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The live policy's weights as the sampler loads them, copied to the CPU: every weight by
