@@ -26,6 +26,7 @@ from zenalign.models.logprobs import update_pass_kind
 from zenalign.generation.rollout import Rollout
 from zenalign.models.lean import kernels, lean_model
 from zenalign.models.lean import model as lean_lm
+from zenalign.train.distributed import leave_process_group
 
 PROMPTS = [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in ["abc", "hello", "xyz", "kite", "moon", "tree"]]
 
@@ -116,7 +117,8 @@ def test_under_ddp_the_reference_runs_the_forward_the_update_runs(tmp_path):
         trainer.engine.train_model.train()
         update = updater.forward(trainer.engine.train_model, rollout, slice(0, len(rollout)))
     finally:
-        torch.distributed.destroy_process_group()
+        trainer.engine.train_model = trainer.engine.model  # DDP holds the group: released before it is destroyed
+        leave_process_group()
         trainer.cleanup()
     assert torch.equal(reference, update.detach())
 

@@ -153,6 +153,7 @@ import torch.distributed as dist
 sys.path.insert(0, "tests")
 from helpers import build_tiny_llama
 from zenalign.models.logprobs import completion_logprobs
+from zenalign.train.distributed import leave_process_group
 
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
 torch.manual_seed(0)
@@ -173,7 +174,8 @@ for share in (True, False):
 diff = max(float((grads[True][n] - grads[False][n]).abs().max() / grads[False][n].abs().max().clamp(min=1e-12))
            for n in grads[False])
 print(json.dumps({"shapes": shapes, "max_relative_grad_diff": diff}))
-dist.destroy_process_group()
+del ddp, model  # DDP holds the group: destroyed with DDP alive, it could abort at exit (SIGABRT)
+leave_process_group()
 """
 
 

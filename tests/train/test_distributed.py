@@ -157,6 +157,42 @@ def test_deepspeed_resume_continues_the_run(tmp_path):
     assert_same_run(metrics(out), uninterrupted)
 
 
+EXIT_SCRIPT = r"""
+import atexit, sys
+import torch.distributed as dist
+from zenalign.commands.cli import main
+
+given = sys.argv[1] == "given"
+if given:
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+    group = dist.group.WORLD
+
+def report():  # registered first, so it runs after what the run registered
+    print("at exit:", dist.is_initialized() and (not given or dist.group.WORLD is group))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+atexit.register(report)
+print("code", main(sys.argv[3:]), "after main:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("group, at_exit", [("joined", "False"), ("given", "True")])
+def test_a_run_destroys_the_process_group_it_joined_at_exit_and_keeps_one_it_was_given(tmp_path, group, at_exit):
+    """A process that exits with its gloo group alive can abort in the interpreter's teardown
+    ("terminate called without an active exception", SIGABRT) after a finished run, and a launcher
+    then reports it failed. So `zenalign run` destroys the group it joined as the process exits,
+    after a run that ended well; a group that existed before the command (a caller's) is left to
+    the caller. DeepSpeed on one process joins a world of one."""
+    args = ["run", QUICKSTART, *COMMON, "run.steps=1", "engine.backend=deepspeed", "engine.zero_stage=0",
+            f"run.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, group, str(tmp_path / "store"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["code 0 after main: True", f"at exit: {at_exit}"]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]
+
+
 class Payload:
     """What a planted pickle would run on load (here it only records that it ran)."""
 

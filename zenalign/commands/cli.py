@@ -111,7 +111,12 @@ def quiet_libraries() -> None:
 
 def cmd_run(args) -> int:
     """The run prints its own progress and summary (zenalign.train.console), as the Python API's does."""
+    import atexit
+
+    import torch.distributed as dist
+
     from zenalign.recipe.loader import load_recipe
+    from zenalign.train.distributed import leave_process_group
     from zenalign.train.trainer import GRPOTrainer
 
     loaded = load_recipe(args.recipe, args.overrides)
@@ -119,7 +124,10 @@ def cmd_run(args) -> int:
         loaded.recipe.run.log_level = "warning"
     if loaded.recipe.run.log_level in ("debug", "info") and os.environ.get("RANK", "0") == "0":
         log.info("recipe %s -> %s", loaded.source, loaded.output_dir)
+    given = dist.is_available() and dist.is_initialized()
     GRPOTrainer.from_recipe(loaded).train(resume=args.resume)
+    if not given:  # the group this run joined (not a caller's), destroyed as the process exits
+        atexit.register(leave_process_group)
     return 0
 
 

@@ -146,6 +146,21 @@ def check_deepspeed_accelerator(device_type: str) -> None:
                           f"DS_ACCELERATOR={device_type} before DeepSpeed starts, or engine.device: {chosen}")
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, as PyTorch asks of every process before it exits: left
+    to the interpreter's teardown, gloo's worker threads can be destroyed after Python is (SIGABRT,
+    "terminate called without an active exception"), and a launcher then reports a finished run
+    as failed. ``zenalign run`` calls this at exit (``atexit``), after a run that ended well: a
+    failed one skips it, as another process may still be inside a collective, and earlier would
+    leave DeepSpeed's cached groups pointing at a destroyed one. The wrappers that hold the group
+    (DDP, a DeepSpeed engine) are collected first."""
+    if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def init_distributed(backend: str, timeout_s: float = 600.0, device_type: Optional[str] = None) -> Dist:
     """Join the launcher's process group (if any). ``backend`` is the recipe's engine backend;
     ``timeout_s`` bounds every collective, so a rank that stops or hangs ends the job instead of
