@@ -188,7 +188,8 @@ def test_a_generation_server_lost_while_the_next_batch_starts_keeps_what_the_res
                                                                                        monkeypatch):
     """The server goes away while step 4 starts step 5's batch (its weights push fails): step 4 is
     drawn again after a resume, so the checkpoint written after step 3 must still hold version 2,
-    which step 4 samples with; the resumed run ends as the uninterrupted one. (In-process, the push
+    which step 4 samples with. The resumed run loses the server at its final evaluation: the
+    checkpoint of step 8 keeps its last steps, and the next resume ends as the uninterrupted run. (In-process, the push
     made to fail: test_vllm_server.py kills a real server.) Reward sources that learn from scored
     batches were not shown step 4's, which the resumed run scores again."""
     from zenalign.errors import GenerationServerError
@@ -214,8 +215,22 @@ def test_a_generation_server_lost_while_the_next_batch_starts_keeps_what_the_res
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "lagged" / "v00000002.safetensors").is_file()
     assert sorted(set(observed)) == [1, 2, 3]
     monkeypatch.undo()
+
+    evaluate = GRPOTrainer.evaluate  # then the server goes away at the final evaluation: steps 7 and 8 are kept
+
+    def final_fails(self):
+        if self.state.step == 8:
+            raise GenerationServerError("sampling.vllm.server_url: the vLLM server at http://127.0.0.1:9 stopped answering")
+        return evaluate(self)
+
+    monkeypatch.setattr(GRPOTrainer, "evaluate", final_fails)
+    with pytest.raises(GenerationServerError, match="the run stopped after step 8 with a checkpoint"):
+        GRPOTrainer.from_recipe(loaded).train(resume="auto")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")][-1] == "step-00000008"
+    monkeypatch.undo()
     GRPOTrainer.from_recipe(loaded).train(resume="auto")
-    assert without_timing(read(tmp_path / "run" / "metrics.jsonl")) == without_timing(read(lag_run / "metrics.jsonl"))
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        assert without_timing(read(tmp_path / "run" / name)) == without_timing(read(lag_run / name)), name
 
 
 def test_resuming_with_another_lag_is_refused(tmp_path, lag_run):

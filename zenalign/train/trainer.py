@@ -360,7 +360,8 @@ class GRPOTrainer:
                 if r.checkpoint_interval and self.state.step % r.checkpoint_interval == 0 and self.state.step < r.steps:
                     self.save_checkpoint()
                     saved = self.state.step
-        result.final_eval = self.evaluate() if last_eval != self.state.step or not evals else evals[-1]
+        with checkpointed_on_server_loss(self, lambda: saved):  # the steps since the last checkpoint are kept
+            result.final_eval = self.evaluate() if last_eval != self.state.step or not evals else evals[-1]
         if saved != self.state.step:  # a resume that ran no step re-signs nothing it did not verify
             self.save_checkpoint()
         self.save_final()
