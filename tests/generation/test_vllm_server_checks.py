@@ -71,7 +71,8 @@ def test_a_server_nobody_answers_at_is_one_line_at_validate_and_at_run(tmp_path)
 class VLLMLike:
     """A real HTTP server on localhost that answers what vLLM's server answers (the shapes observed from
     vLLM 0.32: /v1/models, /collective_rpc, its 404 without dev mode, its 500 for a worker method it
-    lacks), serving the quickstart's policy; ``routes`` maps a path to (status, JSON body) instead."""
+    lacks), serving the quickstart's policy; ``routes`` maps a path to (status, JSON body) instead, or
+    to a function of the request's JSON body that returns them."""
 
     def __init__(self, **routes):
         import threading
@@ -94,11 +95,12 @@ class VLLMLike:
                 self.answer()
 
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
                 self.answer()
 
             def answer(self) -> None:
-                code, body = outer.routes.get(self.path, (404, {"detail": "Not Found"}))
+                route = outer.routes.get(self.path, (404, {"detail": "Not Found"}))
+                code, body = route(getattr(self, "body", None)) if callable(route) else route
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -213,6 +215,93 @@ def test_stopping_a_server_stops_its_whole_process_group_even_after_its_leader_d
         assert group_members(leader.pid) == []
     finally:
         subprocess.run(["kill", "-9", str(child)], stderr=subprocess.DEVNULL)
+
+
+AGREEING = r"""
+import json, os, sys
+from datetime import timedelta
+from pathlib import Path
+import torch.distributed as dist
+from zenalign.errors import GenerationServerError
+from zenalign.generation.vllm_server import VLLMServer, connect, on_every_process
+from zenalign.recipe.schema import SamplingSection, VLLMSection
+from zenalign.train.distributed import Dist, leave_process_group
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=timedelta(seconds=20))  # a collective left unpaired fails in 20 s
+group = Dist(rank=rank, world_size=2)
+url, model, no_vllm, logs = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+client = VLLMServer(url, model, VLLMSection(mode="server", server_url=url, request_timeout_s=5))
+prompts = [[11, 12]] if rank == 0 else [[99, 12]]  # the server fails requests for prompts that start with 99
+said = {}
+
+
+def generate():
+    return client.generate(prompts, 2, [rank], SamplingSection(max_new_tokens=2), [1])
+
+
+def outcome(name, work):
+    try:
+        said[name] = ["returned", on_every_process(group, work)]
+    except GenerationServerError as exc:
+        said[name] = ["raised", str(exc)]
+
+
+outcome("generate", generate)
+outcome("push", lambda: client.request("POST", "/push", {}) if rank == 0 else None)  # rank 0 pushes alone
+outcome("nested", lambda: on_every_process(group, generate))
+outcome("connect", lambda: connect(model, VLLMSection(mode="server", server_python=no_vllm), 64, "fp32", group,
+                                   logs / str(rank)))
+said["after"] = group.max([float(rank)])[0]  # the collectives still pair up
+client.close()
+print(json.dumps(said))
+leave_process_group()
+"""
+
+
+def completions(body: dict) -> tuple[int, dict]:
+    """/v1/completions: a 500 for a prompt starting with token 99, else ``n`` two-token completions."""
+    if body["prompt"][0] == 99:
+        return 500, {"error": {"message": "EngineCore died", "code": 500}}
+    return 200, {"choices": [{"index": i, "token_ids": [5, 1], "logprobs": {"token_logprobs": [-0.5, -0.25]}}
+                             for i in range(body["n"])]}
+
+
+def test_a_server_failing_on_one_process_stops_every_process_at_the_same_point(tmp_path):
+    """Two processes share a server. When it fails under one process's requests (or rank 0's weight
+    push, or rank 0's start of the server), every process raises the server error at that point,
+    the others naming the process whose output holds it; none goes on alone into a collective the
+    others never reach (the update's all-reduce would meet their checkpoint's barrier), and an
+    error agreed on by an inner call is not agreed on again. Real gloo, a real HTTP server,
+    zenalign's launch of a server whose interpreter has no vLLM (/bin/false)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    server = VLLMLike(**{"/v1/completions": completions, "/push": (500, {"error": {"message": "out of memory"}})})
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), WORLD_SIZE="2")
+    try:
+        ranks = [subprocess.Popen([sys.executable, "-c", AGREEING, server.url, str(REVERSE_POLICY), "/bin/false",
+                                   str(tmp_path)], cwd=REPO, env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        outs = [rank.communicate(timeout=180) for rank in ranks]
+    finally:
+        server.close()
+    assert [rank.returncode for rank in ranks] == [0, 0], [err[-2000:] for _, err in outs]
+    said = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    failed = f"sampling.vllm.server_url: the vLLM server at {server.url} answered 500 to "
+    elsewhere = "sampling.vllm: the generation server failed on process {} (its error is in that process's output)"
+    for case in ("generate", "nested"):
+        assert said[0][case] == ["raised", elsewhere.format(1)]
+        assert said[1][case][0] == "raised" and said[1][case][1].startswith(failed + "/v1/completions: ")
+    assert said[0]["push"] == ["raised", failed + '/push: {"error": {"message": "out of memory"}}']
+    assert said[1]["push"] == ["raised", elsewhere.format(0)]
+    assert said[0]["connect"][1].startswith("sampling.vllm: the vLLM server zenalign started exited with 1 before "
+                                            "answering")
+    assert said[1]["connect"] == ["raised", elsewhere.format(0)]
+    assert said[0]["after"] == said[1]["after"] == 1.0
 
 
 FAKE_VLLM = """import http.server, sys

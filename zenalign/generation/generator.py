@@ -29,7 +29,7 @@ from zenalign.generation.environment import Environments
 from zenalign.generation.episodes import run_episodes
 from zenalign.generation.rollout import Rollout, generate_groups
 from zenalign.generation.vllm_engine import VLLMEngine, vllm_episodes, vllm_rollout
-from zenalign.generation.vllm_server import VLLMServer, connect
+from zenalign.generation.vllm_server import VLLMServer, connect, on_every_process
 from zenalign.models.logprobs import completion_logprobs, update_pass_kind
 from zenalign.models.lora import forward_module, is_adapted, merged_weights
 from zenalign.recipe.schema import EngineSection, SamplingSection
@@ -61,10 +61,13 @@ def cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class Collectives(Protocol):
     """What the generator needs of the run's processes (``zenalign.train.distributed.Dist``): whether
-    there are several and this is the first, a barrier, and sums and maxima of floats over them."""
+    there are several, this one's rank, a barrier, and sums and maxima of floats over them."""
 
     @property
     def active(self) -> bool: ...
+
+    @property
+    def rank(self) -> int: ...
 
     @property
     def is_main(self) -> bool: ...
@@ -100,10 +103,10 @@ class Generator:
         self.vllm: Optional[VLLMEngine | VLLMServer] = None
         self.sync_seconds, self.syncs = 0.0, 0
         self.lagged = Lagged(self) if sampling.lag else None
+        self.shared = sampling.decoder == "vllm" and sampling.vllm.mode == "server"  # one server for every process
         if sampling.decoder != "vllm":
             return
         options = sampling.vllm
-        self.shared = options.mode == "server"  # one server for every process: rank 0 pushes the weights
         if policy_dir is None:
             raise RecipeError("sampling.decoder: vllm builds its engine from model.path (a plain Hugging Face "
                               "directory); a model object was given; use decoder zenalign")
@@ -125,6 +128,9 @@ class Generator:
         without keys, one greedy completion each. With an environment, ``group_size`` episodes of
         each of ``records`` instead (their prompts rendered with the tools; ``prompts`` unused)."""
         sampling = self.sampling if temperature is None else self.sampling.model_copy(update={"temperature": temperature})
+        if self.shared:  # a server lost under some processes' requests stops them all here
+            return on_every_process(self.dist, lambda: self.sample(self.engine.model, sampling, prompts, keys,
+                                                                   group_size, records))
         return self.sample(self.engine.model, sampling, prompts, keys, group_size, records)
 
     def sample(self, model: torch.nn.Module, sampling: SamplingSection, prompts: list[str], keys: Optional[torch.Tensor],
@@ -175,11 +181,9 @@ class Generator:
         start = time.perf_counter()
         if not self.shared:
             self.vllm.load_weights(weights)
-        else:
+        else:  # the others wait for rank 0's push, and learn whether the server took it
             self.dist.barrier()
-            if self.dist.is_main:
-                self.vllm.load_weights(weights)
-            self.dist.barrier()
+            on_every_process(self.dist, lambda: self.vllm.load_weights(weights) if self.dist.is_main else None)
         seconds = time.perf_counter() - start
         self.sync_seconds += seconds
         self.syncs += 1
@@ -281,8 +285,10 @@ class Lagged:
         return self.running
 
     def result(self, future: Future) -> Rollout:
-        """A submitted batch, once generated; its generation time counts towards this step's."""
-        rollout, seconds = future.result()
+        """A submitted batch, once generated; its generation time counts towards this step's. Called
+        by every process at the same point: a server lost under one's background requests stops all."""
+        rollout, seconds = (on_every_process(self.generator.dist, future.result) if self.generator.shared
+                            else future.result())
         self.seconds += seconds
         return rollout
 

@@ -15,6 +15,8 @@ Where this departs from the colocated engine:
    holding part of a fused module corrupts it), as safetensors files in a directory both sides
    read (``sync_dir``, /dev/shm on one machine) or base64 inside the request.
 3. Only rank 0 pushes weights, between barriers; every rank sends its own share of the requests.
+4. A server lost under some processes' requests stops every process at the same point
+   (:func:`on_every_process`), so they checkpoint together.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -50,6 +52,34 @@ log = logging.getLogger("zenalign")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 LAYER = re.compile(r"layers\.(\d+)\.")
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # the /collective_rpc and /reset_prefix_cache routes
+
+
+T = TypeVar("T")
+
+
+def on_every_process(dist: Any, work: Callable[[], T]) -> T:
+    """``work()``, a call to the generation server that every process makes at the same point of
+    the run, and what all of them made of it: when it failed on any process (the server lost under
+    one process's requests, or under rank 0's weight push), it raises :class:`GenerationServerError`
+    on every one, there. A process that went on alone would meet the others in another collective
+    (the update's all-reduce against their checkpoint's barrier) and wait for the collective
+    timeout, or worse. One scalar all-reduce with several processes, none with one."""
+    error: Optional[GenerationServerError] = None
+    try:
+        result = work()
+    except GenerationServerError as exc:
+        if getattr(exc, "agreed", False):  # an inner call already agreed on it, with every process
+            raise
+        error = exc
+    if dist is not None and dist.active:
+        failed = int(dist.max([float(dist.rank + 1 if error is not None else 0)])[0])
+        if failed and error is None:
+            error = GenerationServerError(f"sampling.vllm: the generation server failed on process {failed - 1} "
+                                          f"(its error is in that process's output)")
+    if error is not None:
+        error.agreed = True
+        raise error
+    return result
 
 
 def require_httpx() -> Any:
@@ -464,15 +494,21 @@ def connect(model_dir: Path, options: VLLMSection, max_model_len: int, precision
     """The run's server: ``options.server_url``, else one rank 0 starts (its port shared with the
     other ranks), checked against ``model_dir`` by every rank."""
     if options.server_url is not None:
-        return VLLMServer(options.server_url, model_dir, options, max_model_len)
+        return on_every_process(dist, lambda: VLLMServer(options.server_url, model_dir, options, max_model_len))
     process = log_path = None
     port = 0
-    if dist.is_main:
-        process, url, log_path = launch_server(model_dir, options, max_model_len, precision, log_dir)
-        port = urlparse(url).port
+
+    def start() -> None:
+        nonlocal process, port, log_path
+        if dist.is_main:
+            process, url, log_path = launch_server(model_dir, options, max_model_len, precision, log_dir)
+            port = urlparse(url).port
+
+    on_every_process(dist, start)  # the others do not wait for a port that never comes
     port = int(dist.max([float(port)])[0]) if dist.active else port
     try:
-        return VLLMServer(f"http://127.0.0.1:{port}", model_dir, options, max_model_len, process, log_path)
+        return on_every_process(dist, lambda: VLLMServer(f"http://127.0.0.1:{port}", model_dir, options, max_model_len,
+                                                         process, log_path))
     except BaseException:
         if process is not None:
             stop_process(process)
