@@ -361,6 +361,44 @@ def test_a_server_zenalign_started_stops_when_the_trainer_is_sigkilled(tmp_path)
         subprocess.run(["kill", "-9", "--", f"-{server}"], stderr=subprocess.DEVNULL)
 
 
+def test_a_stop_signal_while_the_server_loads_stops_it_and_the_run_at_once(tmp_path):
+    """A preemption signal while the server zenalign started loads (minutes for a large model on a
+    GPU) does not wait for it: the server's process group is stopped and the run ends as a stopped
+    one (exit 128 + 15, nothing written), resumable. The server here never answers /health."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from zenalign.generation.vllm_server import group_members
+
+    python, pid_file, out = tmp_path / "python", tmp_path / "server.pid", tmp_path / "run"
+    python.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 600\n")
+    python.chmod(0o755)
+    run = subprocess.Popen([sys.executable, "-m", "zenalign", "run", QUICKSTART, "sampling.decoder=vllm",
+                            "sampling.vllm.mode=server", f"sampling.vllm.server_python={python}",
+                            f"run.output_dir={out}", "run.progress_bar=false"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server = int(pid_file.read_text())
+        assert group_members(server) == [server]  # loading
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=30)
+        assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert err.strip().splitlines()[-1] == "zenalign: stopped by SIGTERM at step 0; resume with --resume auto"
+        assert group_members(server) == []
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    finally:
+        run.kill()
+        run.communicate()
+        if pid_file.is_file():
+            subprocess.run(["kill", "-9", "--", f"-{pid_file.read_text().strip()}"], stderr=subprocess.DEVNULL)
+
+
 def test_nccl_weight_transfer_without_a_gpu_is_one_line_before_anything_is_sent():
     """weight_transfer: nccl is vLLM's GPU route: on a machine without CUDA the first sync says so, and no
     weight reaches the server (its /collective_rpc sees only the description; a push would be a second

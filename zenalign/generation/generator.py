@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -86,12 +86,13 @@ class Generator:
     ``precision`` and ``lean_forward`` come from the recipe's ``engine:`` section, ``seed`` from
     ``run.seed`` (vLLM's); ``environments``, the run's environment, makes every completion a
     multi-turn episode (:mod:`zenalign.generation.episodes`); ``log_dir`` holds the log of a vLLM
-    server the generator starts (``sampling.vllm.mode: server``)."""
+    server the generator starts (``sampling.vllm.mode: server``), which a true ``stop_requested()``
+    (a stop signal) stops while it loads."""
 
     def __init__(self, sampling: SamplingSection, engine_options: EngineSection, seed: int, engine: Any,
                  tokenizer: Any, eos_ids: Sequence[int], dist: Collectives, policy_dir: Optional[Path],
                  longest_prompt: int, fresh: bool, environments: Optional[Environments] = None,
-                 log_dir: Optional[Path] = None):
+                 log_dir: Optional[Path] = None, stop_requested: Optional[Callable[[], bool]] = None):
         self.sampling, self.lean_forward = sampling, engine_options.lean_forward
         self.environments = environments
         if environments is not None and engine.synced_gpus and sampling.decoder != "vllm":
@@ -112,7 +113,8 @@ class Generator:
                               "directory); a model object was given; use decoder zenalign")
         max_model_len = options.max_model_len or self.longest_sequence(longest_prompt)
         if self.shared:
-            self.vllm = connect(policy_dir, options, max_model_len, engine_options.precision, dist, log_dir)
+            self.vllm = connect(policy_dir, options, max_model_len, engine_options.precision, dist, log_dir,
+                                stop_requested)
         else:
             self.vllm = VLLMEngine(policy_dir, options, engine_options.precision, max_model_len, seed,
                                    engine.device.type, distributed=dist.active)

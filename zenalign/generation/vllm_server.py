@@ -208,11 +208,18 @@ def terminated_with(parent: int) -> Optional[Callable[[], None]]:
     return in_child
 
 
+class StartStopped(GenerationServerError):
+    """A stop signal came while the server zenalign started was loading: it was stopped, unfinished."""
+
+
 def launch_server(model_dir: Path, options: VLLMSection, max_model_len: int, precision: str,
-                  log_dir: Optional[Path] = None) -> tuple[subprocess.Popen, str, Path]:
+                  log_dir: Optional[Path] = None,
+                  stop_requested: Optional[Callable[[], bool]] = None) -> tuple[subprocess.Popen, str, Path]:
     """vLLM's server on ``model_dir`` started on a free localhost port with ``options.server_python``
     in its own process group, its output in ``log_dir``/vllm-server.log (a temporary directory
-    without one), stopped at interpreter exit; returns it once /health answers, with its URL and log."""
+    without one), stopped at interpreter exit; returns it once /health answers, with its URL and log.
+    While it loads (minutes for a large model on a GPU), ``stop_requested()`` true (a preemption
+    signal came) stops it and raises :class:`StartStopped`, rather than waiting it out."""
     httpx = require_httpx()
 
     log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="zenalign-vllm-"))
@@ -232,6 +239,10 @@ def launch_server(model_dir: Path, options: VLLMSection, max_model_len: int, pre
     atexit.register(stop_process, process)
     url, started = f"http://127.0.0.1:{port}", time.monotonic()
     while time.monotonic() - started < options.server_start_timeout_s:
+        if stop_requested is not None and stop_requested():
+            stop_process(process)
+            raise StartStopped(f"sampling.vllm: a stop signal came while the vLLM server zenalign started was loading; "
+                               f"it was stopped (log: {log_path})")
         if process.poll() is not None:
             raise GenerationServerError(f"sampling.vllm: the vLLM server zenalign started exited with "
                                         f"{process.returncode} before answering: {last_line(log_path)} (log: {log_path})")
@@ -490,9 +501,10 @@ def check_server(sampling: SamplingSection, model_dir: Path) -> str:
 
 
 def connect(model_dir: Path, options: VLLMSection, max_model_len: int, precision: str, dist: Any,
-            log_dir: Optional[Path] = None) -> VLLMServer:
+            log_dir: Optional[Path] = None, stop_requested: Optional[Callable[[], bool]] = None) -> VLLMServer:
     """The run's server: ``options.server_url``, else one rank 0 starts (its port shared with the
-    other ranks), checked against ``model_dir`` by every rank."""
+    other ranks; ``stop_requested`` as :func:`launch_server` takes it), checked against ``model_dir``
+    by every rank."""
     if options.server_url is not None:
         return on_every_process(dist, lambda: VLLMServer(options.server_url, model_dir, options, max_model_len))
     process = log_path = None
@@ -501,7 +513,8 @@ def connect(model_dir: Path, options: VLLMSection, max_model_len: int, precision
     def start() -> None:
         nonlocal process, port, log_path
         if dist.is_main:
-            process, url, log_path = launch_server(model_dir, options, max_model_len, precision, log_dir)
+            process, url, log_path = launch_server(model_dir, options, max_model_len, precision, log_dir,
+                                                   stop_requested)
             port = urlparse(url).port
 
     on_every_process(dist, start)  # the others do not wait for a port that never comes

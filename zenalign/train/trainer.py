@@ -205,7 +205,12 @@ class GRPOTrainer:
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
         saved = self._join_run(resume)
-        self._build_parts(prompts, eval_prompts, saved)
+        try:
+            self._build_parts(prompts, eval_prompts, saved)
+        except GenerationServerError:
+            if self._stop_requested():  # the server it was starting was stopped: nothing new to keep
+                raise Stopped(self.signals.received, saved["step"] if saved else 0) from None
+            raise
         if saved is not None:
             ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
             if self.finished is not None:  # checked, and nothing to run: write nothing
@@ -218,6 +223,11 @@ class GRPOTrainer:
         if self.dist.is_main:
             self._log_handler = open_run_log(self.run_dir.path / "run.log")
         self.dist.barrier()
+
+    def _stop_requested(self) -> bool:
+        """A stop signal came (while a vLLM server starts: it stops, rather than loading on)."""
+        signals = getattr(self, "signals", None)
+        return signals is not None and signals.received is not None
 
     def _join_run(self, resume: Optional[str]) -> Optional[dict[str, Any]]:
         """Join the launcher's process group, find the run directory and the checkpoint to resume
@@ -275,7 +285,7 @@ class GRPOTrainer:
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids,
                                    self.dist, builder.policy_dir, builder.longest_prompt, fresh=saved is None,
-                                   environments=environments)
+                                   environments=environments, stop_requested=self._stop_requested)
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate.from_recipe(r, self.engine, self.dist, builder.loss(self.normalizer),
                                                 reference=self.reference,
