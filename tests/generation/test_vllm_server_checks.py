@@ -223,7 +223,7 @@ from datetime import timedelta
 from pathlib import Path
 import torch.distributed as dist
 from zenalign.errors import GenerationServerError
-from zenalign.generation.vllm_server import VLLMServer, connect, on_every_process
+from zenalign.generation.vllm_server import StartStopped, VLLMServer, connect, on_every_process
 from zenalign.recipe.schema import SamplingSection, VLLMSection
 from zenalign.train.distributed import Dist, leave_process_group
 
@@ -244,7 +244,7 @@ def outcome(name, work):
     try:
         said[name] = ["returned", on_every_process(group, work)]
     except GenerationServerError as exc:
-        said[name] = ["raised", str(exc)]
+        said[name] = ["raised", str(exc)] + (["StartStopped"] if isinstance(exc, StartStopped) else [])
 
 
 outcome("generate", generate)
@@ -252,6 +252,8 @@ outcome("push", lambda: client.request("POST", "/push", {}) if rank == 0 else No
 outcome("nested", lambda: on_every_process(group, generate))
 outcome("connect", lambda: connect(model, VLLMSection(mode="server", server_python=no_vllm), 64, "fp32", group,
                                    logs / str(rank)))
+outcome("stopped", lambda: connect(model, VLLMSection(mode="server", server_python=no_vllm), 64, "fp32", group,
+                                   logs / str(rank), stop_requested=lambda: True))  # a signal while it loads
 said["after"] = group.max([float(rank)])[0]  # the collectives still pair up
 client.close()
 print(json.dumps(said))
@@ -269,7 +271,8 @@ def completions(body: dict) -> tuple[int, dict]:
 
 def test_a_server_failing_on_one_process_stops_every_process_at_the_same_point(tmp_path):
     """Two processes share a server. When it fails under one process's requests (or rank 0's weight
-    push, or rank 0's start of the server), every process raises the server error at that point,
+    push, or rank 0's start of the server, or a stop signal while it starts), every process raises
+    the server error at that point (a stop as a stop),
     the others naming the process whose output holds it; none goes on alone into a collective the
     others never reach (the update's all-reduce would meet their checkpoint's barrier), and an
     error agreed on by an inner call is not agreed on again. Real gloo, a real HTTP server,
@@ -301,6 +304,9 @@ def test_a_server_failing_on_one_process_stops_every_process_at_the_same_point(t
     assert said[0]["connect"][1].startswith("sampling.vllm: the vLLM server zenalign started exited with 1 before "
                                             "answering")
     assert said[1]["connect"] == ["raised", elsewhere.format(0)]
+    assert said[0]["stopped"][1].startswith("sampling.vllm: a stop signal came while the vLLM server zenalign started "
+                                            "was loading; it was stopped") and said[0]["stopped"][2] == "StartStopped"
+    assert said[1]["stopped"] == ["raised", elsewhere.format(0), "StartStopped"]  # a stop, though no signal came here
     assert said[0]["after"] == said[1]["after"] == 1.0
 
 

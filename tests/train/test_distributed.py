@@ -177,20 +177,34 @@ print("code", main(sys.argv[3:]), "after main:", dist.is_initialized())
 """
 
 
-@pytest.mark.parametrize("group, at_exit", [("joined", "False"), ("given", "True")])
-def test_a_run_destroys_the_process_group_it_joined_at_exit_and_keeps_one_it_was_given(tmp_path, group, at_exit):
+TERM_AT_STEP_2 = """import os, signal
+
+
+def fn(completions, step):
+    if step == 2:  # a preemption's SIGTERM, delivered while step 2 scores
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [float(len(c)) for c in completions]
+"""
+
+
+@pytest.mark.parametrize("group, code, at_exit", [("joined", 0, "False"), ("given", 0, "True"), ("stopped", 143, "False")])
+def test_a_run_destroys_the_process_group_it_joined_at_exit_and_keeps_one_it_was_given(tmp_path, group, code, at_exit):
     """A process that exits with its gloo group alive can abort in the interpreter's teardown
     ("terminate called without an active exception", SIGABRT) after a finished run, and a launcher
     then reports it failed. So `zenalign run` destroys the group it joined as the process exits,
-    after a run that ended well; a group that existed before the command (a caller's) is left to
-    the caller. DeepSpeed on one process joins a world of one."""
+    after a run that ended well or stopped on a signal (every process agreed, its checkpoint
+    written); a group that existed before the command (a caller's) is left to the caller. DeepSpeed
+    on one process joins a world of one."""
     args = ["run", QUICKSTART, *COMMON, "run.steps=1", "engine.backend=deepspeed", "engine.zero_stage=0",
             f"run.output_dir={tmp_path / 'run'}"]
+    if group == "stopped":
+        (tmp_path / "term.py").write_text(TERM_AT_STEP_2)
+        args += ["run.steps=3", "rewards=[{type: python_function, function: " + str(tmp_path / "term.py") + ":fn}]"]
     done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, group, str(tmp_path / "store"), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-2:] == ["code 0 after main: True", f"at exit: {at_exit}"]
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]
+    assert done.stdout.splitlines()[-2:] == [f"code {code} after main: True", f"at exit: {at_exit}"]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == ([1, 2] if group == "stopped" else [1])
 
 
 class Payload:

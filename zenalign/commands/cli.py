@@ -125,9 +125,16 @@ def cmd_run(args) -> int:
     if loaded.recipe.run.log_level in ("debug", "info") and os.environ.get("RANK", "0") == "0":
         log.info("recipe %s -> %s", loaded.source, loaded.output_dir)
     given = dist.is_available() and dist.is_initialized()
-    GRPOTrainer.from_recipe(loaded).train(resume=args.resume)
-    if not given:  # the group this run joined (not a caller's), destroyed as the process exits
-        atexit.register(leave_process_group)
+    ended_well = False
+    try:
+        GRPOTrainer.from_recipe(loaded).train(resume=args.resume)
+        ended_well = True
+    except Stopped:  # every process agreed to stop, its checkpoint written: as clean an end
+        ended_well = True
+        raise
+    finally:
+        if ended_well and not given:  # the group this run joined (not a caller's), destroyed as the process exits
+            atexit.register(leave_process_group)
     return 0
 
 

@@ -57,13 +57,18 @@ SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # the /collective_rpc and /reset_pre
 T = TypeVar("T")
 
 
+class StartStopped(GenerationServerError):
+    """A stop signal came while the server zenalign started was loading: it was stopped, unfinished."""
+
+
 def on_every_process(dist: Any, work: Callable[[], T]) -> T:
     """``work()``, a call to the generation server that every process makes at the same point of
     the run, and what all of them made of it: when it failed on any process (the server lost under
     one process's requests, or under rank 0's weight push), it raises :class:`GenerationServerError`
-    on every one, there. A process that went on alone would meet the others in another collective
-    (the update's all-reduce against their checkpoint's barrier) and wait for the collective
-    timeout, or worse. One scalar all-reduce with several processes, none with one."""
+    on every one, there (:class:`StartStopped` on every one when that was the failure). A process
+    that went on alone would meet the others in another collective (the update's all-reduce against
+    their checkpoint's barrier) and wait for the collective timeout, or worse. One all-reduce of two
+    scalars with several processes, none with one."""
     error: Optional[GenerationServerError] = None
     try:
         result = work()
@@ -72,10 +77,12 @@ def on_every_process(dist: Any, work: Callable[[], T]) -> T:
             raise
         error = exc
     if dist is not None and dist.active:
-        failed = int(dist.max([float(dist.rank + 1 if error is not None else 0)])[0])
+        failed, stopped = (int(v) for v in dist.max([float(dist.rank + 1 if error is not None else 0),
+                                                    float(isinstance(error, StartStopped))]))
         if failed and error is None:
-            error = GenerationServerError(f"sampling.vllm: the generation server failed on process {failed - 1} "
-                                          f"(its error is in that process's output)")
+            kind = StartStopped if stopped else GenerationServerError
+            error = kind(f"sampling.vllm: the generation server failed on process {failed - 1} (its error is in that "
+                         f"process's output)")
     if error is not None:
         error.agreed = True
         raise error
@@ -206,10 +213,6 @@ def terminated_with(parent: int) -> Optional[Callable[[], None]]:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return in_child
-
-
-class StartStopped(GenerationServerError):
-    """A stop signal came while the server zenalign started was loading: it was stopped, unfinished."""
 
 
 def launch_server(model_dir: Path, options: VLLMSection, max_model_len: int, precision: str,
@@ -350,7 +353,11 @@ class VLLMServer:
         if answer.status_code >= 400:
             raise GenerationServerError(f"{self.where} answered {answer.status_code} to {path}: "
                                         f"{one_line(answer.text)[:300]}")
-        return answer.json() if answer.content else None
+        try:
+            return answer.json() if answer.content else None
+        except ValueError:  # not JSON: not vLLM's server answering (a proxy's page, another service)
+            raise GenerationServerError(f"{self.where} answered {path} with something that is not JSON: "
+                                        f"{one_line(answer.text)[:200]}") from None
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
         """``method`` of zenalign's worker extension on every worker of the server; their results."""

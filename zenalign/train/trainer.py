@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from zenalign.train.distributed import Dist, collective_failure, init_distribute
 from zenalign.train.engine import create_engine
 from zenalign.train.evaluation import Evaluator
 from zenalign.generation.generator import Generator
+from zenalign.generation.vllm_server import StartStopped
 from zenalign.train.memory import keep_freed_memory
 from zenalign.train.preemption import StopSignals, Stopped
 from zenalign.train.rundir import RunDir, storage_failure
@@ -207,10 +209,9 @@ class GRPOTrainer:
         saved = self._join_run(resume)
         try:
             self._build_parts(prompts, eval_prompts, saved)
-        except GenerationServerError:
-            if self._stop_requested():  # the server it was starting was stopped: nothing new to keep
-                raise Stopped(self.signals.received, saved["step"] if saved else 0) from None
-            raise
+        except StartStopped:  # on every process (agreed): a stop signal came while the server loaded, stopping it
+            signum = int(self.dist.max([float(self._stop_requested() and self.signals.received)])[0])  # maybe one rank's
+            raise Stopped(signum or signal.SIGTERM, saved["step"] if saved else 0) from None
         if saved is not None:
             ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
             if self.finished is not None:  # checked, and nothing to run: write nothing
