@@ -272,11 +272,11 @@ def completions(body: dict) -> tuple[int, dict]:
 def test_a_server_failing_on_one_process_stops_every_process_at_the_same_point(tmp_path):
     """Two processes share a server. When it fails under one process's requests (or rank 0's weight
     push, or rank 0's start of the server, or a stop signal while it starts), every process raises
-    the server error at that point (a stop as a stop),
-    the others naming the process whose output holds it; none goes on alone into a collective the
-    others never reach (the update's all-reduce would meet their checkpoint's barrier), and an
-    error agreed on by an inner call is not agreed on again. Real gloo, a real HTTP server,
-    zenalign's launch of a server whose interpreter has no vLLM (/bin/false)."""
+    the server error at that point (a stop as a stop), the others naming the process whose output
+    holds it; none goes on alone into a collective the others never reach (the update's all-reduce
+    would meet their checkpoint's barrier), and an error agreed on by an inner call is not agreed
+    on again. Real gloo, a real HTTP server, zenalign's launch of a server whose interpreter has no
+    vLLM (/bin/false)."""
     import os
     import subprocess
     import sys
