@@ -147,6 +147,24 @@ def checkpointed_on_server_loss(trainer: "GRPOTrainer", saved: Any) -> Iterator[
                                     f"{again}") from None
 
 
+def signal_received(trainer: "GRPOTrainer") -> int:
+    """The stop signal this process received during ``train`` (0: none yet)."""
+    signals = getattr(trainer, "signals", None)
+    return (signals.received or 0) if signals is not None else 0
+
+
+@contextmanager
+def stopped_while_loading(trainer: "GRPOTrainer", step: int) -> Iterator[None]:
+    """A stop signal came while the vLLM server the run starts was loading, which stopped it (on
+    every process, agreed, though the signal may have reached one): the run stops as stopped, with
+    nothing new to keep."""
+    try:
+        yield
+    except StartStopped:
+        signum = int(trainer.dist.max([float(signal_received(trainer))])[0])
+        raise Stopped(signum or signal.SIGTERM, step) from None
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization.
 
@@ -207,11 +225,8 @@ class GRPOTrainer:
 
     def setup(self, prompts=None, eval_prompts=None, resume: Optional[str] = None) -> None:
         saved = self._join_run(resume)
-        try:
+        with stopped_while_loading(self, saved["step"] if saved else 0):
             self._build_parts(prompts, eval_prompts, saved)
-        except StartStopped:  # on every process (agreed): a stop signal came while the server loaded, stopping it
-            signum = int(self.dist.max([float(self._stop_requested() and self.signals.received)])[0])  # maybe one rank's
-            raise Stopped(signum or signal.SIGTERM, saved["step"] if saved else 0) from None
         if saved is not None:
             ckpt.check_compatible(saved["fingerprint"], self._fingerprint(), self.resumed_from)
             if self.finished is not None:  # checked, and nothing to run: write nothing
@@ -221,14 +236,8 @@ class GRPOTrainer:
             self.sampler.reorder()
         own = saved is not None and self.run_dir.holds(self.resumed_from)  # else: this directory starts afresh
         self.run_dir.begin(self.dist, self.state.step if own else None, self.overwrite, self.recipe.model_dump(mode="json"))
-        if self.dist.is_main:
-            self._log_handler = open_run_log(self.run_dir.path / "run.log")
+        self._log_handler = open_run_log(self.run_dir.path / "run.log") if self.dist.is_main else None
         self.dist.barrier()
-
-    def _stop_requested(self) -> bool:
-        """A stop signal came (while a vLLM server starts: it stops, rather than loading on)."""
-        signals = getattr(self, "signals", None)
-        return signals is not None and signals.received is not None
 
     def _join_run(self, resume: Optional[str]) -> Optional[dict[str, Any]]:
         """Join the launcher's process group, find the run directory and the checkpoint to resume
@@ -286,7 +295,7 @@ class GRPOTrainer:
         self.engine.attach(policy, r.run.steps * r.grpo.num_iterations, -(-local // (r.engine.micro_batch_size or local)))
         self.generator = Generator(r.sampling, r.engine, r.run.seed, self.engine, self.tokenizer, self.eos_ids,
                                    self.dist, builder.policy_dir, builder.longest_prompt, fresh=saved is None,
-                                   environments=environments, stop_requested=self._stop_requested)
+                                   environments=environments, stop_requested=lambda: bool(signal_received(self)))
         self.reference = self.engine.prepare_reference(reference) if reference is not None else None
         self.updater = PolicyUpdate.from_recipe(r, self.engine, self.dist, builder.loss(self.normalizer),
                                                 reference=self.reference,
@@ -335,13 +344,11 @@ class GRPOTrainer:
         except Stopped as exc:
             log_to_file(getattr(self, "_log_handler", None), logging.WARNING, f"zenalign: {exc}")  # the CLI prints it
             raise
-        except ZenalignError as exc:
+        except Exception as exc:  # else: a collective that timed out (another process stopped or hung), a full disk
             log_traceback(getattr(self, "_log_handler", None), exc)
-            raise
-        except Exception as exc:  # a collective that timed out (another process stopped or hung), a full disk
-            log_traceback(getattr(self, "_log_handler", None), exc)
-            raise (collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s)
-                   or storage_failure(exc, Path(self.recipe.run.output_dir)) or exc)
+            raise exc if isinstance(exc, ZenalignError) else (
+                collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s)
+                or storage_failure(exc, Path(self.recipe.run.output_dir)) or exc)
         finally:
             self.cleanup()
 
