@@ -310,6 +310,59 @@ def test_a_server_failing_on_one_process_stops_every_process_at_the_same_point(t
     assert said[0]["after"] == said[1]["after"] == 1.0
 
 
+class Sampler:
+    """/v1/completions of a localhost server for a whole run: ``n`` completions of ``max_tokens``
+    tokens, a function of the request (prompt and seed) as vLLM's seeded sampling is; the
+    ``fail_at``-th sampling request (n > 1, counted over every process) answers 500 instead."""
+
+    def __init__(self, fail_at: int = 0):
+        import threading
+
+        self.fail_at, self.sampled, self.lock = fail_at, 0, threading.Lock()
+
+    def __call__(self, body: dict) -> tuple[int, dict]:
+        with self.lock:
+            self.sampled += body["n"] > 1
+            if body["n"] > 1 and self.sampled == self.fail_at:
+                return 500, {"error": {"message": "EngineCore died", "code": 500}}
+        base = sum(body["prompt"]) + 31 * body.get("seed", 0)  # greedy requests carry none
+        return 200, {"choices": [{"index": i, "token_ids": [97 + (base + 7 * i + 3 * j) % 26 for j in range(body["max_tokens"])],
+                                  "logprobs": {"token_logprobs": [-1.0] * body["max_tokens"]}} for i in range(body["n"])]}
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_the_server_fails_one_of_their_requests(tmp_path):
+    """torchrun, 2 ranks, one server: the server fails one request of step 2 (one rank's), serving
+    the other rank's. Both ranks stop with the same line and one checkpoint of step 1 (no
+    collective left unpaired, so no collective timeout), and --resume auto finishes the run.
+    The server is a localhost HTTP server answering as vLLM's does (:class:`Sampler`)."""
+    import sys
+
+    from helpers import REPO, launch, metrics
+    from zenalign.train import checkpoint as ckpt
+
+    server = VLLMLike(**{"/v1/completions": Sampler(fail_at=9), "/reset_prefix_cache": (200, {})})  # 8 prompts a step
+    out = tmp_path / "run"
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "zenalign", "run",
+            QUICKSTART, "sampling.decoder=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={server.url}",
+            "run.steps=3", "run.eval_interval=0", "data.eval_size=4", "engine.collective_timeout_s=30",
+            "run.progress_bar=false", f"run.output_dir={out}"]
+    try:
+        done = launch(sys.executable, *args)
+        assert done.returncode != 0
+        stopped = [line for line in done.stderr.splitlines() if line.startswith("zenalign: error:")]
+        assert len(stopped) == 2 and all("the run stopped after step 1 with a checkpoint: start the server again, then "
+                                         "run again with --resume auto" in line for line in stopped), done.stderr[-3000:]
+        assert sum("the generation server failed on process" in line for line in stopped) == 1  # the other rank's
+        assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
+        assert [m["step"] for m in metrics(out)] == [1]
+        resumed = launch(sys.executable, *args, "--resume", "auto")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    finally:
+        server.close()
+
+
 FAKE_VLLM = """import http.server, sys
 port = int(sys.argv[sys.argv.index("--port") + 1])
 
