@@ -8,6 +8,7 @@ process group unless DeepSpeed asks for one.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -155,8 +156,6 @@ def leave_process_group() -> None:
     leave DeepSpeed's cached groups pointing at a destroyed one. The wrappers that hold the group
     (DDP, a DeepSpeed engine) are collected first."""
     if dist.is_available() and dist.is_initialized():
-        import gc
-
         gc.collect()
         dist.destroy_process_group()
 

@@ -344,11 +344,12 @@ class GRPOTrainer:
         except Stopped as exc:
             log_to_file(getattr(self, "_log_handler", None), logging.WARNING, f"zenalign: {exc}")  # the CLI prints it
             raise
-        except Exception as exc:  # else: a collective that timed out (another process stopped or hung), a full disk
+        except Exception as exc:  # a ZenalignError as it is; a collective that timed out, a full disk: one line
             log_traceback(getattr(self, "_log_handler", None), exc)
-            raise exc if isinstance(exc, ZenalignError) else (
-                collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s)
-                or storage_failure(exc, Path(self.recipe.run.output_dir)) or exc)
+            if isinstance(exc, ZenalignError):
+                raise
+            raise (collective_failure(exc, self.dist, self.recipe.engine.collective_timeout_s)
+                   or storage_failure(exc, Path(self.recipe.run.output_dir)) or exc)
         finally:
             self.cleanup()
 
