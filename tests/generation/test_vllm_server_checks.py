@@ -331,11 +331,13 @@ class Sampler:
 
 
 @pytest.mark.slow
-def test_two_processes_stop_together_when_the_server_fails_one_of_their_requests(tmp_path):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_two_processes_stop_together_when_the_server_fails_one_of_their_requests(tmp_path, lag):
     """torchrun, 2 ranks, one server: the server fails one request of step 2 (one rank's), serving
     the other rank's. Both ranks stop with the same line and one checkpoint of step 1 (no
-    collective left unpaired, so no collective timeout), and --resume auto finishes the run.
-    The server is a localhost HTTP server answering as vLLM's does (:class:`Sampler`)."""
+    collective left unpaired, so no collective timeout), and --resume auto finishes the run. With
+    lag 1 step 2's batch is generated in the background during step 1, and the failure met when
+    step 2 takes it. The server is a localhost HTTP server answering as vLLM's does (:class:`Sampler`)."""
     import sys
 
     from helpers import REPO, launch, metrics
@@ -346,7 +348,7 @@ def test_two_processes_stop_together_when_the_server_fails_one_of_their_requests
     args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "zenalign", "run",
             QUICKSTART, "sampling.decoder=vllm", "sampling.vllm.mode=server", f"sampling.vllm.server_url={server.url}",
             "run.steps=3", "run.eval_interval=0", "data.eval_size=4", "engine.collective_timeout_s=30",
-            "run.progress_bar=false", f"run.output_dir={out}"]
+            "run.progress_bar=false", f"sampling.lag={lag}", f"run.output_dir={out}"]
     try:
         done = launch(sys.executable, *args)
         assert done.returncode != 0
